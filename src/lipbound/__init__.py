@@ -1,0 +1,97 @@
+"""lipbound: certified upper and witnessed lower bounds on the Lipschitz constant of PyTorch
+networks (AutoLip, SeqLip, exact, LipSDP), operator norms through autodiff, and Lipschitz
+regularisation of training.
+
+Public entry points all take ``(model, input_shape, ...)``, ``input_shape`` being the shape of
+ONE sample without the batch dimension; options come after ``*``.
+
+Attributes are imported lazily so ``import lipbound`` stays cheap.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+from .errors import (
+    InvalidArgumentError,
+    LipboundError,
+    MissingDependencyError,
+    NonFiniteError,
+    NonLinearOperatorError,
+    NotSequentialError,
+    ShapeError,
+    SolverError,
+    UnsupportedModelError,
+    ZeroOperatorError,
+)
+from .results import LayerBound, LipschitzResult, LowerBoundResult, SpectralResult
+
+__version__ = "0.1.0"
+
+# public name -> module that defines it
+_LAZY: dict[str, str] = {
+    "spectral_norm": "lipbound.spectral",
+    "top_singular": "lipbound.spectral",
+    "autolip": "lipbound.methods.autolip",
+    "seqlip": "lipbound.methods.seqlip",
+    "lower_bound": "lipbound.methods.lower",
+    "exact": "lipbound.methods.exact",
+    "lipsdp": "lipbound.methods.sdp",
+    "estimate": "lipbound.report",
+    "Report": "lipbound.report",
+    "register_rule": "lipbound.rules",
+    "capture": "lipbound.graph",
+    "penalty": "lipbound.train",
+    "LipschitzPenalty": "lipbound.train",
+    "lipschitz_constraint": "lipbound.train",
+    "remove_lipschitz_constraint": "lipbound.train",
+}
+
+__all__ = [
+    "InvalidArgumentError",
+    "LayerBound",
+    "LipboundError",
+    "LipschitzResult",
+    "LowerBoundResult",
+    "MissingDependencyError",
+    "NonFiniteError",
+    "NonLinearOperatorError",
+    "NotSequentialError",
+    "ShapeError",
+    "SolverError",
+    "SpectralResult",
+    "UnsupportedModelError",
+    "ZeroOperatorError",
+    *_LAZY,
+]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        value = getattr(importlib.import_module(_LAZY[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'lipbound' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))
+
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .graph import capture
+    from .methods.autolip import autolip
+    from .methods.exact import exact
+    from .methods.lower import lower_bound
+    from .methods.sdp import lipsdp
+    from .methods.seqlip import seqlip
+    from .report import Report, estimate
+    from .rules import register_rule
+    from .spectral import spectral_norm, top_singular
+    from .train import (
+        LipschitzPenalty,
+        lipschitz_constraint,
+        penalty,
+        remove_lipschitz_constraint,
+    )

@@ -1,0 +1,99 @@
+"""The one exception family of lipbound.
+
+Every error the library raises on purpose derives from :class:`LipboundError`, so callers can
+catch them all at once; each concrete class also derives from the matching built-in
+(``ValueError``, ``TypeError``, ``ImportError``) so generic handlers keep working.
+Messages name the bad value, the allowed ones and what to do about it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+__all__ = [
+    "LipboundError",
+    "InvalidArgumentError",
+    "ShapeError",
+    "NonLinearOperatorError",
+    "NonFiniteError",
+    "ZeroOperatorError",
+    "UnsupportedNode",
+    "UnsupportedModelError",
+    "NotSequentialError",
+    "MissingDependencyError",
+    "SolverError",
+]
+
+
+class LipboundError(Exception):
+    """Base class of every error raised by lipbound."""
+
+
+class InvalidArgumentError(LipboundError, ValueError):
+    """An argument has a value outside the allowed set (the message names both)."""
+
+
+class ShapeError(InvalidArgumentError):
+    """``input_shape`` does not fit the model (or is empty / non-positive)."""
+
+
+class NonLinearOperatorError(InvalidArgumentError):
+    """An operator given to a linear-only routine failed the superposition check."""
+
+
+class NonFiniteError(LipboundError, ValueError):
+    """A parameter, buffer or output contains NaN or infinity."""
+
+
+class ZeroOperatorError(LipboundError, ValueError):
+    """The operator is identically zero, so it has no singular vectors to return."""
+
+
+@dataclass(frozen=True)
+class UnsupportedNode:
+    """One node of a captured graph that no rule covers."""
+
+    qualname: str
+    op: str
+    hint: str
+
+    def __str__(self) -> str:
+        return f"  - {self.qualname} ({self.op}): {self.hint}"
+
+
+class UnsupportedModelError(LipboundError, TypeError):
+    """The model contains operations without a (global) Lipschitz rule.
+
+    Raised once per model, listing every offending node, never node by node.
+    """
+
+    def __init__(self, nodes: Sequence[UnsupportedNode], *, what: str = "") -> None:
+        self.nodes: tuple[UnsupportedNode, ...] = tuple(nodes)
+        head = what or (
+            f"the model has {len(self.nodes)} operation(s) without a Lipschitz rule"
+        )
+        lines = [head + ":"] + [str(n) for n in self.nodes]
+        lines.append(
+            "What to do: give the op a rule with lipbound.register_rule(...), rewrite it with "
+            "supported ops, or use lipbound.lower_bound(...), which needs no rules."
+        )
+        super().__init__("\n".join(lines))
+
+
+class NotSequentialError(UnsupportedModelError):
+    """A method that needs a chain linear -> activation -> linear ... got another graph."""
+
+
+class MissingDependencyError(LipboundError, ImportError):
+    """An optional dependency is not installed; the message gives the pip command."""
+
+    def __init__(self, package: str, extra: str, feature: str) -> None:
+        super().__init__(
+            f"{feature} needs the optional package {package!r}, which is not installed. "
+            f"Install it with: pip install 'lipbound[{extra}]'"
+        )
+
+
+class SolverError(LipboundError, RuntimeError):
+    """A numerical solver (LP, SDP, eigen-solver) failed or returned an unusable answer."""

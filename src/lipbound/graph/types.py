@@ -1,0 +1,145 @@
+"""The typed DAG every method reads: :class:`OpGraph` of :class:`Node`.
+
+Produced by :func:`lipbound.graph.capture` (torch.fx symbolic trace + shape propagation) and
+:func:`lipbound.graph.simplify` (merging chains of linear ops, folding eval-mode BatchNorm,
+dropping identities). Consumers (AutoLip, SeqLip, exact, LipSDP, penalties) never walk
+``model.modules()`` themselves.
+
+Node kinds
+----------
+``"input"``       the model input (exactly one).
+``"linear"``      an affine map of ONE parent: Linear, Conv*, ConvTranspose*, AvgPool*,
+                  AdaptiveAvgPool*, eval BatchNorm, flatten/reshape, scalar mul, or a merged
+                  chain of these. ``fn`` applies the affine map; ``linear_fn`` the bias-free part.
+``"activation"``  an element-wise map of ONE parent whose derivative lies in ``slope_range``
+                  (ReLU, LeakyReLU, tanh, sigmoid...).
+``"op"``          anything else with a rule (add, cat, max-pool, softmax...), any number of
+                  parents.
+``"output"``      the model output (exactly one; ``inputs`` has its single producer).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import torch
+from torch import nn
+
+__all__ = ["Node", "NodeKind", "OpGraph"]
+
+NodeKind = Literal["input", "linear", "activation", "op", "output"]
+
+
+@dataclass(eq=False)
+class Node:
+    """One operation of the captured computation.
+
+    Attributes
+    ----------
+    name:      unique id in the graph (the torch.fx node name).
+    qualname:  what users recognise: module path (``"features.0"``), or ``"relu_1 (F.relu)"``;
+               for merged linear nodes ``"features.0+features.1"``.
+    op:        the op type in words: ``"Conv2d"``, ``"relu"``, ``"add"``, ``"cat"``...
+    kind:      see the module docstring.
+    inputs:    names of the parent nodes whose tensors feed this node, in argument order.
+    in_shapes: per-sample shapes of those tensors (no batch dimension).
+    out_shape: per-sample shape of the output.
+    fn:        batched callable ``fn(*parent_tensors) -> tensor`` reproducing the node.
+    module:    the ``nn.Module`` called (``None`` for functions / methods); for merged linear
+               nodes an ``nn.Sequential`` of the parts (BatchNorm already folded).
+    parts:     qualnames of the original nodes merged into this one.
+    slope_range: for activations, ``(a, b)`` with ``a <= f'(t) <= b`` everywhere.
+    meta:      free-form extras (e.g. the original fx target).
+    """
+
+    name: str
+    qualname: str
+    op: str
+    kind: NodeKind
+    inputs: tuple[str, ...]
+    in_shapes: tuple[tuple[int, ...], ...]
+    out_shape: tuple[int, ...]
+    fn: Callable[..., torch.Tensor]
+    module: nn.Module | None = None
+    parts: tuple[str, ...] = ()
+    slope_range: tuple[float, float] | None = None
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    # ---- helpers for linear nodes -------------------------------------------------------
+    def linear_fn(self) -> Callable[[torch.Tensor], torch.Tensor]:
+        """Bias-free linear part ``x -> fn(x) - fn(0)`` of a linear node (batched)."""
+        if self.kind != "linear":
+            raise TypeError(f"{self.qualname} is not a linear node")
+        f = self.fn
+
+        def lin(x: torch.Tensor) -> torch.Tensor:
+            return f(x) - f(torch.zeros_like(x[:1]))
+
+        return lin
+
+    def dense(self, dtype: torch.dtype = torch.float64) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(W, b)`` with ``fn(x).flatten() == W @ x.flatten() + b``, built column by column.
+
+        Only for small layers (``W`` has ``prod(out_shape) x prod(in_shape)`` entries).
+        """
+        if self.kind != "linear":
+            raise TypeError(f"{self.qualname} is not a linear node")
+        (in_shape,) = self.in_shapes
+        n = 1
+        for d in in_shape:
+            n *= d
+        ref = next(iter(_tensors(self.module)), None) if self.module is not None else None
+        device = ref.device if ref is not None else torch.device("cpu")
+        with torch.no_grad():
+            eye = torch.eye(n, dtype=dtype, device=device).reshape(n, *in_shape)
+            zero = torch.zeros(1, *in_shape, dtype=dtype, device=device)
+            f = _cast_call(self.fn, dtype)
+            b = f(zero).reshape(-1)
+            W = (f(eye).reshape(n, -1) - b).T.contiguous()
+        return W, b
+
+
+def _tensors(module: nn.Module) -> Iterator[torch.Tensor]:
+    yield from module.parameters()
+    yield from module.buffers()
+
+
+def _cast_call(fn: Callable[..., torch.Tensor], dtype: torch.dtype) -> Callable[..., torch.Tensor]:
+    """Call ``fn`` with inputs in ``dtype``; modules are expected to be cast by the caller."""
+
+    def g(*xs: torch.Tensor) -> torch.Tensor:
+        return fn(*xs)
+
+    return g
+
+
+@dataclass(eq=False)
+class OpGraph:
+    """A DAG of :class:`Node` in topological order, one input, one output."""
+
+    nodes: dict[str, Node]
+    input_shape: tuple[int, ...]
+    model: nn.Module
+
+    @property
+    def input(self) -> Node:
+        return next(n for n in self.nodes.values() if n.kind == "input")
+
+    @property
+    def output(self) -> Node:
+        return next(n for n in self.nodes.values() if n.kind == "output")
+
+    def __iter__(self) -> Iterator[Node]:
+        return iter(self.nodes.values())
+
+    def __len__(self) -> int:
+        return len(self.nodes)
+
+    def __getitem__(self, name: str) -> Node:
+        return self.nodes[name]
+
+    def users(self, name: str) -> list[Node]:
+        """Nodes that consume ``name``'s output."""
+        return [n for n in self.nodes.values() if name in n.inputs]

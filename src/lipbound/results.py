@@ -1,0 +1,243 @@
+"""Frozen, typed result objects shared by every method, with readable table ``repr``\\ s.
+
+Naming rules used everywhere:
+
+* ``value`` is the method's headline number.
+* ``certified`` says whether ``value`` is *proven*: for an upper-bound method, a true upper bound
+  on the Lipschitz constant (or operator norm); for a lower-bound method, a true lower bound
+  backed by a witness that reproduces it.
+* ``upper`` is the best *certified* upper bound the method produced (``None`` if none); when a
+  method's headline is an estimate (greedy SeqLip, power iteration), ``upper`` carries the
+  certificate next to it.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import torch
+
+__all__ = [
+    "LayerBound",
+    "LipschitzResult",
+    "LowerBoundResult",
+    "SpectralResult",
+    "format_table",
+    "fmt_float",
+]
+
+Bound = Literal["upper", "lower", "exact", "estimate"]
+
+
+def fmt_float(x: float | None, digits: int = 5) -> str:
+    """Format a float compactly for tables (``None`` -> ``"-"``)."""
+    if x is None:
+        return "-"
+    if isinstance(x, bool):
+        return "yes" if x else "no"
+    if not math.isfinite(x):
+        return str(x)
+    if x != 0 and (abs(x) >= 1e5 or abs(x) < 1e-3):
+        return f"{x:.{digits - 1}e}"
+    return f"{x:.{digits}g}"
+
+
+def format_table(headers: Sequence[str], rows: Sequence[Sequence[Any]], *, title: str = "") -> str:
+    """Render a plain-text table with aligned columns (floats via :func:`fmt_float`).
+
+    >>> print(format_table(["a", "b"], [["x", 1.5], ["yy", None]]))
+    a   b  
+    --  ---
+    x   1.5
+    yy  -  
+    """
+    cells = [[c if isinstance(c, str) else fmt_float(c) for c in r] for r in rows]
+    widths = [len(h) for h in headers]
+    for r in cells:
+        for i, c in enumerate(r):
+            widths[i] = max(widths[i], len(c))
+    line = "  ".join(h.ljust(w) for h, w in zip(headers, widths))
+    out = [title] if title else []
+    out.append(line)
+    out.append("  ".join("-" * w for w in widths))
+    out.extend("  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in cells)
+    return "\n".join(out)
+
+
+def format_markdown_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    """Render a GitHub-flavoured markdown table."""
+    cells = [[c if isinstance(c, str) else fmt_float(c) for c in r] for r in rows]
+    out = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
+    out.extend("| " + " | ".join(r) + " |" for r in cells)
+    return "\n".join(out)
+
+
+@dataclass(frozen=True, kw_only=True)
+class LayerBound:
+    """One row of a per-node (AutoLip) or per-pair (SeqLip) breakdown.
+
+    ``value`` is the factor this node/pair contributes; ``certified`` whether it is proven;
+    ``estimate`` an optional uncertified companion (e.g. the power-iteration value next to a
+    Fourier certificate); ``how`` names the rule or algorithm (``"fourier"``, ``"exact"``...).
+    """
+
+    name: str
+    op: str
+    value: float
+    certified: bool
+    seconds: float = 0.0
+    estimate: float | None = None
+    how: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "op": self.op,
+            "value": self.value,
+            "certified": self.certified,
+            "estimate": self.estimate,
+            "how": self.how,
+            "seconds": self.seconds,
+        }
+
+
+@dataclass(frozen=True, kw_only=True, eq=False)
+class LipschitzResult:
+    """Result of a Lipschitz-constant method (AutoLip, SeqLip, exact, LipSDP...)."""
+
+    value: float
+    certified: bool
+    method: str
+    norm: str = "2"
+    bound: Bound = "upper"
+    upper: float | None = None
+    layers: tuple[LayerBound, ...] = ()
+    iterations: int = 0
+    seconds: float = 0.0
+    notes: tuple[str, ...] = ()
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def __float__(self) -> float:
+        return float(self.value)
+
+    @property
+    def status(self) -> str:
+        """``"certified upper bound"``, ``"estimate"``, ``"exact"``... in words."""
+        if self.bound == "exact":
+            return "exact" if self.certified else "exact (not certified)"
+        if self.bound == "estimate" or not self.certified:
+            return "estimate (not certified)"
+        return f"certified {self.bound} bound"
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready dict (floats, strings, lists only)."""
+        return {
+            "method": self.method,
+            "value": self.value,
+            "certified": self.certified,
+            "bound": self.bound,
+            "upper": self.upper,
+            "norm": self.norm,
+            "iterations": self.iterations,
+            "seconds": self.seconds,
+            "notes": list(self.notes),
+            "layers": [lb.to_dict() for lb in self.layers],
+        }
+
+    def table(self) -> str:
+        """The per-node breakdown as a plain-text table."""
+        rows = [
+            [lb.name, lb.op, lb.value, "yes" if lb.certified else "no", lb.estimate, lb.how, lb.seconds]
+            for lb in self.layers
+        ]
+        return format_table(["node", "op", "factor", "certified", "estimate", "how", "s"], rows)
+
+    def __repr__(self) -> str:
+        head = (
+            f"{type(self).__name__}(method={self.method!r}, value={fmt_float(self.value)}, "
+            f"{self.status}, norm=l{self.norm}, upper={fmt_float(self.upper)}, "
+            f"seconds={self.seconds:.3g})"
+        )
+        parts = [head]
+        if self.layers:
+            parts.append(self.table())
+        parts.extend(f"note: {n}" for n in self.notes)
+        return "\n".join(parts)
+
+
+@dataclass(frozen=True, kw_only=True, eq=False)
+class LowerBoundResult(LipschitzResult):
+    """A witnessed lower bound: ``value <= L(f)`` with the witness that proves it.
+
+    Either ``x`` and ``y`` are both set and ``value = ||f(x) - f(y)|| / ||x - y||`` (a pair
+    witness), or only ``x`` is set and ``value`` is a lower estimate of ``||J_f(x)||`` obtained by
+    power iteration on ``J^T J`` (a Jacobian witness; every iterate is ``<= ||J_f(x)||``).
+    """
+
+    bound: Bound = "lower"
+    x: torch.Tensor | None = None
+    y: torch.Tensor | None = None
+    how: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        d = super().to_dict()
+        d["how"] = self.how
+        d["witness"] = {
+            "x": None if self.x is None else self.x.detach().cpu().flatten().tolist(),
+            "y": None if self.y is None else self.y.detach().cpu().flatten().tolist(),
+        }
+        return d
+
+
+@dataclass(frozen=True, kw_only=True, eq=False)
+class SpectralResult:
+    """Operator norm of a linear (or affine) map.
+
+    ``value`` is the best estimate of ``||A||_2`` (from below: power/Lanczos iterates never exceed
+    the true norm up to rounding); ``upper`` a certified upper bound or ``None``; ``certified`` is
+    ``upper is not None``; ``certificate`` says how ``upper`` was proven. ``singular_values``,
+    ``u`` (output-shaped, one per value) and ``v`` (input-shaped) are the top-k triplets.
+    """
+
+    value: float
+    upper: float | None
+    certified: bool
+    certificate: str = ""
+    method: str = ""
+    singular_values: tuple[float, ...] = ()
+    u: torch.Tensor | None = None
+    v: torch.Tensor | None = None
+    iterations: int = 0
+    seconds: float = 0.0
+    converged: bool = True
+    notes: tuple[str, ...] = ()
+
+    def __float__(self) -> float:
+        return float(self.value)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "value": self.value,
+            "upper": self.upper,
+            "certified": self.certified,
+            "certificate": self.certificate,
+            "method": self.method,
+            "singular_values": list(self.singular_values),
+            "iterations": self.iterations,
+            "seconds": self.seconds,
+            "converged": self.converged,
+        }
+
+    def __repr__(self) -> str:
+        rows = [
+            ["estimate (from below)", self.value, self.method],
+            ["certified upper", self.upper, self.certificate or "none available"],
+        ]
+        t = format_table(["quantity", "value", "how"], rows)
+        return (
+            f"SpectralResult(k={len(self.singular_values)}, iterations={self.iterations}, "
+            f"converged={self.converged}, seconds={self.seconds:.3g})\n{t}"
+        )
