@@ -80,18 +80,26 @@ def __dir__() -> list[str]:
 
 
 if TYPE_CHECKING:  # pragma: no cover
-    from .graph import capture
-    from .methods.autolip import autolip
-    from .methods.exact import exact
-    from .methods.lower import lower_bound
-    from .methods.sdp import lipsdp
-    from .methods.seqlip import seqlip
-    from .report import Report, estimate
-    from .rules import register_rule
-    from .spectral import spectral_norm, top_singular
+    from .graph import capture as capture
+    from .methods.autolip import autolip as autolip
+    from .methods.exact import exact as exact
+    from .methods.lower import lower_bound as lower_bound
+    from .methods.sdp import lipsdp as lipsdp
+    from .methods.seqlip import seqlip as seqlip
+    from .report import Report as Report
+    from .report import estimate as estimate
+    from .rules import register_rule as register_rule
+    from .spectral import spectral_norm as spectral_norm
+    from .spectral import top_singular as top_singular
     from .train import (
-        LipschitzPenalty,
-        lipschitz_constraint,
-        penalty,
-        remove_lipschitz_constraint,
+        LipschitzPenalty as LipschitzPenalty,
+    )
+    from .train import (
+        lipschitz_constraint as lipschitz_constraint,
+    )
+    from .train import (
+        penalty as penalty,
+    )
+    from .train import (
+        remove_lipschitz_constraint as remove_lipschitz_constraint,
     )

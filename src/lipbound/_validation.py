@@ -103,7 +103,9 @@ def check_choice(name: str, value: Any, allowed: Iterable[Any]) -> Any:
     return value
 
 
-def check_positive(name: str, value: Any, *, integer: bool = False, allow_zero: bool = False) -> Any:
+def check_positive(
+    name: str, value: Any, *, integer: bool = False, allow_zero: bool = False
+) -> Any:
     """Raise unless ``value`` is a finite positive number (an int when ``integer``)."""
     ok_type = isinstance(value, int) if integer else isinstance(value, (int, float))
     if isinstance(value, bool) or not ok_type:

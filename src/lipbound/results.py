@@ -49,21 +49,21 @@ def format_table(headers: Sequence[str], rows: Sequence[Sequence[Any]], *, title
     """Render a plain-text table with aligned columns (floats via :func:`fmt_float`).
 
     >>> print(format_table(["a", "b"], [["x", 1.5], ["yy", None]]))
-    a   b  
+    a   b
     --  ---
     x   1.5
-    yy  -  
+    yy  -
     """
     cells = [[c if isinstance(c, str) else fmt_float(c) for c in r] for r in rows]
     widths = [len(h) for h in headers]
     for r in cells:
         for i, c in enumerate(r):
             widths[i] = max(widths[i], len(c))
-    line = "  ".join(h.ljust(w) for h, w in zip(headers, widths))
+    line = "  ".join(h.ljust(w) for h, w in zip(headers, widths)).rstrip()
     out = [title] if title else []
     out.append(line)
     out.append("  ".join("-" * w for w in widths))
-    out.extend("  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in cells)
+    out.extend("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in cells)
     return "\n".join(out)
 
 
@@ -150,7 +150,7 @@ class LipschitzResult:
     def table(self) -> str:
         """The per-node breakdown as a plain-text table."""
         rows = [
-            [lb.name, lb.op, lb.value, "yes" if lb.certified else "no", lb.estimate, lb.how, lb.seconds]
+            [lb.name, lb.op, lb.value, lb.certified, lb.estimate, lb.how, lb.seconds]
             for lb in self.layers
         ]
         return format_table(["node", "op", "factor", "certified", "estimate", "how", "s"], rows)
@@ -232,7 +232,7 @@ class SpectralResult:
         }
 
     def __repr__(self) -> str:
-        rows = [
+        rows: list[list[Any]] = [
             ["estimate (from below)", self.value, self.method],
             ["certified upper", self.upper, self.certificate or "none available"],
         ]

@@ -67,7 +67,7 @@ def _split(x: torch.Tensor, y: torch.Tensor, seed: int, test_fraction: float) ->
         raise InvalidArgumentError(f"test_fraction must be in (0, 1); got {test_fraction!r}")
     g = torch.Generator().manual_seed(seed)
     perm = torch.randperm(len(x), generator=g)
-    n_test = int(round(test_fraction * len(x)))
+    n_test = round(test_fraction * len(x))
     te, tr = perm[:n_test], perm[n_test:]
     return x[tr], y[tr], x[te], y[te]
 
@@ -118,7 +118,8 @@ def load_mnist(folder: str | Path, split: str = "train") -> tuple[torch.Tensor, 
     folder = Path(folder)
     prefix = "train" if split == "train" else "t10k"
     found: dict[str, Path] = {}
-    for kind, stem in (("images", f"{prefix}-images-idx3-ubyte"), ("labels", f"{prefix}-labels-idx1-ubyte")):
+    stems = (("images", f"{prefix}-images-idx3-ubyte"), ("labels", f"{prefix}-labels-idx1-ubyte"))
+    for kind, stem in stems:
         for cand in (folder / stem, folder / f"{stem}.gz"):
             if cand.is_file():
                 found[kind] = cand

@@ -7,6 +7,7 @@ torch.Size([2, 10])
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -181,8 +182,8 @@ def resnet18(num_classes: int = 1000, *, random_bn_stats: bool = True) -> ResNet
     if random_bn_stats:
         with torch.no_grad():
             for m in net.modules():
-                if isinstance(m, nn.BatchNorm2d):
-                    m.running_mean.uniform_(-0.5, 0.5)
+                if isinstance(m, nn.BatchNorm2d) and m.running_var is not None:
+                    m.running_mean.uniform_(-0.5, 0.5)  # type: ignore[union-attr]
                     m.running_var.uniform_(0.5, 2.0)
                     m.weight.uniform_(0.5, 1.5)
                     m.bias.uniform_(-0.2, 0.2)
@@ -201,13 +202,15 @@ class ZooEntry:
 ZOO: dict[str, ZooEntry] = {
     **{
         f"mlp{d}": ZooEntry(
-            lambda d=d: paper_mlp(d), (2,), f"paper's synthetic-function MLP, {d} layers, width 10"
+            functools.partial(paper_mlp, d),
+            (2,),
+            f"paper's synthetic-function MLP, {d} layers, width 10",
         )
         for d in (4, 5, 7, 10)
     },
     **{
         f"mnist_cnn{d}": ZooEntry(
-            lambda d=d: mnist_cnn(d), (1, 28, 28), f"paper's MNIST CNN, {d} conv layers"
+            functools.partial(mnist_cnn, d), (1, 28, 28), f"paper's MNIST CNN, {d} conv layers"
         )
         for d in (4, 5, 7, 10)
     },
