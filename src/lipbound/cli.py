@@ -1,0 +1,307 @@
+"""The ``lipbound`` command-line tool.
+
+::
+
+    lipbound estimate MODEL [--input-shape C,H,W] [--weights FILE] [--method lower,autolip,...]
+                            [--norm 2] [--data FILE] [--json | --markdown] [--plot out.png]
+                            [--restarts N] [--steps N] [--batch-size N] [--time-limit S]
+                            [--seed N] [--quiet] [--debug]
+    lipbound demo [--quiet] [--json] [--plot out.png] [--seed N]
+    lipbound zoo
+
+Exit codes: 0 success; 2 bad usage (unknown option, model form or method, malformed shape,
+missing file); 1 error while loading or estimating (pickled model refused, weights that do not
+match the architecture, NaN weights, input shape that does not fit the model, unsupported op).
+Every error is ONE line on stderr (``--debug`` adds the traceback).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+import traceback
+from collections.abc import Sequence
+from typing import Any, NoReturn
+
+from .errors import LipboundError
+
+__all__ = ["main"]
+
+_DEFAULT_METHODS = ("lower", "autolip", "seqlip")
+
+
+class _Parser(argparse.ArgumentParser):
+    """ArgumentParser whose errors are one line (raised as UsageError, exit code 2)."""
+
+    def error(self, message: str) -> NoReturn:
+        from ._io import UsageError
+
+        raise UsageError(f"{message} (see: {self.prog} --help)")
+
+
+def _build_parser() -> _Parser:
+    from . import __version__
+
+    parser = _Parser(
+        prog="lipbound",
+        description="Certified upper and witnessed lower bounds on the Lipschitz constant of "
+        "PyTorch networks (AutoLip, SeqLip, exact, LipSDP).",
+    )
+    parser.add_argument("--version", action="version", version=f"lipbound {__version__}")
+    sub = parser.add_subparsers(dest="command", parser_class=_Parser, metavar="COMMAND")
+
+    est = sub.add_parser(
+        "estimate",
+        help="bound the Lipschitz constant of a model",
+        description="Bound the Lipschitz constant of MODEL: a zoo name (see 'lipbound zoo'), "
+        "package.module:factory with --weights FILE (.safetensors or a torch.save'd "
+        "state_dict), or a torch.export archive (.pt2). Pickled whole models are refused.",
+    )
+    est.add_argument("model", metavar="MODEL")
+    est.add_argument("--input-shape", "-s", metavar="C,H,W",
+                     help="shape of ONE input sample, no batch dimension (default: the zoo "
+                     "entry's, or the shape recorded in a .pt2 archive)")
+    est.add_argument("--weights", "-w", metavar="FILE",
+                     help="weights for a factory or zoo model (.safetensors or state_dict)")
+    est.add_argument("--method", "-m", action="append", metavar="M[,M...]",
+                     help="methods to run, comma-separated or repeated: lower, autolip, "
+                     "seqlip, exact, lipsdp (default: lower,autolip,seqlip)")
+    est.add_argument("--norm", default="2", choices=["1", "2", "inf"],
+                     help="p-norm on inputs and outputs (default: 2)")
+    est.add_argument("--data", metavar="FILE",
+                     help="data points (N, *shape) for the lower bound: .npy, .pt, .safetensors")
+    fmt = est.add_mutually_exclusive_group()
+    fmt.add_argument("--json", action="store_true", help="print the report as JSON")
+    fmt.add_argument("--markdown", action="store_true", help="print the report as markdown")
+    est.add_argument("--plot", metavar="PNG", help="write a plot of the per-layer factors")
+    _search_options(est)
+
+    demo = sub.add_parser(
+        "demo",
+        help="train a small net in seconds and print its full report",
+        description="Train the paper's 4-layer MLP on a synthetic smooth function (a sample of "
+        "a Gaussian-process prior) for a few seconds, then bound its Lipschitz constant with "
+        "every method that fits (lower bound, AutoLip, SeqLip, exact).",
+    )
+    fmt = demo.add_mutually_exclusive_group()
+    fmt.add_argument("--json", action="store_true", help="print the report as JSON")
+    fmt.add_argument("--markdown", action="store_true", help="print the report as markdown")
+    demo.add_argument("--plot", metavar="PNG", help="write a plot of the per-layer factors")
+    demo.add_argument("--epochs", type=int, default=150, help="training epochs (default: 150)")
+    demo.add_argument("--seed", type=int, default=0, help="seed of data, weights and search")
+    demo.add_argument("--quiet", "-q", action="store_true", help="no progress output")
+    demo.add_argument("--debug", action="store_true", help="show tracebacks")
+
+    zoo = sub.add_parser("zoo", help="list the built-in models")
+    zoo.add_argument("--json", action="store_true", help="print the list as JSON")
+    return parser
+
+
+def _search_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--restarts", type=int, metavar="N", help="lower bound: number of starts")
+    p.add_argument("--steps", type=int, metavar="N", help="lower bound: steps per start")
+    p.add_argument("--batch-size", type=int, metavar="N",
+                   help="lower bound: points per batched forward pass (memory)")
+    p.add_argument("--time-limit", type=float, metavar="S",
+                   help="time limit in seconds for the lower-bound search and the exact method")
+    p.add_argument("--seed", type=int, default=0, help="seed of the lower-bound search")
+    p.add_argument("--quiet", "-q", action="store_true", help="no progress bars")
+    p.add_argument("--debug", action="store_true", help="show tracebacks")
+
+
+def _methods(values: Sequence[str] | None) -> tuple[str, ...]:
+    from ._io import UsageError
+    from .report import METHODS
+
+    if not values:
+        return _DEFAULT_METHODS
+    names = [n.strip() for v in values for n in v.split(",") if n.strip()]
+    for n in names:
+        if n not in METHODS:
+            raise UsageError(f"unknown method {n!r}; allowed: {', '.join(METHODS)}")
+    if not names:
+        raise UsageError(f"--method is empty; allowed: {', '.join(METHODS)}")
+    return tuple(dict.fromkeys(names))
+
+
+def _options(args: argparse.Namespace, methods: Sequence[str]) -> dict[str, dict[str, Any]]:
+    from ._io import UsageError
+
+    opts: dict[str, dict[str, Any]] = {}
+    lower: dict[str, Any] = {"seed": args.seed}
+    for key in ("restarts", "steps", "batch_size"):
+        val = getattr(args, key)
+        if val is not None:
+            if val <= 0:
+                raise UsageError(f"--{key.replace('_', '-')} must be > 0; got {val}")
+            lower[key] = val
+    if args.time_limit is not None:
+        if not args.time_limit > 0:
+            raise UsageError(f"--time-limit must be > 0; got {args.time_limit}")
+        lower["time_limit"] = args.time_limit
+        if "exact" in methods:
+            opts["exact"] = {"time_limit": args.time_limit}
+    if "lower" in methods:
+        opts["lower"] = lower
+    return opts
+
+
+def _emit(report: Any, args: argparse.Namespace) -> None:
+    if args.json:
+        print(json.dumps(report.to_dict(), indent=2))
+    elif args.markdown:
+        print(report.to_markdown())
+    else:
+        print(report)
+    if args.plot:
+        from .report import plot_report
+
+        plot_report(report, args.plot)
+        if not args.quiet:
+            print(f"plot written to {args.plot}", file=sys.stderr)
+
+
+def _cmd_estimate(args: argparse.Namespace) -> int:
+    from ._io import UsageError, load_data, load_model, parse_shape
+    from .report import estimate
+
+    methods = _methods(args.method)
+    opts = _options(args, methods)
+    shape = parse_shape(args.input_shape) if args.input_shape is not None else None
+    model, default_shape, name = load_model(args.model, weights=args.weights)
+    if shape is None:
+        shape = default_shape
+    if shape is None:
+        raise UsageError(f"--input-shape is required for {args.model} (e.g. --input-shape 1,28,28)")
+    data = None if args.data is None else load_data(args.data, shape)
+    report = estimate(
+        model, shape, methods=methods, data=data, norm=args.norm, progress=not args.quiet,
+        model_name=name, **opts,
+    )
+    _emit(report, args)
+    return 0
+
+
+def _available(methods: Sequence[str]) -> tuple[list[str], list[str]]:
+    import importlib
+
+    from .report import METHODS
+
+    ok, missing = [], []
+    for m in methods:
+        try:
+            importlib.import_module(METHODS[m][0])
+            ok.append(m)
+        except ImportError:
+            missing.append(m)
+    return ok, missing
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    import torch
+
+    from .report import estimate
+    from .zoo.data import synthetic_gp
+    from .zoo.models import paper_mlp
+    from .zoo.training import fit, mse
+
+    def say(msg: str) -> None:
+        if not args.quiet:
+            print(msg, file=sys.stderr, flush=True)
+
+    if args.epochs <= 0:
+        from ._io import UsageError
+
+        raise UsageError(f"--epochs must be > 0; got {args.epochs}")
+    t0 = time.perf_counter()
+    say("lipbound demo: the paper's 4-layer MLP (2-10-10-10-1, ReLU) on a synthetic smooth "
+        "function R^2 -> R (a Gaussian-process sample)")
+    xtr, ytr, xte, yte = synthetic_gp(1000, 250, seed=args.seed)
+    torch.manual_seed(args.seed)
+    model = paper_mlp(4)
+    model = fit(model, xtr, ytr, epochs=args.epochs, lr=1e-2, batch_size=128, seed=args.seed)
+    err = mse(model, xte, yte)
+    say(f"trained in {time.perf_counter() - t0:.1f} s, test MSE {err:.4f} "
+        f"(target variance {float(yte.var()):.3f})")
+    methods, missing = _available(("lower", "autolip", "seqlip", "exact"))
+    if missing:
+        say(f"note: {', '.join(missing)} not available in this installation; skipped")
+    opts: dict[str, dict[str, Any]] = {"lower": {"seed": args.seed, "restarts": 16, "steps": 100}}
+    if "exact" in methods:
+        opts["exact"] = {"time_limit": 10.0}
+    say(f"bounding its Lipschitz constant with: {', '.join(methods)}")
+    report = estimate(
+        model, (2,), methods=methods, data=xtr, progress=not args.quiet,
+        model_name="paper_mlp(4) trained on synthetic_gp", **opts,
+    )
+    _emit(report, args)
+    say(f"total {time.perf_counter() - t0:.1f} s. 'certified' numbers are proven; "
+        "'estimate' numbers are not; the true constant lies between the witnessed lower bound "
+        "and the certified upper bound.")
+    return 0
+
+
+def _cmd_zoo(args: argparse.Namespace) -> int:
+    from .zoo.models import ZOO
+
+    if args.json:
+        print(json.dumps({k: {"input_shape": list(v.input_shape), "description": v.description}
+                          for k, v in ZOO.items()}, indent=2))
+        return 0
+    from .results import format_table
+
+    rows = [[k, ",".join(map(str, v.input_shape)), v.description] for k, v in ZOO.items()]
+    print(format_table(["name", "input shape", "description"], rows))
+    return 0
+
+
+def _one_line(e: BaseException) -> str:
+    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+    if not lines:
+        return type(e).__name__
+    return lines[0] + ("" if len(lines) == 1 else " " + " ".join(lines[1:]))
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``lipbound`` console script; returns the exit code."""
+    from ._io import UsageError
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv
+    try:
+        parser = _build_parser()
+        args = parser.parse_args(argv)
+        if args.command is None:
+            parser.print_help(sys.stderr)
+            return 2
+        handler = {"estimate": _cmd_estimate, "demo": _cmd_demo, "zoo": _cmd_zoo}[args.command]
+        return handler(args)
+    except UsageError as e:
+        if debug:
+            traceback.print_exc()
+        print(f"lipbound: error: {_one_line(e)}", file=sys.stderr)
+        return 2
+    except LipboundError as e:
+        if debug:
+            traceback.print_exc()
+        print(f"lipbound: error: {_one_line(e)}", file=sys.stderr)
+        return 1
+    except SystemExit as e:  # --help, --version
+        return e.code if isinstance(e.code, int) else 0
+    except KeyboardInterrupt:
+        print("lipbound: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:  # never a traceback for users; --debug shows it
+        if debug:
+            traceback.print_exc()
+        print(
+            f"lipbound: error: {type(e).__name__}: {_one_line(e)} (run with --debug for details)",
+            file=sys.stderr,
+        )
+        return 1
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

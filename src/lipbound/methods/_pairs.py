@@ -1,0 +1,902 @@
+r"""Pair factors of SeqLip on explicit matrices (pure functions, float64).
+
+For ``L`` (m x n), ``R`` (n x p) and a slope range ``[a, b]`` (the range of the activation's
+derivative, ``[0, 1]`` for ReLU) the *pair factor* is
+
+.. math::  P(L, R) = \max_{g \in [a, b]^n} \| L \,\mathrm{diag}(g)\, R \|_2 .
+
+Writing ``g = a + (b - a) sigma`` with ``sigma`` in ``[0, 1]^n`` (valid for ANY ``a <= b``,
+negative ``a`` included: GELU, SiLU) gives ``L diag(g) R = C0 + L' diag(sigma) R`` with
+``C0 = a L R`` and ``L' = (b - a) L``. The map ``sigma -> ||C0 + L' diag(sigma) R||`` is convex
+(a norm of an affine function), so its maximum over the cube is attained at a vertex
+``sigma in {0, 1}^n``; every function below works on that vertex problem.
+
+* :func:`pair_value`      the value at one vertex (a realised value: a valid LOWER bound).
+* :func:`pair_exact`      exact maximum: vectorised enumeration for small ``n``, branch and bound
+  with valid relaxations beyond (anytime: with a time limit it returns a certified interval).
+* :func:`pair_greedy`     heuristics (the paper's coordinate-flip greedy, alternating
+  maximisation with restarts): the best realised vertex value, an estimate from below.
+* :func:`pair_certified`  cheap certified upper bounds, never below the exact maximum and never
+  above AutoLip's ``max(|a|, |b|) ||L|| ||R||``.
+
+Certified upper bounds (proofs; ``||.||`` is the spectral norm, ``|M|`` the entrywise absolute
+value, ``E`` ranges over diagonal matrices with entries in ``[-1, 1]``, ``D`` over diagonal
+matrices with entries in ``[0, 1]``):
+
+(P) *product* ``||L D R|| <= ||L|| ||D|| ||R|| <= ||L|| ||R||`` (AutoLip's factor).
+
+(A) *absolute values* ``|L D R| <= |L| D |R| <= |L| |R|`` entrywise (``D >= 0``), and for any
+    matrix ``||M|| = max_{|u|=|v|=1} u^T M v <= max |u|^T |M| |v| = || |M| ||``, while on
+    non-negative matrices the spectral norm is monotone (``0 <= M <= N`` entrywise implies
+    ``u^T M v <= |u|^T N |v|``). Hence ``||L D R|| <= || |L| |R| ||``; the same holds with ``E``
+    (``|L E R| <= |L| |E| |R| <= |L| |R|``).
+
+(W) *diagonal rescaling* for any positive diagonal ``W``: ``L D R = (L W) D (W^{-1} R)`` because
+    diagonal matrices commute, so ``||L D R|| <= ||L W|| ||W^{-1} R||``; also with ``E``. The
+    minimum over ``W`` is a convex problem in ``log w`` (``log ||L diag(e^t)||`` is a max over
+    unit ``u`` of a log-sum-exp of ``t``); any ``W`` gives a valid bound, so the optimiser's
+    accuracy only affects tightness, never validity. ``W = I`` recovers (P).
+
+(H) *the 1/2 rule* ``D = (I + E)/2`` with ``E = 2D - I`` in ``[-1, 1]``, hence
+    ``||C0 + L D R|| = ||C0 + L R / 2 + L E R / 2|| <= ||C0 + L R / 2|| + (1/2) max_E ||L E R||``
+    and ``max_E ||L E R||`` is bounded by the minimum of (P), (A), (W) applied to ``E``. With
+    ``C0 = 0`` this is ``(||L R|| + ||L|| ||R||) / 2 <= ||L|| ||R||``.
+
+(B) *branch and bound*: fixing the coordinates of a subset ``F`` (``sigma_F = s``) and leaving
+    the rest free gives ``C0 + L_F diag(s) R_F + L_free D R_free``, bounded by (H) with
+    ``C0 := C0 + L_F diag(s) R_F``; the maximum is the max over all sub-problems, so the largest
+    bound over the leaves of any partial search tree is a valid upper bound, and a sub-tree whose
+    bound does not exceed a realised value (the incumbent) cannot contain a larger vertex.
+
+All bounds are computed in float64; the only error is floating-point rounding (relative
+``~1e-15``), which callers that need rounding-safe certificates cover with a ``1e-9`` relative
+margin (see :data:`ROUNDING_MARGIN`).
+
+>>> import torch
+>>> L = torch.tensor([[1.0, 1.0]], dtype=torch.float64)
+>>> R = torch.tensor([[1.0], [-1.0]], dtype=torch.float64)
+>>> round(pair_exact(L, R).value, 6)   # best sigma keeps one of the two paths
+1.0
+>>> round(pair_certified(L, R).value, 6) >= 1.0
+True
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from ..errors import InvalidArgumentError
+
+__all__ = [
+    "ROUNDING_MARGIN",
+    "PairBound",
+    "GreedyResult",
+    "CertifiedBound",
+    "batched_spectral_norm",
+    "pair_value",
+    "pair_exact",
+    "pair_greedy",
+    "pair_certified",
+    "inner_bound",
+    "scaled_product_bound",
+    "reduce_pair",
+]
+
+#: relative margin that certified callers multiply upper bounds by, to cover float64 rounding.
+ROUNDING_MARGIN = 1e-9
+
+_F64 = torch.float64
+
+
+# --------------------------------------------------------------------------------------------
+# result types
+# --------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class PairBound:
+    """An interval ``lower <= P(L, R) <= upper`` for one pair.
+
+    ``lower`` is realised at the vertex ``pattern`` (so it is a true lower bound), ``upper`` is
+    certified (proof in the module docstring), ``exact`` says whether the search closed the gap
+    (then ``lower == value == upper`` up to ``rtol``). ``value`` is the best estimate
+    (``lower``). ``nodes`` counts evaluated vertices/sub-problems.
+    """
+
+    lower: float
+    upper: float
+    pattern: torch.Tensor | None
+    exact: bool
+    how: str
+    nodes: int = 0
+    seconds: float = 0.0
+
+    @property
+    def value(self) -> float:
+        return self.lower
+
+
+@dataclass(frozen=True)
+class GreedyResult:
+    """Best vertex found by a heuristic: ``value = ||L diag(g(pattern)) R||`` (realised, hence a
+    lower bound of the pair factor and an ESTIMATE of it, never a certificate)."""
+
+    value: float
+    pattern: torch.Tensor
+    how: str
+    seconds: float = 0.0
+    evaluations: int = 0
+
+
+@dataclass(frozen=True)
+class CertifiedBound:
+    """A certified upper bound ``value >= P(L, R)``, the rule that gave it (``how``) and every
+    candidate that was computed (``parts``, all valid; ``value`` is their minimum)."""
+
+    value: float
+    how: str
+    parts: dict[str, float] = field(default_factory=dict)
+    seconds: float = 0.0
+
+
+# --------------------------------------------------------------------------------------------
+# helpers
+# --------------------------------------------------------------------------------------------
+def _as64(x: Any, name: str) -> torch.Tensor:
+    t = torch.as_tensor(x)
+    if t.ndim != 2:
+        raise InvalidArgumentError(f"{name} must be a matrix; got shape {tuple(t.shape)}")
+    return t.detach().to(dtype=_F64, device="cpu")
+
+
+def batched_spectral_norm(X: torch.Tensor) -> torch.Tensor:
+    """Spectral norms of a batch ``X`` (..., m, p), float64.
+
+    Uses the Gram matrix of the smaller side and its top eigenvalue (relative accuracy of the
+    top eigenvalue ``~eps``, so ``~eps/2`` on the norm), closed forms for rank-1 shapes.
+
+    >>> X = torch.tensor([[[3.0, 0.0], [0.0, 4.0]]], dtype=torch.float64)
+    >>> batched_spectral_norm(X).tolist()
+    [4.0]
+    """
+    m, p = X.shape[-2], X.shape[-1]
+    if m == 0 or p == 0:
+        return torch.zeros(X.shape[:-2], dtype=X.dtype)
+    if m == 1 or p == 1:
+        return X.flatten(-2).norm(dim=-1)
+    G = X.mT @ X if p <= m else X @ X.mT
+    if G.shape[-1] == 2:
+        a, b, c = G[..., 0, 0], G[..., 1, 1], G[..., 0, 1]
+        lam = (a + b) / 2 + torch.sqrt(((a - b) / 2) ** 2 + c * c)
+        return lam.clamp_min(0).sqrt()
+    return torch.linalg.eigvalsh(G)[..., -1].clamp_min(0).sqrt()
+
+
+def _norm(X: torch.Tensor) -> float:
+    """Spectral norm; for large matrices via the top eigenvalue of the Gram matrix of the
+    smaller side (relative accuracy ~eps on the eigenvalue, a fraction of the rounding margin)."""
+    if X.numel() == 0:
+        return 0.0
+    if min(X.shape) > 256:
+        G = X.T @ X if X.shape[1] <= X.shape[0] else X @ X.T
+        return float(torch.linalg.eigvalsh(G)[-1].clamp_min(0).sqrt())
+    return float(torch.linalg.matrix_norm(X, ord=2))
+
+
+def reduce_pair(L: torch.Tensor, R: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Replace ``L`` (m x n) by ``S V^T`` (at most n rows) and ``R`` (n x p) by ``U S`` (at most
+    n columns) from their SVDs. ``||L X R||`` depends on ``L`` only through ``L^T L`` and on ``R``
+    only through ``R R^T`` (orthogonal factors drop out), so every pair quantity is unchanged
+    (including ``||L R||`` and the offset ``C0 = a L R``); entrywise-absolute bounds (A) are NOT
+    invariant, so they are computed on the original matrices."""
+    n = L.shape[1]
+    if L.shape[0] > n:
+        _, S, Vh = torch.linalg.svd(L, full_matrices=False)
+        L = S[:, None] * Vh
+    if R.shape[1] > n:
+        U, S, _ = torch.linalg.svd(R, full_matrices=False)
+        R = U * S[None, :]
+    return L, R
+
+
+def _check_slopes(slopes: tuple[float, float]) -> tuple[float, float]:
+    a, b = float(slopes[0]), float(slopes[1])
+    if not (math.isfinite(a) and math.isfinite(b)) or a > b:
+        raise InvalidArgumentError(f"slopes must be a finite pair a <= b; got {slopes!r}")
+    return a, b
+
+
+def _problem(
+    L: Any, R: Any, slopes: tuple[float, float]
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(C0, L', R)`` with ``L diag(a + (b-a) sigma) R = C0 + L' diag(sigma) R``."""
+    L = _as64(L, "L")
+    R = _as64(R, "R")
+    if L.shape[1] != R.shape[0]:
+        raise InvalidArgumentError(f"inner dimensions differ: L is {tuple(L.shape)}, R is {tuple(R.shape)}")
+    a, b = _check_slopes(slopes)
+    L, R = reduce_pair(L, R)
+    return a * (L @ R), (b - a) * L, R
+
+
+def pair_value(
+    L: Any, R: Any, sigma: Any, *, slopes: tuple[float, float] = (0.0, 1.0)
+) -> float:
+    """``||L diag(a + (b - a) sigma) R||_2`` at one pattern ``sigma`` (entries in [0, 1]).
+
+    >>> L = torch.eye(2, dtype=torch.float64); R = torch.ones(2, 1, dtype=torch.float64)
+    >>> pair_value(L, R, [1, 0])
+    1.0
+    """
+    L = _as64(L, "L")
+    R = _as64(R, "R")
+    a, b = _check_slopes(slopes)
+    s = torch.as_tensor(sigma, dtype=_F64).reshape(-1)
+    g = a + (b - a) * s
+    return _norm(L @ (g[:, None] * R))
+
+
+# --------------------------------------------------------------------------------------------
+# certified bounds
+# --------------------------------------------------------------------------------------------
+def scaled_product_bound(L: torch.Tensor, R: torch.Tensor, *, steps: int = 30) -> float:
+    """``min_w ||L diag(w)|| ||diag(w)^{-1} R||`` approximately minimised over ``w > 0``
+    (rule (W)); the returned number is evaluated exactly at the final ``w``, so it is a valid
+    bound on ``max ||L E R||`` over diagonal ``E`` with ``|E| <= I`` whatever the optimiser did.
+
+    >>> L = torch.tensor([[1.0, 0.0]], dtype=torch.float64)
+    >>> R = torch.tensor([[1.0], [100.0]], dtype=torch.float64)
+    >>> round(scaled_product_bound(L, R), 6)   # the product bound would give ~100
+    1.0
+    """
+    L = L.to(_F64)
+    R = R.to(_F64)
+    n = L.shape[1]
+    if n == 0:
+        return 0.0
+    ln = L.norm(dim=0)
+    rn = R.norm(dim=1)
+    keep = (ln > 0) & (rn > 0)
+    if not bool(keep.any()):
+        return 0.0
+    L = L[:, keep]
+    R = R[keep]
+    ln = ln[keep]
+    rn = rn[keep]
+    # start from column/row balancing: w_k = sqrt(||r_k|| / ||l_k||)
+    t0 = 0.5 * (rn.log() - ln.log())
+    best = _norm(L) * _norm(R)
+
+    def value(t: torch.Tensor) -> float:
+        w = t.exp()
+        return _norm(L * w[None, :]) * _norm(R / w[:, None])
+
+    best = min(best, value(t0))
+    if steps > 0 and L.shape[1] > 1:
+        t = t0.clone().requires_grad_(True)
+        opt = torch.optim.Adam([t], lr=0.1)
+        for _ in range(steps):
+            opt.zero_grad()
+            w = t.exp()
+            obj = torch.log(torch.linalg.matrix_norm(L * w[None, :], ord=2)) + torch.log(
+                torch.linalg.matrix_norm(R / w[:, None], ord=2)
+            )
+            obj.backward()
+            opt.step()
+        with torch.no_grad():
+            best = min(best, value(t.detach()))
+    return best
+
+
+def inner_bound(
+    L: torch.Tensor, R: torch.Tensor, *, L_abs: torch.Tensor | None = None,
+    R_abs: torch.Tensor | None = None, scaled_steps: int = 30,
+) -> tuple[float, str]:
+    """A certified bound on ``max_{|E| <= I diagonal} ||L E R||``: the minimum of (P), (A), (W).
+
+    ``L_abs``/``R_abs`` are the ORIGINAL (unreduced) matrices for rule (A), when ``L``/``R``
+    were reduced by :func:`reduce_pair` (rule (A) is not invariant under the reduction; the
+    original matrices give a valid bound for the same quantity).
+    """
+    cands = {"product": _norm(L) * _norm(R)}
+    La = L if L_abs is None else L_abs
+    Ra = R if R_abs is None else R_abs
+    cands["abs"] = _norm(La.abs() @ Ra.abs())
+    if scaled_steps >= 0:
+        cands["scaled"] = scaled_product_bound(L, R, steps=scaled_steps)
+    how = min(cands, key=lambda k: cands[k])
+    return cands[how], how
+
+
+def _dual_matrix(
+    H: torch.Tensor, QA: torch.Tensor, QB: torch.Tensor, mu: torch.Tensor
+) -> torch.Tensor:
+    """Batched ``Q = [[QA + mu I, H/2], [H^T/2, QB - mu I]]`` for ``H`` (B, m, p)."""
+    B, m, p = H.shape
+    Q = torch.empty(B, m + p, m + p, dtype=H.dtype)
+    Q[:, :m, :m] = QA[None] + mu[:, None, None] * torch.eye(m, dtype=H.dtype)[None]
+    Q[:, m:, m:] = QB[None] - mu[:, None, None] * torch.eye(p, dtype=H.dtype)[None]
+    Q[:, :m, m:] = H / 2
+    Q[:, m:, :m] = H.mT / 2
+    return Q
+
+
+def dual_bound_batch(
+    H: torch.Tensor, LF: torch.Tensor, RF: torch.Tensor, t: torch.Tensor,
+    mu: torch.Tensor, *, iters: int = 4,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    r"""Rule (D): certified bounds on ``max_{D} ||H + L_F (D - I/2) R_F||`` for a batch of ``H``
+    (i.e. on ``max_sigma ||C + L_F diag(sigma) R_F||`` with ``H = C + L_F R_F / 2``).
+
+    Proof. ``||M|| = max_{|u|=|v|=1} u^T M v`` and ``u^T (C + L_F diag(sigma) R_F) v =
+    u^T C v + sum_k sigma_k a_k b_k`` with ``a = L_F^T u``, ``b = R_F v``; maximising over
+    ``sigma_k in [0, 1]`` gives ``(a_k b_k)_+ = (a_k b_k + |a_k b_k|)/2``, so the pair max EQUALS
+    ``max_{u,v} u^T H v + (1/2) sum_k |a_k| |b_k|``. For any ``t_k > 0``,
+    ``|a_k||b_k| <= (t_k a_k^2 + b_k^2 / t_k)/2`` (AM-GM), and on the feasible set
+    ``mu (|u|^2 - 1) - mu (|v|^2 - 1) = 0`` for any real ``mu``. With ``z = (u, v)``,
+    ``|z|^2 = 2``, the objective is at most ``z^T Q z <= 2 lambda_max(Q)`` where
+    ``Q = [[L_F T L_F^T / 4 + mu I, H/2], [H^T/2, R_F^T T^{-1} R_F / 4 - mu I]]``. Valid for
+    EVERY ``t > 0`` and ``mu``; ``mu`` is improved here by a few steps driven by
+    ``d lambda / d mu = |u*|^2 - |v*|^2`` and the minimum over the iterates is returned.
+    """
+    QA = (LF * t[None, :]) @ LF.T / 4
+    QB = RF.T @ (RF / t[:, None]) / 4
+    mu = mu.clone()
+    best = torch.full((H.shape[0],), math.inf, dtype=H.dtype)
+    step = (batched_spectral_norm(H) / 4 + 1e-300).clone()
+    prev_g = torch.zeros_like(mu)
+    m = H.shape[1]
+    best_mu = mu.clone()
+    for _ in range(max(iters, 1)):
+        w, V = torch.linalg.eigh(_dual_matrix(H, QA, QB, mu))
+        lam = 2 * w[:, -1]
+        better = lam < best
+        best = torch.where(better, lam, best)
+        best_mu = torch.where(better, mu, best_mu)
+        z = V[:, :, -1]
+        g = (z[:, :m] ** 2).sum(1) - (z[:, m:] ** 2).sum(1)
+        flipped = (g * prev_g) < 0
+        step = torch.where(flipped, step / 2, step)
+        mu = mu - torch.sign(g) * step
+        prev_g = g
+    return best, best_mu
+
+
+def dual_bound(
+    C: torch.Tensor, L: torch.Tensor, R: torch.Tensor, *, steps: int = 100
+) -> float:
+    """Rule (D) for one problem ``max_sigma ||C + L diag(sigma) R||``, with ``t`` and ``mu``
+    optimised by Adam on ``log t`` and ``mu`` (any iterate is a valid bound; the smallest
+    evaluated one is returned). See :func:`dual_bound_batch` for the proof.
+
+    >>> L = torch.eye(3, dtype=torch.float64); R = torch.eye(3, dtype=torch.float64)
+    >>> round(dual_bound(torch.zeros(3, 3, dtype=torch.float64), L, R), 4)   # exact: 1
+    1.0
+    """
+    C = C.to(_F64)
+    ln = L.norm(dim=0)
+    rn = R.norm(dim=1)
+    keep = (ln > 0) & (rn > 0)
+    L, R, ln, rn = L[:, keep], R[keep], ln[keep], rn[keep]
+    if L.shape[1] == 0:
+        return _norm(C)
+    H = C + L @ R / 2
+    m, p = H.shape
+    s = torch.log(rn / ln).clone().requires_grad_(True)
+    mu = torch.zeros((), dtype=_F64, requires_grad=True)
+    opt = torch.optim.Adam([s, mu], lr=0.05)
+    best = math.inf
+    Im = torch.eye(m, dtype=_F64)
+    Ip = torch.eye(p, dtype=_F64)
+    for _ in range(max(steps, 1)):
+        t = s.exp()
+        Q = torch.cat(
+            [
+                torch.cat([(L * t) @ L.T / 4 + mu * Im, H / 2], 1),
+                torch.cat([H.T / 2, R.T @ (R / t[:, None]) / 4 - mu * Ip], 1),
+            ],
+            0,
+        )
+        lam = 2 * torch.linalg.eigvalsh(Q)[-1]
+        best = min(best, float(lam.detach()))
+        opt.zero_grad()
+        lam.backward()
+        opt.step()
+    # re-evaluate the best parameters without autograd is unnecessary: each evaluated lam is a
+    # valid bound computed from explicit (t, mu); return the smallest.
+    return best
+
+
+def _dual_params(
+    C: torch.Tensor, L: torch.Tensor, R: torch.Tensor, *, steps: int
+) -> tuple[torch.Tensor, float, float]:
+    """Optimised ``(t, mu)`` of rule (D) for the root problem (used to seed branch and bound)."""
+    H = C + L @ R / 2
+    m, p = H.shape
+    ln = L.norm(dim=0).clamp_min(1e-300)
+    rn = R.norm(dim=1).clamp_min(1e-300)
+    s = torch.log(rn / ln).clone().requires_grad_(True)
+    mu = torch.zeros((), dtype=_F64, requires_grad=True)
+    opt = torch.optim.Adam([s, mu], lr=0.05)
+    best, best_s, best_mu = math.inf, s.detach().clone(), 0.0
+    Im = torch.eye(m, dtype=_F64)
+    Ip = torch.eye(p, dtype=_F64)
+    for _ in range(max(steps, 1)):
+        t = s.exp()
+        Q = torch.cat(
+            [
+                torch.cat([(L * t) @ L.T / 4 + mu * Im, H / 2], 1),
+                torch.cat([H.T / 2, R.T @ (R / t[:, None]) / 4 - mu * Ip], 1),
+            ],
+            0,
+        )
+        lam = 2 * torch.linalg.eigvalsh(Q)[-1]
+        lv = float(lam.detach())
+        if lv < best:
+            best, best_s, best_mu = lv, s.detach().clone(), float(mu.detach())
+        opt.zero_grad()
+        lam.backward()
+        opt.step()
+    return best_s.exp(), best_mu, best
+
+
+def pair_certified(
+    L: Any,
+    R: Any,
+    *,
+    slopes: tuple[float, float] = (0.0, 1.0),
+    bnb_seconds: float = 0.0,
+    scaled_steps: int = 30,
+    dual_steps: int = 60,
+    dual_max_size: int = 1200,
+    norms: tuple[float, float] | None = None,
+) -> CertifiedBound:
+    """Certified upper bound on the pair factor ``max_{g in [a,b]^n} ||L diag(g) R||``.
+
+    Candidates (each valid, proofs (P), (A), (W), (H), (B) in the module docstring), with
+    ``c = max(|a|, |b|)`` and ``C = ((a + b)/2) L R``:
+
+    * ``product``  ``c ||L|| ||R||``  (AutoLip's factor; the result never exceeds it);
+    * ``abs``      ``c || |L| |R| ||``;
+    * ``scaled``   ``c min_w ||L W|| ||W^{-1} R||``;
+    * ``half``     ``||C|| + ((b - a)/2) * min(product, abs, scaled)`` (rule (H) after
+      ``g = (a+b)/2 + ((b-a)/2) e`` with ``e`` in ``[-1, 1]``);
+    * ``dual``     rule (D) with optimised parameters (when ``m + p <= dual_max_size``);
+    * ``bnb``      branch and bound's own upper bound after ``bnb_seconds`` (when > 0).
+
+    ``norms`` may pass known upper bounds of ``(||L||, ||R||)`` (e.g. from SVDs) to skip their
+    computation.
+
+    >>> L = torch.tensor([[1.0, 1.0]], dtype=torch.float64)
+    >>> R = torch.tensor([[1.0], [-1.0]], dtype=torch.float64)
+    >>> cb = pair_certified(L, R)
+    >>> cb.how, round(cb.value, 6)
+    ('half', 1.0)
+    """
+    t0 = time.perf_counter()
+    L0 = _as64(L, "L")
+    R0 = _as64(R, "R")
+    if L0.shape[1] != R0.shape[0]:
+        raise InvalidArgumentError(
+            f"inner dimensions differ: L is {tuple(L0.shape)}, R is {tuple(R0.shape)}"
+        )
+    a, b = _check_slopes(slopes)
+    c = max(abs(a), abs(b))
+    Lr, Rr = reduce_pair(L0, R0)
+    nL, nR = (_norm(Lr), _norm(Rr)) if norms is None else (float(norms[0]), float(norms[1]))
+    parts: dict[str, float] = {"product": c * nL * nR}
+    parts["abs"] = c * _norm(L0.abs() @ R0.abs())
+    if scaled_steps >= 0:
+        parts["scaled"] = c * scaled_product_bound(Lr, Rr, steps=scaled_steps)
+    inner = min(parts.values()) / c if c > 0 else 0.0
+    parts["half"] = abs(a + b) / 2 * _norm(Lr @ Rr) + (b - a) / 2 * inner
+    if dual_steps > 0 and Lr.shape[0] + Rr.shape[1] <= dual_max_size:
+        parts["dual"] = dual_bound(a * (Lr @ Rr), (b - a) * Lr, Rr, steps=dual_steps)
+    if bnb_seconds > 0:
+        pb = pair_exact(L0, R0, slopes=slopes, time_limit=bnb_seconds)
+        parts["bnb"] = pb.upper
+    how = min(parts, key=lambda k: parts[k])
+    return CertifiedBound(
+        value=parts[how], how=how, parts=parts, seconds=time.perf_counter() - t0
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# heuristics (lower bounds / estimates)
+# --------------------------------------------------------------------------------------------
+def _top_pair(M: torch.Tensor) -> tuple[float, torch.Tensor, torch.Tensor]:
+    U, S, Vh = torch.linalg.svd(M, full_matrices=False)
+    return float(S[0]), U[:, 0], Vh[0]
+
+
+def _flip_values(
+    M: torch.Tensor, L: torch.Tensor, R: torch.Tensor, sigma: torch.Tensor,
+    v: torch.Tensor, *, exact_budget: int, iters: int,
+) -> torch.Tensor:
+    """Norms (exact, or power-iteration lower estimates) of ``M + s_k l_k r_k^T`` for every k,
+    ``s_k = 1 - 2 sigma_k`` (flipping coordinate k)."""
+    m, n = L.shape
+    p = R.shape[1]
+    s = 1.0 - 2.0 * sigma
+    if n * m * p <= exact_budget:
+        X = M[None] + s[:, None, None] * (L.T[:, :, None] * R[:, None, :])
+        return batched_spectral_norm(X)
+    # batched power iteration warm-started at the current top right singular vector; every
+    # iterate's ||M_k x|| with ||x|| = 1 is <= ||M_k|| (a lower estimate)
+    X = v[None, :].expand(n, p).clone()
+    est = torch.zeros(n, dtype=_F64)
+    LT = L.T  # (n, m): row k is l_k
+    for _ in range(iters):
+        Y = X @ M.T + (s * (R * X).sum(1))[:, None] * LT  # (n, m): M_k x_k
+        est = Y.norm(dim=1)
+        Z = Y @ M + (s * (LT * Y).sum(1))[:, None] * R  # (n, p): M_k^T y_k
+        zn = Z.norm(dim=1, keepdim=True).clamp_min(1e-300)
+        X = Z / zn
+    return est
+
+
+def _local_flips(
+    C0: torch.Tensor, L: torch.Tensor, R: torch.Tensor, sigma: torch.Tensor,
+    *, max_iter: int, exact_budget: int, iters: int, screen: bool = True,
+) -> tuple[float, torch.Tensor, int]:
+    """Single-coordinate flips until no flip improves (the paper's greedy when started from
+    sigma = 1). Returns (value, sigma, evaluations).
+
+    Each pass first tries the flip with the largest first-order gain
+    ``g_k = (1 - 2 sigma_k) (L^T u)_k (R v)_k`` for the top singular pair ``(u, v)``: when
+    ``g_k > 0`` the flip is a guaranteed improvement (``||M'|| >= u^T M' v = ||M|| + g_k``).
+    Otherwise every flip is screened (exact batched norms, or warm-started power iteration for
+    large problems) and the best is taken if it improves; the search stops when none does, or
+    after ``max_iter`` passes (``screen=False``: first-order flips only, for large problems)."""
+    sigma = sigma.clone()
+    M = C0 + L @ (sigma[:, None] * R)
+    val, u, v = _top_pair(M)
+    evals = 1
+    for _ in range(max_iter):
+        gain = (1.0 - 2.0 * sigma) * (L.T @ u) * (R @ v)
+        k = int(torch.argmax(gain))
+        if float(gain[k]) > 1e-12 * max(val, 1e-300):
+            M = M + (1.0 - 2.0 * sigma[k]) * torch.outer(L[:, k], R[k])
+            sigma[k] = 1.0 - sigma[k]
+            val, u, v = _top_pair(M)
+            evals += 1
+            continue
+        if not screen:
+            break
+        vals = _flip_values(M, L, R, sigma, v, exact_budget=exact_budget, iters=iters)
+        evals += int(vals.numel())
+        k = int(torch.argmax(vals))
+        if not float(vals[k]) > val * (1 + 1e-12):
+            break
+        sigma[k] = 1.0 - sigma[k]
+        M = C0 + L @ (sigma[:, None] * R)
+        new, u2, v2 = _top_pair(M)
+        evals += 1
+        if not new > val:
+            sigma[k] = 1.0 - sigma[k]
+            break
+        val, u, v = new, u2, v2
+    return val, sigma, evals
+
+
+def _alternate(
+    C0: torch.Tensor, L: torch.Tensor, R: torch.Tensor, sigma: torch.Tensor, *, max_iter: int
+) -> tuple[float, torch.Tensor, int]:
+    """Alternating maximisation: for the top singular pair (u, v) of ``M(sigma)``,
+    ``u^T M(sigma') v = u^T C0 v + sum_k sigma'_k (L^T u)_k (R v)_k`` is maximised by
+    ``sigma'_k = 1[(L^T u)_k (R v)_k > 0]``, and ``||M(sigma')|| >= u^T M(sigma') v >=
+    u^T M(sigma) v = ||M(sigma)||``: the value never decreases."""
+    sigma = sigma.clone()
+    val, u, v = _top_pair(C0 + L @ (sigma[:, None] * R))
+    evals = 1
+    for _ in range(max_iter):
+        new_sigma = ((L.T @ u) * (R @ v) > 0).to(_F64)
+        if torch.equal(new_sigma, sigma):
+            break
+        new, u2, v2 = _top_pair(C0 + L @ (new_sigma[:, None] * R))
+        evals += 1
+        if not new > val * (1 + 1e-14):
+            if new >= val:
+                sigma, val = new_sigma, new
+            break
+        sigma, val, u, v = new_sigma, new, u2, v2
+    return val, sigma, evals
+
+
+def pair_greedy(
+    L: Any,
+    R: Any,
+    *,
+    slopes: tuple[float, float] = (0.0, 1.0),
+    restarts: int = 8,
+    method: str = "both",
+    seed: int = 0,
+    max_iter: int = 200,
+    exact_budget: int = 2_000_000,
+    power_iters: int = 20,
+) -> GreedyResult:
+    """Best vertex value found by heuristics: an ESTIMATE of the pair factor from below.
+
+    ``method``: ``"flip"`` the paper's greedy (start at sigma = 1, flip the coordinate that
+    increases ``||.||`` most, until none does); ``"alternating"`` alternating maximisation
+    (sign rule on ``(L^T u)_k (R v)_k`` for the current top singular pair; the value is
+    non-decreasing) from sigma = 1, from the sign patterns of the top singular vectors and from
+    ``restarts`` random patterns, each polished by flips; ``"both"`` runs both and keeps the best.
+    Flip screening uses exact batched norms when ``n m p <= exact_budget`` and warm-started power
+    iteration otherwise; the returned value is always recomputed exactly at the returned pattern,
+    so it is realised (a valid lower bound of the pair factor). For large problems
+    (``n m p > 2e7``) the expensive parts are skipped unless asked for explicitly: ``"both"``
+    runs alternating maximisation only, with at most 2 random restarts and first-order flips.
+
+    >>> torch.manual_seed(0) is not None
+    True
+    >>> L = torch.randn(3, 6, dtype=torch.float64); R = torch.randn(6, 3, dtype=torch.float64)
+    >>> g = pair_greedy(L, R)
+    >>> g.value <= pair_exact(L, R).value + 1e-12
+    True
+    """
+    t0 = time.perf_counter()
+    if method not in ("flip", "alternating", "both"):
+        raise InvalidArgumentError(f"method must be 'flip', 'alternating' or 'both'; got {method!r}")
+    C0, Lp, Rr = _problem(L, R, slopes)
+    return _greedy_core(
+        C0, Lp, Rr, restarts=restarts, method=method, seed=seed, max_iter=max_iter,
+        exact_budget=exact_budget, power_iters=power_iters, t0=t0,
+    )
+
+
+def _greedy_core(
+    C0: torch.Tensor, Lp: torch.Tensor, Rr: torch.Tensor, *, restarts: int, method: str,
+    seed: int, max_iter: int, exact_budget: int, power_iters: int, t0: float,
+) -> GreedyResult:
+    n = Lp.shape[1]
+    if n == 0:
+        return GreedyResult(_norm(C0), torch.zeros(0, dtype=_F64), "empty", 0.0, 1)
+    best_val, best_sigma, how = -1.0, torch.ones(n, dtype=_F64), method
+    evals = 0
+    big = n * Lp.shape[0] * Rr.shape[1] > 2e7
+    kw = {"max_iter": max_iter, "exact_budget": exact_budget, "iters": power_iters,
+          "screen": not big}
+    if big:
+        restarts = min(restarts, 2)
+
+    def consider(val: float, sig: torch.Tensor, name: str) -> None:
+        nonlocal best_val, best_sigma, how
+        if val > best_val:
+            best_val, best_sigma, how = val, sig.clone(), name
+
+    ones = torch.ones(n, dtype=_F64)
+    if method == "flip" or (method == "both" and not big):
+        v, s, e = _local_flips(C0, Lp, Rr, ones, **kw)
+        evals += e
+        consider(v, s, "greedy-flip")
+    if method in ("alternating", "both"):
+        gen = torch.Generator().manual_seed(seed)
+        starts = [ones]
+        # sign patterns from the top singular vectors of L and R separately and of M(1)
+        _, u, vv = _top_pair(C0 + Lp @ Rr)
+        starts.append(((Lp.T @ u) * (Rr @ vv) > 0).to(_F64))
+        UL = torch.linalg.svd(Lp, full_matrices=False)[2][0]
+        UR = torch.linalg.svd(Rr, full_matrices=False)[0][:, 0]
+        starts.append((UL * UR > 0).to(_F64))
+        starts.append((UL * UR < 0).to(_F64))
+        for _ in range(restarts):
+            starts.append((torch.rand(n, generator=gen, dtype=_F64) < 0.5).to(_F64))
+        found: list[tuple[float, torch.Tensor]] = []
+        for st in starts:
+            v, s, e = _alternate(C0, Lp, Rr, st, max_iter=max_iter)
+            evals += e
+            found.append((v, s))
+        # polish the two best distinct alternating results by single flips
+        found.sort(key=lambda vs: -vs[0])
+        polished: list[torch.Tensor] = []
+        for v, s in found:
+            if len(polished) >= 2:
+                break
+            if any(torch.equal(s, q) for q in polished):
+                continue
+            polished.append(s)
+            v, s, e2 = _local_flips(C0, Lp, Rr, s, **kw)
+            evals += e2
+            consider(v, s, "alternating")
+    # recompute exactly at the returned pattern
+    val = _norm(C0 + Lp @ (best_sigma[:, None] * Rr))
+    return GreedyResult(val, best_sigma, how, time.perf_counter() - t0, evals)
+
+
+# --------------------------------------------------------------------------------------------
+# exact: enumeration and branch and bound
+# --------------------------------------------------------------------------------------------
+def _enumerate(
+    C0: torch.Tensor, L: torch.Tensor, R: torch.Tensor, *, chunk_bits: int = 12
+) -> tuple[float, torch.Tensor, int]:
+    """Max over all ``2^n`` vertices, batched by chunks of ``2^chunk_bits`` patterns."""
+    n = L.shape[1]
+    P = L.T[:, :, None] * R[:, None, :]  # (n, m, p) rank-one terms l_k r_k^T
+    best, best_idx = -1.0, 0
+    total = 1 << n
+    step = 1 << min(chunk_bits, n)
+    bits = 1 << torch.arange(n)
+    for start in range(0, total, step):
+        idx = torch.arange(start, min(start + step, total))
+        sig = ((idx[:, None] & bits[None, :]) > 0).to(_F64)  # (B, n)
+        M = C0[None] + torch.einsum("bk,kmp->bmp", sig, P)
+        vals = batched_spectral_norm(M)
+        j = int(torch.argmax(vals))
+        if float(vals[j]) > best:
+            best, best_idx = float(vals[j]), start + j
+    sigma = ((best_idx & bits) > 0).to(_F64)
+    return best, sigma, total
+
+
+def pair_exact(
+    L: Any,
+    R: Any,
+    *,
+    slopes: tuple[float, float] = (0.0, 1.0),
+    time_limit: float | None = None,
+    max_enumerate: int = 12,
+    rtol: float = 0.0,
+    chunk: int = 2048,
+    incumbent: GreedyResult | None = None,
+) -> PairBound:
+    """Exact pair factor ``max_{sigma in {0,1}^n} ||C0 + L' diag(sigma) R||`` (see module doc).
+
+    ``n <= max_enumerate``: full enumeration, vectorised over chunks of patterns. Beyond: branch
+    and bound (depth-first over coordinates sorted by ``||l_k|| ||r_k||``, batches of up to
+    ``chunk`` sub-problems evaluated together), the incumbent seeded by :func:`pair_greedy`, the
+    bound of a node with fixed part ``A`` and free coordinates ``F``
+    ``min(||C0 + A + L_F R_F / 2|| + inner_F / 2, || |C0 + A| + |L_F| |R_F| ||)``
+    (rules (H), (A); ``inner_F`` from (P), (A), (W)). Nodes whose bound is
+    ``<= incumbent * (1 + rtol)`` are pruned.
+
+    Returns a :class:`PairBound`; when ``time_limit`` (seconds) stops the search early,
+    ``exact`` is False, ``lower`` is the best vertex found and ``upper`` the largest bound of the
+    open nodes (still certified).
+
+    >>> L = torch.tensor([[2.0, 0.0], [0.0, 1.0]], dtype=torch.float64)
+    >>> pair_exact(L, torch.eye(2, dtype=torch.float64)).value
+    2.0
+    """
+    t0 = time.perf_counter()
+    C0, Lp, Rr = _problem(L, R, slopes)
+    n = Lp.shape[1]
+    if n == 0:
+        v = _norm(C0)
+        return PairBound(v, v, torch.zeros(0, dtype=_F64), True, "exact", 1, 0.0)
+    # coordinates with l_k = 0 or r_k = 0 do not matter: drop them (pattern entry 1)
+    active = (Lp.norm(dim=0) > 0) & (Rr.norm(dim=1) > 0)
+    idx_active = torch.nonzero(active).flatten()
+    full_sigma = torch.ones(n, dtype=_F64)
+    La, Ra = Lp[:, idx_active], Rr[idx_active]
+    na = La.shape[1]
+    if na <= max_enumerate:
+        val, sig, cnt = _enumerate(C0, La, Ra)
+        full_sigma[idx_active] = sig
+        return PairBound(val, val, full_sigma, True, "exact-enum", cnt, time.perf_counter() - t0)
+    res = _branch_and_bound(
+        C0, La, Ra, time_limit=time_limit, rtol=rtol, chunk=chunk, incumbent=incumbent,
+        t0=t0,
+    )
+    lower, upper, sig, exact, nodes = res
+    full_sigma[idx_active] = sig
+    if not exact:
+        upper = min(upper, pair_certified(L, R, slopes=slopes).value)
+    return PairBound(
+        lower, upper, full_sigma, exact, "exact-bnb" if exact else "bnb-partial", nodes,
+        time.perf_counter() - t0,
+    )
+
+
+def _branch_and_bound(
+    C0: torch.Tensor, L: torch.Tensor, R: torch.Tensor, *, time_limit: float | None,
+    rtol: float, chunk: int, incumbent: GreedyResult | None, t0: float,
+    dual_iters: int = 3, root_steps: int = 60,
+) -> tuple[float, float, torch.Tensor, bool, int]:
+    n = L.shape[1]
+    size = C0.shape[0] + C0.shape[1]
+    chunk = max(8, min(chunk, 400_000 // (size * size)))
+    if incumbent is None:
+        g = _greedy_core(
+            C0, L, R, restarts=4, method="both", seed=0, max_iter=100,
+            exact_budget=2_000_000, power_iters=20, t0=t0,
+        )
+        best_val, best_sig = g.value, g.pattern.clone()
+    else:
+        best_sig = incumbent.pattern.clone().to(_F64)
+        best_val = _norm(C0 + L @ (best_sig[:, None] * R))
+    score = L.norm(dim=0) * R.norm(dim=1)
+    order = torch.argsort(score, descending=True)
+    Lo, Ro = L[:, order], R[order]
+    P = Lo.T[:, :, None] * Ro[:, None, :]  # (n, m, p)
+    t_root, mu_root, root_ub = _dual_params(C0, Lo, Ro, steps=root_steps)
+    if root_ub <= best_val * (1 + rtol):
+        return best_val, best_val * (1 + rtol), best_sig, True, 1
+    # suffix data for depth d (coordinates d..n-1 free)
+    half = []  # C0 + L_F R_F / 2
+    absF = []  # |L_F| |R_F|
+    slack = []  # inner_F / 2
+    for d in range(n + 1):
+        LF, RF = Lo[:, d:], Ro[d:]
+        half.append(C0 + LF @ RF / 2)
+        absF.append(LF.abs() @ RF.abs())
+        if d < n:
+            slack.append(inner_bound(LF, RF, scaled_steps=-1)[0] / 2)
+        else:
+            slack.append(0.0)
+    # stack entries: (depth, patterns (B, d) of ordered coordinates, A (B, m, p), ub, mu)
+    stack: list[tuple[int, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]] = [
+        (0, torch.zeros(1, 0, dtype=_F64), torch.zeros(1, *C0.shape, dtype=_F64),
+         torch.full((1,), root_ub, dtype=_F64), torch.full((1,), mu_root, dtype=_F64))
+    ]
+    nodes = 1
+    stopped = False
+    while stack:
+        if time_limit is not None and time.perf_counter() - t0 > time_limit:
+            stopped = True
+            break
+        d, pats, A, ub, mus = stack.pop()
+        keep = ub > best_val * (1 + rtol)
+        if not bool(keep.all()):
+            pats, A, ub, mus = pats[keep], A[keep], ub[keep], mus[keep]
+        if pats.shape[0] == 0:
+            continue
+        if pats.shape[0] > chunk:
+            stack.append((d, pats[chunk:], A[chunk:], ub[chunk:], mus[chunk:]))
+            pats, A, mus = pats[:chunk], A[:chunk], mus[:chunk]
+        B = pats.shape[0]
+        cA = torch.cat([A, A + P[d]])
+        cmu = torch.cat([mus, mus])
+        cp = torch.cat(
+            [torch.cat([pats, torch.zeros(B, 1, dtype=_F64)], 1),
+             torch.cat([pats, torch.ones(B, 1, dtype=_F64)], 1)]
+        )
+        nodes += 2 * B
+        d1 = d + 1
+        if d1 == n:
+            vals = batched_spectral_norm(C0[None] + cA)
+            j = int(torch.argmax(vals))
+            if float(vals[j]) > best_val:
+                best_val = float(vals[j])
+                best_sig = torch.empty(n, dtype=_F64)
+                best_sig[order] = cp[j]
+            continue
+        thr = best_val * (1 + rtol)
+        # (H) with the cheap inner bound
+        b = batched_spectral_norm(cA + half[d1][None]) + slack[d1]
+        alive = b > thr
+        if not bool(alive.any()):
+            continue
+        cA, cp, cmu, b = cA[alive], cp[alive], cmu[alive], b[alive]
+        # incumbent update: complete with all free coordinates = 1
+        full = batched_spectral_norm(C0[None] + cA + (half[d1] - C0)[None] * 2)
+        j = int(torch.argmax(full))
+        if float(full[j]) > best_val:
+            best_val = float(full[j])
+            best_sig = torch.empty(n, dtype=_F64)
+            best_sig[order] = torch.cat([cp[j], torch.ones(n - d1, dtype=_F64)])
+            thr = best_val * (1 + rtol)
+        # (A)
+        b = torch.minimum(b, batched_spectral_norm((C0[None] + cA).abs() + absF[d1][None]))
+        alive = b > thr
+        if not bool(alive.any()):
+            continue
+        cA, cp, cmu, b = cA[alive], cp[alive], cmu[alive], b[alive]
+        # (D)
+        if dual_iters > 0:
+            bd, cmu = dual_bound_batch(
+                cA + half[d1][None], Lo[:, d1:], Ro[d1:], t_root[d1:], cmu, iters=dual_iters
+            )
+            b = torch.minimum(b, bd)
+            alive = b > thr
+            if not bool(alive.any()):
+                continue
+            cA, cp, cmu, b = cA[alive], cp[alive], cmu[alive], b[alive]
+        stack.append((d1, cp, cA, b, cmu))
+    if stopped:
+        open_ub = max([float(e[3].max()) for e in stack if e[3].numel()] + [best_val])
+        return best_val, max(open_ub, best_val), best_sig, False, nodes
+    return best_val, best_val * (1 + rtol), best_sig, True, nodes

@@ -1,0 +1,405 @@
+r"""LipSDP (Fazlyab et al., NeurIPS 2019) with an a-posteriori rigorous verification.
+
+The maths
+---------
+For ``f(x) = W_K phi(W_{K-1} ... phi(W_1 x + b_1) ...) + b_K`` whose activations have slopes in
+``[a_i, b_i]`` (ReLU, tanh: ``[0, 1]``; sigmoid ``[0, 1/4]``; leaky ReLU ``[s, 1]``), every
+neuron satisfies, for two inputs and ``dz = W_i dx_{i-1}``, ``dx_i = phi(z) - phi(z')``,
+
+    (dx_i - a_i dz)(b_i dz - dx_i) >= 0      (slope restriction, per neuron).
+
+With ``v = (dx_0, dx_1, ..., dx_{K-1})`` and non-negative diagonal multipliers ``T_i``, if
+
+    M(rho, T) = -rho E_0 + E_{K-1}^T W_K^T W_K E_{K-1}
+                + sum_i [W_i E_{i-1}; E_i]^T [[-2 a_i b_i T_i, (a_i + b_i) T_i],
+                                              [(a_i + b_i) T_i, -2 T_i]] [W_i E_{i-1}; E_i]
+             <= 0       (negative semidefinite)
+
+then ``||W_K dx_{K-1}||^2 - rho ||dx_0||^2 <= -(sum of the non-negative sector terms) <= 0``
+for every pair of inputs (S-procedure), i.e. ``L_2(f) <= sqrt(rho)`` for the l2 gain of the
+whole map (multi-output included). ``variant="neuron"``: one multiplier per neuron (LipSDP-
+Neuron); ``variant="layer"``: ``T_i = lambda_i I`` (LipSDP-Layer, cheaper, looser). (The
+"LipSDP-Network" coupling of the original paper is not valid in general and is not offered.)
+
+Scaling. Each ``W_i`` is divided by a power of two ``c_i`` close to its spectral norm (an exact
+operation in floating point). With ``C_i = c_1 ... c_i`` the change of variables
+``dx_i = C_i dx_i'`` is a congruence: ``M(rho, T)`` is ``C_K^2`` times the LMI of the scaled
+weights with ``rho' = rho / C_K^2`` and ``T_i' = T_i C_i^2 / C_K^2``; the SDP is solved and
+verified in the scaled coordinates and the bound multiplied back by ``C_K`` (exactly).
+
+Verification (why the bound is certified although the SDP solver is not exact). From the
+solver's multipliers, ``T' <- max(T', 0)``; then ``N = M'(0, T')`` is formed in float64 and
+``rho_v`` is chosen by the Schur complement ``lambda_max(P - Q R^{-1} Q^T)`` of its blocks,
+inflated until the float64 largest eigenvalue of ``N - rho_v E_0`` is ``<= -err``, where
+``err`` bounds (i) the rounding in forming ``N`` (``|fl(AB) - AB| <= gamma_k |A||B|``
+entrywise, bounded in norm by the Frobenius norm of the same products of absolute values) and
+(ii) the eigen-solver's backward error (``n u ||N||_F``). By Weyl's inequality the exact
+``M'(rho_v, T')`` is then negative semidefinite, hence ``L <= sqrt(rho_v) C_K`` (the square
+root rounded up). If no ``rho_v`` passes (``R`` not negative definite with margin), the result
+is NOT certified and says so. The solver's own value is kept in ``raw`` (an estimate).
+
+cvxpy is an optional dependency: ``pip install 'lipbound[sdp]'``.
+
+>>> import torch
+>>> from torch import nn
+>>> torch.manual_seed(0) and None
+>>> net = nn.Sequential(nn.Linear(2, 8), nn.ReLU(), nn.Linear(8, 1))
+>>> res = lipsdp(net, (2,))  # needs the optional cvxpy
+>>> res.certified, res.bound, abs(res.value / res.raw - 1) < 1e-4
+(True, 'upper', True)
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from torch import nn
+
+from .._validation import check_choice, check_input_shape, check_model, check_positive
+from ..errors import MissingDependencyError, SolverError, UnsupportedModelError, UnsupportedNode
+from ..results import LipschitzResult
+
+__all__ = ["SDPResult", "lipsdp", "verify_lipsdp", "slope_ranges_of"]
+
+_U = float(np.finfo(np.float64).eps) / 2  # unit roundoff
+
+
+@dataclass(frozen=True, kw_only=True, eq=False)
+class SDPResult(LipschitzResult):
+    """Result of :func:`lipsdp`.
+
+    ``value`` = ``upper`` = the VERIFIED bound (certified) when ``verified``; otherwise ``value``
+    is the solver's raw value (an estimate, ``certified=False``, ``upper=None``). ``raw`` is the
+    solver's ``sqrt(rho)`` (certified only up to its tolerance), ``solver``/``status`` what ran.
+    """
+
+    method: str = "lipsdp"
+    raw: float = math.nan
+    verified: bool = False
+    variant: str = "neuron"
+    solver: str = ""
+    status: str = ""
+    solve_seconds: float = 0.0
+    verify_seconds: float = 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        d = super().to_dict()
+        d.update(
+            raw=self.raw,
+            verified=self.verified,
+            variant=self.variant,
+            solver=self.solver,
+            status=self.status,
+            solve_seconds=self.solve_seconds,
+            verify_seconds=self.verify_seconds,
+        )
+        return d
+
+
+_MODULE_SLOPES: dict[type, tuple[float, float]] = {
+    nn.ReLU: (0.0, 1.0),
+    nn.Tanh: (0.0, 1.0),
+    nn.Sigmoid: (0.0, 0.25),
+    nn.Softplus: (0.0, 1.0),
+    nn.ReLU6: (0.0, 1.0),
+    nn.Hardtanh: (0.0, 1.0),
+}
+
+
+def _slope_range(name: str, act: Any) -> tuple[float, float]:
+    sr = getattr(act, "slope_range", None)
+    if sr is None and isinstance(act, nn.Module):
+        if isinstance(act, nn.LeakyReLU):
+            s = float(act.negative_slope)
+            sr = (min(s, 1.0), max(s, 1.0))
+        elif isinstance(act, nn.ELU) and float(act.alpha) <= 1.0:
+            sr = (0.0, 1.0)
+        else:
+            sr = _MODULE_SLOPES.get(type(act))
+    if sr is None:
+        raise UnsupportedModelError(
+            [UnsupportedNode(name, type(act).__name__, "no known slope range [a, b] for LipSDP")],
+            what="lipsdp() needs slope-restricted activations",
+        )
+    a, b = float(sr[0]), float(sr[1])
+    if not (math.isfinite(a) and math.isfinite(b) and a <= b):
+        raise UnsupportedModelError(
+            [UnsupportedNode(name, type(act).__name__, f"bad slope range {sr!r}")],
+            what="lipsdp() needs slope-restricted activations",
+        )
+    return a, b
+
+
+def slope_ranges_of(
+    model: nn.Module, input_shape: Sequence[int] | int
+) -> tuple[list[np.ndarray], list[tuple[float, float]]]:
+    """Dense float64 weights ``[W_1..W_K]`` and slope ranges ``[(a_i, b_i)]`` of an MLP."""
+    from .exact import dense_chain
+
+    shape = check_input_shape(input_shape)
+    Ws, _, acts, _ = dense_chain(model, shape)
+    return Ws, [_slope_range(name, a) for name, a in acts]
+
+
+def _pow2_scale(W: np.ndarray) -> float:
+    s = float(np.linalg.norm(W, 2)) if W.size else 0.0
+    if not math.isfinite(s) or s <= 0:
+        return 1.0
+    return float(2.0 ** round(math.log2(s)))
+
+
+def _assemble(
+    Ws: list[np.ndarray],
+    ranges: list[tuple[float, float]],
+    ts: list[np.ndarray],
+    *,
+    absolute: bool = False,
+) -> np.ndarray:
+    """``N = M(0, T)`` in float64 (``absolute``: the same formulas with |.|, for error bounds)."""
+    dims = [Ws[0].shape[1]] + [W.shape[0] for W in Ws[:-1]]
+    offs = np.concatenate([[0], np.cumsum(dims)])
+    n = int(offs[-1])
+    N = np.zeros((n, n))
+    ab = (lambda x: np.abs(x)) if absolute else (lambda x: x)
+    for i, ((a, b), t) in enumerate(zip(ranges, ts)):
+        W = ab(Ws[i])
+        s0, s1 = slice(offs[i], offs[i + 1]), slice(offs[i + 1], offs[i + 2])
+        if a * b != 0:
+            N[s0, s0] += ab(-2 * a * b) * ((W.T * t) @ W)
+        cross = ab(a + b) * (W.T * t)
+        N[s0, s1] += cross
+        N[s1, s0] += cross.T
+        N[s1, s1] += np.diag(ab(-2.0) * t)
+    WK = ab(Ws[-1])
+    sl = slice(offs[-2], offs[-1])
+    N[sl, sl] += WK.T @ WK
+    return N
+
+
+def verify_lipsdp(
+    Ws: list[np.ndarray],
+    ranges: list[tuple[float, float]],
+    ts: list[np.ndarray],
+    rho_hint: float = 0.0,
+) -> tuple[float | None, str]:
+    """Smallest float ``rho`` (found by search) with ``M(rho, T)`` provably NSD, or ``None``.
+
+    Works on the given (already scaled) weights; ``ts`` are clipped at 0. See the module
+    docstring for the error analysis.
+    """
+    ts = [np.maximum(np.asarray(t, dtype=np.float64), 0.0) for t in ts]
+    n0 = Ws[0].shape[1]
+    N = _assemble(Ws, ranges, ts)
+    Nabs = _assemble(Ws, ranges, ts, absolute=True)
+    n = N.shape[0]
+    kmax = max([W.shape[0] for W in Ws] + [W.shape[1] for W in Ws] + [1])
+    gamma = 2.0 * (kmax + 6) * _U / (1 - (kmax + 6) * _U)
+    form_err = gamma * float(np.linalg.norm(Nabs, "fro"))
+    if n == n0:  # no hidden layer: M = W^T W - rho I
+        lam = float(np.linalg.eigvalsh(N).max())
+        rho = lam + form_err + n * _U * float(np.linalg.norm(N, "fro")) * 4
+        rho = rho * (1 + 4 * _U) + 1e-300
+        return rho, "verified"
+    R = N[n0:, n0:]
+    lamR = float(np.linalg.eigvalsh(R).max())
+    eigR_err = (n - n0) * _U * float(np.linalg.norm(R, "fro"))
+    if lamR + form_err + eigR_err >= 0:
+        return None, (
+            f"verification failed: the hidden block of the LMI is not negative definite with "
+            f"margin (lambda_max = {lamR:.3g}, error bound {form_err + eigR_err:.3g})"
+        )
+    P, Q = N[:n0, :n0], N[:n0, n0:]
+    S = P - Q @ np.linalg.solve(R, Q.T)
+    rho = max(float(np.linalg.eigvalsh((S + S.T) / 2).max()), rho_hint * 0.0, 0.0)
+    bump = max(1e-12 * max(rho, 1.0), 0.0)
+    for _ in range(80):
+        rho_v = rho + bump
+        Mv = N.copy()
+        Mv[np.arange(n0), np.arange(n0)] -= rho_v
+        lam = float(np.linalg.eigvalsh(Mv).max())
+        err = (
+            form_err
+            + n * _U * float(np.linalg.norm(Mv, "fro"))
+            + 2 * _U * (float(np.abs(np.diag(N)[:n0]).max()) + rho_v)
+        )
+        if lam + err <= 0:
+            return rho_v, "verified"
+        bump = max(2 * bump, 2 * (lam + err))
+    return None, "verification failed: no rho passed the eigenvalue test"
+
+
+def _auto_solver(n: int, installed: list[str]) -> str:
+    if n <= 150 and "CLARABEL" in installed:
+        return "CLARABEL"
+    if n <= 450 and "CVXOPT" in installed:
+        return "CVXOPT"
+    if "SCS" in installed:
+        return "SCS"
+    if "CLARABEL" in installed:
+        return "CLARABEL"
+    raise SolverError(
+        f"no SDP solver for cvxpy is installed (found {installed}); pip install 'lipbound[sdp]'"
+    )
+
+
+def _solve(
+    cp: Any,
+    Ws: list[np.ndarray],
+    ranges: list[tuple[float, float]],
+    variant: str,
+    solver: str,
+    margin: float,
+    solver_options: dict[str, Any],
+) -> tuple[float, list[np.ndarray], str]:
+    dims = [Ws[0].shape[1]] + [W.shape[0] for W in Ws[:-1]]
+    H = len(Ws) - 1
+    rho = cp.Variable(nonneg=True)
+    tvars: list[Any] = []
+    ts: list[Any] = []
+    for i in range(H):
+        if variant == "neuron":
+            v = cp.Variable(dims[i + 1], nonneg=True)
+            ts.append(v)
+        else:
+            v = cp.Variable(nonneg=True)
+            ts.append(v * np.ones(dims[i + 1]))
+        tvars.append(v)
+    nb = H + 1
+    blocks: list[list[Any]] = [[np.zeros((dims[r], dims[c])) for c in range(nb)] for r in range(nb)]
+    diag: list[Any] = [0] * nb
+    diag[0] = -rho * np.eye(dims[0])
+    for i in range(H):
+        a, b = ranges[i]
+        W = Ws[i]
+        T = cp.diag(ts[i])
+        if a * b != 0:
+            diag[i] = diag[i] + (-2 * a * b) * (W.T @ T @ W)
+        cross = (a + b) * (W.T @ T)
+        blocks[i][i + 1] = cross
+        blocks[i + 1][i] = cross.T
+        diag[i + 1] = diag[i + 1] + (-2.0) * T
+    diag[H] = diag[H] + Ws[-1].T @ Ws[-1]
+    for i in range(nb):
+        blocks[i][i] = diag[i]
+    M = cp.bmat(blocks)
+    Msym = (M + M.T) / 2
+    n = int(sum(dims))
+    cons = [Msym << -margin * np.eye(n)]
+    prob = cp.Problem(cp.Minimize(rho), cons)
+    prob.solve(solver=solver, **solver_options)
+    if rho.value is None:
+        raise SolverError(f"LipSDP: solver {solver} returned no solution (status {prob.status})")
+    tv = []
+    for i in range(H):
+        val = np.asarray(tvars[i].value, dtype=np.float64)
+        tv.append(val if variant == "neuron" else np.full(dims[i + 1], float(val)))
+    return float(rho.value), tv, str(prob.status)
+
+
+def lipsdp(
+    model: nn.Module,
+    input_shape: Sequence[int] | int,
+    *,
+    variant: str = "neuron",
+    solver: str = "auto",
+    margin: float = 1e-7,
+    solver_options: dict[str, Any] | None = None,
+) -> SDPResult:
+    """LipSDP upper bound on the l2 Lipschitz constant of an MLP, with verified certificate.
+
+    Parameters
+    ----------
+    variant:  ``"neuron"`` (one multiplier per neuron) or ``"layer"`` (one per layer).
+    solver:   ``"auto"`` (Clarabel for small LMIs, CVXOPT up to ~450 rows, SCS beyond),
+              ``"SCS"``, ``"CLARABEL"``, ``"CVXOPT"``.
+    margin:   the SDP is solved with ``M <= -margin I`` (in scaled units) so that the
+              certificate survives the verification; retried with 100x margin if it fails.
+    solver_options: passed to ``cvxpy.Problem.solve`` (e.g. ``{"eps": 1e-6}`` for SCS).
+
+    Returns an :class:`SDPResult`: ``value``/``upper`` the verified bound (``certified``), ``raw``
+    the solver's value. Raises :class:`~lipbound.errors.MissingDependencyError` without cvxpy,
+    :class:`~lipbound.errors.NotSequentialError` for non-chain models.
+    """
+    t0 = time.perf_counter()
+    check_model(model)
+    shape = check_input_shape(input_shape)
+    check_choice("variant", variant, ("neuron", "layer"))
+    check_choice("solver", solver, ("auto", "SCS", "CLARABEL", "CVXOPT"))
+    check_positive("margin", margin, allow_zero=True)
+    try:
+        import cvxpy as cp
+    except ImportError as exc:
+        raise MissingDependencyError("cvxpy", "sdp", "lipsdp") from exc
+    Ws, ranges = slope_ranges_of(model, shape)
+    # exact power-of-two rescaling (see the module docstring)
+    cs = [_pow2_scale(W) for W in Ws]
+    Wp = [W / c for W, c in zip(Ws, cs)]
+    CK = math.prod(cs)
+    n = sum([Ws[0].shape[1]] + [W.shape[0] for W in Ws[:-1]])
+    installed = list(cp.installed_solvers())
+    name = _auto_solver(n, installed) if solver == "auto" else solver
+    if name not in installed:
+        raise MissingDependencyError(name.lower(), "sdp", f"lipsdp(solver={name!r})")
+    opts = dict(solver_options or {})
+    notes: list[str] = []
+    rho_v: float | None = None
+    raw = math.nan
+    status = ""
+    why = ""
+    solve_s = verify_s = 0.0
+    m = float(margin)
+    for _attempt in range(3):
+        ts0 = time.perf_counter()
+        try:
+            rho_raw, tv, status = _solve(cp, Wp, ranges, variant, name, m, opts)
+        except cp.error.SolverError as exc:
+            raise SolverError(f"LipSDP: solver {name} failed: {exc}") from exc
+        solve_s += time.perf_counter() - ts0
+        raw = math.sqrt(max(rho_raw, 0.0)) * CK
+        tv0 = time.perf_counter()
+        rho_v, why = verify_lipsdp(Wp, ranges, tv, rho_raw)
+        verify_s += time.perf_counter() - tv0
+        if rho_v is not None:
+            break
+        m = max(m, 1e-9) * 100
+    if rho_v is not None:
+        value = float(np.nextafter(math.sqrt(rho_v) * CK, math.inf))
+        value = float(np.nextafter(value, math.inf))  # the product by CK is exact; sqrt rounded
+        notes.append(
+            f"verified: M(rho, T) is provably negative semidefinite in exact arithmetic at the "
+            f"solver's multipliers (float64 eigenvalues + rounding bounds, Weyl); certified "
+            f"bound {value:.8g} vs the solver's raw {raw:.8g} (certified only up to the "
+            f"solver's tolerance)"
+        )
+        certified = True
+        upper: float | None = value
+        bound = "upper"
+    else:
+        value = raw
+        certified = False
+        upper = None
+        bound = "estimate"
+        notes.append(why + "; value is the solver's raw answer, NOT certified")
+    return SDPResult(
+        value=value,
+        certified=certified,
+        method=f"lipsdp-{variant}",
+        norm="2",
+        bound=bound,  # type: ignore[arg-type]
+        upper=upper,
+        seconds=time.perf_counter() - t0,
+        notes=tuple(notes),
+        raw=raw,
+        verified=rho_v is not None,
+        variant=variant,
+        solver=name,
+        status=status,
+        solve_seconds=solve_s,
+        verify_seconds=verify_s,
+        extra={"rho_scale": CK, "margin": m},
+    )

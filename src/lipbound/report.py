@@ -1,0 +1,602 @@
+r"""One call, one report: certified upper bound, witnessed lower bound and the gap between them.
+
+:func:`estimate` runs several methods on the same ``(model, input_shape)`` and collects them in a
+frozen :class:`Report`:
+
+* ``upper`` — the best CERTIFIED upper bound: the minimum over the methods of their certified
+  upper bound (``result.upper``, or ``result.value`` when the result is a certified upper or
+  exact bound). Each of them is ``>= L(f)``, so their minimum is too.
+* ``lower`` — the best WITNESSED lower bound: the maximum over the methods of their certified
+  lower values (:func:`lipbound.lower_bound`'s witnesses, a finished exact computation, the
+  region witness of an unfinished one). Each is ``<= L(f)``, so their maximum is too.
+* ``ratio = upper / lower >= 1`` — how far apart they are (``1`` means ``L(f)`` is known).
+
+Estimates that are not certified (greedy SeqLip, power iterations) are listed with their
+status but never enter ``upper`` or ``lower``.
+
+>>> import torch
+>>> from torch import nn
+>>> net = nn.Sequential(nn.Linear(2, 4), nn.ReLU(), nn.Linear(4, 1))
+>>> rep = estimate(net, (2,), methods=("lower",), lower={"restarts": 2, "steps": 10})
+>>> rep.lower > 0 and rep.upper is None
+True
+>>> sorted(rep.to_dict())[:3]
+['input_shape', 'lipbound_version', 'lower']
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+import math
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from torch import nn
+
+from ._validation import check_input_shape, check_model, check_norm
+from .errors import (
+    InvalidArgumentError,
+    LipboundError,
+    MissingDependencyError,
+    SolverError,
+    UnsupportedModelError,
+)
+from .results import LipschitzResult, format_markdown_table, format_table
+
+__all__ = [
+    "METHODS",
+    "REPORT_SCHEMA",
+    "MethodRun",
+    "MethodUnavailableError",
+    "Report",
+    "estimate",
+    "plot_report",
+]
+
+# method name -> (module, function); "upper" methods produce upper bounds
+METHODS: dict[str, tuple[str, str]] = {
+    "lower": ("lipbound.methods.lower", "lower_bound"),
+    "autolip": ("lipbound.methods.autolip", "autolip"),
+    "seqlip": ("lipbound.methods.seqlip", "seqlip"),
+    "exact": ("lipbound.methods.exact", "exact"),
+    "lipsdp": ("lipbound.methods.sdp", "lipsdp"),
+}
+_UPPER_METHODS = ("autolip", "seqlip", "exact", "lipsdp")
+_MAX_WITNESS = 1024  # witnesses with more entries are left out of to_dict()
+
+
+class MethodUnavailableError(LipboundError, ImportError):
+    """A method named in ``methods`` cannot be imported in this installation."""
+
+
+# --------------------------------------------------------------------------------------------
+# Report
+# --------------------------------------------------------------------------------------------
+def _finite(x: Any) -> float | None:
+    if x is None or isinstance(x, bool):
+        return None
+    try:
+        f = float(x)
+    except (TypeError, ValueError):
+        return None
+    return f if math.isfinite(f) else None
+
+
+@dataclass(frozen=True, kw_only=True, eq=False)
+class MethodRun:
+    """One method's outcome: its result, or the error that stopped it, and its time."""
+
+    name: str
+    result: LipschitzResult | None
+    error: str | None = None
+    error_type: str | None = None
+    seconds: float = 0.0
+
+    @property
+    def ok(self) -> bool:
+        return self.result is not None
+
+    @property
+    def certified_upper(self) -> float | None:
+        """The certified upper bound this run proves (``None`` if none)."""
+        r = self.result
+        if r is None:
+            return None
+        if r.upper is not None:
+            return float(r.upper)
+        if r.certified and r.bound in ("upper", "exact"):
+            return float(r.value)
+        return None
+
+    @property
+    def certified_lower(self) -> float | None:
+        """The witnessed lower bound this run proves (``None`` if none)."""
+        r = self.result
+        if r is None or not r.certified:
+            return None
+        if r.bound in ("lower", "exact"):
+            return float(r.value)
+        low = getattr(r, "lower", None)  # e.g. ExactResult.lower (region witness)
+        if isinstance(low, (int, float)) and not isinstance(low, bool) and low > 0:
+            return float(low)
+        return None
+
+    @property
+    def status(self) -> str:
+        if self.result is None:
+            return "failed"
+        return self.result.status
+
+    def to_dict(self) -> dict[str, Any]:
+        r = self.result
+        d: dict[str, Any] = {
+            "name": self.name,
+            "ok": self.ok,
+            "error": self.error,
+            "error_type": self.error_type,
+            "seconds": self.seconds,
+            "status": self.status,
+            "value": None if r is None else _finite(r.value),
+            "certified": None if r is None else bool(r.certified),
+            "bound": None if r is None else r.bound,
+            "certified_upper": _finite(self.certified_upper),
+            "certified_lower": _finite(self.certified_lower),
+            "notes": [] if r is None else [str(n) for n in r.notes],
+            "layers": [] if r is None else [_clean(lb.to_dict()) for lb in r.layers],
+            "how": None,
+            "witness": None,
+        }
+        if r is not None:
+            how = getattr(r, "how", None)
+            d["how"] = str(how) if how else None
+            x, y = getattr(r, "x", None), getattr(r, "y", None)
+            if x is not None and x.numel() <= _MAX_WITNESS:
+                d["witness"] = {
+                    "x": x.detach().double().flatten().tolist(),
+                    "y": None if y is None else y.detach().double().flatten().tolist(),
+                }
+        return d
+
+
+def _md(rows: list[list[Any]]) -> list[list[Any]]:
+    """Escape ``|`` in text cells of a markdown table."""
+    return [[c.replace("|", "\\|") if isinstance(c, str) else c for c in r] for r in rows]
+
+
+def _clean(d: dict[str, Any]) -> dict[str, Any]:
+    return {k: (_finite(v) if isinstance(v, float) else v) for k, v in d.items()}
+
+
+@dataclass(frozen=True, kw_only=True, eq=False)
+class Report:
+    """What :func:`estimate` found (see the module docstring for the definitions).
+
+    ``upper`` / ``upper_method``: best certified upper bound and who proved it;
+    ``lower`` / ``lower_method``: best witnessed lower bound and who found it;
+    ``ratio``: ``upper / lower``; ``runs``: every method's :class:`MethodRun`.
+    """
+
+    runs: tuple[MethodRun, ...]
+    norm: str
+    input_shape: tuple[int, ...]
+    upper: float | None
+    upper_method: str | None
+    lower: float | None
+    lower_method: str | None
+    seconds: float
+    model: str = ""
+    notes: tuple[str, ...] = field(default_factory=tuple)
+
+    @property
+    def ratio(self) -> float | None:
+        """``upper / lower`` (``None`` unless both exist and ``lower > 0``)."""
+        if self.upper is None or self.lower is None or not self.lower > 0:
+            return None
+        return self.upper / self.lower
+
+    @property
+    def results(self) -> dict[str, LipschitzResult]:
+        """The successful results by method name."""
+        return {r.name: r.result for r in self.runs if r.result is not None}
+
+    def __getitem__(self, name: str) -> LipschitzResult:
+        res = self.results
+        if name not in res:
+            raise KeyError(f"no successful result for method {name!r}; have: {', '.join(res)}")
+        return res[name]
+
+    # ---- rendering -------------------------------------------------------------------------
+    def _summary_rows(self) -> list[list[Any]]:
+        return [
+            ["certified upper bound", self.upper, self.upper_method or "none"],
+            ["witnessed lower bound", self.lower, self.lower_method or "none"],
+            ["gap (upper / lower)", self.ratio, "1 means exact"],
+        ]
+
+    def _method_rows(self) -> list[list[Any]]:
+        rows: list[list[Any]] = []
+        for run in self.runs:
+            r = run.result
+            if r is None:
+                rows.append([run.name, None, "failed", None, None, run.seconds,
+                             (run.error or "").splitlines()[0][:80]])
+                continue
+            how = getattr(r, "how", "") or ""
+            note = how or (r.notes[0].splitlines()[0][:80] if r.notes else "")
+            rows.append([run.name, r.value, r.status, run.certified_upper, run.certified_lower,
+                         run.seconds, note])
+        return rows
+
+    _METHOD_HEAD = ("method", "value", "status", "certified upper", "witnessed lower", "seconds",
+                    "note")
+
+    def _head(self) -> str:
+        shape = "(" + ", ".join(map(str, self.input_shape)) + ("," if len(self.input_shape) == 1
+                                                              else "") + ")"
+        what = f" of {self.model}" if self.model else ""
+        return f"Lipschitz report{what} (l{self.norm} norm, input shape {shape}, " \
+               f"{self.seconds:.3g} s)"
+
+    def __repr__(self) -> str:
+        parts = [
+            self._head(),
+            format_table(["quantity", "value", "by"], self._summary_rows()),
+            "",
+            format_table(list(self._METHOD_HEAD), self._method_rows()),
+        ]
+        for run in self.runs:
+            if run.result is not None and run.result.layers:
+                parts += ["", f"per-layer breakdown ({run.name}):", run.result.table()]
+        parts += [f"note: {n}" for n in self.notes]
+        return "\n".join(parts)
+
+    __str__ = __repr__
+
+    def to_markdown(self) -> str:
+        """The report as GitHub-flavoured markdown (summary, methods, per-layer tables)."""
+        parts = [
+            f"## {self._head()}",
+            "",
+            format_markdown_table(["quantity", "value", "by"], _md(self._summary_rows())),
+            "",
+            format_markdown_table(list(self._METHOD_HEAD), _md(self._method_rows())),
+        ]
+        for run in self.runs:
+            r = run.result
+            if r is not None and r.layers:
+                rows = [[lb.name, lb.op, lb.value, "yes" if lb.certified else "no", lb.estimate,
+                         lb.how] for lb in r.layers]
+                parts += ["", f"### Per-layer breakdown: {run.name}", "",
+                          format_markdown_table(["node", "op", "factor", "certified", "estimate",
+                                                 "how"], _md(rows))]
+        if self.notes:
+            parts += [""] + [f"- {n}" for n in self.notes]
+        return "\n".join(parts) + "\n"
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready data (validates against :data:`REPORT_SCHEMA`); non-finite numbers -> None."""
+        from . import __version__
+
+        return {
+            "lipbound_version": __version__,
+            "model": self.model,
+            "input_shape": list(self.input_shape),
+            "norm": self.norm,
+            "upper": _finite(self.upper),
+            "upper_method": self.upper_method,
+            "lower": _finite(self.lower),
+            "lower_method": self.lower_method,
+            "ratio": _finite(self.ratio),
+            "seconds": self.seconds,
+            "notes": list(self.notes),
+            "methods": [run.to_dict() for run in self.runs],
+        }
+
+
+_NUM_OR_NULL = {"type": ["number", "null"]}
+_STR_OR_NULL = {"type": ["string", "null"]}
+
+#: JSON schema (draft 2020-12) of :meth:`Report.to_dict` and of ``lipbound estimate --json``.
+REPORT_SCHEMA: dict[str, Any] = {
+    "$schema": "https://json-schema.org/draft/2020-12/schema",
+    "title": "lipbound report",
+    "type": "object",
+    "required": ["lipbound_version", "model", "input_shape", "norm", "upper", "upper_method",
+                 "lower", "lower_method", "ratio", "seconds", "notes", "methods"],
+    "additionalProperties": False,
+    "properties": {
+        "lipbound_version": {"type": "string"},
+        "model": {"type": "string"},
+        "input_shape": {"type": "array", "items": {"type": "integer", "minimum": 1},
+                        "minItems": 1},
+        "norm": {"enum": ["1", "2", "inf"]},
+        "upper": {"type": ["number", "null"], "minimum": 0},
+        "upper_method": _STR_OR_NULL,
+        "lower": {"type": ["number", "null"], "minimum": 0},
+        "lower_method": _STR_OR_NULL,
+        "ratio": {"type": ["number", "null"]},
+        "seconds": {"type": "number", "minimum": 0},
+        "notes": {"type": "array", "items": {"type": "string"}},
+        "methods": {
+            "type": "array",
+            "items": {
+                "type": "object",
+                "required": ["name", "ok", "error", "seconds", "status", "value", "certified",
+                             "bound", "certified_upper", "certified_lower", "notes", "layers"],
+                "properties": {
+                    "name": {"enum": list(METHODS)},
+                    "ok": {"type": "boolean"},
+                    "error": _STR_OR_NULL,
+                    "error_type": _STR_OR_NULL,
+                    "seconds": {"type": "number", "minimum": 0},
+                    "status": {"type": "string"},
+                    "value": _NUM_OR_NULL,
+                    "certified": {"type": ["boolean", "null"]},
+                    "bound": {"enum": ["upper", "lower", "exact", "estimate", None]},
+                    "certified_upper": _NUM_OR_NULL,
+                    "certified_lower": _NUM_OR_NULL,
+                    "how": _STR_OR_NULL,
+                    "notes": {"type": "array", "items": {"type": "string"}},
+                    "witness": {
+                        "type": ["object", "null"],
+                        "properties": {
+                            "x": {"type": "array", "items": {"type": "number"}},
+                            "y": {"type": ["array", "null"], "items": {"type": "number"}},
+                        },
+                    },
+                    "layers": {
+                        "type": "array",
+                        "items": {
+                            "type": "object",
+                            "required": ["name", "op", "value", "certified"],
+                            "properties": {
+                                "name": {"type": "string"},
+                                "op": {"type": "string"},
+                                "value": _NUM_OR_NULL,
+                                "certified": {"type": "boolean"},
+                                "estimate": _NUM_OR_NULL,
+                                "how": {"type": "string"},
+                                "seconds": _NUM_OR_NULL,
+                            },
+                        },
+                    },
+                },
+            },
+        },
+    },
+}
+
+
+# --------------------------------------------------------------------------------------------
+# estimate
+# --------------------------------------------------------------------------------------------
+def _load_method(name: str) -> Callable[..., LipschitzResult]:
+    module, attr = METHODS[name]
+    try:
+        fn = getattr(importlib.import_module(module), attr)
+    except (ImportError, AttributeError) as e:
+        if isinstance(e, MissingDependencyError):
+            raise
+        raise MethodUnavailableError(
+            f"method {name!r} is not available in this installation ({module}.{attr} could "
+            f"not be imported: {e}); choose among the others: "
+            f"{', '.join(m for m in METHODS if m != name)}"
+        ) from e
+    return fn  # type: ignore[no-any-return]
+
+
+def _accepts(fn: Callable[..., Any], param: str) -> bool:
+    try:
+        sig = inspect.signature(fn)
+    except (TypeError, ValueError):  # pragma: no cover
+        return False
+    return param in sig.parameters or any(
+        p.kind is inspect.Parameter.VAR_KEYWORD for p in sig.parameters.values()
+    )
+
+
+def estimate(
+    model: nn.Module,
+    input_shape: Sequence[int] | int,
+    *,
+    methods: Iterable[str] = ("lower", "autolip", "seqlip"),
+    data: Any = None,
+    norm: Any = 2,
+    progress: bool = False,
+    model_name: str = "",
+    **method_options: Mapping[str, Any],
+) -> Report:
+    """Run ``methods`` on ``model`` and return a :class:`Report` (best certified upper bound,
+    best witnessed lower bound, their ratio, every method's result, time and breakdown).
+
+    Parameters
+    ----------
+    methods:
+        any of ``"lower"`` (:func:`lipbound.lower_bound`), ``"autolip"``, ``"seqlip"``,
+        ``"exact"`` (small ReLU nets), ``"lipsdp"`` (needs cvxpy); run in the given order.
+    data:
+        optional data points ``(N, *input_shape)`` for the lower bound (the paper's data bound
+        and starting points of the search).
+    norm:
+        passed to every method; a method that does not support it is recorded as failed.
+    progress:
+        progress bars on stderr for the methods that have one.
+    **method_options:
+        per-method keyword options, keyed by method name, e.g.
+        ``estimate(net, (2,), lower={"restarts": 32}, seqlip={"mode": "greedy"},
+        exact={"time_limit": 10})``.
+
+    Errors
+    ------
+    A method that raises :class:`~lipbound.errors.UnsupportedModelError` (no rule for an op),
+    :class:`~lipbound.errors.MissingDependencyError` or :class:`~lipbound.errors.SolverError` is
+    recorded in the report (``run.error``) and the others go on; but if EVERY requested upper
+    method failed so, the first such error is raised (the report would have no upper bound).
+    Invalid arguments, shapes and non-finite weights raise at once.
+    """
+    t0 = time.perf_counter()
+    model = check_model(model)
+    shape = check_input_shape(input_shape)
+    p = check_norm(norm)
+    names = (methods,) if isinstance(methods, str) else tuple(methods)
+    if not names:
+        raise InvalidArgumentError(f"methods is empty; choose among {', '.join(METHODS)}")
+    for name in names:
+        if name not in METHODS:
+            raise InvalidArgumentError(
+                f"unknown method {name!r}; allowed: {', '.join(METHODS)}"
+            )
+    if len(set(names)) != len(names):
+        raise InvalidArgumentError(f"methods has duplicates: {names!r}")
+    for key, opts in method_options.items():
+        if key not in METHODS:
+            raise InvalidArgumentError(
+                f"unknown keyword {key!r}: per-method options are passed as "
+                f"<method>={{...}} with <method> in {', '.join(METHODS)}"
+            )
+        if key not in names:
+            raise InvalidArgumentError(f"options given for {key!r}, which is not in methods")
+        if not isinstance(opts, Mapping):
+            raise InvalidArgumentError(f"{key}= must be a dict of options; got {opts!r}")
+
+    # the shape check (one forward pass) once, before any method, for one clear error
+    from .methods.lower import _model_ref, _probe
+
+    device, dtype = _model_ref(model)
+    _probe(model, shape, device, dtype)
+
+    fns = {name: _load_method(name) for name in names}
+    runs: list[MethodRun] = []
+    recoverable: tuple[type[BaseException], ...] = (
+        UnsupportedModelError, MissingDependencyError, SolverError,
+    )
+    if p != "2":
+        recoverable = (*recoverable, InvalidArgumentError)
+    first_upper_error: LipboundError | None = None
+    for name in names:
+        fn = fns[name]
+        kwargs: dict[str, Any] = dict(method_options.get(name, {}))
+        if p != "2" or _accepts(fn, "norm"):
+            kwargs.setdefault("norm", p)
+        if name == "lower" and data is not None:
+            kwargs.setdefault("data", data)
+        if progress and _accepts(fn, "progress"):
+            kwargs.setdefault("progress", True)
+        t1 = time.perf_counter()
+        try:
+            result = fn(model, shape, **kwargs)
+        except recoverable as e:
+            if name in _UPPER_METHODS and first_upper_error is None:
+                first_upper_error = e
+            runs.append(MethodRun(name=name, result=None, error=str(e),
+                                  error_type=type(e).__name__,
+                                  seconds=time.perf_counter() - t1))
+            continue
+        except TypeError as e:
+            if isinstance(e, LipboundError):
+                raise
+            bad = [k for k in kwargs if not _accepts(fn, k)]
+            if bad:
+                raise InvalidArgumentError(
+                    f"method {name!r} does not accept option(s) {', '.join(bad)}"
+                ) from e
+            raise
+        runs.append(MethodRun(name=name, result=result, seconds=time.perf_counter() - t1))
+
+    uppers = [(r.certified_upper, r.name) for r in runs if r.certified_upper is not None]
+    lowers = [(r.certified_lower, r.name) for r in runs if r.certified_lower is not None]
+    asked_upper = [n for n in names if n in _UPPER_METHODS]
+    if asked_upper and not uppers and first_upper_error is not None and all(
+        not r.ok for r in runs if r.name in _UPPER_METHODS
+    ):
+        raise first_upper_error
+    notes: list[str] = []
+    up = min(uppers) if uppers else None
+    lo = max(lowers) if lowers else None
+    if up is not None and lo is not None and lo[0] > up[0] * (1 + 1e-6):
+        notes.append(
+            f"INCONSISTENT: witnessed lower bound {lo[0]:.6g} ({lo[1]}) exceeds certified upper "
+            f"bound {up[0]:.6g} ({up[1]}); one of them is wrong, please report it"
+        )
+    for r in runs:
+        if r.error is not None:
+            notes.append(f"{r.name} failed ({r.error_type}): {r.error.splitlines()[0]}")
+    return Report(
+        runs=tuple(runs),
+        norm=p,
+        input_shape=shape,
+        upper=None if up is None else up[0],
+        upper_method=None if up is None else up[1],
+        lower=None if lo is None else lo[0],
+        lower_method=None if lo is None else lo[1],
+        seconds=time.perf_counter() - t0,
+        model=model_name,
+        notes=tuple(notes),
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# plot
+# --------------------------------------------------------------------------------------------
+def plot_report(report: Report, path: str) -> None:
+    """Write a PNG: per-layer factors (log scale) of AutoLip vs SeqLip, and every method's
+    value against the certified upper and witnessed lower bounds (matplotlib, Agg backend)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError as e:  # pragma: no cover - depends on the environment
+        raise MissingDependencyError("matplotlib", "plot", "--plot / plot_report") from e
+
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.5))
+    colors = {"autolip": "tab:blue", "seqlip": "tab:orange", "exact": "tab:green",
+              "lipsdp": "tab:purple", "lower": "tab:red"}
+    any_layers = False
+    for k, name in enumerate(("autolip", "seqlip")):
+        res = report.results.get(name)
+        if res is None or not res.layers:
+            continue
+        vals = [max(lb.value, 1e-300) if math.isfinite(lb.value) else float("nan")
+                for lb in res.layers]
+        xs = [i + (k - 0.5) * 0.4 for i in range(len(vals))]
+        ax1.bar(xs, vals, width=0.4, label=f"{name} ({len(vals)} factors)",
+                color=colors[name], alpha=0.85)
+        any_layers = True
+    if any_layers:
+        ax1.set_yscale("log")
+        ax1.set_xlabel("node (AutoLip) / pair (SeqLip) index")
+        ax1.set_ylabel("factor")
+        ax1.legend()
+    else:
+        ax1.text(0.5, 0.5, "no per-layer breakdown\n(AutoLip / SeqLip not run)",
+                 ha="center", va="center", transform=ax1.transAxes)
+    ax1.set_title("per-layer contributions")
+
+    names, values, cols = [], [], []
+    for run in report.runs:
+        if run.result is None or not math.isfinite(run.result.value) or run.result.value <= 0:
+            continue
+        names.append(f"{run.name}\n({run.result.status.replace(' (not certified)', '')})")
+        values.append(run.result.value)
+        cols.append(colors.get(run.name, "gray"))
+    if values:
+        ax2.barh(range(len(values)), values, color=cols, alpha=0.85)
+        ax2.set_yticks(range(len(values)), names, fontsize=8)
+        ax2.set_xscale("log")
+    if report.upper is not None:
+        ax2.axvline(report.upper, color="k", ls="--", label=f"certified upper {report.upper:.4g}")
+    if report.lower is not None and report.lower > 0:
+        ax2.axvline(report.lower, color="k", ls=":", label=f"witnessed lower {report.lower:.4g}")
+    if report.upper is not None or report.lower is not None:
+        ax2.legend(fontsize=8)
+    ax2.set_title(f"bounds on L (l{report.norm})" + (f", gap {report.ratio:.3g}x"
+                                                     if report.ratio else ""))
+    fig.suptitle(report._head(), fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+

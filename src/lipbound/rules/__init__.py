@@ -1,0 +1,95 @@
+"""Per-operator Lipschitz rules, one file per family, and the public :func:`register_rule`.
+
+Families: :mod:`~lipbound.rules.linear` (Linear, Conv*, ConvTranspose*, AvgPool*, BatchNorm,
+merged chains), :mod:`~lipbound.rules.activation`, :mod:`~lipbound.rules.pooling` (max-pool),
+:mod:`~lipbound.rules.normalization`, :mod:`~lipbound.rules.structural` (reshapes, add, cat,
+softmax...). :func:`classify` attaches a rule, a kind and (for activations) a slope range to a
+captured node, or the reason why no rule covers it.
+"""
+
+from __future__ import annotations
+
+import operator
+from typing import TYPE_CHECKING
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import activation, linear, normalization, pooling, structural  # noqa: F401
+from ._registry import (
+    NodeConstant,
+    Rule,
+    RuleContext,
+    add_hint,
+    get_rule,
+    has_module_rule,
+    hint_for,
+    lookup,
+    register_rule,
+    registered_keys,
+)
+
+if TYPE_CHECKING:  # pragma: no cover
+    from ..graph.types import Node
+
+__all__ = [
+    "NodeConstant",
+    "Rule",
+    "RuleContext",
+    "classify",
+    "get_rule",
+    "has_module_rule",
+    "lookup",
+    "register_rule",
+    "registered_keys",
+]
+
+_NO_RULE = (
+    "no Lipschitz rule is registered for it; give it one with lipbound.register_rule(...) or "
+    "use lipbound.lower_bound(...), which needs no rules"
+)
+_ATTN = (
+    "attention multiplies two functions of the input (q k^T, then by v): no global Lipschitz "
+    "constant. Use lower_bound, or register_rule with a constant valid on your input domain"
+)
+_EMB = (
+    "an embedding looks up integer indices: the network is not a function of a continuous "
+    "input there. Bound the network from the embedding output on instead"
+)
+for _k in [nn.MultiheadAttention, F.scaled_dot_product_attention, F.multi_head_attention_forward]:
+    add_hint(_k, _ATTN)
+for _k in [nn.Embedding, nn.EmbeddingBag, F.embedding, F.embedding_bag]:
+    add_hint(_k, _EMB)
+for _k in [torch.exp, "exp", torch.log, "log", torch.pow, "pow", operator.pow, torch.sqrt,
+           "sqrt", torch.rsqrt, "rsqrt", torch.reciprocal, "reciprocal"]:
+    add_hint(_k, "not globally Lipschitz (unbounded derivative); " + _NO_RULE)
+for _k in [nn.Hardshrink, F.hardshrink, nn.Threshold, F.threshold, torch.sign, "sign",
+           torch.round, "round", torch.floor, "floor", torch.ceil, "ceil"]:
+    add_hint(_k, "discontinuous: no Lipschitz constant")
+
+
+def classify(node: Node) -> None:
+    """Attach ``meta["rule"]``, ``kind``, ``slope_range`` and ``meta["unsupported"]`` to a node.
+
+    ``meta["unsupported"]`` is ``None`` when a rule covers the node, else the reason and what
+    to do. Linear and activation nodes must have exactly one tensor input.
+    """
+    rule = lookup(node)
+    node.meta["rule"] = rule
+    node.slope_range = None
+    if rule is None:
+        node.kind = "op"
+        node.meta["unsupported"] = hint_for(node.meta.get("key")) or _NO_RULE
+        return
+    kind = rule.kind_for(node)
+    reason = rule.check(node) if rule.check is not None else None
+    if reason is None and kind in ("linear", "activation") and len(node.inputs) != 1:
+        reason = f"a {kind} op must have one input that depends on the model input"
+    if reason is None and node.meta.get("batch_mixing"):
+        reason = "mixes the samples of a batch (acts on the batch dimension)"
+    node.meta["unsupported"] = reason
+    node.kind = kind if reason is None else "op"  # type: ignore[assignment]
+    if reason is None and kind == "activation" and rule.slope_range is not None:
+        a, b = rule.slope_range(node)
+        node.slope_range = (float(a), float(b))

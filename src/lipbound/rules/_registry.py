@@ -1,0 +1,338 @@
+"""The rule registry: which Lipschitz rule applies to which captured node.
+
+A *rule* tells, for one op family and one norm, the constant of the op with respect to each of
+its tensor inputs (``|f(..., x_i, ...) - f(..., y_i, ...)| <= c_i |x_i - y_i|``), whether that
+constant is certified (proven) or an estimate, how the per-input terms combine (a sum for
+``add``; the root of the sum of squares for ``cat`` in l2), and, for element-wise activations,
+the range ``[a, b]`` of the derivative that SeqLip needs.
+
+Rules are keyed by
+
+* a module class (``nn.Linear``); a subclass matches only if it does not override ``forward``;
+* a function object (``torch.nn.functional.relu``, ``torch.cat``, ``operator.add``);
+* a tensor-method name (``"relu"``, ``"view"``), as torch.fx records ``x.relu()``.
+
+Nothing is treated as 1-Lipschitz unless a rule says so; the trivial 1-Lipschitz ops (reshape,
+permute, slicing, dropout in eval...) are *declared* in one table in
+:mod:`lipbound.rules.structural`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Literal
+
+from torch import nn
+
+from ..errors import InvalidArgumentError
+
+if TYPE_CHECKING:  # pragma: no cover
+    from ..graph.types import Node
+
+__all__ = [
+    "Combine",
+    "NodeConstant",
+    "Rule",
+    "RuleContext",
+    "RuleKey",
+    "get_rule",
+    "lookup",
+    "register_rule",
+    "registered_keys",
+]
+
+Combine = Literal["sum", "rss", "max"]
+RuleKey = type | Callable[..., Any] | str
+
+
+@dataclass(frozen=True)
+class RuleContext:
+    """Options a rule may use: the norm (``"1"``, ``"2"``, ``"inf"``) and spectral settings."""
+
+    norm: str = "2"
+    tol: float = 1e-6
+    max_iter: int = 1000
+    certify: bool = True
+
+
+@dataclass(frozen=True, kw_only=True)
+class NodeConstant:
+    """Constants of one node w.r.t. each of its tensor inputs.
+
+    ``constants[i]`` is the factor used in the bound (a certified upper bound where one is
+    available, else the estimate); ``certified`` is True only when every entry is proven;
+    ``estimate`` an optional uncertified companion (e.g. the power-iteration value next to a
+    certified bound); ``combine`` how ``c_i * L_i`` over inputs are combined: ``"sum"``
+    (general case, add), ``"rss"`` (root of the sum of squares: cat in l2), ``"max"`` (cat in
+    l-inf). ``slope_range`` is set for activations.
+    """
+
+    constants: tuple[float, ...]
+    certified: bool
+    how: str
+    estimate: float | None = None
+    combine: Combine = "sum"
+    seconds: float = 0.0
+    slope_range: tuple[float, float] | None = None
+    name: str = ""
+    qualname: str = ""
+    op: str = ""
+
+    @property
+    def value(self) -> float:
+        """The largest per-input constant (the node's factor in a chain)."""
+        return max(self.constants) if self.constants else 0.0
+
+
+RuleFn = Callable[["Node", RuleContext], Any]
+SlopeFn = Callable[["Node"], tuple[float, float]]
+CheckFn = Callable[["Node"], str | None]
+KindFn = Callable[["Node"], str]
+
+
+@dataclass(frozen=True)
+class Rule:
+    """One registered rule.
+
+    ``kind`` is ``"linear"``, ``"activation"`` or ``"op"``, or ``"affine"`` meaning "linear when
+    the node has one tensor input, else op" (add, mul, matmul...), or ``"elementwise"``
+    meaning "activation when the node has one tensor input, else op" (``torch.maximum``).
+    ``check(node)`` returns a reason when this particular node is not covered (e.g. a
+    product of two inputs).
+    """
+
+    name: str
+    kind: str
+    constant: RuleFn
+    slope_range: SlopeFn | None = None
+    check: CheckFn | None = None
+    norms: tuple[str, ...] = ("1", "2", "inf")
+    certified: bool = True
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    def kind_for(self, node: Node) -> str:
+        if self.kind == "affine":
+            return "linear" if len(node.inputs) == 1 else "op"
+        if self.kind == "elementwise":
+            return "activation" if len(node.inputs) == 1 else "op"
+        return self.kind
+
+
+_MODULES: dict[type, Rule] = {}
+_FUNCTIONS: dict[Any, Rule] = {}
+_METHODS: dict[str, Rule] = {}
+
+
+def _store(key: RuleKey, rule: Rule) -> None:
+    if isinstance(key, str):
+        _METHODS[key] = rule
+    elif isinstance(key, type):
+        if not issubclass(key, nn.Module):
+            raise InvalidArgumentError(
+                f"register_rule: a class key must be an nn.Module subclass; got {key!r}"
+            )
+        _MODULES[key] = rule
+    elif callable(key):
+        _FUNCTIONS[key] = rule
+    else:
+        raise InvalidArgumentError(
+            "register_rule: op_type must be an nn.Module subclass, a function (e.g. "
+            f"torch.nn.functional.relu) or a tensor-method name (e.g. 'relu'); got {key!r}"
+        )
+
+
+def _as_constant(out: Any, node: Node, certified: bool, how: str) -> NodeConstant:
+    """Normalise what a user rule returns (float, sequence of floats or NodeConstant)."""
+    if isinstance(out, NodeConstant):
+        return out
+    n = max(1, len(node.inputs))
+    if isinstance(out, (int, float)) and not isinstance(out, bool):
+        cs: tuple[float, ...] = (float(out),) * n
+    elif isinstance(out, Sequence) and all(isinstance(c, (int, float)) for c in out):
+        cs = tuple(float(c) for c in out)
+        if len(cs) != n:
+            raise InvalidArgumentError(
+                f"rule for {node.qualname} returned {len(cs)} constants for {n} inputs"
+            )
+    else:
+        raise InvalidArgumentError(
+            f"rule for {node.qualname} must return a float, a list of floats (one per input) "
+            f"or a NodeConstant; got {out!r}"
+        )
+    for c in cs:
+        if not math.isfinite(c) or c < 0:
+            raise InvalidArgumentError(
+                f"rule for {node.qualname} returned a constant that is not finite and >= 0: {c}"
+            )
+    return NodeConstant(constants=cs, certified=certified, how=how)
+
+
+def register_rule(
+    op_type: RuleKey | Sequence[RuleKey],
+    rule: RuleFn | float | None = None,
+    *,
+    kind: str = "op",
+    slope_range: tuple[float, float] | SlopeFn | None = None,
+    check: CheckFn | None = None,
+    norms: Sequence[str] = ("1", "2", "inf"),
+    certified: bool = True,
+    name: str = "",
+) -> Any:
+    """Register the Lipschitz rule of an op; usable as a decorator.
+
+    ``op_type`` is an ``nn.Module`` subclass, a function (``torch.nn.functional.gelu``) or a
+    tensor-method name (``"gelu"``), or a list of those. ``rule`` is either a number (the
+    constant w.r.t. every input, in every norm of ``norms``) or a callable
+    ``rule(node, ctx) -> float | list[float] | NodeConstant`` where ``node`` is the captured
+    :class:`lipbound.graph.Node` (``node.module`` is the module called, ``node.meta["args"]``
+    the call's arguments) and ``ctx`` a :class:`RuleContext` (``ctx.norm`` in ``"1"``, ``"2"``,
+    ``"inf"``). ``kind="activation"`` needs ``slope_range=(a, b)`` with ``a <= f' <= b``.
+    ``certified`` says whether you vouch for the constant (it is reported as certified).
+    Modules with a registered rule become leaves of the captured graph.
+
+    >>> import torch
+    >>> from torch import nn
+    >>> class Double(nn.Module):
+    ...     def forward(self, x):
+    ...         return 2 * torch.sin(x)
+    >>> _ = register_rule(Double, 2.0, kind="activation", slope_range=(-2.0, 2.0))
+    >>> get_rule(Double).name
+    'Double'
+    """
+    kinds = ("linear", "activation", "op", "affine")
+    if kind not in kinds:
+        raise InvalidArgumentError(f"kind must be one of {kinds}; got {kind!r}")
+    for n in norms:
+        if n not in ("1", "2", "inf"):
+            raise InvalidArgumentError(f"norms must be among '1', '2', 'inf'; got {n!r}")
+    if kind == "activation" and slope_range is None:
+        raise InvalidArgumentError("an activation rule needs slope_range=(a, b)")
+    keys: list[Any] = list(op_type) if isinstance(op_type, (list, tuple)) else [op_type]
+
+    def decorate(fn: RuleFn | float) -> Any:
+        if isinstance(fn, (int, float)) and not isinstance(fn, bool):
+            value = float(fn)
+            if not math.isfinite(value) or value < 0:
+                raise InvalidArgumentError(f"constant must be finite and >= 0; got {value}")
+
+            def const_rule(node: Node, ctx: RuleContext, _v: float = value) -> float:
+                return _v
+
+            core: RuleFn = const_rule
+            label = f"user constant {value:g}"
+        elif callable(fn):
+            core = fn
+            label = f"user rule {getattr(fn, '__name__', 'rule')}"
+        else:
+            raise InvalidArgumentError(f"rule must be a number or a callable; got {fn!r}")
+
+        def wrapped(node: Node, ctx: RuleContext) -> NodeConstant:
+            out = _as_constant(core(node, ctx), node, certified, label)
+            if out.slope_range is None and sr is not None:
+                out = _with_slope(out, sr(node))
+            return out
+
+        sr: SlopeFn | None
+        if slope_range is None or callable(slope_range):
+            sr = slope_range
+        else:
+            a, b = (float(slope_range[0]), float(slope_range[1]))
+            if a > b:
+                raise InvalidArgumentError(f"slope_range must have a <= b; got {slope_range}")
+
+            def sr(node: Node, _r: tuple[float, float] = (a, b)) -> tuple[float, float]:
+                return _r
+
+        for key in keys:
+            label_name = name or getattr(key, "__name__", str(key))
+            _store(
+                key,
+                Rule(
+                    name=label_name,
+                    kind=kind,
+                    constant=wrapped,
+                    slope_range=sr,
+                    check=check,
+                    norms=tuple(norms),
+                    certified=certified,
+                ),
+            )
+        return fn
+
+    if rule is None:
+        return decorate
+    return decorate(rule)
+
+
+def _with_slope(c: NodeConstant, sr: tuple[float, float]) -> NodeConstant:
+    from dataclasses import replace
+
+    return replace(c, slope_range=sr)
+
+
+def add_rule(keys: Sequence[RuleKey], rule: Rule) -> None:
+    """Internal: register a fully built :class:`Rule` under several keys."""
+    for key in keys:
+        _store(key, rule)
+
+
+def get_rule(key: RuleKey) -> Rule | None:
+    """The rule registered for a module class, function or method name (``None`` if none).
+
+    A module subclass inherits its base's rule only when it does not override ``forward``.
+    """
+    if isinstance(key, str):
+        return _METHODS.get(key)
+    if isinstance(key, type):
+        if key in _MODULES:
+            return _MODULES[key]
+        fwd = getattr(key, "forward", None)
+        for base in key.__mro__[1:]:
+            if base in _MODULES and getattr(base, "forward", None) is fwd:
+                return _MODULES[base]
+        return None
+    try:
+        return _FUNCTIONS.get(key)
+    except TypeError:  # unhashable
+        return None
+
+
+def lookup(node: Node) -> Rule | None:
+    """The rule for a captured node (by module type, function or method name)."""
+    key = node.meta.get("key")
+    if key is None:
+        return None
+    return get_rule(key)
+
+
+def registered_keys() -> list[RuleKey]:
+    """Every registered key (module classes, functions, method names)."""
+    return [*_MODULES, *_FUNCTIONS, *_METHODS]
+
+
+def has_module_rule(module: nn.Module) -> bool:
+    """Whether ``module``'s class has a rule (such modules are leaves of the captured graph)."""
+    return get_rule(type(module)) is not None
+
+
+_HINTS: dict[Any, str] = {}
+
+
+def add_hint(key: Any, hint: str) -> None:
+    """Internal: why an op has no rule (shown in :class:`UnsupportedModelError`)."""
+    _HINTS[key] = hint
+
+
+def hint_for(key: Any) -> str | None:
+    try:
+        if key in _HINTS:
+            return _HINTS[key]
+    except TypeError:
+        return None
+    if isinstance(key, type):
+        for base in key.__mro__[1:]:
+            if base in _HINTS:
+                return _HINTS[base]
+    return None

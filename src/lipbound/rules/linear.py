@@ -1,0 +1,436 @@
+"""Linear (affine) ops: Linear, Conv*, ConvTranspose*, AvgPool*, AdaptiveAvgPool*, eval
+BatchNorm, interpolation, sum/mean, matmul by a constant, and merged chains of these.
+
+The constant of an affine map ``x -> A x + b`` is the operator norm of ``A`` in the chosen norm.
+
+* **l2**: :func:`lipbound.spectral.certified_upper` of the op (dense SVD, Fourier symbol of
+  a convolution, Schur test for pools, products for Sequentials...) and
+  :func:`lipbound.spectral.spectral_norm` for the estimate (from below, power/Lanczos through
+  autodiff). The headline factor is the certified upper bound when there is one (its estimate
+  is then only reported, computed to a relative tolerance ``max(tol, 1e-3)``), else the
+  estimate to ``tol``, flagged as not certified.
+  For a merged chain ``A = A_k ... A_1`` without a certificate, the product of the parts'
+  certified bounds (``||A|| <= prod ||A_i||``) is used as the certificate, the merged estimate
+  being reported next to it. Eval BatchNorm alone is diagonal: ``max_c |gamma_c| /
+  sqrt(var_c + eps)``, exact.
+* **l1 / l-inf**: ``||A||_inf`` is the largest row sum of ``|A|`` and ``||A||_1`` the largest
+  column sum, i.e. ``max(|A| 1)`` and ``max(|A|^T 1)``. For Linear / Conv / ConvTranspose
+  ``|A|`` is the same layer with ``|W|`` and no bias, for pooling, BatchNorm and reshapes it is
+  the op itself (or with ``|scale|``), so one forward pass (and one vector-Jacobian product for
+  ``|A|^T 1``) in float64 gives the exact norm. For merged chains ``|A_k ... A_1| <= |A_k| ...
+  |A_1|`` entrywise, so the same computation on the chain of ``|A_i|`` is a certified upper
+  bound (never above the product of the parts' norms). Other small linear maps are made dense
+  (``Node.dense``); a large one without such a rule is reported unsupported for that norm.
+  Float64 sums of non-negative terms carry a relative error below ``n * 1.2e-16``; a relative
+  margin of 1e-9 covers it.
+
+If :mod:`lipbound.spectral` is not importable, a fallback is used: a dense SVD in float64 for
+maps with at most 4096 inputs (certified, relative margin 1e-9) and otherwise power iteration
+(estimate only).
+"""
+
+from __future__ import annotations
+
+import inspect
+import operator
+import time
+from collections.abc import Callable
+from dataclasses import replace
+from typing import TYPE_CHECKING, Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..errors import UnsupportedModelError, UnsupportedNode
+from ..graph._modules import (
+    ChannelAffine,
+    EvalBatchNorm,
+    FoldedBatchNorm,
+    _as64,
+    bn_scale_shift,
+    materialize,
+)
+from ._registry import NodeConstant, RuleContext
+from ._util import arg, declare, is_tensor_arg, numel
+
+if TYPE_CHECKING:  # pragma: no cover
+    from ..graph.types import Node
+
+__all__ = [
+    "MERGED_KEY",
+    "NormUnavailable",
+    "abs_operator",
+    "l1_linf_norm",
+    "linear_constant",
+    "spectral",
+]
+
+MERGED_KEY = "__merged_linear__"
+DENSE_LIMIT = 4096
+#: tolerance of the (reported only) estimate of a factor that has a certificate
+ESTIMATE_TOL = 1e-3
+_MARGIN = 1e-9
+
+_CONV = {nn.Conv1d: F.conv1d, nn.Conv2d: F.conv2d, nn.Conv3d: F.conv3d}
+_CONVT = {
+    nn.ConvTranspose1d: F.conv_transpose1d,
+    nn.ConvTranspose2d: F.conv_transpose2d,
+    nn.ConvTranspose3d: F.conv_transpose3d,
+}
+_POOL = (
+    nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d, nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d,
+    nn.AdaptiveAvgPool3d,
+)
+_BN = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+
+
+class NormUnavailable(Exception):
+    """Internal: this node has no rule for the requested norm (collected as unsupported)."""
+
+
+# ---- spectral (l2) ------------------------------------------------------------------------
+def spectral(op: Any, in_shape: tuple[int, ...], ctx: RuleContext) -> Any:
+    """``lipbound.spectral.spectral_norm(op, in_shape, ...)`` with the options it accepts."""
+    try:
+        from ..spectral import spectral_norm
+    except ImportError:
+        return _fallback_spectral(op, in_shape, ctx)
+    opts: dict[str, Any] = {
+        "tol": ctx.tol, "max_iter": ctx.max_iter, "certify": ctx.certify,
+        "check_linear": False,  # the graph already knows these nodes are affine
+    }
+    try:
+        params = inspect.signature(spectral_norm).parameters
+        opts = {k: v for k, v in opts.items() if k in params}
+    except (TypeError, ValueError):
+        opts = {}
+    return spectral_norm(op, in_shape, **opts)
+
+
+def certified(op: Any, in_shape: tuple[int, ...]) -> tuple[float, str] | None:
+    """``lipbound.spectral.certified_upper(op, in_shape)`` (``None`` if unavailable)."""
+    try:
+        from ..spectral import certified_upper
+    except ImportError:
+        return None
+    return certified_upper(op, in_shape)  # type: ignore[no-any-return]
+
+
+class _Res:
+    def __init__(self, value: float, upper: float | None, how: str) -> None:
+        self.value = value
+        self.upper = upper
+        self.certified = upper is not None
+        self.certificate = how if upper is not None else ""
+        self.method = how
+
+
+def _fallback_spectral(op: Any, in_shape: tuple[int, ...], ctx: RuleContext) -> _Res:
+    f = _as_fn(op)
+    n = numel(in_shape)
+    with torch.no_grad():
+        if n <= DENSE_LIMIT:
+            W = _dense(f, in_shape)
+            s = float(torch.linalg.matrix_norm(W, 2)) if W.numel() else 0.0
+            return _Res(s, s * (1 + _MARGIN), "dense SVD (fallback)")
+        x = torch.randn(1, *in_shape, dtype=torch.float64)
+        z = f(torch.zeros_like(x))
+        s = 0.0
+        for _ in range(min(ctx.max_iter, 200)):
+            x = x / x.norm()
+            with torch.enable_grad():
+                x.requires_grad_(True)
+                y = f(x) - z
+                (g,) = torch.autograd.grad(0.5 * (y * y).sum(), x)
+            s_new = float(y.detach().norm())
+            x = g.detach()
+            if abs(s_new - s) <= ctx.tol * max(s_new, 1e-300):
+                s = s_new
+                break
+            s = s_new
+    return _Res(s, None, "power iteration (fallback)")
+
+
+def _as_fn(op: Any) -> Callable[[torch.Tensor], torch.Tensor]:
+    from ..graph.capture import call_module_as
+
+    if isinstance(op, nn.Module):
+        return lambda x: call_module_as(op, x)
+    return op  # type: ignore[no-any-return]
+
+
+def _dense(f: Callable[[torch.Tensor], torch.Tensor], in_shape: tuple[int, ...]) -> torch.Tensor:
+    n = numel(in_shape)
+    eye = torch.eye(n, dtype=torch.float64).reshape(n, *in_shape)
+    b = f(torch.zeros(1, *in_shape, dtype=torch.float64)).reshape(-1)
+    return (f(eye).reshape(n, -1) - b).T
+
+
+def _spectral_operand(node: Node) -> Any:
+    """What to hand to ``spectral_norm``: a plain module snapshot, or the bias-free fn."""
+    m = node.module
+    plain_call = (
+        m is not None
+        and node.meta.get("fx_op", "call_module") == "call_module"
+        and node.meta.get("getitem") is None
+        and not node.meta.get("kwargs")
+        and len(node.meta.get("args") or (None,)) == 1
+    )
+    if (plain_call or node.meta.get("key") == MERGED_KEY) and m is not None:
+        return materialize(m)
+    return node.linear_fn()
+
+
+def _bn_of(node: Node) -> nn.Module | None:
+    m = node.module
+    if isinstance(m, EvalBatchNorm):
+        return m.bn
+    if isinstance(m, _BN) and m.running_mean is not None:
+        return m
+    return None
+
+
+def _is_isometry(node: Node) -> bool:
+    """A bijective rearrangement of entries (flatten, view, permute...): a permutation matrix."""
+    rule = node.meta.get("rule")
+    meta = rule.meta if rule is not None else {}
+    same = numel(node.in_shapes[0]) == numel(node.out_shape) if node.in_shapes else False
+    return same and (bool(meta.get("bijective")) or bool(meta.get("identity")))
+
+
+def core_parts(node: Node) -> list[Node]:
+    """Parts of a merged node without the leading/trailing rearrangements of entries.
+
+    For permutation matrices ``P, Q``: ``||P A Q|| = ||A||`` in l1, l2 and l-inf.
+    """
+    parts = list(node.meta.get("part_nodes") or [node])
+    while parts and _is_isometry(parts[0]):
+        parts.pop(0)
+    while parts and _is_isometry(parts[-1]):
+        parts.pop()
+    return parts
+
+
+def linear_constant(node: Node, ctx: RuleContext) -> NodeConstant:
+    """Constant of a linear node in ``ctx.norm`` (see the module docstring)."""
+    t0 = time.perf_counter()
+    if len(node.meta.get("part_nodes") or ()) > 1:
+        core = core_parts(node)
+        if not core:
+            return NodeConstant(constants=(1.0,), certified=True, how="rearranges entries")
+        if len(core) == 1:
+            c = core[0].meta["rule"].constant(core[0], ctx)
+            return replace(c, how=c.how + " (end reshapes are isometries)",
+                           seconds=time.perf_counter() - t0)
+    if ctx.norm != "2":
+        v, how = l1_linf_norm(node, ctx.norm)
+        return NodeConstant(
+            constants=(v,), certified=True, how=how, seconds=time.perf_counter() - t0
+        )
+    bn = _bn_of(node)
+    if bn is not None or isinstance(node.module, ChannelAffine):
+        if bn is not None:
+            with torch.no_grad():
+                s, _ = bn_scale_shift(_as64(bn))
+        else:
+            mod: Any = node.module
+            s = mod.scale.double()
+        v = float(s.abs().max()) * (1 + 1e-12)
+        return NodeConstant(
+            constants=(v,), certified=True, how="diagonal: max |gamma|/sqrt(var+eps)",
+            estimate=v, seconds=time.perf_counter() - t0,
+        )
+    op = _spectral_operand(node)
+    in_shape = tuple(node.in_shapes[0])
+    cert = certified(op, in_shape) if ctx.certify else None
+    if cert is not None:
+        # the factor is the certificate; the estimate is only reported, to a looser tolerance
+        res = spectral(op, in_shape, replace(ctx, tol=max(ctx.tol, ESTIMATE_TOL), certify=False))
+    else:
+        res = spectral(op, in_shape, replace(ctx, certify=False))
+    est = float(res.value)
+    upper: float | None = None
+    if cert is not None:
+        upper, how = max(float(cert[0]), est), cert[1]
+    elif res.upper is not None:  # (fallback path only)
+        upper, how = float(res.upper), res.certificate
+    else:
+        how = res.method or "estimate"
+    parts = node.meta.get("part_nodes") or ()
+    if upper is None and ctx.certify and len(parts) > 1:
+        prod, ok, hows = 1.0, True, []
+        for p in parts:
+            rule = p.meta.get("rule")
+            if rule is None:
+                ok = False
+                break
+            c = rule.constant(p, ctx)
+            ok = ok and c.certified
+            prod *= c.value
+            hows.append(c.how)
+        if ok:
+            upper = max(prod, est)
+            how = "product of the parts' certified bounds; merged estimate " + (
+                res.method or "power"
+            )
+    value = upper if upper is not None else est
+    return NodeConstant(
+        constants=(value,), certified=upper is not None, how=how, estimate=est,
+        seconds=time.perf_counter() - t0,
+    )
+
+
+# ---- l1 / l-inf -----------------------------------------------------------------------------
+def _abs_module(module: nn.Module) -> Callable[[torch.Tensor], torch.Tensor] | None:
+    """``x -> |A| x`` (float64) for a plain linear module, or ``None``."""
+    m: Any = materialize(module)
+    if isinstance(m, nn.Sequential):
+        fs = [_abs_module(p) for p in m]
+        if any(f is None for f in fs):
+            return None
+
+        def seq(x: torch.Tensor) -> torch.Tensor:
+            for f in fs:
+                x = f(x)  # type: ignore[misc]
+            return x
+
+        return seq
+    if isinstance(m, nn.Linear):
+        w = m.weight.detach().double().abs()
+        return lambda x: F.linear(x, w)
+    if type(m) in _CONV and m.padding_mode == "zeros":
+        w = m.weight.detach().double().abs()
+        conv = _CONV[type(m)]
+        return lambda x: conv(x, w, None, m.stride, m.padding, m.dilation, m.groups)
+    if type(m) in _CONVT and m.padding_mode == "zeros":
+        w = m.weight.detach().double().abs()
+        convt = _CONVT[type(m)]
+        return lambda x: convt(
+            x, w, None, m.stride, m.padding, m.output_padding, m.groups, m.dilation
+        )
+    if isinstance(m, _POOL):
+        return lambda x: m(x)
+    if isinstance(m, ChannelAffine):
+        s = m.scale.double().abs()  # type: ignore[operator]
+        return lambda x: x * s.reshape(1, -1, *([1] * (x.dim() - 2)))
+    if isinstance(m, nn.Flatten | nn.Unflatten | nn.Identity):
+        return lambda x: m(x)
+    return None
+
+
+def abs_operator(node: Node) -> Callable[[torch.Tensor], torch.Tensor] | None:
+    """``x -> |A| x`` for a linear node (entry-wise absolute value of its matrix), in float64.
+
+    For a merged node, the composition of the parts' ``|A_i|`` (an entry-wise upper bound).
+    ``None`` when no cheap form is known.
+    """
+    parts = node.meta.get("part_nodes") or ()
+    if len(parts) > 1:
+        fs = [abs_operator(p) for p in parts]
+        if any(f is None for f in fs):
+            return None
+
+        def seq(x: torch.Tensor) -> torch.Tensor:
+            for f in fs:
+                x = f(x)  # type: ignore[misc]
+            return x
+
+        return seq
+    rule = node.meta.get("rule")
+    meta = rule.meta if rule is not None else {}
+    if meta.get("identity"):
+        return lambda x: x
+    if meta.get("structural"):  # 0/1 matrices (perm/selection/copy/pad), sign flips, translations
+        if rule is not None and rule.name in ("neg", "add/sub"):
+            return lambda x: x  # |-I| = I; x + c has linear part I
+        return node.linear_fn()  # entries in {0, 1}: |A| = A
+    if rule is not None and rule.name in ("scalar mul", "scalar div"):
+        a0, a1 = arg(node, 0, "input"), arg(node, 1, "other")
+        c = a1 if is_tensor_arg(a0) else a0
+        if tuple(node.in_shapes[0]) == tuple(node.out_shape):
+            ct = c.detach().double().abs() if isinstance(c, torch.Tensor) else abs(float(c))
+            if rule.name == "scalar mul":
+                return lambda x: x * ct
+            return lambda x: x / ct
+        return None
+    if node.module is not None and node.meta.get("fx_op", "call_module") == "call_module":
+        if node.meta.get("getitem") is None and not node.meta.get("kwargs"):
+            return _abs_module(node.module)
+    return None
+
+
+def l1_linf_norm(node: Node, norm: str) -> tuple[float, str]:
+    """Exact (or certified upper) l1 / l-inf operator norm of a linear node's matrix."""
+    in_shape = tuple(node.in_shapes[0])
+    f = abs_operator(node)
+    how = "max row/col sum of |A| (exact)"
+    if f is None or (node.meta.get("part_nodes") and len(node.meta["part_nodes"]) > 1):
+        how = "row/col sums of |A_k|...|A_1| (certified upper bound)"
+    if f is None:
+        if numel(in_shape) > DENSE_LIMIT:
+            raise NormUnavailable(
+                f"no cheap l{norm} rule for this linear op with {numel(in_shape)} inputs; "
+                "use norm=2 or register_rule"
+            )
+        W = node.dense()[0].abs()
+        v = float(W.sum(dim=1).max() if norm == "inf" else W.sum(dim=0).max()) if W.numel() else 0.0
+        return v * (1 + _MARGIN), "max row/col sum of |W| (dense, exact)"
+    with torch.no_grad():
+        ones = torch.ones(1, *in_shape, dtype=torch.float64)
+        if norm == "inf":
+            v = float(f(ones).max()) if numel(node.out_shape) else 0.0
+            return v * (1 + _MARGIN), how
+    zeros = torch.zeros(1, *in_shape, dtype=torch.float64)
+    out, vjp = torch.func.vjp(f, zeros)[:2]
+    (col,) = vjp(torch.ones_like(out))
+    v = float(col.max()) if col.numel() else 0.0
+    return v * (1 + _MARGIN), how
+
+
+# ---- registration -------------------------------------------------------------------------
+def _linear_rule(node: Node, ctx: RuleContext) -> NodeConstant:
+    try:
+        return linear_constant(node, ctx)
+    except NormUnavailable as exc:
+        raise UnsupportedModelError(
+            [UnsupportedNode(node.qualname, node.op, str(exc))]
+        ) from exc
+
+
+def _single_input(node: Node) -> str | None:
+    if len(node.inputs) >= 2:
+        return (
+            "a linear op whose weights also depend on the input (e.g. attention scores "
+            "q @ k^T, x @ x) is a product of inputs: no global Lipschitz constant"
+        )
+    return None
+
+
+def _bn_check(node: Node) -> str | None:
+    m = node.module
+    if isinstance(m, _BN) and m.running_mean is None:
+        return (
+            "BatchNorm with track_running_stats=False normalises with batch statistics even "
+            "in eval mode (not a fixed function of one sample)"
+        )
+    return None
+
+
+LINEAR_MODULES: list[Any] = [
+    nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d,
+    nn.ConvTranspose3d, *_POOL, nn.Upsample, nn.UpsamplingNearest2d, nn.UpsamplingBilinear2d,
+    FoldedBatchNorm, ChannelAffine,
+]
+LINEAR_FUNCTIONS: list[Any] = [
+    F.linear, F.conv1d, F.conv2d, F.conv3d, F.conv_transpose1d, F.conv_transpose2d,
+    F.conv_transpose3d, F.avg_pool1d, F.avg_pool2d, F.avg_pool3d, F.adaptive_avg_pool1d,
+    F.adaptive_avg_pool2d, F.adaptive_avg_pool3d, F.interpolate, F.upsample,
+    F.upsample_nearest, F.upsample_bilinear, torch.sum, torch.mean, "sum", "mean",
+    torch.matmul, operator.matmul, "matmul", torch.mm, "mm",
+    torch.bmm, "bmm", torch.mv, "mv", torch.einsum, torch.tensordot, MERGED_KEY,
+]
+declare(LINEAR_MODULES, name="linear", kind="linear", constant=_linear_rule)
+declare(LINEAR_FUNCTIONS, name="linear (functional)", kind="affine", constant=_linear_rule,
+        check=_single_input)
+declare([EvalBatchNorm], name="batchnorm (eval)", kind="linear", constant=_linear_rule)

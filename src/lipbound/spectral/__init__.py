@@ -1,0 +1,232 @@
+r"""Operator norms of linear layers: estimates through autodiff, certified upper bounds.
+
+``spectral_norm(op, input_shape)`` estimates ``||A||_2`` for the linear part
+``A x = op(x) - op(0)`` of any affine ``op`` acting on a batch ``(B, *input_shape)``: an
+``nn.Linear``, ``Conv1d/2d/3d`` (any stride, padding mode, dilation, groups),
+``ConvTranspose*``, ``AvgPool*``, ``AdaptiveAvgPool*``, eval-mode ``BatchNorm*``, an
+``nn.Sequential`` of these, or a plain function.
+
+* The **estimate** (``value``) uses forward products and vector-Jacobian products only
+  (``||A||_2^2 = lambda_max(A^T A)`` and ``A^T A v = grad_v (1/2)||A v||^2``): thick-restart
+  Lanczos (default), ARPACK, or the paper's power method. It approaches the norm from below
+  (``value = ||A v||`` with ``||v|| = 1``) and stops on a relative tolerance.
+* The **certificate** (``upper``) is a proven upper bound (see :mod:`lipbound.spectral.certify`
+  for every proof): dense SVD with a rounding margin for matrices, the Fourier symbol of a
+  containing circular convolution for convolutions of any padding/stride, the Schur test for
+  pools, products for Sequentials, the dense Jacobian for any small op. ``upper`` is ``None``
+  (and ``certified`` False) when no certificate applies.
+
+>>> import torch
+>>> from torch import nn
+>>> conv = nn.Conv2d(2, 3, 3, padding=1)
+>>> r = spectral_norm(conv, (2, 8, 8))
+>>> r.certified and r.value <= r.upper
+True
+>>> r.u.shape, r.v.shape
+(torch.Size([1, 3, 8, 8]), torch.Size([1, 2, 8, 8]))
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from typing import Any
+
+import torch
+
+from .._validation import check_choice, check_input_shape, check_norm, check_positive
+from ..errors import InvalidArgumentError, ZeroOperatorError
+from ..results import SpectralResult
+from ._ops import Operator, make_operator
+from .certify import best_certificate
+from .lanczos import arpack as _arpack
+from .lanczos import lanczos as _lanczos
+from .power import Triplets
+from .power import power_iteration as _power
+
+__all__ = ["spectral_norm", "top_singular", "certified_upper", "METHODS"]
+
+METHODS = ("auto", "lanczos", "arpack", "power")
+
+
+def _check_dtype(dtype: Any) -> torch.dtype | None:
+    if dtype is None:
+        return None
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise InvalidArgumentError(
+            f"dtype must be None or a floating torch.dtype (torch.float64, torch.float32); "
+            f"got {dtype!r}"
+        )
+    return dtype
+
+
+def _default_dtype(op: Any, tol: float) -> torch.dtype:
+    """float64 below ``tol = 1e-5``; otherwise the op's own floating dtype (float32 usually)."""
+    if tol < 1e-5:
+        return torch.float64
+    if isinstance(op, torch.nn.Module):
+        for t in list(op.parameters()) + list(op.buffers()):
+            if t.is_floating_point():
+                return t.dtype
+    return torch.float64
+
+
+def spectral_norm(
+    op: Any,
+    input_shape: Any,
+    *,
+    k: int = 1,
+    tol: float = 1e-6,
+    max_iter: int = 1000,
+    method: str = "auto",
+    certify: bool = True,
+    dtype: torch.dtype | None = None,
+    seed: int = 0,
+    check_linear: bool = True,
+) -> SpectralResult:
+    r"""Estimate (and certify from above) the operator l2 norm of a linear/affine ``op``.
+
+    Parameters
+    ----------
+    op:           the layer or function; called on a batch ``(B, *input_shape)``. For an affine
+                  op the bias is removed (``A x = op(x) - op(0)``). Parameters are never
+                  modified and their ``.grad`` is never touched.
+    input_shape:  the shape of ONE input, without the batch dimension.
+    k:            number of top singular triplets to compute.
+    tol:          relative tolerance on the singular values (stopping rule, not a count).
+    max_iter:     largest number of ``A^T A`` products (per vector) before giving up
+                  (``converged=False``, the result is still a valid estimate from below).
+    method:       ``"auto"`` (= ``"lanczos"``, faster than the power method on every layer of
+                  the benchmark, see benchmarks/results/spectral.md), ``"lanczos"``
+                  (thick-restart Lanczos on ``A^T A`` in torch), ``"arpack"``
+                  (``scipy.sparse.linalg.eigsh``), ``"power"`` (the paper's power method).
+    certify:      also compute a certified upper bound (``upper``), when one applies.
+    dtype:        working dtype of the estimate. ``None``: float64 when ``tol < 1e-5``, else the
+                  op's own parameter dtype (float32 for most nets; 2-4x faster convolutions
+                  on CPU, and float32 rounding, ~1e-7 relative, stays far below such a
+                  tolerance). Certificates are always computed in float64.
+    seed:         seed of the random start vectors (results are reproducible).
+    check_linear: run the superposition check (two random inputs) before iterating.
+
+    Returns a :class:`~lipbound.results.SpectralResult`: ``value`` (estimate of ``||A||_2``
+    from below), ``upper`` / ``certified`` / ``certificate``, the top-k ``singular_values``,
+    ``u`` of shape ``(k, *out_shape)`` and ``v`` of shape ``(k, *input_shape)`` with
+    ``A v_i ~= sigma_i u_i``, ``iterations`` (operator applications: forward and adjoint
+    products, per vector), ``seconds`` and ``converged``.
+
+    Raises :class:`~lipbound.ShapeError` (op fails on ``input_shape``, or the shape is empty),
+    :class:`~lipbound.NonLinearOperatorError`, :class:`~lipbound.NonFiniteError`,
+    :class:`~lipbound.ZeroOperatorError`, :class:`~lipbound.InvalidArgumentError`.
+
+    >>> import torch
+    >>> W = torch.diag(torch.tensor([3.0, 2.0, 1.0]))
+    >>> r = spectral_norm(lambda x: x @ W.T, (3,), k=2)
+    >>> [round(s, 6) for s in r.singular_values]
+    [3.0, 2.0]
+    >>> r.certified   # a small op: certified through its dense Jacobian
+    True
+    """
+    t0 = time.perf_counter()
+    shape = check_input_shape(input_shape)
+    check_positive("k", k, integer=True)
+    check_positive("tol", tol)
+    check_positive("max_iter", max_iter, integer=True)
+    check_choice("method", method, METHODS)
+    if not isinstance(seed, int) or isinstance(seed, bool):
+        raise InvalidArgumentError(f"seed must be an int; got {seed!r}")
+    dt = _check_dtype(dtype) or _default_dtype(op, tol)
+    A = make_operator(op, shape, dtype=dt, check_linear=check_linear, seed=seed)
+    if k > min(A.n_in, A.n_out):
+        raise InvalidArgumentError(
+            f"k={k} exceeds the rank limit min(n_in, n_out) = {min(A.n_in, A.n_out)} of this "
+            f"operator ({shape} -> {A.out_shape}); ask for fewer singular triplets"
+        )
+    A.count = 0
+    gen = torch.Generator().manual_seed(seed)
+    name = "lanczos" if method == "auto" else method
+    trip: Triplets
+    if name == "power":
+        trip = _power(A, k, tol, max_iter, gen)
+    elif name == "arpack":
+        trip = _arpack(A, k, tol, max_iter, gen)
+    else:
+        trip = _lanczos(A, k, tol, max_iter, gen)
+    sig = [float(s) for s in trip.sigmas]
+    if not sig[0] > 0.0 or not math.isfinite(sig[0]):
+        if math.isfinite(sig[0]):
+            raise ZeroOperatorError(
+                "the operator's norm is 0 (A v = 0 for the converged v): it is the zero map. "
+                "Check the weights."
+            )
+        from ..errors import NonFiniteError
+
+        raise NonFiniteError("the iteration produced a non-finite value: the op overflows")
+    iterations = A.count
+    upper: float | None = None
+    how = ""
+    notes: list[str] = []
+    if certify:
+        c = certify_op(op, shape, A.out_shape)
+        if c is not None:
+            upper, how = c
+            if sig[0] > upper * (1 + 1e-6 if dt == torch.float64 else 1e-4):
+                notes.append(
+                    f"estimate {sig[0]:.9g} exceeds the certificate {upper:.9g} beyond rounding"
+                )
+    if not trip.converged:
+        notes.append(f"not converged to tol={tol:g} in max_iter={max_iter}; estimate from below")
+    return SpectralResult(
+        value=sig[0],
+        upper=upper,
+        certified=upper is not None,
+        certificate=how,
+        method=name,
+        singular_values=tuple(sig),
+        u=trip.u,
+        v=trip.v,
+        iterations=iterations,
+        seconds=time.perf_counter() - t0,
+        converged=trip.converged,
+        notes=tuple(notes),
+    )
+
+
+def top_singular(op: Any, input_shape: Any, k: int, **options: Any) -> SpectralResult:
+    """Top-``k`` singular triplets of a linear/affine ``op`` (see :func:`spectral_norm`).
+
+    ``u`` has shape ``(k, *out_shape)``, ``v`` shape ``(k, *input_shape)``, and
+    ``singular_values`` is descending. Options are those of :func:`spectral_norm`.
+
+    >>> import torch
+    >>> r = top_singular(torch.nn.Linear(4, 3), (4,), 2)
+    >>> r.u.shape, r.v.shape, len(r.singular_values)
+    (torch.Size([2, 3]), torch.Size([2, 4]), 2)
+    """
+    return spectral_norm(op, input_shape, k=k, **options)
+
+
+def certify_op(op: Any, shape: tuple[int, ...], out_shape: tuple[int, ...], norm: str = "2"
+               ) -> tuple[float, str] | None:
+    """Internal: the certificate for an already validated op (see :func:`certified_upper`)."""
+    return best_certificate(op, shape, out_shape, norm)
+
+
+def certified_upper(op: Any, input_shape: Any, *, norm: Any = "2") -> tuple[float, str] | None:
+    """A certified upper bound on the operator norm of ``op``'s linear part, or ``None``.
+
+    Returns ``(bound, how)``: ``how`` names the certificate (its proof is in
+    :mod:`lipbound.spectral.certify`). ``norm`` is ``2`` (default), ``1`` or ``inf``
+    (operator norms induced by the l1 / l-inf vector norms; available for dense, conv,
+    pooling, BatchNorm, padding layers, their Sequentials and small ops). ``None`` when no
+    certificate applies (e.g. a large black-box function).
+
+    >>> import torch
+    >>> bound, how = certified_upper(torch.nn.Conv1d(1, 1, 3, padding=1, padding_mode="circular",
+    ...                                              bias=False), (1, 16))
+    >>> "exact" in how
+    True
+    """
+    shape = check_input_shape(input_shape)
+    n = check_norm(norm, method="certified_upper")
+    A: Operator = make_operator(op, shape, dtype=torch.float64, check_linear=True)
+    return best_certificate(op, shape, A.out_shape, n)

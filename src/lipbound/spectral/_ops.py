@@ -1,0 +1,286 @@
+"""Wrapping a linear/affine callable as an operator ``A`` with forward and adjoint products.
+
+Given an ``op`` (``nn.Module`` or plain function) acting on a batch ``(B, *input_shape)``, the
+linear part is ``A x = op(x) - op(0)``. Forward products are plain calls; adjoint products
+``A^T y`` are vector-Jacobian products (``torch.func.vjp`` of ``A`` at ``0``, reused for every
+``y``): no explicit matrix is ever formed.
+
+Modules are called through ``torch.func.functional_call`` with *detached copies* of their
+parameters and buffers (cast to the working dtype), so the user's parameters keep their
+``requires_grad`` and their ``.grad`` is never touched. Plain functions are called as they are;
+a VJP w.r.t. the input only does not accumulate into any ``.grad`` either.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..errors import (
+    InvalidArgumentError,
+    NonFiniteError,
+    NonLinearOperatorError,
+    ShapeError,
+    ZeroOperatorError,
+)
+
+__all__ = ["Operator", "make_operator", "module_call", "op_device"]
+
+# coefficients of the superposition check (arbitrary, not "nice" numbers)
+_ALPHA, _BETA = 0.7316, -1.2409
+
+
+def op_device(op: Any) -> torch.device:
+    """Device of the first parameter/buffer of ``op`` (CPU for functions / empty modules)."""
+    if isinstance(op, nn.Module):
+        for t in list(op.parameters()) + list(op.buffers()):
+            return t.device
+    return torch.device("cpu")
+
+
+def module_call(module: nn.Module, dtype: torch.dtype) -> Callable[[torch.Tensor], torch.Tensor]:
+    """``x -> module(x)`` with detached parameters/buffers cast to ``dtype``.
+
+    The module itself is left untouched (no cast, no ``.grad``, no ``requires_grad`` change).
+    """
+    state: dict[str, torch.Tensor] = {}
+    for name, t in list(module.named_parameters()) + list(module.named_buffers()):
+        t = t.detach()
+        state[name] = t.to(dtype) if t.is_floating_point() else t
+
+    def call(x: torch.Tensor) -> torch.Tensor:
+        return torch.func.functional_call(module, state, (x,), strict=False)
+
+    return call
+
+
+def _training_nonlinear(op: Any) -> str | None:
+    """Name the first sub-module whose training mode makes the op non-linear per sample."""
+    if not isinstance(op, nn.Module):
+        return None
+    for name, m in op.named_modules():
+        if not m.training:
+            continue
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            return f"{name or type(op).__name__} ({type(m).__name__} in training mode)"
+        if isinstance(m, nn.modules.dropout._DropoutNd) and m.p > 0:
+            return f"{name or type(op).__name__} ({type(m).__name__} in training mode)"
+    return None
+
+
+class Operator:
+    """The linear part ``A x = op(x) - op(0)`` of an affine ``op``, with counted products.
+
+    ``matvec(x)`` maps ``(B, *in_shape) -> (B, *out_shape)``; ``rmatvec(y)`` the adjoint.
+    ``count`` counts single-vector products (a batch of ``B`` counts ``B``), forward and adjoint
+    separately.
+    """
+
+    def __init__(
+        self,
+        fn: Callable[[torch.Tensor], torch.Tensor],
+        in_shape: tuple[int, ...],
+        out_shape: tuple[int, ...],
+        bias: torch.Tensor,
+        dtype: torch.dtype,
+        device: torch.device,
+        source: Any,
+    ) -> None:
+        self.fn = fn
+        self.in_shape = in_shape
+        self.out_shape = out_shape
+        self.bias = bias
+        self.dtype = dtype
+        self.device = device
+        self.source = source
+        self.n_in = math.prod(in_shape)
+        self.n_out = math.prod(out_shape)
+        self.count = 0
+        self._vjps: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def lin(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fn(x) - self.bias
+
+    def matvec(self, x: torch.Tensor) -> torch.Tensor:
+        """``A x`` for a batch ``x`` of shape ``(B, *in_shape)``."""
+        self.count += x.shape[0]
+        with torch.no_grad():
+            return self.lin(x)
+
+    def rmatvec(self, y: torch.Tensor) -> torch.Tensor:
+        """``A^T y`` for a batch ``y`` of shape ``(B, *out_shape)`` (a vector-Jacobian product)."""
+        b = y.shape[0]
+        self.count += b
+        graph = self._vjps.get(b)
+        if graph is None:
+            x0 = torch.zeros((b, *self.in_shape), dtype=self.dtype, device=self.device)
+            x0.requires_grad_(True)
+            with torch.enable_grad():
+                graph = (x0, self.lin(x0))
+            self._vjps[b] = graph
+        x0, out0 = graph
+        (g,) = torch.autograd.grad(out0, x0, y, retain_graph=True)
+        return g.detach()
+
+    def gram(self, x: torch.Tensor) -> torch.Tensor:
+        """``A^T A x`` (one forward and one adjoint product per vector)."""
+        return self.rmatvec(self.matvec(x))
+
+    def randn(self, k: int, gen: torch.Generator) -> torch.Tensor:
+        """``k`` standard normal input-shaped vectors (drawn on CPU for reproducibility)."""
+        z = torch.randn((k, *self.in_shape), generator=gen, dtype=torch.float64)
+        return z.to(device=self.device, dtype=self.dtype)
+
+
+def _call(
+    fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, shape: tuple[int, ...]
+) -> torch.Tensor:
+    try:
+        out = fn(x)
+    except (RuntimeError, ValueError, IndexError, TypeError) as e:
+        raise ShapeError(
+            f"op cannot be applied to a batch of shape {tuple(x.shape)} built from "
+            f"input_shape={shape}: {type(e).__name__}: {e}. "
+            "Give input_shape as the shape of ONE sample without the batch dimension "
+            "(e.g. (3, 32, 32) for a Conv2d with 3 input channels)."
+        ) from e
+    if not isinstance(out, torch.Tensor):
+        raise InvalidArgumentError(
+            f"op must return a tensor; got {type(out).__name__}. Wrap it so that it maps a "
+            "batch (B, *input_shape) to a batch (B, *output_shape)."
+        )
+    if out.dim() == 0 or out.shape[0] != x.shape[0]:
+        raise ShapeError(
+            f"op maps a batch of {x.shape[0]} inputs of shape {shape} to a tensor of shape "
+            f"{tuple(out.shape)}; the first (batch) dimension must be kept. Check input_shape "
+            "(one sample, without the batch dimension)."
+        )
+    if not out.is_floating_point():
+        raise InvalidArgumentError(f"op must return a floating-point tensor; got {out.dtype}")
+    return out
+
+
+def _tol(dtype: torch.dtype) -> float:
+    return 1e-9 if dtype == torch.float64 else 1e-4
+
+
+def make_operator(
+    op: Any,
+    input_shape: tuple[int, ...],
+    *,
+    dtype: torch.dtype,
+    check_linear: bool = True,
+    seed: int = 0,
+) -> Operator:
+    """Validate ``op`` on ``input_shape`` and wrap its linear part.
+
+    Raises :class:`ShapeError` (op fails on the shape or drops the batch dim),
+    :class:`NonFiniteError` (NaN/inf weights or outputs), :class:`NonLinearOperatorError`
+    (superposition check fails, or a training-mode BatchNorm/Dropout) and
+    :class:`ZeroOperatorError` (``A x = 0`` on random inputs).
+    """
+    if not callable(op):
+        raise InvalidArgumentError(
+            f"op must be a callable (an nn.Module or a function on a batched tensor); got "
+            f"{type(op).__name__}"
+        )
+    if isinstance(op, nn.Module):
+        from .._validation import check_finite_module
+
+        check_finite_module(op, name="op")
+        bad = _training_nonlinear(op)
+        if bad is not None:
+            raise NonLinearOperatorError(
+                f"op is not a fixed linear map: {bad} uses batch statistics or randomness. "
+                "Call op.eval() first."
+            )
+    device = op_device(op)
+    fn: Callable[[torch.Tensor], torch.Tensor]
+    if isinstance(op, nn.Module):
+        fn = module_call(op, dtype)
+    else:
+        fn = op
+    zero = torch.zeros((1, *input_shape), dtype=dtype, device=device)
+    try:
+        bias = _call(fn, zero, input_shape)
+    except ShapeError:
+        if dtype == torch.float32 or isinstance(op, nn.Module):
+            raise
+        # a plain function with float32 internals: fall back to float32
+        dtype = torch.float32
+        zero = zero.to(dtype)
+        bias = _call(fn, zero, input_shape)
+    bias = bias.detach()
+    out_shape = tuple(bias.shape[1:])
+    if bias.dtype != dtype:
+        # the op computes in its own dtype (e.g. a function casting to float32): follow it
+        dtype = bias.dtype
+        bias = _call(fn, torch.zeros((1, *input_shape), dtype=dtype, device=device), input_shape)
+        bias = bias.detach()
+        if bias.dtype != dtype:
+            raise InvalidArgumentError(
+                f"op returned {bias.dtype} for a {dtype} input; it must compute in one dtype"
+            )
+    if not bool(torch.isfinite(bias).all()):
+        raise NonFiniteError(
+            "op(0) contains NaN or inf: the op's weights or bias are not finite. "
+            "Check the weights you loaded."
+        )
+    A = Operator(fn, input_shape, out_shape, bias, dtype, device, op)
+    if len(out_shape) == 0 or A.n_out == 0:
+        raise ShapeError(f"op maps input_shape={input_shape} to an empty output {out_shape}")
+
+    gen = torch.Generator().manual_seed(seed + 7919)
+    x = A.randn(2, gen)
+    xy = torch.cat([x, (_ALPHA * x[0] + _BETA * x[1]).unsqueeze(0)])
+    with torch.no_grad():
+        out = _call(fn, xy, input_shape)
+        if out.shape[1:] != bias.shape[1:]:
+            raise ShapeError(
+                f"op's output shape depends on the batch size ({tuple(out.shape)} vs "
+                f"{tuple(bias.shape)}); it must map (B, *input_shape) to (B, *output_shape)"
+            )
+        if not bool(torch.isfinite(out).all()):
+            raise NonFiniteError(
+                "op returned NaN or inf on random inputs: its weights are not finite or it "
+                "overflows. Check the weights."
+            )
+        ax = (out - bias).reshape(3, -1).to(torch.float64)
+    eps = torch.finfo(dtype).eps
+    nb = float(bias.to(torch.float64).norm())
+    n1, n2 = float(ax[0].norm()), float(ax[1].norm())
+    if max(n1, n2) <= 64 * eps * nb:
+        raise ZeroOperatorError(
+            "op is zero on random inputs (op(x) - op(0) = 0): its linear part is the zero map, "
+            "whose norm is 0 and which has no singular vectors. Check the weights "
+            "(all zero?) and that the op really depends on its input."
+        )
+    if check_linear:
+        # per-sample: the op must not mix the samples of a batch
+        with torch.no_grad():
+            single = _call(fn, x[:1], input_shape)
+        d = float((single - out[:1]).to(torch.float64).norm())
+        if not d <= _tol(dtype) * (float(single.to(torch.float64).norm()) + nb + 1e-300):
+            raise NonLinearOperatorError(
+                "op mixes the samples of a batch (its output for a sample depends on the other "
+                "samples): it is not a per-sample linear map. Call op.eval() (BatchNorm) or "
+                "make it act on each sample independently."
+            )
+    if check_linear:
+        lhs = ax[2]
+        rhs = _ALPHA * ax[0] + _BETA * ax[1]
+        scale = float(lhs.norm()) + abs(_ALPHA) * n1 + abs(_BETA) * n2 + 4 * nb
+        err = float((lhs - rhs).norm())
+        if not err <= _tol(dtype) * scale:
+            raise NonLinearOperatorError(
+                f"op is not affine: the superposition check op(a x + b y) - op(0) = "
+                f"a (op(x) - op(0)) + b (op(y) - op(0)) fails with relative error "
+                f"{err / max(scale, 1e-300):.3g} (tolerance {_tol(dtype):g}). spectral_norm "
+                "needs a linear or affine op (Linear, Conv, AvgPool, eval BatchNorm...); for a "
+                "network with activations use lipbound.autolip / lipbound.lower_bound."
+            )
+    return A

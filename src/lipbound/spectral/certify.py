@@ -1,0 +1,667 @@
+r"""Certified upper bounds on operator norms of linear layers (l2, and l1 / l-inf).
+
+Every number returned here is an upper bound on the norm of the *exact-arithmetic* linear map
+defined by the stored weights (float32 weights are converted to float64 exactly). All
+computations run in float64 and every bound is inflated by an explicit rounding margin.
+Notation: ``u = 2^-53`` (float64 unit roundoff).
+
+Certificates (l2), each proved in the docstring of the function that computes it:
+
+* **dense matrices** (``nn.Linear``; any small op via its Jacobian): SVD with a backward-error
+  margin, :func:`matrix_norm_upper`.
+* **convolutions** (``Conv1d/2d/3d``, any stride, dilation, groups, padding mode;
+  ``ConvTranspose*`` as adjoints; ``AvgPool*`` as constant-kernel convs): the largest singular
+  value of the Fourier symbol of a circular convolution that contains the layer,
+  :func:`conv_fourier_upper`. Exact (up to rounding) for circular padding with stride 1 (and
+  stride ``s`` dividing the input size when the output covers the grid).
+* **non-negative operators** (average pools, adaptive pools): the Schur test
+  ``||A||_2 <= sqrt(||A||_1 ||A||_inf)``, with the row and column sums computed exactly by
+  ``A 1`` and ``A^T 1``.
+* **eval BatchNorm** (diagonal), **Flatten / Identity / Dropout(eval) / zero padding**
+  (norm 1), **reflect / replicate / circular padding** (``sqrt`` of the largest copy count),
+  **Sequential** (product of the parts, after folding BatchNorm into adjacent convs/linears).
+
+The smallest of the applicable certificates is returned.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ._ops import module_call
+
+__all__ = [
+    "ConvSpec",
+    "DENSE_LIMIT",
+    "best_certificate",
+    "conv_fourier_upper",
+    "conv_spec",
+    "matrix_norm_upper",
+]
+
+U = 2.0**-53  # float64 unit roundoff
+DENSE_LIMIT = 4_000_000  # largest n_in * n_out for which a Jacobian is built densely
+_F64 = torch.float64
+
+
+def _up(x: float, rel: float = 8 * U) -> float:
+    """Round a computed non-negative float64 up by a relative margin (covers its own rounding)."""
+    return float(x) * (1.0 + rel) + 1e-300
+
+
+# ---------------------------------------------------------------------------------------------
+# dense matrices
+# ---------------------------------------------------------------------------------------------
+def matrix_norm_upper(W: torch.Tensor, norm: str = "2") -> tuple[float, str]:
+    r"""Certified upper bound on ``||W||`` for a dense matrix ``W`` (any shape ``m x n``).
+
+    l2, small matrices (``min(m, n) <= 512``): ``s = max(svdvals(W))`` in float64. The SVD
+    (Householder bidiagonalisation + QR iteration, LAPACK) is backward stable: the computed
+    singular values are the exact ones of ``W + E`` with ``||E||_2 <= c m n u ||W||_F`` for a
+    small constant ``c`` (Golub & Van Loan, Matrix Computations, sec. 8.6; Higham, Accuracy
+    and Stability, ch. 19), and Weyl's inequality gives ``|s - sigma_max(W)| <= ||E||_2``.
+    We take ``c = 8``:
+
+        ||W||_2 <= s + 8 m n u ||W||_F.
+
+    l2, larger matrices: with ``G = W W^T`` (the smaller side, ``p x p``) computed in float64,
+    ``|G_hat - G| <= gamma_q |W| |W|^T`` entrywise (``q`` the inner dimension), so
+    ``||G_hat - G||_2 <= 1.01 q u ||W||_F^2``; the symmetric eigensolver is backward stable
+    with ``||E||_2 <= 8 p^2 u ||G_hat||_F``. Hence
+
+        ||W||_2^2 = lambda_max(G) <= lambda_hat + 1.01 q u ||W||_F^2 + 8 p^2 u ||G_hat||_F.
+
+    l1 / l-inf: the largest column / row sum of ``|W|``; a float64 sum of ``q`` non-negative
+    terms is at most ``(1 + q u)`` times too small, so it is inflated by ``(1 + 2 q u)``.
+    The margins are far below 1e-6 relative for every layer of practical size.
+    """
+    W = W.detach().to(_F64).reshape(W.shape[0], -1)
+    m, n = W.shape
+    if norm in ("1", "inf"):
+        sums = W.abs().sum(dim=0 if norm == "1" else 1)
+        q = m if norm == "1" else n
+        return _up(float(sums.max()), 2 * q * U + 8 * U), f"dense l{norm} (abs sums)"
+    fro = float(torch.linalg.matrix_norm(W, "fro"))
+    if min(m, n) <= 512:
+        s = float(torch.linalg.svdvals(W)[0])
+        return _up(s + 8 * m * n * U * fro * 1.01), "dense SVD (float64) + margin"
+    A = W if m <= n else W.T
+    p, q = A.shape
+    G = A @ A.T
+    lam = float(torch.linalg.eigvalsh(G)[-1])
+    gf = float(torch.linalg.matrix_norm(G, "fro"))
+    lam_up = lam + 1.01 * q * U * fro * fro + 8 * p * p * U * gf
+    return _up(math.sqrt(max(lam_up, 0.0))), "dense Gram eigvalsh (float64) + margin"
+
+
+# ---------------------------------------------------------------------------------------------
+# convolutions
+# ---------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class ConvSpec:
+    """A convolution (cross-correlation, as in torch) in a form the certificates read.
+
+    ``weight``: ``(C_out, C_in / groups, *k)`` float64; ``in_spatial``: input sizes;
+    ``pad_lo`` / ``pad_hi``: padding before / after per dim; ``mode``: torch padding mode;
+    ``out_spatial``: output sizes; ``adjoint``: the layer is the adjoint of this conv
+    (ConvTranspose), which matters for l1 / l-inf only.
+    """
+
+    weight: torch.Tensor
+    in_spatial: tuple[int, ...]
+    out_spatial: tuple[int, ...]
+    stride: tuple[int, ...]
+    dilation: tuple[int, ...]
+    pad_lo: tuple[int, ...]
+    pad_hi: tuple[int, ...]
+    groups: int
+    mode: str = "zeros"
+    adjoint: bool = False
+
+    @property
+    def dims(self) -> int:
+        return len(self.in_spatial)
+
+
+def _tuple(v: Any, d: int) -> tuple[int, ...]:
+    if isinstance(v, int):
+        return (v,) * d
+    t = tuple(int(x) for x in v)
+    return t * d if len(t) == 1 else t
+
+
+def conv_spec(
+    module: nn.Module, in_shape: tuple[int, ...], out_shape: tuple[int, ...]
+) -> ConvSpec | None:
+    """Describe a Conv / ConvTranspose / AvgPool module as a :class:`ConvSpec`, or ``None``.
+
+    AvgPool becomes a single-channel conv with the constant kernel ``1 / divisor`` (all
+    channels are equal blocks of a block-diagonal operator, so they share its norm) when
+    ``count_include_pad`` holds (or padding is 0) and no window is truncated by ``ceil_mode``.
+    """
+    if isinstance(module, nn.modules.conv._ConvTransposeNd):
+        d = module.weight.dim() - 2
+        if len(in_shape) != d + 1 or len(out_shape) != d + 1 or module.padding_mode != "zeros":
+            return None
+        pad = _tuple(module.padding, d)
+        return ConvSpec(
+            weight=module.weight.detach().to(_F64),
+            in_spatial=tuple(out_shape[1:]),
+            out_spatial=tuple(in_shape[1:]),
+            stride=_tuple(module.stride, d),
+            dilation=_tuple(module.dilation, d),
+            pad_lo=pad,
+            pad_hi=pad,
+            groups=module.groups,
+            mode="zeros",
+            adjoint=True,
+        )
+    if isinstance(module, nn.modules.conv._ConvNd):
+        d = module.weight.dim() - 2
+        if len(in_shape) != d + 1 or len(out_shape) != d + 1:
+            return None
+        rp = list(module._reversed_padding_repeated_twice)
+        lo = tuple(int(rp[2 * (d - 1 - i)]) for i in range(d))
+        hi = tuple(int(rp[2 * (d - 1 - i) + 1]) for i in range(d))
+        return ConvSpec(
+            weight=module.weight.detach().to(_F64),
+            in_spatial=tuple(in_shape[1:]),
+            out_spatial=tuple(out_shape[1:]),
+            stride=_tuple(module.stride, d),
+            dilation=_tuple(module.dilation, d),
+            pad_lo=lo,
+            pad_hi=hi,
+            groups=module.groups,
+            mode=module.padding_mode,
+        )
+    pools = (nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d)
+    if isinstance(module, pools):
+        d = {nn.AvgPool1d: 1, nn.AvgPool2d: 2, nn.AvgPool3d: 3}[type(module)]
+        if len(in_shape) != d + 1 or len(out_shape) != d + 1:
+            return None
+        k = _tuple(module.kernel_size, d)
+        s = _tuple(module.stride if module.stride is not None else module.kernel_size, d)
+        p = _tuple(module.padding, d)
+        if any(pi > 0 for pi in p) and not module.count_include_pad:
+            return None
+        # the windows must all lie within the zero-padded input (no ceil_mode truncation)
+        for i in range(d):
+            full = (in_shape[1 + i] + 2 * p[i] - k[i]) // s[i] + 1
+            if out_shape[1 + i] != full:
+                return None
+        div = getattr(module, "divisor_override", None) or math.prod(k)
+        w = torch.full((1, 1, *k), 1.0 / div, dtype=_F64)
+        return ConvSpec(
+            weight=w,
+            in_spatial=tuple(in_shape[1:]),
+            out_spatial=tuple(out_shape[1:]),
+            stride=s,
+            dilation=(1,) * d,
+            pad_lo=p,
+            pad_hi=p,
+            groups=1,
+            mode="zeros",
+        )
+    return None
+
+
+def _pad_copy_counts(spatial: tuple[int, ...], pads: list[int], mode: str) -> torch.Tensor:
+    """How many times ``F.pad(x, pads, mode)`` copies each input entry: ``P^T 1``.
+
+    ``P`` (the padding as a matrix) has exactly one 1 per row, so ``P^T P`` is the diagonal
+    matrix of these counts and ``||P||_2 = sqrt(max count)`` exactly (``||P||_1`` = max count,
+    ``||P||_inf = 1``).
+    """
+    x = torch.zeros((1, 1, *spatial), dtype=_F64, requires_grad=True)
+    y = F.pad(x, pads, mode=mode) if mode != "constant" else F.pad(x, pads)
+    (g,) = torch.autograd.grad(y, x, torch.ones_like(y))
+    return g.reshape(spatial)
+
+
+@dataclass(frozen=True)
+class _DimPlan:
+    grid: int  # circulant grid size G along this dim
+    phases: int  # polyphase factor P along this dim
+    phase: tuple[int, ...]  # per tap
+    pos: tuple[int, ...]  # per tap, in [0, G)
+    rep: int  # largest number of outputs reading the same circulant output (1 = a selection)
+    exact: bool
+
+
+def _dim_plan(mode: str, H: int, k: int, s: int, d: int, lo: int, hi: int, Ho: int) -> _DimPlan:
+    if mode == "circular":
+        ms = [(t * d - lo) % H for t in range(k)]
+        if H % s == 0:
+            G = H // s
+            rep = -(-Ho // G)
+            return _DimPlan(G, s, tuple(m % s for m in ms), tuple((m // s) % G for m in ms),
+                            rep, Ho == G)
+        counts: dict[int, int] = {}
+        for i in range(Ho):
+            counts[(i * s) % H] = counts.get((i * s) % H, 0) + 1
+        rep = max(counts.values())
+        return _DimPlan(H, 1, (0,) * k, tuple(ms), rep, s == 1 and Ho == H)
+    # zero padding (reflect / replicate are reduced to it on the padded input)
+    L = H + lo + hi
+    G = -(-L // s)
+    ms = [t * d for t in range(k)]
+    return _DimPlan(G, s, tuple(m % s for m in ms), tuple(m // s for m in ms), 1, False)
+
+
+def conv_fourier_upper(spec: ConvSpec, *, max_bytes: int = 1 << 28) -> tuple[float, str]:
+    r"""Certified upper bound on the l2 norm of a convolution, via its Fourier symbol.
+
+    **Claim.** Let the conv map ``x`` (``C_in x H_1 x ... x H_D``) to
+    ``y[o, i] = sum_{c, t} K[o, c, t] xpad[c, i s + t d]`` (``xpad`` the padded input, ``s``
+    stride, ``d`` dilation). Then ``||A||_2 <= ||P||_2 max_w ||K_hat(w)||_2`` where ``K_hat`` is
+    defined below and ``P`` is the padding (``||P||_2 = 1`` for zero padding).
+
+    **Proof (zero padding, per dim).** ``xpad`` (length ``L = H + lo + hi``) is an isometric
+    embedding of ``x``. Split it into ``s`` phases ``x_phi[j] = xpad[j s + phi]`` of length
+    ``G = ceil(L / s)`` (missing entries zero): an isometry again (a permutation plus zero
+    fill). With ``t d = s q_t + phi_t``, ``y[i] = sum_t K_t x_{phi_t}[i + q_t]``, a stride-1
+    "valid" convolution from ``C_in s^D`` channels to ``C_out``. All indices ``i + q_t`` lie in
+    ``[0, G)`` (since ``(H_out - 1) s + (k - 1) d <= L - 1``), so this equals the *circular*
+    convolution on the grid ``G`` read at the outputs ``i < H_out``: ``A = S C E`` with ``E``
+    an isometry and ``S`` a coordinate selection, hence ``||A|| <= ||C||``. The multichannel
+    circulant ``C`` is block-diagonalised by the unitary DFT on the grid:
+    ``||C||_2 = max_w ||K_hat(w)||_2`` with
+    ``K_hat(w) = sum_t K_eff[:, :, q_t] exp(-2 pi i <w, q_t / G>)`` over the ``prod(G)`` grid
+    frequencies (half of the last axis suffices: ``K_hat(-w) = conj(K_hat(w))`` has the same
+    singular values). Groups make ``C`` block-diagonal: the max is also over groups.
+
+    *Circular padding*: ``y[i] = sum_t K_t x[(i s + t d - lo) mod H]``. If ``s`` divides ``H``
+    the phases of ``x`` (a permutation) give a circular stride-1 conv on the grid ``H / s``
+    read at ``i < H_out``; otherwise the stride-1 circular conv on the grid ``H`` read at
+    positions ``i s``. Either way ``||A|| <= ||C||``, with equality when every grid output is
+    read (e.g. stride 1 and ``H_out = H``): then the certificate is tight. When the output is
+    longer than the grid (padding beyond a period), outputs repeat circulant outputs: ``A = R C
+    Pi`` with ``R`` a 0/1 row-repetition, ``||R||_2 = sqrt(max repetition)`` (``R^T R`` is the
+    diagonal of repetition counts), and that factor multiplies the bound.
+
+    *Reflect / replicate padding*: ``xpad = P x`` with ``P`` a 0/1 copy matrix, and ``A`` is
+    the zero-padding-free conv of ``xpad``: ``||A|| <= ||conv|| ||P||`` with
+    ``||P||_2 = sqrt(max copy count)`` (:func:`_pad_copy_counts`), a valid but not tight bound.
+
+    **Rounding.** ``K_hat(w)`` is evaluated as a sum of ``T`` complex products in float64: the
+    error is at most ``(2 T + 16) u S`` in Frobenius norm, ``S = sum_t ||K_t||_F``; the SVD of
+    each ``m x n`` symbol adds at most ``8 m n u ||K_hat(w)||_F <= 8 m n u S``. Both are added.
+    """
+    D = spec.dims
+    K = spec.weight.to(_F64)
+    g = spec.groups
+    cout = K.shape[0]
+    cin_g = K.shape[1]
+    ks = tuple(K.shape[2:])
+    pad_norm = 1.0
+    mode = spec.mode
+    lo, hi, spatial = spec.pad_lo, spec.pad_hi, spec.in_spatial
+    if mode in ("reflect", "replicate"):
+        pads: list[int] = []
+        for i in reversed(range(D)):
+            pads += [lo[i], hi[i]]
+        counts = _pad_copy_counts(spatial, pads, mode)
+        pad_norm = _up(math.sqrt(float(counts.max())))
+        spatial = tuple(spatial[i] + lo[i] + hi[i] for i in range(D))
+        lo = hi = (0,) * D
+        mode = "zeros"
+    plans = [
+        _dim_plan(mode, spatial[i], ks[i], spec.stride[i], spec.dilation[i], lo[i], hi[i],
+                  spec.out_spatial[i])
+        for i in range(D)
+    ]
+    grid = tuple(p.grid for p in plans)
+    nph = math.prod(p.phases for p in plans)
+    cin_eff = cin_g * nph
+    cout_g = cout // g
+    # effective kernel indexed by (position, group, out, in_eff)
+    positions: dict[tuple[int, ...], int] = {}
+    entries: list[tuple[int, int, tuple[int, ...]]] = []  # (pos_idx, phase_flat, tap)
+    for tap in itertools.product(*[range(k) for k in ks]):
+        pos = tuple(plans[i].pos[tap[i]] for i in range(D))
+        ph = 0
+        for i in range(D):
+            ph = ph * plans[i].phases + plans[i].phase[tap[i]]
+        if pos not in positions:
+            positions[pos] = len(positions)
+        entries.append((positions[pos], ph, tap))
+    T = len(positions)
+    Keff = torch.zeros((T, g, cout_g, cin_g, nph), dtype=_F64)
+    Kg = K.reshape(g, cout_g, cin_g, *ks)
+    for pi, ph, tap in entries:
+        Keff[pi, :, :, :, ph] += Kg[(slice(None),) * 3 + tap]
+    Keff = Keff.reshape(T, -1)
+    S_norm = float(sum(float(torch.linalg.vector_norm(K[(slice(None),) * 2 + tap]))
+                       for tap in itertools.product(*[range(k) for k in ks])))
+    # frequencies: full range on all but the last axis, half on the last
+    fr = [torch.arange(n, dtype=_F64) for n in grid[:-1]] + [
+        torch.arange(grid[-1] // 2 + 1, dtype=_F64)
+    ]
+    mesh = torch.meshgrid(*fr, indexing="ij")
+    W = torch.stack([m.reshape(-1) / grid[i] for i, m in enumerate(mesh)], dim=1)  # (F, D)
+    P = torch.tensor(list(positions.keys()), dtype=_F64).reshape(T, D)
+    nF = W.shape[0]
+    per = max(1, max_bytes // max(1, 16 * Keff.shape[1] * 3))
+    best = 0.0
+    Kc = Keff.to(torch.complex128)
+    for a in range(0, nF, per):
+        ang = -2 * math.pi * (W[a : a + per] @ P.T)  # (f, T)
+        E = torch.polar(torch.ones_like(ang), ang)
+        Kh = (E @ Kc).reshape(-1, g, cout_g, cin_eff)
+        s = torch.linalg.matrix_norm(Kh, ord=2)
+        best = max(best, float(s.max()))
+    m_, n_ = cout_g, cin_eff
+    margin = ((2 * T + 16) + 8 * m_ * n_) * U * S_norm
+    rep = math.prod(p.rep for p in plans)
+    if rep > 1:
+        pad_norm = _up(pad_norm * math.sqrt(rep))
+    bound = _up((best + margin) * pad_norm)
+    exact = all(p.exact for p in plans) and pad_norm == 1.0 and spec.mode == "circular"
+    how = (
+        f"fourier ({spec.mode} padding, grid {'x'.join(map(str, grid))}"
+        + (f", polyphase {nph}" if nph > 1 else "")
+        + (f", x copy norm {pad_norm:.4g}" if pad_norm != 1.0 else "")
+        + (", exact)" if exact else ")")
+    )
+    return bound, how
+
+
+def conv_l1_linf_upper(spec: ConvSpec, norm: str) -> tuple[float, str]:
+    r"""Certified l1 / l-inf operator norms of a convolution (``norm`` is ``"1"`` or ``"inf"``).
+
+    l-inf (max row sum of ``|A|``): each output ``(o, i)`` is a combination of at most the
+    taps of ``K[o]``, several taps possibly hitting the same input (padding copies, circular
+    wrap), so its row sum is ``<= sum_{c, t} |K[o, c, t]|`` (triangle inequality).
+    l1 (max column sum): for a fixed input ``(c, j)``, out channel ``o`` and tap ``t``, the
+    outputs ``i`` with ``i s + t d = j'`` (``j'`` a padded position holding a copy of ``j``)
+    number at most one per copy; so the column sum is ``<= m * sum_{o, t} |K[o, c, t]|`` with
+    ``m`` the largest copy count of the padding (1 for zeros; for circular padding, the
+    number of times the output window can wrap, ``ceil(((H_out - 1) s + 1) / H)`` per dim).
+    For the adjoint of a conv (ConvTranspose) l1 and l-inf swap. Sums of non-negative float64
+    terms are inflated by ``(1 + 2 q u)``.
+    """
+    if spec.adjoint:
+        norm = "inf" if norm == "1" else "1"
+    K = spec.weight.to(_F64).abs()
+    g = spec.groups
+    cout, cin_g = K.shape[0], K.shape[1]
+    q = K[0].numel() * max(1, cout)
+    if norm == "inf":
+        v = float(K.reshape(cout, -1).sum(1).max())
+        return _up(v, 2 * q * U + 8 * U), "conv l-inf (abs sums)"
+    per_in = K.reshape(g, cout // g, cin_g, -1).sum(dim=(1, 3))
+    mult = 1.0
+    D = spec.dims
+    if spec.mode in ("reflect", "replicate"):
+        pads: list[int] = []
+        for i in reversed(range(D)):
+            pads += [spec.pad_lo[i], spec.pad_hi[i]]
+        mult = float(_pad_copy_counts(spec.in_spatial, pads, spec.mode).max())
+    elif spec.mode == "circular":
+        for i in range(D):
+            span = (spec.out_spatial[i] - 1) * spec.stride[i] + 1
+            mult *= -(-span // spec.in_spatial[i])
+    return _up(float(per_in.max()) * mult, 2 * q * U + 8 * U), "conv l1 (abs sums)"
+
+
+# ---------------------------------------------------------------------------------------------
+# generic machinery
+# ---------------------------------------------------------------------------------------------
+def _f64_fn(op: Any) -> Callable[[torch.Tensor], torch.Tensor]:
+    return module_call(op, _F64) if isinstance(op, nn.Module) else op
+
+
+def _device(op: Any) -> torch.device:
+    from ._ops import op_device
+
+    return op_device(op)
+
+
+def dense_jacobian(op: Any, in_shape: tuple[int, ...]) -> torch.Tensor | None:
+    """The matrix ``J`` (``n_out x n_in``) of ``x -> op(x) - op(0)``, float64, or ``None``.
+
+    Built from forward calls on the standard basis in chunks; ``None`` when ``op`` cannot run
+    in float64 or the matrix would exceed :data:`DENSE_LIMIT` entries.
+    """
+    fn = _f64_fn(op)
+    dev = _device(op)
+    n_in = math.prod(in_shape)
+    try:
+        with torch.no_grad():
+            b = fn(torch.zeros((1, *in_shape), dtype=_F64, device=dev))
+    except (RuntimeError, ValueError, TypeError, IndexError):
+        return None
+    if not isinstance(b, torch.Tensor) or b.dtype != _F64:
+        return None
+    n_out = b[0].numel()
+    if n_in * n_out > DENSE_LIMIT:
+        return None
+    cols = []
+    chunk = max(1, min(n_in, DENSE_LIMIT // max(1, 4 * n_out)))
+    with torch.no_grad():
+        for a in range(0, n_in, chunk):
+            c = min(chunk, n_in - a)
+            e = torch.zeros((c, n_in), dtype=_F64, device=dev)
+            e[torch.arange(c), torch.arange(a, a + c)] = 1.0
+            y = fn(e.reshape(c, *in_shape)) - b
+            cols.append(y.reshape(c, -1).cpu())
+    return torch.cat(cols).T.contiguous()
+
+
+def dense_upper(op: Any, in_shape: tuple[int, ...], norm: str = "2") -> tuple[float, str] | None:
+    r"""Certificate from the dense Jacobian of a small op (``n_in n_out <= DENSE_LIMIT``).
+
+    ``J_hat`` is built by evaluating ``op`` in float64 on the basis vectors (minus ``op(0)``).
+    Assumption (holds for the linear layers of torch: matmul, conv, pooling, BatchNorm, and
+    their compositions without catastrophic cancellation): each computed entry is within
+    ``16 n_in u`` times the matching entry of ``|J|`` (plus ``u |op(0)|`` for the bias
+    subtraction), so ``||J_hat - J||_F <= 16 (n_in + 1) u ||J_hat||_F + 2 u sqrt(n_in)
+    ||op(0)||``, added to :func:`matrix_norm_upper` of ``J_hat`` (l1 / l-inf likewise, with the
+    matching ``sqrt(n)`` factor from ``||E||_1 <= sqrt(m) ||E||_F``).
+    """
+    J = dense_jacobian(op, in_shape)
+    if J is None:
+        return None
+    fn = _f64_fn(op)
+    with torch.no_grad():
+        b = fn(torch.zeros((1, *in_shape), dtype=_F64, device=_device(op)))
+    n_out, n_in = J.shape
+    fro = float(torch.linalg.matrix_norm(J, "fro"))
+    err = 16 * (n_in + 1) * U * fro + 2 * U * math.sqrt(n_in) * float(b.norm())
+    if norm != "2":
+        err *= math.sqrt(max(n_in, n_out))
+    v, how = matrix_norm_upper(J, norm)
+    return _up(v + err), "dense Jacobian, " + how
+
+
+def _bn_scale(m: nn.Module) -> torch.Tensor | None:
+    """Per-channel factor of an eval-mode BatchNorm (``None`` if it uses batch statistics)."""
+    if not isinstance(m, nn.modules.batchnorm._BatchNorm) or m.training:
+        return None
+    if m.running_var is None:
+        return None
+    var = m.running_var.detach().to(_F64)
+    s = 1.0 / torch.sqrt(var + m.eps)
+    if m.weight is not None:
+        s = s * m.weight.detach().to(_F64)
+    return s
+
+
+_ISOMETRIES = (nn.Identity, nn.Flatten, nn.Unflatten)
+_ZERO_PADS = (nn.ZeroPad1d, nn.ZeroPad2d, nn.ZeroPad3d, nn.ConstantPad1d, nn.ConstantPad2d,
+              nn.ConstantPad3d)
+_COPY_PADS: dict[type, str] = {
+    nn.ReflectionPad1d: "reflect", nn.ReflectionPad2d: "reflect", nn.ReflectionPad3d: "reflect",
+    nn.ReplicationPad1d: "replicate", nn.ReplicationPad2d: "replicate",
+    nn.ReplicationPad3d: "replicate", nn.CircularPad1d: "circular",
+    nn.CircularPad2d: "circular", nn.CircularPad3d: "circular",
+}
+_AVG_POOLS = (nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d, nn.AdaptiveAvgPool1d,
+              nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d)
+
+
+def _schur_nonneg(op: nn.Module, in_shape: tuple[int, ...], norm: str) -> tuple[float, str]:
+    r"""Schur test for an operator with non-negative entries (average pooling).
+
+    For any matrix ``||A||_2 <= sqrt(||A||_1 ||A||_inf)`` (Riesz-Thorin / Schur test). For
+    ``A >= 0`` entrywise, ``||A||_inf = max(A 1)`` and ``||A||_1 = max(A^T 1)``, computed here
+    with one forward and one adjoint product in float64; sums of non-negative terms are at
+    most ``(1 + n_in u)`` off, so each is inflated by ``(1 + 2 n_in u)``.
+    """
+    fn = module_call(op, _F64)
+    dev = _device(op)
+    x = torch.ones((1, *in_shape), dtype=_F64, device=dev, requires_grad=True)
+    y = fn(x)
+    (col,) = torch.autograd.grad(y, x, torch.ones_like(y))
+    n = math.prod(in_shape)
+    r_inf = _up(float(y.detach().max()), 2 * n * U + 8 * U)
+    r_one = _up(float(col.max()), 2 * n * U + 8 * U)
+    if norm == "inf":
+        return r_inf, "non-negative operator, row sums"
+    if norm == "1":
+        return r_one, "non-negative operator, column sums"
+    return _up(math.sqrt(r_inf * r_one)), "Schur test sqrt(||A||_1 ||A||_inf) (non-negative)"
+
+
+def _shape_after(m: nn.Module, in_shape: tuple[int, ...]) -> tuple[int, ...]:
+    dev = _device(m)
+    with torch.no_grad():
+        y = module_call(m, _F64)(torch.zeros((1, *in_shape), dtype=_F64, device=dev))
+    return tuple(y.shape[1:])
+
+
+def _flatten_seq(m: nn.Module) -> list[nn.Module]:
+    if isinstance(m, nn.Sequential):
+        out: list[nn.Module] = []
+        for c in m:
+            out.extend(_flatten_seq(c))
+        return out
+    return [m]
+
+
+def _single(
+    m: nn.Module, in_shape: tuple[int, ...], out_shape: tuple[int, ...], norm: str
+) -> tuple[float, str] | None:
+    """Structural certificate of one known layer (without the dense fallback)."""
+    cands: list[tuple[float, str]] = []
+    if isinstance(m, nn.Linear):
+        return matrix_norm_upper(m.weight, norm)
+    if isinstance(m, _ISOMETRIES) or (
+        isinstance(m, nn.modules.dropout._DropoutNd) and not m.training
+    ):
+        return 1.0, "isometry (norm 1)"
+    if isinstance(m, _ZERO_PADS):
+        return 1.0, "zero padding (norm 1)"
+    if type(m) in _COPY_PADS:
+        mode = _COPY_PADS[type(m)]
+        padding = tuple(int(x) for x in m.padding)  # type: ignore[union-attr]
+        spatial = in_shape[-(len(padding) // 2):]
+        c = float(_pad_copy_counts(tuple(spatial), list(padding), mode).max())
+        v = {"2": math.sqrt(c), "1": c, "inf": 1.0}[norm]
+        return _up(v), f"{mode} padding, max copy count {int(c)}"
+    s = _bn_scale(m)
+    if s is not None:
+        return _up(float(s.abs().max()), 16 * U), "eval BatchNorm (diagonal)"
+    spec = conv_spec(m, in_shape, out_shape)
+    if spec is not None:
+        if norm == "2":
+            cands.append(conv_fourier_upper(spec))
+        else:
+            cands.append(conv_l1_linf_upper(spec, norm))
+    if isinstance(m, _AVG_POOLS):
+        cands.append(_schur_nonneg(m, in_shape, norm))
+    return min(cands, key=lambda c: c[0]) if cands else None
+
+
+_Part = tuple[Any, tuple[int, ...], tuple[int, ...]]
+
+
+def _fold_bn(parts: list[_Part]) -> list[_Part]:
+    """Fold eval BatchNorm into the neighbouring conv / linear (a per-channel rescaling).
+
+    ``BN(conv(x)) - BN(conv(0))`` is the conv with kernel rows scaled by the BN factors, and
+    ``conv(BN(x)) - conv(BN(0))`` the conv with kernel columns scaled: both exact identities
+    of linear maps (channel scaling commutes with any padding mode).
+    """
+    out: list[_Part] = []
+    i = 0
+    while i < len(parts):
+        m, ins, outs = parts[i]
+        spec = conv_spec(m, ins, outs) if isinstance(m, nn.Module) else m
+        if isinstance(spec, ConvSpec) and not spec.adjoint and i + 1 < len(parts):
+            nxt = parts[i + 1][0]
+            s = _bn_scale(nxt) if isinstance(nxt, nn.Module) else None
+            if s is not None and s.numel() == spec.weight.shape[0]:
+                w = spec.weight * s.reshape(-1, *([1] * (spec.weight.dim() - 1)))
+                out.append((replace(spec, weight=w), ins, parts[i + 1][2]))
+                i += 2
+                continue
+        if isinstance(m, nn.Module):
+            s = _bn_scale(m)
+            if s is not None and i + 1 < len(parts):
+                nm, nins, nouts = parts[i + 1]
+                nspec = conv_spec(nm, nins, nouts) if isinstance(nm, nn.Module) else nm
+                if (isinstance(nspec, ConvSpec) and not nspec.adjoint and nspec.groups == 1
+                        and s.numel() == nspec.weight.shape[1]):
+                    w = nspec.weight * s.reshape(1, -1, *([1] * (nspec.weight.dim() - 2)))
+                    out.append((replace(nspec, weight=w), ins, nouts))
+                    i += 2
+                    continue
+        out.append((spec if isinstance(spec, ConvSpec) else m, ins, outs))
+        i += 1
+    return out
+
+
+def _sequential(seq: nn.Module, in_shape: tuple[int, ...], norm: str) -> tuple[float, str] | None:
+    """Product of certified parts (``||A_n ... A_1|| <= prod ||A_i||``, submultiplicativity)."""
+    mods = _flatten_seq(seq)
+    parts: list[_Part] = []
+    shape = in_shape
+    for m in mods:
+        out = _shape_after(m, shape)
+        parts.append((m, shape, out))
+        shape = out
+    parts = _fold_bn(parts)
+    total = 1.0
+    hows = []
+    for p, ins, outs in parts:
+        c: tuple[float, str] | None
+        if isinstance(p, ConvSpec):
+            c = conv_fourier_upper(p) if norm == "2" else conv_l1_linf_upper(p, norm)
+        else:
+            c = _single(p, ins, outs, norm)
+        if c is None:
+            return None
+        total *= c[0]
+        hows.append(c[1].split(" (")[0])
+    return _up(total), "product of parts: " + " * ".join(hows)
+
+
+def best_certificate(
+    op: Any, in_shape: tuple[int, ...], out_shape: tuple[int, ...], norm: str = "2"
+) -> tuple[float, str] | None:
+    """Best (smallest) applicable certificate for ``op`` on ``in_shape``, or ``None``."""
+    cands: list[tuple[float, str]] = []
+    if isinstance(op, nn.Sequential):
+        c = _sequential(op, in_shape, norm)
+        if c is not None:
+            cands.append(c)
+    elif isinstance(op, nn.Module):
+        c = _single(op, in_shape, out_shape, norm)
+        if c is not None:
+            cands.append(c)
+    if math.prod(in_shape) * math.prod(out_shape) <= DENSE_LIMIT:
+        c = dense_upper(op, in_shape, norm)
+        if c is not None:
+            cands.append(c)
+    if not cands:
+        return None
+    return min(cands, key=lambda c: c[0])

@@ -1,0 +1,204 @@
+"""Tests of lipbound.report: estimate() and the Report it returns."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+import pytest
+import torch
+from torch import nn
+
+from lipbound import report as rep_mod
+from lipbound.errors import (
+    InvalidArgumentError,
+    NonFiniteError,
+    ShapeError,
+    UnsupportedModelError,
+    UnsupportedNode,
+)
+from lipbound.report import REPORT_SCHEMA, MethodUnavailableError, Report, estimate, plot_report
+from lipbound.results import LayerBound, LipschitzResult
+
+FAST_LOWER = {"restarts": 4, "steps": 30}
+
+
+def _net() -> nn.Sequential:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(2, 5), nn.ReLU(), nn.Linear(5, 1)).eval()
+
+
+def _fake(value: float, *, certified: bool = True, bound: str = "upper", upper: float | None = None,
+          layers: int = 2, name: str = "fake") -> Any:
+    def method(model: nn.Module, input_shape: tuple[int, ...], **kw: Any) -> LipschitzResult:
+        rows = tuple(
+            LayerBound(name=f"l{i}", op="Linear", value=1.0 + i, certified=certified)
+            for i in range(layers)
+        )
+        return LipschitzResult(value=value, certified=certified, method=name, bound=bound,  # type: ignore[arg-type]
+                               upper=upper, layers=rows, extra={"kw": kw})
+
+    return method
+
+
+def _unsupported(model: nn.Module, input_shape: tuple[int, ...], **kw: Any) -> LipschitzResult:
+    raise UnsupportedModelError([UnsupportedNode("mul", "mul", "product of two tensors")])
+
+
+@pytest.fixture
+def fakes(monkeypatch: pytest.MonkeyPatch) -> dict[str, Any]:
+    """Replace the upper-bound methods by fakes (independent of the other developers)."""
+    table: dict[str, Any] = {}
+    real = rep_mod._load_method
+
+    def load(name: str) -> Any:
+        return table[name] if name in table else real(name)
+
+    monkeypatch.setattr(rep_mod, "_load_method", load)
+    return table
+
+
+def _validate(r: Report) -> dict[str, Any]:
+    d = json.loads(json.dumps(r.to_dict(), allow_nan=False))
+    jsonschema.validate(d, REPORT_SCHEMA)
+    return d
+
+
+def test_best_bounds_are_min_of_certified_uppers_and_max_of_lowers(fakes: dict[str, Any]) -> None:
+    fakes["autolip"] = _fake(40.0)
+    fakes["seqlip"] = _fake(10.0, certified=False, bound="estimate", upper=25.0)  # greedy + cert
+    fakes["lipsdp"] = _fake(5.0, certified=False, bound="upper")  # uncertified: ignored
+    r = estimate(_net(), (2,), methods=("lower", "autolip", "seqlip", "lipsdp"),
+                 lower=FAST_LOWER)
+    assert r.upper == 25.0 and r.upper_method == "seqlip"
+    assert r.lower == r["lower"].value and r.lower_method == "lower"
+    assert r.ratio == pytest.approx(25.0 / r.lower)
+    assert [run.name for run in r.runs] == ["lower", "autolip", "seqlip", "lipsdp"]
+    assert all(run.seconds >= 0 for run in r.runs)
+    d = _validate(r)
+    assert d["upper"] == 25.0 and d["methods"][2]["certified_upper"] == 25.0
+    assert d["methods"][3]["certified_upper"] is None
+    assert len(d["methods"][1]["layers"]) == 2
+
+
+def test_norm_and_options_are_passed(fakes: dict[str, Any]) -> None:
+    fakes["autolip"] = _fake(3.0)
+    r = estimate(_net(), (2,), methods=("autolip",), norm=float("inf"), autolip={"foo": 1})
+    assert r["autolip"].extra["kw"] == {"norm": "inf", "foo": 1}
+    assert r.norm == "inf" and r.lower is None and r.ratio is None
+
+
+def test_unsupported_method_is_recorded_when_another_upper_works(fakes: dict[str, Any]) -> None:
+    fakes["autolip"] = _fake(7.0)
+    fakes["seqlip"] = _unsupported
+    r = estimate(_net(), (2,), methods=("autolip", "seqlip"))
+    assert r.upper == 7.0
+    (failed,) = [run for run in r.runs if not run.ok]
+    assert failed.name == "seqlip" and failed.error_type == "UnsupportedModelError"
+    assert "mul" in (failed.error or "")
+    assert any("seqlip failed" in n for n in r.notes)
+    assert "failed" in repr(r)
+    _validate(r)
+
+
+def test_all_upper_methods_unsupported_raises(fakes: dict[str, Any]) -> None:
+    fakes["autolip"] = _unsupported
+    fakes["seqlip"] = _unsupported
+    with pytest.raises(UnsupportedModelError):
+        estimate(_net(), (2,), methods=("lower", "autolip", "seqlip"), lower=FAST_LOWER)
+
+
+def test_inconsistent_bounds_are_flagged(fakes: dict[str, Any]) -> None:
+    fakes["autolip"] = _fake(1e-6)  # a (fake) wrong certificate below the witness
+    r = estimate(_net(), (2,), methods=("lower", "autolip"), lower=FAST_LOWER)
+    assert any("INCONSISTENT" in n for n in r.notes)
+
+
+def test_rendering(fakes: dict[str, Any]) -> None:
+    fakes["autolip"] = _fake(12.5, layers=3)
+    r = estimate(_net(), (2,), methods=("lower", "autolip"), lower=FAST_LOWER, model_name="toy")
+    text = repr(r)
+    for word in ("certified upper bound", "witnessed lower bound", "gap", "autolip", "lower",
+                 "per-layer breakdown (autolip)", "toy", "l2 norm"):
+        assert word in text
+    md = r.to_markdown()
+    assert md.startswith("## Lipschitz report of toy")
+    assert "| method | value | status |" in md
+    assert "### Per-layer breakdown: autolip" in md
+    # every table row has as many cells as its header
+    for block in md.split("\n\n"):
+        lines = [ln for ln in block.splitlines() if ln.startswith("|")]
+        if lines:
+            n = lines[0].count("|")
+            assert all(ln.replace("\\|", "").count("|") == n for ln in lines)
+
+
+def test_plot_writes_png(fakes: dict[str, Any], tmp_path: Path) -> None:
+    fakes["autolip"] = _fake(12.5, layers=3)
+    fakes["seqlip"] = _fake(6.0, layers=2)
+    r = estimate(_net(), (2,), methods=("lower", "autolip", "seqlip"), lower=FAST_LOWER)
+    out = tmp_path / "p.png"
+    plot_report(r, str(out))
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and out.stat().st_size > 5000
+
+
+def test_witness_left_out_when_large() -> None:
+    net = nn.Sequential(nn.Flatten(), nn.Linear(2048, 1))
+    r = estimate(net, (2048,), methods=("lower",), lower={"restarts": 1, "steps": 2})
+    d = _validate(r)
+    assert d["methods"][0]["witness"] is None
+    r2 = estimate(_net(), (2,), methods=("lower",), lower=FAST_LOWER)
+    assert len(_validate(r2)["methods"][0]["witness"]["x"]) == 2
+
+
+def test_lower_with_data_and_exact_constant() -> None:
+    pytest.importorskip("lipbound.methods.exact")  # the exact/sdp developer's method
+    net = _net()
+    data = torch.randn(64, 2, generator=torch.Generator().manual_seed(0))
+    r = estimate(net, (2,), methods=("lower", "exact"), data=data, lower=FAST_LOWER)
+    ex = r["exact"]
+    assert r.upper is not None and r.lower is not None
+    assert r.lower <= r.upper * (1 + 1e-9)
+    if ex.bound == "exact":
+        assert r.ratio is not None and r.ratio < 1.1
+    assert "data" in r["lower"].extra["per_method"]
+
+
+def test_real_upper_methods_above_lower() -> None:
+    if importlib.util.find_spec("lipbound.methods.autolip") is None:
+        pytest.skip("autolip not built yet (graph developer)")
+    net = _net()
+    methods = ["lower", "autolip"]
+    if importlib.util.find_spec("lipbound.methods.seqlip") is not None:
+        methods.append("seqlip")
+    r = estimate(net, (2,), methods=methods, lower=FAST_LOWER)
+    assert r.upper is not None and r.lower is not None
+    assert r.lower <= r.upper * (1 + 1e-9)
+    assert r.ratio is not None and r.ratio >= 1 - 1e-9
+    _validate(r)
+
+
+def test_errors(monkeypatch: pytest.MonkeyPatch) -> None:
+    net = _net()
+    with pytest.raises(InvalidArgumentError, match="lower, autolip, seqlip, exact, lipsdp"):
+        estimate(net, (2,), methods=("lower", "magic"))
+    with pytest.raises(InvalidArgumentError):
+        estimate(net, (2,), methods=())
+    with pytest.raises(InvalidArgumentError, match="not in methods"):
+        estimate(net, (2,), methods=("lower",), autolip={"x": 1})
+    with pytest.raises(InvalidArgumentError, match="per-method options"):
+        estimate(net, (2,), methods=("lower",), restarts=3)  # type: ignore[arg-type]
+    with pytest.raises(ShapeError):
+        estimate(net, (3,), methods=("lower",))
+    bad = _net()
+    with torch.no_grad():
+        bad[0].weight[0, 0] = math.nan
+    with pytest.raises(NonFiniteError):
+        estimate(bad, (2,), methods=("lower",))
+    monkeypatch.setitem(rep_mod.METHODS, "lipsdp", ("lipbound.methods.no_such_module", "x"))
+    with pytest.raises(MethodUnavailableError, match="lipsdp"):
+        estimate(net, (2,), methods=("lipsdp",))

@@ -1,0 +1,177 @@
+"""Tests of lipbound.methods.sdp (LipSDP with verified certificates)."""
+
+from __future__ import annotations
+
+import math
+import sys
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given
+from hypothesis import strategies as st
+from torch import nn
+
+pytest.importorskip("cvxpy")
+
+from lipbound.errors import (
+    InvalidArgumentError,
+    MissingDependencyError,
+    NotSequentialError,
+)
+from lipbound.methods import sdp as sdp_mod
+from lipbound.methods.exact import exact
+from lipbound.methods.sdp import SDPResult, lipsdp, verify_lipsdp
+
+
+def _mlp(sizes: list[int], *, seed: int, act: type[nn.Module] = nn.ReLU) -> nn.Sequential:
+    torch.manual_seed(seed)
+    layers: list[nn.Module] = []
+    for i in range(len(sizes) - 1):
+        layers.append(nn.Linear(sizes[i], sizes[i + 1]))
+        if i < len(sizes) - 2:
+            layers.append(act())
+    return nn.Sequential(*layers).double()
+
+
+def _weights(net: nn.Sequential) -> list[np.ndarray]:
+    return [m.weight.detach().double().numpy() for m in net if isinstance(m, nn.Linear)]
+
+
+def _realised_max(net: nn.Module, n0: int, seed: int, n: int = 64) -> float:
+    gen = torch.Generator().manual_seed(seed)
+    xs = torch.randn(n, n0, generator=gen, dtype=torch.float64) * 2
+    jac = torch.func.vmap(torch.func.jacrev(lambda v: net(v.unsqueeze(0)).squeeze(0)))(xs)
+    return float(torch.linalg.matrix_norm(jac.detach(), ord=2).max())
+
+
+@pytest.mark.parametrize("solver", ["CLARABEL", "SCS", "CVXOPT"])
+def test_single_linear_layer_is_spectral_norm(solver: str) -> None:
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(5, 3)).double()
+    norm = float(np.linalg.norm(_weights(net)[0], 2))
+    res = lipsdp(net, (5,), solver=solver)
+    assert isinstance(res, SDPResult) and res.certified and res.verified
+    assert res.value >= norm  # certified: never below the true constant
+    assert res.value <= norm * (1 + 1e-6)
+    assert math.isclose(res.raw, norm, rel_tol=1e-4)
+    assert res.upper == res.value and res.bound == "upper"
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_lipsdp_above_exact_and_neuron_tighter_than_layer(seed: int) -> None:
+    net = _mlp([2, 6, 6, 2], seed=seed)
+    ex = exact(net, (2,)).value
+    neuron = lipsdp(net, (2,), variant="neuron")
+    layer = lipsdp(net, (2,), variant="layer")
+    assert neuron.certified and layer.certified
+    assert ex <= neuron.value * (1 + 1e-9)
+    assert neuron.value <= layer.value * (1 + 1e-5)
+    prod = math.prod(float(np.linalg.norm(W, 2)) for W in _weights(net))
+    assert layer.value <= prod * (1 + 1e-5)
+
+
+@given(
+    seed=st.integers(0, 10_000),
+    n0=st.integers(1, 3),
+    widths=st.lists(st.integers(1, 5), min_size=1, max_size=2),
+    act=st.sampled_from([nn.ReLU, nn.Tanh, nn.Sigmoid]),
+)
+def test_verified_bound_dominates_realised_jacobians(
+    seed: int, n0: int, widths: list[int], act: type[nn.Module]
+) -> None:
+    net = _mlp([n0, *widths, 2], seed=seed, act=act)
+    res = lipsdp(net, (n0,), solver="CLARABEL")
+    assert res.certified
+    assert _realised_max(net, n0, seed) <= res.value * (1 + 1e-9)
+    # slope-restricted activations: LipSDP <= beta^(K-1) * product of norms
+    beta = 0.25 if act is nn.Sigmoid else 1.0
+    prod = math.prod(float(np.linalg.norm(W, 2)) for W in _weights(net)) * beta ** len(widths)
+    assert res.value <= prod * (1 + 1e-5) + 1e-9
+
+
+def test_sigmoid_one_hidden_closed_form_scalar_chain() -> None:
+    # 1 -> 1 -> 1 chain: f(x) = w2 * sigmoid(w1 x), L = |w1 w2| / 4 exactly, and LipSDP is tight
+    net = nn.Sequential(nn.Linear(1, 1), nn.Sigmoid(), nn.Linear(1, 1)).double()
+    with torch.no_grad():
+        net[0].weight.fill_(3.0)
+        net[2].weight.fill_(-2.0)
+    res = lipsdp(net, (1,))
+    assert res.value >= 1.5 and math.isclose(res.value, 1.5, rel_tol=1e-5)
+
+
+def test_verification_rejects_bad_multipliers_and_accepts_good_ones() -> None:
+    net = _mlp([2, 4, 3], seed=3)
+    Ws = _weights(net)
+    ranges = [(0.0, 1.0)]
+    rho, why = verify_lipsdp(Ws, ranges, [np.zeros(4)])
+    assert rho is None and "failed" in why
+    res = lipsdp(net, (2,))
+    # rebuild a certificate by hand: large multipliers work for a large enough rho
+    rho2, _ = verify_lipsdp(Ws, ranges, [np.full(4, 10.0)])
+    assert rho2 is not None
+    # the verified rho really makes M negative semidefinite
+    N = sdp_mod._assemble(Ws, ranges, [np.full(4, 10.0)])
+    N[:2, :2] -= rho2 * np.eye(2)
+    assert float(np.linalg.eigvalsh(N).max()) <= 0
+    assert math.sqrt(rho2) >= res.raw * (1 - 1e-6)  # a feasible point is never below the optimum
+
+
+def test_unverifiable_solution_is_labelled_estimate(monkeypatch: pytest.MonkeyPatch) -> None:
+    net = _mlp([2, 4, 1], seed=0)
+
+    def fake_solve(cp, Ws, ranges, variant, solver, margin, opts):  # type: ignore[no-untyped-def]
+        return 1.0, [np.zeros(W.shape[0]) for W in Ws[:-1]], "optimal"
+
+    monkeypatch.setattr(sdp_mod, "_solve", fake_solve)
+    res = lipsdp(net, (2,))
+    assert not res.certified and res.upper is None and res.bound == "estimate"
+    assert "NOT certified" in " ".join(res.notes)
+
+
+def test_functional_relu_model() -> None:
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a = nn.Linear(3, 5)
+            self.b = nn.Linear(5, 2)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.b(F.relu(self.a(x)))
+
+    torch.manual_seed(0)
+    net = Net().double()
+    graph = pytest.importorskip("lipbound.graph")
+    if not hasattr(graph, "sequential_chain"):  # pragma: no cover
+        pytest.skip("lipbound.graph.sequential_chain not there yet")
+    seq = nn.Sequential(net.a, nn.ReLU(), net.b)
+    a, b = lipsdp(net, (3,)), lipsdp(seq, (3,))
+    assert math.isclose(a.value, b.value, rel_tol=1e-6)
+
+
+def test_missing_cvxpy_raises(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "cvxpy", None)
+    with pytest.raises(MissingDependencyError, match="lipbound\\[sdp\\]"):
+        lipsdp(_mlp([2, 3, 1], seed=0), (2,))
+
+
+def test_residual_model_is_rejected() -> None:
+    class Res(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a = nn.Linear(2, 2)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return x + F.relu(self.a(x))
+
+    with pytest.raises(NotSequentialError):
+        lipsdp(Res(), (2,))
+
+
+def test_bad_arguments() -> None:
+    net = _mlp([2, 3, 1], seed=0)
+    with pytest.raises(InvalidArgumentError):
+        lipsdp(net, (2,), variant="network")
+    with pytest.raises(InvalidArgumentError):
+        lipsdp(net, (2,), solver="MOSEK")

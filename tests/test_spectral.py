@@ -1,0 +1,351 @@
+"""Tests of lipbound.spectral: estimates and certificates against the dense Jacobian's SVD.
+
+Tolerances: the dense reference is an SVD in float64 (error ~1e-15 relative); estimates are
+run with ``tol=1e-10`` and compared with ``rtol=1e-7`` (conftest's float64 RTOL); certificates
+must satisfy ``upper >= exact * (1 - SLACK)`` with ``SLACK = 1e-12``, which only absorbs the
+rounding of the *reference* SVD itself (the certificates carry their own rounding margins).
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from lipbound.errors import (
+    InvalidArgumentError,
+    NonFiniteError,
+    NonLinearOperatorError,
+    ShapeError,
+    ZeroOperatorError,
+)
+from lipbound.spectral import certified_upper, spectral_norm, top_singular
+from lipbound.spectral.certify import dense_jacobian
+
+SLACK = 1e-12
+RT = 1e-7
+
+
+def jac(op, shape) -> torch.Tensor:
+    J = dense_jacobian(op, tuple(shape))
+    assert J is not None
+    return J
+
+
+def exact_norm(op, shape, p: str = "2") -> float:
+    J = jac(op, shape)
+    if p == "2":
+        return float(torch.linalg.svdvals(J)[0])
+    if p == "1":
+        return float(J.abs().sum(0).max())
+    return float(J.abs().sum(1).max())
+
+
+def _bn(c: int, dims: int = 2) -> nn.Module:
+    bn = {1: nn.BatchNorm1d, 2: nn.BatchNorm2d, 3: nn.BatchNorm3d}[dims](c)
+    with torch.no_grad():
+        bn.running_var.uniform_(0.3, 3.0)
+        bn.running_mean.normal_()
+        bn.weight.uniform_(-2, 2)
+        bn.bias.normal_()
+    return bn.eval()
+
+
+CASES = [
+    ("linear", lambda: nn.Linear(7, 5), (7,)),
+    ("linear-3d-input", lambda: nn.Linear(4, 6), (3, 4)),
+    ("conv1d", lambda: nn.Conv1d(2, 3, 3, padding=1), (2, 10)),
+    ("conv1d-s2-d2", lambda: nn.Conv1d(2, 3, 3, stride=2, padding=2, dilation=2), (2, 11)),
+    ("conv1d-valid-k1", lambda: nn.Conv1d(3, 2, 1), (3, 5)),
+    ("conv2d", lambda: nn.Conv2d(2, 3, 3, padding=1), (2, 6, 7)),
+    ("conv2d-s2-groups", lambda: nn.Conv2d(2, 4, 3, stride=2, padding=1, groups=2), (2, 7, 8)),
+    ("conv2d-same-even", lambda: nn.Conv2d(2, 3, (2, 3), padding="same"), (2, 6, 5)),
+    ("conv2d-s3-k5", lambda: nn.Conv2d(2, 3, 5, stride=3, padding=2), (2, 11, 10)),
+    ("conv2d-circular", lambda: nn.Conv2d(2, 3, 3, padding=1, padding_mode="circular"), (2, 6, 6)),
+    ("conv2d-circ-s2", lambda: nn.Conv2d(2, 3, 3, 2, 1, padding_mode="circular"), (2, 6, 6)),
+    ("conv2d-circ-s2-odd", lambda: nn.Conv2d(2, 3, 3, 2, 1, padding_mode="circular"), (2, 7, 6)),
+    ("conv2d-reflect", lambda: nn.Conv2d(2, 3, 3, padding=1, padding_mode="reflect"), (2, 6, 6)),
+    ("conv2d-reflect-s2", lambda: nn.Conv2d(2, 3, 3, 2, 2, padding_mode="reflect"), (2, 7, 6)),
+    ("conv2d-replicate-d2",
+     lambda: nn.Conv2d(2, 3, 3, padding=2, padding_mode="replicate", dilation=2), (2, 6, 6)),
+    ("conv3d", lambda: nn.Conv3d(2, 2, 3, padding=1, stride=(1, 2, 1)), (2, 4, 5, 4)),
+    ("convT2d", lambda: nn.ConvTranspose2d(3, 2, 3, stride=2, padding=1, output_padding=1),
+     (3, 4, 4)),
+    ("convT1d-groups", lambda: nn.ConvTranspose1d(4, 2, 3, stride=2, padding=1, groups=2), (4, 5)),
+    ("convT3d", lambda: nn.ConvTranspose3d(2, 2, 2, stride=2), (2, 2, 3, 2)),
+    ("avgpool2d", lambda: nn.AvgPool2d(3, 2, 1), (2, 7, 7)),
+    ("avgpool2d-k2", lambda: nn.AvgPool2d(2), (1, 6, 6)),
+    ("avgpool2d-nopad-count", lambda: nn.AvgPool2d(3, 2, 1, count_include_pad=False), (2, 7, 7)),
+    ("avgpool2d-ceil", lambda: nn.AvgPool2d(2, ceil_mode=True), (1, 5, 5)),
+    ("avgpool1d", lambda: nn.AvgPool1d(3, 1, 1), (2, 9)),
+    ("avgpool3d", lambda: nn.AvgPool3d(2, 1), (1, 3, 4, 3)),
+    ("adaptive2d", lambda: nn.AdaptiveAvgPool2d(3), (2, 7, 7)),
+    ("adaptive1d", lambda: nn.AdaptiveAvgPool1d(4), (2, 10)),
+    ("batchnorm", lambda: _bn(3), (3, 4, 4)),
+    ("conv-bn-avgpool-flatten-linear",
+     lambda: nn.Sequential(nn.Conv2d(2, 3, 3, padding=1), _bn(3), nn.AvgPool2d(2), nn.Flatten(),
+                           nn.Linear(27, 4)), (2, 6, 6)),
+    ("bn-conv-convT", lambda: nn.Sequential(_bn(2), nn.Conv2d(2, 3, 3, stride=2),
+                                            nn.ConvTranspose2d(3, 2, 3, stride=2)), (2, 7, 7)),
+    ("reflectionpad-conv",
+     lambda: nn.Sequential(nn.ReflectionPad2d(1), nn.Conv2d(2, 2, 3)), (2, 5, 5)),
+    ("linear-linear", lambda: nn.Sequential(nn.Linear(5, 8), nn.Linear(8, 3)), (5,)),
+]
+
+
+@pytest.mark.parametrize("name,factory,shape", CASES, ids=[c[0] for c in CASES])
+def test_estimate_and_certificate_against_dense_svd(name, factory, shape):
+    op = factory()
+    exact = exact_norm(op, shape)
+    r = spectral_norm(op, shape, tol=1e-10)
+    assert r.value == pytest.approx(exact, rel=RT)
+    assert r.value <= exact * (1 + 1e-12)  # from below, up to rounding
+    assert r.certified and r.upper is not None
+    assert r.upper >= exact * (1 - SLACK), (r.upper, exact, r.certificate)
+    assert r.converged
+    # the u/v pair realises the value
+    Av = jac(op, shape) @ r.v[0].reshape(-1).to(torch.float64)
+    assert float(Av.norm()) == pytest.approx(r.value, rel=1e-9)
+    assert r.u.shape == (1, *r.u.shape[1:]) and r.v.shape == (1, *shape)
+
+
+@pytest.mark.parametrize("name,factory,shape", CASES, ids=[c[0] for c in CASES])
+def test_structural_certificate_alone_is_valid(name, factory, shape):
+    """The structural certificates (without the dense-Jacobian fallback) are upper bounds."""
+    from lipbound.spectral import certify as C
+
+    op = factory()
+    exact = exact_norm(op, shape)
+    out = tuple(jac(op, shape).shape)  # only for the count
+    out_shape = tuple(op(torch.zeros(1, *shape)).shape[1:])
+    assert math.prod(out_shape) == out[0]
+    for p in ("2", "1", "inf"):
+        c = (C._sequential(op, shape, p) if isinstance(op, nn.Sequential)
+             else C._single(op, shape, out_shape, p))
+        assert c is not None, (name, p)
+        ex = exact if p == "2" else exact_norm(op, shape, p)
+        assert c[0] >= ex * (1 - SLACK), (name, p, c, ex)
+
+
+def test_certificates_exact_where_claimed():
+    # circular padding, stride 1: the Fourier certificate is the exact norm
+    op = nn.Conv2d(3, 4, 3, padding=1, padding_mode="circular")
+    b, how = certified_upper(op, (3, 8, 8))
+    assert "exact" in how
+    assert b == pytest.approx(exact_norm(op, (3, 8, 8)), rel=1e-10)
+    # dense layers: SVD + a tiny margin
+    lin = nn.Linear(30, 20)
+    b, how = certified_upper(lin, (30,))
+    ex = float(torch.linalg.matrix_norm(lin.weight.detach().double(), 2))
+    assert ex <= b <= ex * (1 + 1e-10)
+    # l1 / l-inf of a dense layer: exact abs sums
+    b1, _ = certified_upper(lin, (30,), norm=1)
+    binf, _ = certified_upper(lin, (30,), norm=float("inf"))
+    W = lin.weight.detach().double().abs()
+    assert b1 == pytest.approx(float(W.sum(0).max()), rel=1e-12)
+    assert binf == pytest.approx(float(W.sum(1).max()), rel=1e-12)
+
+
+def test_zero_padded_conv_certificate_tight_on_larger_input():
+    """Stride-1 zero-padded conv on a 24x24 input: the Fourier bound is within 5%."""
+    torch.manual_seed(1)
+    op = nn.Conv2d(4, 4, 3, padding=1)
+    r = spectral_norm(op, (4, 24, 24), tol=1e-9)
+    assert "fourier" in r.certificate
+    assert r.value <= r.upper <= 1.05 * r.value
+
+
+def test_top_k_triplets_match_svd():
+    torch.manual_seed(2)
+    op = nn.Conv2d(2, 3, 3, padding=1, stride=2)
+    shape = (2, 6, 6)
+    J = jac(op, shape)
+    _, S, Vh = torch.linalg.svd(J)
+    for method in ("lanczos", "power", "arpack"):
+        r = top_singular(op, shape, 4, tol=1e-11, method=method, max_iter=20000)
+        assert r.u.shape == (4, 3, 3, 3) and r.v.shape == (4, *shape)
+        sv = torch.tensor(r.singular_values, dtype=torch.float64)
+        assert torch.allclose(sv, S[:4], rtol=1e-7), method
+        V = r.v.reshape(4, -1).double()
+        Uo = r.u.reshape(4, -1).double()
+        # J v_i = sigma_i u_i, orthonormal, aligned with the SVD's vectors (distinct values)
+        assert torch.allclose(V @ J.T, Uo * sv[:, None], atol=1e-6)
+        assert torch.allclose(V @ V.T, torch.eye(4, dtype=torch.float64), atol=1e-8)
+        assert torch.allclose((V @ Vh[:4].T).abs().diagonal(), torch.ones(4, dtype=torch.float64),
+                              atol=1e-5)
+
+
+@pytest.mark.parametrize("method", ["power", "lanczos", "arpack", "auto"])
+def test_methods_agree_and_stop_on_tolerance(method):
+    op = nn.Conv1d(3, 3, 5, padding=2)
+    ex = exact_norm(op, (3, 20))
+    r = spectral_norm(op, (3, 20), method=method, tol=1e-8, max_iter=5000)
+    assert r.value == pytest.approx(ex, rel=1e-6)
+    assert r.method == ("lanczos" if method == "auto" else method)
+    assert r.converged and 0 < r.iterations < 10000
+
+
+def test_power_not_converged_is_flagged():
+    op = nn.Conv1d(3, 3, 5, padding=2)
+    r = spectral_norm(op, (3, 20), method="power", tol=1e-14, max_iter=3)
+    assert not r.converged
+    assert r.value <= exact_norm(op, (3, 20)) * (1 + 1e-12)
+    assert any("not converged" in n for n in r.notes)
+
+
+def test_affine_bias_is_removed():
+    torch.manual_seed(3)
+    lin = nn.Linear(6, 4)
+    with torch.no_grad():
+        lin.bias.fill_(1e3)
+    r = spectral_norm(lin, (6,))
+    assert r.value == pytest.approx(float(torch.linalg.matrix_norm(lin.weight.double(), 2)),
+                                    rel=1e-7)
+
+
+def test_parameters_grad_and_requires_grad_untouched():
+    conv = nn.Conv2d(2, 3, 3, padding=1)
+    marker = torch.full_like(conv.weight, 7.0)
+    conv.weight.grad = marker
+    w0 = conv.weight.detach().clone()
+    for method in ("lanczos", "power", "arpack"):
+        spectral_norm(conv, (2, 5, 5), method=method)
+    certified_upper(conv, (2, 5, 5))
+    assert conv.weight.grad is marker and bool((marker == 7.0).all())
+    assert conv.bias.grad is None
+    assert conv.weight.requires_grad and conv.bias.requires_grad
+    assert torch.equal(conv.weight.detach(), w0) and conv.weight.dtype == torch.float32
+    # a plain function closing over a parameter: the VJP is w.r.t. the input only
+    W = nn.Parameter(torch.randn(4, 5))
+    spectral_norm(lambda x: x @ W.T, (5,))
+    assert W.grad is None
+
+
+def test_plain_function_and_float32():
+    W = torch.randn(5, 7, dtype=torch.float64)
+    r = spectral_norm(lambda x: x @ W.T + 1.0, (7,))
+    assert r.value == pytest.approx(float(torch.linalg.matrix_norm(W, 2)), rel=1e-7)
+    assert r.certified and "dense Jacobian" in r.certificate
+    conv = nn.Conv2d(3, 4, 3)
+    r32 = spectral_norm(conv, (3, 9, 9), dtype=torch.float32, tol=1e-5)
+    assert r32.value == pytest.approx(exact_norm(conv, (3, 9, 9)), rel=1e-4)
+    assert r32.v.dtype == torch.float32
+    # a function that only works in float32 falls back to it
+    W32 = torch.randn(3, 4)
+    r = spectral_norm(lambda x: x @ W32.T, (4,))
+    assert r.value == pytest.approx(float(torch.linalg.matrix_norm(W32.double(), 2)), rel=1e-4)
+
+
+def test_large_black_box_has_no_certificate():
+    conv = nn.Conv2d(4, 4, 3, padding=1)
+
+    def f(x):  # a plain function: no structure known, too big for the dense Jacobian
+        return conv(x)
+
+    r = spectral_norm(f, (4, 40, 40), tol=1e-5)
+    assert r.upper is None and not r.certified and r.certificate == ""
+    assert certified_upper(f, (4, 40, 40)) is None
+    assert r.value == pytest.approx(spectral_norm(conv, (4, 40, 40), tol=1e-5).value, rel=1e-4)
+
+
+def test_reshaped_kernel_norm_is_not_the_conv_norm():
+    """The pitfall: torch's spectral_norm uses ||W.reshape(out, -1)||_2, not ||conv||_2."""
+    conv = nn.Conv2d(1, 1, 3, padding=1, bias=False)
+    with torch.no_grad():
+        conv.weight.fill_(1.0)
+    reshaped = float(torch.linalg.matrix_norm(conv.weight.reshape(1, -1), 2))  # = 3
+    r = spectral_norm(conv, (1, 32, 32))
+    assert reshaped == pytest.approx(3.0)
+    assert r.value > 2.5 * reshaped  # the true norm is close to 9: reshaped underestimates 3x
+    assert r.upper >= r.value and r.upper <= 9.0 + 1e-9
+    # ...and on random kernels it is off in both directions
+    torch.manual_seed(4)
+    conv2 = nn.Conv2d(8, 8, 3, padding=1)
+    rk = float(torch.linalg.matrix_norm(conv2.weight.reshape(8, -1).double(), 2))
+    assert abs(spectral_norm(conv2, (8, 8, 8)).value - rk) > 0.05 * rk
+
+
+# ------------------------------------------------------------------------------------------
+# bad input
+# ------------------------------------------------------------------------------------------
+def test_nonlinear_ops_are_rejected():
+    with pytest.raises(NonLinearOperatorError, match="not affine"):
+        spectral_norm(nn.ReLU(), (5,))
+    with pytest.raises(NonLinearOperatorError, match="not affine"):
+        spectral_norm(lambda x: x**2, (3,))
+    with pytest.raises(NonLinearOperatorError):
+        spectral_norm(nn.Sequential(nn.Linear(3, 3), nn.Tanh()), (3,))
+    with pytest.raises(NonLinearOperatorError, match="eval"):
+        spectral_norm(nn.BatchNorm1d(3), (3,))  # training mode: batch statistics
+    with pytest.raises(NonLinearOperatorError, match="mixes the samples"):
+        spectral_norm(lambda x: x - x.mean(0, keepdim=True), (4,))
+    with pytest.raises(NonLinearOperatorError):
+        certified_upper(nn.Sequential(nn.Linear(3, 3), nn.ReLU()), (3,))
+
+
+def test_wrong_and_empty_shapes():
+    with pytest.raises(ShapeError, match=r"\(1, 5\)") as e:
+        spectral_norm(nn.Linear(4, 2), (5,))
+    assert "mat1 and mat2" in str(e.value) or "shape" in str(e.value)
+    with pytest.raises(ShapeError, match="input_shape"):
+        spectral_norm(nn.Conv2d(3, 2, 3), (2, 8, 8))
+    with pytest.raises(ShapeError, match="empty"):
+        spectral_norm(nn.Linear(4, 2), ())
+    with pytest.raises(ShapeError):
+        spectral_norm(nn.Linear(4, 2), (0,))
+    with pytest.raises(ShapeError):
+        spectral_norm(nn.Linear(4, 2), "4")
+    with pytest.raises(ShapeError, match="batch"):
+        spectral_norm(lambda x: x.sum(), (3,))
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_non_finite_weights(bad):
+    conv = nn.Conv2d(2, 2, 3)
+    with torch.no_grad():
+        conv.weight[0, 0, 0, 0] = bad
+    with pytest.raises(NonFiniteError, match="weight"):
+        spectral_norm(conv, (2, 5, 5))
+    with pytest.raises(NonFiniteError):
+        certified_upper(conv, (2, 5, 5))
+    W = torch.ones(2, 3)
+    W[1, 1] = bad
+    with pytest.raises(NonFiniteError):
+        spectral_norm(lambda x: x @ W.T, (3,))
+
+
+def test_zero_operator():
+    lin = nn.Linear(4, 3)
+    with torch.no_grad():
+        lin.weight.zero_()
+    with pytest.raises(ZeroOperatorError, match="zero"):
+        spectral_norm(lin, (4,))
+    with pytest.raises(ZeroOperatorError):
+        spectral_norm(lambda x: 0 * x + 2.0, (4,))
+
+
+def test_bad_options():
+    lin = nn.Linear(4, 3)
+    with pytest.raises(InvalidArgumentError, match="method"):
+        spectral_norm(lin, (4,), method="svd")
+    with pytest.raises(InvalidArgumentError, match="tol"):
+        spectral_norm(lin, (4,), tol=0)
+    with pytest.raises(InvalidArgumentError, match="k="):
+        spectral_norm(lin, (4,), k=4)
+    with pytest.raises(InvalidArgumentError, match="dtype"):
+        spectral_norm(lin, (4,), dtype=torch.int32)
+    with pytest.raises(InvalidArgumentError, match="norm"):
+        certified_upper(lin, (4,), norm=3)
+    with pytest.raises(InvalidArgumentError, match="callable"):
+        spectral_norm(3, (4,))
+
+
+def test_result_object():
+    r = spectral_norm(nn.Linear(4, 3), (4,))
+    d = r.to_dict()
+    assert d["certified"] is True and d["upper"] >= d["value"]
+    assert "certified upper" in repr(r)
+    with pytest.raises(AttributeError):
+        r.value = 2.0  # frozen
