@@ -161,7 +161,7 @@ def test_batchnorm_folding_is_exact_and_tighter() -> None:
     assert [lb.op for lb in r.layers] == ["Conv2d+BatchNorm2d", "ReLU"]
     assert r.layers[0].value == pytest.approx(folded_exact, rel=1e-6)
     g = capture(conv, shape)
-    sep = opnorm([n for n in g if n.kind == "linear"][0].dense()[0])
+    sep = opnorm(next(n for n in g if n.kind == "linear").dense()[0])
     s = (bn.weight / torch.sqrt(bn.running_var + bn.eps)).abs().max().item()
     assert r.value <= sep * s * (1 + 1e-6)
 
@@ -169,7 +169,7 @@ def test_batchnorm_folding_is_exact_and_tighter() -> None:
 def test_overlapping_maxpool_enters_the_bound() -> None:
     net = nn.Sequential(nn.Conv2d(1, 2, 3, padding=1), nn.ReLU(), nn.MaxPool2d(3, 2))
     r = autolip(net, (1, 9, 9))
-    pool = [lb for lb in r.layers if lb.op == "MaxPool2d"][0]
+    pool = next(lb for lb in r.layers if lb.op == "MaxPool2d")
     assert pool.value == pytest.approx(2.0)
     assert r.value == pytest.approx(2.0 * r.layers[0].value, rel=1e-12)
 
@@ -343,7 +343,7 @@ def test_compose_with_overridden_constants() -> None:
     for k in names[1:]:
         over[k] = replace(cs[k], constants=(1.0,))
     assert compose(g, over) == pytest.approx(0.5, rel=1e-12)
-    assert cs[[n.name for n in g if n.kind == "activation"][0]].slope_range == (0.0, 1.0)
+    assert cs[next(n.name for n in g if n.kind == "activation")].slope_range == (0.0, 1.0)
 
 
 def test_result_rows_and_uncertified_factors(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -364,7 +364,7 @@ def test_result_rows_and_uncertified_factors(monkeypatch: pytest.MonkeyPatch) ->
 
     real = lin.spectral
 
-    def fake(op, shape, ctx):  # noqa: ANN001, ANN202
+    def fake(op, shape, ctx):
         return Est(real(op, shape, ctx).value * 0.9)
 
     monkeypatch.setattr(lin, "spectral", fake)

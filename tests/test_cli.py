@@ -162,6 +162,22 @@ def test_export_archive(pt2: Path, files: dict[str, Path], capsys: pytest.Captur
     assert d["lower"] == pytest.approx(ref.value, rel=1e-6)
 
 
+def test_data_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    import numpy as np
+
+    path = tmp_path / "x.npy"
+    np.save(path, np.random.default_rng(0).standard_normal((20, 2)).astype(np.float32))
+    rc, out, err = run(["estimate", "mlp4", "-m", "lower", "--data", path, "--json", *FAST],
+                       capsys)
+    assert rc == 0, err
+    per_method = _json(out)["methods"][0]["extra"]["per_method"]
+    assert per_method["data"] > 0
+    bad = tmp_path / "bad.npy"
+    np.save(bad, np.zeros((5, 3), dtype=np.float32))
+    rc, _, err = run(["estimate", "mlp4", "-m", "lower", "--data", bad, *FAST], capsys)
+    assert rc == 1 and "expected (N, 2)" in _one_line_error(err)
+
+
 def test_markdown_and_plot(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     png = tmp_path / "bounds.png"
     methods = "lower,autolip" if HAS_AUTOLIP else "lower"
@@ -217,7 +233,7 @@ def test_errors_are_one_line(argv: list[str], code: int, words: str, files: dict
     subst["{missing}"] = str(tmp_path / "missing.pt")
     subst["{missing_pt2}"] = str(tmp_path / "missing.pt2")
     args = [subst.get(a, a).replace("tcf:", "test_cli_factories:") for a in argv]
-    rc, out, err = run([*args, "--quiet"], capsys)
+    rc, _, err = run([*args, "--quiet"], capsys)
     assert rc == code, err
     line = _one_line_error(err)
     assert words in line
@@ -233,7 +249,7 @@ def test_unsupported_op(on_path: None, capsys: pytest.CaptureFixture[str]) -> No
     line = _one_line_error(err)
     assert "rule" in line.lower() or "unsupported" in line.lower()
     # the lower bound needs no rules and still works on it
-    rc, out, err = run(["estimate", "test_cli_factories:square", "-s", "2", "-m", "lower",
+    rc, _, err = run(["estimate", "test_cli_factories:square", "-s", "2", "-m", "lower",
                         *FAST], capsys)
     assert rc == 0, err
 

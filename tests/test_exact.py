@@ -109,8 +109,7 @@ def test_affine_network_is_its_matrix_norm() -> None:
 
 
 def test_abs_function_closed_form() -> None:
-    # f(x) = relu(x) + relu(-x) = |x| has L = 1; the spurious pattern (off, off) at 0 and the
-    # degenerate "both on" pattern (J = 0 vs 2 with relu(x) - relu(-x) ...) must not count
+    # f(x) = relu(x) + relu(-x) = |x| has L = 1
     net = nn.Sequential(nn.Linear(1, 2), nn.ReLU(), nn.Linear(2, 1)).double()
     with torch.no_grad():
         net[0].weight.copy_(torch.tensor([[1.0], [-1.0]]))
@@ -125,6 +124,13 @@ def test_abs_function_closed_form() -> None:
         net[0].bias.copy_(torch.tensor([0.0, -1.0]))
         net[2].weight.copy_(torch.tensor([[1.0, -1.0]]))
     assert math.isclose(exact(net, (1,)).value, 1.0, rel_tol=1e-12)
+    # relu(x) - relu(-x) = x: the degenerate pattern "both on" (only at x = 0) has J = 2
+    with torch.no_grad():
+        net[0].weight.copy_(torch.tensor([[1.0], [-1.0]]))
+        net[0].bias.zero_()
+        net[2].weight.copy_(torch.tensor([[1.0, -1.0]]))
+    assert math.isclose(exact(net, (1,)).value, 1.0, rel_tol=1e-12)
+    assert math.isclose(brute_force(net), 1.0, rel_tol=1e-12)
 
 
 def test_parallel_hyperplanes_never_both_off() -> None:

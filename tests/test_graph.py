@@ -213,3 +213,47 @@ def test_capture_errors() -> None:
         capture(nn.Linear(3, 2), (4,))
     with pytest.raises(InvalidArgumentError):
         capture("not a model", (3,))  # type: ignore[arg-type]
+
+
+def test_embedding_models_are_reported_not_crashed() -> None:
+    from lipbound.errors import UnsupportedModelError
+
+    class Emb(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.emb = nn.Embedding(10, 4)
+            self.fc = nn.Linear(4, 2)
+
+        def forward(self, idx: torch.Tensor) -> torch.Tensor:
+            return self.fc(self.emb(idx)).sum(1)
+
+    with pytest.raises(UnsupportedModelError, match="embedding") as info:
+        capture(Emb(), (3,))
+    assert [n.qualname for n in info.value.nodes] == ["emb"]
+
+
+def test_node_functions_never_modify_their_inputs() -> None:
+    class InPlace(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.act = nn.ReLU(inplace=True)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            y = x * 1.0
+            y *= 2.0
+            y = self.act(y)
+            y += x
+            return F.relu(y, inplace=True).relu_()
+
+    g = capture(InPlace(), (4,))
+    for n in g:
+        if n.kind in ("input", "output"):
+            continue
+        xs = [torch.randn(3, *s) for s in n.in_shapes]
+        keep = [x.clone() for x in xs]
+        n.fn(*xs)
+        assert all(torch.equal(a, b) for a, b in zip(xs, keep)), n.qualname
+    x = torch.randn(5, 4)
+    torch.testing.assert_close(run_graph(simplify(g), x), InPlace()(x.clone()))
+    W, _ = next(n for n in simplify(g) if n.kind == "linear").dense()
+    torch.testing.assert_close(W, 2 * torch.eye(4, dtype=torch.float64))

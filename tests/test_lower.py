@@ -100,7 +100,8 @@ def _mlp(widths: list[int], seed: int) -> nn.Sequential:
     for i in range(len(widths) - 1):
         lin = nn.Linear(widths[i], widths[i + 1])
         with torch.no_grad():
-            lin.weight.copy_(torch.randn(widths[i + 1], widths[i], generator=g) / math.sqrt(widths[i]))
+            w = torch.randn(widths[i + 1], widths[i], generator=g) / math.sqrt(widths[i])
+            lin.weight.copy_(w)
             lin.bias.copy_(0.5 * torch.randn(widths[i + 1], generator=g))
         mods.append(lin)
         if i < len(widths) - 2:

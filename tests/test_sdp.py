@@ -118,16 +118,33 @@ def test_verification_rejects_bad_multipliers_and_accepts_good_ones() -> None:
     assert math.sqrt(rho2) >= res.raw * (1 - 1e-6)  # a feasible point is never below the optimum
 
 
-def test_unverifiable_solution_is_labelled_estimate(monkeypatch: pytest.MonkeyPatch) -> None:
-    net = _mlp([2, 4, 1], seed=0)
+def test_bad_multipliers_are_repaired_or_labelled_estimate(monkeypatch: pytest.MonkeyPatch) -> None:
+    net = _mlp([2, 4, 3, 1], seed=0)
 
     def fake_solve(cp, Ws, ranges, variant, solver, margin, opts):  # type: ignore[no-untyped-def]
-        return 1.0, [np.zeros(W.shape[0]) for W in Ws[:-1]], "optimal"
+        return 1e-3, [np.zeros(W.shape[0]) for W in Ws[:-1]], "optimal_inaccurate"
 
     monkeypatch.setattr(sdp_mod, "_solve", fake_solve)
     res = lipsdp(net, (2,))
+    # zero multipliers never verify; the closed-form certificate repairs them
+    assert res.certified and "repaired" in " ".join(res.notes)
+    assert res.value >= _realised_max(net, 2, 0)
+    monkeypatch.setattr(sdp_mod, "_repair", lambda Ws, ranges, tv: (None, math.nan))
+    res = lipsdp(net, (2,))
     assert not res.certified and res.upper is None and res.bound == "estimate"
     assert "NOT certified" in " ".join(res.notes)
+
+
+def test_analytic_multipliers_certify_a_bound() -> None:
+    net = _mlp([3, 6, 5, 4, 2], seed=4, act=nn.Tanh)
+    Ws = _weights(net)
+    ranges = [(0.0, 1.0)] * 3
+    ta = sdp_mod.analytic_multipliers(Ws, ranges)
+    assert ta is not None
+    rho, why = verify_lipsdp(Ws, ranges, ta)
+    assert rho is not None, why
+    assert math.sqrt(rho) >= lipsdp(net, (3,)).raw * (1 - 1e-6)
+    assert math.sqrt(rho) >= _realised_max(net, 3, 1)
 
 
 def test_functional_relu_model() -> None:

@@ -98,14 +98,13 @@ def test_linear_estimate_and_certificates(n_in, n_out, seed):
         assert ex[p] * (1 - SLACK) <= b <= ex[p] * (1 + 1e-9)
 
 
-@given(st.integers(2, 5), st.sampled_from(["power", "lanczos"]), st.integers(0, 1000))
+@given(st.integers(2, 5), st.sampled_from(["lanczos", "arpack"]), st.integers(0, 1000))
 def test_top_k_singular_values(k, method, seed):
     torch.manual_seed(seed)
     conv = nn.Conv1d(2, 2, 3, padding=1)
     shape = (2, 8)
     S = torch.linalg.svdvals(dense_jacobian(conv, shape))
-    r = top_singular(conv, shape, k, tol=1e-12, method=method, max_iter=50_000)
+    r = top_singular(conv, shape, k, tol=1e-10, method=method, max_iter=5_000)
     got = torch.tensor(r.singular_values, dtype=torch.float64)
-    # clustered values converge slowly with the power method: compare with a loose tolerance
-    assert torch.allclose(got, S[:k], rtol=1e-5, atol=1e-9)
+    assert torch.allclose(got, S[:k], rtol=1e-7, atol=1e-9)
     assert bool((got[:-1] >= got[1:] - 1e-12).all())

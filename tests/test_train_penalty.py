@@ -81,14 +81,14 @@ def test_seqlip_half_rule_closed_form() -> None:
 
 def test_reused_module_and_functional_relu_follow_autolip_recursion() -> None:
     net = Reused().double()
-    pen = LipschitzPenalty(net, (4,), init_iterations=500)
+    pen = LipschitzPenalty(net, (4,), init_iterations=200)
     assert [c.qualname for c in pen.plan.calls] == ["fc (call 1)", "fc (call 2)", "out"]
     s = exact_norm(net.fc, (4,))
     t = exact_norm(net.out, (4,))
     # AutoLip: L(fc o relu o fc) = s^2, the residual adds 1, then out
     assert abs(float(pen().detach()) - math.log(t * (s * s + 1))) < 1e-6
     # forward hooks see the same three calls, but not the wiring: only a product estimate
-    hooks = LipschitzPenalty(net, (4,), init_iterations=500, structure="hooks")
+    hooks = LipschitzPenalty(net, (4,), init_iterations=200, structure="hooks")
     assert len(hooks.plan.calls) == 3 and not hooks.plan.exact
     assert abs(float(hooks().detach()) - math.log(s * s * t)) < 1e-6
     with pytest.raises(InvalidArgumentError):
@@ -247,9 +247,13 @@ def test_minimising_the_penalty_shrinks_the_certified_bound() -> None:
     net = small_cnn()
     pen = LipschitzPenalty(net, (1, 5, 5))
     start = pen.certified_bound()
-    opt = torch.optim.Adam(net.parameters(), lr=0.01)
-    for _ in range(30):
-        opt.zero_grad()
+    params = list(net.parameters())
+    for _ in range(30):  # normalised gradient steps (no torch.optim: slow first import)
+        for p in params:
+            p.grad = None
         pen().backward()
-        opt.step()
+        with torch.no_grad():
+            for p in params:
+                if p.grad is not None:
+                    p -= 0.05 * p.grad / (p.grad.norm() + 1e-12)
     assert pen.certified_bound() < 0.5 * start

@@ -21,6 +21,7 @@ import math
 import pickle
 import re
 import sys
+import warnings
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -106,7 +107,9 @@ def _safe_torch_load(p: Path) -> Any:
             f"whole model, which torch.load(weights_only=True) refuses. {PICKLE_ADVICE}"
         ) from e
     except Exception as e:
-        raise ModelLoadError(f"cannot read {p} with torch.load(weights_only=True): {_line(e)}") from e
+        raise ModelLoadError(
+            f"cannot read {p} with torch.load(weights_only=True): {_line(e)}"
+        ) from e
 
 
 def _line(e: BaseException) -> str:
@@ -222,7 +225,9 @@ class _BatchLoop(nn.Module):
 
 def _load_export(path: Path) -> tuple[nn.Module, tuple[int, ...] | None]:
     try:
-        ep = torch.export.load(str(path))
+        with warnings.catch_warnings():  # torch.export's internal deprecation chatter
+            warnings.simplefilter("ignore")
+            ep = torch.export.load(str(path))
     except Exception as e:
         raise ModelLoadError(f"cannot read torch.export archive {path}: {_line(e)}") from e
     shape: tuple[int, ...] | None = None
@@ -241,7 +246,9 @@ def _load_export(path: Path) -> tuple[nn.Module, tuple[int, ...] | None]:
                     shape = tuple(int(d) for d in dims[1:])
                 if isinstance(dims[0], int):
                     static_batch = int(dims[0])
-    model: nn.Module = ep.module()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model: nn.Module = ep.module()
     if static_batch is not None:
         if static_batch != 1:
             raise ModelLoadError(
@@ -272,9 +279,9 @@ def load_model(
         if weights is not None:
             raise UsageError("--weights is not used with a torch.export archive (.pt2)")
         p = _existing(spec, "model")
-        model, shape = _load_export(p)
-        check_finite_module(model, name=p.name)
-        return model, shape, p.name
+        exported, ex_shape = _load_export(p)
+        check_finite_module(exported, name=p.name)
+        return exported, ex_shape, p.name
     if suffix in (".pt", ".pth", ".bin", ".ckpt", ".pkl", ".safetensors") and ":" not in spec:
         p = _existing(spec, "model")
         if suffix != ".safetensors":

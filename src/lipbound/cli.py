@@ -149,18 +149,18 @@ def _options(args: argparse.Namespace, methods: Sequence[str]) -> dict[str, dict
 
 
 def _emit(report: Any, args: argparse.Namespace) -> None:
-    if args.json:
-        print(json.dumps(report.to_dict(), indent=2))
-    elif args.markdown:
-        print(report.to_markdown())
-    else:
-        print(report)
     if args.plot:
         from .report import plot_report
 
         plot_report(report, args.plot)
         if not args.quiet:
             print(f"plot written to {args.plot}", file=sys.stderr)
+    if args.json:
+        print(json.dumps(report.to_dict(), indent=2))
+    elif args.markdown:
+        print(report.to_markdown())
+    else:
+        print(report)
 
 
 def _cmd_estimate(args: argparse.Namespace) -> int:
@@ -220,7 +220,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         "function R^2 -> R (a Gaussian-process sample)")
     xtr, ytr, xte, yte = synthetic_gp(1000, 250, seed=args.seed)
     torch.manual_seed(args.seed)
-    model = paper_mlp(4)
+    model: Any = paper_mlp(4)
     model = fit(model, xtr, ytr, epochs=args.epochs, lr=1e-2, batch_size=128, seed=args.seed)
     err = mse(model, xte, yte)
     say(f"trained in {time.perf_counter() - t0:.1f} s, test MSE {err:.4f} "
@@ -290,6 +290,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     except SystemExit as e:  # --help, --version
         return e.code if isinstance(e.code, int) else 0
+    except BrokenPipeError:  # output piped into e.g. `head`: stop quietly
+        import os
+
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 1
     except KeyboardInterrupt:
         print("lipbound: interrupted", file=sys.stderr)
         return 130

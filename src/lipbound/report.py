@@ -148,6 +148,7 @@ class MethodRun:
             "layers": [] if r is None else [_clean(lb.to_dict()) for lb in r.layers],
             "how": None,
             "witness": None,
+            "extra": {} if r is None else _json_safe(r.extra),
         }
         if r is not None:
             how = getattr(r, "how", None)
@@ -159,6 +160,22 @@ class MethodRun:
                     "y": None if y is None else y.detach().double().flatten().tolist(),
                 }
         return d
+
+
+def _json_safe(extra: Mapping[str, Any]) -> dict[str, Any]:
+    """The scalar (and dict-of-scalar) entries of a result's ``extra``, JSON-ready."""
+    out: dict[str, Any] = {}
+    for k, v in extra.items():
+        if isinstance(v, (str, bool, int)) or v is None:
+            out[str(k)] = v
+        elif isinstance(v, float):
+            out[str(k)] = _finite(v)
+        elif isinstance(v, Mapping) and all(
+            isinstance(x, (str, bool, int, float)) or x is None for x in v.values()
+        ):
+            out[str(k)] = {str(a): (_finite(x) if isinstance(x, float) else x)
+                           for a, x in v.items()}
+    return out
 
 
 def _md(rows: list[list[Any]]) -> list[list[Any]]:
@@ -339,6 +356,7 @@ REPORT_SCHEMA: dict[str, Any] = {
                     "certified_upper": _NUM_OR_NULL,
                     "certified_lower": _NUM_OR_NULL,
                     "how": _STR_OR_NULL,
+                    "extra": {"type": "object"},
                     "notes": {"type": "array", "items": {"type": "string"}},
                     "witness": {
                         "type": ["object", "null"],
@@ -475,12 +493,17 @@ def estimate(
     )
     if p != "2":
         recoverable = (*recoverable, InvalidArgumentError)
-    first_upper_error: LipboundError | None = None
+    first_upper_error: BaseException | None = None
     for name in names:
         fn = fns[name]
         kwargs: dict[str, Any] = dict(method_options.get(name, {}))
-        if p != "2" or _accepts(fn, "norm"):
+        if _accepts(fn, "norm"):
             kwargs.setdefault("norm", p)
+        elif p != "2":  # the method is l2-only
+            runs.append(MethodRun(name=name, result=None,
+                                  error=f"{name} supports the l2 norm only (asked: l{p})",
+                                  error_type="InvalidArgumentError"))
+            continue
         if name == "lower" and data is not None:
             kwargs.setdefault("data", data)
         if progress and _accepts(fn, "progress"):
@@ -555,26 +578,36 @@ def plot_report(report: Report, path: str) -> None:
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.5))
     colors = {"autolip": "tab:blue", "seqlip": "tab:orange", "exact": "tab:green",
               "lipsdp": "tab:purple", "lower": "tab:red"}
+    pos, ticks = 0, []
     any_layers = False
-    for k, name in enumerate(("autolip", "seqlip")):
+    for name in ("autolip", "seqlip"):
         res = report.results.get(name)
         if res is None or not res.layers:
             continue
-        vals = [max(lb.value, 1e-300) if math.isfinite(lb.value) else float("nan")
-                for lb in res.layers]
-        xs = [i + (k - 0.5) * 0.4 for i in range(len(vals))]
-        ax1.bar(xs, vals, width=0.4, label=f"{name} ({len(vals)} factors)",
-                color=colors[name], alpha=0.85)
+        rows = [lb for lb in res.layers if lb.value != 1.0]  # factors of 1 change nothing
+        parts = [lb for lb in rows if lb.op != "segment"] or rows  # segments are aggregates
+        if not parts:
+            continue
+        xs = list(range(pos, pos + len(parts)))
+        vals = [lb.value if math.isfinite(lb.value) and lb.value > 0 else float("nan")
+                for lb in parts]
+        ax1.bar(xs, vals, width=0.8, color=colors[name], alpha=0.85,
+                label=f"{name}: product {res.value:.4g}")
+        ticks += [(x, (lb.name if len(lb.name) <= 14 else lb.name[:13] + "~"))
+                  for x, lb in zip(xs, parts)]
+        pos += len(parts) + 1
         any_layers = True
     if any_layers:
         ax1.set_yscale("log")
-        ax1.set_xlabel("node (AutoLip) / pair (SeqLip) index")
-        ax1.set_ylabel("factor")
-        ax1.legend()
+        ax1.axhline(1.0, color="gray", lw=0.8)
+        ax1.set_xticks([t[0] for t in ticks], [t[1] for t in ticks], rotation=60, fontsize=7,
+                       ha="right")
+        ax1.set_ylabel("factor (nodes with factor 1 omitted)")
+        ax1.legend(fontsize=8)
     else:
         ax1.text(0.5, 0.5, "no per-layer breakdown\n(AutoLip / SeqLip not run)",
                  ha="center", va="center", transform=ax1.transAxes)
-    ax1.set_title("per-layer contributions")
+    ax1.set_title("per-layer contributions: AutoLip per node, SeqLip per pair")
 
     names, values, cols = [], [], []
     for run in report.runs:

@@ -169,16 +169,47 @@ class _Replay:
             if isinstance(v, torch.Tensor) and dtype is not None and v.is_floating_point():
                 v = v.to(dtype)
         elif n.op == "call_function":
-            v = n.target(*args, **kwargs)  # type: ignore[operator]
+            if "inplace" in kwargs:
+                kwargs = {**kwargs, "inplace": False}
+            v = _out_of_place(n.target)(*args, **kwargs)  # type: ignore[operator]
         elif n.op == "call_method":
             self_obj, *rest = args
-            v = getattr(self_obj, str(n.target))(*rest, **kwargs)
+            v = getattr(self_obj, _out_of_place_method(str(n.target)))(*rest, **kwargs)
         elif n.op == "call_module":
-            v = eval_module_call(self.gm.get_submodule(str(n.target)), *args, **kwargs)
+            mod = self.gm.get_submodule(str(n.target))
+            if getattr(mod, "inplace", False) is True and args and isinstance(
+                args[0], torch.Tensor
+            ):
+                args = (args[0].clone(), *args[1:])
+            v = eval_module_call(mod, *args, **kwargs)
         else:
             raise InvalidArgumentError(f"cannot replay fx node {n.name} ({n.op})")
         env[n.name] = v
         return v
+
+
+_OUT_OF_PLACE: dict[Any, Any] = {
+    operator.iadd: operator.add, operator.isub: operator.sub, operator.imul: operator.mul,
+    operator.itruediv: operator.truediv, torch.relu_: torch.relu,
+    torch.nn.functional.relu_: torch.nn.functional.relu,
+    torch.nn.functional.leaky_relu_: torch.nn.functional.leaky_relu,
+    torch.nn.functional.elu_: torch.nn.functional.elu,
+    torch.nn.functional.hardtanh_: torch.nn.functional.hardtanh,
+}
+
+
+def _out_of_place(target: Any) -> Any:
+    """Node functions never modify their inputs: in-place ops are replayed out of place."""
+    try:
+        return _OUT_OF_PLACE.get(target, target)
+    except TypeError:
+        return target
+
+
+def _out_of_place_method(name: str) -> str:
+    if name.endswith("_") and not name.endswith("__") and hasattr(torch.Tensor, name[:-1]):
+        return name[:-1]
+    return name
 
 
 def _fetch_attr(gm: torch.fx.GraphModule, target: str) -> Any:
@@ -361,6 +392,7 @@ def capture(model: nn.Module, input_shape: Any, *, batch_size: int = 2) -> OpGra
             with torch.no_grad():
                 prop.propagate(sample)
         except Exception as exc:
+            _raise_if_integer_inputs(model, exc)
             raise ShapeError(
                 f"running {type(model).__name__} on a batch of shape "
                 f"{(batch_size, *shape)} failed: {type(exc).__name__}: {exc}. Check input_shape "
@@ -513,6 +545,23 @@ def _build(
             classify(node)
     del by_name
     return OpGraph(nodes=nodes, input_shape=shape, model=model)
+
+
+def _raise_if_integer_inputs(model: nn.Module, exc: Exception) -> None:
+    """A model that looks up embeddings needs integer inputs: not a Lipschitz question."""
+    from ..errors import UnsupportedModelError, UnsupportedNode
+
+    emb = [
+        UnsupportedNode(
+            name, type(m).__name__,
+            "an embedding looks up integer indices: the network is not a function of a "
+            "continuous input there. Bound the network from the embedding output on instead",
+        )
+        for name, m in model.named_modules()
+        if isinstance(m, (nn.Embedding, nn.EmbeddingBag))
+    ]
+    if emb:
+        raise UnsupportedModelError(emb) from exc
 
 
 def _mixes_batch(v: torch.Tensor, batch: int) -> bool:

@@ -82,6 +82,9 @@ class Node:
     def dense(self, dtype: torch.dtype = torch.float64) -> tuple[torch.Tensor, torch.Tensor]:
         """``(W, b)`` with ``fn(x).flatten() == W @ x.flatten() + b``, built column by column.
 
+        Computed in ``dtype`` (float64 by default): node functions built by
+        :func:`lipbound.graph.capture` / :func:`lipbound.graph.simplify` cast the parameters
+        they use to the input's dtype on the fly (the modules themselves are not modified).
         Only for small layers (``W`` has ``prod(out_shape) x prod(in_shape)`` entries).
         """
         if self.kind != "linear":
@@ -107,7 +110,7 @@ def _tensors(module: nn.Module) -> Iterator[torch.Tensor]:
 
 
 def _cast_call(fn: Callable[..., torch.Tensor], dtype: torch.dtype) -> Callable[..., torch.Tensor]:
-    """Call ``fn`` with inputs in ``dtype``; modules are expected to be cast by the caller."""
+    """Call ``fn`` with inputs in ``dtype`` (captured node functions cast their parameters)."""
 
     def g(*xs: torch.Tensor) -> torch.Tensor:
         return fn(*xs)

@@ -40,7 +40,7 @@ from ..graph import OpGraph, capture, simplify
 from ..results import LayerBound, LipschitzResult
 from ..rules import NodeConstant, RuleContext
 
-__all__ = ["autolip", "compose", "node_bounds", "node_constants", "NodeConstant"]
+__all__ = ["NodeConstant", "autolip", "compose", "elasticities", "node_bounds", "node_constants"]
 
 
 def node_constants(
@@ -143,6 +143,28 @@ def compose(graph: OpGraph, constants: Mapping[str, NodeConstant]) -> float:
     return node_bounds(graph, constants)[graph.output.name]
 
 
+def elasticities(graph: OpGraph, constants: Mapping[str, NodeConstant]) -> dict[str, float]:
+    """``(c_k / L) dL/dc_k`` for every node: the share of the bound each factor controls.
+
+    Scaling node ``k``'s constants by ``(1 + h)`` scales the bound by about ``(1 + e_k h)``.
+    In a chain every ``e_k`` is 1; a layer in a residual branch has ``e_k < 1``. Then
+    ``e_k * log(c_k)`` is node ``k``'s contribution to ``log L`` (for a chain they sum to it),
+    which is how :func:`autolip` ranks the dominant layers. Computed by a relative
+    perturbation ``h = 1e-6`` of each node (one composition per node).
+    """
+    base = compose(graph, constants)
+    out: dict[str, float] = {}
+    h = 1e-6
+    for k, c in constants.items():
+        if base == 0 or not any(c.constants):
+            out[k] = 0.0
+            continue
+        bumped = dict(constants)
+        bumped[k] = replace(c, constants=tuple(ci * (1 + h) for ci in c.constants))
+        out[k] = (compose(graph, bumped) - base) / (base * h)
+    return out
+
+
 def autolip(
     model: nn.Module,
     input_shape: Any,
@@ -157,8 +179,15 @@ def autolip(
     ``value`` is the composed bound; ``certified`` is True when every factor is certified
     (otherwise the uncertified factors, power/Lanczos estimates, are named in ``notes``);
     ``layers`` has one row per node (qualified name, op, factor, certified, seconds, how);
-    ``extra["node_bounds"]`` the bound at every node and ``extra["estimate"]`` the composition
-    of the estimates alone (what the paper's AutoLip computes; not a certificate).
+    ``extra["node_bounds"]`` the bound at every node, ``extra["estimate"]`` the composition of
+    the estimates alone (what the paper's AutoLip computes; not a certificate),
+    ``extra["elasticity"]`` / ``extra["log_contribution"]`` (by qualname) how much of
+    ``log(value)`` each factor controls (see :func:`elasticities`); the last note names the
+    dominant layers.
+
+    ``tol`` / ``max_iter`` drive the power/Lanczos estimates used as factors when no
+    certificate exists; a certified factor's estimate is only reported and computed to
+    ``max(tol, 1e-3)``. ``certify=False`` skips certificates (faster; estimates only).
 
     >>> import torch
     >>> from torch import nn
@@ -209,9 +238,14 @@ def autolip(
             "not certified: these factors are estimates (from below), so the value is an "
             "estimate: " + ", ".join(unc)
         )
-    dominant = sorted(constants.values(), key=lambda c: -c.value)[:5]
+    el = elasticities(graph, constants)
+    share = {
+        k: el[k] * math.log(c.value) if c.value > 0 else -math.inf for k, c in constants.items()
+    }
+    dominant = sorted(constants.values(), key=lambda c: -share[c.name])[:5]
     notes.append(
-        "largest factors: " + ", ".join(f"{c.qualname}={c.value:.4g}" for c in dominant)
+        "largest factors: "
+        + ", ".join(f"{c.qualname}={c.value:.4g} (e={el[c.name]:.2f})" for c in dominant)
     )
     return LipschitzResult(
         value=float(value),
@@ -223,5 +257,11 @@ def autolip(
         layers=rows,
         seconds=time.perf_counter() - t0,
         notes=tuple(notes),
-        extra={"node_bounds": bounds, "estimate": estimate, "graph": graph},
+        extra={
+            "node_bounds": bounds,
+            "estimate": estimate,
+            "elasticity": {constants[k].qualname: v for k, v in el.items()},
+            "log_contribution": {constants[k].qualname: v for k, v in share.items()},
+            "graph": graph,
+        },
     )

@@ -18,7 +18,8 @@ pair of operator norms
     L(f) = sup_x ||J_f(x)|| = max over FULL-DIMENSIONAL regions R(d) of ||J(d)||.
 
 (Lower-dimensional regions are skipped: their patterns can carry Jacobians that no open set
-realises, e.g. ``relu(x) - relu(-x)`` has the spurious pattern "both off" at ``x = 0``.)
+realises, e.g. ``relu(x) - relu(-x) = x`` has the pattern "both on" at ``x = 0`` only, with
+Jacobian 2 while ``L = 1``.)
 
 Branch and bound. A node of the search tree fixes the pattern of hidden layers ``1..l-1`` and
 of the first ``m`` neurons of layer ``l``. Its region is a polyhedron ``{x : G x + g >= 0}``
@@ -37,9 +38,15 @@ node's partial pattern, feasible or not, hence of the sub-tree's maximum). Write
 ``D_l = diag(sigma)`` with ``sigma_k`` fixed for the first ``m`` neurons and free in
 ``{q, p}`` for the others, and ``H_l = W_K D_{K-1} ... D_{l+1} W_{l+1}`` (all free).
 
-* (abs) ``|J| <= P_l |D_l| |A_l|`` entrywise, ``P_l = |W_K| c |W_{K-1}| ... c |W_{l+1}|``
-  with ``c = max(|p|, |q|)``; every induced l1/l2/l-inf norm is monotone on non-negative
-  matrices and ``||J|| <= || |J| ||``, so ``||J|| <= ||P_l |D_l^max| |A_l| ||``.
+* (interval) ``J`` is propagated backwards in interval arithmetic (centre/radius form):
+  ``W_K``, times ``D_{K-1}`` with ``sigma`` in its range, times ``W_{K-1}``, ..., times the
+  fixed ``A_l``; every ``J`` of the sub-tree lies in ``[C - R, C + R]`` entrywise, hence
+  ``|J| <= |C| + R`` and ``||J|| <= || |C| + R ||`` (the induced l1, l2 and l-inf norms are
+  monotone on non-negative matrices and ``||J|| <= || |J| ||``). The ranges of ``sigma`` are
+  narrowed with the region's bounding box (2 n LPs, computed at layer boundaries and every
+  few neurons when the input dimension is small): interval propagation of the pre-activations
+  over the box proves that some neurons cannot change sign on the region, which fixes their
+  slope in the bound and also decides their branch without an LP.
 * (split, l2) with the SVD ``W_{l+1} = U S V^T``,
   ``||J|| <= ||H_l' U S^{1/2}|| * ||S^{1/2} V^T D_l A_l||`` (``H_l = H_l' U S V^T``). The first
   factor is bounded over all free ``D``\ s once per network by SeqLip's pair product
@@ -53,7 +60,9 @@ node's partial pattern, feasible or not, hence of the sub-tree's maximum). Write
   <= sum_{k,l} max_{sigma_k, sigma_l} Q_kl sigma_k sigma_l``.
   For the last hidden layer ``H_l = W_K`` is fixed and the second factor alone (with
   ``B = W_K``, any of the three norms) is used.
-* (product) ``||J|| <= ||H_l||_bound * max_sigma ||D_l A_l||``.
+* (scalar output, last hidden layer) ``max_sigma ||w^T D A||`` is computed exactly (for l1 and
+  l-inf in any dimension, for l2 with a 2-D input) by maximising over the extreme points of
+  the dual-norm ball, see ``_scalar_output_max``.
 
 A node is pruned when its bound is ``<=`` the best realised value; nodes are explored best
 first, so when the time runs out the largest open bound is a certified upper bound and the best
@@ -548,23 +557,12 @@ class _Bounds:
         self.H = H
         self.cmax = [max(abs(q), abs(p)) for q, p in ch.slopes]
         self.ranges = [(min(q, p), max(q, p)) for q, p in ch.slopes]
-        # P[h]: |W_K| c |W_{K-1}| ... c |W_{h+1}|   (h = 0..H-1, hidden layer index)
-        self.P: list[np.ndarray] = [np.zeros((0, 0))] * H
-        self.prod_tail: list[float] = [0.0] * H  # certified sup ||H_h|| (any norm)
-        if H == 0:
-            return
-        P = np.abs(W[-1])
-        nrm = _mat_norm(W[-1], norm)
-        for h in range(H - 1, -1, -1):
-            self.P[h] = P
-            self.prod_tail[h] = nrm
-            if h > 0:
-                P = (P * self.cmax[h]) @ np.abs(W[h])
-                nrm = nrm * self.cmax[h] * _mat_norm(W[h], norm)
         # split bound (l2): g[h] = sup ||W_K D ... D_{h+1} U_{h+1} S_{h+1}^{1/2}||,
         # B[h] = S^{1/2} V^T
         self.g: list[float | None] = [None] * H
         self.B: list[np.ndarray] = [np.zeros((0, 0))] * H
+        if H == 0:
+            return
         for h in range(H):
             if h == H - 1:
                 self.B[h] = W[-1]
@@ -588,25 +586,6 @@ class _Bounds:
                 self.cmax[i] * float(np.linalg.norm(W[i + 1], 2)) for i in range(h + 1, H)
             )
             self.g[h] = min(g_seq, g_prod)
-
-    def bound(self, h: int, A: np.ndarray, lo: np.ndarray, hi: np.ndarray) -> float:
-        """Certified upper bound on ``||H_h diag(sigma) A||`` over ``sigma in [lo, hi]``."""
-        absmax = np.maximum(np.abs(lo), np.abs(hi))
-        cands = [_mat_norm(self.P[h] @ (absmax[:, None] * np.abs(A)), self.norm)]
-        cands.append(
-            self.prod_tail[h] * _mat_norm(absmax[:, None] * np.abs(A), self.norm)
-            if self.norm != "2"
-            else self.prod_tail[h] * float(np.linalg.norm(absmax[:, None] * np.abs(A), 2))
-        )
-        g = self.g[h]
-        if g is not None:
-            B = self.B[h]
-            nfree = int((lo != hi).sum())
-            if nfree <= self.enum_limit:
-                cands.append(g * _vertex_max(B, A, lo, hi, self.norm))
-            elif self.norm == "2":
-                cands.append(g * _termwise_fro(B, A, lo, hi))
-        return min(cands) * _INFLATE
 
 
 # --------------------------------------------------------------------------------------------

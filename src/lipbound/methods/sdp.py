@@ -64,7 +64,7 @@ from .._validation import check_choice, check_input_shape, check_model, check_po
 from ..errors import MissingDependencyError, SolverError, UnsupportedModelError, UnsupportedNode
 from ..results import LipschitzResult
 
-__all__ = ["SDPResult", "lipsdp", "verify_lipsdp", "slope_ranges_of"]
+__all__ = ["SDPResult", "analytic_multipliers", "lipsdp", "slope_ranges_of", "verify_lipsdp"]
 
 _U = float(np.finfo(np.float64).eps) / 2  # unit roundoff
 
@@ -233,10 +233,61 @@ def verify_lipsdp(
     return None, "verification failed: no rho passed the eigenvalue test"
 
 
-def _auto_solver(n: int, installed: list[str]) -> str:
+def analytic_multipliers(
+    Ws: list[np.ndarray], ranges: list[tuple[float, float]]
+) -> list[np.ndarray] | None:
+    """A strictly feasible LipSDP-layer certificate in closed form (``None`` if not covered).
+
+    For ``a_i b_i >= 0`` and ``a_i + b_i > 0``: with ``-M``'s block Schur complements
+    ``S_0 = rho I``, ``S_i = 2 T_i - (a_i + b_i)^2 T_i W_i S_{i-1}^{-1} W_i^T T_i`` (the
+    ``2 a b W^T T W`` terms are PSD and only help), ``T_i = lambda_i I`` with
+    ``lambda_i = 1 / ((a_i + b_i)^2 lambda_max(W_i S_{i-1}^{-1} W_i^T))`` gives
+    ``S_i >= lambda_i I``; everything scales with ``rho``, so choosing the scale with
+    ``lambda_H > ||W_K||^2`` makes the hidden block of ``M`` negative definite. Used to repair
+    a solver's slightly infeasible multipliers by a small convex combination.
+    """
+    H = len(Ws) - 1
+    if H == 0 or any(a * b < 0 or a + b <= 0 for a, b in ranges):
+        return None
+    S = np.eye(Ws[0].shape[1])
+    lams = []
+    for i in range(H):
+        W = Ws[i]
+        a, b = ranges[i]
+        K = W @ np.linalg.solve(S, W.T)
+        top = float(np.linalg.eigvalsh((K + K.T) / 2).max())
+        if not math.isfinite(top) or top <= 0:
+            return None
+        lam = 1.0 / ((a + b) ** 2 * top)
+        lams.append(lam)
+        S = 2 * lam * np.eye(W.shape[0]) - (a + b) ** 2 * lam**2 * K
+    wk = float(np.linalg.norm(Ws[-1], 2)) ** 2
+    c = 2.0 * max(wk, 1e-300) / lams[-1]
+    return [np.full(Ws[i].shape[0], c * lams[i]) for i in range(H)]
+
+
+def _repair(
+    Ws: list[np.ndarray], ranges: list[tuple[float, float]], tv: list[np.ndarray]
+) -> tuple[float | None, float]:
+    """Verify ``(1 - lam) T + lam T_a`` for growing ``lam``; ``(rho, lam)`` or ``(None, nan)``."""
+    ta = analytic_multipliers(Ws, ranges)
+    if ta is None:
+        return None, math.nan
+    tv = [np.maximum(t, 0.0) for t in tv]
+    for lam in (1e-7, 1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 0.1, 0.3, 1.0):
+        mix = [(1 - lam) * t + lam * t2 for t, t2 in zip(tv, ta)]
+        rho, _ = verify_lipsdp(Ws, ranges, mix)
+        if rho is not None:
+            return rho, lam
+    return None, math.nan
+
+
+def _auto_solver(n: int, installed: list[str], variant: str = "neuron") -> str:
+    if variant == "layer" and n <= 400 and "CVXOPT" in installed:
+        return "CVXOPT"  # few variables: interior point is cheap even for large LMIs
     if n <= 150 and "CLARABEL" in installed:
         return "CLARABEL"
-    if n <= 450 and "CVXOPT" in installed:
+    if n <= 250 and "CVXOPT" in installed:
         return "CVXOPT"
     if "SCS" in installed:
         return "SCS"
@@ -291,7 +342,12 @@ def _solve(
     n = int(sum(dims))
     cons = [Msym << -margin * np.eye(n)]
     prob = cp.Problem(cp.Minimize(rho), cons)
-    prob.solve(solver=solver, **solver_options)
+    import warnings
+
+    with warnings.catch_warnings():
+        # "solution may be inaccurate": reported through the status and the verification
+        warnings.simplefilter("ignore")
+        prob.solve(solver=solver, **solver_options)
     if rho.value is None:
         raise SolverError(f"LipSDP: solver {solver} returned no solution (status {prob.status})")
     tv = []
@@ -308,6 +364,7 @@ def lipsdp(
     variant: str = "neuron",
     solver: str = "auto",
     margin: float = 1e-7,
+    time_limit: float | None = None,
     solver_options: dict[str, Any] | None = None,
 ) -> SDPResult:
     """LipSDP upper bound on the l2 Lipschitz constant of an MLP, with verified certificate.
@@ -315,10 +372,14 @@ def lipsdp(
     Parameters
     ----------
     variant:  ``"neuron"`` (one multiplier per neuron) or ``"layer"`` (one per layer).
-    solver:   ``"auto"`` (Clarabel for small LMIs, CVXOPT up to ~450 rows, SCS beyond),
+    solver:   ``"auto"`` (layer variant: CVXOPT up to 400 rows; neuron variant: Clarabel up
+              to 150 rows, CVXOPT up to 250; SCS beyond),
               ``"SCS"``, ``"CLARABEL"``, ``"CVXOPT"``.
     margin:   the SDP is solved with ``M <= -margin I`` (in scaled units) so that the
-              certificate survives the verification; retried with 100x margin if it fails.
+              certificate survives the verification; retried with 100x margin if it fails
+              and time is left.
+    time_limit: seconds for the solver (passed to SCS / Clarabel; CVXOPT has no limit);
+              ``None``: no limit.
     solver_options: passed to ``cvxpy.Problem.solve`` (e.g. ``{"eps": 1e-6}`` for SCS).
 
     Returns an :class:`SDPResult`: ``value``/``upper`` the verified bound (``certified``), ``raw``
@@ -331,6 +392,8 @@ def lipsdp(
     check_choice("variant", variant, ("neuron", "layer"))
     check_choice("solver", solver, ("auto", "SCS", "CLARABEL", "CVXOPT"))
     check_positive("margin", margin, allow_zero=True)
+    if time_limit is not None:
+        check_positive("time_limit", time_limit)
     try:
         import cvxpy as cp
     except ImportError as exc:
@@ -342,7 +405,7 @@ def lipsdp(
     CK = math.prod(cs)
     n = sum([Ws[0].shape[1]] + [W.shape[0] for W in Ws[:-1]])
     installed = list(cp.installed_solvers())
-    name = _auto_solver(n, installed) if solver == "auto" else solver
+    name = _auto_solver(n, installed, variant) if solver == "auto" else solver
     if name not in installed:
         raise MissingDependencyError(name.lower(), "sdp", f"lipsdp(solver={name!r})")
     opts = dict(solver_options or {})
@@ -354,6 +417,14 @@ def lipsdp(
     solve_s = verify_s = 0.0
     m = float(margin)
     for _attempt in range(3):
+        if time_limit is not None:
+            left = float(time_limit) - (time.perf_counter() - t0)
+            if _attempt > 0 and left < 0.2 * float(time_limit):
+                break
+            if name == "SCS":
+                opts["time_limit_secs"] = max(left, 1.0)
+            elif name == "CLARABEL":
+                opts["time_limit"] = max(left, 1.0)
         ts0 = time.perf_counter()
         try:
             rho_raw, tv, status = _solve(cp, Wp, ranges, variant, name, m, opts)
@@ -363,7 +434,17 @@ def lipsdp(
         raw = math.sqrt(max(rho_raw, 0.0)) * CK
         tv0 = time.perf_counter()
         rho_v, why = verify_lipsdp(Wp, ranges, tv, rho_raw)
+        if rho_v is None:
+            rho_v, lam = _repair(Wp, ranges, tv)
+            if rho_v is not None:
+                notes.append(
+                    f"the solver's multipliers failed the verification ({why}); repaired by the "
+                    f"convex combination (1 - {lam:g}) T + {lam:g} T_a with a closed-form "
+                    "strictly feasible T_a"
+                )
         verify_s += time.perf_counter() - tv0
+        if status != "optimal":
+            notes.append(f"solver status {status!r} (attempt {_attempt + 1})")
         if rho_v is not None:
             break
         m = max(m, 1e-9) * 100
@@ -372,7 +453,7 @@ def lipsdp(
         value = float(np.nextafter(value, math.inf))  # the product by CK is exact; sqrt rounded
         notes.append(
             f"verified: M(rho, T) is provably negative semidefinite in exact arithmetic at the "
-            f"solver's multipliers (float64 eigenvalues + rounding bounds, Weyl); certified "
+            f"multipliers used (float64 eigenvalues + rounding bounds, Weyl); certified "
             f"bound {value:.8g} vs the solver's raw {raw:.8g} (certified only up to the "
             f"solver's tolerance)"
         )

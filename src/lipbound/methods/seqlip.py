@@ -192,6 +192,13 @@ def _plain_conv2d(node: Any) -> nn.Conv2d | None:
     return None
 
 
+def _max_norm_c(X: torch.Tensor) -> float:
+    """``max`` over the batch of the spectral norms of complex matrices ``X`` (..., m, p), via
+    the top eigenvalue of the Hermitian Gram matrix of the smaller side."""
+    G = X.mH @ X if X.shape[-1] <= X.shape[-2] else X @ X.mH
+    return float(torch.linalg.eigvalsh(G)[..., -1].clamp_min(0).max().sqrt())
+
+
 def conv_pair_bound(
     first: nn.Conv2d, second: nn.Conv2d, in_hw: tuple[int, int],
     slopes: tuple[float, float] = (0.0, 1.0),
@@ -211,10 +218,10 @@ def conv_pair_bound(
     a, b = float(slopes[0]), float(slopes[1])
     a2, b2 = min(a, 0.0), max(b, 0.0)
     H, W = in_hw
-    kB = tuple(first.kernel_size)
-    pB = tuple(first.padding)  # type: ignore[arg-type]
-    kA = tuple(second.kernel_size)
-    pA = tuple(second.padding)  # type: ignore[arg-type]
+    kB = [int(v) for v in first.kernel_size]
+    pB = [int(v) for v in first.padding]  # type: ignore[union-attr]
+    kA = [int(v) for v in second.kernel_size]
+    pA = [int(v) for v in second.padding]  # type: ignore[union-attr]
     H1 = H + 2 * pB[0] - kB[0] + 1
     W1 = W + 2 * pB[1] - kB[1] + 1
     N0 = max(H + 2 * pB[0], H1 + 2 * pA[0], kA[0], kB[0])
@@ -227,12 +234,10 @@ def conv_pair_bound(
             return torch.fft.fft2(w, s=(N0, N1)).permute(2, 3, 0, 1)  # (N0, N1, out, in)
 
         SA, SB = symbol(wA), symbol(wB)
-        nAB = float(torch.linalg.matrix_norm(SA @ SB, ord=2).max())
-        nA = float(torch.linalg.matrix_norm(SA, ord=2).max())
-        nB = float(torch.linalg.matrix_norm(SB, ord=2).max())
-        nabs = float(
-            torch.linalg.matrix_norm(symbol(wA.abs()) @ symbol(wB.abs()), ord=2).max()
-        )
+        nAB = _max_norm_c(SA @ SB)
+        nA = _max_norm_c(SA)
+        nB = _max_norm_c(SB)
+        nabs = _max_norm_c(symbol(wA.abs()) @ symbol(wB.abs()))
     inner = min(nA * nB, nabs)
     bound = abs(a2 + b2) / 2 * nAB + (b2 - a2) / 2 * inner
     c = max(abs(a2), abs(b2))
@@ -262,20 +267,21 @@ def _certified_pair(
     norms: tuple[float, float] | None = None,
 ) -> float:
     size = min(L.shape[0], L.shape[1]) + min(R.shape[0], R.shape[1])
-    big = L.shape[0] * L.shape[1] * R.shape[1] > 5e7
     steps = 60 if size <= 300 else (15 if size <= 700 else 0)
     return pair_certified(
-        L, R, slopes=slopes, scaled_steps=-1 if big else 20, dual_steps=steps, norms=norms,
+        L, R, slopes=slopes, scaled_steps=20 if size <= 300 else -1, dual_steps=steps,
+        norms=norms,
     ).value
 
 
 def _solve_pair(
     name: str, L: torch.Tensor, R: torch.Tensor, slopes: tuple[float, float], *, mode: str,
     max_exact_width: int, time_limit: float | None, k: int, restarts: int, seed: int,
+    L_sorted: bool = False, R_sorted: bool = False,
 ) -> _Pair:
     t0 = time.perf_counter()
     n = L.shape[1]
-    norms = (float(L.norm(dim=1).max()), float(R.norm(dim=0).max()))  # rows/cols: S~ V^T, U S~
+    norms = None
     if mode == "exact" or (mode == "auto" and n <= max_exact_width):
         pb = pair_exact(L, R, slopes=slopes, time_limit=time_limit if mode == "auto" else None)
         if pb.exact:
@@ -284,12 +290,52 @@ def _solve_pair(
         return _Pair(name, pb.lower, up, False, "bnb-partial", time.perf_counter() - t0)
     # greedy on the top-k singular directions (rows of L, columns of R are sorted by singular
     # value); the pattern found is then evaluated on the full pair (a realised value)
-    Lk, Rk = L[:k], R[:, :k]
+    Lk = L[:k] if L_sorted else _top_rows(L, k)
+    Rk = R[:, :k] if R_sorted else _top_rows(R.T, k).T
     g = pair_greedy(Lk, Rk, slopes=slopes, restarts=restarts, seed=seed)
     lower = pair_value(L, R, g.pattern, slopes=slopes)
     up = _certified_pair(L, R, slopes, norms=norms)
     trunc = " top-k" if (L.shape[0] > k or R.shape[1] > k) else ""
     return _Pair(name, lower, up, False, f"greedy{trunc} ({g.how})", time.perf_counter() - t0)
+
+
+def _split_sqrt(W: torch.Tensor, floor: float = 1e-10) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(P, Q)`` with ``P Q = W`` up to rounding, ``P = U S^{1/2}``, ``Q = S^{1/2} V^T``, rows of
+    ``Q`` / columns of ``P`` sorted by decreasing singular value.
+
+    Computed from the eigendecomposition of the smaller Gram matrix (much faster than an SVD):
+    for ``m <= n``, ``W W^T = U diag(lam) U^T``, ``s = lam^{1/4}`` (floored at
+    ``(floor lam_max)^{1/4}``), ``P = U diag(s)``, ``Q = diag(1/s) U^T W``; then
+    ``P Q = U U^T W = W`` for ANY positive ``s`` (``U`` orthogonal), so the factorization is exact
+    up to rounding whatever the accuracy of the small eigenvalues; ``s`` only affects tightness.
+    Symmetrically for ``m > n`` with ``W^T W = V diag(lam) V^T``, ``Q = diag(s) V^T``,
+    ``P = W V diag(1/s)``.
+    """
+    m, n = W.shape
+    if m <= n:
+        lam, U = torch.linalg.eigh(W @ W.T)
+        lam, U = lam.flip(0), U.flip(1)
+        s = lam.clamp_min(floor * max(float(lam[0]), 1e-300)).pow(0.25)
+        return U * s[None, :], (U.T @ W) / s[:, None]
+    lam, V = torch.linalg.eigh(W.T @ W)
+    lam, V = lam.flip(0), V.flip(1)
+    s = lam.clamp_min(floor * max(float(lam[0]), 1e-300)).pow(0.25)
+    return (W @ V) / s[None, :], s[:, None] * V.T
+
+
+def _top_rows(L: torch.Tensor, k: int) -> torch.Tensor:
+    """The ``k`` rows of ``O L`` along the top left singular directions of ``L`` (``O``
+    orthogonal from the eigendecomposition of ``L L^T``); ``L`` itself when it has ``<= k``
+    rows. Dropping rows can only decrease ``||L D R||``, so values realised with the result are
+    still lower bounds of the pair factor."""
+    if L.shape[0] <= k:
+        return L
+    if L.shape[0] > L.shape[1]:
+        lam, V = torch.linalg.eigh(L.T @ L)
+        Lr = lam.clamp_min(0).sqrt().flip(0)[:, None] * V.flip(1).T
+        return Lr[:k]
+    _, U = torch.linalg.eigh(L @ L.T)
+    return (U.flip(1).T @ L)[:k]
 
 
 def _dp_blocks(
@@ -343,10 +389,12 @@ def seqlip(
     True
     >>> net = nn.Sequential(nn.Linear(3, 6), nn.ReLU(), nn.Linear(6, 2))
     >>> r = seqlip(net, (3,), mode="exact")
-    >>> W1, W2 = net[0].weight.double(), net[2].weight.double()
+    >>> W1, W2 = net[0].weight.detach().double(), net[2].weight.detach().double()
     >>> import itertools
-    >>> brute = max(float(torch.linalg.matrix_norm(W2 @ torch.diag(torch.tensor(s).double()) @ W1, 2))
-    ...             for s in itertools.product((0.0, 1.0), repeat=6))
+    >>> def val(s):
+    ...     D = torch.diag(torch.tensor(s).double())
+    ...     return float(torch.linalg.matrix_norm(W2 @ D @ W1, 2))
+    >>> brute = max(val(s) for s in itertools.product((0.0, 1.0), repeat=6))
     >>> abs(r.value - brute) < 1e-6 * brute
     True
     """
@@ -368,7 +416,7 @@ def seqlip(
     consts = node_constants(graph, norm=nrm, tol=tol, max_iter=max_iter)
     autolip_value = compose(graph, consts)
     auto_certified = all(c.certified for c in consts.values())
-    slopes = {
+    slopes: dict[str, tuple[float, float] | None] = {
         name: (c.slope_range if c.slope_range is not None else graph[name].slope_range)
         for name, c in consts.items()
     }
@@ -407,7 +455,12 @@ def seqlip(
         acts = seg[1::2]
         in_segment.update(n.name for n in seg)
         seg_name = f"{lins[0].qualname}..{lins[-1].qualname}"
-        act_slopes = [slopes[a.name] for a in acts]
+        act_slopes: list[tuple[float, float]] = []
+        for a_node in acts:
+            sr = slopes[a_node.name]
+            if sr is None:  # find_segments only keeps activations with a slope range
+                raise InvalidArgumentError(f"no slope range for {a_node.qualname}")
+            act_slopes.append((float(sr[0]), float(sr[1])))
         act_c = [consts[a.name].value for a in acts]
         norms = [consts[n.name].value for n in lins]
         autolip_seg = math.prod(norms) * math.prod(act_c)
@@ -417,26 +470,28 @@ def seqlip(
         block_pairs: list[float | None] = [None] * (len(lins) - 1)
         if dense:
             Ws = [n.dense(_F64)[0] for n in lins]
-            svds = [torch.linalg.svd(W, full_matrices=False) for W in Ws]
             K = len(lins)
+            # middle layers: W = P Q with P = U S^{1/2}, Q = S^{1/2} V^T; the first and last
+            # layers enter as W_1 (= U_1 S_1 up to the orthogonal V_1^T, which drops out) and
+            # W_K (= S_K V_K^T up to U_K)
+            split = {i: _split_sqrt(Ws[i]) for i in range(1, K - 1)}
             for i in range(K - 1):
-                U_i, S_i, _ = svds[i]
-                _, S_j, Vh_j = svds[i + 1]
-                St_i = S_i if i == 0 else S_i.sqrt()
-                St_j = S_j if i + 1 == K - 1 else S_j.sqrt()
-                L = St_j[:, None] * Vh_j  # S~_{i+1} V_{i+1}^T
-                R = U_i * St_i[None, :]  # U_i S~_i
+                R = Ws[0] if i == 0 else split[i][0]
+                L = Ws[K - 1] if i + 1 == K - 1 else split[i + 1][1]
                 pairs.append(_solve_pair(
                     f"{lins[i].qualname}->{lins[i + 1].qualname}", L, R, act_slopes[i],
                     mode=mode, max_exact_width=max_exact_width, time_limit=time_limit, k=k,
-                    restarts=restarts, seed=seed,
+                    restarts=restarts, seed=seed, L_sorted=i + 1 < K - 1, R_sorted=i > 0,
                 ))
             if all(p.upper is not None for p in pairs):
-                cands["svd-chain"] = math.prod(float(p.upper) for p in pairs)  # type: ignore[arg-type]
+                cands["svd-chain"] = math.prod(
+                    float(p.upper) for p in pairs if p.upper is not None
+                )
             if K >= 3:
                 for i in range(K - 1):
-                    nn_ = (float(svds[i + 1][1][0]), float(svds[i][1][0]))
-                    block_pairs[i] = _certified_pair(Ws[i + 1], Ws[i], act_slopes[i], norms=nn_)
+                    block_pairs[i] = _certified_pair(
+                        Ws[i + 1], Ws[i], act_slopes[i], norms=(norms[i + 1], norms[i])
+                    )
             estimate_seg = math.prod(p.lower for p in pairs)
         else:
             estimate_seg, pairs = _operator_estimate(
@@ -453,7 +508,9 @@ def seqlip(
                         <= dense_limit:
                     W1 = lins[i].dense(_F64)[0]
                     W2 = lins[i + 1].dense(_F64)[0]
-                    block_pairs[i] = _certified_pair(W2, W1, act_slopes[i])
+                    block_pairs[i] = _certified_pair(
+                        W2, W1, act_slopes[i], norms=(norms[i + 1], norms[i])
+                    )
         if any(b is not None for b in block_pairs):
             dp, cut = _dp_blocks(norms, act_c, block_pairs)
             cands[f"blocks[{cut}]"] = dp

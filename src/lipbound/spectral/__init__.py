@@ -119,7 +119,7 @@ def spectral_norm(
     :class:`~lipbound.ZeroOperatorError`, :class:`~lipbound.InvalidArgumentError`.
 
     >>> import torch
-    >>> W = torch.diag(torch.tensor([3.0, 2.0, 1.0]))
+    >>> W = torch.diag(torch.tensor([3.0, 2.0, 1.0], dtype=torch.float64))
     >>> r = spectral_norm(lambda x: x @ W.T, (3,), k=2)
     >>> [round(s, 6) for s in r.singular_values]
     [3.0, 2.0]

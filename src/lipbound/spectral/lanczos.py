@@ -1,8 +1,8 @@
 """Thick-restart Lanczos on ``A^T A`` through autodiff, and ARPACK through scipy.
 
 Each step applies ``B = A^T A`` to one vector (one forward product and one vector-Jacobian
-product) and orthogonalises the result against the whole basis twice (full
-re-orthogonalisation, classical Gram-Schmidt applied twice). The Rayleigh-Ritz matrix
+product) and orthogonalises the result against the whole basis (full re-orthogonalisation:
+classical Gram-Schmidt, repeated when the DGKS criterion detects cancellation). The Rayleigh-Ritz matrix
 ``H = Q B Q^T`` is formed from the stored products ``B Q^T`` (so it stays exact after
 restarts), and its top eigenpairs ``(theta_i, s_i)`` give Ritz pairs ``y_i = Q^T s_i``. When the
 basis is full, the top Ritz vectors are kept (thick restart, Wu & Simon 2000) and the Krylov
@@ -68,20 +68,34 @@ def lanczos(
     converged = False
     theta = torch.zeros(0, dtype=torch.float64)
     S = torch.zeros((0, 0), dtype=dt)
-    hist: list[list[float]] = []  # top-k Ritz singular values after each step
+    hist: list[list[float]] = []  # top-k Ritz singular values after each check
+    # Rayleigh-Ritz (an eigh of the j x j matrix) every step for small k, every k // 10 steps
+    # for large k (where it would dominate the cost), and always before a restart
+    every = 1 if k <= 10 else k // 10
+    since = 0
+    top = 0.0
     while steps < max_iter:
         Q[j] = q
         BQ[j] = A.gram(q.reshape(1, *A.in_shape)).reshape(-1)
         steps += 1
         j += 1
         # new column of the Rayleigh-Ritz matrix H = Q B Q^T (symmetric), reused as the first
-        # Gram-Schmidt projection of B q_j; then a second orthogonalisation pass
+        # Gram-Schmidt projection of B q_j
         h = Q[:j] @ BQ[j - 1]
         Hm[:j, j - 1] = h.to(torch.float64)
         Hm[j - 1, :j] = h.to(torch.float64)
         r = BQ[j - 1] - Q[:j].T @ h
-        r = r - Q[:j].T @ (Q[:j] @ r)
         beta = float(torch.linalg.vector_norm(r))
+        if beta < 0.7 * float(torch.linalg.vector_norm(BQ[j - 1])):
+            # DGKS criterion: cancellation happened, orthogonalise a second time
+            r = r - Q[:j].T @ (Q[:j] @ r)
+            beta = float(torch.linalg.vector_norm(r))
+        since += 1
+        must = j == m or j == n or steps >= max_iter or beta <= 32 * eps * max(top, 1e-300)
+        if not (must or (j >= k and since >= every)):
+            q = r / beta
+            continue
+        since = 0
         th, Sv = torch.linalg.eigh(Hm[:j, :j])
         theta = th.flip(0)
         S64 = Sv.flip(1)
