@@ -481,7 +481,7 @@ the raw SDP solver values. Lower bounds are witnessed (`best lower`: lipbound.lo
 `[lo, up]` = the branch and bound stopped at its time limit (the limit is short, 10 s, on the
 deep width-80 nets and the digits net, where exact computation obviously cannot finish: these
 nets have far too many linear regions). `LMI n` is the size of the LipSDP matrix. Solver
-`auto` = layer: CVXOPT up to 400, neuron: Clarabel up to 150, CVXOPT up to 250; SCS beyond
+`auto` = CVXOPT up to 250 (neuron) / 400 (layer), SCS beyond
 (eps 1e-6, 45 s limit per solve, then verified; the verification repairs SCS's slightly
 infeasible multipliers by a small convex combination with a closed-form certificate). Every
 LipSDP column is certified after verification unless marked otherwise; the plain-cvxpy peers

@@ -205,16 +205,28 @@ def tiny_cnn(seed: int = 0) -> nn.Module:
     ).double()
 
 
-@pytest.mark.parametrize("dense_limit", [30_000_000, 1])
-def test_cnn_dense_and_operator_paths(dense_limit: int) -> None:
-    net = tiny_cnn()
-    shape = (1, 11, 11)
+def stride1_cnn(seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Sequential(
+        nn.Conv2d(1, 2, 3, padding=1), nn.ReLU(),
+        nn.Conv2d(2, 2, 3, padding=1), nn.ReLU(),
+        nn.Conv2d(2, 1, 3, padding=1),
+    ).double()
+
+
+@pytest.mark.parametrize(
+    ("make", "shape", "dense_limit"),
+    [(tiny_cnn, (1, 11, 11), 30_000_000), (stride1_cnn, (1, 8, 8), 1)],
+)
+def test_cnn_dense_and_operator_paths(make, shape: tuple, dense_limit: int) -> None:
+    net = make()
     r = seqlip(net, shape, mode="auto", max_exact_width=8, dense_limit=dense_limit)
     low = max_jacobian_norm(net, shape, n=150)
     assert r.certified
     assert r.value >= low * (1 - 1e-7)
     assert r.value <= r.autolip * (1 + 1e-9)
     if dense_limit == 1:  # operator path: circular-conv blocks must beat AutoLip strictly
+        assert any(lb.op == "segment" and "blocks" in lb.how for lb in r.layers)
         assert r.value < r.autolip
 
 

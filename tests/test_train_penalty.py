@@ -93,6 +93,10 @@ def test_reused_module_and_functional_relu_follow_autolip_recursion() -> None:
     assert abs(float(hooks().detach()) - math.log(s * s * t)) < 1e-6
     with pytest.raises(InvalidArgumentError):
         LipschitzPenalty(net, (4,), structure="hooks", certified=True)
+    with pytest.raises(InvalidArgumentError):
+        hooks.certified_bound()
+    with pytest.raises(InvalidArgumentError):  # activations unknown: no pair bound
+        LipschitzPenalty(net, (4,), structure="hooks", kind="seqlip")
     with pytest.raises(NotSequentialError):
         LipschitzPenalty(net, (4,), kind="seqlip")
 
@@ -257,3 +261,50 @@ def test_minimising_the_penalty_shrinks_the_certified_bound() -> None:
                 if p.grad is not None:
                     p -= 0.05 * p.grad / (p.grad.norm() + 1e-12)
     assert pen.certified_bound() < 0.5 * start
+
+
+class BNRes(nn.Module):
+    """conv -> BatchNorm -> relu, a residual block with BatchNorm, avg-pool, Linear."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(2, 4, 3, padding=1, bias=False)
+        self.bn = nn.BatchNorm2d(4)
+        self.conv2 = nn.Conv2d(4, 4, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(4)
+        self.fc = nn.Linear(4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = F.relu(self.bn(self.conv(x)))
+        h = F.relu(self.bn2(self.conv2(h)) + h)
+        return self.fc(F.adaptive_avg_pool2d(h, 1).flatten(1))
+
+
+def test_batchnorm_folds_into_its_layer_like_autolip() -> None:
+    autolip_mod = pytest.importorskip("lipbound.methods.autolip")
+    torch.manual_seed(0)
+    net = BNRes().eval()
+    with torch.no_grad():
+        for bn in (net.bn, net.bn2):
+            bn.running_var.uniform_(0.2, 0.5)  # BN scales up to ~2.2: folding matters
+            bn.weight.uniform_(0.5, 1.5)
+    pen = LipschitzPenalty(net, (2, 5, 5), init_iterations=300)
+    groups = [[n.qualname for n in g] for g in pen._groups]
+    assert ["conv", "bn"] in groups and ["conv2", "bn2"] in groups
+    ref = autolip_mod.autolip(net, (2, 5, 5)).upper
+    cert = pen.certified_bound()
+    assert abs(cert - ref) <= 1e-6 * ref  # every factor is small enough for a dense SVD
+    est = float(pen().detach().exp())
+    assert est <= cert * (1 + 1e-9) and est >= 0.999 * cert
+    # not folding (product of the layer norm and the BN constant) would be far looser
+    loose = exact_norm(net.conv, (2, 5, 5)) * float(
+        (net.bn.weight / torch.sqrt(net.bn.running_var + net.bn.eps)).detach().abs().max()
+    )
+    assert loose > 1.2 * exact_norm_folded(net.conv, net.bn, (2, 5, 5))
+
+
+def exact_norm_folded(conv: nn.Conv2d, bn: nn.BatchNorm2d, shape: tuple[int, ...]) -> float:
+    scale = (bn.weight / torch.sqrt(bn.running_var + bn.eps)).detach().double()
+    w = conv.weight.detach().double() * scale.reshape(-1, 1, 1, 1)
+    fn = layer_map(conv, w)
+    return float(torch.linalg.matrix_norm(dense_operator(fn, shape), ord=2))

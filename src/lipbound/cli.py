@@ -228,7 +228,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     methods, missing = _available(("lower", "autolip", "seqlip", "exact"))
     if missing:
         say(f"note: {', '.join(missing)} not available in this installation; skipped")
-    opts: dict[str, dict[str, Any]] = {"lower": {"seed": args.seed, "restarts": 16, "steps": 100}}
+    opts: dict[str, dict[str, Any]] = {"lower": {"seed": args.seed, "steps": 100}}
     if "exact" in methods:
         opts["exact"] = {"time_limit": 10.0}
     say(f"bounding its Lipschitz constant with: {', '.join(methods)}")

@@ -204,23 +204,20 @@ def simplify(graph: OpGraph, *, merge: bool = True, fold_batchnorm: bool = True)
                 nodes = _replace_pair(nodes, parent.name, name, new)
 
     # 3. merge chains of linear nodes
-    if merge:
-        changed = True
-        while changed:
-            changed = False
-            for name in list(nodes):
-                n = nodes.get(name)  # type: ignore[assignment]
-                if n is None or n.kind != "linear" or len(n.inputs) != 1:
-                    continue
-                parent = nodes[n.inputs[0]]
-                if parent.kind != "linear" or len(users(parent.name)) != 1:
-                    continue
-                if n.inputs.count(parent.name) != 1:
-                    continue
-                new = _merged(parent, n, name)
-                nodes = _replace_pair(nodes, parent.name, name, new)
-                changed = True
-                break
+    if merge:  # one pass in topological order: a parent is already merged with its own chain
+        n_users: dict[str, int] = dict.fromkeys(nodes, 0)
+        for n in nodes.values():
+            for i in n.inputs:
+                n_users[i] += 1
+        for name in list(nodes):
+            n = nodes[name]
+            if n.kind != "linear" or len(n.inputs) != 1:
+                continue
+            parent = nodes[n.inputs[0]]
+            if parent.kind != "linear" or n_users[parent.name] != 1:
+                continue
+            new = _merged(parent, n, name)
+            nodes = _replace_pair(nodes, parent.name, name, new)
     return OpGraph(nodes=nodes, input_shape=graph.input_shape, model=graph.model)
 
 

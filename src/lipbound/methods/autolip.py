@@ -77,6 +77,10 @@ def node_constants(
             reason = "no rule attached (was the graph built by lipbound.graph.capture?)"
         if reason is None and rule is not None and n not in rule.norms:
             reason = f"its rule has no l{n} constant (only {', '.join(rule.norms)})"
+        if reason is None and n != "2" and node.kind == "linear":
+            from ..rules.linear import l1_linf_available
+
+            reason = l1_linf_available(node)
         if reason is not None:
             bad.append(UnsupportedNode(node.qualname, node.op, reason))
         else:

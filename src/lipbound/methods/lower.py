@@ -60,6 +60,7 @@ import copy
 import math
 import sys
 import time
+import warnings
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -268,7 +269,9 @@ class _Checker:
         self.dtype = dtype
         self.model = model
         try:
-            m64 = copy.deepcopy(model).to(torch.float64)
+            with warnings.catch_warnings():  # deepcopy of exported graphs warns in torch
+                warnings.simplefilter("ignore")
+                m64 = copy.deepcopy(model).to(torch.float64)
             with torch.no_grad():
                 m64(torch.zeros(1, *shape, device=device, dtype=torch.float64))
             self.model, self.dtype = m64, torch.float64
@@ -519,7 +522,7 @@ def lower_bound(
     data: Any = None,
     norm: Any = 2,
     methods: Iterable[str] = LOWER_METHODS,
-    restarts: int = 16,
+    restarts: int | None = None,
     steps: int = 200,
     batch_size: int = 64,
     scale: float | None = None,
@@ -547,7 +550,8 @@ def lower_bound(
     methods:
         any of ``"data"``, ``"pairs"``, ``"annealing"`` (``"data"`` is skipped without data).
     restarts, steps:
-        number of independent starts (chains) and of ascent / annealing steps per start.
+        number of independent starts (chains) and of ascent / annealing steps per start;
+        default restarts: 64 for inputs of at most 4096 entries, 8 above.
     batch_size:
         chains (or data points) evaluated in one batched forward pass; lower it to save memory.
     scale:
@@ -582,7 +586,8 @@ def lower_bound(
         raise InvalidArgumentError(f"methods must name at least one of {', '.join(LOWER_METHODS)}")
     for name in methods:
         check_choice("method", name, LOWER_METHODS)
-    check_positive("restarts", restarts, integer=True)
+    if restarts is not None:
+        check_positive("restarts", restarts, integer=True)
     check_positive("steps", steps, integer=True)
     check_positive("batch_size", batch_size, integer=True)
     check_positive("power_iterations", power_iterations, integer=True)
@@ -598,6 +603,8 @@ def lower_bound(
     device, dtype = _model_ref(model)
     m = _probe(model, shape, device, dtype)
     n = math.prod(shape)
+    if restarts is None:  # starts are cheap for small inputs (one batched pass serves them all)
+        restarts = 64 if n <= 4096 else 8
     xdata = None if data is None else _as_data(data, shape, device, dtype)
     if scale is None:
         scale = float(xdata.std()) if xdata is not None and xdata.shape[0] > 1 else 1.0

@@ -237,7 +237,8 @@ def conv_pair_bound(
         nAB = _max_norm_c(SA @ SB)
         nA = _max_norm_c(SA)
         nB = _max_norm_c(SB)
-        nabs = _max_norm_c(symbol(wA.abs()) @ symbol(wB.abs()))
+        # the entrywise rule only pays off for few channels; skip it for wide layers (cost)
+        nabs = _max_norm_c(symbol(wA.abs()) @ symbol(wB.abs())) if wA.shape[1] <= 64 else math.inf
     inner = min(nA * nB, nabs)
     bound = abs(a2 + b2) / 2 * nAB + (b2 - a2) / 2 * inner
     c = max(abs(a2), abs(b2))
@@ -297,6 +298,17 @@ def _solve_pair(
     up = _certified_pair(L, R, slopes, norms=norms)
     trunc = " top-k" if (L.shape[0] > k or R.shape[1] > k) else ""
     return _Pair(name, lower, up, False, f"greedy{trunc} ({g.how})", time.perf_counter() - t0)
+
+
+def _dense_matrix(node: Any) -> torch.Tensor:
+    """The matrix of a linear node's linear part (float64): the weight of a plain ``nn.Linear``
+    (fast path), else ``node.dense()`` (column by column through the node's function)."""
+    m = node.module
+    if isinstance(m, nn.Sequential) and len(m) == 1:
+        m = m[0]
+    if isinstance(m, nn.Linear) and node.in_shapes[0] == (m.in_features,):
+        return m.weight.detach().to(device="cpu", dtype=_F64)
+    return node.dense(_F64)[0].cpu()
 
 
 def _split_sqrt(W: torch.Tensor, floor: float = 1e-10) -> tuple[torch.Tensor, torch.Tensor]:
@@ -469,7 +481,7 @@ def seqlip(
         cands: dict[str, float] = {"autolip": autolip_seg}
         block_pairs: list[float | None] = [None] * (len(lins) - 1)
         if dense:
-            Ws = [n.dense(_F64)[0] for n in lins]
+            Ws = [_dense_matrix(n) for n in lins]
             K = len(lins)
             # middle layers: W = P Q with P = U S^{1/2}, Q = S^{1/2} V^T; the first and last
             # layers enter as W_1 (= U_1 S_1 up to the orthogonal V_1^T, which drops out) and
@@ -495,7 +507,7 @@ def seqlip(
             estimate_seg = math.prod(p.lower for p in pairs)
         else:
             estimate_seg, pairs = _operator_estimate(
-                lins, act_slopes, k=min(k, 16), restarts=restarts, seed=seed,
+                lins, act_slopes, k=min(k, 8), restarts=restarts, seed=seed,
                 tol=tol, max_iter=max_iter,
             )
             for i in range(len(lins) - 1):
@@ -506,8 +518,8 @@ def seqlip(
                 elif _numel(lins[i].in_shapes[0]) * _numel(lins[i].out_shape) <= dense_limit \
                         and _numel(lins[i + 1].in_shapes[0]) * _numel(lins[i + 1].out_shape) \
                         <= dense_limit:
-                    W1 = lins[i].dense(_F64)[0]
-                    W2 = lins[i + 1].dense(_F64)[0]
+                    W1 = _dense_matrix(lins[i])
+                    W2 = _dense_matrix(lins[i + 1])
                     block_pairs[i] = _certified_pair(
                         W2, W1, act_slopes[i], norms=(norms[i + 1], norms[i])
                     )

@@ -90,7 +90,9 @@ class NormUnavailable(Exception):
 
 
 # ---- spectral (l2) ------------------------------------------------------------------------
-def spectral(op: Any, in_shape: tuple[int, ...], ctx: RuleContext) -> Any:
+def spectral(
+    op: Any, in_shape: tuple[int, ...], ctx: RuleContext, *, dtype: torch.dtype | None = None
+) -> Any:
     """``lipbound.spectral.spectral_norm(op, in_shape, ...)`` with the options it accepts."""
     try:
         from ..spectral import spectral_norm
@@ -100,6 +102,8 @@ def spectral(op: Any, in_shape: tuple[int, ...], ctx: RuleContext) -> Any:
         "tol": ctx.tol, "max_iter": ctx.max_iter, "certify": ctx.certify,
         "check_linear": False,  # the graph already knows these nodes are affine
     }
+    if dtype is not None:
+        opts["dtype"] = dtype
     try:
         params = inspect.signature(spectral_norm).parameters
         opts = {k: v for k, v in opts.items() if k in params}
@@ -246,7 +250,10 @@ def linear_constant(node: Node, ctx: RuleContext) -> NodeConstant:
     cert = certified(op, in_shape) if ctx.certify else None
     if cert is not None:
         # the factor is the certificate; the estimate is only reported, to a looser tolerance
-        res = spectral(op, in_shape, replace(ctx, tol=max(ctx.tol, ESTIMATE_TOL), certify=False))
+        res = spectral(
+            op, in_shape, replace(ctx, tol=max(ctx.tol, ESTIMATE_TOL), certify=False),
+            dtype=torch.float32,  # float32 rounding (~1e-7) is far below that tolerance
+        )
     else:
         res = spectral(op, in_shape, replace(ctx, certify=False))
     est = float(res.value)
@@ -360,6 +367,31 @@ def abs_operator(node: Node) -> Callable[[torch.Tensor], torch.Tensor] | None:
     return None
 
 
+def _device(node: Node) -> torch.device:
+    m = node.module
+    if m is not None:
+        for t in list(m.parameters()) + list(m.buffers()):
+            return t.device
+    return torch.device("cpu")
+
+
+def l1_linf_available(node: Node) -> str | None:
+    """``None`` when :func:`l1_linf_norm` can handle ``node``, else the reason."""
+    if len(node.meta.get("part_nodes") or ()) > 1:
+        core = core_parts(node)
+        if len(core) <= 1:
+            return None if not core else l1_linf_available(core[0])
+    rule = node.meta.get("rule")
+    if rule is not None and rule.constant is not _linear_rule:
+        return None  # structural / BatchNorm rules have closed forms
+    if abs_operator(node) is None and numel(node.in_shapes[0]) > DENSE_LIMIT:
+        return (
+            f"no cheap l1/l-inf rule for this linear op with {numel(node.in_shapes[0])} inputs; "
+            "use norm=2 or register_rule"
+        )
+    return None
+
+
 def l1_linf_norm(node: Node, norm: str) -> tuple[float, str]:
     """Exact (or certified upper) l1 / l-inf operator norm of a linear node's matrix."""
     in_shape = tuple(node.in_shapes[0])
@@ -377,11 +409,11 @@ def l1_linf_norm(node: Node, norm: str) -> tuple[float, str]:
         v = float(W.sum(dim=1).max() if norm == "inf" else W.sum(dim=0).max()) if W.numel() else 0.0
         return v * (1 + _MARGIN), "max row/col sum of |W| (dense, exact)"
     with torch.no_grad():
-        ones = torch.ones(1, *in_shape, dtype=torch.float64)
+        ones = torch.ones(1, *in_shape, dtype=torch.float64, device=_device(node))
         if norm == "inf":
             v = float(f(ones).max()) if numel(node.out_shape) else 0.0
             return v * (1 + _MARGIN), how
-    zeros = torch.zeros(1, *in_shape, dtype=torch.float64)
+    zeros = torch.zeros(1, *in_shape, dtype=torch.float64, device=_device(node))
     out, vjp = torch.func.vjp(f, zeros)[:2]
     (col,) = vjp(torch.ones_like(out))
     v = float(col.max()) if col.numel() else 0.0

@@ -206,9 +206,9 @@ def _add_rule(node: Node, ctx: RuleContext) -> NodeConstant:
 
 def _scale_rule(node: Node, ctx: RuleContext, scale: float, how: str) -> NodeConstant:
     if node.in_shapes and tuple(node.in_shapes[0]) != tuple(node.out_shape):
-        from .linear import linear_constant  # broadcasting copies entries: measure the map
+        from .linear import _linear_rule  # broadcasting copies entries: measure the map
 
-        return linear_constant(node, ctx)
+        return _linear_rule(node, ctx)
     return NodeConstant(constants=(scale,), certified=True, how=how)
 
 

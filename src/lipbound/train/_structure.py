@@ -33,7 +33,7 @@ from torch import nn
 from ..errors import InvalidArgumentError, UnsupportedModelError, UnsupportedNode
 from ._power import is_layer
 
-__all__ = ["LayerCall", "Plan", "PlanNode", "build_plan", "find_calls_hooks"]
+__all__ = ["LayerCall", "Plan", "PlanNode", "build_plan", "find_calls_hooks", "linear_groups"]
 
 _SOURCES = ("auto", "graph", "sequential", "hooks")
 
@@ -87,6 +87,7 @@ class PlanNode:
     fn: Callable[[torch.Tensor], torch.Tensor] | None = None
     in_shape: tuple[int, ...] = ()
     out_shape: tuple[int, ...] = ()
+    module: nn.Module | None = None
 
 
 @dataclass(eq=False)
@@ -110,6 +111,42 @@ class Plan:
                 return False
             prev = n.name
         return True
+
+
+def linear_groups(plan: Plan) -> tuple[list[list[PlanNode]], dict[str, int]]:
+    """Maximal chains of linear nodes (``"layer"``/``"linear"``) of an exact plan.
+
+    A node joins its parent's group when its only input is that parent, the parent is linear
+    and has no other user: e.g. conv -> BatchNorm(eval) -> flatten -> Linear become one group,
+    as :func:`lipbound.graph.simplify` merges them for AutoLip. Returns the groups (in
+    topological order) and the group index of every linear node. For an inexact (hooks) plan
+    every layer is its own group (the ops between calls are unknown).
+    """
+    users: dict[str, int] = {}
+    for n in plan.nodes:
+        for p in n.inputs:
+            users[p] = users.get(p, 0) + 1
+    by_name = {n.name: n for n in plan.nodes}
+    groups: list[list[PlanNode]] = []
+    group_of: dict[str, int] = {}
+    for n in plan.nodes:
+        if n.kind not in ("layer", "linear"):
+            continue
+        par = n.inputs[0] if len(n.inputs) == 1 else None
+        if (
+            plan.exact
+            and par is not None
+            and par in group_of
+            and users.get(par, 0) == 1
+            and by_name[par].kind in ("layer", "linear")
+        ):
+            g = group_of[par]
+            groups[g].append(n)
+        else:
+            groups.append([n])
+            g = len(groups) - 1
+        group_of[n.name] = g
+    return groups, group_of
 
 
 def _module_paths(model: nn.Module) -> dict[int, str]:
@@ -255,7 +292,7 @@ def _sequential_plan(model: nn.Module, input_shape: tuple[int, ...]) -> Plan | N
                             in_shape=ish, out_shape=osh)
         elif isinstance(m, nn.Flatten):
             node = PlanNode(name, "linear", (prev,), f"{i} (Flatten)", constants=(1.0,),
-                            fn=m, in_shape=ish, out_shape=osh)
+                            fn=m, in_shape=ish, out_shape=osh, module=m)
         else:
             slope = _ACT_SLOPES[type(m)](m)
             c0 = max(abs(slope[0]), abs(slope[1]))
@@ -311,7 +348,7 @@ def _graph_plan(model: nn.Module, input_shape: tuple[int, ...]) -> Plan:
             node.name, str(node.kind), tuple(node.inputs), node.qualname, constants=nc_consts,
             combine=combine, certified=certified, slope=slope, fn=fn,
             in_shape=tuple(node.in_shapes[0]) if node.in_shapes else (),
-            out_shape=tuple(node.out_shape),
+            out_shape=tuple(node.out_shape), module=node.module,
         ))
     if bad:
         raise UnsupportedModelError(bad)

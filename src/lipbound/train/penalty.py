@@ -7,6 +7,13 @@ buffers, warm-started from step to step and updated only in training mode, the w
 costs ``n_power_iterations`` forward + backward passes per layer (no graph kept) plus one
 differentiable forward per layer.
 
+With an exact structure (graph or Sequential), a call is first merged with the linear ops that
+follow it in a chain, as :func:`lipbound.graph.simplify` does for AutoLip: an eval-mode
+BatchNorm, a flatten, an average pooling, a second Linear without activation in between. The
+vector then iterates on that composite map (``conv -> BatchNorm`` is one operator, whose norm can
+be far below ``||conv|| * max|gamma / sigma|``). Gradients reach the BatchNorm's affine weight
+too. Linear groups without any Linear/Conv layer keep their rules' constants.
+
 What the value is
 -----------------
 Let ``s_i(W) = ||A_i v_i|| / ||v_i||`` with the stored vector ``v_i`` (detached): an ESTIMATE of
@@ -14,7 +21,7 @@ the operator norm ``||A_i||_2`` of call ``i``, from below (``s_i <= ||A_i||_2`` 
 
 ``kind="autolip"``
     ``log L_hat`` where ``L_hat`` is AutoLip's bound (Scaman & Virmaux, Alg. 1) evaluated on the
-    plan of the model with ``s_i`` in place of each layer's norm: ``L_input = 1``,
+    plan of the model with ``s_i`` in place of each (merged) layer's norm: ``L_input = 1``,
     ``L_k = combine_i(c_{k,i} L_{parent i})`` in topological order, ``c`` = ``s_i`` for a layer
     call, the rule's constant for every other node (ReLU 1, sigmoid 1/4, max-pooling its
     constant, add 1 per branch, cat root-sum-of-squares in l2), held constant (no gradient). For
@@ -40,9 +47,12 @@ the operator norm ``||A_i||_2`` of call ``i``, from below (``s_i <= ||A_i||_2`` 
 The value is an ESTIMATE of the log of that bound (power iteration converges from below, so it
 can be below the certified bound). With ``certified=True`` the value equals the log of the same
 bound computed with CERTIFIED layer norms (float64 SVD / dense SVD / Fourier bound, see
-:func:`lipbound.train._power.certified_layer_norm`; composite pair norms by dense SVD when small,
-else the product of the two certified block norms, which is an upper bound of it) and rule
-constants that are certified, so ``exp(value)`` is a certified upper bound on the Lipschitz
+:func:`lipbound.train._power.certified_layer_norm`; a merged group's norm is the product of
+certified factors, eval BatchNorms folded exactly into the preceding layer's weight first, or
+the dense SVD of the whole group when smaller and affordable; composite pair norms by dense SVD
+when small, else the product of the two certified block norms, which is an upper bound of it;
+sub-multiplicativity ``||AB|| <= ||A|| ||B||`` makes every product valid) and rule constants
+that are certified, so ``exp(value)`` is a certified upper bound on the Lipschitz
 constant (l2). Its gradient is the gradient of the estimate (the two differ by a constant
 shift in log space, i.e. a constant factor). Certification costs an SVD / FFT per layer per call.
 """
@@ -68,7 +78,7 @@ from ._power import (
     sigma_of,
     spec_of,
 )
-from ._structure import Plan, PlanNode, build_plan
+from ._structure import Plan, PlanNode, build_plan, linear_groups
 
 __all__ = ["LipschitzPenalty", "penalty"]
 
@@ -161,24 +171,21 @@ class LipschitzPenalty(nn.Module):
         self.certified = bool(certified)
         self.plan: Plan = build_plan(model, shape, structure)
         self._layers: list[nn.Module] = [model.get_submodule(c.path) for c in self.plan.calls]
+        if kind == "seqlip" and not self.plan.exact:
+            raise InvalidArgumentError(
+                "kind='seqlip' needs the model's exact structure (lipbound.graph.capture, or a "
+                "plain nn.Sequential of supported modules): the activations between the layers "
+                "must be known. This model was only seen through forward hooks."
+            )
         if certified:
-            if not self.plan.exact:
-                raise InvalidArgumentError(
-                    "certified=True needs the model's exact structure (lipbound.graph.capture, "
-                    "or a plain nn.Sequential of supported modules); this model was only seen "
-                    "through hooks. Use certified=False (an estimate)."
-                )
-            unc = [n.qualname for n in self.plan.nodes if n.constants and not n.certified]
-            if unc:
-                raise InvalidArgumentError(
-                    "certified=True: the Lipschitz constants of these nodes are not certified: "
-                    + ", ".join(unc)
-                )
+            self._check_certifiable()
         ref = self._ref_tensor()
         self._vec_names: list[str] = []
+        self._groups, self._group_of = linear_groups(self.plan)
         if kind == "autolip":
-            for c in self.plan.calls:
-                self._add_vec(f"v{c.index}", c.in_shape, ref)
+            for g, nodes in enumerate(self._groups):
+                if any(n.kind == "layer" for n in nodes):
+                    self._add_vec(f"v{g}", nodes[0].in_shape, ref)
         else:
             self._blocks, self._gaps, self._pre, self._post = self._chain()
             for j, b in enumerate(self._blocks):
@@ -190,6 +197,20 @@ class LipschitzPenalty(nn.Module):
             self._update(int(init_iterations))
 
     # ---- setup helpers -----------------------------------------------------------------------
+    def _check_certifiable(self) -> None:
+        if not self.plan.exact:
+            raise InvalidArgumentError(
+                "a certified value needs the model's exact structure (lipbound.graph.capture, "
+                "or a plain nn.Sequential of supported modules); this model was only seen "
+                "through hooks. Use certified=False (an estimate)."
+            )
+        unc = [n.qualname for n in self.plan.nodes if n.constants and not n.certified]
+        if unc:
+            raise InvalidArgumentError(
+                "no certified value: the Lipschitz constants of these nodes are not certified: "
+                + ", ".join(unc)
+            )
+
     def _ref_tensor(self) -> torch.Tensor:
         return self._layers[0].weight  # type: ignore[return-value]
 
@@ -274,7 +295,10 @@ class LipschitzPenalty(nn.Module):
 
     def _maps(self, detach: bool) -> dict[str, Fn]:
         if self.kind == "autolip":
-            return {f"v{c.index}": self._layer_fn(c.index, detach) for c in self.plan.calls}
+            return {
+                name: self._block_fn(_Block(self._groups[int(name[1:])], ()), detach)
+                for name in self._vec_names
+            }
         out = {f"b{j}": self._block_fn(b, detach) for j, b in enumerate(self._blocks)}
         for name in self._vec_names:
             if name.startswith("p"):
@@ -303,7 +327,8 @@ class LipschitzPenalty(nn.Module):
         return {name: sigma_of(fn, self._vec(name)) for name, fn in self._maps(False).items()}
 
     def _log_autolip(self, logs: dict[int, Any]) -> Any:
-        """AutoLip recursion in the log domain; ``logs[call]`` the log-norm of each call."""
+        """AutoLip recursion in the log domain; ``logs[g]`` the log-norm of linear group ``g``
+        (groups without a layer use the product of their rules' constants)."""
         plan = self.plan
         L: dict[str, Any] = {}
         ref = self._ref_tensor()
@@ -312,8 +337,15 @@ class LipschitzPenalty(nn.Module):
                 L[n.name] = torch.zeros((), dtype=ref.dtype, device=ref.device)
             elif n.kind == "output":
                 L[n.name] = L[n.inputs[0]]
-            elif n.kind == "layer":
-                L[n.name] = logs[int(n.call)] + L[n.inputs[0]]  # type: ignore[arg-type]
+            elif n.kind in ("layer", "linear"):
+                g = self._group_of[n.name]
+                nodes = self._groups[g]
+                if nodes[-1] is not n:
+                    continue  # inside a group: only the group's output is used
+                lg = logs[g] if g in logs else sum(
+                    _log(max(m.constants) if m.constants else 1.0) for m in nodes
+                )
+                L[n.name] = lg + L[nodes[0].inputs[0]]
             else:
                 consts = n.constants if n.constants else (1.0,) * len(n.inputs)
                 terms = [L[p] + _log(c) for p, c in zip(n.inputs, consts) if c > 0]
@@ -342,9 +374,7 @@ class LipschitzPenalty(nn.Module):
             if (i - 2) in pair:
                 before = gaps[i - 3].log_const if i >= 3 else 0.0
                 cand.append(best[i - 2] + before + pair[i - 2])
-            best[i] = cand[0] if len(cand) == 1 else torch.minimum(
-                torch.as_tensor(cand[0]), torch.as_tensor(cand[1])
-            )
+            best[i] = cand[0] if len(cand) == 1 else _minimum(cand[0], cand[1])
         return self._pre + best[K] + self._post
 
     def _pair_log(self, j: int, n2n1: Any, n1: Any, n2: Any) -> Any:
@@ -358,7 +388,7 @@ class LipschitzPenalty(nn.Module):
         sig = self.sigmas()
         lg = {k: torch.log(s.clamp_min(self.eps)) for k, s in sig.items()}
         if self.kind == "autolip":
-            return self._log_autolip({c.index: lg[f"v{c.index}"] for c in self.plan.calls})
+            return self._log_autolip({int(k[1:]): v for k, v in lg.items()})
         blk = [lg[f"b{j}"] for j in range(len(self._blocks))]
         pair = {
             j: self._pair_log(j, sig[f"p{j}"], sig[f"b{j}"], sig[f"b{j + 1}"])
@@ -369,26 +399,47 @@ class LipschitzPenalty(nn.Module):
 
     @torch.no_grad()
     def _certified_block(self, block: _Block) -> float:
+        """Certified norm of a chain of linear nodes: product of certified factors (a layer
+        with the eval-mode BatchNorms right after it folded into its weight, exact algebra),
+        or the dense float64 SVD of the whole chain when that is smaller and affordable."""
+        nodes = block.nodes
         total = 1.0
-        for n in block.nodes:
-            if n.kind == "layer":
-                m = self._layers[int(n.call)]  # type: ignore[arg-type]
-                total *= certified_layer_norm(m, n.in_shape)[0]
-            else:
+        i = 0
+        while i < len(nodes):
+            n = nodes[i]
+            if n.kind != "layer":
                 total *= max(n.constants) if n.constants else 1.0
+                i += 1
+                continue
+            m = self._layers[int(n.call)]  # type: ignore[arg-type]
+            w0: torch.Tensor = m.weight  # type: ignore[assignment]
+            w = w0.detach().to(torch.float64)
+            j = i + 1
+            while j < len(nodes) and _bn_scale(nodes[j].module) is not None:
+                scale = _bn_scale(nodes[j].module)
+                if scale is None:  # pragma: no cover - checked by the loop condition
+                    break
+                w = w * scale.reshape(-1, *([1] * (w.dim() - 1)))
+                j += 1
+            total *= certified_layer_norm(spec_of(m), n.in_shape, w)[0]
+            i = j
+        if len(nodes) > 1:
+            ish = nodes[0].in_shape
+            f = self._block_fn(block, detach=True, dtype=torch.float64)
+            x0 = torch.zeros(1, *ish, dtype=torch.float64, device=self._ref_tensor().device)
+            if math.prod(ish) * f(x0).numel() <= DENSE_LIMIT:
+                mat = dense_operator(f, ish, device=x0.device)
+                total = min(total, float(torch.linalg.matrix_norm(mat, ord=2)) * (1 + 1e-9))
         return total
 
     @torch.no_grad()
     def certified_log(self) -> float:
         """Log of the bound with CERTIFIED layer norms (no gradient); needs an exact plan."""
-        if not self.plan.exact:
-            raise InvalidArgumentError(
-                "no certificate: the model's structure was only seen through hooks"
-            )
+        self._check_certifiable()
         if self.kind == "autolip":
             logs = {
-                c.index: _log(certified_layer_norm(self._layers[c.index], c.in_shape)[0])
-                for c in self.plan.calls
+                int(name[1:]): _log(self._certified_block(_Block(self._groups[int(name[1:])], ())))
+                for name in self._vec_names
             }
             return float(self._log_autolip(logs))
         bn = [self._certified_block(b) for b in self._blocks]
@@ -427,6 +478,27 @@ class LipschitzPenalty(nn.Module):
             f"kind={self.kind!r}, calls={len(self.plan.calls)}, structure={self.plan.source!r}, "
             f"n_power_iterations={self.n_power_iterations}, certified={self.certified}"
         )
+
+
+def _minimum(a: Any, b: Any) -> Any:
+    """``min(a, b)`` for floats and/or tensors (a float is cast to the tensor's device)."""
+    if not isinstance(a, torch.Tensor) and not isinstance(b, torch.Tensor):
+        return min(a, b)
+    ref = a if isinstance(a, torch.Tensor) else b
+    a = torch.as_tensor(a, dtype=ref.dtype, device=ref.device)
+    b = torch.as_tensor(b, dtype=ref.dtype, device=ref.device)
+    return torch.minimum(a, b)
+
+
+def _bn_scale(module: nn.Module | None) -> torch.Tensor | None:
+    """``gamma / sqrt(running_var + eps)`` of an eval-mode BatchNorm (float64), else None."""
+    if not isinstance(module, nn.modules.batchnorm._BatchNorm) or module.running_var is None:
+        return None
+    var = module.running_var.detach().to(torch.float64)
+    s = 1.0 / torch.sqrt(var + module.eps)
+    if module.weight is not None:
+        s = s * module.weight.detach().to(torch.float64)
+    return s
 
 
 def penalty(
