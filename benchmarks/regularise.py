@@ -170,6 +170,11 @@ def fmt(x: float | None) -> str:
     return f"{x:.4g}"
 
 
+def collapsed(r: Row) -> bool:
+    """The network became (numerically) constant: every bound below 1e-3."""
+    return r.autolip < 1e-3
+
+
 def best_cert(r: Row) -> float:
     """The smallest certified upper bound available for a run."""
     return min(x for x in (r.autolip, r.pairs, r.seqlip) if x is not None)
@@ -190,6 +195,22 @@ def verdict(rows: list[Row], *, higher_better: bool, tol: float, label: str) -> 
     ratio_al = plain.autolip / best_al.autolip
     ratio = best_cert(plain) / best_cert(best)
     met = "MET" if ratio >= 10 else "NOT MET"
+    extra = ""
+    floor = min(r.lower for r in [plain, *ok])
+    if ratio < 10 and best_cert(plain) / 10 < floor:
+        extra += (
+            f" A certified bound 10x below plain's ({fmt(best_cert(plain) / 10)}) would be below "
+            f"the smallest witnessed lower bound ({fmt(floor)}) of the models that kept {label}, "
+            "so no model of this sweep could meet it at that quality."
+        )
+    bad = [r for r in rows if collapsed(r)]
+    if bad:
+        extra += (
+            " Collapsed runs (" + ", ".join(f"{r.method} {r.param}" for r in bad) + "): the "
+            "log-penalty is unbounded below, and a large lambda drives the network to a constant "
+            "(bound -> 0, metric of a constant predictor); a hinge `relu(pen() - log(tau))` "
+            "avoids it (docs/train.md)."
+        )
     return (
         f"Runs that kept {label}: the smallest certified AutoLip bound is {best_al.method} "
         f"{best_al.param} ({fmt(best_al.autolip)}, metric {best_al.metric:.4f}) vs plain "
@@ -197,7 +218,7 @@ def verdict(rows: list[Row], *, higher_better: bool, tol: float, label: str) -> 
         f"Best certified bound of any kind (min of the certified columns), like for like: "
         f"{best.method} {best.param} {fmt(best_cert(best))} vs plain {fmt(best_cert(plain))}: "
         f"**{ratio:.1f}x** smaller. Target (>= 10x, best certified vs best certified): "
-        f"**{met}**."
+        f"**{met}**." + extra
     )
 
 
@@ -229,10 +250,13 @@ def plot(cnn: list[Row], mlp: list[Row], path: Path) -> bool:
         "penalty-seqlip": ("s", "tab:green"), "constraint": ("^", "tab:orange"),
         "torch spectral_norm": ("x", "tab:red"),
     }
-    for ax, rows, ylabel, title in (
+    for ax, all_rows, ylabel, title in (
         (axes[0], cnn, "test accuracy", "digits 28x28, mnist_cnn(4)"),
         (axes[1], mlp, "test MSE", "synthetic GP function, paper_mlp(4)"),
     ):
+        rows = [r for r in all_rows if not collapsed(r)]
+        if len(rows) < len(all_rows):
+            title += f"\n({len(all_rows) - len(rows)} collapsed run(s) off-plot)"
         for method, (mk, col) in styles.items():
             rs = [r for r in rows if r.method == method]
             if not rs:

@@ -201,7 +201,7 @@ def test_witness_realises_value() -> None:
 # ------------------------------------------------------------------------------------------
 
 
-def _certified_uppers(net: nn.Module, shape: tuple[int, ...]) -> list[float]:
+def _certified_uppers(net: nn.Module, shape: tuple[int, ...], *, seq: bool) -> list[float]:
     Ws, _, _ = _params(net)  # type: ignore[arg-type]
     ups = [math.prod(float(np.linalg.norm(W, 2)) for W in Ws)]
     try:
@@ -212,15 +212,24 @@ def _certified_uppers(net: nn.Module, shape: tuple[int, ...]) -> list[float]:
             ups.append(float(r.upper))
     except ImportError:  # pragma: no cover - module of another developer not there yet
         pass
-    try:
-        from lipbound.methods.seqlip import seqlip
+    if seq:
+        try:
+            from lipbound.methods.seqlip import seqlip
 
-        r = seqlip(net, shape)
-        if r.upper is not None:
-            ups.append(float(r.upper))
-    except ImportError:  # pragma: no cover
-        pass
+            r = seqlip(net, shape)
+            if r.upper is not None:
+                ups.append(float(r.upper))
+        except ImportError:  # pragma: no cover
+            pass
     return ups
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_exact_below_seqlip_certificate(seed: int) -> None:
+    net = _mlp([2, 5, 4, 3], seed=seed)
+    res = exact(net, (2,))
+    ups = _certified_uppers(net, (2,), seq=True)
+    assert all(res.value <= u * (1 + 1e-6) for u in ups)
 
 
 @given(
@@ -240,7 +249,7 @@ def test_exact_between_realised_and_certified(
     jac = torch.func.vmap(torch.func.jacrev(lambda v: net(v.unsqueeze(0)).squeeze(0)))(xs)
     realised = torch.linalg.matrix_norm(jac, ord=2)
     assert float(realised.detach().max()) <= res.value * (1 + 1e-9) + 1e-12
-    for up in _certified_uppers(net, (n0,)):
+    for up in _certified_uppers(net, (n0,), seq=False):
         assert res.value <= up * (1 + 1e-6) + 1e-12
 
 

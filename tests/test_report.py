@@ -202,3 +202,17 @@ def test_errors(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setitem(rep_mod.METHODS, "lipsdp", ("lipbound.methods.no_such_module", "x"))
     with pytest.raises(MethodUnavailableError, match="lipsdp"):
         estimate(net, (2,), methods=("lipsdp",))
+
+
+def test_public_names_and_frozen_report() -> None:
+    import dataclasses
+
+    import lipbound
+
+    assert lipbound.estimate is estimate and lipbound.Report is Report
+    r = lipbound.estimate(_net(), 2, methods="lower", lower=FAST_LOWER)
+    assert isinstance(r, Report) and r.input_shape == (2,)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        r.upper = 1.0  # type: ignore[misc]
+    with pytest.raises(KeyError, match="autolip"):
+        r["autolip"]

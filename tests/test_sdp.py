@@ -135,6 +135,16 @@ def test_bad_multipliers_are_repaired_or_labelled_estimate(monkeypatch: pytest.M
     assert "NOT certified" in " ".join(res.notes)
 
 
+def test_solver_without_solution_falls_back_to_closed_form(monkeypatch: pytest.MonkeyPatch) -> None:
+    net = _mlp([2, 5, 4, 1], seed=2)
+    good = lipsdp(net, (2,))
+    monkeypatch.setattr(sdp_mod, "_solve", lambda *a: (math.nan, None, "infeasible_inaccurate"))
+    res = lipsdp(net, (2,))
+    assert res.certified and "closed-form" in " ".join(res.notes)
+    assert res.value >= good.value * (1 - 1e-9)
+    assert res.value >= _realised_max(net, 2, 2)
+
+
 def test_analytic_multipliers_certify_a_bound() -> None:
     net = _mlp([3, 6, 5, 4, 2], seed=4, act=nn.Tanh)
     Ws = _weights(net)

@@ -190,6 +190,9 @@ def test_wide_layers_use_greedy_in_auto_and_certify() -> None:
     r = seqlip(net, (3,), mode="auto", max_exact_width=16, time_limit=2.0)
     hows = [lb.how for lb in r.layers if lb.op == "pair"]
     assert all(h.startswith("greedy") for h in hows)
+    # top-k truncated values (paper's procedure) <= full-pair values of the same patterns
+    r2 = seqlip(net, (3,), mode="greedy", k=5)
+    assert r2.extra["estimate_truncated"] <= r2.extra["estimate_uncapped"] * (1 + 1e-9)
     assert r.certified and r.value == r.certified_upper
     assert r.value >= max_jacobian_norm(net, (3,), n=200) * (1 - 1e-7)
     assert r.value <= r.autolip * (1 + 1e-9)

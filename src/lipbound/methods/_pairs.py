@@ -403,6 +403,45 @@ def dual_bound_batch(
     return best, best_mu
 
 
+def dual_bound_at(
+    C: torch.Tensor, L: torch.Tensor, R: torch.Tensor, sigma: torch.Tensor
+) -> float:
+    """Rule (D) evaluated ONCE, with parameters read off a good vertex ``sigma`` (for problems
+    too large for the optimised version): ``(u, v)`` the top singular pair of
+    ``C + L diag(sigma) R``, ``t_k = |b_k| / |a_k|`` (``a = L^T u``, ``b = R v``; the AM-GM step
+    is tight at ``(u, v)``) and ``mu = 0`` (which then balances the two diagonal blocks at
+    ``(u, v)``). One dense symmetric eigenvalue problem of size ``m + p``; valid for any
+    parameters, so a poor ``sigma`` only costs tightness.
+
+    >>> L = torch.eye(2, dtype=torch.float64); R = torch.eye(2, dtype=torch.float64)
+    >>> round(dual_bound_at(torch.zeros(2, 2, dtype=torch.float64), L, R,
+    ...                     torch.ones(2, dtype=torch.float64)), 6)
+    1.0
+    """
+    M = C + L @ (sigma[:, None] * R)
+    if min(M.shape) > 256:
+        G = M.T @ M
+        _, V = torch.linalg.eigh(G)
+        v = V[:, -1]
+        u = M @ v
+        u = u / u.norm().clamp_min(1e-300)
+    else:
+        U, _, Vh = torch.linalg.svd(M, full_matrices=False)
+        u, v = U[:, 0], Vh[0]
+    a = (L.T @ u).abs()
+    b = (R @ v).abs()
+    scale = float(a.max() + b.max()) * 1e-8 + 1e-300
+    t = (b + scale) / (a + scale)
+    H = C + L @ R / 2
+    m, p = H.shape
+    Q = torch.empty(m + p, m + p, dtype=_F64)
+    Q[:m, :m] = (L * t[None, :]) @ L.T / 4
+    Q[m:, m:] = R.T @ (R / t[:, None]) / 4
+    Q[:m, m:] = H / 2
+    Q[m:, :m] = H.T / 2
+    return 2 * float(torch.linalg.eigvalsh(Q)[-1])
+
+
 def dual_bound(
     C: torch.Tensor, L: torch.Tensor, R: torch.Tensor, *, steps: int = 100
 ) -> float:
@@ -491,6 +530,8 @@ def pair_certified(
     dual_steps: int = 60,
     dual_max_size: int = 1200,
     norms: tuple[float, float] | None = None,
+    sigma: torch.Tensor | None = None,
+    dual_at_max_size: int = 4000,
 ) -> CertifiedBound:
     """Certified upper bound on the pair factor ``max_{g in [a,b]^n} ||L diag(g) R||``.
 
@@ -504,6 +545,9 @@ def pair_certified(
       ``g = (a+b)/2 + ((b-a)/2) e`` with ``e`` in ``[-1, 1]``);
     * ``dual``     rule (D) with optimised parameters (when ``m + p <= dual_max_size``);
     * ``bnb``      branch and bound's own upper bound after ``bnb_seconds`` (when > 0).
+
+    * ``dual@greedy`` rule (D) evaluated once with parameters from a given vertex ``sigma``
+      (e.g. the greedy pattern; :func:`dual_bound_at`), when ``m + p <= dual_at_max_size``.
 
     ``norms`` may pass known upper bounds of ``(||L||, ||R||)`` (e.g. from SVDs) to skip their
     computation.
@@ -533,6 +577,9 @@ def pair_certified(
     parts["half"] = abs(a + b) / 2 * _norm(Lr @ Rr) + (b - a) / 2 * inner
     if dual_steps > 0 and Lr.shape[0] + Rr.shape[1] <= dual_max_size:
         parts["dual"] = dual_bound(a * (Lr @ Rr), (b - a) * Lr, Rr, steps=dual_steps)
+    if sigma is not None and Lr.shape[0] + Rr.shape[1] <= dual_at_max_size:
+        sig = torch.as_tensor(sigma, dtype=_F64).reshape(-1)
+        parts["dual@greedy"] = dual_bound_at(a * (Lr @ Rr), (b - a) * Lr, Rr, sig)
     if bnb_seconds > 0:
         pb = pair_exact(L0, R0, slopes=slopes, time_limit=bnb_seconds)
         parts["bnb"] = pb.upper

@@ -137,6 +137,11 @@ def _probe(
         raise InvalidArgumentError(
             f"the model must return one tensor; it returned {type(out).__name__}"
         )
+    if out.ndim == 0:
+        raise ShapeError(
+            "the model returns a 0-d tensor for a batch of one sample; it must keep the batch "
+            "dimension (e.g. use .squeeze(-1) rather than .squeeze())"
+        )
     if out.shape[0] != 1:
         raise ShapeError(
             f"the model's output for a batch of one sample of shape {shape} has batch size "

@@ -310,7 +310,7 @@ def _solve(
     solver: str,
     margin: float,
     solver_options: dict[str, Any],
-) -> tuple[float, list[np.ndarray], str]:
+) -> tuple[float, list[np.ndarray] | None, str]:
     dims = [Ws[0].shape[1]] + [W.shape[0] for W in Ws[:-1]]
     H = len(Ws) - 1
     rho = cp.Variable(nonneg=True)
@@ -352,8 +352,8 @@ def _solve(
         # "solution may be inaccurate": reported through the status and the verification
         warnings.simplefilter("ignore")
         prob.solve(solver=solver, **solver_options)
-    if rho.value is None:
-        raise SolverError(f"LipSDP: solver {solver} returned no solution (status {prob.status})")
+    if rho.value is None or any(v.value is None for v in tvars):
+        return math.nan, None, str(prob.status)
     tv = []
     for i in range(H):
         val = np.asarray(tvars[i].value, dtype=np.float64)
@@ -435,8 +435,23 @@ def lipsdp(
         except cp.error.SolverError as exc:
             raise SolverError(f"LipSDP: solver {name} failed: {exc}") from exc
         solve_s += time.perf_counter() - ts0
-        raw = math.sqrt(max(rho_raw, 0.0)) * CK
         tv0 = time.perf_counter()
+        if tv is None:
+            # no multipliers at all: fall back on the closed-form certificate alone
+            raw = math.nan
+            ta = analytic_multipliers(Wp, ranges)
+            why = f"the solver returned no solution (status {status!r})"
+            rho_v = None
+            if ta is not None:
+                rho_v, _ = verify_lipsdp(Wp, ranges, ta)
+            if rho_v is not None:
+                notes.append(why + "; bound from the closed-form multipliers only (loose)")
+            verify_s += time.perf_counter() - tv0
+            if rho_v is not None:
+                break
+            m = max(m, 1e-9) * 100
+            continue
+        raw = math.sqrt(max(rho_raw, 0.0)) * CK
         rho_v, why = verify_lipsdp(Wp, ranges, tv, rho_raw)
         if rho_v is None:
             rho_v, lam = _repair(Wp, ranges, tv)

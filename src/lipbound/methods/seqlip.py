@@ -104,7 +104,9 @@ class SeqLipResult(LipschitzResult):
     product of the best realised pair values found (the paper's (Greedy) SeqLip), capped by the
     segment's certified bound when that is smaller (the SVD-chain product is one upper bound of
     the segment's constant among several), composed with AutoLip elsewhere; not a certificate.
-    ``extra["estimate_uncapped"]`` is the same without the cap (the paper's number).
+    ``extra["estimate_uncapped"]`` is the same without the cap, ``extra["estimate_truncated"]``
+    the same with each greedy pair valued on its top-``k`` truncation (``||L_k D R_k||``, the
+    paper's procedure for CNNs; smaller than the full-pair value of the same pattern).
     ``autolip`` is AutoLip's value for comparison. ``layers`` has one row per pair
     (``how`` is the mode actually used for that pair), per segment and per other node.
     """
@@ -257,6 +259,7 @@ class _Pair:
     exact: bool
     how: str
     seconds: float
+    truncated: float | None = None  # greedy value on the top-k truncated pair (paper's number)
 
 
 def _numel(shape: Sequence[int]) -> int:
@@ -265,13 +268,13 @@ def _numel(shape: Sequence[int]) -> int:
 
 def _certified_pair(
     L: torch.Tensor, R: torch.Tensor, slopes: tuple[float, float], *,
-    norms: tuple[float, float] | None = None,
+    norms: tuple[float, float] | None = None, sigma: torch.Tensor | None = None,
 ) -> float:
     size = min(L.shape[0], L.shape[1]) + min(R.shape[0], R.shape[1])
     steps = 60 if size <= 300 else (15 if size <= 700 else 0)
     return pair_certified(
         L, R, slopes=slopes, scaled_steps=20 if size <= 300 else -1, dual_steps=steps,
-        norms=norms,
+        norms=norms, sigma=sigma if steps == 0 else None,
     ).value
 
 
@@ -297,7 +300,9 @@ def _solve_pair(
     lower = pair_value(L, R, g.pattern, slopes=slopes)
     up = _certified_pair(L, R, slopes, norms=norms)
     trunc = " top-k" if (L.shape[0] > k or R.shape[1] > k) else ""
-    return _Pair(name, lower, up, False, f"greedy{trunc} ({g.how})", time.perf_counter() - t0)
+    return _Pair(
+        name, lower, up, False, f"greedy{trunc} ({g.how})", time.perf_counter() - t0, g.value
+    )
 
 
 def _dense_matrix(node: Any) -> torch.Tensor:
@@ -456,6 +461,7 @@ def seqlip(
         for name, c in consts.items()
     }
     raw_consts = dict(est_consts)
+    trunc_consts = dict(est_consts)
     rows: list[LayerBound] = []
     notes: list[str] = []
     all_pairs_exact = True
@@ -532,6 +538,7 @@ def seqlip(
         if not all(p.exact for p in pairs):
             all_pairs_exact = False
         raw_est.append(estimate_seg)
+        trunc_seg = math.prod(p.truncated if p.truncated is not None else p.lower for p in pairs)
         seg_est = min(estimate_seg, seg_upper)
         for p in pairs:
             rows.append(LayerBound(
@@ -547,10 +554,12 @@ def seqlip(
         cert_consts[first] = replace(consts[first], constants=(seg_upper,), how="seqlip")
         est_consts[first] = replace(est_consts[first], constants=(seg_est,), how="seqlip")
         raw_consts[first] = replace(est_consts[first], constants=(estimate_seg,), how="seqlip")
+        trunc_consts[first] = replace(est_consts[first], constants=(trunc_seg,), how="seqlip")
         for n in seg[1:]:
             cert_consts[n.name] = replace(consts[n.name], constants=(1.0,), how="in segment")
             est_consts[n.name] = replace(est_consts[n.name], constants=(1.0,), how="in segment")
             raw_consts[n.name] = est_consts[n.name]
+            trunc_consts[n.name] = est_consts[n.name]
     for name, c in consts.items():
         if name not in in_segment:
             rows.append(LayerBound(
@@ -586,6 +595,7 @@ def seqlip(
             "segments": [[n.qualname for n in s] for s in segments],
             "segment_pair_products": raw_est,
             "estimate_uncapped": compose(graph, raw_consts),
+            "estimate_truncated": compose(graph, trunc_consts),
         },
         estimate=float(estimate),
         certified_upper=float(upper) if auto_certified else None,
