@@ -242,7 +242,7 @@ def test_exact_between_realised_and_certified(
     seed: int, n0: int, widths: list[int], leaky: float | None
 ) -> None:
     net = _mlp([n0, *widths, 2], seed=seed, leaky=leaky)
-    res = exact(net, (n0,), time_limit=30)
+    res = exact(net, (n0,), time_limit=30, n_samples=256)
     assert res.finished
     gen = torch.Generator().manual_seed(seed)
     xs = torch.randn(64, n0, generator=gen, dtype=torch.float64) * 3

@@ -336,6 +336,16 @@ def test_errors() -> None:
         lower_bound(net, (2,), methods=("data",))
     with pytest.raises(InvalidArgumentError):
         lower_bound(lambda x: x, (2,))  # type: ignore[arg-type]
+    class Squeezed(nn.Module):  # drops the batch dimension of a batch of one
+        def __init__(self) -> None:
+            super().__init__()
+            self.lin = nn.Linear(2, 1)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.lin(x).squeeze()
+
+    with pytest.raises(ShapeError, match="batch dimension"):
+        lower_bound(Squeezed(), (2,))
     bad = nn.Linear(2, 1)
     with torch.no_grad():
         bad.weight[0, 0] = float("nan")
