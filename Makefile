@@ -27,6 +27,7 @@ test: lint
 bench: $(STAMP)
 	$(BIN)/pip install -q "$(TORCH_PIN)" -e ".[bench]"
 	$(BIN)/python benchmarks/spectral.py
+	$(BIN)/python benchmarks/autolip.py
 	$(BIN)/python benchmarks/seqlip.py
 	$(BIN)/python benchmarks/compare.py
 	$(BIN)/python benchmarks/regularise.py

@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import math
 import platform
+import sys
 import time
 from pathlib import Path
 
@@ -131,65 +132,52 @@ def bnb_rows(sizes: list[int], time_limit: float) -> list[str]:
     return rows
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--width", type=int, default=20)
-    ap.add_argument("--epochs", type=int, default=150)
-    ap.add_argument("--cnn-epochs", type=int, default=3)
-    ap.add_argument("--skip-alexnet", action="store_true")
-    ap.add_argument("--bnb-sizes", default="16,20,24,32,40,48")
-    ap.add_argument("--bnb-time-limit", type=float, default=30.0)
-    args = ap.parse_args()
-    torch.set_num_threads(1)
-    t_all = time.perf_counter()
-    lines = [
-        "# SeqLip benchmark",
-        "",
-        "Command: `OMP_NUM_THREADS=1 python benchmarks/seqlip.py` "
-        f"(width={args.width}, epochs={args.epochs}, cnn-epochs={args.cnn_epochs}); "
-        f"{platform.processor() or platform.machine()}, torch {torch.__version__}, 1 thread, "
-        "machine shared with other jobs (times are indicative).",
-        "",
+CNN_HEADER = [
+    "| model | AutoLip | greedy SeqLip | AutoLip/greedy | greedy, top-k | AutoLip/top-k "
+    "| paper AutoLip/greedy | certified SeqLip | AutoLip/certified | certified < AutoLip "
+    "| train s | seqlip s | note |",
+    "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+]
+
+
+def section_a(args: argparse.Namespace) -> list[str]:
+    return [
         "## (a) Synthetic MLPs (paper Table 1 setting)",
         "",
         "2-D input, one sample of a GP prior (`lipbound.zoo.data.synthetic_gp()`, 2000 training "
         f"points), ReLU MLPs `paper_mlp(depth, width={args.width})` (the paper does not give the "
-        "width) trained with Adam/MSE. *SeqLip* is the paper's bound, the product of the EXACT "
-        "pair factors (enumeration / branch and bound; certified); *greedy* the paper's Greedy "
-        "SeqLip (product of the best realised pair values found by the heuristics; an estimate); "
-        "*certified, exact mode* is `seqlip(mode='exact').value`, the minimum of the SeqLip "
-        "product, the block dynamic programme (pairs of raw layers) and AutoLip; *certified, "
-        "greedy mode* the certificate computed next to the greedy estimate without any exact "
-        "search. The lower bound is witnessed. The ratio columns are AutoLip / SeqLip and "
-        "AutoLip / certified exact mode; the paper's column is its AutoLip / SeqLip.",
+        f"width) trained with Adam/MSE for {args.epochs} epochs. *SeqLip* is the paper's bound, "
+        "the product of the EXACT pair factors (enumeration / branch and bound; certified); "
+        "*greedy* the paper's Greedy SeqLip (product of the best realised pair values found by "
+        "the heuristics; an estimate); *certified, exact mode* is `seqlip(mode='exact').value`, "
+        "the minimum of the SeqLip product, the block dynamic programme (pairs of raw layers) "
+        "and AutoLip; *certified, greedy mode* the certificate computed next to the greedy "
+        "estimate without any exact search. The lower bound is witnessed. The ratio columns are "
+        "AutoLip / SeqLip and AutoLip / certified exact mode; the paper's column is its "
+        "AutoLip / SeqLip.",
         "",
         "| layers | AutoLip | SeqLip (exact pairs) | greedy SeqLip | certified, exact mode "
         "| certified, greedy mode | lower bound | AutoLip/SeqLip | AutoLip/certified "
         "| paper AutoLip/SeqLip | train s | exact s | greedy s |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        *mlp_rows(args.width, args.epochs),
     ]
-    lines += mlp_rows(args.width, args.epochs)
-    lines += [
+
+
+def section_b(args: argparse.Namespace) -> list[str]:
+    lines = [
+        "## (b) MNIST-architecture CNNs",
         "",
-        "## (b) CNNs",
+        "`mnist_cnn(4)`, `mnist_cnn(5)` trained on 28x28 digits (`digits28()`, scikit-learn "
+        f"digits upsampled; MNIST itself is not shipped) for {args.cnn_epochs} epochs. "
+        "Greedy = Greedy SeqLip estimate (not certified): the greedy runs on the top-200 "
+        "singular directions of each pair and the pattern found is evaluated on the FULL pair "
+        "(a realised pair value); *greedy, top-k* is the same pattern valued on the truncated "
+        "k x k pair as in the paper's code (smaller). Certified = the SeqLip certified bound of "
+        "`mode='auto'` (minimum of the SVD-chain product of certified pair bounds, the block "
+        "dynamic programme with pair bounds, and AutoLip).",
         "",
-        "MNIST-architecture CNNs (`mnist_cnn(4)`, `mnist_cnn(5)`) trained on 28x28 digits "
-        "(`digits28()`, scikit-learn digits upsampled; MNIST itself is not shipped), and the "
-        "AlexNet-shaped net with RANDOM weights (no pretrained weights can be downloaded here, "
-        "so its ratio is not comparable to the paper's ImageNet-trained AlexNet). "
-        "Greedy = Greedy SeqLip estimate (not certified): for dense-able layers the greedy "
-        "runs on the top-200 singular directions of each pair and the pattern found is "
-        "evaluated on the FULL pair (a realised pair value); *greedy, top-k* is the same "
-        "pattern valued on the truncated k x k pair as in the paper's code (smaller). For "
-        "AlexNet-size convolutions both run on the top-8 singular triplets from Lanczos (a "
-        "truncated estimate). Certified = the SeqLip certified bound of `mode='auto'` "
-        "(minimum of the SVD-chain product of certified pair bounds, the block dynamic "
-        "programme with pair bounds / circular-convolution bounds, and AutoLip).",
-        "",
-        "| model | AutoLip | greedy SeqLip | AutoLip/greedy | greedy, top-k | AutoLip/top-k "
-        "| paper AutoLip/greedy | certified SeqLip | AutoLip/certified | certified < AutoLip "
-        "| train s | seqlip s | note |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        *CNN_HEADER,
     ]
     xtr, ytr, xte, yte = zdata.digits28()
     for depth in (4, 5):
@@ -201,13 +189,30 @@ def main() -> None:
         t_train = time.perf_counter() - t0
         lines.append(cnn_row(f"mnist_cnn{depth}", model, (1, 28, 28), PAPER_CNN[depth],
                              t_train, f"test acc {acc:.3f}"))
-    if not args.skip_alexnet:
-        torch.manual_seed(0)
-        model = zmodels.alexnet().eval()
-        lines.append(cnn_row("alexnet (random)", model, (3, 224, 224), PAPER_CNN["alexnet"],
-                             0.0, "random weights"))
-    lines += [
+    return lines
+
+
+def section_alexnet(args: argparse.Namespace) -> list[str]:
+    torch.manual_seed(0)
+    model = zmodels.alexnet().eval()
+    return [
+        "## (b') AlexNet-shaped net",
         "",
+        "`alexnet()` with RANDOM weights (no pretrained weights can be downloaded here, so the "
+        "ratio is not comparable to the paper's ImageNet-trained AlexNet). Max-pooling splits "
+        "the chain: SeqLip runs on conv3-conv4-conv5 and on the three fully connected layers; "
+        "the greedy uses the top-8 singular triplets of each operator (Lanczos), a truncated "
+        "estimate; the certified bound uses the circular-embedding pair bound for the stride-1 "
+        "convolutions and a dense pair bound for the last two linear layers.",
+        "",
+        *CNN_HEADER,
+        cnn_row("alexnet (random)", model, (3, 224, 224), PAPER_CNN["alexnet"], 0.0,
+                "random weights"),
+    ]
+
+
+def section_c(args: argparse.Namespace) -> list[str]:
+    return [
         "## (c) How far exact pair factors reach",
         "",
         "Random Gaussian pairs `L`, `R` of size n x n (the hardest shape: every neuron matters), "
@@ -217,9 +222,63 @@ def main() -> None:
         "",
         "| n | closed | lower (realised) | upper (certified) | gap | nodes | B&B s | enum s |",
         "|---|---|---|---|---|---|---|---|",
+        *bnb_rows([int(v) for v in args.bnb_sizes.split(",") if v], args.bnb_time_limit),
     ]
-    lines += bnb_rows([int(v) for v in args.bnb_sizes.split(",") if v], args.bnb_time_limit)
-    lines += ["", f"Total time: {time.perf_counter() - t_all:.0f} s.", ""]
+
+
+SECTIONS = {"a": section_a, "b": section_b, "alexnet": section_alexnet, "c": section_c}
+
+
+def _existing_sections() -> dict[str, str]:
+    if not OUT.exists():
+        return {}
+    out: dict[str, str] = {}
+    for chunk in OUT.read_text().split("<!-- section:")[1:]:
+        key, _, body = chunk.partition(" -->")
+        out[key] = body.split("<!-- end -->")[0]
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--sections", default="a,b,alexnet,c",
+                    help="comma-separated subset of a,b,alexnet,c; the others are kept from "
+                         "the existing results file")
+    ap.add_argument("--width", type=int, default=20)
+    ap.add_argument("--epochs", type=int, default=150)
+    ap.add_argument("--cnn-epochs", type=int, default=3)
+    ap.add_argument("--bnb-sizes", default="16,20,24,32,40,48")
+    ap.add_argument("--bnb-time-limit", type=float, default=30.0)
+    args = ap.parse_args()
+    torch.set_num_threads(1)
+    todo = [k for k in args.sections.split(",") if k]
+    for k in todo:
+        if k not in SECTIONS:
+            raise SystemExit(f"unknown section {k!r}; choose from {', '.join(SECTIONS)}")
+    new: dict[str, str] = {}
+    argv = " ".join(sys.argv[1:])
+    for key in todo:
+        t0 = time.perf_counter()
+        body = SECTIONS[key](args)
+        stamp = (
+            f"Produced by `OMP_NUM_THREADS=1 python benchmarks/seqlip.py {argv}`".rstrip()
+            + f" in {time.perf_counter() - t0:.0f} s ({platform.machine()}, torch "
+            f"{torch.__version__}, 1 thread on a machine shared with other jobs: times are "
+            "indicative)."
+        )
+        new[key] = "\n" + "\n".join([*body, "", stamp]) + "\n"
+    done = _existing_sections()  # read at the end: other runs may have written meanwhile
+    done.update(new)
+    lines = [
+        "# SeqLip benchmark",
+        "",
+        "Command (all sections): `OMP_NUM_THREADS=1 python benchmarks/seqlip.py`; each section "
+        "states the exact command and time that produced it (`--sections` reruns a subset).",
+        "",
+    ]
+    for key in SECTIONS:
+        if key in done:
+            lines += [f"<!-- section:{key} -->" + done[key].rstrip("\n"), "<!-- end -->", ""]
     OUT.parent.mkdir(parents=True, exist_ok=True)
     OUT.write_text("\n".join(lines))
     print(f"wrote {OUT}")

@@ -257,3 +257,30 @@ def test_node_functions_never_modify_their_inputs() -> None:
     torch.testing.assert_close(run_graph(simplify(g), x), InPlace()(x.clone()))
     W, _ = next(n for n in simplify(g) if n.kind == "linear").dense()
     torch.testing.assert_close(W, 2 * torch.eye(4, dtype=torch.float64))
+
+
+def test_torch_export_fallback_when_fx_fails() -> None:
+    from lipbound.methods.autolip import autolip
+
+    class ShapeBranch(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.c = nn.Conv2d(1, 2, 3)
+            self.fc = nn.Linear(2 * 4 * 4, 3)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            if x.dim() == 4:  # fx cannot trace this; torch.export specialises on it
+                x = F.max_pool2d(F.relu(self.c(x)), 3, 1)
+            z = torch.zeros(x.size(0), 1)
+            return torch.cat([self.fc(x.flatten(1)), z], 1)
+
+    m = ShapeBranch().eval()
+    g = capture(m, (1, 8, 8))
+    assert [n.op for n in g][1:-1] == ["conv2d", "relu", "max_pool2d", "flatten", "linear", "cat"]
+    x = torch.randn(5, 1, 8, 8)  # another batch size than the traced one
+    torch.testing.assert_close(run_graph(simplify(g), x), m(x))
+    r = autolip(m, (1, 8, 8))
+    pool = next(lb for lb in r.layers if lb.op == "max_pool2d")
+    assert pool.value == 3.0  # 3x3 stride-1 windows: 9 per input
+    J = torch.func.vmap(torch.func.jacrev(lambda v: m(v.unsqueeze(0))[0]))(x)
+    assert r.value >= float(torch.linalg.matrix_norm(J.detach().reshape(5, 4, -1), 2).max())

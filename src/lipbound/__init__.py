@@ -42,6 +42,8 @@ _LAZY: dict[str, str] = {
     "Report": "lipbound.report",
     "register_rule": "lipbound.rules",
     "capture": "lipbound.graph",
+    "simplify": "lipbound.graph",
+    "sequential_chain": "lipbound.graph",
     "penalty": "lipbound.train",
     "LipschitzPenalty": "lipbound.train",
     "lipschitz_constraint": "lipbound.train",
@@ -81,6 +83,8 @@ def __dir__() -> list[str]:
 
 if TYPE_CHECKING:  # pragma: no cover
     from .graph import capture as capture
+    from .graph import sequential_chain as sequential_chain
+    from .graph import simplify as simplify
     from .methods.autolip import autolip as autolip
     from .methods.exact import exact as exact
     from .methods.lower import lower_bound as lower_bound

@@ -10,6 +10,9 @@ registered rule, and ``torch.nn`` modules, are leaves), runs shape propagation
 into the consuming node's ``fn``, which replays the fx sub-graph for any batch size and any
 floating dtype (parameters are cast on the fly with :func:`torch.func.functional_call`).
 
+If symbolic tracing fails, :func:`torch.export.export` (dynamic batch size) is tried and its
+aten ops are matched to the rules of the torch functions of the same name.
+
 The graph always describes the model in **eval mode** (BatchNorm with running statistics,
 dropout as identity), whatever the model's current mode: tracing is done with the model
 temporarily switched to eval and the BatchNorm / Dropout nodes' ``fn`` are eval-mode functions.
@@ -247,6 +250,8 @@ def _is_shape_query(n: torch.fx.Node) -> bool:
     if n.op == "call_method":
         return str(n.target) in _SHAPE_METHODS
     if n.op == "call_function":
+        if str(n.target).startswith(("aten.sym_size", "aten.sym_numel", "aten.sym_stride")):
+            return True
         if n.target is builtins.getattr and len(n.args) >= 2:
             return n.args[1] in _SHAPE_ATTRS
         try:
@@ -259,6 +264,8 @@ def _is_shape_query(n: torch.fx.Node) -> bool:
 def _pretty_target(n: torch.fx.Node) -> str:
     if n.op == "call_method":
         return f".{n.target}()"
+    if _aten_name(n.target) is not None:
+        return f"aten.{_aten_name(n.target)}"
     t = n.target
     names = {
         operator.add: "+", operator.sub: "-", operator.mul: "*", operator.truediv: "/",
@@ -279,7 +286,40 @@ def _pretty_target(n: torch.fx.Node) -> str:
     return name
 
 
+def _aten_name(target: Any) -> str | None:
+    """``"conv2d"`` for ``torch.ops.aten.conv2d.default`` (graphs from torch.export)."""
+    s = str(target)
+    if s.startswith("aten."):
+        name = s.split(".")[1]
+        return _ATEN_ALIASES.get(name, name)
+    return None
+
+
+_ATEN_ALIASES = {
+    "_softmax": "softmax",
+    "_log_softmax": "log_softmax",
+    "_native_batch_norm_legit_no_training": "batch_norm",
+}
+
+
+def _aten_key(target: Any) -> Any:
+    """The rule key of an aten op: the torch function / method of the same name with a rule."""
+    from ..rules import get_rule
+
+    name = _aten_name(target)
+    if name is None:
+        return target
+    for cand in (getattr(torch.nn.functional, name, None), getattr(torch, name, None)):
+        if cand is not None and get_rule(cand) is not None:
+            return cand
+    if get_rule(name) is not None:
+        return name
+    return target
+
+
 def _op_name(n: torch.fx.Node, gm: torch.fx.GraphModule) -> str:
+    if n.op == "call_function" and _aten_name(n.target) is not None:
+        return str(_aten_name(n.target))
     if n.op == "call_module":
         return type(gm.get_submodule(str(n.target))).__name__
     if n.op == "call_method":
@@ -292,7 +332,7 @@ def _key(n: torch.fx.Node, gm: torch.fx.GraphModule) -> Any:
         return type(gm.get_submodule(str(n.target)))
     if n.op == "call_method":
         return str(n.target)
-    return n.target
+    return _aten_key(n.target)
 
 
 def _module_path(n: torch.fx.Node) -> str:
@@ -305,6 +345,26 @@ def _module_path(n: torch.fx.Node) -> str:
 
 def _strip(shape: Any) -> tuple[int, ...]:
     return tuple(int(d) for d in tuple(shape)[1:])
+
+
+def _export(model: nn.Module, sample: torch.Tensor, fx_error: Exception) -> torch.fx.GraphModule:
+    """Fallback when torch.fx fails: :func:`torch.export.export` with a dynamic batch size.
+
+    Shape-dependent Python (``if x.dim() == 4``, ``torch.zeros(x.size(0), ...)``) is fine
+    there; nodes are aten ops, matched to the rules of the torch functions of the same name.
+    Modules are not leaves in this graph, so BatchNorm is not folded.
+    """
+    try:
+        batch = torch.export.Dim("batch", min=2)
+        ep = torch.export.export(
+            model, (sample,), dynamic_shapes=({0: batch},), strict=False
+        )
+        return ep.module()  # type: ignore[return-value]
+    except Exception as exc:
+        raise InvalidArgumentError(
+            f"{fx_error} torch.export failed as well: {type(exc).__name__}: "
+            f"{str(exc).splitlines()[0] if str(exc) else ''}"
+        ) from exc
 
 
 class _Root(nn.Module):
@@ -380,13 +440,17 @@ def capture(model: nn.Module, input_shape: Any, *, batch_size: int = 2) -> OpGra
     flags = {m: m.training for m in model.modules()}
     try:
         model.eval()
-        gm = _trace(model)
         ref = next((t for t in list(model.parameters()) + list(model.buffers())
                     if t.is_floating_point()), None)
         dtype = ref.dtype if ref is not None else torch.get_default_dtype()
         device = ref.device if ref is not None else torch.device("cpu")
         gen = torch.Generator(device="cpu").manual_seed(0)
-        sample = torch.randn(batch_size, *shape, generator=gen, dtype=dtype).to(device)
+        sample = torch.randn(2, *shape, generator=gen, dtype=dtype).to(device)
+        try:
+            gm = _trace(model)
+        except InvalidArgumentError as fx_error:
+            gm = _export(model, sample, fx_error)
+        sample = sample[:batch_size]
         prop = _Prop(gm)
         try:
             with torch.no_grad():
@@ -447,6 +511,8 @@ def _build(
 
     out_fx = next(n for n in fx_nodes if n.op == "output")
     result = out_fx.args[0]
+    if isinstance(result, (tuple, list)) and len(result) == 1:  # torch.export's flat outputs
+        result = result[0]
     if not isinstance(result, torch.fx.Node) or not graph_node(result):
         raise InvalidArgumentError(
             "the model must return one tensor that depends on its input; got "

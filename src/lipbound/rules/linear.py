@@ -431,6 +431,10 @@ def _linear_rule(node: Node, ctx: RuleContext) -> NodeConstant:
 
 
 def _single_input(node: Node) -> str | None:
+    if node.meta.get("key") is F.batch_norm:
+        training = arg(node, 5, "training", False)
+        if training is not False or is_tensor_arg(arg(node, 3, "running_mean")):
+            return "batch_norm in training mode normalises with batch statistics"
     if len(node.inputs) >= 2:
         return (
             "a linear op whose weights also depend on the input (e.g. attention scores "
@@ -459,6 +463,7 @@ LINEAR_FUNCTIONS: list[Any] = [
     F.conv_transpose3d, F.avg_pool1d, F.avg_pool2d, F.avg_pool3d, F.adaptive_avg_pool1d,
     F.adaptive_avg_pool2d, F.adaptive_avg_pool3d, F.interpolate, F.upsample,
     F.upsample_nearest, F.upsample_bilinear, torch.sum, torch.mean, "sum", "mean",
+    F.batch_norm,
     torch.matmul, operator.matmul, "matmul", torch.mm, "mm",
     torch.bmm, "bmm", torch.mv, "mv", torch.einsum, torch.tensordot, MERGED_KEY,
 ]
