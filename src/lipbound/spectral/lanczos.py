@@ -2,11 +2,12 @@
 
 Each step applies ``B = A^T A`` to one vector (one forward product and one vector-Jacobian
 product) and orthogonalises the result against the whole basis (full re-orthogonalisation:
-classical Gram-Schmidt, repeated when the DGKS criterion detects cancellation). The Rayleigh-Ritz matrix
-``H = Q B Q^T`` is formed from the stored products ``B Q^T`` (so it stays exact after
-restarts), and its top eigenpairs ``(theta_i, s_i)`` give Ritz pairs ``y_i = Q^T s_i``. When the
-basis is full, the top Ritz vectors are kept (thick restart, Wu & Simon 2000) and the Krylov
-process continues from the last residual, which is orthogonal to all of them.
+classical Gram-Schmidt, repeated when the DGKS criterion detects cancellation). The
+Rayleigh-Ritz matrix ``H = Q B Q^T`` is formed from the stored products ``B Q^T`` (so it stays
+exact after restarts), and its top eigenpairs ``(theta_i, s_i)`` give Ritz pairs
+``y_i = Q^T s_i``. When the basis is full, the top Ritz vectors are kept (thick restart,
+Wu & Simon 2000) and the Krylov process continues from the last residual, which is orthogonal
+to all of them.
 
 Stopping rules, per wanted pair (either suffices).
 (1) With the *exact* residual ``r_i = ||B y_i - theta_i y_i||``, there is an eigenvalue of
