@@ -183,10 +183,17 @@ def test_leaky_and_three_input_one_hidden_layer_brute_force(seed: int) -> None:
     assert math.isclose(exact(net, (3,)).value, brute_force(net), rel_tol=1e-9)
 
 
-@pytest.mark.parametrize("seed", [0, 1])
-def test_two_hidden_layers_brute_force(seed: int) -> None:
+@pytest.mark.parametrize(("seed", "norm"), [(0, "2"), (1, "2"), (2, "1"), (3, "inf")])
+def test_two_hidden_layers_brute_force(seed: int, norm: str) -> None:
     net = _mlp([2, 3, 4, 2], seed=seed)
-    assert math.isclose(exact(net, (2,)).value, brute_force(net), rel_tol=1e-9)
+    assert math.isclose(exact(net, (2,), norm=norm).value, brute_force(net, norm), rel_tol=1e-9)
+
+
+@pytest.mark.parametrize(("n0", "norm"), [(2, "2"), (3, "1"), (3, "inf")])
+def test_scalar_output_brute_force(n0: int, norm: str) -> None:
+    # exercises the exact last-layer maximisation for scalar outputs
+    net = _mlp([n0, 4, 5, 1], seed=11)
+    assert math.isclose(exact(net, (n0,), norm=norm).value, brute_force(net, norm), rel_tol=1e-9)
 
 
 def test_witness_realises_value() -> None:

@@ -33,6 +33,7 @@ __version__ = "0.1.0"
 _LAZY: dict[str, str] = {
     "spectral_norm": "lipbound.spectral",
     "top_singular": "lipbound.spectral",
+    "certified_upper": "lipbound.spectral",
     "autolip": "lipbound.methods.autolip",
     "seqlip": "lipbound.methods.seqlip",
     "lower_bound": "lipbound.methods.lower",

@@ -545,8 +545,9 @@ def seqlip(
                 name=p.name, op="pair", value=p.upper if p.upper is not None else p.lower,
                 certified=p.upper is not None, seconds=p.seconds, estimate=p.lower, how=p.how,
             ))
+        seg_cert = how == "svd-chain" or all(consts[n.name].certified for n in seg)
         rows.append(LayerBound(
-            name=seg_name, op="segment", value=seg_upper, certified=True,
+            name=seg_name, op="segment", value=seg_upper, certified=seg_cert,
             seconds=time.perf_counter() - ts, estimate=seg_est,
             how=f"{how} (autolip {autolip_seg:.4g})",
         ))
