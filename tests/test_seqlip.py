@@ -300,3 +300,36 @@ def test_errors() -> None:
         seqlip(net, (2,), norm=1)
     with pytest.raises(InvalidArgumentError):
         seqlip(net, (2,), mode="fast")
+
+
+class ConvBNResidual(nn.Module):
+    """Residual block with eval-mode BatchNorm (folded into the convs by the graph)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.c0 = nn.Conv2d(1, 3, 3, padding=1)
+        self.c1 = nn.Conv2d(3, 3, 3, padding=1, bias=False)
+        self.b1 = nn.BatchNorm2d(3)
+        self.c2 = nn.Conv2d(3, 3, 3, padding=1, bias=False)
+        self.b2 = nn.BatchNorm2d(3)
+        self.fc = nn.Linear(3 * 6 * 6, 2)
+        with torch.no_grad():
+            for b in (self.b1, self.b2):
+                b.running_mean.uniform_(-1, 1)
+                b.running_var.uniform_(0.2, 3.0)
+                b.weight.uniform_(0.5, 2.0)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.c0(x))
+        h = h + self.b2(self.c2(torch.relu(self.b1(self.c1(h)))))
+        return self.fc(torch.flatten(torch.relu(h), 1))
+
+
+@pytest.mark.parametrize("dense_limit", [30_000_000, 1])
+def test_conv_batchnorm_residual(dense_limit: int) -> None:
+    net = ConvBNResidual().double().eval()
+    r = seqlip(net, (1, 6, 6), dense_limit=dense_limit, max_exact_width=8)
+    assert r.segments == 1 and r.certified
+    assert r.value >= max_jacobian_norm(net, (1, 6, 6), n=150) * (1 - 1e-7)
+    assert r.value < r.autolip  # dense pair bound, or circular bound on folded kernels

@@ -35,7 +35,8 @@ Certified bound of a segment (minimum of valid bounds, each times ``1 + 1e-9`` f
    the activations between blocks contributing their AutoLip constant ``max(|a|, |b|)``;
 3. AutoLip's product for the segment (so the result is never above AutoLip).
 
-Circular embedding (stride-1, zero-padded, undilated, ungrouped Conv2d pairs ``B`` then ``A``):
+Circular embedding (stride-1, zero-padded, undilated, ungrouped Conv2d pairs ``B`` then ``A``,
+eval BatchNorm folded into the kernels allowed):
 on a common grid ``N >= max(H + 2 p_B, H_1 + 2 p_A)`` per spatial dim, ``B = R_B C_B E_B`` and
 ``A = R_A C_A E_A`` with ``E`` zero-extensions (isometries), ``R`` restrictions (norm 1) and
 ``C`` circular correlations. ``E_A D R_B`` is a circular shift ``T`` times a diagonal ``D'``
@@ -178,10 +179,18 @@ def find_segments(graph: Any, slopes: dict[str, tuple[float, float] | None]) -> 
 # --------------------------------------------------------------------------------------------
 # circular-embedding certificate for stride-1 conv pairs
 # --------------------------------------------------------------------------------------------
-def _plain_conv2d(node: Any) -> nn.Conv2d | None:
+def _plain_conv2d(node: Any) -> tuple[nn.Conv2d, torch.Tensor] | None:
+    """``(conv, weight)`` for a linear node that is a stride-1, undilated, ungrouped,
+    zero-padded ``Conv2d``, possibly with an eval BatchNorm folded in (``weight`` is then the
+    folded kernel ``diag(s) W``: the linear part of ``bn(conv(x))``); else ``None``."""
     m = node.module
     if isinstance(m, nn.Sequential) and len(m) == 1:
         m = m[0]
+    weight = None
+    inner = getattr(m, "linear", None)
+    if isinstance(inner, nn.Conv2d) and hasattr(m, "bn"):  # FoldedBatchNorm(conv, bn)
+        weight = m.weight  # type: ignore[union-attr]
+        m = inner
     if (
         isinstance(m, nn.Conv2d)
         and tuple(m.stride) == (1, 1)
@@ -190,7 +199,8 @@ def _plain_conv2d(node: Any) -> nn.Conv2d | None:
         and m.padding_mode == "zeros"
         and not isinstance(m.padding, str)
     ):
-        return m
+        w = m.weight if weight is None else weight
+        return m, w.detach()
     return None
 
 
@@ -203,12 +213,15 @@ def _max_norm_c(X: torch.Tensor) -> float:
 
 def conv_pair_bound(
     first: nn.Conv2d, second: nn.Conv2d, in_hw: tuple[int, int],
-    slopes: tuple[float, float] = (0.0, 1.0),
+    slopes: tuple[float, float] = (0.0, 1.0), *,
+    weights: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> tuple[float, dict[str, float]]:
     """Certified bound on ``max_D ||second o D o first||`` (linear parts) for stride-1
     zero-padded Conv2d layers via the circular embedding (proof in the module docstring).
 
-    Returns ``(bound, parts)`` with ``parts`` the circular norms used.
+    Returns ``(bound, parts)`` with ``parts`` the circular norms used. ``weights`` optionally
+    replaces the kernels ``(first, second)`` (e.g. with BatchNorm folded in), the geometry
+    (kernel size, padding) still being read from the modules.
 
     >>> torch.manual_seed(0) is not None
     True
@@ -229,8 +242,9 @@ def conv_pair_bound(
     N0 = max(H + 2 * pB[0], H1 + 2 * pA[0], kA[0], kB[0])
     N1 = max(W + 2 * pB[1], W1 + 2 * pA[1], kA[1], kB[1])
     with torch.no_grad():
-        wA = second.weight.detach().to(_F64)  # (cout, cmid, kh, kw)
-        wB = first.weight.detach().to(_F64)  # (cmid, cin, kh, kw)
+        wB0, wA0 = (first.weight, second.weight) if weights is None else weights
+        wA = wA0.detach().to(_F64)  # (cout, cmid, kh, kw)
+        wB = wB0.detach().to(_F64)  # (cmid, cin, kh, kw)
 
         def symbol(w: torch.Tensor) -> torch.Tensor:
             return torch.fft.fft2(w, s=(N0, N1)).permute(2, 3, 0, 1)  # (N0, N1, out, in)
@@ -520,7 +534,9 @@ def seqlip(
                 c1, c2 = _plain_conv2d(lins[i]), _plain_conv2d(lins[i + 1])
                 if c1 is not None and c2 is not None and len(lins[i].in_shapes[0]) == 3:
                     hw = lins[i].in_shapes[0][1:]
-                    block_pairs[i] = conv_pair_bound(c1, c2, (hw[0], hw[1]), act_slopes[i])[0]
+                    block_pairs[i] = conv_pair_bound(
+                        c1[0], c2[0], (hw[0], hw[1]), act_slopes[i], weights=(c1[1], c2[1])
+                    )[0]
                 elif _numel(lins[i].in_shapes[0]) * _numel(lins[i].out_shape) <= dense_limit \
                         and _numel(lins[i + 1].in_shapes[0]) * _numel(lins[i + 1].out_shape) \
                         <= dense_limit:
