@@ -41,6 +41,9 @@ _LAZY: dict[str, str] = {
     "lipsdp": "lipbound.methods.sdp",
     "estimate": "lipbound.report",
     "Report": "lipbound.report",
+    "SeqLipResult": "lipbound.methods.seqlip",
+    "ExactResult": "lipbound.methods.exact",
+    "SDPResult": "lipbound.methods.sdp",
     "register_rule": "lipbound.rules",
     "capture": "lipbound.graph",
     "simplify": "lipbound.graph",
@@ -87,9 +90,12 @@ if TYPE_CHECKING:  # pragma: no cover
     from .graph import sequential_chain as sequential_chain
     from .graph import simplify as simplify
     from .methods.autolip import autolip as autolip
+    from .methods.exact import ExactResult as ExactResult
     from .methods.exact import exact as exact
     from .methods.lower import lower_bound as lower_bound
+    from .methods.sdp import SDPResult as SDPResult
     from .methods.sdp import lipsdp as lipsdp
+    from .methods.seqlip import SeqLipResult as SeqLipResult
     from .methods.seqlip import seqlip as seqlip
     from .report import Report as Report
     from .report import estimate as estimate
