@@ -442,6 +442,21 @@ def dual_bound_at(
     return 2 * float(torch.linalg.eigvalsh(Q)[-1])
 
 
+def _dual_lam(
+    L: torch.Tensor, R: torch.Tensor, H: torch.Tensor, t: torch.Tensor, mu: torch.Tensor
+) -> torch.Tensor:
+    """Rule (D)'s value ``2 lambda_max(Q(t, mu))`` at explicit ``(t, mu)`` (differentiable)."""
+    m, p = H.shape
+    Q = torch.cat(
+        [
+            torch.cat([(L * t) @ L.T / 4 + mu * torch.eye(m, dtype=_F64), H / 2], 1),
+            torch.cat([H.T / 2, R.T @ (R / t[:, None]) / 4 - mu * torch.eye(p, dtype=_F64)], 1),
+        ],
+        0,
+    )
+    return 2 * torch.linalg.eigvalsh(Q)[-1]
+
+
 def dual_bound(
     C: torch.Tensor, L: torch.Tensor, R: torch.Tensor, *, steps: int = 100
 ) -> float:
@@ -461,23 +476,12 @@ def dual_bound(
     if L.shape[1] == 0:
         return _norm(C)
     H = C + L @ R / 2
-    m, p = H.shape
     s = torch.log(rn / ln).clone().requires_grad_(True)
     mu = torch.zeros((), dtype=_F64, requires_grad=True)
     opt = _Adam([s, mu], lr=0.05)
     best = math.inf
-    Im = torch.eye(m, dtype=_F64)
-    Ip = torch.eye(p, dtype=_F64)
     for _ in range(max(steps, 1)):
-        t = s.exp()
-        Q = torch.cat(
-            [
-                torch.cat([(L * t) @ L.T / 4 + mu * Im, H / 2], 1),
-                torch.cat([H.T / 2, R.T @ (R / t[:, None]) / 4 - mu * Ip], 1),
-            ],
-            0,
-        )
-        lam = 2 * torch.linalg.eigvalsh(Q)[-1]
+        lam = _dual_lam(L, R, H, s.exp(), mu)
         best = min(best, float(lam.detach()))
         opt.zero_grad()
         lam.backward()
@@ -492,25 +496,14 @@ def _dual_params(
 ) -> tuple[torch.Tensor, float, float]:
     """Optimised ``(t, mu)`` of rule (D) for the root problem (used to seed branch and bound)."""
     H = C + L @ R / 2
-    m, p = H.shape
     ln = L.norm(dim=0).clamp_min(1e-300)
     rn = R.norm(dim=1).clamp_min(1e-300)
     s = torch.log(rn / ln).clone().requires_grad_(True)
     mu = torch.zeros((), dtype=_F64, requires_grad=True)
     opt = _Adam([s, mu], lr=0.05)
     best, best_s, best_mu = math.inf, s.detach().clone(), 0.0
-    Im = torch.eye(m, dtype=_F64)
-    Ip = torch.eye(p, dtype=_F64)
     for _ in range(max(steps, 1)):
-        t = s.exp()
-        Q = torch.cat(
-            [
-                torch.cat([(L * t) @ L.T / 4 + mu * Im, H / 2], 1),
-                torch.cat([H.T / 2, R.T @ (R / t[:, None]) / 4 - mu * Ip], 1),
-            ],
-            0,
-        )
-        lam = 2 * torch.linalg.eigvalsh(Q)[-1]
+        lam = _dual_lam(L, R, H, s.exp(), mu)
         lv = float(lam.detach())
         if lv < best:
             best, best_s, best_mu = lv, s.detach().clone(), float(mu.detach())

@@ -1073,11 +1073,7 @@ def _branch_and_bound(
             if use_box and G.shape[0] > 0 and not out_of_time():
                 nbx = lp.box(G, g)
                 if nbx is not None:
-                    box = (
-                        nbx
-                        if box is None
-                        else (np.maximum(box[0], nbx[0]), np.minimum(box[1], nbx[1]))
-                    )
+                    box = nbx if box is None else _intersect(box, nbx)
             bd = nb(node.h + 1, A2, c2, np.zeros(0), box)
             if bd > incumbent:
                 heapq.heappush(

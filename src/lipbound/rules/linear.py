@@ -289,20 +289,27 @@ def linear_constant(node: Node, ctx: RuleContext) -> NodeConstant:
 
 
 # ---- l1 / l-inf -----------------------------------------------------------------------------
+def _chain(
+    fs: list[Callable[[torch.Tensor], torch.Tensor] | None],
+) -> Callable[[torch.Tensor], torch.Tensor] | None:
+    """Composition ``fs[-1] o ... o fs[0]``, or ``None`` if any part is ``None``."""
+    parts = [f for f in fs if f is not None]
+    if len(parts) != len(fs):
+        return None
+
+    def seq(x: torch.Tensor) -> torch.Tensor:
+        for f in parts:
+            x = f(x)
+        return x
+
+    return seq
+
+
 def _abs_module(module: nn.Module) -> Callable[[torch.Tensor], torch.Tensor] | None:
     """``x -> |A| x`` (float64) for a plain linear module, or ``None``."""
     m: Any = materialize(module)
     if isinstance(m, nn.Sequential):
-        fs = [_abs_module(p) for p in m]
-        if any(f is None for f in fs):
-            return None
-
-        def seq(x: torch.Tensor) -> torch.Tensor:
-            for f in fs:
-                x = f(x)  # type: ignore[misc]
-            return x
-
-        return seq
+        return _chain([_abs_module(p) for p in m])
     if isinstance(m, nn.Linear):
         w = m.weight.detach().double().abs()
         return lambda x: F.linear(x, w)
@@ -334,16 +341,7 @@ def abs_operator(node: Node) -> Callable[[torch.Tensor], torch.Tensor] | None:
     """
     parts = node.meta.get("part_nodes") or ()
     if len(parts) > 1:
-        fs = [abs_operator(p) for p in parts]
-        if any(f is None for f in fs):
-            return None
-
-        def seq(x: torch.Tensor) -> torch.Tensor:
-            for f in fs:
-                x = f(x)  # type: ignore[misc]
-            return x
-
-        return seq
+        return _chain([abs_operator(p) for p in parts])
     rule = node.meta.get("rule")
     meta = rule.meta if rule is not None else {}
     if meta.get("identity"):
