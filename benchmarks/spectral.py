@@ -145,7 +145,7 @@ def measure(name: str, m: nn.Module, ins: tuple, outs: tuple) -> dict:
     c = certified_upper(m, ins)
     row["c_t"] = time.perf_counter() - t
     row["c_val"] = None if c is None else c[0]
-    row["c_how"] = "" if c is None else c[1].split(",")[0]
+    row["c_how"] = "" if c is None else c[1].replace(",", ";").replace("|", "/")
     row["c_ratio"] = None if c is None else c[0] / r.value
     row["c_valid"] = c is not None and c[0] >= ref * (1 - 1e-9)
     # (d) orthogonium Gram iteration

@@ -209,6 +209,19 @@ def test_power_not_converged_is_flagged():
     assert any("not converged" in n for n in r.notes)
 
 
+@pytest.mark.parametrize("max_iter", [23, 24, 25, 40])
+def test_lanczos_stopped_at_or_after_a_restart(max_iter):
+    # regression: running out of products right after a thick restart (24-vector basis for
+    # k=1) used to crash on stale Ritz coordinates
+    torch.manual_seed(3)
+    op = nn.Linear(200, 200, bias=False)
+    r = spectral_norm(op, (200,), method="lanczos", tol=1e-14, max_iter=max_iter,
+                      certify=False, dtype=torch.float64)
+    ex = exact_norm(op, (200,))
+    assert r.iterations <= 2 * max_iter + 2
+    assert 0.9 * ex <= r.value <= ex * (1 + 1e-12)
+
+
 def test_affine_bias_is_removed():
     torch.manual_seed(3)
     lin = nn.Linear(6, 4)

@@ -17,7 +17,9 @@ value ``sqrt(theta_i)`` is within about ``tol / 2`` relative.
 (2) The Ritz values increase monotonically; when their increments shrink geometrically (ratio
 ``rho < 0.95`` over the last six steps), the remaining distance is about
 ``d rho / (1 - rho)`` (``d`` the last increment) and we stop when that is
-``<= tol sigma / 2``. This makes Lanczos stop near the accuracy asked for (rule (1) alone
+``<= tol sigma / 10`` at three consecutive checks (a safety factor of 10 on the geometric
+model, and persistence because a single check is fooled by plateaus). This makes Lanczos stop
+near the accuracy asked for (rule (1) alone
 overshoots by orders of magnitude when the top of the spectrum is clustered, as in random
 conv layers).
 
@@ -143,32 +145,44 @@ def lanczos(
             Q[p:] = 0
             BQ[p:] = 0
             j = p
+            # the kept basis IS the top-p Ritz vectors: in case the loop ends before the next
+            # Rayleigh-Ritz step, the Ritz coordinates are the identity
+            theta = theta[:p]
+            S64 = torch.eye(p, dtype=torch.float64)
+            S = S64.to(dt)
     V = S[:, :k].T @ Q[:j]
     V = _orth_rows(V) if k > 1 else V / torch.linalg.vector_norm(V)
     return finish(A, V, converged, steps)
 
 
-def _extrapolated_small(hist: list[list[float]], k: int, tol: float) -> bool:
+def _extrapolated_small(hist: list[list[float]], k: int, tol: float, *, factor: float = 0.1,
+                        persist: int = 3) -> bool:
     """Geometric extrapolation of the Ritz values' increase (they grow monotonically).
 
     With increments ``d_j = sigma_j - sigma_{j-1} > 0`` shrinking by at most ``rho < 1`` per
-    step over the last six steps, the remaining distance to the limit is about
-    ``d_j rho / (1 - rho)``; we stop when that is ``<= tol sigma_j / 2``. An estimate, like
-    the value itself; the residual test in :func:`_small` is the other way to stop.
+    step over a window of six steps, the remaining distance to the limit is about
+    ``d_j rho / (1 - rho)``; we stop when that is ``<= factor * tol * sigma_j`` at each of the
+    last ``persist`` checks. The persistence guards against a plateau: when two singular
+    values are nearly equal, the Ritz value first converges geometrically towards the pair's
+    lower one and then creeps on; the first plateau step looks converged, the next ones do
+    not (their increments stop shrinking). An estimate, like the value itself; the residual
+    test in :func:`_small` is the other way to stop.
     """
     w = 6
-    if len(hist) < w + 1:
+    if len(hist) < w + persist:
         return False
-    for i in range(k):
-        s = [h[i] for h in hist[-(w + 1):]]
-        d = [s[t + 1] - s[t] for t in range(w)]
-        if d[-1] < 0 or any(x <= 0 for x in d[:-1]):
-            return False
-        rho = max(d[t + 1] / d[t] for t in range(w - 1))
-        if not rho < 0.95:
-            return False
-        if not d[-1] * rho / (1 - rho) <= 0.5 * tol * s[-1]:
-            return False
+    for back in range(persist):
+        window = hist[len(hist) - back - w - 1 : len(hist) - back]
+        for i in range(k):
+            s = [h[i] for h in window]
+            d = [s[t + 1] - s[t] for t in range(w)]
+            if d[-1] < 0 or any(x <= 0 for x in d[:-1]):
+                return False
+            rho = max(d[t + 1] / d[t] for t in range(w - 1))
+            if not rho < 0.95:
+                return False
+            if not d[-1] * rho / (1 - rho) <= factor * tol * s[-1]:
+                return False
     return True
 
 
