@@ -17,11 +17,13 @@ value ``sqrt(theta_i)`` is within about ``tol / 2`` relative.
 (2) The Ritz values increase monotonically; when their increments shrink geometrically (ratio
 ``rho < 0.95`` over the last six steps), the remaining distance is about
 ``d rho / (1 - rho)`` (``d`` the last increment) and we stop when that is
-``<= tol sigma / 10`` at three consecutive checks (a safety factor of 10 on the geometric
-model, and persistence because a single check is fooled by plateaus). This makes Lanczos stop
-near the accuracy asked for (rule (1) alone
-overshoots by orders of magnitude when the top of the spectrum is clustered, as in random
-conv layers).
+``<= tol sigma / 2`` for the wanted values AND one guard value (the ``k+1``-th), at three
+consecutive checks. The guard and the persistence are there for plateaus: when the top two
+singular values are nearly equal, the top Ritz value first converges geometrically to a point
+between them and then creeps on while the second direction is resolved; the guard value is
+still moving then, and a single check would be fooled. This makes Lanczos stop near the
+accuracy asked for (rule (1) alone overshoots by orders of magnitude when the top of the
+spectrum is clustered, as in random conv layers).
 
 Like the power method, the final value ``||A y_1||`` (``||y_1|| = 1``) never exceeds
 ``||A||_2`` up to rounding: it is an estimate from below, not a certificate.
@@ -61,8 +63,9 @@ def lanczos(
     p = min(keep or max(k + 4, m // 3), m - 1) if m > 1 else 0
     dt = A.dtype
     eps = torch.finfo(dt).eps
-    Q = torch.zeros((m, n), dtype=dt, device=A.device)
-    BQ = torch.zeros_like(Q)
+    # rows >= j are never read, so the buffers need no zero fill
+    Q = torch.empty((m, n), dtype=dt, device=A.device)
+    BQ = torch.empty_like(Q)
     Hm = torch.zeros((m, m), dtype=torch.float64)
     q = A.randn(1, gen).reshape(-1) if v0 is None else v0.to(dt).reshape(-1).clone()
     q = q / torch.linalg.vector_norm(q)
@@ -77,6 +80,7 @@ def lanczos(
     every = 1 if k <= 10 else k // 10
     since = 0
     top = 0.0
+    kg = k + 1  # one guard Ritz value: stops only once the next one has settled too
     while steps < max_iter:
         Q[j] = q
         BQ[j] = A.gram(q.reshape(1, *A.in_shape)).reshape(-1)
@@ -87,11 +91,11 @@ def lanczos(
         h = Q[:j] @ BQ[j - 1]
         Hm[:j, j - 1] = h.to(torch.float64)
         Hm[j - 1, :j] = h.to(torch.float64)
-        r = BQ[j - 1] - Q[:j].T @ h
+        r = torch.addmv(BQ[j - 1], Q[:j].T, h, alpha=-1.0)
         beta = float(torch.linalg.vector_norm(r))
         if beta < 0.7 * float(torch.linalg.vector_norm(BQ[j - 1])):
             # DGKS criterion: cancellation happened, orthogonalise a second time
-            r = r - Q[:j].T @ (Q[:j] @ r)
+            r = torch.addmv(r, Q[:j].T, Q[:j] @ r, alpha=-1.0)
             beta = float(torch.linalg.vector_norm(r))
         since += 1
         must = j == m or j == n or steps >= max_iter or beta <= 32 * eps * max(top, 1e-300)
@@ -104,9 +108,9 @@ def lanczos(
         S64 = Sv.flip(1)
         S = S64.to(dt)
         top = float(theta[0])
-        if j >= k:
-            hist.append(theta[:k].clamp_min(0).sqrt().tolist())
-            if _extrapolated_small(hist, k, tol):
+        if j >= kg:
+            hist.append(theta[:kg].clamp_min(0).sqrt().tolist())
+            if j > kg and _extrapolated_small(hist, kg, tol):
                 converged = True
                 break
             # cheap residuals from the Krylov relation B Q^T = Q^T H + r e_j^T, confirmed by
@@ -142,8 +146,6 @@ def lanczos(
             Hp = S64[:, :p].T @ Hm[:j, :j] @ S64[:, :p]
             Hm.zero_()
             Hm[:p, :p] = 0.5 * (Hp + Hp.T)
-            Q[p:] = 0
-            BQ[p:] = 0
             j = p
             # the kept basis IS the top-p Ritz vectors: in case the loop ends before the next
             # Rayleigh-Ritz step, the Ritz coordinates are the identity
@@ -155,7 +157,7 @@ def lanczos(
     return finish(A, V, converged, steps)
 
 
-def _extrapolated_small(hist: list[list[float]], k: int, tol: float, *, factor: float = 0.1,
+def _extrapolated_small(hist: list[list[float]], k: int, tol: float, *, factor: float = 0.5,
                         persist: int = 3) -> bool:
     """Geometric extrapolation of the Ritz values' increase (they grow monotonically).
 
