@@ -3,11 +3,11 @@
 Each step applies ``B = A^T A`` to one vector (one forward product and one vector-Jacobian
 product) and orthogonalises the result against the whole basis (full re-orthogonalisation:
 classical Gram-Schmidt, repeated when the DGKS criterion detects cancellation). The
-Rayleigh-Ritz matrix ``H = Q B Q^T`` is formed from the stored products ``B Q^T`` (so it stays
-exact after restarts), and its top eigenpairs ``(theta_i, s_i)`` give Ritz pairs
-``y_i = Q^T s_i``. When the basis is full, the top Ritz vectors are kept (thick restart,
-Wu & Simon 2000) and the Krylov process continues from the last residual, which is orthogonal
-to all of them.
+Rayleigh-Ritz matrix ``H = Q B Q^T`` is formed column by column from the products
+``Q (B q_j)`` (so it stays exact after restarts, and only ``Q`` is stored), and its top
+eigenpairs ``(theta_i, s_i)`` give Ritz pairs ``y_i = Q^T s_i``. When the basis is full, the
+top Ritz vectors are kept (thick restart, Wu & Simon 2000) and the Krylov process continues
+from the last residual, which is orthogonal to all of them.
 
 Stopping rules, per wanted pair (either suffices).
 (1) With the *exact* residual ``r_i = ||B y_i - theta_i y_i||``, there is an eigenvalue of
@@ -65,7 +65,6 @@ def lanczos(
     eps = torch.finfo(dt).eps
     # rows >= j are never read, so the buffers need no zero fill
     Q = torch.empty((m, n), dtype=dt, device=A.device)
-    BQ = torch.empty_like(Q)
     Hm = torch.zeros((m, m), dtype=torch.float64)
     q = A.randn(1, gen).reshape(-1) if v0 is None else v0.to(dt).reshape(-1).clone()
     q = q / torch.linalg.vector_norm(q)
@@ -83,17 +82,17 @@ def lanczos(
     kg = k + 1  # one guard Ritz value: stops only once the next one has settled too
     while steps < max_iter:
         Q[j] = q
-        BQ[j] = A.gram(q.reshape(1, *A.in_shape)).reshape(-1)
+        Bq = A.gram(q.reshape(1, *A.in_shape)).reshape(-1)
         steps += 1
         j += 1
-        # new column of the Rayleigh-Ritz matrix H = Q B Q^T (symmetric), reused as the first
-        # Gram-Schmidt projection of B q_j
-        h = Q[:j] @ BQ[j - 1]
+        # new column of the Rayleigh-Ritz matrix H = Q B Q^T (symmetric, exact entries, also
+        # after restarts), reused as the first Gram-Schmidt projection of B q_j
+        h = Q[:j] @ Bq
         Hm[:j, j - 1] = h.to(torch.float64)
         Hm[j - 1, :j] = h.to(torch.float64)
-        r = torch.addmv(BQ[j - 1], Q[:j].T, h, alpha=-1.0)
+        r = torch.addmv(Bq, Q[:j].T, h, alpha=-1.0)
         beta = float(torch.linalg.vector_norm(r))
-        if beta < 0.7 * float(torch.linalg.vector_norm(BQ[j - 1])):
+        if beta < 0.7 * float(torch.linalg.vector_norm(Bq)):
             # DGKS criterion: cancellation happened, orthogonalise a second time
             r = torch.addmv(r, Q[:j].T, Q[:j] @ r, alpha=-1.0)
             beta = float(torch.linalg.vector_norm(r))
@@ -118,7 +117,8 @@ def lanczos(
             cheap = (beta * S64[j - 1, :k].abs()).tolist()
             if _small(cheap, theta, k, tol, eps, top):
                 Y = S[:, :k].T @ Q[:j]
-                BY = S[:, :k].T @ BQ[:j]
+                BY = A.gram(Y.reshape(k, *A.in_shape)).reshape(k, -1)
+                steps += k
                 res = torch.linalg.vector_norm(
                     (BY - theta[:k, None].to(dt) * Y).to(torch.float64), dim=1
                 ).tolist()
@@ -142,7 +142,6 @@ def lanczos(
         if j == m:  # thick restart: keep the top p Ritz vectors
             Sp = S[:, :p]
             Q[:p] = Sp.T @ Q[:j]
-            BQ[:p] = Sp.T @ BQ[:j]
             Hp = S64[:, :p].T @ Hm[:j, :j] @ S64[:, :p]
             Hm.zero_()
             Hm[:p, :p] = 0.5 * (Hp + Hp.T)
