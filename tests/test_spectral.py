@@ -222,6 +222,36 @@ def test_lanczos_stopped_at_or_after_a_restart(max_iter):
     assert 0.9 * ex <= r.value <= ex * (1 + 1e-12)
 
 
+def _with_spectrum(s: torch.Tensor, seed: int) -> nn.Linear:
+    n = s.numel()
+    g = torch.Generator().manual_seed(seed)
+    U, _ = torch.linalg.qr(torch.randn(n, n, generator=g, dtype=torch.float64))
+    V, _ = torch.linalg.qr(torch.randn(n, n, generator=g, dtype=torch.float64))
+    lin = nn.Linear(n, n, bias=False).double()
+    with torch.no_grad():
+        lin.weight.copy_(U @ torch.diag(s) @ V.T)
+    return lin
+
+
+def test_lanczos_tolerance_with_near_double_top_singular_value():
+    # regression: sigma_1 - sigma_2 = 3e-5 (relative), the rest <= 0.995. The Ritz vector then
+    # mixes the top two directions; the former stopping rules (Kato-Temple with a gap read off
+    # the Ritz values, single-check extrapolation) stopped 3e-5 short on 21 of these 30 seeds.
+    # No Krylov rule can be sure to have resolved such a pair; we ask for the tolerance on
+    # nearly all seeds and, always, for a value within tol of SOME singular value.
+    n = 400
+    s = torch.cat([torch.tensor([1.0, 1 - 3e-5], dtype=torch.float64),
+                   torch.linspace(0.995, 0.3, n - 2, dtype=torch.float64)])
+    misses = 0
+    for seed in range(30):
+        r = spectral_norm(_with_spectrum(s, seed), (n,), tol=1e-5, certify=False, seed=seed,
+                          dtype=torch.float64)
+        assert r.value <= 1 + 1e-12
+        assert min(abs(r.value - float(x)) for x in s[:3]) <= 1e-5
+        misses += (1 - r.value) > 1e-5
+    assert misses <= 5
+
+
 def test_affine_bias_is_removed():
     torch.manual_seed(3)
     lin = nn.Linear(6, 4)

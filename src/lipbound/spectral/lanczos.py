@@ -11,9 +11,12 @@ from the last residual, which is orthogonal to all of them.
 
 Stopping rules, per wanted pair (either suffices).
 (1) With the *exact* residual ``r_i = ||B y_i - theta_i y_i||``, there is an eigenvalue of
-``B`` within ``min(r_i, r_i^2 / gap_i)`` of ``theta_i`` (Weyl / Kato-Temple, ``gap_i``
-estimated from the Ritz values). We stop when that is ``<= tol * theta_i``, i.e. the singular
-value ``sqrt(theta_i)`` is within about ``tol / 2`` relative.
+``B`` within ``r_i`` of ``theta_i`` (Weyl), and within ``r_i^2 / gap_i`` (Kato-Temple) if no
+other eigenvalue is within ``gap_i``, estimated from the Ritz values; the latter is used only
+once the Ritz vector is accurate (``r_i / gap_i <= sqrt(tol)``), since when two top singular
+values nearly coincide the Ritz vector mixes both and the estimated gap is wrong. We stop when
+that distance is ``<= 2 tol theta_i``, i.e. the singular value ``sqrt(theta_i)`` is within
+about ``tol`` relative of a singular value.
 (2) The Ritz values increase monotonically; when their increments shrink geometrically (ratio
 ``rho < 0.95`` over the last six steps), the remaining distance is about
 ``d rho / (1 - rho)`` (``d`` the last increment) and we stop when that is
@@ -30,6 +33,8 @@ Like the power method, the final value ``||A y_1||`` (``||y_1|| = 1``) never exc
 """
 
 from __future__ import annotations
+
+import math
 
 import numpy as np
 import torch
@@ -85,17 +90,27 @@ def lanczos(
         Bq = A.gram(q.reshape(1, *A.in_shape)).reshape(-1)
         steps += 1
         j += 1
-        # new column of the Rayleigh-Ritz matrix H = Q B Q^T (symmetric, exact entries, also
-        # after restarts), reused as the first Gram-Schmidt projection of B q_j
-        h = Q[:j] @ Bq
+        # new column h = Q B q_j of the Rayleigh-Ritz matrix H = Q B Q^T (symmetric, exact
+        # entries, also after restarts). Local Lanczos step first (against q_j and q_{j-1}:
+        # in exact arithmetic the only non-zero entries, apart from the kept Ritz vectors
+        # right after a restart), then one full classical Gram-Schmidt pass, which removes
+        # what rounding (or the restart) left; its coefficients complete h. A second full
+        # pass only when that one cancelled (DGKS criterion).
+        lo = max(0, j - 2)
+        hl = Q[lo:j] @ Bq
+        r = torch.addmv(Bq, Q[lo:j].T, hl, alpha=-1.0)
+        before = float(torch.linalg.vector_norm(r))
+        h = Q[:j] @ r
+        r = torch.addmv(r, Q[:j].T, h, alpha=-1.0)
+        h[lo:j] += hl
+        beta = float(torch.linalg.vector_norm(r))
+        if beta < 0.7 * before:
+            c = Q[:j] @ r
+            r = torch.addmv(r, Q[:j].T, c, alpha=-1.0)
+            h += c
+            beta = float(torch.linalg.vector_norm(r))
         Hm[:j, j - 1] = h.to(torch.float64)
         Hm[j - 1, :j] = h.to(torch.float64)
-        r = torch.addmv(Bq, Q[:j].T, h, alpha=-1.0)
-        beta = float(torch.linalg.vector_norm(r))
-        if beta < 0.7 * float(torch.linalg.vector_norm(Bq)):
-            # DGKS criterion: cancellation happened, orthogonalise a second time
-            r = torch.addmv(r, Q[:j].T, Q[:j] @ r, alpha=-1.0)
-            beta = float(torch.linalg.vector_norm(r))
         since += 1
         must = j == m or j == n or steps >= max_iter or beta <= 32 * eps * max(top, 1e-300)
         if not (must or (j >= k and since >= every)):
@@ -189,14 +204,16 @@ def _extrapolated_small(hist: list[list[float]], k: int, tol: float, *, factor: 
 
 def _small(res: list[float], theta: torch.Tensor, k: int, tol: float, eps: float,
            top: float) -> bool:
-    """Every wanted Ritz value is within ``tol`` (relative) of an eigenvalue (see module doc)."""
+    """Every wanted Ritz value is within ``tol`` (relative, as a singular value) of an
+    eigenvalue (see the module docstring, rule (1))."""
     for i in range(k):
         ti = float(theta[i])
         ri = res[i]
         others = torch.cat([theta[:i], theta[i + 1 :]])
         gap = float((others - ti).abs().min()) if others.numel() else 0.0
-        err = min(ri, ri * ri / gap) if gap > 0 else ri
-        if not (err <= tol * ti or ri <= 32 * eps * top):
+        # Kato-Temple only once the Ritz vector is accurate (r / gap <= sqrt(tol))
+        err = ri * ri / gap if gap > 0 and ri <= math.sqrt(tol) * gap else ri
+        if not (err <= 2 * tol * ti or ri <= 32 * eps * top):
             return False
     return True
 
