@@ -20,7 +20,7 @@ about ``tol`` relative of a singular value.
 (2) The Ritz values increase monotonically; when their increments shrink geometrically (ratio
 ``rho < 0.95`` over the last six steps), the remaining distance is about
 ``d rho / (1 - rho)`` (``d`` the last increment) and we stop when that is
-``<= tol sigma / 2`` for the wanted values AND one guard value (the ``k+1``-th), at three
+``<= tol sigma / 2`` for the wanted values AND one guard value (the ``k+1``-th), at two
 consecutive checks. The guard and the persistence are there for plateaus: when the top two
 singular values are nearly equal, the top Ritz value first converges geometrically to a point
 between them and then creeps on while the second direction is resolved; the guard value is
@@ -172,7 +172,7 @@ def lanczos(
 
 
 def _extrapolated_small(hist: list[list[float]], k: int, tol: float, *, factor: float = 0.5,
-                        persist: int = 3) -> bool:
+                        persist: int = 2) -> bool:
     """Geometric extrapolation of the Ritz values' increase (they grow monotonically).
 
     With increments ``d_j = sigma_j - sigma_{j-1} > 0`` shrinking by at most ``rho < 1`` per
