@@ -939,6 +939,10 @@ def _branch_and_bound(
     def out_of_time() -> bool:
         return time.perf_counter() - t0 > time_limit
 
+    def push(child: _Node) -> None:
+        # largest bound first; ties broken deepest first
+        heapq.heappush(heap, (-child.bound, -child.depth, next(counter), child))
+
     while heap:
         negb, _, _, node = heapq.heappop(heap)
         if -negb <= incumbent:
@@ -1032,31 +1036,8 @@ def _branch_and_bound(
                         box = nbx if box is None else _intersect(box, nbx)
                 bd = nb(node.h, node.A, node.c, sig, box)
                 if bd > incumbent:
-                    heapq.heappush(
-                        heap,
-                        (
-                            -bd,
-                            -(node.depth + 1),
-                            next(counter),
-                            _Node(
-                                node.h,
-                                k + 1,
-                                node.A,
-                                node.c,
-                                sig,
-                                G,
-                                g,
-                                wx,
-                                wr,
-                                sidx,
-                                sslk,
-                                box,
-                                bd,
-                                node.depth + 1,
-                                node.pattern,
-                            ),
-                        ),
-                    )
+                    push(_Node(node.h, k + 1, node.A, node.c, sig, G, g, wx, wr, sidx, sslk,
+                               box, bd, node.depth + 1, node.pattern))
                 continue
             pattern = (*node.pattern, sig)
             if node.h == H - 1:
@@ -1076,31 +1057,8 @@ def _branch_and_bound(
                     box = nbx if box is None else _intersect(box, nbx)
             bd = nb(node.h + 1, A2, c2, np.zeros(0), box)
             if bd > incumbent:
-                heapq.heappush(
-                    heap,
-                    (
-                        -bd,
-                        -(node.depth + 1),
-                        next(counter),
-                        _Node(
-                            node.h + 1,
-                            0,
-                            A2,
-                            c2,
-                            np.zeros(0),
-                            G,
-                            g,
-                            wx,
-                            wr,
-                            sidx,
-                            sslk,
-                            box,
-                            bd,
-                            node.depth + 1,
-                            pattern,
-                        ),
-                    ),
-                )
+                push(_Node(node.h + 1, 0, A2, c2, np.zeros(0), G, g, wx, wr, sidx, sslk, box, bd,
+                           node.depth + 1, pattern))
 
     open_bound = max((-e[0] for e in heap), default=0.0)
     finished = not timed_out
