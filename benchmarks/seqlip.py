@@ -15,6 +15,7 @@ import math
 import platform
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -55,6 +56,20 @@ def data_lower(
         return best, f"max data Jacobian ({type(exc).__name__})"
 
 
+def train_checkpoints(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, *, loss: str,
+                      epochs: list[int], seed: int) -> Iterator[tuple[int, float]]:
+    """Train ``model`` on, stopping at each checkpoint of ``epochs`` (sorted): yields the epoch
+    count and the training seconds so far (evaluation time excluded)."""
+    t_train = 0.0
+    done = 0
+    for ep in epochs:
+        t0 = time.perf_counter()
+        training.fit(model, x, y, loss=loss, epochs=ep - done, lr=1e-3, seed=seed + done)
+        done = ep
+        t_train += time.perf_counter() - t0
+        yield ep, t_train
+
+
 def mlp_rows(width: int, epochs: list[int]) -> tuple[list[str], list[str]]:
     """Main rows (at the last checkpoint of ``epochs``) and training-length rows (every one)."""
     x, y, xte, yte = zdata.synthetic_gp()
@@ -63,14 +78,8 @@ def mlp_rows(width: int, epochs: list[int]) -> tuple[list[str], list[str]]:
     for depth in (4, 5, 7, 10):
         torch.manual_seed(depth)
         model = zmodels.paper_mlp(depth, width=width)
-        t_train = 0.0
-        done = 0
-        for ep in epochs:
-            t0 = time.perf_counter()
-            model = training.fit(model, x, y, loss="mse", epochs=ep - done, lr=1e-3,
-                                 seed=depth + done)
-            done = ep
-            t_train += time.perf_counter() - t0
+        for ep, t in train_checkpoints(model, x, y, loss="mse", epochs=epochs, seed=depth):
+            t_train = t  # training seconds up to the last checkpoint, for the main row
             t1 = time.perf_counter()
             ex = seqlip(model, (2,), mode="exact", max_exact_width=width)
             t_exact = time.perf_counter() - t1
@@ -200,14 +209,8 @@ def section_b(args: argparse.Namespace) -> list[str]:
     for depth in (4, 5):
         torch.manual_seed(depth)
         model = zmodels.mnist_cnn(depth)
-        t_train = 0.0
-        done = 0
-        for ep in epochs:
-            t0 = time.perf_counter()
-            model = training.fit(model, xtr, ytr, loss="ce", epochs=ep - done,
-                                 seed=depth + done)
-            done = ep
-            t_train += time.perf_counter() - t0
+        for ep, t_train in train_checkpoints(model, xtr, ytr, loss="ce", epochs=epochs,
+                                             seed=depth):
             acc = training.accuracy(model, xte, yte)
             row, nums = cnn_row(f"mnist_cnn{depth}", model, (1, 28, 28), PAPER_CNN[depth],
                                 t_train, f"{ep} epochs, test acc {acc:.3f}")
