@@ -6,7 +6,9 @@ import os
 
 import pytest
 import torch
+import torch.nn.functional as F
 from hypothesis import HealthCheck, settings
+from torch import nn
 
 torch.set_num_threads(int(os.environ.get("LIPBOUND_TEST_THREADS", "1")))
 
@@ -32,3 +34,18 @@ def _seed() -> None:
 @pytest.fixture
 def rtol() -> dict[torch.dtype, float]:
     return RTOL
+
+
+class _Residual(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(2, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + F.relu(self.a(x))
+
+
+@pytest.fixture
+def residual_net() -> nn.Module:
+    """``x + relu(a x)`` on R^2: a residual block, rejected by the sequential-only methods."""
+    return _Residual()

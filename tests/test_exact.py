@@ -307,17 +307,9 @@ def test_functional_relu_and_conv_through_graph() -> None:
         assert float(Jv.norm()) <= res.value * (1 + 1e-9)
 
 
-def test_residual_model_is_rejected() -> None:
-    class Res(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.a = nn.Linear(2, 2)
-
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            return x + F.relu(self.a(x))
-
+def test_residual_model_is_rejected(residual_net: nn.Module) -> None:
     with pytest.raises(NotSequentialError):
-        exact(Res(), (2,))
+        exact(residual_net, (2,))
 
 
 def test_smooth_activation_is_rejected() -> None:

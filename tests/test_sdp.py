@@ -183,17 +183,9 @@ def test_missing_cvxpy_raises(monkeypatch: pytest.MonkeyPatch) -> None:
         lipsdp(_mlp([2, 3, 1], seed=0), (2,))
 
 
-def test_residual_model_is_rejected() -> None:
-    class Res(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.a = nn.Linear(2, 2)
-
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            return x + F.relu(self.a(x))
-
+def test_residual_model_is_rejected(residual_net: nn.Module) -> None:
     with pytest.raises(NotSequentialError):
-        lipsdp(Res(), (2,))
+        lipsdp(residual_net, (2,))
 
 
 def test_bad_arguments() -> None:
