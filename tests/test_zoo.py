@@ -63,6 +63,20 @@ def test_digits28_shapes_and_range() -> None:
     assert ytr.dtype == torch.int64 and set(ytr.tolist()) <= set(range(10))
 
 
+def test_digits28_mnist_layout_box() -> None:
+    full, _, _, _ = data.digits28(seed=0)
+    boxed, _, _, _ = data.digits28(seed=0, box=20)
+    assert boxed.shape == full.shape
+    # MNIST's layout: the digit in the central 20x20 square, a 4-pixel zero border
+    assert float(boxed[..., :4, :].abs().max()) == 0.0
+    assert float(boxed[..., -4:, :].abs().max()) == 0.0
+    assert float(boxed[..., :, :4].abs().max()) == 0.0
+    assert float(boxed[..., 4:24, 4:24].max()) > 0.5
+    assert float(full[..., :4, :].max()) > 0.0
+    with pytest.raises(InvalidArgumentError, match="box"):
+        data.digits28(box=30)
+
+
 def _write_idx(path: Path, arr: np.ndarray, compress: bool) -> None:
     header = bytes([0, 0, 0x08, arr.ndim]) + struct.pack(">" + "I" * arr.ndim, *arr.shape)
     payload = header + arr.astype(np.uint8).tobytes()

@@ -79,15 +79,25 @@ def digits64(*, seed: int = 0, test_fraction: float = 0.25) -> Split:
     return _split(x, torch.from_numpy(target), seed, test_fraction)
 
 
-def digits28(*, seed: int = 0, test_fraction: float = 0.25) -> Split:
+def digits28(*, seed: int = 0, test_fraction: float = 0.25, box: int = 28) -> Split:
     """scikit-learn's digits upsampled (bilinear) to MNIST's ``(1, 28, 28)``, values in [0, 1].
 
     A stand-in for MNIST that ships with scikit-learn (1797 images); use :func:`load_mnist` when
-    the real files are in a local folder.
+    the real files are in a local folder. ``box`` is the side of the square the 8x8 digit is
+    upsampled to, centred in the 28x28 frame with a zero border: 28 (default) fills the frame,
+    20 is MNIST's own layout (digits normalised to a 20x20 box inside a 28x28 image).
+
+    >>> xtr, ytr, xte, yte = digits28(box=20)
+    >>> tuple(xtr.shape[1:]), float(xtr[:, :, :4].abs().max())
+    ((1, 28, 28), 0.0)
     """
+    if not isinstance(box, int) or isinstance(box, bool) or not 8 <= box <= 28:
+        raise InvalidArgumentError(f"box must be an int in [8, 28]; got {box!r}")
     images, target = _load_digits()
     x = torch.from_numpy(images).unsqueeze(1)
-    x = F.interpolate(x, size=(28, 28), mode="bilinear", align_corners=False).clamp(0.0, 1.0)
+    x = F.interpolate(x, size=(box, box), mode="bilinear", align_corners=False).clamp(0.0, 1.0)
+    lo = (28 - box) // 2
+    x = F.pad(x, (lo, 28 - box - lo, lo, 28 - box - lo))
     return _split(x, torch.from_numpy(target), seed, test_fraction)
 
 
