@@ -108,7 +108,7 @@ def lanczos(
     Om = np.zeros((m + 1, m + 1))
     delta = eps**0.75
     force = 0
-    first = -1  # index of the first vector after a restart: its step couples to all kept ones
+    pk = 0  # kept Ritz vectors (rows 0..pk-1 of Q), part of every local step
     while steps < max_iter:
         Q[j] = q
         Om[j, j] = 1.0
@@ -116,47 +116,47 @@ def lanczos(
         steps += 1
         j += 1
         # new column h = Q B q_j of the Rayleigh-Ritz matrix H = Q B Q^T. Local Lanczos step
-        # (against q_j and q_{j-1}, and against every kept Ritz vector on the first step after
-        # a restart: in exact arithmetic the only non-zero entries), done twice so that the
-        # new vector is orthogonal to these to working precision.
-        lo = 0 if j - 1 == first else max(0, j - 2)
-        Ql = Q[lo:j]
-        hl = Ql @ Bq
-        r = torch.addmv(Bq, Ql.T, hl, alpha=-1.0)
-        c = Ql @ r
-        r = torch.addmv(r, Ql.T, c, alpha=-1.0)
+        # against q_j, q_{j-1} and the kept Ritz vectors (in exact arithmetic the only
+        # non-zero entries; the kept vectors are included on every step since their Krylov
+        # relation only holds to the basis' orthogonality level), done twice (CGS2) so that
+        # the new vector is orthogonal to these to working precision. H keeps these entries
+        # only: the coefficients of a full pass are rounding-level and are left out, as in
+        # Simon's scheme.
+        lo = max(0, j - 2)
+        blocks = [(0, j)] if lo <= pk else [(0, pk), (lo, j)]
         h = np.zeros(j)
-        h[lo:j] = (hl + c).double().cpu().numpy()
+        r = Bq
+        for _ in range(2):
+            for a, b in blocks:
+                Qb = Q[a:b]
+                cb = Qb @ r
+                r = torch.addmv(r, Qb.T, cb, alpha=-1.0)
+                h[a:b] += cb.double().cpu().numpy()
         beta = float(torch.linalg.vector_norm(r))
+        Hm[:j, j - 1] = h
+        Hm[j - 1, :j] = h
         # omega-recurrence: from B q_i = sum_l H_li q_l + (rounding) for i < j and
         # beta q_new = B q_j - sum_l H_lj q_l, q_i . q_new ~= (H Om - Om H)[i, j] / beta, plus
         # a rounding term of size eps ||B|| / beta (||B|| ~ max(top, ||B q_j||))
-        Hm[:j, j - 1] = h
-        Hm[j - 1, :j] = h
         if beta > 0:
             nb = max(top, math.sqrt(float(h @ h) + beta * beta))
             w = (Hm[:j, :j] @ Om[:j, j - 1] - Om[:j, :j] @ h) / beta
             w += np.where(w >= 0, 1.0, -1.0) * (2 * eps * nb / beta)
+            w[:pk] = eps
             w[lo:j] = eps
         else:
             w = np.full(j, eps)
         if full_reorth or force > 0 or j == m or float(np.abs(w).max()) > delta:
             # full classical Gram-Schmidt pass, a second one only when the first cancelled
-            # (DGKS); the coefficients complete h
+            # (DGKS)
             force = 0 if force > 0 or full_reorth or j == m else 1
             before = beta
             Qj = Q[:j]
-            c = Qj @ r
-            r = torch.addmv(r, Qj.T, c, alpha=-1.0)
+            r = torch.addmv(r, Qj.T, Qj @ r, alpha=-1.0)
             beta = float(torch.linalg.vector_norm(r))
             if beta < 0.7 * before:
-                c2 = Qj @ r
-                r = torch.addmv(r, Qj.T, c2, alpha=-1.0)
-                c = c + c2
+                r = torch.addmv(r, Qj.T, Qj @ r, alpha=-1.0)
                 beta = float(torch.linalg.vector_norm(r))
-            h += c.double().cpu().numpy()
-            Hm[:j, j - 1] = h
-            Hm[j - 1, :j] = h
             w = np.full(j, eps)
         Om[j, :j] = w
         Om[:j, j] = w
@@ -212,12 +212,11 @@ def lanczos(
             Q[:p] = _t(S64[:, :p], Q).T @ Q[:j]
             Hp = S64[:, :p].T @ Hm[:j, :j] @ S64[:, :p]
             Hp = 0.5 * (Hp + Hp.T)
-            # the kept vectors are orthonormal up to the basis' loss of orthogonality (the last
-            # step was a full pass): measure it (p x p Gram matrix, E = G - I) and, if it
-            # exceeds sqrt(eps), apply one Loewdin step Y <- (I - E/2) Y, which leaves
-            # O(|E|^2); the projected matrix follows: Hp <- (I - E/2) Hp (I - E/2)
+            # the kept vectors are orthonormal up to the basis' loss of orthogonality: measure
+            # it (p x p Gram matrix, E = G - I) and apply one Loewdin step Y <- (I - E/2) Y,
+            # which leaves O(|E|^2); the projected matrix follows: Hp <- (I - E/2) Hp (I - E/2)
             E = (Q[:p] @ Q[:p].T).double().cpu().numpy() - np.eye(p)
-            if float(np.abs(E).max()) > math.sqrt(eps):
+            if float(np.abs(E).max()) > 10 * eps:
                 T = np.eye(p) - 0.5 * E
                 Q[:p] = _t(T, Q) @ Q[:p]
                 Hp = T @ Hp @ T.T
@@ -230,7 +229,7 @@ def lanczos(
             # q was fully re-orthogonalised against the whole basis (j == m forces it)
             Om[p, :p] = eps
             Om[:p, p] = eps
-            first = p
+            pk = p
             j = p
             # the kept basis IS the top-p Ritz vectors: in case the loop ends before the next
             # Rayleigh-Ritz step, the Ritz coordinates are the identity
