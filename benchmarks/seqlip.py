@@ -5,7 +5,9 @@ Run (from the repository root, single thread as in CI):
     OMP_NUM_THREADS=1 python benchmarks/seqlip.py
 
 Writes ``benchmarks/results/seqlip.md``. Models are trained from scratch at every run (nothing
-is cached); total time ~10-15 minutes on one CPU core.
+is cached); all sections take ~27 minutes on one CPU core (``--sections`` reruns a subset).
+``--mnist DIR`` (or ``$LIPBOUND_MNIST``) trains the CNNs of section (b) on a local MNIST copy
+(IDX files) instead of the shipped scikit-learn digits; nothing is ever downloaded.
 """
 
 from __future__ import annotations
