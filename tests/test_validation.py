@@ -58,3 +58,10 @@ def test_every_error_is_in_the_family() -> None:
         v.check_choice("mode", "fast", ("exact", "greedy"))
     with pytest.raises(InvalidArgumentError):
         v.check_positive("tol", 0.0)
+
+
+@pytest.mark.parametrize("bad", [7, 29, 20.0, True, "20", None])
+def test_check_int_range_names_value_and_range(bad):
+    with pytest.raises(InvalidArgumentError, match=r"box must be an int in \[8, 28\]; got"):
+        v.check_int_range("box", bad, 8, 28)
+    assert v.check_int_range("box", 8, 8, 28) == 8 and v.check_int_range("box", 28, 8, 28) == 28

@@ -117,6 +117,13 @@ def check_positive(
     return value
 
 
+def check_int_range(name: str, value: Any, lo: int, hi: int) -> int:
+    """Raise unless ``value`` is an int with ``lo <= value <= hi``."""
+    if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
+        raise InvalidArgumentError(f"{name} must be an int in [{lo}, {hi}]; got {value!r}")
+    return value
+
+
 def check_probability(name: str, value: Any) -> float:
     """Raise unless ``0 < value < 1``."""
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < 1:

@@ -15,6 +15,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .._validation import check_int_range
 from ..errors import InvalidArgumentError, MissingDependencyError
 
 __all__ = ["digits28", "digits64", "load_mnist", "synthetic_gp"]
@@ -91,8 +92,7 @@ def digits28(*, seed: int = 0, test_fraction: float = 0.25, box: int = 28) -> Sp
     >>> tuple(xtr.shape[1:]), float(xtr[:, :, :4].abs().max())
     ((1, 28, 28), 0.0)
     """
-    if not isinstance(box, int) or isinstance(box, bool) or not 8 <= box <= 28:
-        raise InvalidArgumentError(f"box must be an int in [8, 28]; got {box!r}")
+    check_int_range("box", box, 8, 28)
     images, target = _load_digits()
     x = torch.from_numpy(images).unsqueeze(1)
     x = F.interpolate(x, size=(box, box), mode="bilinear", align_corners=False).clamp(0.0, 1.0)
