@@ -59,6 +59,11 @@ def data_lower(
         return best, f"max data Jacobian ({type(exc).__name__})"
 
 
+def epoch_list(text: str) -> list[int]:
+    """Sorted distinct checkpoints from a comma-separated ``--epochs`` / ``--cnn-epochs``."""
+    return sorted({int(v) for v in text.split(",") if v})
+
+
 def train_checkpoints(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, *, loss: str,
                       epochs: list[int], seed: int) -> Iterator[tuple[int, float]]:
     """Train ``model`` on, stopping at each checkpoint of ``epochs`` (sorted): yields the epoch
@@ -167,7 +172,7 @@ CNN_HEADER = [
 
 
 def section_a(args: argparse.Namespace) -> list[str]:
-    epochs = sorted({int(v) for v in args.epochs.split(",") if v})
+    epochs = epoch_list(args.epochs)
     rows, sweep = mlp_rows(args.width, epochs)
     return [
         "## (a) Synthetic MLPs (paper Table 1 setting)",
@@ -227,20 +232,21 @@ def cnn_tables(data: zdata.Split, epochs: list[int]) -> tuple[list[str], list[st
 
 
 def section_b(args: argparse.Namespace) -> list[str]:
-    epochs = sorted({int(v) for v in args.cnn_epochs.split(",") if v})
-    if args.mnist:
-        xtr, ytr = zdata.load_mnist(args.mnist, "train")
-        xte, yte = zdata.load_mnist(args.mnist, "test")
-        data: zdata.Split = (xtr, ytr, xte, yte)
-        what = (f"MNIST from `{args.mnist}` ({len(xtr)} training images) for {epochs[-1]} "
-                f"epochs ({epochs[-1] * math.ceil(len(xtr) / 128)} optimiser steps)")
-    else:
-        data = zdata.digits28()
-        n, steps = len(data[0]), epochs[-1] * math.ceil(len(data[0]) / 128)
-        what = (f"28x28 digits (`digits28()`, scikit-learn digits upsampled; MNIST itself is not "
-                f"shipped, `--mnist DIR` uses a local copy) for {epochs[-1]} epochs: {n} "
-                f"training images, so {epochs[-1]} epochs are {steps} optimiser steps, the "
-                f"number that ~{steps // 469} epochs of MNIST would take")
+    epochs = epoch_list(args.cnn_epochs)
+    data: zdata.Split = (
+        (*zdata.load_mnist(args.mnist, "train"), *zdata.load_mnist(args.mnist, "test"))
+        if args.mnist else zdata.digits28()
+    )
+    n, steps = len(data[0]), epochs[-1] * math.ceil(len(data[0]) / 128)
+    what = (
+        f"MNIST from `{args.mnist}` ({n} training images) for {epochs[-1]} epochs ({steps} "
+        "optimiser steps)"
+        if args.mnist else
+        f"28x28 digits (`digits28()`, scikit-learn digits upsampled; MNIST itself is not "
+        f"shipped, `--mnist DIR` uses a local copy) for {epochs[-1]} epochs: {n} training "
+        f"images, so {epochs[-1]} epochs are {steps} optimiser steps, the number that "
+        f"~{steps // 469} epochs of MNIST would take"
+    )
     rows, sweep = cnn_tables(data, epochs)
     return [
         "## (b) MNIST-architecture CNNs",
@@ -269,7 +275,7 @@ def section_b(args: argparse.Namespace) -> list[str]:
 
 
 def section_layout(args: argparse.Namespace) -> list[str]:
-    epochs = [max(int(v) for v in args.cnn_epochs.split(",") if v)]
+    epochs = epoch_list(args.cnn_epochs)[-1:]
     rows, _ = cnn_tables(zdata.digits28(box=20), epochs)
     return [
         "## (b'') Does the digits' layout explain the CNN gap?",
@@ -369,8 +375,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--sections", default="a,b,layout,alexnet,c,notes",
                     help="comma-separated subset of a,b,layout,alexnet,c,notes; the others are "
-                         "kept from "
-                         "the existing results file")
+                         "kept from the existing results file")
     ap.add_argument("--width", type=int, default=20)
     ap.add_argument("--epochs", default="150,400,1000",
                     help="MLP training checkpoints (comma-separated); the last is the main table")

@@ -403,6 +403,21 @@ def dual_bound_batch(
     return best, best_mu
 
 
+def _dual_lam(
+    L: torch.Tensor, R: torch.Tensor, H: torch.Tensor, t: torch.Tensor, mu: torch.Tensor
+) -> torch.Tensor:
+    """Rule (D)'s value ``2 lambda_max(Q(t, mu))`` at explicit ``(t, mu)`` (differentiable)."""
+    m, p = H.shape
+    Q = torch.cat(
+        [
+            torch.cat([(L * t) @ L.T / 4 + mu * torch.eye(m, dtype=_F64), H / 2], 1),
+            torch.cat([H.T / 2, R.T @ (R / t[:, None]) / 4 - mu * torch.eye(p, dtype=_F64)], 1),
+        ],
+        0,
+    )
+    return 2 * torch.linalg.eigvalsh(Q)[-1]
+
+
 def dual_bound_at(
     C: torch.Tensor, L: torch.Tensor, R: torch.Tensor, sigma: torch.Tensor
 ) -> float:
@@ -432,29 +447,7 @@ def dual_bound_at(
     b = (R @ v).abs()
     scale = float(a.max() + b.max()) * 1e-8 + 1e-300
     t = (b + scale) / (a + scale)
-    H = C + L @ R / 2
-    m, p = H.shape
-    Q = torch.empty(m + p, m + p, dtype=_F64)
-    Q[:m, :m] = (L * t[None, :]) @ L.T / 4
-    Q[m:, m:] = R.T @ (R / t[:, None]) / 4
-    Q[:m, m:] = H / 2
-    Q[m:, :m] = H.T / 2
-    return 2 * float(torch.linalg.eigvalsh(Q)[-1])
-
-
-def _dual_lam(
-    L: torch.Tensor, R: torch.Tensor, H: torch.Tensor, t: torch.Tensor, mu: torch.Tensor
-) -> torch.Tensor:
-    """Rule (D)'s value ``2 lambda_max(Q(t, mu))`` at explicit ``(t, mu)`` (differentiable)."""
-    m, p = H.shape
-    Q = torch.cat(
-        [
-            torch.cat([(L * t) @ L.T / 4 + mu * torch.eye(m, dtype=_F64), H / 2], 1),
-            torch.cat([H.T / 2, R.T @ (R / t[:, None]) / 4 - mu * torch.eye(p, dtype=_F64)], 1),
-        ],
-        0,
-    )
-    return 2 * torch.linalg.eigvalsh(Q)[-1]
+    return float(_dual_lam(L, R, C + L @ R / 2, t, torch.zeros((), dtype=_F64)))
 
 
 def dual_bound(

@@ -109,7 +109,7 @@ def lanczos(
     # with full_reorth=True
     Om = np.zeros((m + 1, m + 1))
     delta = eps**0.75
-    force = 0
+    again = False  # a full pass is due on this step (the one after an omega-triggered pass)
     pk = 0  # kept Ritz vectors (rows 0..pk-1 of Q), part of every local step
     while steps < max_iter:
         Q[j] = q
@@ -148,16 +148,16 @@ def lanczos(
             w[lo:j] = eps
         else:
             w = np.full(j, eps)
-        if full_reorth or force > 0 or j == m or float(np.abs(w).max()) > delta:
+        by_omega = float(np.abs(w).max()) > delta
+        if full_reorth or again or j == m or by_omega:
             # full classical Gram-Schmidt pass, a second one only when the first cancelled
-            # (DGKS)
-            force = 0 if force > 0 or full_reorth or j == m else 1
+            # (DGKS); one asked for by the estimates is repeated on the next step
+            again = by_omega and not again and j < m
             before = beta
-            Qj = Q[:j]
-            r = torch.addmv(r, Qj.T, Qj @ r, alpha=-1.0)
+            r = _project_out(r, Q[:j])
             beta = float(torch.linalg.vector_norm(r))
             if beta < 0.7 * before:
-                r = torch.addmv(r, Qj.T, Qj @ r, alpha=-1.0)
+                r = _project_out(r, Q[:j])
                 beta = float(torch.linalg.vector_norm(r))
             w = np.full(j, eps)
         Om[j, :j] = w
@@ -199,10 +199,7 @@ def lanczos(
             break
         if beta <= 32 * eps * max(top, 1e-300):
             # invariant subspace: continue with a fresh random direction
-            z = A.randn(1, gen).reshape(-1)
-            z = z - Q[:j].T @ (Q[:j] @ z)
-            z = z - Q[:j].T @ (Q[:j] @ z)
-            r = z
+            r = _project_out(_project_out(A.randn(1, gen).reshape(-1), Q[:j]), Q[:j])
             beta = float(torch.linalg.vector_norm(r))
             if beta == 0.0:
                 converged = True
@@ -240,6 +237,11 @@ def lanczos(
     V = _t(S64[:, :k], Q).T @ Q[:j]
     V = _orth_rows(V) if k > 1 else V / torch.linalg.vector_norm(V)
     return finish(A, V, converged, steps)
+
+
+def _project_out(r: torch.Tensor, Qj: torch.Tensor) -> torch.Tensor:
+    """``r - Qj^T (Qj r)``: one classical Gram-Schmidt pass against the rows of ``Qj``."""
+    return torch.addmv(r, Qj.T, Qj @ r, alpha=-1.0)
 
 
 def _t(x: np.ndarray, like: torch.Tensor) -> torch.Tensor:
