@@ -450,3 +450,30 @@ def test_result_object():
     assert "certified upper" in repr(r)
     with pytest.raises(AttributeError):
         r.value = 2.0  # frozen
+
+
+@pytest.mark.parametrize("method", ["lanczos", "power", "arpack"])
+@pytest.mark.parametrize("k", [1, 3])
+def test_float32_estimates_stay_below_the_norm_on_long_vectors(method, k):
+    """A float32 reduction over 10^6 entries is off by ~1e-5 (relative): a "unit" vector
+    normalised with it made ``||A v||`` exceed ``||A||`` by as much (and a float32 QR left
+    row norms off by ~1e-4). ``A = I/2 + U diag(1/2, 3/10, 1/10) U^T`` with spread orthonormal
+    columns ``U`` has singular values 1, 0.8, 0.6, 0.5, ... and spread singular vectors; no
+    value may exceed them."""
+    n = 1_000_000
+    g = torch.Generator().manual_seed(0)
+    U64 = torch.randn(n, 3, generator=g, dtype=torch.float64) * torch.rand(n, 1, generator=g)
+    U = torch.linalg.qr(U64)[0].float()
+    w = torch.tensor([0.5, 0.3, 0.1])
+
+    def op(x: torch.Tensor) -> torch.Tensor:
+        return 0.5 * x + ((x @ U) * w) @ U.T
+
+    exact = torch.tensor([1.0, 0.8, 0.6], dtype=torch.float64)[:k]
+    r = spectral_norm(op, (n,), k=k, tol=1e-5, method=method, dtype=torch.float32,
+                      max_iter=200, certify=False, check_linear=False)
+    got = torch.tensor(r.singular_values, dtype=torch.float64)
+    assert torch.all(got <= exact * (1 + 2e-6)), (got / exact - 1).tolist()
+    assert torch.all(got >= exact * (1 - 1e-4)), (got / exact - 1).tolist()
+    vn = torch.linalg.vector_norm(r.v.reshape(k, -1).double(), dim=1)
+    assert torch.allclose(vn, torch.ones_like(vn), atol=1e-6), vn.tolist()

@@ -52,7 +52,7 @@ import torch
 
 from ..errors import SolverError
 from ._ops import Operator
-from .power import Triplets, _orth_rows, finish
+from .power import Triplets, _orth_rows, finish, norm64, unit_rows
 
 __all__ = ["lanczos", "arpack"]
 
@@ -89,7 +89,7 @@ def lanczos(
     Q = torch.empty((m, n), dtype=dt, device=dev)
     Hm = np.zeros((m, m))
     q = A.randn(1, gen).reshape(-1) if v0 is None else v0.to(dt).reshape(-1).clone()
-    q = q / torch.linalg.vector_norm(q)
+    q = q / float(norm64(q))
     j = 0
     steps = 0
     converged = False
@@ -134,7 +134,7 @@ def lanczos(
                 cb = Qb @ r
                 r = torch.addmv(r, Qb.T, cb, alpha=-1.0)
                 h[a:b] += cb.double().cpu().numpy()
-        beta = float(torch.linalg.vector_norm(r))
+        beta = float(norm64(r))
         Hm[:j, j - 1] = h
         Hm[j - 1, :j] = h
         # omega-recurrence: from B q_i = sum_l H_li q_l + (rounding) for i < j and
@@ -155,10 +155,10 @@ def lanczos(
             again = by_omega and not again and j < m
             before = beta
             r = _project_out(r, Q[:j])
-            beta = float(torch.linalg.vector_norm(r))
+            beta = float(norm64(r))
             if beta < 0.7 * before:
                 r = _project_out(r, Q[:j])
-                beta = float(torch.linalg.vector_norm(r))
+                beta = float(norm64(r))
             w = np.full(j, eps)
         Om[j, :j] = w
         Om[:j, j] = w
@@ -200,7 +200,7 @@ def lanczos(
         if beta <= 32 * eps * max(top, 1e-300):
             # invariant subspace: continue with a fresh random direction
             r = _project_out(_project_out(A.randn(1, gen).reshape(-1), Q[:j]), Q[:j])
-            beta = float(torch.linalg.vector_norm(r))
+            beta = float(norm64(r))
             if beta == 0.0:
                 converged = True
                 break
@@ -235,7 +235,7 @@ def lanczos(
             theta = theta[:p]
             S64 = np.eye(p)
     V = _t(S64[:, :k], Q).T @ Q[:j]
-    V = _orth_rows(V) if k > 1 else V / torch.linalg.vector_norm(V)
+    V = _orth_rows(V) if k > 1 else unit_rows(V.reshape(1, -1))
     return finish(A, V, converged, steps)
 
 
