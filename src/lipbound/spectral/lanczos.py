@@ -6,7 +6,8 @@ the last two basis vectors and the kept Ritz vectors of the last restart: in exa
 the only non-zero coefficients (the kept vectors are included on every step because their
 Krylov relation holds only to the basis' orthogonality level; without them that level grew
 ~10x per restart in long runs). After that pass the new vector's inner products with these
-are at Paige's local level ``eps ||B|| / beta``, which seeds the estimates below. Rounding makes the basis lose orthogonality as Ritz vectors converge (Paige); *partial
+are at Paige's local level ``eps ||B|| / beta``, which seeds the estimates below. Rounding
+makes the basis lose orthogonality as Ritz vectors converge (Paige); *partial
 re-orthogonalisation* (Simon 1984) tracks estimates ``omega_ik`` of the inner products
 ``q_i . q_k`` with the omega-recurrence and re-orthogonalises against the whole basis
 (classical Gram-Schmidt, a second pass when the DGKS criterion detects cancellation) only when
