@@ -128,7 +128,10 @@ def lanczos(
         # cost 6% of the benchmark's time for no change in accuracy or in the number of full
         # passes); the new vector's inner products with these are then at Paige's level
         # eps ||B|| / beta. H keeps these entries only: the coefficients of a full pass are
-        # rounding-level and are left out, as in Simon's scheme.
+        # rounding-level and are left out, as in Simon's scheme. (Leaving the kept vectors
+        # out after the first post-restart step, to the omega estimates alone, saved 4% on the
+        # benchmark but ran away in the benchmark's float64 reference run on resnet18.conv1:
+        # after ~700 steps the Ritz values grew far above ||B||. Do not.)
         lo = max(0, j - 2)
         blocks = [(0, j)] if lo <= pk else [(0, pk), (lo, j)]
         h = np.zeros(j)
