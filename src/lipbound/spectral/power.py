@@ -35,11 +35,12 @@ class Triplets:
 def norm64(x: torch.Tensor, dim: int | None = None, keepdim: bool = False) -> torch.Tensor:
     """Euclidean norm accumulated in float64 (returned in float64).
 
-    A float32 reduction over a long vector loses accuracy with its length: on this benchmark's
-    layers ``torch.linalg.vector_norm`` of a float32 vector was off by 2.6e-6 (relative) at
-    2e5 entries and 2.7e-5 at 1e6, and the rows of a float32 QR factor had norms
-    ``1 +- 1.5e-5`` at 2e5 entries. A "unit" vector normalised that way inflates
-    ``||A v||`` by as much, above ``||A||_2``; every normalisation here accumulates in float64.
+    A float32 reduction over a long vector loses accuracy with its length: for random float32
+    vectors of the spectral benchmark's layer sizes, ``torch.linalg.vector_norm`` was off by
+    2.6e-6 (relative) at 2e5 entries and 2.7e-5 at 1e6, and the rows of a float32 QR factor
+    had norms ``1 +- 1.5e-5`` at 2e5 entries (torch 2.13, CPU). A "unit" vector normalised
+    that way inflates ``||A v||`` by as much, above ``||A||_2``; every normalisation here
+    accumulates in float64.
     """
     return torch.linalg.vector_norm(x, dim=dim, keepdim=keepdim, dtype=torch.float64)
 
