@@ -59,8 +59,8 @@ def data_lower(
         return best, f"max data Jacobian ({type(exc).__name__})"
 
 
-def epoch_list(text: str) -> list[int]:
-    """Sorted distinct checkpoints from a comma-separated ``--epochs`` / ``--cnn-epochs``."""
+def int_list(text: str) -> list[int]:
+    """Sorted distinct ints of a comma-separated option (``--epochs``, ``--seeds``...)."""
     return sorted({int(v) for v in text.split(",") if v})
 
 
@@ -172,7 +172,7 @@ CNN_HEADER = [
 
 
 def section_a(args: argparse.Namespace) -> list[str]:
-    epochs = epoch_list(args.epochs)
+    epochs = int_list(args.epochs)
     rows, sweep = mlp_rows(args.width, epochs)
     return [
         "## (a) Synthetic MLPs (paper Table 1 setting)",
@@ -222,17 +222,13 @@ def cnn_tables(data: zdata.Split, epochs: list[int]) -> tuple[list[str], list[st
             acc = training.accuracy(model, xte, yte)
             row, nums = cnn_row(f"mnist_cnn{depth}", model, (1, 28, 28), PAPER_CNN[depth],
                                 t_train, f"{ep} epochs, test acc {acc:.3f}")
-            sweep.append(
-                f"| mnist_cnn{depth} | {ep} | {acc:.3f} | {fmt(nums['autolip'])} "
-                f"| {nums['greedy']:.2f} | {nums['topk']:.2f} | {nums['cert']:.2f} "
-                f"| {PAPER_CNN[depth]:.2f} |"
-            )
+            sweep.append(cnn_sweep_row(depth, ep, acc, nums))
         rows.append(row)
     return rows, sweep
 
 
 def section_b(args: argparse.Namespace) -> list[str]:
-    epochs = epoch_list(args.cnn_epochs)
+    epochs = int_list(args.cnn_epochs)
     data: zdata.Split = (
         (*zdata.load_mnist(args.mnist, "train"), *zdata.load_mnist(args.mnist, "test"))
         if args.mnist else zdata.digits28()
@@ -274,11 +270,20 @@ def section_b(args: argparse.Namespace) -> list[str]:
     ]
 
 
+def cnn_sweep_row(depth: int, label: int, acc: float, nums: dict[str, float]) -> str:
+    """One row of the CNN sweep tables (``label``: the epoch count or the seed)."""
+    return (
+        f"| mnist_cnn{depth} | {label} | {acc:.3f} | {fmt(nums['autolip'])} "
+        f"| {nums['greedy']:.2f} | {nums['topk']:.2f} | {nums['cert']:.2f} "
+        f"| {PAPER_CNN[depth]:.2f} |"
+    )
+
+
 def section_seeds(args: argparse.Namespace) -> list[str]:
     """Seed variance of the CNN ratios: the training of (b), shorter, over several seeds."""
-    seeds = epoch_list(args.seeds)
+    seeds = int_list(args.seeds)
     ep = args.seed_epochs
-    data = zdata.digits28()
+    xtr, ytr, xte, yte = zdata.digits28()
     rows: list[str] = []
     summary: list[str] = []
     for depth in (4, 5):
@@ -286,20 +291,14 @@ def section_seeds(args: argparse.Namespace) -> list[str]:
         for seed in seeds:
             torch.manual_seed(1000 * seed + depth)
             model = zmodels.mnist_cnn(depth)
-            t0 = time.perf_counter()
-            training.fit(model, data[0], data[1], loss="ce", epochs=ep, lr=1e-3,
-                         seed=1000 * seed + depth)
-            t_train = time.perf_counter() - t0
-            acc = training.accuracy(model, data[2], data[3])
+            [(_, t_train)] = train_checkpoints(model, xtr, ytr, loss="ce", epochs=[ep],
+                                               seed=1000 * seed + depth)
+            acc = training.accuracy(model, xte, yte)
             _, nums = cnn_row(f"mnist_cnn{depth}", model, (1, 28, 28), PAPER_CNN[depth],
                               t_train, f"seed {seed}")
             for key in vals:
                 vals[key].append(nums[key])
-            rows.append(
-                f"| mnist_cnn{depth} | {seed} | {acc:.3f} | {fmt(nums['autolip'])} "
-                f"| {nums['greedy']:.2f} | {nums['topk']:.2f} | {nums['cert']:.2f} "
-                f"| {PAPER_CNN[depth]:.2f} |"
-            )
+            rows.append(cnn_sweep_row(depth, seed, acc, nums))
         n_above = sum(x >= PAPER_CNN[depth] for x in vals["topk"])
         summary.append(
             f"- mnist_cnn{depth} over {len(seeds)} seeds: AutoLip/greedy "
@@ -331,7 +330,7 @@ def _spread(xs: list[float]) -> str:
 
 
 def section_layout(args: argparse.Namespace) -> list[str]:
-    epochs = epoch_list(args.cnn_epochs)[-1:]
+    epochs = int_list(args.cnn_epochs)[-1:]
     rows, _ = cnn_tables(zdata.digits28(box=20), epochs)
     return [
         "## (b'') Does the digits' layout explain the CNN gap?",

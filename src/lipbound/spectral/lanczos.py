@@ -54,7 +54,7 @@ import torch
 
 from ..errors import SolverError
 from ._ops import Operator
-from .power import Triplets, _orth_rows, finish, norm64, unit_rows
+from .power import Triplets, _orth_rows, finish, norm64
 
 __all__ = ["lanczos", "arpack"]
 
@@ -194,9 +194,7 @@ def lanczos(
                 Y = _t(S64[:, :k], Q).T @ Q[:j]
                 BY = A.gram(Y.reshape(k, *A.in_shape)).reshape(k, -1)
                 steps += k
-                res = torch.linalg.vector_norm(
-                    (BY - _t(theta[:k, None], Q) * Y).to(torch.float64), dim=1
-                ).tolist()
+                res = norm64(BY - _t(theta[:k, None], Q) * Y, dim=1).tolist()
                 if _small(res, theta, k, tol, eps, top):
                     converged = True
                     break
@@ -242,8 +240,9 @@ def lanczos(
             theta = theta[:p]
             S64 = np.eye(p)
     V = _t(S64[:, :k], Q).T @ Q[:j]
-    V = _orth_rows(V) if k > 1 else unit_rows(V.reshape(1, -1))
-    return finish(A, V, converged, steps)
+    if k > 1:
+        V = _orth_rows(V)
+    return finish(A, V, converged, steps)  # finish scales the rows to unit norm
 
 
 def _next_vector(r: torch.Tensor, beta: float, Q: torch.Tensor, j: int

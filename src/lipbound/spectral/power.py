@@ -108,7 +108,7 @@ def power_iteration(
     for _ in range(max_iter):
         Z = A.matvec(V.reshape(k, *A.in_shape)).reshape(k, -1)
         if k == 1:
-            sig = torch.linalg.vector_norm(Z.to(torch.float64), dim=1)
+            sig = norm64(Z, dim=1)
         else:
             P, S, _ = torch.linalg.svd(Z.T, full_matrices=False)
             Z = (P * S).T
