@@ -177,6 +177,42 @@ def test_top_k_triplets_match_svd():
                               atol=1e-5)
 
 
+@pytest.mark.parametrize("out_smaller", [True, False])
+def test_krylov_runs_on_the_smaller_side(out_smaller):
+    """Lanczos runs on A A^T when the output space is smaller (shorter vectors to
+    orthogonalise); the triplets come back as A's: J v_i = sigma_i u_i, sigma_i <= ||A||."""
+    from lipbound.spectral import _on_smaller_side
+    from lipbound.spectral._ops import make_operator
+    from lipbound.spectral.lanczos import lanczos
+
+    torch.manual_seed(11)
+    if out_smaller:
+        op, shape = nn.Conv2d(2, 4, 3, stride=2), (2, 9, 9)  # 162 -> 64
+    else:
+        op, shape = nn.ConvTranspose2d(4, 2, 3, stride=2), (4, 4, 4)  # 64 -> 162
+    A = make_operator(op, shape, dtype=torch.float64)
+    A.count = 0
+    seen = []
+
+    def solver(B, k, tol, max_iter, gen):
+        seen.append(B.n_in)
+        return lanczos(B, k, tol, max_iter, gen)
+
+    t = _on_smaller_side(solver, A, 3, 1e-11, 2000, torch.Generator().manual_seed(0))
+    assert seen == [64]
+    assert A.count > 0  # the adjoint's products are counted on the operator itself
+    J = jac(op, shape)
+    S = torch.linalg.svdvals(J)
+    assert t.u.shape == (3, *A.out_shape) and t.v.shape == (3, *shape)
+    assert torch.allclose(t.sigmas, S[:3], rtol=1e-8)
+    assert bool((t.sigmas <= S[0] * (1 + 1e-12)).all())
+    V = t.v.reshape(3, -1).double()
+    U = t.u.reshape(3, -1).double()
+    assert torch.allclose(V @ J.T, U * t.sigmas[:, None], atol=1e-7)
+    assert torch.allclose(V @ V.T, torch.eye(3, dtype=torch.float64), atol=1e-8)
+    assert torch.allclose(U @ U.T, torch.eye(3, dtype=torch.float64), atol=1e-8)
+
+
 def test_block_power_top_k_with_separated_values():
     torch.manual_seed(5)
     Qa, _ = torch.linalg.qr(torch.randn(6, 6, dtype=torch.float64))

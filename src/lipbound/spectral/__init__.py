@@ -9,7 +9,9 @@ r"""Operator norms of linear layers: estimates through autodiff, certified upper
 * The **estimate** (``value``) uses forward products and vector-Jacobian products only
   (``||A||_2^2 = lambda_max(A^T A)`` and ``A^T A v = grad_v (1/2)||A v||^2``): thick-restart
   Lanczos (default), ARPACK, or the paper's power method. It approaches the norm from below
-  (``value = ||A v||`` with ``||v|| = 1``) and stops on a relative tolerance.
+  (``value = ||A v||`` with ``||v|| = 1``, or ``||A^T u||`` with ``||u|| = 1`` when Lanczos or
+  ARPACK run on ``A A^T`` because the output space is the smaller one) and stops on a
+  relative tolerance.
 * The **certificate** (``upper``) is a proven upper bound (see :mod:`lipbound.spectral.certify`
   for every proof): dense SVD with a rounding margin for matrices, the Fourier symbol of a
   containing circular convolution for convolutions of any padding/stride, the Schur test for
@@ -98,8 +100,10 @@ def spectral_norm(
                   (``converged=False``, the result is still a valid estimate from below).
     method:       ``"auto"`` (= ``"lanczos"``, faster than the power method on every layer of
                   the benchmark, see benchmarks/results/spectral.md), ``"lanczos"``
-                  (thick-restart Lanczos on ``A^T A`` in torch), ``"arpack"``
-                  (``scipy.sparse.linalg.eigsh``), ``"power"`` (the paper's power method).
+                  (thick-restart Lanczos on ``A^T A``, or on ``A A^T`` when the output
+                  space is smaller, in torch), ``"arpack"`` (``scipy.sparse.linalg.eigsh``,
+                  same choice of side), ``"power"`` (the paper's power method, on
+                  ``A^T A``).
     certify:      also compute a certified upper bound (``upper``), when one applies.
     dtype:        working dtype of the estimate. ``None``: float64 when ``tol < 1e-5``, else the
                   op's own parameter dtype (float32 for most nets; 2-4x faster convolutions
@@ -147,10 +151,9 @@ def spectral_norm(
     trip: Triplets
     if name == "power":
         trip = _power(A, k, tol, max_iter, gen)
-    elif name == "arpack":
-        trip = _arpack(A, k, tol, max_iter, gen)
     else:
-        trip = _lanczos(A, k, tol, max_iter, gen)
+        trip = _on_smaller_side(_arpack if name == "arpack" else _lanczos, A, k, tol, max_iter,
+                                gen)
     sig = [float(s) for s in trip.sigmas]
     if not sig[0] > 0.0 or not math.isfinite(sig[0]):
         if math.isfinite(sig[0]):
@@ -189,6 +192,23 @@ def spectral_norm(
         converged=trip.converged,
         notes=tuple(notes),
     )
+
+
+def _on_smaller_side(solver: Any, A: Operator, k: int, tol: float, max_iter: int,
+                     gen: torch.Generator) -> Triplets:
+    """Run a Krylov ``solver`` on ``A^T A`` or, when the output is smaller, on ``A A^T``.
+
+    Both have the same non-zero eigenvalues ``sigma_i^2``, and each step costs one forward
+    and one adjoint product either way, but the orthogonalisation works on vectors of the
+    space the iteration runs in: on a stride-2 convolution that doubles its channels (input
+    64x56x56, output 128x28x28) the output side halves that work. On ``A A^T`` the solver
+    returns unit left vectors ``u_i`` and ``sigma_i = ||A^T u_i||``, again an estimate from
+    below (``||A^T|| = ||A||``), and ``v_i = A^T u_i / sigma_i``: the triplets are swapped back.
+    """
+    if A.n_out >= A.n_in:
+        return solver(A, k, tol, max_iter, gen)  # type: ignore[no-any-return]
+    t: Triplets = solver(A.adjoint(), k, tol, max_iter, gen)
+    return Triplets(t.sigmas, t.v, t.u, t.converged, t.steps)
 
 
 def top_singular(op: Any, input_shape: Any, k: int, **options: Any) -> SpectralResult:

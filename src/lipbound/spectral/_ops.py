@@ -135,6 +135,33 @@ class Operator:
         z = torch.randn((k, *self.in_shape), generator=gen, dtype=torch.float64)
         return z.to(device=self.device, dtype=self.dtype)
 
+    def adjoint(self) -> Operator:
+        """``A^T`` as an operator: the same two products with their roles swapped.
+
+        Its ``matvec`` is this operator's ``rmatvec`` and vice versa, so every product is
+        still counted in ``self.count``. ``A A^T`` and ``A^T A`` have the same non-zero
+        eigenvalues, and an iteration on the smaller of the two spaces moves shorter vectors.
+        """
+        return _Adjoint(self)
+
+
+class _Adjoint(Operator):
+    """The adjoint of an :class:`Operator` (see :meth:`Operator.adjoint`)."""
+
+    def __init__(self, base: Operator) -> None:
+        super().__init__(base.fn, base.out_shape, base.in_shape, base.bias, base.dtype,
+                         base.device, base.source)
+        self.base = base
+
+    def matvec(self, x: torch.Tensor) -> torch.Tensor:
+        return self.base.rmatvec(x)
+
+    def rmatvec(self, y: torch.Tensor) -> torch.Tensor:
+        return self.base.matvec(y)
+
+    def adjoint(self) -> Operator:
+        return self.base
+
 
 def _call(
     fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, shape: tuple[int, ...]

@@ -74,14 +74,17 @@ def lanczos(
     """Top-``k`` right singular vectors of ``A`` by thick-restart Lanczos on ``A^T A``.
 
     ``basis`` is the largest basis size (default ``max(2k + 10, 24)``), ``keep`` the number of
-    Ritz vectors kept at a restart (default ``max(k + 4, basis // 3)``); ``max_iter`` bounds
+    Ritz vectors kept at a restart (default ``max(k + 3, basis // 6)``: every kept vector is
+    part of every local step, so each costs two basis-length passes per step; on the spectral
+    benchmark's layers (k = 1) keeping 4 instead of 8 took 0.3% fewer products and 4% less
+    time); ``max_iter`` bounds
     the number of ``A^T A`` products; ``v0`` an optional start vector (default random);
     ``full_reorth`` re-orthogonalises every new vector against the whole basis (default:
     partial re-orthogonalisation, see the module docstring).
     """
     n = A.n_in
     m = min(basis or max(2 * k + 10, 24), n)
-    p = min(keep or max(k + 4, m // 3), m - 1) if m > 1 else 0
+    p = min(keep or max(k + 3, m // 6), m - 1) if m > 1 else 0
     dt = A.dtype
     dev = A.device
     eps = torch.finfo(dt).eps
