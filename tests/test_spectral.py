@@ -177,6 +177,22 @@ def test_top_k_triplets_match_svd():
                               atol=1e-5)
 
 
+@pytest.mark.parametrize("n", [1, 2047, 2048, 150528, 200704 + 5])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_vnorm_is_as_accurate_as_float64_accumulation(n, dtype):
+    from lipbound.spectral.power import vnorm
+
+    g = torch.Generator().manual_seed(n)
+    x = (torch.randn(n, generator=g, dtype=torch.float64) * 3.0 + 1.0).to(dtype)
+    exact = float(x.double().norm())
+    # float32 rounding on one block (2 eps); block errors average out on long vectors
+    bound = 2.4e-7 if dtype == torch.float32 and n <= 4096 else 5e-8
+    assert abs(vnorm(x) - exact) <= bound * exact
+    if dtype == torch.float32 and n > 100000:
+        # what it replaces: a float32 reduction is off by far more on such lengths
+        assert abs(float(torch.linalg.vector_norm(x)) - exact) > 5e-8 * exact
+
+
 @pytest.mark.parametrize("out_smaller", [True, False])
 def test_krylov_runs_on_the_smaller_side(out_smaller):
     """Lanczos runs on A A^T when the output space is smaller (shorter vectors to

@@ -138,7 +138,7 @@ def test_mnist5k_rejects_bad_files(tmp_path: Path) -> None:
         data.mnist5k(path=short)
     bad = tmp_path / "bad.csv"
     bad.write_text(",".join(["300"] * 784 + ["1"]) + "\n")
-    with pytest.raises(InvalidArgumentError, match="0..255"):
+    with pytest.raises(InvalidArgumentError, match=r"0\.\.255"):
         data.mnist5k(path=bad)
     with pytest.raises(InvalidArgumentError, match="no MNIST CSV"):
         data.mnist5k(path=tmp_path / "absent.csv")

@@ -54,7 +54,7 @@ import torch
 
 from ..errors import SolverError
 from ._ops import Operator
-from .power import Triplets, _orth_rows, finish, norm64
+from .power import Triplets, _orth_rows, finish, norm64, vnorm
 
 __all__ = ["lanczos", "arpack"]
 
@@ -94,7 +94,7 @@ def lanczos(
     Q = torch.empty((m, n), dtype=dt, device=dev)
     Hm = np.zeros((m, m))
     q = A.randn(1, gen).reshape(-1) if v0 is None else v0.to(dt).reshape(-1).clone()
-    q = q / float(norm64(q))
+    q = q / vnorm(q)
     placed = False  # whether q already sits in row j of Q
     j = 0
     steps = 0
@@ -138,13 +138,16 @@ def lanczos(
         lo = max(0, j - 2)
         blocks = [(0, j)] if lo <= pk else [(0, pk), (lo, j)]
         h = np.zeros(j)
-        r = Bq
+        # r is updated in place (an out-of-place addmv costs one more pass over the vector,
+        # +35% per update at n = 2e5); Bq is a fresh product, copied only if it shares Q's
+        # storage
+        r = Bq if Bq.untyped_storage().data_ptr() != Q.untyped_storage().data_ptr() else Bq.clone()
         for a, b in blocks:
             Qb = Q[a:b]
             cb = Qb @ r
-            r = torch.addmv(r, Qb.T, cb, alpha=-1.0)
+            r.addmv_(Qb.T, cb, alpha=-1.0)
             h[a:b] = cb.double().cpu().numpy()
-        beta = float(norm64(r))
+        beta = vnorm(r)
         Hm[:j, j - 1] = h
         Hm[j - 1, :j] = h
         # omega-recurrence: from B q_i = sum_l H_li q_l + (rounding) for i < j and
@@ -165,10 +168,10 @@ def lanczos(
             again = by_omega and not again and j < m
             before = beta
             r = _project_out(r, Q[:j])
-            beta = float(norm64(r))
+            beta = vnorm(r)
             if beta < 0.7 * before:
                 r = _project_out(r, Q[:j])
-                beta = float(norm64(r))
+                beta = vnorm(r)
             w = np.full(j, eps)
         Om[j, :j] = w
         Om[:j, j] = w
@@ -208,7 +211,7 @@ def lanczos(
         if beta <= 32 * eps * max(top, 1e-300):
             # invariant subspace: continue with a fresh random direction
             r = _project_out(_project_out(A.randn(1, gen).reshape(-1), Q[:j]), Q[:j])
-            beta = float(norm64(r))
+            beta = vnorm(r)
             if beta == 0.0:
                 converged = True
                 break
@@ -259,8 +262,9 @@ def _next_vector(r: torch.Tensor, beta: float, Q: torch.Tensor, j: int
 
 
 def _project_out(r: torch.Tensor, Qj: torch.Tensor) -> torch.Tensor:
-    """``r - Qj^T (Qj r)``: one classical Gram-Schmidt pass against the rows of ``Qj``."""
-    return torch.addmv(r, Qj.T, Qj @ r, alpha=-1.0)
+    """``r <- r - Qj^T (Qj r)`` in place: one classical Gram-Schmidt pass against the rows of
+    ``Qj`` (``r`` is a working vector of the iteration, never a row of the basis)."""
+    return r.addmv_(Qj.T, Qj @ r, alpha=-1.0)
 
 
 def _t(x: np.ndarray, like: torch.Tensor) -> torch.Tensor:

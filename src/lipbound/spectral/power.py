@@ -18,7 +18,7 @@ import torch
 
 from ._ops import Operator
 
-__all__ = ["Triplets", "power_iteration", "finish", "norm64", "unit_rows"]
+__all__ = ["Triplets", "power_iteration", "finish", "norm64", "unit_rows", "vnorm"]
 
 
 @dataclass
@@ -40,9 +40,33 @@ def norm64(x: torch.Tensor, dim: int | None = None, keepdim: bool = False) -> to
     2.6e-6 (relative) at 2e5 entries and 2.7e-5 at 1e6, and the rows of a float32 QR factor
     had norms ``1 +- 1.5e-5`` at 2e5 entries (torch 2.13, CPU). A "unit" vector normalised
     that way inflates ``||A v||`` by as much, above ``||A||_2``; every normalisation here
-    accumulates in float64.
+    accumulates in float64 (Lanczos' per-step norms use :func:`vnorm`, float64 across blocks).
     """
     return torch.linalg.vector_norm(x, dim=dim, keepdim=keepdim, dtype=torch.float64)
+
+
+def vnorm(x: torch.Tensor) -> float:
+    """Euclidean norm of a vector to float32 rounding, ~3x faster than :func:`norm64`.
+
+    Blocks of 2048 entries are reduced in the vector's dtype (a float32 sum of 2048 squares
+    is accurate to about eps, ~1e-7 relative) and the block sums are combined in float64, so
+    the error does not grow with the length: on random float32 vectors of 1.5e5-8e5 entries
+    it was at most 1.3e-8 relative (20 draws each, against float64), where a plain float32
+    reduction was off by up to 9.2e-6 (torch 2.13, CPU). float64 vectors go to
+    :func:`norm64`. Used for the per-step norms of Lanczos; the final unit vectors behind
+    returned values are still normalised with :func:`norm64`.
+    """
+    x = x.reshape(-1)
+    n = x.numel()
+    c = 2048
+    m = n - n % c
+    if x.dtype == torch.float64 or m == 0:
+        return float(norm64(x))
+    blocks = torch.linalg.vector_norm(x[:m].view(-1, c), dim=1).to(torch.float64)
+    s = float(blocks @ blocks)
+    if m < n:
+        s += float(norm64(x[m:])) ** 2
+    return s**0.5
 
 
 def unit_rows(V: torch.Tensor) -> torch.Tensor:
