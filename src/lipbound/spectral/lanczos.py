@@ -146,7 +146,7 @@ def lanczos(
             Qb = Q[a:b]
             cb = Qb @ r
             r.addmv_(Qb.T, cb, alpha=-1.0)
-            h[a:b] = cb.double().cpu().numpy()
+            h[a:b] = cb.tolist()
         beta = vnorm(r)
         Hm[:j, j - 1] = h
         Hm[j - 1, :j] = h
@@ -310,8 +310,11 @@ def _small(res: list[float], theta: np.ndarray, k: int, tol: float, eps: float,
     for i in range(k):
         ti = float(theta[i])
         ri = res[i]
-        others = np.concatenate([theta[:i], theta[i + 1 :]])
-        gap = float(np.abs(others - ti).min()) if others.size else 0.0
+        # theta is sorted (descending): the nearest other Ritz value is a neighbour
+        near = [float(theta[i - 1]) - ti] if i > 0 else []
+        if i + 1 < theta.size:
+            near.append(ti - float(theta[i + 1]))
+        gap = min(near) if near else 0.0
         # Kato-Temple only once the Ritz vector is accurate (r / gap <= sqrt(tol))
         err = ri * ri / gap if gap > 0 and ri <= math.sqrt(tol) * gap else ri
         if not (err <= 2 * tol * ti or ri <= 32 * eps * top):
