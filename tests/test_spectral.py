@@ -217,6 +217,7 @@ def test_krylov_runs_on_the_smaller_side(out_smaller):
     t = _on_smaller_side(solver, A, 3, 1e-11, 2000, torch.Generator().manual_seed(0))
     assert seen == [64]
     assert A.count > 0  # the adjoint's products are counted on the operator itself
+    assert A.adjoint().count == A.count
     J = jac(op, shape)
     S = torch.linalg.svdvals(J)
     assert t.u.shape == (3, *A.out_shape) and t.v.shape == (3, *shape)

@@ -146,12 +146,26 @@ class Operator:
 
 
 class _Adjoint(Operator):
-    """The adjoint of an :class:`Operator` (see :meth:`Operator.adjoint`)."""
+    """The adjoint of an :class:`Operator` (see :meth:`Operator.adjoint`).
+
+    It holds no function, bias or VJP graph of its own (``Operator.__init__`` is not called):
+    its products are the base's, and ``count`` reads and writes the base's counter, so
+    ``A.adjoint().count == A.count`` always.
+    """
 
     def __init__(self, base: Operator) -> None:
-        super().__init__(base.fn, base.out_shape, base.in_shape, base.bias, base.dtype,
-                         base.device, base.source)
         self.base = base
+        self.in_shape, self.out_shape = base.out_shape, base.in_shape
+        self.n_in, self.n_out = base.n_out, base.n_in
+        self.dtype, self.device, self.source = base.dtype, base.device, base.source
+
+    @property  # type: ignore[override]
+    def count(self) -> int:
+        return self.base.count
+
+    @count.setter
+    def count(self, value: int) -> None:
+        self.base.count = value
 
     def matvec(self, x: torch.Tensor) -> torch.Tensor:
         return self.base.rmatvec(x)

@@ -65,7 +65,7 @@ def vnorm(x: torch.Tensor) -> float:
         return float(norm64(x))
     c = 2048
     m = n - n % c
-    blocks = torch.linalg.vector_norm(x[:m].view(-1, c), dim=1).to(torch.float64)
+    blocks = torch.linalg.vector_norm(x[:m].reshape(-1, c), dim=1).to(torch.float64)
     s = float(blocks @ blocks)
     if m < n:
         s += float(norm64(x[m:])) ** 2
