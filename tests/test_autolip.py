@@ -129,7 +129,7 @@ def test_residual_block_gives_one_plus_product() -> None:
     assert r.value >= max_jacobian_norm(b, (5,), n=60)
     for norm in ("1", "inf"):
         e = 1 + opnorm(b.w1.weight, norm) * opnorm(b.w2.weight, norm)
-        assert autolip(b, (5,), norm=norm).value == pytest.approx(e, rel=1e-8)
+        assert e <= autolip(b, (5,), norm=norm).value <= e * (1 + 1e-6)  # + margins
 
 
 def test_concatenation_root_sum_of_squares() -> None:
@@ -145,9 +145,9 @@ def test_concatenation_root_sum_of_squares() -> None:
     na, nb = opnorm(m.a.weight), opnorm(m.b.weight)
     assert autolip(m, (4,)).value == pytest.approx(math.hypot(na, nb), rel=1e-6)
     a1, b1 = opnorm(m.a.weight, "1"), opnorm(m.b.weight, "1")
-    assert autolip(m, (4,), norm=1).value == pytest.approx(a1 + b1, rel=1e-8)
+    assert a1 + b1 <= autolip(m, (4,), norm=1).value <= (a1 + b1) * (1 + 1e-6)
     ai, bi = opnorm(m.a.weight, "inf"), opnorm(m.b.weight, "inf")
-    assert autolip(m, (4,), norm="inf").value == pytest.approx(max(ai, bi), rel=1e-8)
+    assert max(ai, bi) <= autolip(m, (4,), norm="inf").value <= max(ai, bi) * (1 + 1e-6)
 
 
 def test_batchnorm_folding_is_exact_and_tighter() -> None:
@@ -170,8 +170,8 @@ def test_overlapping_maxpool_enters_the_bound() -> None:
     net = nn.Sequential(nn.Conv2d(1, 2, 3, padding=1), nn.ReLU(), nn.MaxPool2d(3, 2))
     r = autolip(net, (1, 9, 9))
     pool = next(lb for lb in r.layers if lb.op == "MaxPool2d")
-    assert pool.value == pytest.approx(2.0)
-    assert r.value == pytest.approx(2.0 * r.layers[0].value, rel=1e-12)
+    assert 2.0 <= pool.value == pytest.approx(2.0)
+    assert r.value == pytest.approx(math.prod(lb.value for lb in r.layers), rel=1e-12)
 
 
 # ---- functional calls and reuse -----------------------------------------------------------
@@ -203,9 +203,8 @@ def test_functional_relu_and_reused_module_match_explicit_twin() -> None:
     assert "shared (call 1)" in names and "shared (call 2)" in names
     # the walk over model.modules() would have seen `shared` once: the graph sees it twice
     s = opnorm(reuse.shared.weight)
-    assert r1.value == pytest.approx(
-        opnorm(reuse.inp.weight) * s * s * opnorm(reuse.out.weight), rel=1e-6
-    )
+    exact = opnorm(reuse.inp.weight) * s * s * opnorm(reuse.out.weight)
+    assert exact * (1 - 1e-6) <= r1.value <= exact * (1 + 4e-6)  # + margins
 
 
 def test_unsupported_error_lists_every_offender_once() -> None:
@@ -324,7 +323,7 @@ def test_mlp_l1_linf_equal_products_of_exact_norms() -> None:
     net = nn.Sequential(nn.Linear(5, 6), nn.ReLU(), nn.Linear(6, 3))
     for norm in ("1", "inf"):
         e = opnorm(net[0].weight, norm) * opnorm(net[2].weight, norm)
-        assert autolip(net, (5,), norm=norm).value == pytest.approx(e, rel=1e-8)
+        assert e <= autolip(net, (5,), norm=norm).value <= e * (1 + 1e-6)  # + margins
 
 
 # ---- functional core, results, validation -----------------------------------------------------
@@ -342,8 +341,10 @@ def test_compose_with_overridden_constants() -> None:
     over[names[0]] = replace(cs[names[0]], constants=(0.5,))
     for k in names[1:]:
         over[k] = replace(cs[k], constants=(1.0,))
-    assert compose(g, over) == pytest.approx(0.5, rel=1e-12)
-    assert cs[next(n.name for n in g if n.kind == "activation")].slope_range == (0.0, 1.0)
+    acts = math.prod(cs[n.name].constants[0] for n in g if n.kind == "activation")
+    assert compose(g, over) == pytest.approx(0.5 * acts, rel=1e-12)  # acts: 1 + margin
+    a, b = cs[next(n.name for n in g if n.kind == "activation")].slope_range
+    assert a == 0.0 and 1.0 <= b <= 1.0 + 1e-6  # widened by the rounding margin
 
 
 def test_result_rows_and_uncertified_factors(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -351,7 +352,7 @@ def test_result_rows_and_uncertified_factors(monkeypatch: pytest.MonkeyPatch) ->
     r = autolip(net, (3,))
     assert r.method == "autolip" and r.norm == "2" and r.bound == "upper"
     assert [lb.op for lb in r.layers] == ["Linear", "Sigmoid", "Linear"]
-    assert r.layers[1].value == 0.25 and r.layers[1].certified
+    assert 0.25 <= r.layers[1].value <= 0.25 * (1 + 1e-6) and r.layers[1].certified
     assert all(lb.seconds >= 0 for lb in r.layers)
     assert "largest factors" in r.notes[-1]
 

@@ -162,7 +162,8 @@ def test_sequential_chain_accepts_chains_and_lists_every_offender() -> None:
     chain = sequential_chain(simplify(capture(mlp, (2, 2))))
     assert [n.kind for n in chain] == ["linear", "activation"] * 2 + ["linear"]
     assert all(isinstance(n, Node) for n in chain)
-    assert chain[1].slope_range == (0.0, 1.0)
+    assert chain[1].slope_range == pytest.approx((0.0, 1.0), rel=1e-6)  # rounding margin
+    assert chain[1].slope_range[0] <= 0.0 and chain[1].slope_range[1] >= 1.0
 
     class Res(nn.Module):
         def __init__(self) -> None:
@@ -281,6 +282,6 @@ def test_torch_export_fallback_when_fx_fails() -> None:
     torch.testing.assert_close(run_graph(simplify(g), x), m(x))
     r = autolip(m, (1, 8, 8))
     pool = next(lb for lb in r.layers if lb.op == "max_pool2d")
-    assert pool.value == 3.0  # 3x3 stride-1 windows: 9 per input
+    assert 3.0 <= pool.value <= 3.0 * (1 + 1e-6)  # 3x3 stride-1 windows: 9 per input
     J = torch.func.vmap(torch.func.jacrev(lambda v: m(v.unsqueeze(0))[0]))(x)
     assert r.value >= float(torch.linalg.matrix_norm(J.detach().reshape(5, 4, -1), 2).max())

@@ -66,9 +66,13 @@ def test_functional_activations_read_their_arguments() -> None:
 
     _, nodes = _nodes(M(), (2,))
     ranges = {n.op: n.slope_range for n in nodes if n.kind == "activation"}
-    assert ranges["leaky_relu"] == (0.3, 1.0)
-    assert ranges["elu"] == (0.0, 2.0)
-    assert ranges["softplus"] == (0.0, 1.0)
+    # ranges are widened outwards by the registry's rounding margin (relative 2^-22)
+    assert ranges["leaky_relu"] == pytest.approx((0.3, 1.0), rel=1e-6)
+    assert ranges["leaky_relu"][0] <= 0.3 and ranges["leaky_relu"][1] >= 1.0
+    assert ranges["elu"] == pytest.approx((0.0, 2.0), rel=1e-6)
+    assert ranges["elu"][0] <= 0.0 and ranges["elu"][1] >= 2.0
+    assert ranges["softplus"] == pytest.approx((0.0, 1.0), rel=1e-6)
+    assert ranges["softplus"][0] <= 0.0 and ranges["softplus"][1] >= 1.0
 
 
 # ---- max pooling --------------------------------------------------------------------------
@@ -139,7 +143,7 @@ def test_maxpool_constant_is_attained(pool: nn.Module, shape: tuple[int, ...]) -
         best["1"] = max(best["1"], float(J.abs().sum(0).max()))
         best["inf"] = max(best["inf"], float(J.abs().sum(1).max()))
     for n in ("1", "2", "inf"):
-        assert best[n] == pytest.approx(consts[n], rel=1e-9), n
+        assert best[n] <= consts[n] <= best[n] * (1 + 1e-6), n  # attained, + rounding margin
     if isinstance(pool, nn.MaxPool2d) and pool.kernel_size == 3 and pool.stride == 2:
         assert consts["2"] == pytest.approx(2.0)  # sqrt(2 * 2) for k3 s2 in 2-D
 
@@ -150,7 +154,8 @@ def test_functional_maxpool_and_indices() -> None:
             return F.max_pool2d(x, 3, stride=2)
 
     g, (node,) = _nodes(M(), (1, 9, 9))
-    assert node_constants(g)[node.name].constants == (2.0,)
+    (c,) = node_constants(g)[node.name].constants
+    assert 2.0 <= c <= 2.0 * (1 + 1e-6)
 
     class Idx(nn.Module):
         def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -233,7 +238,7 @@ def test_l1_linf_are_exact(layer: nn.Module) -> None:
     for norm, exact in (("1", W.abs().sum(0).max()), ("inf", W.abs().sum(1).max())):
         c = node_constants(g, norm=norm)[node.name]
         assert c.certified
-        assert c.constants[0] == pytest.approx(float(exact), rel=1e-8)
+        assert c.constants[0] == pytest.approx(float(exact), rel=1e-6)  # + rounding margin
         assert c.constants[0] >= float(exact)
 
 
@@ -260,7 +265,7 @@ def test_batchnorm_rule_is_diagonal_max() -> None:
     for norm in ("1", "2", "inf"):
         c = node_constants(g, norm=norm)[node.name]
         exact = 3.0 / math.sqrt(1 + 1e-5)
-        assert exact <= c.constants[0] <= exact * (1 + 2e-9)
+        assert exact <= c.constants[0] <= exact * (1 + 1e-6)  # + rounding margin
 
 
 # ---- structural ---------------------------------------------------------------------------

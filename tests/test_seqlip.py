@@ -96,13 +96,14 @@ def test_one_hidden_layer_equals_brute_force_pair_max() -> None:
         r = seqlip(net, (3,), mode=mode)
         assert isinstance(r, SeqLipResult)
         assert r.certified
-        assert r.value == pytest.approx(brute, rel=TOL)
-        assert r.certified_upper == pytest.approx(brute, rel=TOL)
+        # slope ranges are widened by the rules' rounding margin (relative 2^-22)
+        assert brute <= r.value <= brute * (1 + 1e-6)
+        assert brute <= r.certified_upper <= brute * (1 + 1e-6)
         assert r.value <= r.autolip * (1 + 1e-9)
     g = seqlip(net, (3,), mode="greedy")
     assert not g.certified and g.bound == "estimate"
-    assert g.value <= brute * (1 + TOL)
-    assert g.certified_upper is not None and g.certified_upper >= brute * (1 - TOL)
+    assert g.value <= brute * (1 + 1e-6)  # a value at the widened slope ends
+    assert g.certified_upper is not None and g.certified_upper >= brute
 
 
 @pytest.mark.parametrize(

@@ -105,7 +105,8 @@ def test_graph_and_sequential_parsers_agree() -> None:
     net = small_cnn()
     a = LipschitzPenalty(net, (1, 5, 5), structure="sequential", kind="seqlip")
     b = LipschitzPenalty(net, (1, 5, 5), kind="seqlip")
-    assert abs(a.certified_log() - b.certified_log()) < 1e-9
+    # the graph path rounds every certified node constant up by ROUND_REL (2^-22)
+    assert abs(a.certified_log() - b.certified_log()) < 1e-6
 
 
 # ---- gradients ------------------------------------------------------------------------------

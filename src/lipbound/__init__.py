@@ -22,6 +22,7 @@ from .errors import (
     NotSequentialError,
     ShapeError,
     SolverError,
+    TrainingModeError,
     UnsupportedModelError,
     ZeroOperatorError,
 )
@@ -67,6 +68,7 @@ __all__ = [
     "ShapeError",
     "SolverError",
     "SpectralResult",
+    "TrainingModeError",
     "UnsupportedModelError",
     "ZeroOperatorError",
     *_LAZY,

@@ -3,15 +3,19 @@
 from __future__ import annotations
 
 import math
+import operator
 from collections.abc import Iterable, Sequence
 from typing import Any
 
 import torch
 from torch import nn
 
-from .errors import InvalidArgumentError, NonFiniteError, ShapeError
+from .errors import InvalidArgumentError, NonFiniteError, ShapeError, TrainingModeError
 
 __all__ = [
+    "MAX_INPUT_ENTRIES",
+    "TrainingModeError",
+    "check_eval_mode",
     "check_input_shape",
     "check_norm",
     "check_choice",
@@ -23,6 +27,31 @@ __all__ = [
 ]
 
 _NORMS: tuple[str, ...] = ("1", "2", "inf")
+
+#: Largest number of entries of ONE input sample that the entry points accept. Every method
+#: evaluates batches of such samples (capture: 2, lower bounds: up to ``batch_size``, Lanczos:
+#: a basis of ~24 vectors), so 2^27 entries (512 MiB per float32 sample) is already far beyond
+#: what any of them can run; raise it (``lipbound._validation.MAX_INPUT_ENTRIES = ...``) only
+#: on a machine that has the memory.
+MAX_INPUT_ENTRIES = 2**27
+
+
+def _is_bool(d: Any) -> bool:
+    return isinstance(d, bool) or type(d).__name__ in ("bool_", "bool")
+
+
+def _as_dim(d: Any) -> int | None:
+    """``d`` as a Python int if it is an integer (int, numpy / torch integer), else ``None``."""
+    if _is_bool(d) or isinstance(d, float):
+        return None
+    if isinstance(d, torch.Tensor):
+        if d.dim() != 0 or d.is_floating_point() or d.dtype == torch.bool:
+            return None
+        return int(d)
+    try:
+        return operator.index(d)
+    except TypeError:
+        return None
 
 
 def check_input_shape(input_shape: Any, *, name: str = "input_shape") -> tuple[int, ...]:
@@ -38,25 +67,41 @@ def check_input_shape(input_shape: Any, *, name: str = "input_shape") -> tuple[i
     """
     if isinstance(input_shape, torch.Size):
         input_shape = tuple(input_shape)
-    if isinstance(input_shape, int) and not isinstance(input_shape, bool):
-        input_shape = (input_shape,)
+    if not isinstance(input_shape, (Sequence, str)) and hasattr(input_shape, "tolist"):
+        input_shape = input_shape.tolist()  # a numpy array / tensor of dims
+    single = _as_dim(input_shape) if not isinstance(input_shape, (Sequence, str)) else None
+    if single is not None:
+        input_shape = (single,)
     if not isinstance(input_shape, Sequence) or isinstance(input_shape, str):
         raise ShapeError(
             f"{name} must be a tuple of positive ints (the shape of one sample without the "
             f"batch dimension, e.g. (1, 28, 28)); got {input_shape!r}"
         )
-    shape = tuple(input_shape)
-    if len(shape) == 0:
+    if len(input_shape) == 0:
         raise ShapeError(
             f"{name} is empty; give the shape of one sample without the batch dimension, "
             "e.g. (784,) or (3, 224, 224)"
         )
-    for d in shape:
-        if isinstance(d, bool) or not isinstance(d, int) or d <= 0:
+    dims: list[int] = []
+    for d in input_shape:
+        v = _as_dim(d)
+        if v is None or v <= 0:
+            what = "a bool" if _is_bool(d) else ("not an int" if v is None else "not positive")
             raise ShapeError(
-                f"{name} must contain positive ints only; got {input_shape!r} "
-                f"(bad entry {d!r})"
+                f"{name} must contain positive ints only; got {tuple(input_shape)!r} "
+                f"(bad entry {d!r}: {what})"
             )
+        dims.append(v)
+    shape = tuple(dims)
+    n = math.prod(shape)
+    if n > MAX_INPUT_ENTRIES:
+        raise ShapeError(
+            f"{name}={shape} has {n:.3g} entries per sample ({4 * n / 2**30:.3g} GiB in float32 "
+            f"for ONE sample, and the methods evaluate batches of them); the limit is "
+            f"lipbound._validation.MAX_INPUT_ENTRIES = {MAX_INPUT_ENTRIES}. Check input_shape "
+            "(one sample, without the batch dimension), or raise that limit if the machine "
+            "has the memory."
+        )
     return shape
 
 
@@ -160,12 +205,100 @@ def check_finite_module(module: nn.Module, *, name: str = "model") -> None:
         )
 
 
-def check_model(model: Any, *, name: str = "model") -> nn.Module:
-    """Raise unless ``model`` is an ``nn.Module`` with finite parameters."""
+#: Layers whose forward depends on ``module.training`` (dropout, batch statistics, RReLU's
+#: random slopes). A model whose only modules in training mode are other ones (a freshly built
+#: ``nn.Sequential(nn.Linear(...), nn.ReLU())``) computes the same function in both modes.
+_MODE_DEPENDENT: tuple[type[nn.Module], ...] = (
+    nn.modules.dropout._DropoutNd,
+    nn.modules.batchnorm._BatchNorm,
+    nn.modules.instancenorm._InstanceNorm,
+    nn.RReLU,
+    nn.MultiheadAttention,
+)
+
+
+def training_modules(model: nn.Module) -> list[str]:
+    """Qualified names of the mode-dependent layers of ``model`` that are in training mode.
+
+    Dropout with ``p == 0`` and instance norms without running statistics compute the same in
+    both modes and are not listed.
+    """
+    out: list[str] = []
+    for qual, m in model.named_modules():
+        if not m.training or not isinstance(m, _MODE_DEPENDENT):
+            continue
+        if isinstance(m, nn.modules.dropout._DropoutNd) and m.p == 0:
+            continue
+        if isinstance(m, nn.modules.instancenorm._InstanceNorm) and not m.track_running_stats:
+            continue
+        if isinstance(m, nn.MultiheadAttention) and m.dropout == 0:
+            continue
+        out.append(f"{qual or '(root)'} ({type(m).__name__})")
+    return out
+
+
+def check_eval_mode(model: nn.Module, *, name: str = "model") -> None:
+    """Raise :class:`TrainingModeError` if a mode-dependent layer of ``model`` is training.
+
+    The one policy of every bound method: upper bounds are computed on the eval-mode graph, and
+    a training-mode forward pass (dropout, batch statistics) is another, random function, so a
+    "lower bound" witnessed on it is no lower bound of the eval-mode function (a Dropout(0.5)
+    net gave a witness 16,000x above the certified upper bound). The training penalties and
+    constraints (:mod:`lipbound.train`) do not call this: they run during training by design.
+    """
+    bad = training_modules(model)
+    if bad:
+        shown = ", ".join(bad[:4]) + (f" and {len(bad) - 4} more" if len(bad) > 4 else "")
+        raise TrainingModeError(
+            f"{name} is in training mode: {len(bad)} layer(s) whose output depends on it "
+            f"(dropout, batch statistics): {shown}. Bounds are computed for the eval-mode "
+            f"function; call {name}.eval() first (and {name}.train() afterwards to resume "
+            "training)."
+        )
+
+
+def unwrap_model(model: Any) -> Any:
+    """The user's module inside ``torch.compile`` (``_orig_mod``) and ``DataParallel`` /
+    ``DistributedDataParallel`` (``.module``) wrappers, any nesting; other objects unchanged.
+    """
+    for _ in range(16):
+        inner = None
+        if isinstance(model, nn.Module) and hasattr(model, "_orig_mod") and type(
+                model).__name__ == "OptimizedModule":
+            inner = model._orig_mod
+        elif isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
+            inner = model.module
+        if not isinstance(inner, nn.Module):
+            return model
+        model = inner
+    return model
+
+
+def check_model(model: Any, *, name: str = "model", require_eval: bool = False) -> nn.Module:
+    """The module to analyse: ``model`` unwrapped, checked, or an error.
+
+    Unwraps ``torch.compile`` / ``DataParallel`` / ``DistributedDataParallel`` (use the
+    returned module: ``model = check_model(model)``), refuses non-modules, parameters or
+    buffers on the meta device (no values) and NaN/inf values; with ``require_eval``, also
+    training-mode layers (:func:`check_eval_mode`, the policy of every bound method).
+    """
+    model = unwrap_model(model)
     if not isinstance(model, nn.Module):
         raise InvalidArgumentError(
             f"{name} must be a torch.nn.Module; got {type(model).__name__}. "
             "Wrap a plain function in an nn.Module whose forward calls it."
         )
+    meta = [q for q, t in list(model.named_parameters()) + list(model.named_buffers())
+            if t.is_meta]
+    if meta:
+        shown = ", ".join(meta[:4]) + (f" and {len(meta) - 4} more" if len(meta) > 4 else "")
+        raise InvalidArgumentError(
+            f"{name} has {len(meta)} parameter(s)/buffer(s) on the meta device ({shown}): "
+            "parameters on the meta device have no values: load weights first (e.g. "
+            f"{name}.to_empty(device='cpu') then {name}.load_state_dict(state), or "
+            "load_state_dict(state, assign=True))."
+        )
     check_finite_module(model, name=name)
+    if require_eval:
+        check_eval_mode(model, name=name)
     return model

@@ -10,19 +10,29 @@
     lipbound zoo
 
 Exit codes: 0 success; 2 bad usage (unknown option, model form or method, malformed shape,
-missing file); 1 error while loading or estimating (pickled model refused, weights that do not
-match the architecture, NaN weights, input shape that does not fit the model, unsupported op).
-Every error is ONE line on stderr (``--debug`` adds the traceback).
+missing file, an output path that cannot be written, checked BEFORE anything is computed); 1
+error while loading or estimating (pickled model or unsafe ``.pt2`` archive refused, weights
+that do not match the architecture or are not floating point, NaN weights, input shape that does
+not fit the model, unsupported op, user code that raised or called ``sys.exit``); 130
+interrupted (Ctrl-C). Every error is ONE line on stderr (``--debug`` adds the traceback).
+Warnings and log records of torch and other libraries are swallowed (``--debug`` shows them);
+remarks the user must see (weights cast to another dtype) are one ``lipbound: note:`` line each.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import importlib.util
 import json
+import logging
+import os
 import sys
 import time
 import traceback
-from collections.abc import Sequence
+import warnings
+from collections.abc import Iterator, Sequence
+from pathlib import Path
 from typing import Any, NoReturn
 
 from .errors import LipboundError
@@ -148,6 +158,76 @@ def _options(args: argparse.Namespace, methods: Sequence[str]) -> dict[str, dict
     return opts
 
 
+_PLOT_FORMATS = (".png", ".pdf", ".svg", ".jpg", ".jpeg", ".eps", ".ps", ".tif", ".tiff",
+                 ".webp", ".pgf", ".raw", ".rgba", ".svgz")
+
+
+def _check_output(path: str, option: str) -> None:
+    """Fail fast (UsageError, exit 2) on an output path that cannot be written, before any
+    model is loaded or bound computed: a writable existing folder, not itself a folder, a
+    writable file if it exists, a format matplotlib writes, matplotlib installed."""
+    from ._io import UsageError
+
+    p = Path(path)
+    parent = p.parent if str(p.parent) else Path(".")
+    if p.is_dir():
+        raise UsageError(f"{option} {path} is a folder; give a file name such as {p / 'out.png'}")
+    if not parent.is_dir():
+        raise UsageError(f"{option} {path}: the folder {parent} does not exist")
+    if not os.access(parent, os.W_OK | os.X_OK) or (p.exists() and not os.access(p, os.W_OK)):
+        raise UsageError(f"{option} {path} is not writable (permission denied)")
+    if p.suffix.lower() not in _PLOT_FORMATS:
+        raise UsageError(f"{option} {path}: unknown image format {p.suffix or '(none)'!r}; "
+                         f"use one of {', '.join(_PLOT_FORMATS[:4])}")
+    if importlib.util.find_spec("matplotlib") is None:
+        from .errors import MissingDependencyError
+
+        raise MissingDependencyError("matplotlib", "plot", f"{option}")
+
+
+class _TorchMuted:
+    """A stand-in for ``sys.stderr`` that drops what code in ``torch`` writes to it directly
+    (``torch.fx``'s ``_WrappedCall`` prints the whole generated graph when a call fails) and
+    passes everything else (progress bars, lipbound's own lines) through."""
+
+    def __init__(self, stream: Any) -> None:
+        self._stream = stream
+
+    def write(self, text: str) -> int:
+        caller = sys._getframe(1).f_globals.get("__name__", "")
+        if caller == "torch" or caller.startswith("torch."):
+            return len(text)
+        return int(self._stream.write(text))
+
+    def __getattr__(self, name: str) -> Any:  # flush, isatty, fileno, encoding...
+        return getattr(self._stream, name)
+
+
+@contextlib.contextmanager
+def _quiet(debug: bool) -> Iterator[None]:
+    """Swallow third-party warnings, log records and torch's direct writes to stderr (graph
+    dumps when a trace fails) so that an error stays one line; ``--debug`` lets them through."""
+    if debug:
+        yield
+        return
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        previous = logging.root.manager.disable
+        logging.disable(logging.CRITICAL)
+        stderr = sys.stderr
+        sys.stderr = _TorchMuted(stderr)  # type: ignore[assignment]
+        try:
+            yield
+        finally:
+            sys.stderr = stderr
+            logging.disable(previous)
+
+
+def _say_notes(notes: Sequence[str]) -> None:
+    for note in dict.fromkeys(notes):
+        print(f"lipbound: note: {note}", file=sys.stderr)
+
+
 def _emit(report: Any, args: argparse.Namespace) -> None:
     if args.plot:
         from .report import plot_report
@@ -170,7 +250,11 @@ def _cmd_estimate(args: argparse.Namespace) -> int:
     methods = _methods(args.method)
     opts = _options(args, methods)
     shape = parse_shape(args.input_shape) if args.input_shape is not None else None
-    model, default_shape, name = load_model(args.model, weights=args.weights)
+    if args.plot:
+        _check_output(args.plot, "--plot")
+    notes: list[str] = []
+    model, default_shape, name = load_model(args.model, weights=args.weights, notes=notes)
+    _say_notes(notes)
     if shape is None:
         shape = default_shape
     if shape is None:
@@ -215,6 +299,8 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         from ._io import UsageError
 
         raise UsageError(f"--epochs must be > 0; got {args.epochs}")
+    if args.plot:
+        _check_output(args.plot, "--plot")
     t0 = time.perf_counter()
     say("lipbound demo: the paper's 4-layer MLP (2-10-10-10-1, ReLU) on a synthetic smooth "
         "function R^2 -> R (a Gaussian-process sample)")
@@ -277,7 +363,15 @@ def main(argv: Sequence[str] | None = None) -> int:
             parser.print_help(sys.stderr)
             return 2
         handler = {"estimate": _cmd_estimate, "demo": _cmd_demo, "zoo": _cmd_zoo}[args.command]
-        return handler(args)
+        try:
+            with _quiet(debug):
+                return handler(args)
+        except SystemExit as e:  # from user code (a factory, a forward): never a silent exit
+            if debug:
+                traceback.print_exc()
+            print(f"lipbound: error: the model's code called sys.exit({e.code!r}) "
+                  "(SystemExit); lipbound stopped", file=sys.stderr)
+            return 1
     except UsageError as e:
         if debug:
             traceback.print_exc()

@@ -15,6 +15,7 @@ __all__ = [
     "LipboundError",
     "InvalidArgumentError",
     "ShapeError",
+    "TrainingModeError",
     "NonLinearOperatorError",
     "NonFiniteError",
     "ZeroOperatorError",
@@ -36,6 +37,15 @@ class InvalidArgumentError(LipboundError, ValueError):
 
 class ShapeError(InvalidArgumentError):
     """``input_shape`` does not fit the model (or is empty / non-positive)."""
+
+
+class TrainingModeError(InvalidArgumentError):
+    """A bound method got a model whose mode-dependent layers are in training mode.
+
+    The graph capture behind the upper bounds always evaluates the model in eval mode, while a
+    forward pass in training mode is a different (random, batch-dependent) function: bounds of
+    both kinds would then describe different functions. Call ``model.eval()`` first.
+    """
 
 
 class NonLinearOperatorError(InvalidArgumentError):

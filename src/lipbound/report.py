@@ -456,7 +456,7 @@ def estimate(
     Invalid arguments, shapes and non-finite weights raise at once.
     """
     t0 = time.perf_counter()
-    model = check_model(model)
+    model = check_model(model, require_eval=True)
     shape = check_input_shape(input_shape)
     p = check_norm(norm)
     names = (methods,) if isinstance(methods, str) else tuple(methods)
@@ -481,10 +481,9 @@ def estimate(
             raise InvalidArgumentError(f"{key}= must be a dict of options; got {opts!r}")
 
     # the shape check (one forward pass) once, before any method, for one clear error
-    from .methods.lower import _model_ref, _probe
+    from .methods.lower import probe_widening
 
-    device, dtype = _model_ref(model)
-    _probe(model, shape, device, dtype)
+    probe_widening(model, shape)
 
     fns = {name: _load_method(name) for name in names}
     runs: list[MethodRun] = []

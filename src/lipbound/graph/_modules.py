@@ -3,16 +3,28 @@
 They stay *live*: weights are read from the original modules at every call (so gradients reach
 them and later weight updates are seen). :func:`materialize` takes a detached snapshot made of
 plain ``nn.Linear`` / ``nn.ConvNd`` / :class:`ChannelAffine` modules, for measuring norms.
+
+Weights are always the ones the module uses in **eval mode**: :func:`eval_weight` evaluates a
+``torch.nn.utils.parametrize`` parametrisation (``parametrizations.spectral_norm``,
+``orthogonal``, custom ones) with its modules switched to eval, and recomputes the weight of the
+old hook-based ``torch.nn.utils.spectral_norm`` / ``weight_norm`` the way their forward
+pre-hooks do in eval (no power iteration, nothing written), whatever the model's current mode.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.utils import parametrize
+from torch.nn.utils.spectral_norm import SpectralNorm
+from torch.nn.utils.weight_norm import WeightNorm
+
+from ..errors import InvalidArgumentError
 
 __all__ = [
     "ChannelAffine",
@@ -20,11 +32,97 @@ __all__ = [
     "FnModule",
     "FoldedBatchNorm",
     "bn_scale_shift",
+    "eval_mode",
+    "eval_weight",
     "materialize",
+    "weight_hooks",
 ]
 
 _BN = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 _CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+_CONVT = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
+WEIGHT_HOOKS = (SpectralNorm, WeightNorm)
+
+
+@contextmanager
+def eval_mode(module: nn.Module) -> Iterator[None]:
+    """Switch ``module`` and its submodules to eval for the block, then restore every flag.
+
+    Node functions and rules evaluate the eval-mode network even when the model is being
+    trained: a parametrisation or a weight pre-hook in train mode runs a power iteration (it
+    writes its ``u``/``v`` buffers and its output differs from call to call).
+    """
+    flags = [(m, m.training) for m in module.modules() if m.training]
+    if not flags:
+        yield
+        return
+    try:
+        for m, _ in flags:
+            m.training = False
+        yield
+    finally:
+        for m, t in flags:
+            m.training = t
+
+
+def weight_hooks(module: nn.Module) -> list[Any]:
+    """The old-API ``spectral_norm`` / ``weight_norm`` forward pre-hooks of ``module``."""
+    return [h for h in module._forward_pre_hooks.values() if isinstance(h, WEIGHT_HOOKS)]
+
+
+def eval_weight(module: nn.Module, name: str = "weight") -> Any:
+    """``module.<name>`` as the module uses it in eval mode (live: gradients flow).
+
+    * parametrised (``torch.nn.utils.parametrize``): the parametrisation evaluated in eval mode
+      (e.g. ``parametrizations.spectral_norm`` divides by ``sigma`` from its stored vectors
+      without iterating; nothing is written);
+    * old-API ``spectral_norm`` / ``weight_norm`` hooks: the pre-hook's own ``compute_weight``
+      (``do_power_iteration=False`` for spectral norm, which is what the hook does in eval), so
+      a stale attribute left by the last (training) forward is never read;
+    * otherwise the attribute itself.
+    """
+    with eval_mode(module):
+        for h in weight_hooks(module):
+            if h.name != name:
+                continue
+            if isinstance(h, SpectralNorm):
+                return h.compute_weight(module, do_power_iteration=False)
+            return h.compute_weight(module)
+        return getattr(module, name, None)
+
+
+def _needs_snapshot(module: nn.Module) -> bool:
+    return parametrize.is_parametrized(module) or bool(weight_hooks(module))
+
+
+def _plain_snapshot(module: Any) -> nn.Module:
+    """A plain Linear / ConvNd / ConvTransposeNd with ``module``'s eval weights (detached)."""
+    cls = parametrize.type_before_parametrizations(module)
+    w, b = eval_weight(module, "weight"), eval_weight(module, "bias")
+    m = module
+    if issubclass(cls, nn.Linear):
+        new: nn.Module = nn.Linear(m.in_features, m.out_features, bias=b is not None, device="meta")
+    elif issubclass(cls, _CONV):
+        new = cls(
+            m.in_channels, m.out_channels, m.kernel_size, stride=m.stride, padding=m.padding,
+            dilation=m.dilation, groups=m.groups, bias=b is not None, padding_mode=m.padding_mode,
+            device="meta",
+        )
+    elif issubclass(cls, _CONVT):
+        new = cls(
+            m.in_channels, m.out_channels, m.kernel_size, stride=m.stride, padding=m.padding,
+            output_padding=m.output_padding, groups=m.groups, bias=b is not None,
+            dilation=m.dilation, padding_mode=m.padding_mode, device="meta",
+        )
+    else:
+        raise InvalidArgumentError(
+            f"no plain snapshot for {cls.__name__}: expected a Linear, ConvNd or ConvTransposeNd"
+        )
+    with torch.no_grad():
+        new.weight = nn.Parameter(w.detach().clone(), requires_grad=False)
+        bias = None if b is None else nn.Parameter(b.detach().clone(), requires_grad=False)
+        new.register_parameter("bias", bias)
+    return new.eval()
 
 
 def bn_scale_shift(bn: Any) -> tuple[torch.Tensor, torch.Tensor]:
@@ -105,15 +203,15 @@ class FoldedBatchNorm(nn.Module):
     @property
     def weight(self) -> torch.Tensor:
         s, _ = bn_scale_shift(self.bn)
-        w = self.linear.weight
+        w = eval_weight(self.linear, "weight")
         return w * s.to(w.dtype).reshape(-1, *([1] * (w.dim() - 1)))
 
     @property
     def bias(self) -> torch.Tensor:
         s, t = bn_scale_shift(self.bn)
-        b = self.linear.bias
+        b = eval_weight(self.linear, "bias")
         base = b if b is not None else torch.zeros_like(s)
-        return (base * s + t).to(self.linear.weight.dtype)
+        return (base * s + t).to(eval_weight(self.linear, "weight").dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w, b = self.weight.to(x.dtype), self.bias.to(x.dtype)
@@ -131,9 +229,10 @@ class FoldedBatchNorm(nn.Module):
         lin = self.linear
         with torch.no_grad():
             s, t = bn_scale_shift(_as64(self.bn))
-            w0 = lin.weight.detach().double()
+            w0 = eval_weight(lin, "weight").detach().double()
             w = w0 * s.reshape(-1, *([1] * (w0.dim() - 1)))
-            b0 = lin.bias.detach().double() if lin.bias is not None else torch.zeros_like(s)
+            b1 = eval_weight(lin, "bias")
+            b0 = b1.detach().double() if b1 is not None else torch.zeros_like(s)
             b = b0 * s + t
         if isinstance(lin, nn.Linear):
             new: nn.Module = nn.Linear(lin.in_features, lin.out_features, device="meta")
@@ -165,7 +264,11 @@ class FnModule(nn.Module):
 def materialize(module: nn.Module) -> nn.Module:
     """Detached snapshot of a (merged) linear module with plain layers, in eval mode.
 
-    BatchNorm-derived weights are computed in float64 (no extra float32 rounding)."""
+    BatchNorm-derived weights are computed in float64 (no extra float32 rounding). A
+    parametrised Linear / Conv / ConvTranspose, or one with an old-API ``spectral_norm`` /
+    ``weight_norm`` hook, becomes a plain layer holding its eval weight (:func:`eval_weight`)."""
+    if isinstance(module, (nn.Linear, *_CONV, *_CONVT)) and _needs_snapshot(module):
+        return _plain_snapshot(module)
     if isinstance(module, FoldedBatchNorm):
         return module.materialize()
     if isinstance(module, EvalBatchNorm) or isinstance(module, _BN):

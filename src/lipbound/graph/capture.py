@@ -15,16 +15,43 @@ aten ops are matched to the rules of the torch functions of the same name.
 
 The graph always describes the model in **eval mode** (BatchNorm with running statistics,
 dropout as identity), whatever the model's current mode: tracing is done with the model
-temporarily switched to eval and the BatchNorm / Dropout nodes' ``fn`` are eval-mode functions.
-The model's training flags are restored afterwards and nothing else is modified.
+temporarily switched to eval and the BatchNorm / Dropout nodes' ``fn`` are eval-mode functions;
+module calls in node functions run with the module switched to eval
+(:func:`~lipbound.graph._modules.eval_mode`: parametrisations and ``spectral_norm`` hooks do not
+iterate). The model's training flags are restored afterwards and nothing else is modified.
+
+What the graph cannot see is refused rather than silently mis-described:
+
+* **In-place writes** (``y.mul_(100)``, ``x += y``, ``x[i] = v``, ``F.relu(x, inplace=True)``,
+  ``nn.ReLU(inplace=True)``, aten ``*_`` ops) are *functionalised*: the write becomes a node
+  whose ``fn`` works on a copy, and every later read of the written tensor reads that node. The
+  written memory is tracked by storage during a first shape-propagation run; if a *different*
+  tensor sharing that memory (a view such as ``y.view(-1)``, ``y[0]``, or the base of a view)
+  is read after the write, the write cannot be followed through the view and the model is
+  refused (:class:`~lipbound.errors.UnsupportedModelError` naming the op and its source line).
+  ``out=`` arguments are refused too.
+* **Model state written by forward** (``self.count += 1``, ``self.buf.mul_(2)``, a buffer
+  reassigned): refused, naming the buffer; buffers are restored to their values before capture.
+* **Forward hooks / pre-hooks** that torch.fx does not trace (on the model itself, on leaf
+  modules such as ``nn.Linear`` or ``nn.ReLU``, and global ones from
+  ``register_module_forward_hook``) are refused, naming the module and hook function. Hooks on
+  non-leaf submodules run inside the traced ``__call__`` and are captured. The forward
+  pre-hooks of the old-API ``torch.nn.utils.spectral_norm`` / ``weight_norm`` only recompute the
+  weight; they are allowed and the eval-mode weight they compute is the one analysed
+  (:func:`~lipbound.graph._modules.eval_weight`), as for ``torch.nn.utils.parametrize``.
 """
 
 from __future__ import annotations
 
 import builtins
 import inspect
+import io
+import linecache
+import logging
 import operator
-from collections.abc import Callable
+import os
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, redirect_stderr
 from typing import Any
 
 import torch
@@ -33,7 +60,14 @@ from torch import nn
 from torch.fx.passes.shape_prop import ShapeProp
 
 from .._validation import check_input_shape, check_model
-from ..errors import InvalidArgumentError, ShapeError
+from ..errors import (
+    InvalidArgumentError,
+    LipboundError,
+    ShapeError,
+    UnsupportedModelError,
+    UnsupportedNode,
+)
+from ._modules import WEIGHT_HOOKS, eval_mode
 from .types import Node, OpGraph
 
 __all__ = ["capture", "TensorArg", "call_module_as", "eval_module_call"]
@@ -77,17 +111,19 @@ def call_module_as(module: nn.Module, *args: Any, **kwargs: Any) -> Any:
     """``module(*args)``, casting its parameters to the inputs' floating dtype when they differ.
 
     The cast goes through :func:`torch.func.functional_call`, so gradients still reach the
-    original parameters and nothing is copied into the module.
+    original parameters and nothing is copied into the module. The call runs with ``module``
+    switched to eval (:func:`~lipbound.graph._modules.eval_mode`, flags restored afterwards).
     """
     x = next((a for a in args if isinstance(a, torch.Tensor)), None)
     mdt = _float_dtype(module)
-    if x is None or mdt is None or not x.is_floating_point() or x.dtype == mdt:
-        return module(*args, **kwargs)
-    state = {
-        k: (v.to(x.dtype) if v.is_floating_point() else v)
-        for k, v in list(module.named_parameters()) + list(module.named_buffers())
-    }
-    return torch.func.functional_call(module, state, args, kwargs)
+    with eval_mode(module):
+        if x is None or mdt is None or not x.is_floating_point() or x.dtype == mdt:
+            return module(*args, **kwargs)
+        state = {
+            k: (v.to(x.dtype) if v.is_floating_point() else v)
+            for k, v in list(module.named_parameters()) + list(module.named_buffers())
+        }
+        return torch.func.functional_call(module, state, args, kwargs)
 
 
 def eval_module_call(module: nn.Module, *args: Any, **kwargs: Any) -> Any:
@@ -171,48 +207,116 @@ class _Replay:
             v = _fetch_attr(self.gm, str(n.target))
             if isinstance(v, torch.Tensor) and dtype is not None and v.is_floating_point():
                 v = v.to(dtype)
-        elif n.op == "call_function":
-            if "inplace" in kwargs:
-                kwargs = {**kwargs, "inplace": False}
-            v = _out_of_place(n.target)(*args, **kwargs)  # type: ignore[operator]
-        elif n.op == "call_method":
-            self_obj, *rest = args
-            v = getattr(self_obj, _out_of_place_method(str(n.target)))(*rest, **kwargs)
-        elif n.op == "call_module":
-            mod = self.gm.get_submodule(str(n.target))
-            if getattr(mod, "inplace", False) is True and args and isinstance(
-                args[0], torch.Tensor
-            ):
-                args = (args[0].clone(), *args[1:])
-            v = eval_module_call(mod, *args, **kwargs)
+        elif n.op in ("call_function", "call_method", "call_module"):
+            v = _run_op(n, self.gm, tuple(args), dict(kwargs), eval_module_call)
         else:
             raise InvalidArgumentError(f"cannot replay fx node {n.name} ({n.op})")
         env[n.name] = v
         return v
 
 
-_OUT_OF_PLACE: dict[Any, Any] = {
-    operator.iadd: operator.add, operator.isub: operator.sub, operator.imul: operator.mul,
-    operator.itruediv: operator.truediv, torch.relu_: torch.relu,
-    torch.nn.functional.relu_: torch.nn.functional.relu,
-    torch.nn.functional.leaky_relu_: torch.nn.functional.leaky_relu,
-    torch.nn.functional.elu_: torch.nn.functional.elu,
-    torch.nn.functional.hardtanh_: torch.nn.functional.hardtanh,
+# ---- in-place writes -------------------------------------------------------------------------
+_INPLACE_KEY = "lipbound_inplace"  # fx node meta: where the node writes, ("arg", i) / ("kw", k)
+_INPLACE_FUNCS: set[Any] = {
+    operator.iadd, operator.isub, operator.imul, operator.itruediv, operator.ifloordiv,
+    operator.imod, operator.ipow, operator.imatmul, operator.iand, operator.ior, operator.ixor,
+    operator.ilshift, operator.irshift, operator.setitem,
 }
 
 
-def _out_of_place(target: Any) -> Any:
-    """Node functions never modify their inputs: in-place ops are replayed out of place."""
+def _is_inplace_name(name: str) -> bool:
+    return name.endswith("_") and not name.endswith("__")
+
+
+def _target_name(target: Any) -> str:
+    s = str(target)
+    if s.startswith("aten."):
+        return s.split(".")[1]
+    return str(getattr(target, "__name__", ""))
+
+
+def _first_param(target: Any) -> str | None:
+    if not callable(target):
+        return None
     try:
-        return _OUT_OF_PLACE.get(target, target)
+        params = list(inspect.signature(target).parameters)
+    except (TypeError, ValueError):
+        return None
+    return params[0] if params else None
+
+
+def _inplace_slot(n: torch.fx.Node, gm: torch.fx.GraphModule) -> tuple[str, Any] | None:
+    """Where node ``n`` writes in place: ``("arg", 0)`` or ``("kw", name)``; ``None`` if nowhere.
+
+    In-place are: tensor methods and torch / aten functions whose name ends in one ``_``
+    (``mul_``, ``F.relu_``, ``aten.add_.Tensor``, ``copy_``), augmented assignment
+    (``operator.iadd``...), ``operator.setitem`` (``x[i] = v``), calls with ``inplace=True``
+    (keyword or positional) and modules whose ``inplace`` attribute is True.
+    """
+    if n.op == "call_method":
+        return ("arg", 0) if _is_inplace_name(str(n.target)) and n.args else None
+    if n.op == "call_module":
+        mod = gm.get_submodule(str(n.target))
+        return ("arg", 0) if getattr(mod, "inplace", False) is True and n.args else None
+    if n.op != "call_function":
+        return None
+    t = n.target
+    try:
+        hit = t in _INPLACE_FUNCS
     except TypeError:
-        return target
+        hit = False
+    hit = hit or _is_inplace_name(_target_name(t)) or n.kwargs.get("inplace") is True
+    first = None
+    if not hit or not n.args:
+        first = _first_param(t)
+        if not hit and first is not None and callable(t):
+            try:
+                bound = inspect.signature(t).bind_partial(*n.args, **n.kwargs)
+                hit = bound.arguments.get("inplace") is True
+            except (TypeError, ValueError):
+                hit = False
+    if not hit:
+        return None
+    if n.args:
+        return ("arg", 0)
+    if first is not None and first in n.kwargs:
+        return ("kw", first)
+    return None
 
 
-def _out_of_place_method(name: str) -> str:
-    if name.endswith("_") and not name.endswith("__") and hasattr(torch.Tensor, name[:-1]):
-        return name[:-1]
-    return name
+def _written(n: torch.fx.Node, slot: tuple[str, Any]) -> Any:
+    return n.args[slot[1]] if slot[0] == "arg" else n.kwargs[slot[1]]
+
+
+def _run_op(
+    n: torch.fx.Node,
+    gm: torch.fx.GraphModule,
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+    call_module: Callable[..., Any],
+) -> Any:
+    """Run one fx call node; a functionalised in-place node writes into a copy and returns it.
+
+    The copy is exactly what the original op leaves in the written tensor (every in-place torch
+    op returns, or leaves in, its first argument), and the parents' tensors are never modified.
+    """
+    slot = n.meta.get(_INPLACE_KEY)
+    copy: torch.Tensor | None = None
+    if slot is not None:
+        if slot[0] == "arg" and isinstance(args[slot[1]], torch.Tensor):
+            copy = args[slot[1]].clone()
+            args = (*args[: slot[1]], copy, *args[slot[1] + 1:])
+        elif slot[0] == "kw" and isinstance(kwargs.get(slot[1]), torch.Tensor):
+            copy = kwargs[slot[1]].clone()
+            kwargs = {**kwargs, slot[1]: copy}
+    if n.op == "call_function":
+        v = n.target(*args, **kwargs)  # type: ignore[operator]
+    elif n.op == "call_method":
+        self_obj, *rest = args
+        v = getattr(self_obj, str(n.target))(*rest, **kwargs)
+    else:
+        v = call_module(gm.get_submodule(str(n.target)), *args, **kwargs)
+    return copy if copy is not None else v
 
 
 def _fetch_attr(gm: torch.fx.GraphModule, target: str) -> Any:
@@ -222,8 +326,37 @@ def _fetch_attr(gm: torch.fx.GraphModule, target: str) -> Any:
     return obj
 
 
+class _Proxy(torch.fx.Proxy):
+    """A proxy that records augmented assignment as the in-place op it is on tensors.
+
+    ``torch.fx.Proxy`` has no ``__iadd__``, so ``z += y`` is traced as ``z = z + y``: right for
+    ``z`` but wrong for every other name of the same tensor (``z = y; z += y; return y``
+    returns ``2 y`` eagerly). Recording ``operator.iadd`` lets :func:`_functionalize` rewire
+    those reads (on Python numbers ``operator.iadd`` is just ``+``, and nothing is marked).
+    """
+
+
+def _augmented(op: Callable[[Any, Any], Any]) -> Callable[[torch.fx.Proxy, Any], Any]:
+    def method(self: torch.fx.Proxy, other: Any) -> Any:
+        return self.tracer.create_proxy("call_function", op, (self, other), {})
+
+    return method
+
+
+for _name in ("iadd", "isub", "imul", "itruediv", "ifloordiv", "imod", "ipow", "imatmul",
+              "iand", "ior", "ixor", "ilshift", "irshift"):
+    setattr(_Proxy, f"__{_name}__", _augmented(getattr(operator, _name)))
+
+
 class _Tracer(torch.fx.Tracer):
     """Default fx leaves (``torch.nn`` modules except containers) plus modules with a rule."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.record_stack_traces = True  # source lines for the messages of refusals
+
+    def proxy(self, node: torch.fx.Node) -> torch.fx.Proxy:
+        return _Proxy(node, self)
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
         from ..rules import has_module_rule
@@ -233,17 +366,205 @@ class _Tracer(torch.fx.Tracer):
         return super().is_leaf_module(m, module_qualified_name)
 
 
-class _Prop(ShapeProp):
-    """Shape propagation that also keeps every node's value (public Interpreter API)."""
+_Span = tuple[int, int, int]  # (storage address, first byte, last byte) a tensor can touch
 
-    def __init__(self, gm: torch.fx.GraphModule) -> None:
+
+def _spans(v: Any) -> list[_Span]:
+    """Memory a value (tensor, or tuple / list of tensors) can read or write."""
+    out: list[_Span] = []
+    items = v if isinstance(v, (tuple, list)) else (v,)
+    for t in items:
+        if isinstance(t, (tuple, list)):
+            out.extend(_spans(t))
+            continue
+        if not isinstance(t, torch.Tensor) or t.numel() == 0 or t.layout != torch.strided:
+            continue
+        try:
+            base = t.untyped_storage().data_ptr()
+        except (RuntimeError, NotImplementedError):
+            continue
+        size = t.element_size()
+        lo = int(t.storage_offset()) * size
+        reach = sum((int(d) - 1) * abs(int(st)) for d, st in zip(t.shape, t.stride()))
+        out.append((base, lo, lo + reach * size + size - 1))
+    return out
+
+
+def _overlap(a: list[_Span], b: list[_Span]) -> bool:
+    return any(p == q and lo1 <= hi2 and lo2 <= hi1 for p, lo1, hi1 in a for q, lo2, hi2 in b)
+
+
+class _Prop(ShapeProp):
+    """Shape propagation that also keeps every node's value (public Interpreter API).
+
+    ``functional=False`` (the first run, on the graph as traced): records the memory each value
+    can touch (:func:`_spans`), marks in-place nodes (``meta[_INPLACE_KEY]``), and refuses an
+    in-place write into the model's parameters / buffers *before* it happens.
+    ``functional=True`` (after :func:`_functionalize`): marked nodes write into copies.
+    """
+
+    def __init__(
+        self, gm: torch.fx.GraphModule, *, functional: bool, model_name: str = ""
+    ) -> None:
         super().__init__(gm)
         self.values: dict[str, Any] = {}
+        self.spans: dict[str, list[_Span]] = {}
+        self.functional = functional
+        self.model_name = model_name
+        self.state: list[tuple[str, list[_Span]]] = []
+        if not functional:
+            named = list(gm.named_parameters()) + list(gm.named_buffers())
+            for nd in gm.graph.nodes:
+                if nd.op == "get_attr":
+                    v = _fetch_attr(gm, str(nd.target))
+                    if isinstance(v, torch.Tensor):
+                        named.append((str(nd.target), v))
+            for name, t in named:
+                self.state.append((name, _spans(t)))
 
     def run_node(self, n: torch.fx.Node) -> Any:
-        result = super().run_node(n)
+        if self.functional and n.meta.get(_INPLACE_KEY) is not None:
+            with self._set_current_node(n):
+                args, kwargs = self.fetch_args_kwargs_from_env(n)
+                result = _run_op(n, self.module, args, kwargs, _plain_call)  # type: ignore[arg-type]
+        else:
+            if not self.functional:
+                self._mark_inplace(n)
+            result = super().run_node(n)
         self.values[n.name] = result
+        if not self.functional:
+            self.spans[n.name] = _spans(result)
         return result
+
+    def _mark_inplace(self, n: torch.fx.Node) -> None:
+        if n.op == "call_function" and isinstance(n.kwargs.get("out"), torch.fx.Node):
+            raise _inplace_error(
+                n, self.model_name,
+                "writes its result into the tensor given as out=, which lipbound cannot follow",
+            )
+        slot = _inplace_slot(n, self.module)  # type: ignore[arg-type]
+        if slot is None:
+            return
+        target = _written(n, slot)
+        if not isinstance(target, torch.fx.Node):
+            return
+        value = self.env.get(target)
+        if not isinstance(value, torch.Tensor):
+            return  # ``k += 1`` on a Python number
+        span = _spans(value)
+        for name, st in self.state:
+            if _overlap(span, st):
+                raise UnsupportedModelError(
+                    [UnsupportedNode(name, "buffer/parameter", _state_hint(n))],
+                    what=f"{self.model_name} writes into its own state in forward",
+                )
+        n.meta[_INPLACE_KEY] = slot
+
+
+def _plain_call(module: nn.Module, *args: Any, **kwargs: Any) -> Any:
+    return module(*args, **kwargs)
+
+
+def _internal(frame_line: str) -> bool:
+    """A ``File "...", line ...`` line of torch's or lipbound's own code."""
+    parts = frame_line.split('"')
+    path = parts[1] if len(parts) > 1 else ""
+    return path.startswith((_TORCH_DIR, _LIPBOUND_DIR))
+
+
+_TORCH_DIR = os.path.dirname(torch.__file__)
+_LIPBOUND_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _where(n: torch.fx.Node) -> str:
+    """``"file.py:12 (code)"`` of a traced node's source line, or ``""``."""
+    trace = n.meta.get("stack_trace") or getattr(n, "stack_trace", None) or ""
+    lines = [ln.strip() for ln in str(trace).splitlines() if ln.strip()]
+    files = [i for i, ln in enumerate(lines) if ln.startswith("File ") and not _internal(ln)]
+    if not files:
+        return ""
+    i = files[-1]
+    head = lines[i]
+    try:
+        path = head.split('"')[1]
+        line = head.split(", line ")[1].split(",")[0]
+    except IndexError:
+        return ""
+    code = lines[i + 1] if i + 1 < len(lines) and not lines[i + 1].startswith("File ") else ""
+    return f"{os.path.basename(path)}:{line}" + (f" ({code})" if code else "")
+
+
+def _op_label(n: torch.fx.Node) -> str:
+    if n.op == "call_module":
+        return f"{n.target} (inplace=True)"
+    if n.op == "call_method":
+        return str(n.target)
+    return _pretty_target(n)
+
+
+def _out_of_place_hint(n: torch.fx.Node) -> str:
+    name = _op_label(n)
+    if n.op == "call_method" and _is_inplace_name(name):
+        return f"write y = y.{name[:-1]}(...) instead of y.{name}(...)"
+    if n.op == "call_function" and n.target in (operator.iadd, operator.isub, operator.imul,
+                                                operator.itruediv):
+        return "write y = y + ... (a new tensor) instead of y += ..."
+    return "compute a new tensor out of place (inplace=False) and use it"
+
+
+def _inplace_error(n: torch.fx.Node, model: str, why: str) -> UnsupportedModelError:
+    at = _where(n)
+    label = f"{n.name}" + (f" at {at}" if at else "")
+    return UnsupportedModelError(
+        [UnsupportedNode(label, _op_label(n), f"{why}; {_out_of_place_hint(n)}")],
+        what=f"{model} writes a tensor in place in a way the graph cannot follow",
+    )
+
+
+def _state_hint(n: torch.fx.Node) -> str:
+    at = _where(n)
+    return (
+        f"{_op_label(n)}{' at ' + at if at else ''} modifies it in forward, so the model is not "
+        "a fixed function of its input. Update it outside forward, or only under "
+        "`if self.training:` (lipbound analyses eval mode)"
+    )
+
+
+def _functionalize(gm: torch.fx.GraphModule, spans: dict[str, list[_Span]], model: str) -> None:
+    """Rewrite ``gm.graph`` so that reads after an in-place write read the write's node.
+
+    For a marked node ``n`` writing tensor ``t``: every later user of ``t`` is rewired to ``n``
+    (whose replay returns the written copy, see :func:`_run_op`), so the graph computes what the
+    eager code computes. This is exact only if no *other* earlier tensor sharing ``t``'s memory
+    (a view of ``t``, the base ``t`` is a view of, a sibling slice: detected from the memory
+    spans recorded in the first run) is read after ``n``: such a model is refused.
+    """
+    nodes = list(gm.graph.nodes)
+    pos = {nd: i for i, nd in enumerate(nodes)}
+    for n in nodes:
+        slot = n.meta.get(_INPLACE_KEY)
+        if slot is None:
+            continue
+        t = _written(n, slot)
+        if not isinstance(t, torch.fx.Node):
+            continue
+        here = spans.get(t.name, [])
+        spans[n.name] = here  # n's functional value is the written tensor (setitem returns None)
+        for m in nodes[: pos[n]]:
+            if m is t or m.op == "get_attr" or not _overlap(here, spans.get(m.name, [])):
+                continue
+            late = [u for u in m.users if pos[u] > pos[n] and not _is_shape_query(u)]
+            if late:
+                raise _inplace_error(
+                    n, model,
+                    f"writes into {t.name} in place, but {m.name} shares its memory (a view "
+                    f"or the base of one) and is read afterwards by {late[0].name}",
+                )
+        for u in list(t.users):
+            if pos[u] > pos[n]:
+                u.replace_input_with(t, n)
+    gm.graph.lint()
+    gm.recompile()
 
 
 def _is_shape_query(n: torch.fx.Node) -> bool:
@@ -327,12 +648,38 @@ def _op_name(n: torch.fx.Node, gm: torch.fx.GraphModule) -> str:
     return getattr(n.target, "__name__", str(n.target))
 
 
+_OUT_OF_PLACE: dict[Any, Any] = {
+    operator.iadd: operator.add, operator.isub: operator.sub, operator.imul: operator.mul,
+    operator.itruediv: operator.truediv,
+}
+
+
 def _key(n: torch.fx.Node, gm: torch.fx.GraphModule) -> Any:
+    """The rule key; a functionalised in-place op without a rule of its own takes the rule of
+    its out-of-place form (``"tanh_"`` -> ``"tanh"``, ``torch.relu_`` -> ``torch.relu``): the
+    node computes exactly that function of its inputs (see :func:`_run_op`)."""
+    from ..rules import get_rule
+
     if n.op == "call_module":
         return type(gm.get_submodule(str(n.target)))
-    if n.op == "call_method":
-        return str(n.target)
-    return _aten_key(n.target)
+    key: Any = str(n.target) if n.op == "call_method" else _aten_key(n.target)
+    if n.meta.get(_INPLACE_KEY) is None or get_rule(key) is not None:
+        return key
+    if isinstance(key, str):
+        alt: Any = key[:-1] if _is_inplace_name(key) else key
+    else:
+        try:
+            alt = _OUT_OF_PLACE.get(key)
+        except TypeError:
+            alt = None
+        name = _target_name(key)
+        if alt is None and _is_inplace_name(name):
+            mod = torch.nn.functional if "functional" in str(getattr(key, "__module__", "")) \
+                else torch
+            alt = getattr(mod, name[:-1], None)
+            if alt is None and str(key).startswith("aten."):
+                alt = name[:-1]  # the tensor-method name of the same op
+    return alt if alt is not None and get_rule(alt) is not None else key
 
 
 def _module_path(n: torch.fx.Node) -> str:
@@ -356,15 +703,27 @@ def _export(model: nn.Module, sample: torch.Tensor, fx_error: Exception) -> torc
     """
     try:
         batch = torch.export.Dim("batch", min=2)
-        ep = torch.export.export(
-            model, (sample,), dynamic_shapes=({0: batch},), strict=False
-        )
+        with _quiet_torch_logs():  # torch logs a graph dump on failure; our message is enough
+            ep = torch.export.export(
+                model, (sample,), dynamic_shapes=({0: batch},), strict=False
+            )
         return ep.module()  # type: ignore[return-value]
     except Exception as exc:
         raise InvalidArgumentError(
-            f"{fx_error} torch.export failed as well: {type(exc).__name__}: "
-            f"{str(exc).splitlines()[0] if str(exc) else ''}"
+            f"{fx_error} (torch.export failed as well: {_first_line(exc, 120)})"
         ) from exc
+
+
+@contextmanager
+def _quiet_torch_logs() -> Iterator[None]:
+    """Silence torch's warnings and the partial graph it prints to stderr when export fails."""
+    previous = logging.root.manager.disable
+    logging.disable(max(previous, logging.WARNING))
+    try:
+        with redirect_stderr(io.StringIO()):
+            yield
+    finally:
+        logging.disable(previous)
 
 
 class _Root(nn.Module):
@@ -400,13 +759,139 @@ def _trace(model: nn.Module) -> torch.fx.GraphModule:
     try:
         graph = tracer.trace(model, concrete_args=concrete or None)
     except Exception as exc:  # torch.fx raises many types (TraceError, TypeError...)
-        raise InvalidArgumentError(
-            f"torch.fx could not trace {type(model).__name__}: {type(exc).__name__}: {exc}. "
-            "Data-dependent control flow (if/for on tensor values) cannot be captured; rewrite "
-            "it with tensor ops, or move it into a submodule and give that module a rule with "
-            "lipbound.register_rule(...)."
-        ) from exc
+        raise InvalidArgumentError(_trace_failure(model, exc)) from exc
     return torch.fx.GraphModule(tracer.root, graph)
+
+
+def _first_line(exc: BaseException, limit: int = 160) -> str:
+    text = next((ln.strip() for ln in str(exc).splitlines() if ln.strip()), "")
+    text = f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _user_line(exc: BaseException) -> str:
+    """``"file.py:12: if x.sum() > 0:"`` for the innermost frame outside torch and lipbound."""
+    found = ""
+    tb = exc.__traceback__
+    while tb is not None:
+        f = tb.tb_frame.f_code.co_filename
+        if not f.startswith((_TORCH_DIR, _LIPBOUND_DIR, "<")):
+            code = linecache.getline(f, tb.tb_lineno).strip()
+            found = f"{os.path.basename(f)}:{tb.tb_lineno}" + (f": {code}" if code else "")
+        tb = tb.tb_next
+    return found
+
+
+def _trace_failure(model: nn.Module, exc: BaseException) -> str:
+    """A short message (no graph dump) for a model torch.fx cannot trace."""
+    where = _user_line(exc)
+    control = "control flow" in str(exc) or type(exc).__name__ == "TraceError"
+    cause = (
+        "data-dependent control flow (an if / for / while on tensor values)"
+        if control else _first_line(exc)
+    )
+    return (
+        f"torch.fx could not trace {type(model).__name__}: {cause}"
+        + (f" at {where}" if where else "") + ". Fix: rewrite it with tensor ops (torch.where, "
+        "clamp, masks), or move it into a submodule and give that module a rule with "
+        "lipbound.register_rule(...)."
+    )
+
+
+def _hooked(model: nn.Module) -> list[UnsupportedNode]:
+    """Forward hooks / pre-hooks that the traced graph would not contain.
+
+    torch.fx calls non-leaf submodules through ``Module.__call__``, so their hooks are traced;
+    the model's own hooks (``forward`` is traced directly), a leaf module's hooks (the leaf is
+    one node, its rule reads its weights) and global module hooks are not. The old-API
+    ``spectral_norm`` / ``weight_norm`` pre-hooks only recompute the weight (eval semantics are
+    handled by :func:`~lipbound.graph._modules.eval_weight`) and are allowed.
+    """
+    from torch.nn.modules import module as mm
+
+    def label(h: Any) -> str:
+        fn = getattr(h, "__func__", h)
+        name = getattr(fn, "__qualname__", None) or type(h).__name__
+        return str(name)
+
+    bad: list[UnsupportedNode] = []
+    tracer = _Tracer()
+    for kind, table in (("forward hook", mm._global_forward_hooks),
+                        ("forward pre-hook", mm._global_forward_pre_hooks)):
+        for h in table.values():
+            bad.append(UnsupportedNode(
+                "<every module>", "global " + kind,
+                f"{label(h)} (register_module_{kind.replace(' ', '_').replace('-', '_')}) "
+                "changes what every module computes; remove it (handle.remove()) first",
+            ))
+    for name, m in model.named_modules():
+        traced = bool(name) and not tracer.is_leaf_module(m, name)
+        if traced:
+            continue
+        where = name or f"{type(model).__name__} (the model itself)"
+        hooks = [("forward hook", h) for h in m._forward_hooks.values()]
+        hooks += [("forward pre-hook", h) for h in m._forward_pre_hooks.values()
+                  if not isinstance(h, WEIGHT_HOOKS)]
+        for kind, h in hooks:
+            bad.append(UnsupportedNode(
+                where, type(m).__name__,
+                f"{kind} {label(h)} can change what it computes and is not part of the traced "
+                "graph; put its computation into forward, or remove it (handle.remove())",
+            ))
+    return bad
+
+
+class _State:
+    """Parameters and buffers before capture: detect (and undo, for buffers) writes by forward.
+
+    Writes are seen through the tensors' version counters (bumped by every in-place op, also
+    under ``no_grad``, also through views) and object identity (a reassigned buffer).
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+        self.items: list[tuple[str, nn.Module, str, torch.Tensor, int, torch.Tensor | None]] = []
+        for mname, m in model.named_modules():
+            for pname, p in m._parameters.items():
+                if p is not None:
+                    self.items.append((mname, m, pname, p, p._version, None))
+            for bname, b in m._buffers.items():
+                if b is not None:
+                    self.items.append((mname, m, bname, b, b._version, b.detach().clone()))
+
+    def restore(self) -> None:
+        """Put every buffer back as it was (after a failed capture); no error."""
+        self._scan()
+
+    def check(self) -> None:
+        """Restore written buffers, then refuse the model, naming what forward wrote."""
+        bad = self._scan()
+        if bad:
+            raise UnsupportedModelError(
+                bad, what=f"{type(self.model).__name__} writes into its own state in forward"
+            )
+
+    def _scan(self) -> list[UnsupportedNode]:
+        bad: list[UnsupportedNode] = []
+        for mname, m, name, t, version, copy in self.items:
+            now = m._parameters.get(name) if copy is None else m._buffers.get(name)
+            if now is t and t._version == version:
+                continue
+            qual = f"{mname}.{name}" if mname else name
+            what = "parameter" if copy is None else "buffer"
+            if copy is not None:  # put the buffer back as it was
+                if now is not t:
+                    m._buffers[name] = t
+                if t._version != version:
+                    with torch.no_grad():
+                        t.copy_(copy)
+            bad.append(UnsupportedNode(
+                qual, what,
+                "forward modifies it (self.x += ..., .mul_(), assignment), so the model is not "
+                "a fixed function of its input. Update it outside forward, or only under "
+                "`if self.training:` (lipbound analyses eval mode)",
+            ))
+        return bad
 
 
 def capture(model: nn.Module, input_shape: Any, *, batch_size: int = 2) -> OpGraph:
@@ -437,7 +922,15 @@ def capture(model: nn.Module, input_shape: Any, *, batch_size: int = 2) -> OpGra
     shape = check_input_shape(input_shape)
     if batch_size not in (1, 2):
         raise InvalidArgumentError(f"batch_size must be 1 or 2; got {batch_size!r}")
+    mname = type(model).__name__
+    hooked = _hooked(model)
+    if hooked:
+        raise UnsupportedModelError(
+            hooked, what=f"{mname} has forward hooks that the captured graph would not contain"
+        )
     flags = {m: m.training for m in model.modules()}
+    state = _State(model)
+    ok = False
     try:
         model.eval()
         ref = next((t for t in list(model.parameters()) + list(model.buffers())
@@ -449,23 +942,38 @@ def capture(model: nn.Module, input_shape: Any, *, batch_size: int = 2) -> OpGra
         try:
             gm = _trace(model)
         except InvalidArgumentError as fx_error:
-            gm = _export(model, sample, fx_error)
+            gm = _export(model, sample.clone(), fx_error)
+        state.check()  # eager writes while tracing (``self.count += 1`` on a real buffer)
         sample = sample[:batch_size]
-        prop = _Prop(gm)
-        try:
-            with torch.no_grad():
-                prop.propagate(sample)
-        except Exception as exc:
-            _raise_if_integer_inputs(model, exc)
-            raise ShapeError(
-                f"running {type(model).__name__} on a batch of shape "
-                f"{(batch_size, *shape)} failed: {type(exc).__name__}: {exc}. Check input_shape "
-                "(one sample's shape, without the batch dimension)."
-            ) from exc
+        first = _Prop(gm, functional=False, model_name=mname)
+        _propagate(first, model, sample, shape)
+        state.check()
+        _functionalize(gm, first.spans, mname)
+        prop = _Prop(gm, functional=True, model_name=mname)
+        _propagate(prop, model, sample, shape)
+        state.check()
+        ok = True
     finally:
         for m, t in flags.items():
             m.train(t)
+        if not ok:
+            state.restore()
     return _build(model, gm, prop.values, shape, batch_size)
+
+
+def _propagate(prop: _Prop, model: nn.Module, sample: torch.Tensor, shape: tuple[int, ...]) -> None:
+    try:
+        with torch.no_grad():
+            prop.propagate(sample.clone())  # a copy: the model may write into its input
+    except LipboundError:
+        raise
+    except Exception as exc:
+        _raise_if_integer_inputs(model, exc)
+        raise ShapeError(
+            f"running {type(model).__name__} on a batch of shape "
+            f"{tuple(sample.shape)} failed: {type(exc).__name__}: {exc}. Check input_shape "
+            "(one sample's shape, without the batch dimension)."
+        ) from exc
 
 
 def _build(

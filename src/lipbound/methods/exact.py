@@ -98,10 +98,17 @@ import torch
 from torch import nn
 
 from .._validation import check_input_shape, check_model, check_norm, check_positive
-from ..errors import NotSequentialError, UnsupportedModelError, UnsupportedNode
+from ..errors import NonFiniteError, NotSequentialError, UnsupportedModelError, UnsupportedNode
 from ..results import LipschitzResult
 
-__all__ = ["ExactResult", "PiecewiseLinearChain", "dense_chain", "exact", "piecewise_linear_chain"]
+__all__ = [
+    "ExactResult",
+    "PiecewiseLinearChain",
+    "dense_chain",
+    "exact",
+    "normalise_chain",
+    "piecewise_linear_chain",
+]
 
 _INFLATE = 1.0 + 1e-9  # relative inflation of float64 bounds before pruning
 _BOX_EVERY = 8  # recompute a region's bounding box every this many fixed neurons of a layer
@@ -208,18 +215,40 @@ def _activation_slopes(fn: Any, where: str) -> tuple[float, float]:
     return q, p
 
 
+def _affine_parts(
+    fn: Any, in_shape: tuple[int, ...], where: str
+) -> tuple[np.ndarray, np.ndarray, tuple[int, ...]]:
+    """``(W, b, out_shape)`` of an affine map in float64: ``b = fn(0)``, ``W`` its Jacobian.
+
+    ``W`` comes from reverse-mode autodiff (one backward pass per output, through the layer's
+    own linear operation), not from the differences ``fn(e_j) - fn(0)``: these cancel the bias
+    and lose ``log2(|b| / |W|)`` bits of every entry (``|b| = 1e16, |W| = 1e4`` left 4 correct
+    digits), so a chain whose biases dwarf its weights (any depth-``d`` net with biases scaled
+    by ``c^k`` and weights by ``c``, for ``c`` large) came out wrong.
+    """
+    n = int(np.prod(in_shape))
+    zero = torch.zeros(1, *in_shape, dtype=torch.float64)
+    with torch.no_grad():
+        b = fn(zero)
+    out_shape = tuple(b.shape[1:])
+
+    def flat(v: torch.Tensor) -> torch.Tensor:
+        return fn(v.reshape(1, *in_shape)).reshape(-1)
+
+    J = torch.autograd.functional.jacobian(flat, torch.zeros(n, dtype=torch.float64))
+    W = J.detach().reshape(-1, n).to(torch.float64).cpu().numpy().copy()
+    bb = b.detach().reshape(-1).to(torch.float64).cpu().numpy().copy()
+    if W.shape[0] != bb.size:  # pragma: no cover - an affine map has one Jacobian row per output
+        raise NotSequentialError(
+            [UnsupportedNode(where, "linear", "its Jacobian does not match its output size")]
+        )
+    return W, bb, out_shape
+
+
 def _dense_of(
     module: nn.Module, in_shape: tuple[int, ...]
 ) -> tuple[np.ndarray, np.ndarray, tuple[int, ...]]:
-    n = int(np.prod(in_shape))
-    with torch.no_grad():
-        eye = torch.eye(n, dtype=torch.float64).reshape(n, *in_shape)
-        zero = torch.zeros(1, *in_shape, dtype=torch.float64)
-        b = module(zero)
-        out_shape = tuple(b.shape[1:])
-        b = b.reshape(-1)
-        W = (module(eye).reshape(n, -1) - b).T
-    return W.numpy().copy(), b.numpy().copy(), out_shape
+    return _affine_parts(module, in_shape, type(module).__name__)
 
 
 _LINEAR_TYPES = (
@@ -306,17 +335,10 @@ def _chain_from_graph(
     items: list[tuple[str, Any]] = []
     for node in nodes:
         if node.kind == "linear":
-            W, b = node.dense(torch.float64)
-            items.append(
-                (
-                    "lin",
-                    (
-                        node.qualname,
-                        W.detach().cpu().numpy().copy(),
-                        b.detach().cpu().numpy().copy(),
-                    ),
-                )
-            )
+            # not node.dense(): it differences fn(e_j) - fn(0), see _affine_parts
+            (in_shape,) = node.in_shapes
+            W, b, _ = _affine_parts(node.fn, tuple(in_shape), node.qualname)
+            items.append(("lin", (node.qualname, W, b)))
         elif node.kind == "activation":
             items.append(("act", (node.qualname, node)))
         else:  # pragma: no cover - sequential_chain promises linear/activation only
@@ -401,6 +423,62 @@ def piecewise_linear_chain(
         fn = a.fn if hasattr(a, "fn") and not isinstance(a, nn.Module) else a
         slopes.append(_activation_slopes(fn, name))
     return PiecewiseLinearChain(Ws, bs, slopes, names)
+
+
+def normalise_chain(ch: PiecewiseLinearChain) -> tuple[PiecewiseLinearChain, int]:
+    """``(ch', E)``: the same network with every layer scaled by a power of two, ``L(ch) =
+    2^E L(ch')`` exactly.
+
+    With ``W_i' = 2^{-e_i} W_i`` (``e_i`` the binary exponent of ``max |W_i|``, so
+    ``max |W_i'|`` lies in ``[1/2, 1)``) and ``b_i' = 2^{-(e_1 + ... + e_i)} b_i``, positive
+    homogeneity of the activations (``s(a z) = a s(z)`` for ``a > 0``) gives by induction
+    ``z_i' = 2^{-(e_1 + ... + e_i)} z_i``: every pre-activation keeps its sign (the regions are
+    the same sets), and ``J' = 2^{-E} J`` with ``E = e_1 + ... + e_K``. Multiplying by a power
+    of two is exact in float64 (barring overflow, checked, and subnormal results, entries below
+    ``2^{-1022}`` times the layer's largest one). So every tolerance of the search acts on a
+    problem of unit scale, and the result is scaled back exactly.
+
+    Raises :class:`NonFiniteError` when the chain, or a normalised bias, is not finite.
+    """
+    for W, b, name in zip(ch.weights, ch.biases, ch.names or [""] * len(ch.weights)):
+        if not (np.all(np.isfinite(W)) and np.all(np.isfinite(b))):
+            raise NonFiniteError(
+                f"exact(): the dense float64 matrix of layer {name or '?'} has NaN or infinite "
+                "entries (the product of merged layers overflows float64); rescale the weights"
+            )
+    Ws: list[np.ndarray] = []
+    bs: list[np.ndarray] = []
+    cum = 0
+    for i, (W, b) in enumerate(zip(ch.weights, ch.biases)):
+        m = float(np.max(np.abs(W))) if W.size else 0.0
+        e = math.frexp(m)[1] if m > 0 else 0
+        cum += e
+        Ws.append(np.ldexp(W, -e))
+        bn = np.ldexp(b, -cum)
+        if not np.all(np.isfinite(bn)):
+            name = ch.names[i] if i < len(ch.names) else str(i)
+            raise NonFiniteError(
+                f"exact(): the biases of layer {name} are more than 2^1023 times the scale of "
+                f"the weights before them (2^{cum}), beyond float64; rescale the network"
+            )
+        bs.append(bn)
+    return PiecewiseLinearChain(Ws, bs, list(ch.slopes), list(ch.names)), cum
+
+
+def _ldexp_checked(v: float, e: int, *, up: bool, what: str) -> float:
+    """``v 2^e`` in float64; rounded up (``up``) or down when not exact; overflow raises."""
+    if v == 0.0:
+        return 0.0
+    top = e + math.frexp(v)[1]  # |v 2^e| lies in [2^(top-1), 2^top)
+    if top > 1024:
+        raise NonFiniteError(
+            f"exact(): the {what} Lipschitz constant is about 2^{top}, beyond "
+            "the float64 range (max ~2^1024); rescale the network's weights"
+        )
+    r = math.ldexp(v, e) if top > -1100 else 0.0
+    if r == 0.0 or math.ldexp(r, -e) != v:  # subnormal result: rounded
+        r = math.nextafter(r, math.inf if up else 0.0)
+    return r
 
 
 # --------------------------------------------------------------------------------------------
@@ -665,21 +743,44 @@ class _LP:
             return "unbounded", None, -math.inf
         return "fail", None, math.nan
 
-    def chebyshev(self, G: np.ndarray, g: np.ndarray) -> np.ndarray | None:
-        """Centre of the largest ball (radius capped at 1) in the region, ``None`` on failure."""
+    @staticmethod
+    def _unit(g: np.ndarray) -> float:
+        """A power of two ``S`` with ``max |g| / S`` in ``[1/2, 1)`` (``1`` when ``g = 0``).
+
+        The LPs are solved in ``x = S y``: ``G x + g >= t`` iff ``G y + g / S >= t / S`` (rows
+        of ``G`` have unit length), exact in float64, so HiGHS's absolute tolerances act on
+        data of unit scale whatever the scale of the network's geometry.
+        """
+        m = float(np.max(np.abs(g))) if g.size else 0.0
+        return math.ldexp(1.0, math.frexp(m)[1]) if m > 0 and math.isfinite(m) else 1.0
+
+    def chebyshev(self, G: np.ndarray, g: np.ndarray) -> tuple[str, np.ndarray | None, float]:
+        """``(status, centre, radius)`` of the largest ball in the region (radius capped).
+
+        ``status`` is ``"ok"`` (then ``radius`` is HiGHS's optimum ``t*``, in input units) or
+        ``"fail"`` (no claim about the region).
+        """
         n = self.n
+        S = self._unit(g)
         cost = np.zeros(n + 1)
         cost[-1] = -1.0
         lo = np.full(n + 1, -self._inf)
         up = np.full(n + 1, self._inf)
         up[-1] = 1.0
         M = np.hstack([G, -np.ones((G.shape[0], 1))])
-        st, y, _ = self._solve(cost, lo, up, M, -g)
-        return None if st != "ok" or y is None else y[:n]
+        st, y, _ = self._solve(cost, lo, up, M, -g / S)
+        if st != "ok" or y is None or not np.all(np.isfinite(y)):
+            return "fail", None, math.nan
+        return "ok", y[:n] * S, float(y[-1]) * S
 
     def box(self, G: np.ndarray, g: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
-        """Bounding box of the region (``None`` when unbounded or on solver trouble)."""
+        """Bounding box of the region (``None`` when unbounded or on solver trouble).
+
+        Padded by ``1e-6`` relative to the region's scale ``S`` and to the box's own extent
+        (HiGHS's feasibility tolerance is ``1e-7`` on the unit-scale data).
+        """
         n = self.n
+        S = self._unit(g)
         lo = np.empty(n)
         hi = np.empty(n)
         clo = np.full(n, -self._inf)
@@ -688,14 +789,14 @@ class _LP:
             for sgn in (1.0, -1.0):
                 c = np.zeros(n)
                 c[j] = sgn
-                st, _, f = self._solve(c, clo, cup, G, -g)
-                if st != "ok":
+                st, _, f = self._solve(c, clo, cup, G, -g / S)
+                if st != "ok" or not math.isfinite(f):
                     return None
                 if sgn > 0:
-                    lo[j] = f
+                    lo[j] = f * S
                 else:
-                    hi[j] = -f
-        pad = 1e-7 * (1.0 + np.maximum(np.abs(lo), np.abs(hi)))
+                    hi[j] = -f * S
+        pad = 1e-6 * (S + np.maximum(np.abs(lo), np.abs(hi)) + (hi - lo))
         return lo - pad, hi + pad
 
 
@@ -716,6 +817,8 @@ class _Node:
     bound: float
     depth: int
     pattern: tuple[np.ndarray, ...] = ()
+    ok: bool = True  # the witness x is verified inside the region (slacks > region_tol)
+    Aabs: np.ndarray | None = None  # |W_h| |D| |A_{h-1}|: scale of A's rounding errors
 
 
 def _interval_mul(
@@ -840,11 +943,14 @@ class _NodeBound:
 
 def _child_layer_state(
     ch: PiecewiseLinearChain, node: _Node, sig_full: np.ndarray
-) -> tuple[np.ndarray, np.ndarray]:
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(A, c, |W| |D| |A_prev|)`` of the next layer's pre-activations on the node's region."""
     W, b = ch.weights[node.h + 1], ch.biases[node.h + 1]
     A = W @ (sig_full[:, None] * node.A)
     c = W @ (sig_full * node.c) + b
-    return A, c
+    prev = np.abs(node.A) if node.Aabs is None else node.Aabs
+    Aabs = np.abs(W) @ (np.abs(sig_full)[:, None] * prev)
+    return A, c, Aabs
 
 
 def _ranges_for(bnd: _Bounds, h: int, sig: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
@@ -886,23 +992,39 @@ def _branch_and_bound(
     nb = _NodeBound(ch, bnd, region_tol)
     lp = _LP(n0)
 
-    # random samples: a first incumbent and cheap feasibility witnesses
+    # random samples: a first incumbent and cheap feasibility witnesses, drawn at the scales
+    # where neurons can change sign: a neuron of layer i with |z_i(0)| = rho keeps its sign on
+    # the ball ||x|| < rho / prod_{j<=i} ||W_j|| (z_i is that Lipschitz), so those distances
+    # (relative, like everything here) are the natural radii; 1 when every bias is 0
     rng = np.random.default_rng(seed)
-    W1, b1 = ch.weights[0], ch.biases[0]
-    rn = np.linalg.norm(W1, axis=1)
-    offs = np.abs(b1[rn > 0]) / rn[rn > 0] if np.any(rn > 0) else np.zeros(1)
-    Rs = float(max(np.max(offs) if offs.size else 0.0, 1e-3))
-    scales = Rs * np.array([0.05, 0.2, 0.5, 1.0, 2.0, 5.0, 20.0, 100.0])
+    X0 = np.zeros((1, n0))
+    pre0, _ = ch.forward_patterns(X0)
+    radii: list[float] = []
+    lip = 1.0
+    for i, z in enumerate(pre0):
+        lip *= max(float(np.linalg.norm(ch.weights[i], 2)), 1e-300)
+        az = np.abs(z[0])
+        if np.any(az > 0):
+            radii.append(float(np.max(az)) / lip)
+    Rs_all = sorted({math.ldexp(1.0, math.frexp(r)[1]) for r in radii if 0 < r < math.inf})
+    Rs_all = Rs_all[:1] + Rs_all[-1:] if len(Rs_all) > 2 else Rs_all
+    if not Rs_all:
+        Rs_all = [1.0]
+    scales = np.concatenate(
+        [R * np.array([0.05, 0.2, 0.5, 1.0, 2.0, 5.0, 20.0, 100.0]) for R in Rs_all]
+    )
     X = rng.standard_normal((n_samples, n0)) / math.sqrt(n0)
     X = X * np.repeat(scales, -(-n_samples // len(scales)))[:n_samples, None]
-    X = np.vstack([np.zeros((1, n0)), X])
+    X = np.vstack([X0, X])
     pre, Jac = ch.forward_patterns(X)
     sample_vals = _batch_norm(Jac, norm)
     # a sample with every pre-activation non-zero lies in the interior of a full-dimensional
-    # region, where f is differentiable: its Jacobian norm is a realised (certified) lower bound
+    # region, where f is differentiable: its Jacobian norm is a realised (certified) lower bound.
+    # "Non-zero" is relative: |z| above 1e-9 times the layer's largest |z| at that sample.
     inside = np.ones(X.shape[0], dtype=bool)
     for z in pre:
-        inside &= np.all(np.abs(z) > 1e-9 * (1.0 + np.abs(z).max()), axis=1)
+        az = np.abs(z)
+        inside &= np.all(az > 1e-9 * az.max(axis=1, keepdims=True), axis=1)
     vals = np.where(inside, sample_vals, -np.inf)
     best_i = int(np.argmax(vals))
     incumbent = float(vals[best_i]) if inside[best_i] else 0.0
@@ -910,6 +1032,11 @@ def _branch_and_bound(
     sample_best = incumbent
     if use_box is None:
         use_box = 2 * n0 <= max(ch.widths)
+    # rounding of a slack G x + g (unit rows, n0 terms): at most (n0 + 2) eps (|G||x| + |g|)
+    gam = (n0 + 2) * 2.0**-52
+    # rounding of A_h = W_h D A_{h-1} ... (every inner dimension once): below gam_A |W||D|...|W|
+    gam_A = (n0 + sum(ch.widths) + 2) * 2.0**-52
+    Xabs = np.abs(X)
 
     counter = itertools.count()
     A0, c0 = ch.weights[0], ch.biases[0]
@@ -922,19 +1049,22 @@ def _branch_and_bound(
         np.zeros((0, n0)),
         np.zeros(0),
         np.zeros(n0),
-        1.0,
+        math.inf,
         np.arange(X.shape[0]),
         np.full(X.shape[0], np.inf),
         None,
         nb(0, A0, c0, np.zeros(0), None),
         0,
+        ok=True,
+        Aabs=np.abs(A0),
     )
     heap: list[tuple[float, int, int, _Node]] = [(-root.bound, 0, next(counter), root)]
     regions = 0
+    unverified = 0  # leaves kept only because no LP proved them thin
+    unverified_max = 0.0  # the largest ||J|| among them: part of the upper bound only
     nodes = 0
     best_pattern: tuple[np.ndarray, ...] = ()
     timed_out = False
-    zero_tol = 1e-12 * max(1.0, float(np.max(np.abs(W1))))
 
     def out_of_time() -> bool:
         return time.perf_counter() - t0 > time_limit
@@ -958,12 +1088,26 @@ def _branch_and_bound(
         off = float(node.c[k])
         an = float(np.linalg.norm(a))
         q, p = ch.slopes[node.h]
-        children: list[tuple[float, Any, float, np.ndarray, float, np.ndarray, np.ndarray]] = []
+        # a row within its own rounding error of 0 is 0: z_k = off on the whole region (the
+        # error of each entry of A = W D A_prev is below (n + 2) eps (|W||D||A_prev|)_kj)
+        aabs = np.abs(a) if node.Aabs is None else node.Aabs[k]
+        zero_row = an <= gam_A * float(np.linalg.norm(aabs))
+        Child = tuple[float, Any, float, np.ndarray, float, np.ndarray, np.ndarray, bool]
+        children: list[Child] = []
         implied = False  # True when the single child's constraint holds on the whole region
-        if an <= zero_tol:
+        if zero_row:
             implied = True
             children.append(
-                (p if off >= 0 else q, None, 0.0, node.x, node.r, node.samples, node.sslack)
+                (
+                    p if off >= 0 else q,
+                    None,
+                    0.0,
+                    node.x,
+                    node.r,
+                    node.samples,
+                    node.sslack,
+                    node.ok,
+                )
             )
         else:
             nrow = a / an
@@ -974,6 +1118,7 @@ def _branch_and_bound(
                 br = (node.box[1] - node.box[0]) / 2
                 zc = float(nrow @ bc + noff)
                 zr = float(np.abs(nrow) @ br)
+                zr += gam * (float(np.abs(nrow) @ np.abs(bc)) + abs(noff) + zr)
                 if zc - zr > region_tol:
                     sides = [(1.0, p)]
                     implied = True
@@ -981,40 +1126,50 @@ def _branch_and_bound(
                     sides = [(-1.0, q)]
                     implied = True
             sv = X[node.samples] @ nrow + noff
+            serr = gam * (Xabs[node.samples] @ np.abs(nrow) + abs(noff))
             wv = float(node.x @ nrow + noff)
+            werr = gam * (float(np.abs(node.x) @ np.abs(nrow)) + abs(noff))
             for s, slope in sides:
-                sl = np.minimum(node.sslack, s * sv)
+                sl = np.minimum(node.sslack, s * sv - serr)
                 keep = sl > region_tol
                 sidx, sslk = node.samples[keep], sl[keep]
                 wx: np.ndarray | None = None
                 wr = 0.0
-                if s * wv > region_tol:
-                    wx, wr = node.x, min(node.r, s * wv)
+                wok = True
+                if node.ok and s * wv - werr > region_tol:
+                    wx, wr = node.x, min(node.r, s * wv - werr)
                 elif sidx.size:
                     j = int(np.argmax(sslk))
                     wx, wr = X[sidx[j]], float(sslk[j])
                 elif len(sides) == 1:
-                    # the box proves this side holds on the whole region; the parent's witness
-                    # is inside the region, so it is inside this side too (up to rounding)
-                    wx, wr = node.x, min(node.r, max(s * wv, 0.0))
+                    # the box proves this side holds on the whole region: the region is the
+                    # parent's, with the parent's witness (verified or not)
+                    wx, wr, wok = node.x, node.r, node.ok
                 else:
                     if out_of_time():
                         timed_out = True
                         break
                     G = np.vstack([node.G, s * nrow])
                     g = np.append(node.g, s * noff)
-                    xl = lp.chebyshev(G, g)
-                    if xl is not None:
-                        rr = float(np.min(G @ xl + g))
+                    st, xl, t_lp = lp.chebyshev(G, g)
+                    if st == "ok" and xl is not None and t_lp <= region_tol:
+                        pass  # HiGHS: no ball of radius > region_tol inside; skipped
+                    elif st == "ok" and xl is not None:
+                        sla = G @ xl + g - gam * (np.abs(G) @ np.abs(xl) + np.abs(g))
+                        rr = float(np.min(sla))
                         if rr > region_tol:
                             wx, wr = xl, rr
+                        else:  # the LP says non-empty, its centre does not verify: keep
+                            wx, wr, wok = xl, -math.inf, False
+                    else:  # no claim from the solver: the side may be non-empty, keep it
+                        wx, wr, wok = node.x, -math.inf, False
                 if wx is not None:
-                    children.append((slope, s * nrow, s * noff, wx, wr, sidx, sslk))
+                    children.append((slope, s * nrow, s * noff, wx, wr, sidx, sslk, wok))
             if timed_out:
                 heapq.heappush(heap, (negb, 0, next(counter), node))
                 break
         nh = node.A.shape[0]
-        for slope, row, roff, wx, wr, sidx, sslk in children:
+        for slope, row, roff, wx, wr, sidx, sslk, wok in children:
             sig = np.append(node.sig, slope)
             if implied:
                 # the box (or a zero row) proves the sign on the whole region: no new constraint
@@ -1037,19 +1192,22 @@ def _branch_and_bound(
                 bd = nb(node.h, node.A, node.c, sig, box)
                 if bd > incumbent:
                     push(_Node(node.h, k + 1, node.A, node.c, sig, G, g, wx, wr, sidx, sslk,
-                               box, bd, node.depth + 1, node.pattern))
+                               box, bd, node.depth + 1, node.pattern, wok, node.Aabs))
                 continue
             pattern = (*node.pattern, sig)
             if node.h == H - 1:
                 regions += 1
                 J = ch.weights[-1] @ (sig[:, None] * node.A)
                 v = _mat_norm(J, norm)
-                if v > incumbent:
+                if not wok:
+                    unverified += 1
+                    unverified_max = max(unverified_max, v)
+                elif v > incumbent:
                     incumbent = v
                     best_x = np.array(wx, dtype=np.float64)
                     best_pattern = pattern
                 continue
-            A2, c2 = _child_layer_state(ch, node, sig)
+            A2, c2, Aabs2 = _child_layer_state(ch, node, sig)
             box = node.box
             if use_box and G.shape[0] > 0 and not out_of_time():
                 nbx = lp.box(G, g)
@@ -1058,15 +1216,18 @@ def _branch_and_bound(
             bd = nb(node.h + 1, A2, c2, np.zeros(0), box)
             if bd > incumbent:
                 push(_Node(node.h + 1, 0, A2, c2, np.zeros(0), G, g, wx, wr, sidx, sslk, box, bd,
-                           node.depth + 1, pattern))
+                           node.depth + 1, pattern, wok, Aabs2))
 
     open_bound = max((-e[0] for e in heap), default=0.0)
-    finished = not timed_out
-    upper = incumbent if finished else max(incumbent, open_bound)
+    upper = max(incumbent, open_bound, unverified_max * _INFLATE)
+    # finished: every sub-tree was explored or pruned, and no region that the LPs could not
+    # decide carries a larger norm than the best verified one
+    finished = not timed_out and unverified_max <= incumbent
     return dict(
         lower=incumbent,
-        upper=upper,
+        upper=upper if not finished else incumbent,
         finished=finished,
+        timed_out=timed_out,
         x=best_x,
         regions=regions,
         lps=lp.count,
@@ -1074,6 +1235,8 @@ def _branch_and_bound(
         pattern=best_pattern,
         notes=[],
         sample_best=sample_best,
+        unverified=unverified,
+        unverified_max=unverified_max,
     )
 
 
@@ -1126,7 +1289,7 @@ def exact(
     ``lps_solved``, ``witness``).
     """
     t0 = time.perf_counter()
-    check_model(model)
+    model = check_model(model, require_eval=True)
     shape = check_input_shape(input_shape)
     nrm = check_norm(norm, method="exact")
     check_positive("time_limit", time_limit)
@@ -1134,7 +1297,7 @@ def exact(
     check_positive("n_samples", n_samples, integer=True)
     check_positive("enum_limit", enum_limit, integer=True, allow_zero=True)
     check_positive("pair_enum_limit", pair_enum_limit, integer=True, allow_zero=True)
-    ch = piecewise_linear_chain(model, shape)
+    ch, scale_exp = normalise_chain(piecewise_linear_chain(model, shape))
     out = _branch_and_bound(
         ch,
         nrm,
@@ -1148,11 +1311,16 @@ def exact(
         t0=t0,
     )
     notes: list[str] = list(out["notes"])
-    lower = float(out["lower"])
+    # back to the model's scale: times 2^E, exact unless the result is subnormal (then the
+    # upper bound is rounded up, the lower one down); beyond float64 -> NonFiniteError
+    value_n = float(out["lower"])
+    lower = _ldexp_checked(value_n, scale_exp, up=False, what="realised")
+    upper = _ldexp_checked(float(out["upper"]), scale_exp, up=True, what="certified upper")
+    value_up = _ldexp_checked(value_n, scale_exp, up=True, what="exact")
     certified = True
     if lower > 0:
         ag = _autograd_norm(model, shape, out["x"], nrm)
-        if abs(ag - lower) > 1e-6 * max(1.0, lower):
+        if not abs(ag - lower) <= 1e-6 * lower:  # relative: the check holds at every scale
             certified = False
             notes.append(
                 f"autograd check at the witness gives {ag:.10g}, not {lower:.10g}: the dense chain "
@@ -1161,21 +1329,35 @@ def exact(
         else:
             lower = min(lower, ag)
     finished = bool(out["finished"])
-    upper = float(out["upper"])
+    n_unv = int(out.get("unverified", 0))
+    if n_unv:
+        unv = _ldexp_checked(float(out["unverified_max"]), scale_exp, up=True, what="upper")
+        notes.append(
+            f"{n_unv} region(s) were neither proven thin by HiGHS nor witnessed by a verified "
+            f"interior point (LP failure or an unverifiable centre); their largest norm "
+            f"{unv:.6g} counts in the upper bound only"
+        )
     if finished:
         notes.append(
             "exact: max over full-dimensional regions of ||J||; relies on HiGHS's claims that "
             f"skipped regions contain no ball of radius > {region_tol:g} (input units)"
         )
-        value, bound = float(out["lower"]), "exact"
-        upper = value
+        value, bound = value_up, "exact"  # = the realised value unless rounded (subnormal)
+        upper = value_up
     else:
+        why = (
+            f"time limit {time_limit:g}s reached"
+            if out.get("timed_out", True)
+            else "undecided regions (see above)"
+        )
         notes.append(
-            f"time limit {time_limit:g}s reached: value is a certified LOWER bound (a realised "
-            f"region, witness x in `witness`); upper={upper:.6g} is a certified UPPER bound "
-            "(largest bound among unexplored sub-trees)"
+            f"{why}: value is a certified LOWER bound (a realised region, witness x in "
+            f"`witness`); upper={upper:.6g} is a certified UPPER bound (largest bound among "
+            "unexplored sub-trees and undecided regions)"
         )
         value, bound = lower, "lower"
+    if not certified:
+        bound = "estimate"
     return ExactResult(
         value=value,
         certified=certified,
@@ -1192,5 +1374,10 @@ def exact(
         lps_solved=int(out["lps"]),
         nodes_explored=int(out["nodes"]),
         witness=tuple(float(v) for v in np.asarray(out["x"]).reshape(-1)),
-        extra={"sample_best": out.get("sample_best")},
+        extra={
+            "sample_best": _ldexp_checked(
+                float(out.get("sample_best", 0.0)), scale_exp, up=False, what="sample"
+            ),
+            "scale_exponent": scale_exp,
+        },
     )

@@ -148,8 +148,43 @@ def _probe(
             f"{out.shape[0]}; input_shape must exclude the batch dimension"
         )
     if not bool(torch.isfinite(out).all()):
-        raise NonFiniteError("the model's output at x = 0 is NaN or infinite")
+        raise NonFiniteError(
+            f"the model's output at x = 0 is NaN or infinite in {str(dtype).removeprefix('torch.')}"
+            " (its weights are finite: the forward pass overflows). Rescale the weights, or "
+            "check the weights you loaded."
+        )
     return int(out[0].numel())
+
+
+def probe_widening(
+    model: nn.Module, shape: tuple[int, ...]
+) -> tuple[nn.Module, torch.device, torch.dtype, int, str | None]:
+    """:func:`_probe` in the model's dtype, or on a float64 copy when that overflows.
+
+    Finite float32 weights are exact in float64, so the copy computes the same function
+    without the overflow (weights ~1e30 squared overflow float32 in a two-layer net). Returns
+    ``(model, device, dtype, output size, note)``; the note says when the copy is used. Raises
+    :class:`NonFiniteError` when even float64 overflows.
+    """
+    device, dtype = _model_ref(model)
+    try:
+        return model, device, dtype, _probe(model, shape, device, dtype), None
+    except NonFiniteError:
+        if dtype == torch.float64:
+            raise
+    try:
+        with warnings.catch_warnings():  # deepcopy of exported graphs warns in torch
+            warnings.simplefilter("ignore")
+            m64 = copy.deepcopy(model).to(torch.float64)
+    except Exception as e:
+        raise NonFiniteError(
+            f"the model's output at x = 0 overflows {dtype} and the model cannot be copied to "
+            f"float64 ({type(e).__name__}: {e}); rescale its weights"
+        ) from e
+    m = _probe(m64, shape, device, torch.float64)
+    note = (f"the model overflows {str(dtype).removeprefix('torch.')} at x = 0: the search ran "
+            "on a float64 copy")
+    return m64, device, torch.float64, m, note
 
 
 def _as_data(
@@ -273,6 +308,7 @@ class _Checker:
         self.device = device
         self.dtype = dtype
         self.model = model
+        self.nonfinite = 0  # witnesses whose ratio overflowed (counted, then skipped)
         try:
             with warnings.catch_warnings():  # deepcopy of exported graphs warns in torch
                 warnings.simplefilter("ignore")
@@ -295,7 +331,10 @@ class _Checker:
             return 0.0
         num = float(_pnorm(self.f(x) - self.f(y), norm)[0])
         r = num / den
-        return r if math.isfinite(r) else 0.0
+        if not math.isfinite(r):
+            self.nonfinite += 1
+            return 0.0
+        return r
 
     @torch.no_grad()
     def jac(self, x: torch.Tensor, v: torch.Tensor, norm: str) -> float:
@@ -304,7 +343,10 @@ class _Checker:
         if not den > 0:
             return 0.0
         r = float(_pnorm(_JacAt(self.f, x).jv(v), norm)[0]) / den
-        return r if math.isfinite(r) else 0.0
+        if not math.isfinite(r):
+            self.nonfinite += 1
+            return 0.0
+        return r
 
 
 def pair_ratio(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, norm: Any = 2) -> float:
@@ -583,7 +625,7 @@ def lower_bound(
         re-checked value of each search: the paper's data / annealing columns).
     """
     t_start = time.perf_counter()
-    model = check_model(model)
+    model = check_model(model, require_eval=True)
     shape = check_input_shape(input_shape)
     p = check_norm(norm, method="lower_bound")
     methods = tuple(methods)
@@ -605,8 +647,7 @@ def lower_bound(
     if isinstance(seed, bool) or not isinstance(seed, int):
         raise InvalidArgumentError(f"seed must be an int; got {seed!r}")
 
-    device, dtype = _model_ref(model)
-    m = _probe(model, shape, device, dtype)
+    model, device, dtype, m, widened = probe_widening(model, shape)
     n = math.prod(shape)
     if restarts is None:  # starts are cheap for small inputs (one batched pass serves them all)
         restarts = 64 if n <= 4096 else 8
@@ -628,12 +669,7 @@ def lower_bound(
         + (n_batches * steps if "annealing" in methods else 0)
     )
     bar = _bar(progress, total)
-    notes: list[str] = []
-    if any(mod.training for mod in model.modules() if type(mod).__name__.startswith(
-            ("Dropout", "BatchNorm", "AlphaDropout"))):
-        notes.append("the model is in training mode (dropout / batch-norm statistics): call "
-                     "model.eval() first; the value is a lower bound for the function as "
-                     "evaluated on single samples")
+    notes: list[str] = [] if widened is None else [widened]
     search = _Search(
         f, n, m, p, device, dtype, gen, deadline, bar, keep=4, power_iterations=power_iterations
     )
@@ -709,6 +745,14 @@ def lower_bound(
         best = (check.jac(x0, v0, p), _Cand(0.0, "jacobian at 0", x0, None, v0))
         notes.append("no search step ran; value is ||J(0) 1|| / ||1||")
     value, c = best
+    if check.nonfinite and not value > 0:
+        raise NonFiniteError(
+            f"every one of the {check.nonfinite} witness(es) overflowed when re-evaluated in "
+            f"{str(check.dtype).removeprefix('torch.')}: the model's outputs are not finite "
+            "away from x = 0. Rescale the weights (or the input scale=...)."
+        )
+    if check.nonfinite:
+        notes.append(f"{check.nonfinite} witness(es) overflowed on re-evaluation and were skipped")
     kind = "pair" if c.y is not None else "jacobian"
     x_w = c.x.detach().to(torch.float64).reshape(shape).cpu()
     y_w = None if c.y is None else c.y.detach().to(torch.float64).reshape(shape).cpu()

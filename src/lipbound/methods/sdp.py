@@ -391,7 +391,7 @@ def lipsdp(
     :class:`~lipbound.errors.NotSequentialError` for non-chain models.
     """
     t0 = time.perf_counter()
-    check_model(model)
+    model = check_model(model, require_eval=True)
     shape = check_input_shape(input_shape)
     check_choice("variant", variant, ("neuron", "layer"))
     check_choice("solver", solver, ("auto", "SCS", "CLARABEL", "CVXOPT"))

@@ -276,6 +276,30 @@ class _Pair:
     truncated: float | None = None  # greedy value on the top-k truncated pair (paper's number)
 
 
+def _pow4_split(W: torch.Tensor) -> tuple[torch.Tensor, float]:
+    """``(W / 4^m, 4^m)`` with ``4^m`` near ``max |W|`` (``(W, 1)`` for moderate or zero ``W``).
+
+    Every pair factor ``max_s ||L diag(s) R||`` is homogeneous of degree 1 in ``L`` and in
+    ``R``, and the split ``W = P Q`` of a middle layer puts ``sqrt`` of the scale on each side
+    (a power of two for a power of four), so the factors of the scaled matrices times the
+    (exact, power-of-two) scales are those of the originals; the scaling itself is exact in
+    binary floating point. It keeps the products ``L D R`` in range: weights ~1e-150 gave
+    products ~1e-300 that underflowed to a "certified" 0, weights ~1e30 overflow float32.
+    """
+    mx = float(W.abs().max()) if W.numel() else 0.0
+    if not mx > 0 or not math.isfinite(mx):
+        return W, 1.0
+    m = math.frexp(mx)[1] // 2
+    if -4 <= m <= 4:
+        return W, 1.0
+    return W * math.ldexp(1.0, -2 * m), math.ldexp(1.0, 2 * m)
+
+
+def _rescale_pair(p: _Pair, f: float) -> _Pair:
+    return replace(p, lower=p.lower * f, upper=None if p.upper is None else p.upper * f,
+                   truncated=None if p.truncated is None else p.truncated * f)
+
+
 def _numel(shape: Sequence[int]) -> int:
     return int(math.prod(shape))
 
@@ -430,7 +454,7 @@ def seqlip(
     True
     """
     t_start = time.perf_counter()
-    model = check_model(model)
+    model = check_model(model, require_eval=True)
     shape = check_input_shape(input_shape)
     nrm = check_norm(norm, allowed=("2",), method="seqlip")
     check_choice("mode", mode, ("auto", "exact", "greedy"))
@@ -501,7 +525,7 @@ def seqlip(
         cands: dict[str, float] = {"autolip": autolip_seg}
         block_pairs: list[float | None] = [None] * (len(lins) - 1)
         if dense:
-            Ws = [_dense_matrix(n) for n in lins]
+            Ws, fs = zip(*(_pow4_split(_dense_matrix(n)) for n in lins))
             K = len(lins)
             # middle layers: W = P Q with P = U S^{1/2}, Q = S^{1/2} V^T; the first and last
             # layers enter as W_1 (= U_1 S_1 up to the orthogonal V_1^T, which drops out) and
@@ -510,19 +534,22 @@ def seqlip(
             for i in range(K - 1):
                 R = Ws[0] if i == 0 else split[i][0]
                 L = Ws[K - 1] if i + 1 == K - 1 else split[i + 1][1]
-                pairs.append(_solve_pair(
+                fR = fs[0] if i == 0 else math.sqrt(fs[i])
+                fL = fs[K - 1] if i + 1 == K - 1 else math.sqrt(fs[i + 1])
+                pairs.append(_rescale_pair(_solve_pair(
                     f"{lins[i].qualname}->{lins[i + 1].qualname}", L, R, act_slopes[i],
                     mode=mode, max_exact_width=max_exact_width, time_limit=time_limit, k=k,
                     restarts=restarts, seed=seed, L_sorted=i + 1 < K - 1, R_sorted=i > 0,
-                ))
+                ), fL * fR))
             if all(p.upper is not None for p in pairs):
                 cands["svd-chain"] = math.prod(
                     float(p.upper) for p in pairs if p.upper is not None
                 )
             if K >= 3:
                 for i in range(K - 1):
-                    block_pairs[i] = _certified_pair(
-                        Ws[i + 1], Ws[i], act_slopes[i], norms=(norms[i + 1], norms[i])
+                    block_pairs[i] = fs[i + 1] * fs[i] * _certified_pair(
+                        Ws[i + 1], Ws[i], act_slopes[i],
+                        norms=(norms[i + 1] / fs[i + 1], norms[i] / fs[i]),
                     )
             estimate_seg = math.prod(p.lower for p in pairs)
         else:
@@ -540,10 +567,10 @@ def seqlip(
                 elif _numel(lins[i].in_shapes[0]) * _numel(lins[i].out_shape) <= dense_limit \
                         and _numel(lins[i + 1].in_shapes[0]) * _numel(lins[i + 1].out_shape) \
                         <= dense_limit:
-                    W1 = _dense_matrix(lins[i])
-                    W2 = _dense_matrix(lins[i + 1])
-                    block_pairs[i] = _certified_pair(
-                        W2, W1, act_slopes[i], norms=(norms[i + 1], norms[i])
+                    W1, f1 = _pow4_split(_dense_matrix(lins[i]))
+                    W2, f2 = _pow4_split(_dense_matrix(lins[i + 1]))
+                    block_pairs[i] = f1 * f2 * _certified_pair(
+                        W2, W1, act_slopes[i], norms=(norms[i + 1] / f2, norms[i] / f1)
                     )
         if any(b is not None for b in block_pairs):
             dp, cut = _dp_blocks(norms, act_c, block_pairs)

@@ -28,7 +28,9 @@ from ._registry import (
     lookup,
     register_rule,
     registered_keys,
+    widen_range,
 )
+from ._util import numel
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..graph.types import Node
@@ -73,7 +75,11 @@ def classify(node: Node) -> None:
     """Attach ``meta["rule"]``, ``kind``, ``slope_range`` and ``meta["unsupported"]`` to a node.
 
     ``meta["unsupported"]`` is ``None`` when a rule covers the node, else the reason and what
-    to do. Linear and activation nodes must have exactly one tensor input.
+    to do. Linear and activation nodes must have exactly one tensor input. An element-wise op
+    whose constant operand broadcasts its input to more entries (``torch.maximum(x, c)`` with
+    ``c`` larger than ``x``) copies entries, so its Jacobian is not diagonal: it is an ``"op"``
+    (its rule multiplies the constant by the copy factor), not an activation. The slope range
+    is widened by the registry's rounding margin (:func:`~lipbound.rules._registry.widen_range`).
     """
     rule = lookup(node)
     node.meta["rule"] = rule
@@ -88,8 +94,11 @@ def classify(node: Node) -> None:
         reason = f"a {kind} op must have one input that depends on the model input"
     if reason is None and node.meta.get("batch_mixing"):
         reason = "mixes the samples of a batch (acts on the batch dimension)"
+    if kind == "activation" and node.in_shapes and numel(node.in_shapes[0]) != numel(
+        node.out_shape
+    ):
+        kind = "op"  # broadcast by a constant operand: copies entries, not diagonal
     node.meta["unsupported"] = reason
     node.kind = kind if reason is None else "op"  # type: ignore[assignment]
     if reason is None and kind == "activation" and rule.slope_range is not None:
-        a, b = rule.slope_range(node)
-        node.slope_range = (float(a), float(b))
+        node.slope_range = widen_range(rule.slope_range(node))

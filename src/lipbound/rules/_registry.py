@@ -15,23 +15,32 @@ Rules are keyed by
 Nothing is treated as 1-Lipschitz unless a rule says so; the trivial 1-Lipschitz ops (reshape,
 permute, slicing, dropout in eval...) are *declared* in one table in
 :mod:`lipbound.rules.structural`.
+
+Every rule's output goes through ONE gate, :func:`checked_constant` (each :class:`Rule` wraps
+its ``constant`` with it when it is built): a NaN, infinite or negative constant is an error
+naming the node, never a number, and every certified constant is rounded up by the relative
+margin :data:`ROUND_REL` with :func:`lipbound.spectral.certify._up` (the package's one
+rounding helper); activation slope ranges are widened by the same margin
+(:func:`widen_range`). Why that margin suffices is in :data:`ROUND_REL`.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any, Literal
 
 from torch import nn
 
-from ..errors import InvalidArgumentError
+from ..errors import InvalidArgumentError, NonFiniteError
+from ..spectral.certify import _up
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..graph.types import Node
 
 __all__ = [
+    "ROUND_REL",
     "Combine",
     "NodeConstant",
     "Rule",
@@ -41,10 +50,25 @@ __all__ = [
     "lookup",
     "register_rule",
     "registered_keys",
+    "checked_constant",
+    "widen_range",
 ]
 
 Combine = Literal["sum", "rss", "max"]
 RuleKey = type | Callable[..., Any] | str
+
+#: Relative rounding margin of every certified rule constant and slope range: ``2^-22``, four
+#: float32 unit roundoffs (``u32 = 2^-24``). Each rule proves its constant for the op in real
+#: arithmetic, with the parameters as stored, and evaluates it in float64 (relative error a few
+#: ``u64 = 2^-53``, below ``1e-12`` in every rule). Torch runs the op in the model's dtype with
+#: its constants rounded to it: float32 ``1/6`` (Hardsigmoid) is ``(1/6)(1 + 2^-25)``, a
+#: LeakyReLU slope ``1.7`` becomes ``1.7 (1 + 2.8e-8)``, SELU's slope ``scale * alpha * e^t``
+#: carries two rounded constants and one rounded product, BatchNorm's ``rsqrt(var + eps)`` two
+#: roundings: at most three roundings of ``u32`` each, ``(1 + u32)^3 < 1 + 4 u32`` once the
+#: float64 error is added. The margin also covers AutoLip's float64 composition
+#: (``sum c_i L_i``: at most 2 ``u64`` per node, ``< 2^-30`` for any graph of under ``2^20``
+#: nodes). Not covered: models run in float16 / bfloat16 (``u = 2^-11`` / ``2^-8``).
+ROUND_REL = 2.0**-22
 
 
 @dataclass(frozen=True)
@@ -112,12 +136,83 @@ class Rule:
     certified: bool = True
     meta: dict[str, Any] = field(default_factory=dict)
 
+    def __post_init__(self) -> None:
+        if not getattr(self.constant, "_checked", False):
+            object.__setattr__(self, "constant", _gated(self.constant, self.name))
+
     def kind_for(self, node: Node) -> str:
         if self.kind == "affine":
             return "linear" if len(node.inputs) == 1 else "op"
         if self.kind == "elementwise":
             return "activation" if len(node.inputs) == 1 else "op"
         return self.kind
+
+
+def _round_up(v: float) -> float:
+    """``v`` rounded up by :data:`ROUND_REL` (an exact 0 stays 0: a zero map is exact)."""
+    return _up(v, ROUND_REL) if v > 0 else 0.0
+
+
+def _round_down(v: float) -> float:
+    """``v`` rounded towards ``-inf`` by :data:`ROUND_REL` (for lower slope ends)."""
+    if v > 0:
+        return v * (1.0 - ROUND_REL)  # the product's own rounding (u64) is far below ROUND_REL
+    return -_up(-v, ROUND_REL) if v < 0 else 0.0
+
+
+def widen_range(r: tuple[float, float]) -> tuple[float, float]:
+    """A slope range ``[a, b]`` widened outwards by :data:`ROUND_REL` (see the module doc)."""
+    return _round_down(float(r[0])), -_round_down(-float(r[1]))
+
+
+def checked_constant(c: NodeConstant, node: Node, rule: str = "") -> NodeConstant:
+    """The gate every rule output goes through (see the module docstring).
+
+    Raises :class:`~lipbound.errors.NonFiniteError` for a NaN or infinite constant and
+    :class:`~lipbound.errors.InvalidArgumentError` for a negative one (a Lipschitz constant
+    is a norm: ``>= 0``). Certified constants are rounded up by :data:`ROUND_REL`; an
+    activation's slope range is the (already widened) ``node.slope_range`` when set.
+    """
+    where = f"node {node.qualname!r} ({node.op})" + (f", rule {rule!r}" if rule else "")
+    for v in c.constants:
+        if not math.isfinite(v):
+            raise NonFiniteError(
+                f"{where} gave the constant {v}: a Lipschitz constant must be finite. Check the "
+                "op's parameters and buffers for NaN/inf (or zeros it divides by), or give the "
+                "op a rule with lipbound.register_rule(...)"
+            )
+        if v < 0:
+            raise InvalidArgumentError(
+                f"{where} gave the constant {v} < 0: a Lipschitz constant is a norm, never "
+                "negative. Fix the rule (return the norm of the op, e.g. with |entries|)"
+            )
+    out = c
+    if c.certified:
+        out = replace(out, constants=tuple(_round_up(v) for v in c.constants))
+    if c.slope_range is not None:
+        a, b = c.slope_range
+        if not (math.isfinite(a) and math.isfinite(b) and a <= b):
+            raise InvalidArgumentError(
+                f"{where} gave the slope range {c.slope_range}: it needs finite a <= b"
+            )
+        sr = node.slope_range if node.slope_range is not None else widen_range(c.slope_range)
+        out = replace(out, slope_range=sr)
+    return out
+
+
+def _gated(fn: RuleFn, name: str) -> RuleFn:
+    def constant(node: Node, ctx: RuleContext) -> NodeConstant:
+        out = fn(node, ctx)
+        if not isinstance(out, NodeConstant):
+            raise InvalidArgumentError(
+                f"rule {name!r} for {node.qualname} must return a NodeConstant; got {out!r}"
+            )
+        return checked_constant(out, node, name)
+
+    constant._checked = True  # type: ignore[attr-defined]
+    constant.__name__ = getattr(fn, "__name__", "constant")
+    constant.__wrapped__ = fn  # type: ignore[attr-defined]
+    return constant
 
 
 _MODULES: dict[type, Rule] = {}
@@ -267,8 +362,6 @@ def register_rule(
 
 
 def _with_slope(c: NodeConstant, sr: tuple[float, float]) -> NodeConstant:
-    from dataclasses import replace
-
     return replace(c, slope_range=sr)
 
 

@@ -24,6 +24,17 @@ The constant of an affine map ``x -> A x + b`` is the operator norm of ``A`` in 
   Float64 sums of non-negative terms carry a relative error below ``n * 1.2e-16``; a relative
   margin of 1e-9 covers it.
 
+* **signs**: ``||-A|| = ||A||`` in every norm, and a sign flip of one factor of a chain flips
+  the whole product, so an average pool with a negative ``divisor_override`` is measured as
+  the pool with ``|divisor_override|`` (:func:`positive_pools`): its entries are then
+  non-negative, as the Schur test and ``|A| = A`` assume.
+* **eval BatchNorm statistics** are checked first (:func:`check_batchnorm_stats`):
+  ``running_var + eps`` must be positive and every statistic finite, else the op itself is
+  NaN/inf and a clear error names the module, the channel and the value.
+* **zero maps**: a genuinely zero layer has constant 0 (its certificate); the reported
+  estimate is 0 when the power/Lanczos estimate finds the map zero (in float32 a layer of
+  weights ~1e-150 underflows to zero there, while its float64 certificate stays positive).
+
 If :mod:`lipbound.spectral` is not importable, a fallback is used: a dense SVD in float64 for
 maps with at most 4096 inputs (certified, relative margin 1e-9) and otherwise power iteration
 (estimate only).
@@ -31,6 +42,7 @@ maps with at most 4096 inputs (certified, relative margin 1e-9) and otherwise po
 
 from __future__ import annotations
 
+import copy
 import inspect
 import operator
 import time
@@ -42,7 +54,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..errors import UnsupportedModelError, UnsupportedNode
+from ..errors import (
+    InvalidArgumentError,
+    NonFiniteError,
+    UnsupportedModelError,
+    UnsupportedNode,
+    ZeroOperatorError,
+)
 from ..graph._modules import (
     ChannelAffine,
     EvalBatchNorm,
@@ -53,6 +71,7 @@ from ..graph._modules import (
 )
 from ._registry import NodeConstant, RuleContext
 from ._util import arg, declare, is_tensor_arg, numel
+from .structural import operand_coefficients
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..graph.types import Node
@@ -61,8 +80,10 @@ __all__ = [
     "MERGED_KEY",
     "NormUnavailable",
     "abs_operator",
+    "check_batchnorm_stats",
     "l1_linf_norm",
     "linear_constant",
+    "positive_pools",
     "spectral",
 ]
 
@@ -171,6 +192,80 @@ def _dense(f: Callable[[torch.Tensor], torch.Tensor], in_shape: tuple[int, ...])
     return (f(eye).reshape(n, -1) - b).T
 
 
+_AVG = (nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d)
+
+
+def positive_pools(module: nn.Module) -> nn.Module:
+    """``module`` with every AvgPool's negative ``divisor_override`` replaced by its absolute
+    value (copies; the model is untouched). Every operator norm is unchanged: the pool is
+    ``-P`` with ``P >= 0`` entrywise, and ``A_k ... (-P) ... A_1 = -(A_k ... P ... A_1)``."""
+    if isinstance(module, _AVG):
+        d = getattr(module, "divisor_override", None)
+        if d is not None and d < 0:
+            new = copy.copy(module)
+            new.divisor_override = -d
+            return new
+        return module
+    if type(module) is nn.Sequential:
+        parts = [positive_pools(m) for m in module]
+        if all(a is b for a, b in zip(parts, module)):
+            return module
+        return nn.Sequential(*parts).eval()
+    return module
+
+
+def _bn_modules(node: Node) -> list[tuple[str, Any]]:
+    """``(where, bn)`` for every BatchNorm the node applies (plain, eval-wrapped, folded)."""
+    found: list[tuple[str, Any]] = []
+    m = node.module
+    if m is not None:
+        for name, sub in m.named_modules():
+            if isinstance(sub, _BN):
+                found.append((f"{node.qualname}" + (f" ({name})" if name else ""), sub))
+    return found
+
+
+def check_batchnorm_stats(node: Node) -> None:
+    """Refuse eval BatchNorm statistics for which ``bn(x)`` is not finite.
+
+    ``bn(x) = gamma (x - mean) / sqrt(var + eps) + beta``: ``var + eps <= 0`` gives NaN (square
+    root of a negative) or inf (division by zero); a NaN/inf statistic or affine parameter
+    propagates. Raises :class:`~lipbound.errors.InvalidArgumentError` (non-positive
+    ``running_var + eps``) or :class:`~lipbound.errors.NonFiniteError`, naming the module,
+    the channel and the value.
+    """
+    items: list[tuple[str, Any, Any, float, Any, Any]] = []
+    for where, bn in _bn_modules(node):
+        if bn.running_var is not None:
+            items.append((where, bn.running_var, bn.running_mean, float(bn.eps), bn.weight,
+                          bn.bias))
+    if node.meta.get("key") is F.batch_norm:
+        var, mean = arg(node, 2, "running_var"), arg(node, 1, "running_mean")
+        if isinstance(var, torch.Tensor):
+            items.append((node.qualname, var, mean, float(arg(node, 7, "eps", 1e-5)),
+                          arg(node, 3, "weight"), arg(node, 4, "bias")))
+    for where, var, mean, eps, w, b in items:
+        for label, t in (("running_var", var), ("running_mean", mean), ("weight", w),
+                         ("bias", b)):
+            if isinstance(t, torch.Tensor) and not bool(torch.isfinite(t.detach()).all()):
+                bad = torch.nonzero(~torch.isfinite(t.detach().reshape(-1)))[0, 0]
+                raise NonFiniteError(
+                    f"BatchNorm {where}: {label}[{int(bad)}] = "
+                    f"{float(t.detach().reshape(-1)[bad])} is not finite; fix the loaded "
+                    "statistics / weights"
+                )
+        v = var.detach().double().reshape(-1) + eps
+        if v.numel() and not bool((v > 0).all()):
+            c = int(torch.nonzero(~(v > 0))[0, 0])
+            raw = float(var.detach().reshape(-1)[c])
+            what = "negative: sqrt of it is NaN" if float(v[c]) < 0 else "zero: 1/0 is inf"
+            raise InvalidArgumentError(
+                f"BatchNorm {where}: running_var + eps = {raw:g} + {eps:g} at channel {c} is "
+                f"{what}, so the layer is not a finite function. A variance is >= 0: fix the "
+                "running statistics, and use eps > 0"
+            )
+
+
 def _spectral_operand(node: Node) -> Any:
     """What to hand to ``spectral_norm``: a plain module snapshot, or the bias-free fn."""
     m = node.module
@@ -182,7 +277,7 @@ def _spectral_operand(node: Node) -> Any:
         and len(node.meta.get("args") or (None,)) == 1
     )
     if (plain_call or node.meta.get("key") == MERGED_KEY) and m is not None:
-        return materialize(m)
+        return positive_pools(materialize(m))
     return node.linear_fn()
 
 
@@ -219,6 +314,7 @@ def core_parts(node: Node) -> list[Node]:
 def linear_constant(node: Node, ctx: RuleContext) -> NodeConstant:
     """Constant of a linear node in ``ctx.norm`` (see the module docstring)."""
     t0 = time.perf_counter()
+    check_batchnorm_stats(node)
     if len(node.meta.get("part_nodes") or ()) > 1:
         core = core_parts(node)
         if not core:
@@ -240,7 +336,7 @@ def linear_constant(node: Node, ctx: RuleContext) -> NodeConstant:
         else:
             mod: Any = node.module
             s = mod.scale.double()
-        v = float(s.abs().max()) * (1 + 1e-12)
+        v = float(s.abs().max())  # float64: the registry's rounding margin covers it
         return NodeConstant(
             constants=(v,), certified=True, how="diagonal: max |gamma|/sqrt(var+eps)",
             estimate=v, seconds=time.perf_counter() - t0,
@@ -248,14 +344,17 @@ def linear_constant(node: Node, ctx: RuleContext) -> NodeConstant:
     op = _spectral_operand(node)
     in_shape = tuple(node.in_shapes[0])
     cert = certified(op, in_shape) if ctx.certify else None
-    if cert is not None:
-        # the factor is the certificate; the estimate is only reported, to a looser tolerance
-        res = spectral(
-            op, in_shape, replace(ctx, tol=max(ctx.tol, ESTIMATE_TOL), certify=False),
-            dtype=torch.float32,  # float32 rounding (~1e-7) is far below that tolerance
-        )
-    else:
-        res = spectral(op, in_shape, replace(ctx, certify=False))
+    try:
+        if cert is not None:
+            # the factor is the certificate; the estimate is only reported, to a looser tolerance
+            res = spectral(
+                op, in_shape, replace(ctx, tol=max(ctx.tol, ESTIMATE_TOL), certify=False),
+                dtype=torch.float32,  # float32 rounding (~1e-7) is far below that tolerance
+            )
+        else:
+            res = spectral(op, in_shape, replace(ctx, certify=False))
+    except ZeroOperatorError:  # zero on its sample vectors: 0 is a valid estimate from below
+        res = _Res(0.0, None, "estimate: zero on random inputs")
     est = float(res.value)
     upper: float | None = None
     if cert is not None:
@@ -324,7 +423,8 @@ def _abs_module(module: nn.Module) -> Callable[[torch.Tensor], torch.Tensor] | N
             x, w, None, m.stride, m.padding, m.output_padding, m.groups, m.dilation
         )
     if isinstance(m, _POOL):
-        return lambda x: m(x)
+        pool = positive_pools(m)  # entries 1/|divisor| >= 0: |A| = A
+        return lambda x: pool(x)
     if isinstance(m, ChannelAffine):
         s = m.scale.double().abs()  # type: ignore[operator]
         return lambda x: x * s.reshape(1, -1, *([1] * (x.dim() - 2)))
@@ -346,23 +446,39 @@ def abs_operator(node: Node) -> Callable[[torch.Tensor], torch.Tensor] | None:
     meta = rule.meta if rule is not None else {}
     if meta.get("identity"):
         return lambda x: x
-    if meta.get("structural"):  # 0/1 matrices (perm/selection/copy/pad), sign flips, translations
-        if rule is not None and rule.name in ("neg", "add/sub"):
-            return lambda x: x  # |-I| = I; x + c has linear part I
-        return node.linear_fn()  # entries in {0, 1}: |A| = A
+    if rule is not None and rule.name in ("neg", "add/sub"):
+        # x -> coef * B x + c: |A| = |coef| B (B: the broadcast to the output, 0/1 entries)
+        coef = 1.0 if rule.name == "neg" else _structural_coef(node)
+        in_s, out_s = tuple(node.in_shapes[0]), tuple(node.out_shape)
+        return lambda x: coef * _broadcast(x, in_s, out_s)
+    if meta.get("structural"):  # 0/1 matrices (perm/selection/copy/pad): |A| = A
+        return node.linear_fn()
     if rule is not None and rule.name in ("scalar mul", "scalar div"):
         a0, a1 = arg(node, 0, "input"), arg(node, 1, "other")
         c = a1 if is_tensor_arg(a0) else a0
-        if tuple(node.in_shapes[0]) == tuple(node.out_shape):
-            ct = c.detach().double().abs() if isinstance(c, torch.Tensor) else abs(float(c))
-            if rule.name == "scalar mul":
-                return lambda x: x * ct
-            return lambda x: x / ct
-        return None
+        ct = c.detach().double().abs() if isinstance(c, torch.Tensor) else abs(float(c))
+        # replaying the op with |c| broadcasts x exactly as the model does: diag(|c|) B
+        if rule.name == "scalar mul":
+            return lambda x: x * ct
+        return lambda x: x / ct
     if node.module is not None and node.meta.get("fx_op", "call_module") == "call_module":
         if node.meta.get("getitem") is None and not node.meta.get("kwargs"):
             return _abs_module(node.module)
     return None
+
+
+def _structural_coef(node: Node) -> float:
+    (c,) = operand_coefficients(node)
+    return c
+
+
+def _broadcast(x: torch.Tensor, in_shape: tuple[int, ...], out_shape: tuple[int, ...]
+               ) -> torch.Tensor:
+    """``B x``: a batch ``(N, *in_shape)`` broadcast to ``(N, *out_shape)`` (per sample)."""
+    if in_shape == out_shape:
+        return x
+    lead = len(out_shape) - len(in_shape)
+    return x.reshape(x.shape[0], *([1] * lead), *in_shape).expand(x.shape[0], *out_shape)
 
 
 def _device(node: Node) -> torch.device:
@@ -380,7 +496,9 @@ def l1_linf_available(node: Node) -> str | None:
         if len(core) <= 1:
             return None if not core else l1_linf_available(core[0])
     rule = node.meta.get("rule")
-    if rule is not None and rule.constant is not _linear_rule:
+    # (the registry gates every rule's constant; __wrapped__ is the rule's own function)
+    own = getattr(rule.constant, "__wrapped__", None) if rule is not None else None
+    if rule is not None and own is not _linear_rule:
         return None  # structural / BatchNorm rules have closed forms
     if abs_operator(node) is None and numel(node.in_shapes[0]) > DENSE_LIMIT:
         return (

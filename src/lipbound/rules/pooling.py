@@ -14,8 +14,12 @@ Max-pooling picks one entry per window: ``y_o = max_{j in W_o} x_j``. Since
 
 Windows are products of 1-D windows, so ``c_j = prod_d c_d(j_d)`` and ``max c = prod_d max
 c_d``: per dimension the windows are enumerated exactly with PyTorch's output-size rule
-(stride, padding, dilation, ``ceil_mode``: the last window must start inside the input or the
-left padding). Padding is ``-inf`` for max-pooling, so padded positions never count. Without
+(``pooling_output_shape``: ``floor((L + 2p - d(k-1) - 1 + (s-1 if ceil_mode)) / s) + 1``
+windows, dropping the last one in ``ceil_mode`` unless it starts inside the input or the left
+padding; with ``ceil_mode`` a window may reach past the right padding, even when the kernel
+span exceeds the padded input). Padding is ``-inf`` for max-pooling, so padded positions never
+count. A window whose taps all fall on padding (possible with dilation or ``ceil_mode``)
+outputs ``-inf``: the map is then not finite and the node is refused. Without
 padding/dilation and a large enough input, ``max c_d = ceil(k_d / s_d)``: a 3x3 stride-2 pool
 has ``max c = 4`` and ``L_2 = 2``. Adaptive max-pooling uses the windows
 ``[floor(o L / n), ceil((o + 1) L / n))``. All these constants are certified (exact counts).
@@ -36,7 +40,13 @@ from ._util import arg, declare
 if TYPE_CHECKING:  # pragma: no cover
     from ..graph.types import Node
 
-__all__ = ["adaptive_window_count", "maxpool_constant", "window_count"]
+__all__ = [
+    "adaptive_window_count",
+    "maxpool_constant",
+    "padding_only_windows",
+    "window_count",
+    "window_starts",
+]
 
 _MAX = {
     nn.MaxPool1d: 1, nn.MaxPool2d: 2, nn.MaxPool3d: 3,
@@ -51,6 +61,27 @@ _ADAPTIVE = {
 }
 
 
+def window_starts(
+    length: int, kernel: int, stride: int, padding: int = 0, dilation: int = 1,
+    ceil_mode: bool = False,
+) -> list[int]:
+    """First tap of every 1-D max-pool window (PyTorch's output-size rule, exact).
+
+    >>> window_starts(2, 3, 2, ceil_mode=True), window_starts(2, 3, 2)
+    ([0], [])
+    """
+    span = dilation * (kernel - 1) + 1
+    num = length + 2 * padding - span + (stride - 1 if ceil_mode else 0)
+    out = num // stride + 1  # floor division, as torch's div_rtn
+    if ceil_mode and (out - 1) * stride >= length + padding:
+        out -= 1
+    return [o * stride - padding for o in range(max(out, 0))]
+
+
+def _taps(start: int, kernel: int, dilation: int, length: int) -> list[int]:
+    return [j for j in (start + t * dilation for t in range(kernel)) if 0 <= j < length]
+
+
 def window_count(
     length: int, kernel: int, stride: int, padding: int = 0, dilation: int = 1,
     ceil_mode: bool = False,
@@ -59,22 +90,27 @@ def window_count(
 
     >>> window_count(13, 3, 2), window_count(13, 2, 2), window_count(13, 3, 1)
     (2, 1, 3)
+    >>> window_count(2, 3, 2, ceil_mode=True)  # kernel longer than the input: one window
+    1
     """
-    span = dilation * (kernel - 1) + 1
-    num = length + 2 * padding - span
-    if num < 0:
-        return 0
-    out = (-(-num // stride) if ceil_mode else num // stride) + 1
-    if ceil_mode and (out - 1) * stride >= length + padding:
-        out -= 1
     counts = [0] * length
-    for o in range(out):
-        start = o * stride - padding
-        for t in range(kernel):
-            j = start + t * dilation
-            if 0 <= j < length:
-                counts[j] += 1
+    for start in window_starts(length, kernel, stride, padding, dilation, ceil_mode):
+        for j in _taps(start, kernel, dilation, length):
+            counts[j] += 1
     return max(counts) if counts else 0
+
+
+def padding_only_windows(
+    length: int, kernel: int, stride: int, padding: int = 0, dilation: int = 1,
+    ceil_mode: bool = False,
+) -> int:
+    """Number of 1-D windows with no tap inside the input (their max-pool output is -inf).
+
+    >>> padding_only_windows(1, 2, 2, padding=1, dilation=2, ceil_mode=True)
+    1
+    """
+    starts = window_starts(length, kernel, stride, padding, dilation, ceil_mode)
+    return sum(1 for st in starts if not _taps(st, kernel, dilation, length))
 
 
 def adaptive_window_count(length: int, out: int) -> int:
@@ -109,6 +145,25 @@ def _dims(node: Node) -> int:
     return _MAX.get(key) or _ADAPTIVE.get(key) or 2
 
 
+def _pool_params(node: Node) -> list[tuple[int, int, int, int, int, bool]]:
+    """Per spatial dim ``(length, kernel, stride, padding, dilation, ceil_mode)`` of a max-pool."""
+    nd = _dims(node)
+    spatial = tuple(node.in_shapes[0])[-nd:]
+    m = node.module
+    if m is not None:
+        k, s, p, d, c = m.kernel_size, m.stride, m.padding, m.dilation, m.ceil_mode
+    else:
+        k = arg(node, 1, "kernel_size")
+        s = arg(node, 2, "stride")
+        p = arg(node, 3, "padding", 0)
+        d = arg(node, 4, "dilation", 1)
+        c = arg(node, 5, "ceil_mode", False)
+    kk = _tup(k, nd)
+    ss = _tup(s, nd) if s not in (None, [], ()) else kk
+    pp, dd = _tup(p, nd), _tup(d, nd)
+    return [(int(L), kk[i], ss[i], pp[i], dd[i], bool(c)) for i, L in enumerate(spatial)]
+
+
 def max_count(node: Node) -> int:
     """``max_j c_j`` for a (adaptive) max-pool node."""
     nd = _dims(node)
@@ -121,20 +176,7 @@ def max_count(node: Node) -> int:
             spatial[i] if size[i] is None else int(size[i]) for i in range(nd)
         )
         return math.prod(adaptive_window_count(L, o) for L, o in zip(spatial, outs))
-    if m is not None:
-        k, s, p, d, c = m.kernel_size, m.stride, m.padding, m.dilation, m.ceil_mode
-    else:
-        k = arg(node, 1, "kernel_size")
-        s = arg(node, 2, "stride")
-        p = arg(node, 3, "padding", 0)
-        d = arg(node, 4, "dilation", 1)
-        c = arg(node, 5, "ceil_mode", False)
-    kk = _tup(k, nd)
-    ss = _tup(s, nd) if s not in (None, [], ()) else kk
-    pp, dd = _tup(p, nd), _tup(d, nd)
-    return math.prod(
-        window_count(L, kk[i], ss[i], pp[i], dd[i], bool(c)) for i, L in enumerate(spatial)
-    )
+    return math.prod(window_count(*q) for q in _pool_params(node))
 
 
 def _rule(node: Node, ctx: RuleContext) -> NodeConstant:
@@ -149,6 +191,18 @@ def _check(node: Node) -> str | None:
     gi = node.meta.get("getitem")
     if gi not in (None, 0):
         return "max-pool indices are piecewise constant integers (not Lipschitz)"
+    if node.meta.get("key") in _MAX and node.in_shapes:
+        for dim, q in enumerate(_pool_params(node)):
+            if padding_only_windows(*q):
+                L, k, s, p, d, c = q
+                return (
+                    f"a pooling window lies over padding only (spatial dim {dim}: length {L}, "
+                    f"kernel {k}, stride {s}, padding {p}, dilation {d}, ceil_mode={c}): its "
+                    "output is -inf, not a finite function of the input. Reduce the padding "
+                    "or dilation, or use ceil_mode=False"
+                )
+        if max_count(node) == 0:
+            return "the pooling has no window over the input (empty output)"
     return None
 
 

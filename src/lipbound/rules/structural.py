@@ -12,14 +12,20 @@ narrow, pad (zeros),
 dropout/identity (eval)
 expand/repeat/tile     sqrt(m)       m             1             each entry copied ``m`` times
                                                                  (m = out numel / in numel)
-add / sub (branches)   1 per input   1 per input   1 per input   triangle inequality: the bound
-                                                                 is ``sum_i L_i`` (``|alpha|``
-                                                                 for ``torch.add(.., alpha=)``)
-x + c, c - x, -x       1             1             1             translation / sign flip
-x * s, x / s (s const) max|s|        max|s|        max|s|        diagonal map (same shape)
+add / sub / rsub       c_i ||B_i||   c_i ||B_i||   c_i ||B_i||   triangle inequality, ``sum_i``:
+(branches, alpha)                                                ``c = 1`` for ``input`` and
+                                                                 ``|alpha|`` for ``other``
+                                                                 (``add``/``sub``); ``rsub(input,
+                                                                 other, alpha) = other - alpha
+                                                                 input``: ``|alpha|`` on input
+x + c, c - x, -x       ||B||         ||B||         1             translation / sign flip, then
+                                                                 the broadcast ``B`` (below)
+x * s, x / s (s const) sqrt(max_j     max_j sum     max|s|        ``diag(|s|) B``: one entry per
+                       sum s_i^2)    |s_i|                       row; column ``j`` = the copies
+                                                                 ``i ~ j`` of ``x_j``
 cat / stack,           1 per input,  1 per input,  1 per input,  ``||cat(a,b)||_2^2 = ||a||^2 +
 maximum/minimum        root-sum-sq   sum           max           ||b||^2``; for max:
-                                                                 ``|max(a,b)-max(a',b')| <=
+(times ||B_i||)                                                  ``|max(a,b)-max(a',b')| <=
                                                                  max(|a-a'|, |b-b'|)``
 max/min over a dim     1             1             1             each output is the max of its
                                                                  own disjoint set of entries
@@ -36,8 +42,15 @@ log_softmax (n >= 2)   sqrt(n)       n - 1         2             ``J = I - 1 p^T
                                                                  columns to ``1 + (n-2) p_j``
 =====================  ============  ============  ============  ===============================
 
-Products of two inputs (``x * y``), division by an input and attention-style ``matmul`` of two
-inputs have no global constant and are reported as unsupported.
+``B_i`` is the broadcast of input ``i`` to the output shape (each entry copied ``k_i`` times):
+``||B||_2 = sqrt(k)``, ``||B||_1 = k``, ``||B||_inf = 1`` (:mod:`lipbound.rules._util`).
+Without broadcasting ``||B|| = 1``. When a tensor operand of add/sub cannot be matched to its
+argument (it reaches the op through a non-tensor intermediary), every input gets
+``max(1, |alpha|)``, which bounds both roles.
+
+Products of two inputs (``x * y``), division by an input or by a constant with a zero entry,
+and attention-style ``matmul`` of two inputs have no global constant and are reported as
+unsupported.
 """
 
 from __future__ import annotations
@@ -51,7 +64,16 @@ import torch.nn.functional as F
 from torch import nn
 
 from ._registry import NodeConstant, RuleContext
-from ._util import arg, batched_dim, const_rule, declare, is_tensor_arg, numel
+from ._util import (
+    arg,
+    batched_dim,
+    broadcast_constants,
+    const_rule,
+    copy_norm,
+    declare,
+    is_tensor_arg,
+    numel,
+)
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..graph.types import Node
@@ -173,6 +195,10 @@ def _div_check(node: Node) -> str | None:
         return "division by a tensor that depends on the input has no global constant"
     if arg(node, 2, "rounding_mode") is not None:
         return "rounded division (floor/trunc) is discontinuous"
+    d = arg(node, 1, "other")
+    zero = bool((d == 0).any()) if isinstance(d, torch.Tensor) else float(d) == 0.0
+    if zero:
+        return "division by a constant with a zero entry (x / 0 is not finite)"
     return None
 
 
@@ -181,46 +207,49 @@ def _other_operand(node: Node) -> Any:
     return a1 if is_tensor_arg(a0) else a0
 
 
-def _abs_max(c: Any) -> float:
-    if isinstance(c, torch.Tensor):
-        return float(c.detach().abs().max()) if c.numel() else 0.0
-    return abs(float(c))
-
-
-def _abs_min(c: Any) -> float:
-    if isinstance(c, torch.Tensor):
-        return float(c.detach().abs().min()) if c.numel() else math.inf
-    return abs(float(c))
-
-
 # ---- constants ----------------------------------------------------------------------------
+def operand_coefficients(node: Node) -> tuple[float, ...]:
+    """``|coefficient|`` of each tensor input of an add / sub / rsub node (before broadcasting).
+
+    ``add(input, other, alpha) = input + alpha other``, ``sub(...) = input - alpha other``,
+    ``rsub(input, other, alpha) = other - alpha input`` (operators ``+``/``-`` have no alpha).
+    Tensor arguments are matched to ``node.inputs`` in call order (positional, then keyword:
+    the order in which the graph lists them); if they cannot be matched, every input gets
+    ``max(1, |alpha|)``.
+    """
+    a = abs(float(arg(node, 2, "alpha", 1)))
+    c_in, c_other = (a, 1.0) if node.meta.get("key") is torch.rsub else (1.0, a)
+    role = {0: c_in, 1: c_other, "input": c_in, "other": c_other}
+    found: list[float | None] = []
+    for i, v in enumerate(node.meta.get("args") or ()):
+        if is_tensor_arg(v):
+            found.append(role.get(i))
+    for k, v in (node.meta.get("kwargs") or {}).items():
+        if is_tensor_arg(v):
+            found.append(role.get(k))
+    if len(found) == len(node.inputs) and all(c is not None for c in found):
+        return tuple(float(c) for c in found if c is not None)
+    return (max(1.0, a),) * len(node.inputs)
+
+
 def _add_rule(node: Node, ctx: RuleContext) -> NodeConstant:
-    alpha = arg(node, 2, "alpha", 1)
-    cs = [1.0] * len(node.inputs)
-    a1 = arg(node, 1, "other")
-    if len(node.inputs) == 2 or (is_tensor_arg(a1) and len(node.inputs) == 1
-                                 and not is_tensor_arg(arg(node, 0, "input"))):
-        cs[-1] = abs(float(alpha))
-    return NodeConstant(constants=tuple(cs), certified=True, how="sum of branches")
+    cs = broadcast_constants(node, operand_coefficients(node), ctx.norm)
+    return NodeConstant(constants=cs, certified=True, how="sum of branches (|coef| ||B||)")
 
 
-def _scale_rule(node: Node, ctx: RuleContext, scale: float, how: str) -> NodeConstant:
-    if node.in_shapes and tuple(node.in_shapes[0]) != tuple(node.out_shape):
-        from .linear import _linear_rule  # broadcasting copies entries: measure the map
-
-        return _linear_rule(node, ctx)
-    return NodeConstant(constants=(scale,), certified=True, how=how)
+def _scale_rule(node: Node, ctx: RuleContext, w: Any, how: str) -> NodeConstant:
+    v = copy_norm(w, node.in_shapes[0], node.out_shape, ctx.norm)
+    return NodeConstant(constants=(v,), certified=True, how=how)
 
 
 def _mul_rule(node: Node, ctx: RuleContext) -> NodeConstant:
-    c = _other_operand(node)
-    return _scale_rule(node, ctx, _abs_max(c), "max |multiplier| (diagonal)")
+    return _scale_rule(node, ctx, _other_operand(node), "|multiplier| (diagonal, broadcast)")
 
 
 def _div_rule(node: Node, ctx: RuleContext) -> NodeConstant:
-    m = _abs_min(arg(node, 1, "other"))
-    s = math.inf if m == 0 else 1.0 / m
-    return _scale_rule(node, ctx, s, "1 / min |divisor| (diagonal)")
+    d = arg(node, 1, "other")
+    w = 1.0 / d.detach().double().abs() if isinstance(d, torch.Tensor) else 1.0 / abs(float(d))
+    return _scale_rule(node, ctx, w, "1 / |divisor| (diagonal, broadcast)")
 
 
 def _copy_rule(node: Node, ctx: RuleContext) -> NodeConstant:
@@ -291,13 +320,18 @@ def _reduce_max_check(node: Node) -> str | None:
     return None
 
 
+def _max2_rule(node: Node, ctx: RuleContext) -> NodeConstant:
+    """Element-wise max/min of inputs (or of one input and a constant), with broadcasting."""
+    return NodeConstant(
+        constants=broadcast_constants(node, (1.0,) * max(1, len(node.inputs)), ctx.norm),
+        certified=True, how="|max(a,b)-max(a',b')| <= max(|a-a'|,|b-b'|)",
+        combine=CAT_COMBINE[ctx.norm],  # type: ignore[arg-type]
+    )
+
+
 def _reduce_max_rule(node: Node, ctx: RuleContext) -> NodeConstant:
     if len(node.inputs) >= 2:
-        return NodeConstant(
-            constants=(1.0,) * len(node.inputs), certified=True,
-            how="|max(a,b)-max(a',b')| <= max(|a-a'|,|b-b'|)",
-            combine=CAT_COMBINE[ctx.norm],  # type: ignore[arg-type]
-        )
+        return _max2_rule(node, ctx)  # torch.max(a, b): element-wise maximum of two inputs
     return NodeConstant(constants=(1.0,), certified=True, how="max over disjoint sets")
 
 
@@ -319,9 +353,7 @@ declare(MUL_OPS, name="scalar mul", kind="affine", constant=_mul_rule,
 declare(DIV_OPS, name="scalar div", kind="affine", constant=_div_rule, check=_div_check)
 declare(CAT_OPS, name="cat", kind="op",
         constant=const_rule(ONE, "concatenation", combine=CAT_COMBINE))
-declare(MAX2_OPS, name="maximum", kind="elementwise",
-        constant=const_rule(ONE, "|max(a,b)-max(a',b')| <= max(|a-a'|,|b-b'|)",
-                            combine=CAT_COMBINE),
+declare(MAX2_OPS, name="maximum", kind="elementwise", constant=_max2_rule,
         slope_range=lambda node: (0.0, 1.0))
 declare(REDUCE_MAX_OPS, name="max over a dim", kind="op", constant=_reduce_max_rule,
         check=_reduce_max_check)

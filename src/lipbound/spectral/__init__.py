@@ -30,25 +30,57 @@ True
 
 from __future__ import annotations
 
+import functools
 import math
 import time
 from typing import Any
 
 import torch
 
-from .._validation import check_choice, check_input_shape, check_norm, check_positive
-from ..errors import InvalidArgumentError, ZeroOperatorError
+from .._validation import (
+    check_choice,
+    check_input_shape,
+    check_model,
+    check_norm,
+    check_positive,
+)
+from ..errors import InvalidArgumentError, NonFiniteError, ZeroOperatorError
 from ..results import SpectralResult
 from ._ops import Operator, make_operator
 from .certify import best_certificate
 from .lanczos import arpack as _arpack
 from .lanczos import lanczos as _lanczos
-from .power import Triplets
+from .power import Triplets, _orth_rows
 from .power import power_iteration as _power
 
 __all__ = ["spectral_norm", "top_singular", "certified_upper", "METHODS"]
 
 METHODS = ("auto", "lanczos", "arpack", "power")
+
+#: Memory budget (bytes) of the Krylov basis of Lanczos (``basis`` vectors of the smaller of
+#: the input / output sizes, in the working dtype; default basis ``max(2k + 10, 24)``). A
+#: larger operator gets a smaller basis (more restarts, same answer); one for which even
+#: ``k + 4`` vectors do not fit is refused with the memory it needs.
+KRYLOV_BYTES = 1 << 32
+
+
+def _basis_size(A: Operator, k: int) -> int | None:
+    """The Lanczos basis size that fits :data:`KRYLOV_BYTES` (``None``: the default fits)."""
+    n = min(A.n_in, A.n_out)
+    item = torch.finfo(A.dtype).bits // 8
+    default = max(2 * k + 10, 24)
+    cap = KRYLOV_BYTES // max(1, n * item)
+    if cap >= default:
+        return None
+    if cap < k + 4:
+        need = (k + 4) * n * item
+        raise InvalidArgumentError(
+            f"the Lanczos basis for k={k} on an operator with {n} entries per vector needs at "
+            f"least {need / 2**30:.3g} GiB (k + 4 vectors of {n * item / 2**20:.3g} MiB), above "
+            f"lipbound.spectral.KRYLOV_BYTES = {KRYLOV_BYTES / 2**30:.3g} GiB; ask for fewer "
+            "triplets (k), use method='power' (k vectors only), or raise KRYLOV_BYTES."
+        )
+    return int(cap)
 
 
 def _check_dtype(dtype: Any) -> torch.dtype | None:
@@ -118,9 +150,15 @@ def spectral_norm(
     ``A v_i ~= sigma_i u_i``, ``iterations`` (operator applications: forward and adjoint
     products, per vector), ``seconds`` and ``converged``.
 
+    The zero map (e.g. an all-zero weight) has norm 0: ``value`` 0, ``upper`` its certificate
+    (0 up to a rounding margin), ``u`` zero and ``v`` any orthonormal vectors (all are right
+    singular vectors); :func:`top_singular`, which asks for the vectors, raises
+    :class:`~lipbound.ZeroOperatorError` instead. A module is unwrapped (``torch.compile``,
+    ``DataParallel``) and refused in training mode (:class:`~lipbound.TrainingModeError`).
+
     Raises :class:`~lipbound.ShapeError` (op fails on ``input_shape``, or the shape is empty),
     :class:`~lipbound.NonLinearOperatorError`, :class:`~lipbound.NonFiniteError`,
-    :class:`~lipbound.ZeroOperatorError`, :class:`~lipbound.InvalidArgumentError`.
+    :class:`~lipbound.TrainingModeError`, :class:`~lipbound.InvalidArgumentError`.
 
     >>> import torch
     >>> W = torch.diag(torch.tensor([3.0, 2.0, 1.0], dtype=torch.float64))
@@ -138,8 +176,11 @@ def spectral_norm(
     check_choice("method", method, METHODS)
     if not isinstance(seed, int) or isinstance(seed, bool):
         raise InvalidArgumentError(f"seed must be an int; got {seed!r}")
+    if isinstance(op, torch.nn.Module):
+        op = check_model(op, name="op", require_eval=True)
     dt = _check_dtype(dtype) or _default_dtype(op, tol)
     A = make_operator(op, shape, dtype=dt, check_linear=check_linear, seed=seed)
+    dt = A.dtype  # float64 when the op's own dtype overflowed or vanished
     if k > min(A.n_in, A.n_out):
         raise InvalidArgumentError(
             f"k={k} exceeds the rank limit min(n_in, n_out) = {min(A.n_in, A.n_out)} of this "
@@ -149,21 +190,26 @@ def spectral_norm(
     gen = torch.Generator().manual_seed(seed)
     name = "lanczos" if method == "auto" else method
     trip: Triplets
-    if name == "power":
+    if A.zero:  # the zero map: norm 0, every unit vector is a right singular vector
+        v0 = _orth_rows(A.randn(k, gen).reshape(k, -1)).reshape(k, *A.in_shape)
+        trip = Triplets(torch.zeros(k, dtype=torch.float64),
+                        torch.zeros((k, *A.out_shape), dtype=A.dtype, device=A.device), v0,
+                        True, 0)
+    elif name == "power":
         trip = _power(A, k, tol, max_iter, gen)
+    elif name == "arpack":
+        trip = _on_smaller_side(_arpack, A, k, tol, max_iter, gen)
     else:
-        trip = _on_smaller_side(_arpack if name == "arpack" else _lanczos, A, k, tol, max_iter,
-                                gen)
-    sig = [float(s) for s in trip.sigmas]
-    if not sig[0] > 0.0 or not math.isfinite(sig[0]):
-        if math.isfinite(sig[0]):
-            raise ZeroOperatorError(
-                "the operator's norm is 0 (A v = 0 for the converged v): it is the zero map. "
-                "Check the weights."
-            )
-        from ..errors import NonFiniteError
-
-        raise NonFiniteError("the iteration produced a non-finite value: the op overflows")
+        m = _basis_size(A, k)
+        solver = _lanczos if m is None else functools.partial(_lanczos, basis=m)
+        trip = _on_smaller_side(solver, A, k, tol, max_iter, gen)
+    # the products were those of scale * A (a power of two): exact to undo
+    sig = [float(s) / A.scale for s in trip.sigmas]
+    if not all(math.isfinite(s) for s in sig):
+        raise NonFiniteError(
+            "the iteration produced a non-finite singular value: the op overflows even in "
+            "float64. Check the weights' magnitude."
+        )
     iterations = A.count
     upper: float | None = None
     how = ""
@@ -178,6 +224,9 @@ def spectral_norm(
                 )
     if not trip.converged:
         notes.append(f"not converged to tol={tol:g} in max_iter={max_iter}; estimate from below")
+    if A.zero:
+        notes.append("zero operator (op(x) - op(0) = 0 on random inputs in float64): norm 0; "
+                     "u is 0 and v any orthonormal vectors")
     return SpectralResult(
         value=sig[0],
         upper=upper,
@@ -221,8 +270,18 @@ def top_singular(op: Any, input_shape: Any, k: int, **options: Any) -> SpectralR
     >>> r = top_singular(torch.nn.Linear(4, 3), (4,), 2)
     >>> r.u.shape, r.v.shape, len(r.singular_values)
     (torch.Size([2, 3]), torch.Size([2, 4]), 2)
+
+    Raises :class:`~lipbound.ZeroOperatorError` for the zero map, whose singular vectors are
+    not defined (every unit vector is one): its norm is ``spectral_norm(...).value == 0``.
     """
-    return spectral_norm(op, input_shape, k=k, **options)
+    r = spectral_norm(op, input_shape, k=k, **options)
+    if r.singular_values[0] == 0.0:
+        raise ZeroOperatorError(
+            "op is the zero map (op(x) - op(0) = 0 on random inputs): its norm is 0 and it has "
+            "no singular vectors to return (every unit vector is one). Check the weights (all "
+            "zero?); spectral_norm(op, input_shape).value gives the norm, 0."
+        )
+    return r
 
 
 def certify_op(op: Any, shape: tuple[int, ...], out_shape: tuple[int, ...], norm: str = "2"
@@ -248,5 +307,7 @@ def certified_upper(op: Any, input_shape: Any, *, norm: Any = "2") -> tuple[floa
     """
     shape = check_input_shape(input_shape)
     n = check_norm(norm, method="certified_upper")
+    if isinstance(op, torch.nn.Module):
+        op = check_model(op, name="op")
     A: Operator = make_operator(op, shape, dtype=torch.float64, check_linear=True)
     return best_certificate(op, shape, A.out_shape, n)

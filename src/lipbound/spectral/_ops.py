@@ -25,7 +25,6 @@ from ..errors import (
     NonFiniteError,
     NonLinearOperatorError,
     ShapeError,
-    ZeroOperatorError,
 )
 
 __all__ = ["Operator", "make_operator", "module_call", "op_device"]
@@ -78,6 +77,14 @@ class Operator:
     ``matvec(x)`` maps ``(B, *in_shape) -> (B, *out_shape)``; ``rmatvec(y)`` the adjoint.
     ``count`` counts single-vector products (a batch of ``B`` counts ``B``), forward and adjoint
     separately.
+
+    ``scale`` is a power of two (exact in binary floating point, so it changes no rounding)
+    chosen by :func:`make_operator` so that ``scale * ||A||`` is of order 1: the products are
+    those of ``scale * A`` (``matvec``: ``scale (op(x) - op(0))``, ``rmatvec``: its VJP
+    ``scale A^T y``), and a norm computed from them is divided by ``scale``. Without it, the
+    Gram products ``A^T A v`` of a layer with weights ~1e30 overflow float32 (1e60) and those of
+    weights ~1e-150 underflow float64. ``zero`` is True when ``A`` vanished on the random probe
+    inputs in float64 (the zero map, to rounding): its norm estimate is 0.
     """
 
     def __init__(
@@ -100,10 +107,13 @@ class Operator:
         self.n_in = math.prod(in_shape)
         self.n_out = math.prod(out_shape)
         self.count = 0
+        self.scale = 1.0
+        self.zero = False
         self._vjps: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def lin(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fn(x) - self.bias
+        y = self.fn(x) - self.bias
+        return y if self.scale == 1.0 else y * self.scale
 
     def matvec(self, x: torch.Tensor) -> torch.Tensor:
         """``A x`` for a batch ``x`` of shape ``(B, *in_shape)``."""
@@ -158,6 +168,7 @@ class _Adjoint(Operator):
         self.in_shape, self.out_shape = base.out_shape, base.in_shape
         self.n_in, self.n_out = base.n_out, base.n_in
         self.dtype, self.device, self.source = base.dtype, base.device, base.source
+        self.scale, self.zero = base.scale, base.zero
 
     @property  # type: ignore[override]
     def count(self) -> int:
@@ -205,6 +216,11 @@ def _call(
     return out
 
 
+def _can_widen(op: Any, dtype: torch.dtype) -> bool:
+    """Whether ``op`` can be re-evaluated in float64 (a module working in a narrower dtype)."""
+    return isinstance(op, nn.Module) and dtype != torch.float64 and dtype.is_floating_point
+
+
 def _tol(dtype: torch.dtype) -> float:
     return 1e-9 if dtype == torch.float64 else 1e-4
 
@@ -220,9 +236,15 @@ def make_operator(
     """Validate ``op`` on ``input_shape`` and wrap its linear part.
 
     Raises :class:`ShapeError` (op fails on the shape or drops the batch dim),
-    :class:`NonFiniteError` (NaN/inf weights or outputs), :class:`NonLinearOperatorError`
-    (superposition check fails, or a training-mode BatchNorm/Dropout) and
-    :class:`ZeroOperatorError` (``A x = 0`` on random inputs).
+    :class:`NonFiniteError` (NaN/inf weights or outputs) and :class:`NonLinearOperatorError`
+    (superposition check fails, or a training-mode BatchNorm/Dropout).
+
+    A module whose float32 (or lower) evaluation overflows on the probe inputs, or vanishes
+    on them to rounding, is re-wrapped in float64 (its parameters are cast, finite float32
+    values are exact in float64). The returned operator is scaled by a power of two to norm
+    ~1 (:attr:`Operator.scale`); one that is zero on the probe inputs in float64 (or for a
+    plain function) is returned with ``zero = True`` (norm estimate 0, a valid estimate from
+    below; the certificates, computed separately from the weights, bound the true norm).
     """
     if not callable(op):
         raise InvalidArgumentError(
@@ -267,6 +289,9 @@ def make_operator(
                 f"op returned {bias.dtype} for a {dtype} input; it must compute in one dtype"
             )
     if not bool(torch.isfinite(bias).all()):
+        if _can_widen(op, dtype):
+            return make_operator(op, input_shape, dtype=torch.float64,
+                                 check_linear=check_linear, seed=seed)
         raise NonFiniteError(
             "op(0) contains NaN or inf: the op's weights or bias are not finite. "
             "Check the weights you loaded."
@@ -289,6 +314,9 @@ def make_operator(
                 f"{tuple(bias.shape)}); it must map (B, *input_shape) to (B, *output_shape)"
             )
         if not bool(torch.isfinite(out).all()):
+            if _can_widen(op, dtype):
+                return make_operator(op, input_shape, dtype=torch.float64,
+                                     check_linear=check_linear, seed=seed)
             raise NonFiniteError(
                 "op returned NaN or inf on random inputs: its weights are not finite or it "
                 "overflows. Check the weights."
@@ -298,11 +326,16 @@ def make_operator(
     nb = float(bias.to(torch.float64).norm())
     n1, n2 = float(ax[0].norm()), float(ax[1].norm())
     if max(n1, n2) <= 64 * eps * nb:
-        raise ZeroOperatorError(
-            "op is zero on random inputs (op(x) - op(0) = 0): its linear part is the zero map, "
-            "whose norm is 0 and which has no singular vectors. Check the weights "
-            "(all zero?) and that the op really depends on its input."
-        )
+        if _can_widen(op, dtype):
+            return make_operator(op, input_shape, dtype=torch.float64,
+                                 check_linear=check_linear, seed=seed)
+        A.zero = True
+        return A
+    # a power of two bringing the probe's gain ||A x|| / ||x|| to [1/2, 2): exact scaling
+    xn = float(x.to(torch.float64).reshape(2, -1).norm(dim=1).min())
+    gain = max(n1, n2) / xn if xn > 0 else 1.0
+    if math.isfinite(gain) and gain > 0 and not 2.0**-16 <= gain <= 2.0**16:
+        A.scale = math.ldexp(1.0, max(-1000, min(1000, -round(math.log2(gain)))))
     if check_linear:
         # per-sample: the op must not mix the samples of a batch
         with torch.no_grad():

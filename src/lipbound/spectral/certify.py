@@ -49,7 +49,31 @@ __all__ = [
 
 U = 2.0**-53  # float64 unit roundoff
 DENSE_LIMIT = 4_000_000  # largest n_in * n_out for which a Jacobian is built densely
+#: Memory budget (bytes) of one chunk of basis vectors pushed through the op by
+#: :func:`dense_jacobian`: the chunk holds ``c`` inputs and outputs (float64), with a factor 4
+#: for the op's intermediate values. A Linear(49152, 10) asked for 19 GB when the chunk size
+#: ignored the input width.
+DENSE_CHUNK_BYTES = 1 << 28
 _F64 = torch.float64
+
+
+def _pow2_split(T: torch.Tensor) -> tuple[torch.Tensor, float]:
+    r"""``(T / 2^e, 2^e)`` with ``2^e`` near ``max |T|`` (``(T, 1)`` for a zero tensor).
+
+    Scaling by a power of two is exact in binary floating point (barring entries pushed below
+    ``2^-1022 max|T|``, whose absolute change ``<= 2^-1075`` is far below the ``u ||T||_F``
+    margins of every certificate here), and every norm is homogeneous, so a bound ``b`` of the
+    scaled tensor gives the bound ``2^e b`` of ``T``. It keeps squares and Gram matrices in
+    range: weights ~1e30 (~1e60 squared) and ~1e-150 (~1e-300, subnormal territory in float64,
+    where relative rounding margins no longer hold) alike.
+    """
+    mx = float(T.detach().abs().max()) if T.numel() else 0.0
+    if not mx > 0 or not math.isfinite(mx):
+        return T, 1.0
+    e = math.frexp(mx)[1]
+    if -8 <= e <= 8:
+        return T, 1.0
+    return T * math.ldexp(1.0, -e), math.ldexp(1.0, e)
 
 
 def _up(x: float, rel: float = 8 * U) -> float:
@@ -88,6 +112,12 @@ def matrix_norm_upper(W: torch.Tensor, norm: str = "2") -> tuple[float, str]:
     (True, 'dense SVD (float64) + margin')
     """
     W = W.detach().to(_F64).reshape(W.shape[0], -1)
+    if not bool(W.any()):
+        return 0.0, "zero matrix (exact)"
+    W, f = _pow2_split(W)
+    if f != 1.0:
+        b, how = matrix_norm_upper(W, norm)
+        return b * f, how
     m, n = W.shape
     if norm in ("1", "inf"):
         sums = W.abs().sum(dim=0 if norm == "1" else 1)
@@ -417,6 +447,13 @@ def conv_fourier_upper(
     >>> round(b, 9), how   # the all-ones circular kernel has norm 3 (the constant signal)
     (3.0, 'fourier (circular padding, grid 8, exact)')
     """
+    if not bool(spec.weight.any()):
+        return 0.0, "zero kernel (exact)"
+    Ks, f = _pow2_split(spec.weight.to(_F64))
+    if f != 1.0:
+        b, how = conv_fourier_upper(replace(spec, weight=Ks), max_bytes=max_bytes,
+                                    _gram_min=_gram_min, _candidate_scale=_candidate_scale)
+        return b * f, how
     D = spec.dims
     K = spec.weight.to(_F64)
     g = spec.groups
@@ -525,6 +562,12 @@ def conv_l1_linf_upper(spec: ConvSpec, norm: str) -> tuple[float, str]:
     For the adjoint of a conv (ConvTranspose) l1 and l-inf swap. Sums of non-negative float64
     terms are inflated by ``(1 + 2 q u)``.
     """
+    if not bool(spec.weight.any()):
+        return 0.0, "zero kernel (exact)"
+    Ks, f = _pow2_split(spec.weight.to(_F64))
+    if f != 1.0:
+        b, how = conv_l1_linf_upper(replace(spec, weight=Ks), norm)
+        return b * f, how
     if spec.adjoint:
         norm = "inf" if norm == "1" else "1"
     K = spec.weight.to(_F64).abs()
@@ -565,7 +608,9 @@ def _device(op: Any) -> torch.device:
 def dense_jacobian(op: Any, in_shape: tuple[int, ...]) -> torch.Tensor | None:
     """The matrix ``J`` (``n_out x n_in``) of ``x -> op(x) - op(0)``, float64, or ``None``.
 
-    Built from forward calls on the standard basis in chunks; ``None`` when ``op`` cannot run
+    Built from forward calls on the standard basis in chunks of ``c`` vectors, ``c`` sized so
+    that a chunk (``c`` inputs of ``n_in`` and outputs of ``n_out`` float64 entries, times 4 for
+    the op's intermediates) fits :data:`DENSE_CHUNK_BYTES`; ``None`` when ``op`` cannot run
     in float64 or the matrix would exceed :data:`DENSE_LIMIT` entries.
     """
     fn = _f64_fn(op)
@@ -581,8 +626,22 @@ def dense_jacobian(op: Any, in_shape: tuple[int, ...]) -> torch.Tensor | None:
     n_out = b[0].numel()
     if n_in * n_out > DENSE_LIMIT:
         return None
+    # one basis vector per column (forward calls) or, when the output is the smaller side,
+    # per row (vector-Jacobian products): n_in n_out work either way instead of n_in^2
+    chunk = max(1, DENSE_CHUNK_BYTES // (4 * 8 * (n_in + n_out)))
+    if n_out < n_in:
+        rows = []
+        for a in range(0, n_out, chunk):
+            c = min(chunk, n_out - a)
+            x0 = torch.zeros((c, *in_shape), dtype=_F64, device=dev, requires_grad=True)
+            with torch.enable_grad():
+                y = fn(x0).reshape(c, -1)
+            e = torch.zeros((c, n_out), dtype=_F64, device=dev)
+            e[torch.arange(c), torch.arange(a, a + c)] = 1.0
+            (g,) = torch.autograd.grad(y, x0, e)
+            rows.append(g.reshape(c, -1).cpu())
+        return torch.cat(rows).contiguous()
     cols = []
-    chunk = max(1, min(n_in, DENSE_LIMIT // max(1, 4 * n_out)))
     with torch.no_grad():
         for a in range(0, n_in, chunk):
             c = min(chunk, n_in - a)
@@ -596,8 +655,10 @@ def dense_jacobian(op: Any, in_shape: tuple[int, ...]) -> torch.Tensor | None:
 def dense_upper(op: Any, in_shape: tuple[int, ...], norm: str = "2") -> tuple[float, str] | None:
     r"""Certificate from the dense Jacobian of a small op (``n_in n_out <= DENSE_LIMIT``).
 
-    ``J_hat`` is built by evaluating ``op`` in float64 on the basis vectors (minus ``op(0)``).
-    Assumption (holds for the linear layers of torch: matmul, conv, pooling, BatchNorm, and
+    ``J_hat`` is built by evaluating ``op`` in float64 on the basis vectors (minus ``op(0)``),
+    or, when the output is smaller, by its vector-Jacobian products with the output basis
+    vectors (the transposed linear layers, same per-entry accuracy). Assumption (holds for the
+    linear layers of torch: matmul, conv, pooling, BatchNorm, and
     their compositions without catastrophic cancellation): each computed entry is within
     ``16 n_in u`` times the matching entry of ``|J|`` (plus ``u |op(0)|`` for the bias
     subtraction), so ``||J_hat - J||_F <= 16 (n_in + 1) u ||J_hat||_F + 2 u sqrt(n_in)
@@ -779,7 +840,8 @@ def _sequential(seq: nn.Module, in_shape: tuple[int, ...], norm: str) -> tuple[f
             return None
         total *= c[0]
         hows.append(c[1].split(" (")[0])
-    return _up(total), "product of parts: " + " * ".join(hows)
+    # a zero part makes the product exactly 0 (the composition is the zero map)
+    return (_up(total) if total > 0 else 0.0), "product of parts: " + " * ".join(hows)
 
 
 def best_certificate(

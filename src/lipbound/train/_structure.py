@@ -31,6 +31,7 @@ import torch
 from torch import nn
 
 from ..errors import InvalidArgumentError, UnsupportedModelError, UnsupportedNode
+from ..rules._registry import widen_range
 from ._power import is_layer
 
 __all__ = ["LayerCall", "Plan", "PlanNode", "build_plan", "find_calls_hooks", "linear_groups"]
@@ -39,16 +40,16 @@ _SOURCES = ("auto", "graph", "sequential", "hooks")
 
 # element-wise activations of the "sequential" fallback: slope range of the derivative
 _ACT_SLOPES: dict[type[nn.Module], Callable[[nn.Module], tuple[float, float]]] = {
-    nn.ReLU: lambda m: (0.0, 1.0),
-    nn.ReLU6: lambda m: (0.0, 1.0),
-    nn.Hardtanh: lambda m: (0.0, 1.0),
-    nn.Tanh: lambda m: (0.0, 1.0),
-    nn.Sigmoid: lambda m: (0.0, 0.25),
-    nn.Softplus: lambda m: (0.0, 1.0),
-    nn.LeakyReLU: lambda m: (
+    nn.ReLU: lambda m: widen_range((0.0, 1.0)),
+    nn.ReLU6: lambda m: widen_range((0.0, 1.0)),
+    nn.Hardtanh: lambda m: widen_range((0.0, 1.0)),
+    nn.Tanh: lambda m: widen_range((0.0, 1.0)),
+    nn.Sigmoid: lambda m: widen_range((0.0, 0.25)),
+    nn.Softplus: lambda m: widen_range((0.0, 1.0)),
+    nn.LeakyReLU: lambda m: widen_range((
         min(float(getattr(m, "negative_slope", 0.01)), 1.0),
         max(float(getattr(m, "negative_slope", 0.01)), 1.0),
-    ),
+    )),
 }
 _IDENTITY_TYPES = (nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d)
 
