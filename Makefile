@@ -6,7 +6,7 @@ TORCH_PIN ?= torch==2.13.0
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test lint bench clean
+.PHONY: demo test lint bench clean fuzz
 
 $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -31,6 +31,9 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/seqlip.py
 	$(BIN)/python benchmarks/compare.py
 	$(BIN)/python benchmarks/regularise.py
+
+fuzz: $(STAMP)
+	OMP_NUM_THREADS=1 $(BIN)/python benchmarks/fuzz.py --graphs 10000 --out benchmarks/results/fuzz.md
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -108,7 +108,8 @@ def _batched(model: nn.Module, shape: tuple[int, ...]) -> _Fn:
     """``(B, n) -> (B, m)``: reshape to the input shape, call, flatten the output."""
 
     def f(z: torch.Tensor) -> torch.Tensor:
-        out = model(z.reshape(z.shape[0], *shape))
+        # a copy: a model that writes its input in place must not change the witness points
+        out = model(z.reshape(z.shape[0], *shape).clone())
         if not isinstance(out, torch.Tensor):
             raise InvalidArgumentError(
                 f"the model must return one tensor; it returned {type(out).__name__}"
@@ -221,18 +222,52 @@ class _JacAt:
     """
 
     def __init__(self, f: _Fn, x: torch.Tensor) -> None:
+        self.f = f
+        self.g: torch.Tensor | None = None
         with torch.enable_grad():
             self.x = x.detach().requires_grad_(True)
             self.out = f(self.x)
+            self.const = not self.out.requires_grad  # the output does not depend on x
             self.w = torch.zeros_like(self.out, requires_grad=True)
-            (self.g,) = torch.autograd.grad(self.out, self.x, self.w, create_graph=True)
+            if not self.const:
+                try:
+                    (self.g,) = torch.autograd.grad(self.out, self.x, self.w, create_graph=True)
+                except RuntimeError:  # an op without a differentiable backward
+                    self.g = None
 
     def jv(self, v: torch.Tensor) -> torch.Tensor:
-        with torch.enable_grad():
-            (r,) = torch.autograd.grad(self.g, self.w, v, retain_graph=True, allow_unused=True)
-        return torch.zeros_like(self.out) if r is None else r.detach()
+        if self.const:
+            return torch.zeros_like(self.out)
+        if self.g is not None:
+            try:
+                with torch.enable_grad():
+                    (r,) = torch.autograd.grad(self.g, self.w, v, retain_graph=True,
+                                               allow_unused=True)
+                return torch.zeros_like(self.out) if r is None else r.detach()
+            except RuntimeError:  # double backward missing for some op (e.g. hardsigmoid)
+                self.g = None
+        return self._jv_fallback(v)
+
+    def _jv_fallback(self, v: torch.Tensor) -> torch.Tensor:
+        """``J v`` by forward-mode AD, else by a central difference (a search direction only:
+        every reported value is recomputed at its witness by :class:`_Checker`)."""
+        x = self.x.detach()
+        try:
+            with torch.autograd.forward_ad.dual_level():
+                out = self.f(torch.autograd.forward_ad.make_dual(x, v))
+                t = torch.autograd.forward_ad.unpack_dual(out).tangent
+            if t is not None:
+                return t.detach()
+        except (RuntimeError, NotImplementedError):
+            pass
+        with torch.no_grad():
+            scale = x.abs().amax().clamp_min(1.0) * torch.finfo(x.dtype).eps ** (1 / 3)
+            h = scale / v.abs().amax().clamp_min(torch.finfo(x.dtype).tiny)
+            return (self.f(x + h * v) - self.f(x - h * v)) / (2 * h)
 
     def jtu(self, u: torch.Tensor) -> torch.Tensor:
+        if self.const:
+            return torch.zeros_like(self.x)
         with torch.enable_grad():
             (r,) = torch.autograd.grad(self.out, self.x, u, retain_graph=True, allow_unused=True)
         return torch.zeros_like(self.x) if r is None else r.detach()
@@ -482,6 +517,9 @@ class _Search:
             a, b = x + 0.5 * d * s * un, x - 0.5 * d * s * un
             r = _pnorm(self.f(a) - self.f(b), self.norm) / (d * s[:, 0])
             self.evaluations += 2 * x.shape[0]
+            if not r.requires_grad:  # f does not depend on its input here: nothing to ascend
+                self.add(r.detach(), "pairs", a.detach(), y=b.detach())
+                break
             gz, gu = torch.autograd.grad(r.sum(), [z, u])
             opt.ascend([gz, gu], lr_t)
             with torch.no_grad():

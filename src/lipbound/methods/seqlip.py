@@ -80,6 +80,7 @@ from torch import nn
 
 from .._validation import check_choice, check_input_shape, check_model, check_norm, check_positive
 from ..errors import InvalidArgumentError
+from ..graph._modules import eval_weight
 from ..results import LayerBound, LipschitzResult
 from ._pairs import (
     ROUNDING_MARGIN,
@@ -350,7 +351,8 @@ def _dense_matrix(node: Any) -> torch.Tensor:
     if isinstance(m, nn.Sequential) and len(m) == 1:
         m = m[0]
     if isinstance(m, nn.Linear) and node.in_shapes[0] == (m.in_features,):
-        return m.weight.detach().to(device="cpu", dtype=_F64)
+        # eval_weight: a parametrised / spectral-normed weight as eval computes it, no state write
+        return eval_weight(m).detach().to(device="cpu", dtype=_F64)
     return node.dense(_F64)[0].cpu()
 
 
