@@ -107,7 +107,7 @@ def test_verification_rejects_bad_multipliers_and_accepts_good_ones() -> None:
     ranges = [(0.0, 1.0)]
     rho, why = verify_lipsdp(Ws, ranges, [np.zeros(4)])
     assert rho is None and "failed" in why
-    res = lipsdp(net, (2,))
+    res = lipsdp(net, (2,), solver="CVXOPT")
     # rebuild a certificate by hand: large multipliers work for a large enough rho
     rho2, _ = verify_lipsdp(Ws, ranges, [np.full(4, 10.0)])
     assert rho2 is not None
@@ -125,21 +125,21 @@ def test_bad_multipliers_are_repaired_or_labelled_estimate(monkeypatch: pytest.M
         return 1e-3, [np.zeros(W.shape[0]) for W in Ws[:-1]], "optimal_inaccurate"
 
     monkeypatch.setattr(sdp_mod, "_solve", fake_solve)
-    res = lipsdp(net, (2,))
+    res = lipsdp(net, (2,), solver="CVXOPT")
     # zero multipliers never verify; the closed-form certificate repairs them
     assert res.certified and "repaired" in " ".join(res.notes)
     assert res.value >= _realised_max(net, 2, 0)
     monkeypatch.setattr(sdp_mod, "_repair", lambda Ws, ranges, tv: (None, math.nan))
-    res = lipsdp(net, (2,))
+    res = lipsdp(net, (2,), solver="CVXOPT")
     assert not res.certified and res.upper is None and res.bound == "estimate"
     assert "NOT certified" in " ".join(res.notes)
 
 
 def test_solver_without_solution_falls_back_to_closed_form(monkeypatch: pytest.MonkeyPatch) -> None:
     net = _mlp([2, 5, 4, 1], seed=2)
-    good = lipsdp(net, (2,))
+    good = lipsdp(net, (2,), solver="CVXOPT")
     monkeypatch.setattr(sdp_mod, "_solve", lambda *a: (math.nan, None, "infeasible_inaccurate"))
-    res = lipsdp(net, (2,))
+    res = lipsdp(net, (2,), solver="CVXOPT")
     assert res.certified and "closed-form" in " ".join(res.notes)
     assert res.value >= good.value * (1 - 1e-9)
     assert res.value >= _realised_max(net, 2, 2)
@@ -180,7 +180,7 @@ def test_functional_relu_model() -> None:
 def test_missing_cvxpy_raises(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setitem(sys.modules, "cvxpy", None)
     with pytest.raises(MissingDependencyError, match="lipbound\\[sdp\\]"):
-        lipsdp(_mlp([2, 3, 1], seed=0), (2,))
+        lipsdp(_mlp([2, 3, 1], seed=0), (2,), solver="CVXOPT")
 
 
 def test_residual_model_is_rejected(residual_net: nn.Module) -> None:

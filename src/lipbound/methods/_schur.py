@@ -1,0 +1,497 @@
+r"""LipSDP-Neuron for feed-forward chains by per-layer Schur complements (no SDP solver).
+
+The LMI
+-------
+Chain ``x -> W_1 -> phi_1 -> ... -> W_H -> phi_H -> W_K`` (``K = H + 1``), activation ``i`` slope
+restricted in ``[a_i, b_i]``, ``c_i = (a_i + b_i)^2``, diagonal multipliers ``T_i >= 0``. Input
+normalised to ``rho = 1`` (the LMI of :mod:`lipbound.methods.sdp` divided by ``rho``, multipliers
+``T/rho``) and the output term moved into an extra block by a Schur complement, ``-M`` becomes
+the block tri-diagonal matrix with diagonal blocks ``A_0..A_H, A_{H+1}`` and off-diagonal blocks
+``C_1..C_{H+1}``::
+
+    A_0 = I + 2 a_1 b_1 W_1^T T_1 W_1,   A_i = 2 T_i + 2 a_{i+1} b_{i+1} W_{i+1}^T T_{i+1} W_{i+1},
+    A_H = 2 T_H,   A_{H+1} = r I,   C_i = -(a_i + b_i) W_i^T T_i (i <= H),   C_{H+1} = W_K^T.
+
+If this matrix is PSD then (Schur complement on ``r I``) the LipSDP-neuron LMI holds with
+``rho = r``, so ``L_2(f) <= sqrt(r)``: the sector terms are non-negative for every pair of
+inputs (S-procedure, see :mod:`lipbound.methods.sdp`).
+
+Schur recursion (exact for given ``T``). Eliminating blocks in order, ``-M > 0`` iff every
+``X_i > 0`` with ``X_0 = A_0``, ``X_i = A_i - C_i^T X_{i-1}^{-1} C_i``, and the smallest ``r`` is
+``lambda_max(W_K X_H^{-1} W_K^T)``. With ``P_i = X_i`` minus its ``2ab`` term (``P_0 = I``),
+``B = D^{1/2} W_i``, ``T_i = s D``, ``G = B P_{i-1}^{-1} B^T`` and ``tau = 2 a_i b_i s`` the push-
+through identity ``B (P + tau B^T B)^{-1} B^T = G (I + tau G)^{-1}`` gives
+
+    P_i = s D^{1/2} [2 I - c_i s G (I + tau G)^{-1}] D^{1/2},
+
+whose eigen-condition ``c s g / (1 + tau g) < 2`` for every eigenvalue ``g`` of ``G`` reads
+``s g (c - 4ab) < 2``, and ``c - 4ab = (b - a)^2``: for fixed ``D`` the feasible multipliers are
+EXACTLY ``0 < s < 2 / ((b - a)^2 g_max)`` (this also gives ``1 + tau g > 0``). The optimiser
+parametrises ``D = exp(u)`` and ``s = sigmoid(v) s_max`` with ``s_max`` computed from a smooth
+upper bound of ``g_max`` (log-sum-exp of the eigenvalues), so every parameter value is feasible
+and the objective is smooth; ``r`` is smoothed the same way, with continuation.
+
+Closed form (ECLipsE-Fast type; our derivation). ``D = I``, ``k_i = lambda_max(W_i P_{i-1}^{-1}
+W_i^T)`` and ``s_i = 1 / ((c_i + 4 max(0, -a_i b_i)) k_i)``. Then ``s_i <= 2 / ((b-a)^2 k_i) /
+2`` (as ``(b-a)^2 <= c + 4 max(0, -ab)``), i.e. half way to the feasibility boundary, and for
+``ab = 0``: ``P_i = s(2I - c s K) >= s I``, the maximiser of that lower bound. The result is
+``L <= sqrt(lambda_max(W_K P_H^{-1} W_K^T))``; it is the warm start and is certified on its own.
+
+Certificate (proof in float64, whatever the optimiser returned). Write ``-M_ext = sum_i S_i``
+with ``S_i`` supported on blocks ``(i-1, i)``:
+``S_i = [[Z_{i-1}, C_i], [C_i^T, A_i - Z_i]]`` with ``Z_0 = A_0``, ``Z_{H+1} = 0`` and floating-
+point matrices ``Z_i`` of our choice (``Z_i = fl(A_i - C_i^T Z_{i-1}^{-1} C_i) - eta_i I``; their
+values need no accuracy since they cancel exactly in the sum). If every exact ``S_i`` is PSD, so
+is ``-M_ext``. Each ``S_i`` (order ``m``) is checked by a Cholesky factorisation: let ``S~`` be its
+float64 formation with ``||S - S~||_2 <= eps`` (entrywise ``|fl(x) - x| <= gamma_k |.|``
+bounds for the ``k``-term products, ``gamma_k = k u / (1 - k u)``, summed with absolute values
+and bounded in norm by the largest row sum of the non-negative bound matrix), and
+``A~ = fl(S~ - delta I)``. If Cholesky of ``A~`` runs to completion then ``R^T R = A~ + dA`` with
+``|dA| <= gamma_{m+1} |R^T||R|`` (Higham, *Accuracy and Stability*, Thm 10.3; it holds for any
+order of the inner products, so for blocked LAPACK / cuSOLVER factorisations), and
+``(|R^T||R|)_jk <= ||r_j|| ||r_k||`` with ``||r_j||^2 <= a~_jj / (1 - gamma_{m+1})``, so
+``||dA||_2 <= gamma' tr(A~)``, ``gamma' = gamma_{m+1} / (1 - gamma_{m+1})``. Hence
+``S >= (delta - gamma' tr(A~) - u max|s~_jj - delta| - eps) I``, PSD when
+``delta >= gamma' tr(A~) + u max|s~_jj - delta| + eps``; this inequality is checked after the
+factorisation with 1% slack for the rounding of these few scalar operations. The last block has
+``A_{H+1} = r I``; ``r`` is raised until ``S_{H+1}`` passes. The bound is ``sqrt(r) C_K``
+(``C_K`` the exact power-of-two rescaling of the weights), rounded up.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from ..errors import InvalidArgumentError, NonFiniteError
+
+__all__ = [
+    "SchurCertificate",
+    "SchurSolution",
+    "certify_schur",
+    "closed_form_multipliers",
+    "schur_rho",
+    "solve_schur",
+]
+
+_U = float(np.finfo(np.float64).eps) / 2
+_F64 = torch.float64
+
+
+def _gamma(k: int) -> float:
+    return k * _U / (1.0 - k * _U)
+
+
+@dataclass(frozen=True)
+class SchurCertificate:
+    """``rho``: the verified ``r`` (normalised units) or ``None``; ``why``: the reason if not."""
+
+    rho: float | None
+    why: str
+    etas: tuple[float, ...] = ()
+
+
+@dataclass(frozen=True)
+class SchurSolution:
+    """Output of :func:`solve_schur` (normalised units: multiply ``sqrt(rho)`` by ``scale``)."""
+
+    value: float | None  # certified optimised bound (None if its certificate failed)
+    closed_form: float | None  # certified closed-form bound
+    raw: float  # the optimiser's float value sqrt(rho) * scale (estimate)
+    closed_raw: float  # the closed form's float value (estimate)
+    multipliers: list[torch.Tensor]  # T_i of the optimised solution (normalised units)
+    scale: float
+    iterations: int
+    why: str
+    seconds_opt: float = 0.0
+    seconds_verify: float = 0.0
+    notes: list[str] = field(default_factory=list)
+
+
+def _pow2(W: torch.Tensor) -> float:
+    s = float(torch.linalg.matrix_norm(W, ord=2)) if W.numel() else 0.0
+    if not math.isfinite(s) or s <= 0:
+        return 1.0
+    return float(2.0 ** round(math.log2(s)))
+
+
+def _lse_max(ev: torch.Tensor, beta: float) -> torch.Tensor:
+    """Smooth upper bound of ``max(ev)``: ``m + log(sum exp(beta (ev - m) / m)) m / beta``."""
+    m = ev.max().detach().clamp_min(1e-300)
+    return m + torch.logsumexp(beta * (ev - m) / m, 0) * m / beta
+
+
+def _layer(
+    P: torch.Tensor,
+    W: torch.Tensor,
+    a: float,
+    b: float,
+    u: torch.Tensor,
+    v: torch.Tensor | None,
+    beta: float | None,
+    s_fixed: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One Schur step ``P_{i-1} -> P_i``; returns ``(P_i, T_i, g_max)`` (see the docstring)."""
+    n = W.shape[0]
+    L = torch.linalg.cholesky(P)
+    d = torch.exp(u - u.mean()) if n else u
+    sq = d.sqrt()
+    B = W * sq[:, None]
+    Y = torch.linalg.solve_triangular(L, B.T, upper=False)
+    G = Y.T @ Y
+    G = (G + G.T) / 2
+    eye = torch.eye(n, dtype=P.dtype, device=P.device)
+    if s_fixed is not None:
+        s = s_fixed
+        g = torch.linalg.eigvalsh(G).max().clamp_min(1e-300)
+    else:
+        ev = torch.linalg.eigvalsh(G)
+        g = (_lse_max(ev, beta) if beta else ev.max()).clamp_min(1e-300)
+        if v is None:
+            raise InvalidArgumentError("_layer: give either v or s_fixed")
+        if b > a:
+            s = torch.sigmoid(v) * 2.0 / ((b - a) ** 2 * g)
+        else:
+            s = torch.exp(v) / g
+    c = (a + b) ** 2
+    if a * b != 0:
+        Hm = torch.linalg.solve(eye + (2 * a * b) * s * G, G)
+        Hm = (Hm + Hm.T) / 2
+    else:
+        Hm = G
+    Q = 2 * eye - c * s * Hm
+    Pn = s * (sq[:, None] * Q * sq[None, :])
+    return (Pn + Pn.T) / 2, s * d, g
+
+
+def schur_rho(
+    Ws: Sequence[torch.Tensor],
+    ranges: Sequence[tuple[float, float]],
+    us: Sequence[torch.Tensor],
+    vs: Sequence[torch.Tensor],
+    beta: float | None,
+) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """``(r, [T_i])``: smallest output ``r`` of the normalised LMI at the parametrised ``T``."""
+    P = torch.eye(Ws[0].shape[1], dtype=_F64, device=Ws[0].device)
+    ts = []
+    for i, (a, b) in enumerate(ranges):
+        P, t, _ = _layer(P, Ws[i], a, b, us[i], vs[i], beta)
+        ts.append(t)
+    L = torch.linalg.cholesky(P)
+    Y = torch.linalg.solve_triangular(L, Ws[-1].T, upper=False)
+    ev = torch.linalg.eigvalsh((Y.T @ Y + (Y.T @ Y).T) / 2)
+    r = _lse_max(ev, beta) if beta else ev.max()
+    return r, ts
+
+
+def closed_form_multipliers(
+    Ws: Sequence[torch.Tensor], ranges: Sequence[tuple[float, float]]
+) -> tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor], torch.Tensor]:
+    """Closed-form ``T_i = s_i I`` (docstring) as parameters ``(us, vs)``, the ``T_i`` and ``r``."""
+    dev = Ws[0].device
+    P = torch.eye(Ws[0].shape[1], dtype=_F64, device=dev)
+    us, vs, ts = [], [], []
+    for i, (a, b) in enumerate(ranges):
+        W = Ws[i]
+        n = W.shape[0]
+        u = torch.zeros(n, dtype=_F64, device=dev)
+        L = torch.linalg.cholesky(P)
+        Y = torch.linalg.solve_triangular(L, W.T, upper=False)
+        k = torch.linalg.eigvalsh((Y.T @ Y + (Y.T @ Y).T) / 2).max().clamp_min(1e-300)
+        den = (a + b) ** 2 + 4 * max(0.0, -a * b)
+        s = 1.0 / (den * k) if den > 0 else 1.0 / k
+        P, t, g = _layer(P, W, a, b, u, None, None, s_fixed=s)
+        # the same point in the optimiser's parametrisation (g_max from the exact eigenvalue)
+        if b > a:
+            ratio = (s * (b - a) ** 2 * g / 2).clamp(1e-12, 1 - 1e-12)
+            v = torch.log(ratio) - torch.log1p(-ratio)
+        else:
+            v = torch.log(s * g)
+        us.append(u)
+        vs.append(v.reshape(()))
+        ts.append(t)
+    L = torch.linalg.cholesky(P)
+    Y = torch.linalg.solve_triangular(L, Ws[-1].T, upper=False)
+    r = torch.linalg.eigvalsh((Y.T @ Y + (Y.T @ Y).T) / 2).max()
+    return us, vs, ts, r
+
+
+# ----------------------------------------------------------------------------------------------
+# certificate
+
+
+def _blocks(
+    Ws: Sequence[torch.Tensor], ranges: Sequence[tuple[float, float]], ts: Sequence[torch.Tensor]
+) -> tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]]:
+    """Float ``A_i`` (i <= H), entrywise error bounds of them, ``C_i`` and their error bounds."""
+    H = len(ranges)
+    dev = Ws[0].device
+    A: list[torch.Tensor] = []
+    Aerr: list[torch.Tensor] = []
+    for i in range(H + 1):
+        n = Ws[i].shape[1]
+        base = torch.eye(n, dtype=_F64, device=dev) if i == 0 else torch.diag(2 * ts[i - 1])
+        Ai, Ei = base, torch.zeros_like(base)
+        if i < H:
+            a, b = ranges[i]
+            if a * b != 0:
+                W, t = Ws[i], ts[i]
+                ab2 = 2 * a * b
+                Ai = base + ab2 * ((W.T * t) @ W)
+                absterm = abs(ab2) * ((W.abs().T * t) @ W.abs())
+                Ei = _gamma(W.shape[0] + 8) * (base.abs() + absterm)
+        A.append((Ai + Ai.T) / 2 if i < H else Ai)
+        Aerr.append(Ei)
+    C: list[torch.Tensor] = []
+    Cerr: list[torch.Tensor] = []
+    for i in range(H):
+        a, b = ranges[i]
+        Ci = -(a + b) * (Ws[i].T * ts[i])
+        C.append(Ci)
+        Cerr.append(_gamma(4) * Ci.abs())
+    C.append(Ws[-1].T.contiguous())
+    Cerr.append(torch.zeros_like(C[-1]))
+    return A, Aerr, C, Cerr
+
+
+def _psd_check(
+    top: torch.Tensor,
+    C: torch.Tensor,
+    bot: torch.Tensor,
+    err_top: torch.Tensor | None,
+    err_c: torch.Tensor,
+    err_bot: torch.Tensor | None,
+) -> bool:
+    """Proves ``[[top, C], [C^T, bot]]`` (exact, within the given entrywise errors) is PSD."""
+    S = torch.cat([torch.cat([top, C], 1), torch.cat([C.T, bot], 1)], 0)
+    m = S.shape[0]
+    n1 = top.shape[0]
+    # eps: the largest row sum of the non-negative entrywise error bound (>= its 2-norm)
+    rows = torch.zeros(m, dtype=_F64, device=S.device)
+    if err_top is not None:
+        rows[:n1] += err_top.sum(1)
+    rows[:n1] += err_c.sum(1)
+    rows[n1:] += err_c.sum(0)
+    if err_bot is not None:
+        rows[n1:] += err_bot.sum(1)
+    eps = rows.max()
+    dg = torch.diagonal(S)
+    gp = _gamma(m + 1) / (1 - _gamma(m + 1))
+    delta = 1.02 * (gp * dg.abs().sum() + 2 * _U * dg.abs().max() + eps) + 1e-300
+    At = S - delta * torch.eye(m, dtype=_F64, device=S.device)
+    _, info = torch.linalg.cholesky_ex(At)
+    need = 1.01 * (gp * torch.diagonal(At).abs().sum() + _U * (dg - delta).abs().max() + eps)
+    ok = (info == 0) & (delta >= need) & torch.isfinite(S).all()
+    return bool(ok)
+
+
+def certify_schur(
+    Ws: Sequence[torch.Tensor],
+    ranges: Sequence[tuple[float, float]],
+    ts: Sequence[torch.Tensor],
+    *,
+    max_tries: int = 12,
+) -> SchurCertificate:
+    """Proof (module docstring) that ``-M_ext(r, T) >= 0``; returns the smallest ``r`` found.
+
+    ``Ws`` are the (scaled) float64 weights, ``ts`` the multipliers in normalised units.
+    """
+    H = len(ranges)
+    if len(ts) != H or any(t.shape[0] != Ws[i].shape[0] for i, t in enumerate(ts)):
+        raise InvalidArgumentError("certify_schur: one multiplier vector per hidden layer needed")
+    ts = [t.to(_F64) for t in ts]
+    if any(bool((t < 0).any()) or not bool(torch.isfinite(t).all()) for t in ts):
+        return SchurCertificate(None, "certificate failed: negative or non-finite multipliers")
+    A, Aerr, C, Cerr = _blocks(Ws, ranges, ts)
+    top = A[0]
+    err_top: torch.Tensor | None = Aerr[0]
+    etas: list[float] = []
+    for i in range(1, H + 1):
+        # Z_i = fl(A_i - C_i^T top^{-1} C_i) - eta I
+        L, info = torch.linalg.cholesky_ex(top)
+        if int(info) != 0:
+            return SchurCertificate(
+                None, f"certificate failed: Schur complement {i - 1} is not positive definite"
+            )
+        Y = torch.linalg.solve_triangular(L, C[i - 1], upper=False)
+        Sch = A[i] - Y.T @ Y
+        Sch = (Sch + Sch.T) / 2
+        n = Sch.shape[0]
+        eye = torch.eye(n, dtype=_F64, device=Sch.device)
+        scale = float(torch.diagonal(Sch).abs().max()) if n else 1.0
+        m = top.shape[0] + n
+        eta = 4 * _gamma(m + 1) * (float(torch.diagonal(top).abs().sum()) + scale * n) + 1e-300
+        ok = False
+        for _ in range(max_tries):
+            Z = Sch - eta * eye
+            bot = A[i] - Z
+            # exact A_i - Z: the error of A_i plus the rounding of the subtraction
+            err_bot = Aerr[i] + _U * bot.abs()
+            if _psd_check(top, C[i - 1], bot, err_top, Cerr[i - 1], err_bot):
+                ok = True
+                break
+            eta *= 16
+        if not ok:
+            return SchurCertificate(
+                None,
+                f"certificate failed at hidden layer {i}: no shift eta made the 2x2 block PSD "
+                "provably (the multipliers are infeasible or too close to the boundary)",
+            )
+        etas.append(eta)
+        top, err_top = Z, None
+    # last block: [[Z_H, W_K^T], [W_K, r I]]
+    L, info = torch.linalg.cholesky_ex(top)
+    if int(info) != 0:
+        return SchurCertificate(None, "certificate failed: the last Schur complement is not PD")
+    Y = torch.linalg.solve_triangular(L, C[H], upper=False)
+    K = Y.T @ Y
+    r0 = float(torch.linalg.eigvalsh((K + K.T) / 2).max())
+    r0 = max(r0, 1e-300)
+    nout = K.shape[0]
+    bump = 1e-12
+    for _ in range(max_tries + 8):
+        r = r0 * (1 + bump) + 1e-300
+        bot = torch.full((nout,), r, dtype=_F64, device=K.device).diag()
+        if _psd_check(top, C[H], bot, err_top, Cerr[H], None):
+            return SchurCertificate(r, "verified", tuple(etas))
+        bump *= 8
+    return SchurCertificate(None, "certificate failed: no output bound r passed the check")
+
+
+# ----------------------------------------------------------------------------------------------
+# optimisation
+
+
+def solve_schur(
+    weights: Sequence[np.ndarray | torch.Tensor],
+    ranges: Sequence[tuple[float, float]],
+    *,
+    device: str | torch.device | None = None,
+    max_iter: int = 300,
+    time_limit: float | None = 60.0,
+    betas: Sequence[float] = (1e2, 1e3, 1e4, 1e5, 1e6),
+    optimise: bool = True,
+) -> SchurSolution:
+    """Certified LipSDP-neuron bound of a chain by Schur complements (module docstring).
+
+    Closed form first (certified), then LBFGS over the log-parametrised diagonal multipliers,
+    warm-started there, with continuation on the smoothing ``betas``; then the certificate.
+    Both numbers are returned; ``value`` may be ``None`` if the optimised multipliers fail it.
+    """
+    t0 = time.perf_counter()
+    dev = torch.device(device) if device is not None else torch.device("cpu")
+    Wt = [torch.as_tensor(np.asarray(W) if not isinstance(W, torch.Tensor) else W) for W in weights]
+    Wt = [W.detach().to(device=dev, dtype=_F64) for W in Wt]
+    if len(Wt) != len(ranges) + 1:
+        raise InvalidArgumentError(
+            f"solve_schur: {len(Wt)} weight matrices need {len(Wt) - 1} slope ranges, "
+            f"got {len(ranges)}"
+        )
+    for i, W in enumerate(Wt):
+        if not bool(torch.isfinite(W).all()):
+            raise NonFiniteError(f"solve_schur: weight matrix {i} has NaN or infinite entries")
+        if i and W.shape[1] != Wt[i - 1].shape[0]:
+            raise InvalidArgumentError(
+                f"solve_schur: weight {i} has {W.shape[1]} columns, layer {i - 1} has "
+                f"{Wt[i - 1].shape[0]} outputs"
+            )
+    cs = [_pow2(W) for W in Wt]
+    Wp = [W / c for W, c in zip(Wt, cs)]
+    CK = math.prod(cs)
+    notes: list[str] = []
+    rng = [(float(a), float(b)) for a, b in ranges]
+    with torch.no_grad():
+        us, vs, ts_c, r_c = closed_form_multipliers(Wp, rng)
+    closed_raw = math.sqrt(max(float(r_c), 0.0)) * CK
+    t_opt = time.perf_counter()
+    tsv = time.perf_counter()
+    cert_c = certify_schur(Wp, rng, ts_c)
+    seconds_verify = time.perf_counter() - tsv
+    closed = _to_bound(cert_c.rho, CK)
+    if cert_c.rho is None:
+        notes.append(f"closed form: {cert_c.why}")
+    it = 0
+    ts_o = ts_c
+    raw = closed_raw
+    t_opt = time.perf_counter()
+    if optimise and len(rng) > 0:
+        params = [p.clone().requires_grad_(True) for p in [*us, *vs]]
+        H = len(rng)
+        best = float(r_c)
+        best_params = [p.detach().clone() for p in params]
+        for beta in betas:
+            if time_limit is not None and time.perf_counter() - t0 > time_limit:
+                notes.append(f"optimisation stopped by time_limit={time_limit:g} s")
+                break
+            opt = torch.optim.LBFGS(
+                params,
+                lr=1.0,
+                max_iter=max(1, max_iter // len(betas)),
+                history_size=20,
+                tolerance_grad=1e-12,
+                tolerance_change=1e-14,
+                line_search_fn="strong_wolfe",
+            )
+
+            def closure(opt: torch.optim.LBFGS = opt, beta: float = beta) -> torch.Tensor:
+                opt.zero_grad()
+                r, _ = schur_rho(Wp, rng, params[:H], params[H:], beta)
+                loss = torch.log(r)
+                loss.backward()  # type: ignore[no-untyped-call]
+                return loss
+
+            try:
+                opt.step(closure)  # type: ignore[no-untyped-call]
+            except torch.linalg.LinAlgError:
+                notes.append(f"LBFGS stage beta={beta:g} left the feasible set; kept the best")
+                break
+            st = opt.state[opt._params[0]]
+            it += int(st.get("n_iter", 0))
+            with torch.no_grad():
+                r_now, _ = schur_rho(Wp, rng, params[:H], params[H:], None)
+            if torch.isfinite(r_now) and float(r_now) < best:
+                best = float(r_now)
+                best_params = [p.detach().clone() for p in params]
+            else:
+                with torch.no_grad():
+                    for p, q in zip(params, best_params):
+                        p.copy_(q)
+        with torch.no_grad():
+            r_o, ts_o = schur_rho(Wp, rng, best_params[:H], best_params[H:], None)
+        raw = math.sqrt(max(float(r_o), 0.0)) * CK
+    seconds_opt = time.perf_counter() - t_opt
+    tsv = time.perf_counter()
+    if ts_o is ts_c:
+        cert_o = cert_c
+    else:
+        cert_o = certify_schur(Wp, rng, [t.detach() for t in ts_o])
+    seconds_verify += time.perf_counter() - tsv
+    value = _to_bound(cert_o.rho, CK)
+    if cert_o.rho is None:
+        notes.append(f"optimised multipliers: {cert_o.why}")
+    return SchurSolution(
+        value=value,
+        closed_form=closed,
+        raw=raw,
+        closed_raw=closed_raw,
+        multipliers=[t.detach() for t in ts_o],
+        scale=CK,
+        iterations=it,
+        why=cert_o.why,
+        seconds_opt=seconds_opt,
+        seconds_verify=seconds_verify,
+        notes=notes,
+    )
+
+
+def _to_bound(rho: float | None, CK: float) -> float | None:
+    """``sqrt(rho) * CK`` rounded up (sqrt is correctly rounded; the product by 2^k is exact)."""
+    if rho is None:
+        return None
+    v = float(np.nextafter(math.sqrt(rho) * CK, math.inf))
+    return float(np.nextafter(v, math.inf))
