@@ -238,9 +238,12 @@ def test_data_seeding_finds_a_needle() -> None:
     assert res.value >= 100 * (1 - 1e-6)
     # the data bound is the max Jacobian norm over the data: 100 at 10.004, 0 elsewhere
     assert res.extra["per_method"]["data"] == pytest.approx(100.0, rel=1e-6)
-    # without the data the (scale-1) search starting near 0 sees a flat function
-    blind = lower_bound(net, (1,), restarts=4, steps=20, scale=1.0)
+    # without the data the (scale-1) ascent alone, starting near 0, sees a flat function
+    blind = lower_bound(net, (1,), methods=("pairs",), restarts=4, steps=20, scale=1.0)
     assert blind.value < 1.0
+    # the default search samples Jacobian norms at 4096 points first and finds the needle
+    sampled = lower_bound(net, (1,), restarts=4, steps=20, scale=1.0)
+    assert 100 * (1 - 1e-6) <= sampled.value <= 100 * (1 + 1e-9)
 
 
 def test_data_bound_equals_max_jacobian_norm_over_data() -> None:

@@ -108,8 +108,12 @@ def test_unsupported_method_is_recorded_when_another_upper_works(fakes: dict[str
 def test_all_upper_methods_unsupported_raises(fakes: dict[str, Any]) -> None:
     fakes["autolip"] = _unsupported
     fakes["seqlip"] = _unsupported
-    with pytest.raises(UnsupportedModelError):
-        estimate(_net(), (2,), methods=("lower", "autolip", "seqlip"), lower=FAST_LOWER)
+    with pytest.raises(UnsupportedModelError):  # no lower bound either: the refusal is raised
+        estimate(_net(), (2,), methods=("autolip", "seqlip"))
+    # with a finished lower bound, the report keeps it (engineer G: it used to be discarded)
+    r = estimate(_net(), (2,), methods=("lower", "autolip", "seqlip"), lower=FAST_LOWER)
+    assert r.upper is None and r.lower is not None and r.lower > 0
+    assert any("no certified upper bound" in n for n in r.notes)
 
 
 def test_inconsistent_bounds_are_flagged(fakes: dict[str, Any]) -> None:

@@ -115,9 +115,12 @@ def _search_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, metavar="N",
                    help="lower bound: points per batched forward pass (memory)")
     p.add_argument("--time-limit", type=float, metavar="S",
-                   help="time limit in seconds for the lower-bound search and the exact method")
+                   help="ONE overall time limit in seconds, shared by the methods (each gets "
+                   "its share of what is left when it starts; default: each method's own)")
     p.add_argument("--seed", type=int, default=0, help="seed of the lower-bound search")
-    p.add_argument("--quiet", "-q", action="store_true", help="no progress bars")
+    p.add_argument("--quiet", "-q", action="store_true",
+                   help="no progress output (default: a bar on a terminal, one line per stage "
+                   "otherwise)")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
 
 
@@ -147,12 +150,11 @@ def _options(args: argparse.Namespace, methods: Sequence[str]) -> dict[str, dict
             if val <= 0:
                 raise UsageError(f"--{key.replace('_', '-')} must be > 0; got {val}")
             lower[key] = val
-    if args.time_limit is not None:
-        if not args.time_limit > 0:
-            raise UsageError(f"--time-limit must be > 0; got {args.time_limit}")
-        lower["time_limit"] = args.time_limit
-        if "exact" in methods:
-            opts["exact"] = {"time_limit": args.time_limit}
+    if args.time_limit is not None and not (
+        args.time_limit > 0 and args.time_limit < float("inf")
+    ):
+        raise UsageError(f"--time-limit must be a positive number of seconds; got "
+                         f"{args.time_limit}")
     if "lower" in methods:
         opts["lower"] = lower
     return opts
@@ -248,7 +250,7 @@ def _cmd_estimate(args: argparse.Namespace) -> int:
     from .report import estimate
 
     methods = _methods(args.method)
-    opts = _options(args, methods)
+    opts: dict[str, Any] = _options(args, methods)
     shape = parse_shape(args.input_shape) if args.input_shape is not None else None
     if args.plot:
         _check_output(args.plot, "--plot")
@@ -262,7 +264,7 @@ def _cmd_estimate(args: argparse.Namespace) -> int:
     data = None if args.data is None else load_data(args.data, shape)
     report = estimate(
         model, shape, methods=methods, data=data, norm=args.norm, progress=not args.quiet,
-        model_name=name, **opts,
+        time_limit=args.time_limit, model_name=name, **opts,
     )
     _emit(report, args)
     return 0
@@ -314,7 +316,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     methods, missing = _available(("lower", "autolip", "seqlip", "exact"))
     if missing:
         say(f"note: {', '.join(missing)} not available in this installation; skipped")
-    opts: dict[str, dict[str, Any]] = {"lower": {"seed": args.seed, "steps": 100}}
+    opts: dict[str, Any] = {"lower": {"seed": args.seed, "steps": 100}}
     if "exact" in methods:
         opts["exact"] = {"time_limit": 10.0}
     say(f"bounding its Lipschitz constant with: {', '.join(methods)}")

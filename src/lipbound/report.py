@@ -27,12 +27,14 @@ True
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import inspect
 import math
+import sys
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import IO, Any, Protocol
 
 from torch import nn
 
@@ -51,8 +53,11 @@ __all__ = [
     "REPORT_SCHEMA",
     "MethodRun",
     "MethodUnavailableError",
+    "Progress",
+    "ProgressArg",
     "Report",
     "estimate",
+    "make_progress",
     "plot_report",
 ]
 
@@ -70,6 +75,120 @@ _MAX_WITNESS = 1024  # witnesses with more entries are left out of to_dict()
 
 class MethodUnavailableError(LipboundError, ImportError):
     """A method named in ``methods`` cannot be imported in this installation."""
+
+
+# --------------------------------------------------------------------------------------------
+# progress
+# --------------------------------------------------------------------------------------------
+class Progress(Protocol):
+    """A progress callback: ``progress(stage, fraction)`` with ``stage`` a short name (e.g.
+    ``"lower: pairs"``) and ``fraction`` in ``[0, 1]`` the part of that stage done (of its work
+    or of its time budget, whichever is larger, so that an ETA read from it is not too short)."""
+
+    def __call__(self, stage: str, fraction: float) -> None: ...
+
+
+#: what the ``progress=`` option of the methods accepts: ``False``/``None`` (off), ``True``
+#: (tqdm on stderr when it is a terminal, one plain line per stage otherwise) or a callback.
+ProgressArg = bool | None | Progress | Callable[[str, float], None]
+
+
+class _Reporter:
+    """The progress sink behind :func:`make_progress`: callable ``(stage, fraction)``, plus
+    :meth:`close`. Subclasses write to a stream; the base forwards to a user callback."""
+
+    def __init__(self, fn: Callable[[str, float], None] | None = None, prefix: str = "") -> None:
+        self._fn = fn
+        self.prefix = prefix
+
+    def __call__(self, stage: str, fraction: float) -> None:
+        if self._fn is not None:
+            f = float(fraction)
+            self._fn(self.prefix + stage, min(max(f if math.isfinite(f) else 0.0, 0.0), 1.0))
+
+    @property
+    def active(self) -> bool:
+        """Whether anything listens (a no-op reporter is not passed on to the methods)."""
+        return self._fn is not None
+
+    def sub(self, prefix: str) -> _Reporter:
+        """A reporter whose stage names start with ``prefix`` (same sink)."""
+        return _Reporter(self, prefix) if self.active else _Reporter()
+
+    def close(self) -> None:
+        pass
+
+
+class _LineReporter(_Reporter):
+    """ONE plain line per stage (no carriage return: fit for logs), when the stage starts:
+    ``lipbound: <stage> (<elapsed> s elapsed)``. No ETA (none that would be reliable)."""
+
+    def __init__(self, stream: IO[str]) -> None:
+        super().__init__()
+        self._fn = self._line
+        self.stream = stream
+        self.stage: str | None = None
+        self.t0 = time.perf_counter()
+
+    def _line(self, stage: str, fraction: float) -> None:
+        if stage != self.stage:
+            self.stage = stage
+            self.stream.write(f"lipbound: {stage} "
+                              f"({time.perf_counter() - self.t0:.1f} s elapsed)\n")
+            self.stream.flush()
+
+
+class _TqdmReporter(_Reporter):
+    """One tqdm bar (percent of the current stage) on a terminal, reset at each stage."""
+
+    def __init__(self, stream: IO[str]) -> None:
+        super().__init__()
+        from tqdm.auto import tqdm
+
+        self.bar = tqdm(total=1000, file=stream, leave=False, unit="", dynamic_ncols=True,
+                        bar_format="{desc}: {percentage:3.0f}%|{bar}| [{elapsed}<{remaining}]")
+        self.stage: str | None = None
+        self.done = 0
+        self._fn = self._bar
+
+    def _bar(self, stage: str, fraction: float) -> None:
+        if stage != self.stage:
+            self.stage, self.done = stage, 0
+            self.bar.reset(total=1000)
+            self.bar.set_description_str(stage, refresh=False)
+        f = float(fraction) if math.isfinite(float(fraction)) else 0.0
+        n = int(1000 * min(max(f, 0.0), 1.0))
+        if n > self.done:
+            self.bar.update(n - self.done)
+            self.done = n
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+def make_progress(progress: ProgressArg, *, stream: IO[str] | None = None) -> _Reporter:
+    """The reporter for a ``progress=`` option (always callable; call ``.close()`` at the end).
+
+    ``True``: a tqdm bar on ``stream`` (default ``sys.stderr``) when it is a terminal and tqdm
+    is installed, else one plain line per stage; a callable: called as ``(stage, fraction)``;
+    ``False``/``None``: nothing. A reporter passed in is used as is (nested calls share it).
+    """
+    if isinstance(progress, _Reporter):
+        return progress.sub("")
+    if progress is None or progress is False:
+        return _Reporter()
+    if progress is True:
+        out = sys.stderr if stream is None else stream
+        isatty = getattr(out, "isatty", None)
+        if callable(isatty) and isatty() and importlib.util.find_spec("tqdm") is not None:
+            return _TqdmReporter(out)
+        return _LineReporter(out)
+    if callable(progress):
+        return _Reporter(progress)
+    raise InvalidArgumentError(
+        f"progress must be True, False or a callable (stage: str, fraction: float); "
+        f"got {progress!r}"
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -423,7 +542,8 @@ def estimate(
     methods: Iterable[str] = ("lower", "autolip", "seqlip"),
     data: Any = None,
     norm: Any = 2,
-    progress: bool = False,
+    progress: ProgressArg = False,
+    time_limit: float | None = None,
     model_name: str = "",
     **method_options: Mapping[str, Any],
 ) -> Report:
@@ -441,7 +561,15 @@ def estimate(
     norm:
         passed to every method; a method that does not support it is recorded as failed.
     progress:
-        progress bars on stderr for the methods that have one.
+        ``True``: progress on stderr (a tqdm bar on a terminal, one plain line per stage
+        otherwise); or a callback ``(stage, fraction)`` (see :class:`Progress`); stage names
+        start with the method's name.
+    time_limit:
+        ONE overall budget in seconds. Each method that takes a ``time_limit`` gets, when it
+        starts, its share of what is left (``left * w / (w + weights of the methods after
+        it)``, every weight 1 except AutoLip's 1/4), so time a method leaves unused goes to the
+        next ones; AutoLip has no limit and its time comes out of the others' shares. A method
+        whose options set ``time_limit`` keeps it. Default: every method's own default.
     **method_options:
         per-method keyword options, keyed by method name, e.g.
         ``estimate(net, (2,), lower={"restarts": 32}, seqlip={"mode": "greedy"},
@@ -451,9 +579,10 @@ def estimate(
     ------
     A method that raises :class:`~lipbound.errors.UnsupportedModelError` (no rule for an op),
     :class:`~lipbound.errors.MissingDependencyError` or :class:`~lipbound.errors.SolverError` is
-    recorded in the report (``run.error``) and the others go on; but if EVERY requested upper
-    method failed so, the first such error is raised (the report would have no upper bound).
-    Invalid arguments, shapes and non-finite weights raise at once.
+    recorded in the report (``run.error``) and the others go on. If EVERY requested upper method
+    failed so, the report keeps the witnessed lower bound (``upper`` is ``None`` and a note says
+    why); only when there is no lower bound either is the first such error raised. Invalid
+    arguments, shapes and non-finite weights raise at once.
     """
     t0 = time.perf_counter()
     model = check_model(model, require_eval=True)
@@ -469,6 +598,14 @@ def estimate(
             )
     if len(set(names)) != len(names):
         raise InvalidArgumentError(f"methods has duplicates: {names!r}")
+    if time_limit is not None:
+        if isinstance(time_limit, bool) or not isinstance(time_limit, (int, float)) or not (
+            math.isfinite(float(time_limit)) and time_limit > 0
+        ):
+            raise InvalidArgumentError(
+                f"time_limit must be a positive number of seconds (or None); got {time_limit!r}"
+            )
+    deadline = math.inf if time_limit is None else t0 + float(time_limit)
     for key, opts in method_options.items():
         if key not in METHODS:
             raise InvalidArgumentError(
@@ -493,49 +630,93 @@ def estimate(
     if p != "2":
         recoverable = (*recoverable, InvalidArgumentError)
     first_upper_error: BaseException | None = None
-    for name in names:
-        fn = fns[name]
-        kwargs: dict[str, Any] = dict(method_options.get(name, {}))
-        if _accepts(fn, "norm"):
-            kwargs.setdefault("norm", p)
-        elif p != "2":  # the method is l2-only
-            runs.append(MethodRun(name=name, result=None,
-                                  error=f"{name} supports the l2 norm only (asked: l{p})",
-                                  error_type="InvalidArgumentError"))
-            continue
-        if name == "lower" and data is not None:
-            kwargs.setdefault("data", data)
-        if progress and _accepts(fn, "progress"):
-            kwargs.setdefault("progress", True)
-        t1 = time.perf_counter()
-        try:
-            result = fn(model, shape, **kwargs)
-        except recoverable as e:
-            if name in _UPPER_METHODS and first_upper_error is None:
-                first_upper_error = e
-            runs.append(MethodRun(name=name, result=None, error=str(e),
-                                  error_type=type(e).__name__,
-                                  seconds=time.perf_counter() - t1))
-            continue
-        except TypeError as e:
-            if isinstance(e, LipboundError):
-                raise
-            bad = [k for k in kwargs if not _accepts(fn, k)]
-            if bad:
-                raise InvalidArgumentError(
-                    f"method {name!r} does not accept option(s) {', '.join(bad)}"
-                ) from e
-            raise
-        runs.append(MethodRun(name=name, result=result, seconds=time.perf_counter() - t1))
+    reporter = make_progress(progress)
+    try:
+        for i, name in enumerate(names):
+            err = _run_one(name, fns[name], names[i:], model, shape, p, data, deadline,
+                           reporter, dict(method_options.get(name, {})), runs, recoverable)
+            if first_upper_error is None and name in _UPPER_METHODS and err is not None:
+                first_upper_error = err
+    finally:
+        reporter.close()
+    return _assemble(runs, names, p, shape, t0, model_name, first_upper_error, time_limit)
 
+
+def _budget_weight(name: str) -> float:
+    return 0.25 if name == "autolip" else 1.0
+
+
+def _run_one(
+    name: str, fn: Callable[..., LipschitzResult], todo: Sequence[str], model: nn.Module,
+    shape: tuple[int, ...], p: str, data: Any, deadline: float, reporter: _Reporter,
+    kwargs: dict[str, Any], runs: list[MethodRun], recoverable: tuple[type[BaseException], ...],
+) -> BaseException | None:
+    """Run one method of :func:`estimate` and append its :class:`MethodRun` to ``runs``."""
+    """Run one method of :func:`estimate`; append its :class:`MethodRun` to ``runs`` and
+    return the recoverable error that stopped it (``None`` if none)."""
+    if _accepts(fn, "norm"):
+        kwargs.setdefault("norm", p)
+    elif p != "2":  # the method is l2-only
+        runs.append(MethodRun(name=name, result=None,
+                              error=f"{name} supports the l2 norm only (asked: l{p})",
+                              error_type="InvalidArgumentError"))
+        return None
+    if name == "lower" and data is not None:
+        kwargs.setdefault("data", data)
+    if reporter.active and _accepts(fn, "progress"):
+        kwargs.setdefault("progress", reporter.sub(f"{name}: "))
+    t1 = time.perf_counter()
+    if math.isfinite(deadline) and _accepts(fn, "time_limit") and "time_limit" not in kwargs:
+        left = deadline - t1
+        if not left > 0:
+            runs.append(MethodRun(
+                name=name, result=None, error_type="TimeLimit",
+                error="not run: the time limit of estimate() was spent by the methods before it "
+                "(raise time_limit or run fewer methods)"))
+            return None
+        w = _budget_weight(name)
+        kwargs["time_limit"] = left * w / sum(_budget_weight(n) for n in todo)
+    reporter(f"{name}", 0.0)
+    try:
+        result = fn(model, shape, **kwargs)
+    except recoverable as e:
+        runs.append(MethodRun(name=name, result=None, error=str(e),
+                              error_type=type(e).__name__,
+                              seconds=time.perf_counter() - t1))
+        return e
+    except TypeError as e:
+        if isinstance(e, LipboundError):
+            raise
+        bad = [k for k in kwargs if not _accepts(fn, k)]
+        if bad:
+            raise InvalidArgumentError(
+                f"method {name!r} does not accept option(s) {', '.join(bad)}"
+            ) from e
+        raise
+    runs.append(MethodRun(name=name, result=result, seconds=time.perf_counter() - t1))
+    return None
+
+
+def _assemble(
+    runs: list[MethodRun], names: Sequence[str], p: str, shape: tuple[int, ...], t0: float,
+    model_name: str, first_upper_error: BaseException | None, time_limit: float | None,
+) -> Report:
+    """The :class:`Report` of :func:`estimate` from its runs."""
     uppers = [(r.certified_upper, r.name) for r in runs if r.certified_upper is not None]
     lowers = [(r.certified_lower, r.name) for r in runs if r.certified_lower is not None]
     asked_upper = [n for n in names if n in _UPPER_METHODS]
+    notes: list[str] = []
     if asked_upper and not uppers and first_upper_error is not None and all(
         not r.ok for r in runs if r.name in _UPPER_METHODS
     ):
-        raise first_upper_error
-    notes: list[str] = []
+        if not lowers:  # nothing to report: the refusal is the answer
+            raise first_upper_error
+        notes.append(
+            "no certified upper bound: every upper-bound method failed ("
+            + ", ".join(f"{r.name}: {r.error_type}" for r in runs
+                        if r.name in _UPPER_METHODS and not r.ok)
+            + "); the witnessed lower bound is kept"
+        )
     up = min(uppers) if uppers else None
     lo = max(lowers) if lowers else None
     if up is not None and lo is not None and lo[0] > up[0] * (1 + 1e-6):
@@ -546,6 +727,8 @@ def estimate(
     for r in runs:
         if r.error is not None:
             notes.append(f"{r.name} failed ({r.error_type}): {r.error.splitlines()[0]}")
+    if time_limit is not None:
+        notes.append(f"time limit {time_limit:g} s shared by the methods")
     return Report(
         runs=tuple(runs),
         norm=p,
@@ -558,7 +741,6 @@ def estimate(
         model=model_name,
         notes=tuple(notes),
     )
-
 
 # --------------------------------------------------------------------------------------------
 # plot
@@ -574,39 +756,49 @@ def plot_report(report: Report, path: str) -> None:
     except ImportError as e:  # pragma: no cover - depends on the environment
         raise MissingDependencyError("matplotlib", "plot", "--plot / plot_report") from e
 
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.5))
     colors = {"autolip": "tab:blue", "seqlip": "tab:orange", "exact": "tab:green",
               "lipsdp": "tab:purple", "lower": "tab:red"}
-    pos, ticks = 0, []
-    any_layers = False
+    bars: list[tuple[str, LipschitzResult, list[Any]]] = []
     for name in ("autolip", "seqlip"):
         res = report.results.get(name)
         if res is None or not res.layers:
             continue
         rows = [lb for lb in res.layers if lb.value != 1.0]  # factors of 1 change nothing
         parts = [lb for lb in rows if lb.op != "segment"] or rows  # segments are aggregates
-        if not parts:
-            continue
+        if parts:
+            bars.append((name, res, parts))
+    labels = [lb.name for _, _, parts in bars for lb in parts]  # full qualified names
+    longest = max((len(t) for t in labels), default=0)
+    n_ticks = len(labels) + max(len(bars) - 1, 0)
+    # room for the rotated labels: ~0.075 in per character at fontsize 7 (sin 60 deg ~ 0.87)
+    label_in = 0.3 + 0.065 * longest
+    width = min(max(12.0, 6.0 + 0.18 * n_ticks), 40.0)
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(width, 4.0 + label_in),
+                                   gridspec_kw={"width_ratios": [max(1.0, n_ticks / 12), 1.0]})
+    pos, ticks = 0, []
+    for name, res, parts in bars:
         xs = list(range(pos, pos + len(parts)))
         vals = [lb.value if math.isfinite(lb.value) and lb.value > 0 else float("nan")
                 for lb in parts]
         ax1.bar(xs, vals, width=0.8, color=colors[name], alpha=0.85,
                 label=f"{name}: product {res.value:.4g}")
-        ticks += [(x, (lb.name if len(lb.name) <= 14 else lb.name[:13] + "~"))
-                  for x, lb in zip(xs, parts)]
+        ticks += [(x, lb.name) for x, lb in zip(xs, parts)]
         pos += len(parts) + 1
-        any_layers = True
-    if any_layers:
+    ran = [name for name, _, _ in bars]
+    if bars:
         ax1.set_yscale("log")
         ax1.axhline(1.0, color="gray", lw=0.8)
         ax1.set_xticks([t[0] for t in ticks], [t[1] for t in ticks], rotation=60, fontsize=7,
-                       ha="right")
+                       ha="right", rotation_mode="anchor")
         ax1.set_ylabel("factor (nodes with factor 1 omitted)")
         ax1.legend(fontsize=8)
     else:
         ax1.text(0.5, 0.5, "no per-layer breakdown\n(AutoLip / SeqLip not run)",
                  ha="center", va="center", transform=ax1.transAxes)
-    ax1.set_title("per-layer contributions: AutoLip per node, SeqLip per pair")
+    title = {("autolip",): "per-layer factors: AutoLip per node",
+             ("seqlip",): "per-layer factors: SeqLip per pair",
+             ("autolip", "seqlip"): "per-layer contributions: AutoLip per node, SeqLip per pair"}
+    ax1.set_title(title.get(tuple(ran), "per-layer contributions"))
 
     names, values, cols = [], [], []
     for run in report.runs:
@@ -629,6 +821,6 @@ def plot_report(report: Report, path: str) -> None:
                                                      if report.ratio else ""))
     fig.suptitle(report._head(), fontsize=9)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    fig.savefig(path, dpi=100, bbox_inches="tight")  # never cut a label
     plt.close(fig)
 

@@ -238,6 +238,14 @@ class _Adam:
                 p.sub_(self.lr * mh / (vh.sqrt() + 1e-12))
 
 
+def _late(deadline: float | None) -> bool:
+    """Whether the absolute ``time.perf_counter()`` deadline has passed (``None``: never).
+
+    Every loop of this module checks it: each iterate of the optimised bounds is itself a valid
+    bound and each greedy value a realised one, so stopping early only costs tightness."""
+    return deadline is not None and time.perf_counter() > deadline
+
+
 def _check_slopes(slopes: tuple[float, float]) -> tuple[float, float]:
     a, b = float(slopes[0]), float(slopes[1])
     if not (math.isfinite(a) and math.isfinite(b)) or a > b:
@@ -280,7 +288,8 @@ def pair_value(
 # --------------------------------------------------------------------------------------------
 # certified bounds
 # --------------------------------------------------------------------------------------------
-def scaled_product_bound(L: torch.Tensor, R: torch.Tensor, *, steps: int = 30) -> float:
+def scaled_product_bound(L: torch.Tensor, R: torch.Tensor, *, steps: int = 30,
+                         deadline: float | None = None) -> float:
     """``min_w ||L diag(w)|| ||diag(w)^{-1} R||`` approximately minimised over ``w > 0``
     (rule (W)); the returned number is evaluated exactly at the final ``w``, so it is a valid
     bound on ``max ||L E R||`` over diagonal ``E`` with ``|E| <= I`` whatever the optimiser did.
@@ -317,6 +326,8 @@ def scaled_product_bound(L: torch.Tensor, R: torch.Tensor, *, steps: int = 30) -
         t = t0.clone().requires_grad_(True)
         opt = _Adam([t], lr=0.1)
         for _ in range(steps):
+            if _late(deadline):
+                break
             opt.zero_grad()
             w = t.exp()
             obj = torch.log(torch.linalg.matrix_norm(L * w[None, :], ord=2)) + torch.log(
@@ -451,7 +462,8 @@ def dual_bound_at(
 
 
 def dual_bound(
-    C: torch.Tensor, L: torch.Tensor, R: torch.Tensor, *, steps: int = 100
+    C: torch.Tensor, L: torch.Tensor, R: torch.Tensor, *, steps: int = 100,
+    deadline: float | None = None,
 ) -> float:
     """Rule (D) for one problem ``max_sigma ||C + L diag(sigma) R||``, with ``t`` and ``mu``
     optimised by Adam on ``log t`` and ``mu`` (any iterate is a valid bound; the smallest
@@ -473,7 +485,9 @@ def dual_bound(
     mu = torch.zeros((), dtype=_F64, requires_grad=True)
     opt = _Adam([s, mu], lr=0.05)
     best = math.inf
-    for _ in range(max(steps, 1)):
+    for i in range(max(steps, 1)):
+        if i > 0 and _late(deadline):
+            break
         lam = _dual_lam(L, R, H, s.exp(), mu)
         best = min(best, float(lam.detach()))
         opt.zero_grad()
@@ -506,6 +520,26 @@ def _dual_params(
     return best_s.exp(), best_mu, best
 
 
+def _abs_norm_lower(La: torch.Tensor, Ra: torch.Tensor, iters: int = 6) -> float:
+    """A lower estimate of ``||La Ra||`` (``La, Ra >= 0``) by power iteration through
+    matrix-vector products (``||M v||`` for a unit ``v`` never exceeds ``||M||``); it only
+    decides whether rule (A) is worth its dense product ``La @ Ra``."""
+    p = Ra.shape[1]
+    if p == 0 or La.shape[0] == 0:
+        return 0.0
+    v = torch.full((p,), 1.0 / math.sqrt(p), dtype=La.dtype)
+    est = 0.0
+    for _ in range(iters):
+        w = La @ (Ra @ v)
+        est = max(est, float(w.norm()))
+        z = Ra.T @ (La.T @ w)
+        nz = float(z.norm())
+        if not nz > 0:
+            break
+        v = z / nz
+    return est
+
+
 def pair_certified(
     L: Any,
     R: Any,
@@ -518,6 +552,7 @@ def pair_certified(
     norms: tuple[float, float] | None = None,
     sigma: torch.Tensor | None = None,
     dual_at_max_size: int = 4000,
+    deadline: float | None = None,
 ) -> CertifiedBound:
     """Certified upper bound on the pair factor ``max_{g in [a,b]^n} ||L diag(g) R||``.
 
@@ -536,7 +571,8 @@ def pair_certified(
       (e.g. the greedy pattern; :func:`dual_bound_at`), when ``m + p <= dual_at_max_size``.
 
     ``norms`` may pass known upper bounds of ``(||L||, ||R||)`` (e.g. from SVDs) to skip their
-    computation.
+    computation. ``deadline`` (absolute ``time.perf_counter()``) stops the optional parts
+    (scaled, dual, bnb) early or skips them: the minimum of what was computed is returned.
 
     >>> L = torch.tensor([[1.0, 1.0]], dtype=torch.float64)
     >>> R = torch.tensor([[1.0], [-1.0]], dtype=torch.float64)
@@ -556,18 +592,22 @@ def pair_certified(
     Lr, Rr = reduce_pair(L0, R0)
     nL, nR = (_norm(Lr), _norm(Rr)) if norms is None else (float(norms[0]), float(norms[1]))
     parts: dict[str, float] = {"product": c * nL * nR}
-    parts["abs"] = c * _norm(L0.abs() @ R0.abs())
-    if scaled_steps >= 0:
-        parts["scaled"] = c * scaled_product_bound(Lr, Rr, steps=scaled_steps)
+    La, Ra = L0.abs(), R0.abs()
+    if _abs_norm_lower(La, Ra) < nL * nR:  # else (A) cannot beat (P): skip its big product
+        parts["abs"] = c * _norm(La @ Ra)
+    if scaled_steps >= 0 and not _late(deadline):
+        parts["scaled"] = c * scaled_product_bound(Lr, Rr, steps=scaled_steps, deadline=deadline)
     inner = min(parts.values()) / c if c > 0 else 0.0
     parts["half"] = abs(a + b) / 2 * _norm(Lr @ Rr) + (b - a) / 2 * inner
-    if dual_steps > 0 and Lr.shape[0] + Rr.shape[1] <= dual_max_size:
-        parts["dual"] = dual_bound(a * (Lr @ Rr), (b - a) * Lr, Rr, steps=dual_steps)
-    if sigma is not None and Lr.shape[0] + Rr.shape[1] <= dual_at_max_size:
+    if dual_steps > 0 and Lr.shape[0] + Rr.shape[1] <= dual_max_size and not _late(deadline):
+        parts["dual"] = dual_bound(a * (Lr @ Rr), (b - a) * Lr, Rr, steps=dual_steps,
+                                   deadline=deadline)
+    if sigma is not None and Lr.shape[0] + Rr.shape[1] <= dual_at_max_size \
+            and not _late(deadline):
         sig = torch.as_tensor(sigma, dtype=_F64).reshape(-1)
         parts["dual@greedy"] = dual_bound_at(a * (Lr @ Rr), (b - a) * Lr, Rr, sig)
-    if bnb_seconds > 0:
-        pb = pair_exact(L0, R0, slopes=slopes, time_limit=bnb_seconds)
+    if bnb_seconds > 0 and not _late(deadline):
+        pb = pair_exact(L0, R0, slopes=slopes, time_limit=bnb_seconds, deadline=deadline)
         parts["bnb"] = pb.upper
     how = min(parts, key=lambda k: parts[k])
     return CertifiedBound(
@@ -612,6 +652,7 @@ def _flip_values(
 def _local_flips(
     C0: torch.Tensor, L: torch.Tensor, R: torch.Tensor, sigma: torch.Tensor,
     *, max_iter: int, exact_budget: int, iters: int, screen: bool = True,
+    deadline: float | None = None,
 ) -> tuple[float, torch.Tensor, int]:
     """Single-coordinate flips until no flip improves (the paper's greedy when started from
     sigma = 1). Returns (value, sigma, evaluations).
@@ -627,6 +668,8 @@ def _local_flips(
     val, u, v = _top_pair(M)
     evals = 1
     for _ in range(max_iter):
+        if _late(deadline):
+            break
         gain = (1.0 - 2.0 * sigma) * (L.T @ u) * (R @ v)
         k = int(torch.argmax(gain))
         if float(gain[k]) > 1e-12 * max(val, 1e-300):
@@ -654,7 +697,8 @@ def _local_flips(
 
 
 def _alternate(
-    C0: torch.Tensor, L: torch.Tensor, R: torch.Tensor, sigma: torch.Tensor, *, max_iter: int
+    C0: torch.Tensor, L: torch.Tensor, R: torch.Tensor, sigma: torch.Tensor, *, max_iter: int,
+    deadline: float | None = None,
 ) -> tuple[float, torch.Tensor, int]:
     """Alternating maximisation: for the top singular pair (u, v) of ``M(sigma)``,
     ``u^T M(sigma') v = u^T C0 v + sum_k sigma'_k (L^T u)_k (R v)_k`` is maximised by
@@ -664,6 +708,8 @@ def _alternate(
     val, u, v = _top_pair(C0 + L @ (sigma[:, None] * R))
     evals = 1
     for _ in range(max_iter):
+        if _late(deadline):
+            break
         new_sigma = ((L.T @ u) * (R @ v) > 0).to(_F64)
         if torch.equal(new_sigma, sigma):
             break
@@ -688,6 +734,7 @@ def pair_greedy(
     max_iter: int = 200,
     exact_budget: int = 2_000_000,
     power_iters: int = 20,
+    deadline: float | None = None,
 ) -> GreedyResult:
     """Best vertex value found by heuristics: an ESTIMATE of the pair factor from below.
 
@@ -701,6 +748,8 @@ def pair_greedy(
     so it is realised (a valid lower bound of the pair factor). For large problems
     (``n m p > 2e7``) the expensive parts are skipped unless asked for explicitly: ``"both"``
     runs alternating maximisation only, with at most 2 random restarts and first-order flips.
+    ``deadline`` (absolute ``time.perf_counter()``) stops the search; the best pattern so far
+    is returned (at least the all-ones one is evaluated).
 
     >>> torch.manual_seed(0) is not None
     True
@@ -717,13 +766,14 @@ def pair_greedy(
     C0, Lp, Rr = _problem(L, R, slopes)
     return _greedy_core(
         C0, Lp, Rr, restarts=restarts, method=method, seed=seed, max_iter=max_iter,
-        exact_budget=exact_budget, power_iters=power_iters, t0=t0,
+        exact_budget=exact_budget, power_iters=power_iters, t0=t0, deadline=deadline,
     )
 
 
 def _greedy_core(
     C0: torch.Tensor, Lp: torch.Tensor, Rr: torch.Tensor, *, restarts: int, method: str,
     seed: int, max_iter: int, exact_budget: int, power_iters: int, t0: float,
+    deadline: float | None = None,
 ) -> GreedyResult:
     n = Lp.shape[1]
     if n == 0:
@@ -732,7 +782,7 @@ def _greedy_core(
     evals = 0
     big = n * Lp.shape[0] * Rr.shape[1] > 2e7
     kw: dict[str, Any] = {"max_iter": max_iter, "exact_budget": exact_budget,
-                          "iters": power_iters, "screen": not big}
+                          "iters": power_iters, "screen": not big, "deadline": deadline}
     if big:
         restarts = min(restarts, 2)
 
@@ -760,14 +810,16 @@ def _greedy_core(
             starts.append((torch.rand(n, generator=gen, dtype=_F64) < 0.5).to(_F64))
         found: list[tuple[float, torch.Tensor]] = []
         for st in starts:
-            v, s, e = _alternate(C0, Lp, Rr, st, max_iter=max_iter)
+            if found and _late(deadline):
+                break
+            v, s, e = _alternate(C0, Lp, Rr, st, max_iter=max_iter, deadline=deadline)
             evals += e
             found.append((v, s))
         # polish the two best distinct alternating results by single flips
         found.sort(key=lambda vs: -vs[0])
         polished: list[torch.Tensor] = []
         for v, s in found:
-            if len(polished) >= 2:
+            if len(polished) >= 2 or (polished and _late(deadline)):
                 break
             if any(torch.equal(s, q) for q in polished):
                 continue
@@ -815,6 +867,7 @@ def pair_exact(
     rtol: float = 0.0,
     chunk: int = 2048,
     incumbent: GreedyResult | None = None,
+    deadline: float | None = None,
 ) -> PairBound:
     """Exact pair factor ``max_{sigma in {0,1}^n} ||C0 + L' diag(sigma) R||`` (see module doc).
 
@@ -829,7 +882,8 @@ def pair_exact(
 
     Returns a :class:`PairBound`; when ``time_limit`` (seconds) stops the search early,
     ``exact`` is False, ``lower`` is the best vertex found and ``upper`` the largest bound of the
-    open nodes (still certified).
+    open nodes (still certified). ``deadline`` (absolute ``time.perf_counter()``) stops it the
+    same way (whichever comes first).
 
     >>> L = torch.tensor([[2.0, 0.0], [0.0, 1.0]], dtype=torch.float64)
     >>> pair_exact(L, torch.eye(2, dtype=torch.float64)).value
@@ -851,6 +905,9 @@ def pair_exact(
         val, sig, cnt = _enumerate(C0, La, Ra)
         full_sigma[idx_active] = sig
         return PairBound(val, val, full_sigma, True, "exact-enum", cnt, time.perf_counter() - t0)
+    if deadline is not None:
+        left = max(deadline - time.perf_counter(), 0.0) + (time.perf_counter() - t0)
+        time_limit = left if time_limit is None else min(time_limit, left)
     res = _branch_and_bound(
         C0, La, Ra, time_limit=time_limit, rtol=rtol, chunk=chunk, incumbent=incumbent,
         t0=t0,
@@ -858,7 +915,7 @@ def pair_exact(
     lower, upper, sig, exact, nodes = res
     full_sigma[idx_active] = sig
     if not exact:
-        upper = min(upper, pair_certified(L, R, slopes=slopes).value)
+        upper = min(upper, pair_certified(L, R, slopes=slopes, deadline=deadline).value)
     return PairBound(
         lower, upper, full_sigma, exact, "exact-bnb" if exact else "bnb-partial", nodes,
         time.perf_counter() - t0,
@@ -877,6 +934,7 @@ def _branch_and_bound(
         g = _greedy_core(
             C0, L, R, restarts=4, method="both", seed=0, max_iter=100,
             exact_budget=2_000_000, power_iters=20, t0=t0,
+            deadline=None if time_limit is None else t0 + 0.3 * time_limit,
         )
         best_val, best_sig = g.value, g.pattern.clone()
     else:

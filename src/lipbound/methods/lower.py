@@ -15,10 +15,15 @@ backed by a witness that reproduces it (up to float64 rounding):
   For ``p = 2``, ``v`` is the last iterate of the power method on ``J^T J`` (jvp/vjp from
   :mod:`torch.func`): every iterate gives a value ``<= ||J||_2``, converging from below.
 
-The search (all of it batched over ``batch_size`` chains, seeded by ``seed``):
+The search (all of it batched over ``batch_size`` chains, seeded by ``seed``; ``time_limit`` is
+ONE budget for all of it, split over the stages, the clock checked inside every loop):
 
 ``"data"``
     the paper's *data* bound: ``max_i ||J_f(x_i)||`` over the given data points.
+``"sample"``
+    Jacobian norms at many random points ``s N(0, I)`` (scales as for the random starts below;
+    exact norms from the full Jacobian, so only for outputs of at most 64 entries); the best
+    points start the pair ascent.
 ``"pairs"``
     multi-start gradient ascent on the pair ratio
     ``r(x, u) = ||f(x + d u/2) - f(x - d u/2)|| / d`` (``||u|| = 1``) with a distance ``d``
@@ -28,12 +33,18 @@ The search (all of it batched over ``batch_size`` chains, seeded by ``seed``):
     averages the Jacobian along the segment, so its gradient in ``x`` points to regions of
     larger slope; as ``d`` shrinks the pair settles in one region and ``u`` turns to its top
     singular direction. Starts: with data, the data points of largest Jacobian norm; then
-    random ``s N(0, I)`` with chain scales ``s`` spread log-uniformly over
+    the best sampled points; then random ``s N(0, I)`` with chain scales ``s`` spread
+    log-uniformly over
     ``[scale / 10, 100 scale]`` (a quarter at ``scale``), since ReLU regions of large slope can
     lie far from the origin.
-``"annealing"``
+``"annealing"`` (opt-in)
     the paper's simulated annealing over ``x`` on the energy ``||J_f(x)||`` (Gaussian proposals
     of shrinking size, Metropolis acceptance at a decreasing temperature).
+
+When an op lacks a derivative a stage needs (no double backward: ``J v`` then comes from
+forward-mode AD, else a finite difference that is only a search direction), the Jacobian
+witnesses become pair witnesses and a failing stage is dropped with a note: what the other
+stages found is kept.
 
 Every point the search visits that beats the current best is finally re-evaluated in float64
 (a float64 copy of the model when it can be cast) on a batch of ONE sample, so batch effects
@@ -58,7 +69,6 @@ from __future__ import annotations
 
 import copy
 import math
-import sys
 import time
 import warnings
 from collections.abc import Callable, Iterable, Sequence
@@ -76,11 +86,15 @@ from .._validation import (
     check_positive,
 )
 from ..errors import InvalidArgumentError, LipboundError, NonFiniteError, ShapeError
+from ..report import ProgressArg, make_progress
 from ..results import LowerBoundResult
 
-__all__ = ["LOWER_METHODS", "lower_bound", "pair_ratio", "jacobian_ratio"]
+__all__ = ["DEFAULT_METHODS", "LOWER_METHODS", "lower_bound", "pair_ratio", "jacobian_ratio"]
 
-LOWER_METHODS: tuple[str, ...] = ("data", "pairs", "annealing")
+LOWER_METHODS: tuple[str, ...] = ("data", "sample", "pairs", "annealing")
+#: the searches run by default: annealing is opt-in (on the digits MLPs of
+#: ``benchmarks/lower_strength.py`` it never won and cost half the time)
+DEFAULT_METHODS: tuple[str, ...] = ("data", "sample", "pairs")
 
 _Fn = Callable[[torch.Tensor], torch.Tensor]
 
@@ -217,13 +231,19 @@ def _as_data(
 class _JacAt:
     """Per-sample Jacobian products at a fixed batch ``x`` sharing one forward pass.
 
-    ``jv(v) = J v`` by the double-backward trick (``J v = d/dw <J^T w, v>``) and
-    ``jtu(u) = J^T u`` by one backward pass (samples assumed independent, as in eval mode).
+    ``jtu(u) = J^T u`` by one backward pass (samples assumed independent, as in eval mode);
+    ``jv(v) = J v`` by the double-backward trick (``J v = d/dw <J^T w, v>``), else by
+    forward-mode AD (both exact up to rounding), else, for ops with neither (e.g.
+    ``scaled_dot_product_attention`` on CPU has no double backward), by a central difference:
+    then ``fd_used`` is set, and the value is only a search direction, never a witness (the
+    checker turns such a witness into a pair, whose ratio needs no derivative at all).
     """
 
     def __init__(self, f: _Fn, x: torch.Tensor) -> None:
         self.f = f
         self.g: torch.Tensor | None = None
+        self.fd_used = False
+        self.forward_ad = True
         with torch.enable_grad():
             self.x = x.detach().requires_grad_(True)
             self.out = f(self.x)
@@ -244,25 +264,25 @@ class _JacAt:
                     (r,) = torch.autograd.grad(self.g, self.w, v, retain_graph=True,
                                                allow_unused=True)
                 return torch.zeros_like(self.out) if r is None else r.detach()
-            except RuntimeError:  # double backward missing for some op (e.g. hardsigmoid)
+            except RuntimeError:  # double backward missing for some op (e.g. attention)
                 self.g = None
         return self._jv_fallback(v)
 
     def _jv_fallback(self, v: torch.Tensor) -> torch.Tensor:
-        """``J v`` by forward-mode AD, else by a central difference (a search direction only:
-        every reported value is recomputed at its witness by :class:`_Checker`)."""
+        """``J v`` by forward-mode AD, else by a central difference (see the class)."""
         x = self.x.detach()
-        try:
-            with torch.autograd.forward_ad.dual_level():
-                out = self.f(torch.autograd.forward_ad.make_dual(x, v))
-                t = torch.autograd.forward_ad.unpack_dual(out).tangent
-            if t is not None:
-                return t.detach()
-        except (RuntimeError, NotImplementedError):
-            pass
+        if self.forward_ad:
+            try:
+                with torch.autograd.forward_ad.dual_level():
+                    out = self.f(torch.autograd.forward_ad.make_dual(x, v))
+                    t = torch.autograd.forward_ad.unpack_dual(out).tangent
+                if t is not None:
+                    return t.detach()
+            except (RuntimeError, NotImplementedError):
+                self.forward_ad = False
+        self.fd_used = True
         with torch.no_grad():
-            scale = x.abs().amax().clamp_min(1.0) * torch.finfo(x.dtype).eps ** (1 / 3)
-            h = scale / v.abs().amax().clamp_min(torch.finfo(x.dtype).tiny)
+            h = _fd_step(x, v)
             return (self.f(x + h * v) - self.f(x - h * v)) / (2 * h)
 
     def jtu(self, u: torch.Tensor) -> torch.Tensor:
@@ -273,12 +293,20 @@ class _JacAt:
         return torch.zeros_like(self.x) if r is None else r.detach()
 
 
+def _fd_step(x: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Per-row step ``h`` (B, 1) of a central difference along ``v``: ``h ||v||_inf`` is
+    ``eps^(1/3) max(1, ||x||_inf)`` (the usual balance of truncation and rounding)."""
+    scale = x.abs().amax(dim=1, keepdim=True).clamp_min(1.0) * torch.finfo(x.dtype).eps ** (1 / 3)
+    return scale / v.abs().amax(dim=1, keepdim=True).clamp_min(torch.finfo(x.dtype).tiny)
+
+
 @torch.no_grad()
-def _power(f: _Fn, x: torch.Tensor, v: torch.Tensor, iters: int, tol: float = 0.0
-           ) -> tuple[torch.Tensor, torch.Tensor]:
+def _power(f: _Fn, x: torch.Tensor, v: torch.Tensor, iters: int, tol: float = 0.0,
+           deadline: float = math.inf) -> tuple[torch.Tensor, torch.Tensor]:
     """Batched power iteration on ``J^T J``: returns ``(sigma, v)`` with ``sigma = ||J v||``.
 
-    Every ``sigma`` is ``||J v|| / ||v|| <= ||J||_2`` (a lower estimate, converging from below).
+    Every ``sigma`` is ``||J v|| / ||v|| <= ||J||_2`` (a lower estimate, converging from below);
+    it stops early at ``deadline`` (``time.perf_counter()`` clock), every iterate being valid.
     Products through plain autograd (``torch.func`` imports ``torch._dynamo``: seconds).
     """
     op = _JacAt(f, x)
@@ -292,13 +320,16 @@ def _power(f: _Fn, x: torch.Tensor, v: torch.Tensor, iters: int, tol: float = 0.
         w = op.jtu(jv)
         nw = w.norm(dim=1, keepdim=True)
         v = torch.where(nw > 0, w / nw.clamp_min(1e-30), v)
+        if time.perf_counter() > deadline:
+            break
     # sigma must belong to the returned v: one last product
     return op.jv(v).norm(dim=1), v
 
 
 @torch.no_grad()
 def _full_jacobian(f: _Fn, x: torch.Tensor, m: int) -> torch.Tensor:
-    """Per-sample Jacobians ``(B, m, n)`` through ``m`` batched vjps (small outputs only)."""
+    """Per-sample Jacobians ``(B, m, n)`` through ``m`` batched vjps (small outputs only; first
+    derivatives only, so it works for every op with a backward)."""
     op = _JacAt(f, x)
     rows = []
     for i in range(m):
@@ -308,25 +339,44 @@ def _full_jacobian(f: _Fn, x: torch.Tensor, m: int) -> torch.Tensor:
     return torch.stack(rows, dim=1)
 
 
-def _jac_norm(
-    f: _Fn, x: torch.Tensor, v: torch.Tensor | None, norm: str, m: int, iters: int
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(value, v)`` per sample with ``value = ||J v||_p / ||v||_p`` (a lower bound on ||J||)."""
+_FULL_M = 64  # outputs up to which the full Jacobian (m vjps) is used
+
+
+def _norm_of_jac(jac: torch.Tensor, norm: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(||J v||_p / ||v||_p, v)`` per sample of ``jac`` (B, m, n) with ``v`` attaining (up to
+    rounding) ``||J||_{p->p}``: the top right singular vector for ``2``, ``e_j`` of the largest
+    column sum for ``1``, ``sign`` of the largest row for ``inf``. The value is computed from
+    ``v`` (``||J v||``), so it is a realised value whatever the accuracy of the SVD."""
+    B, n = jac.shape[0], jac.shape[2]
     if norm == "2":
-        if v is None:
-            v = torch.randn_like(x)
-        return _power(f, x, v, iters)
-    jac = _full_jacobian(f, x, m)  # (B, m, n)
+        _, _, vh = torch.linalg.svd(jac, full_matrices=False)
+        v = vh[:, 0, :]
+        return (jac @ v[:, :, None])[:, :, 0].norm(dim=1) / v.norm(dim=1).clamp_min(1e-300), v
     if norm == "1":  # ||J||_{1->1} = max column sum, attained at v = e_j
         cols = jac.abs().sum(dim=1)
         j = cols.argmax(dim=1)
-        v = torch.nn.functional.one_hot(j, x.shape[1]).to(x.dtype)
+        v = torch.nn.functional.one_hot(j, n).to(jac.dtype)
         return cols.gather(1, j[:, None])[:, 0], v
     rows = jac.abs().sum(dim=2)  # ||J||_{inf->inf} = max row sum, attained at v = sign(row)
     i = rows.argmax(dim=1)
-    v = torch.sign(jac[torch.arange(x.shape[0]), i])
+    v = torch.sign(jac[torch.arange(B), i])
     v = torch.where(v == 0, torch.ones_like(v), v)
     return rows.gather(1, i[:, None])[:, 0], v
+
+
+def _jac_norm(
+    f: _Fn, x: torch.Tensor, v: torch.Tensor | None, norm: str, m: int, iters: int,
+    deadline: float = math.inf,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(value, v)`` per sample with ``value = ||J v||_p / ||v||_p`` (a lower bound on ||J||).
+
+    Up to ``_FULL_M`` outputs: the full Jacobian (``m`` vjps) and its exact norm (SVD for l2);
+    beyond (l2 only): the power method from ``v`` (random when ``None``)."""
+    if m <= _FULL_M:
+        return _norm_of_jac(_full_jacobian(f, x, m), norm)
+    if v is None:
+        v = torch.randn_like(x)
+    return _power(f, x, v, iters, deadline=deadline)
 
 
 # --------------------------------------------------------------------------------------------
@@ -337,7 +387,8 @@ class _Checker:
     be cast), one sample per call."""
 
     def __init__(
-        self, model: nn.Module, shape: tuple[int, ...], device: torch.device, dtype: torch.dtype
+        self, model: nn.Module, shape: tuple[int, ...], device: torch.device, dtype: torch.dtype,
+        m: int | None = None,
     ) -> None:
         self.shape = shape
         self.device = device
@@ -354,9 +405,20 @@ class _Checker:
         except Exception:
             pass
         self.f = _batched(self.model, shape)
+        if m is None:
+            with torch.no_grad():
+                m = int(self.f(torch.zeros(1, math.prod(shape), device=device,
+                                           dtype=self.dtype)).shape[1])
+        self.m = m
 
     def cast(self, t: torch.Tensor) -> torch.Tensor:
         return t.detach().to(device=self.device, dtype=self.dtype).reshape(1, -1)
+
+    def _ratio(self, r: float) -> float:
+        if not math.isfinite(r):
+            self.nonfinite += 1
+            return 0.0
+        return r
 
     @torch.no_grad()
     def pair(self, x: torch.Tensor, y: torch.Tensor, norm: str) -> float:
@@ -365,23 +427,40 @@ class _Checker:
         if not den > 0:
             return 0.0
         num = float(_pnorm(self.f(x) - self.f(y), norm)[0])
-        r = num / den
-        if not math.isfinite(r):
-            self.nonfinite += 1
-            return 0.0
-        return r
+        return self._ratio(num / den)
 
     @torch.no_grad()
-    def jac(self, x: torch.Tensor, v: torch.Tensor, norm: str) -> float:
+    def jac(self, x: torch.Tensor, v: torch.Tensor, norm: str
+            ) -> tuple[float, tuple[torch.Tensor, torch.Tensor] | None]:
+        """``(||J(x) v|| / ||v||, None)`` computed exactly (full Jacobian by vjps for small
+        outputs, else a double-backward or forward-mode jvp); when only a finite difference is
+        available, ``(ratio, (a, b))`` with the PAIR ``a, b = x -+ h v`` and its exact ratio."""
         x, v = self.cast(x), self.cast(v)
         den = float(_pnorm(v, norm)[0])
         if not den > 0:
-            return 0.0
-        r = float(_pnorm(_JacAt(self.f, x).jv(v), norm)[0]) / den
-        if not math.isfinite(r):
-            self.nonfinite += 1
-            return 0.0
-        return r
+            return 0.0, None
+        if self.m <= _FULL_M:
+            jac = _full_jacobian(self.f, x, self.m)
+            return self._ratio(float(_pnorm((jac @ v[:, :, None])[:, :, 0], norm)[0]) / den), None
+        op = _JacAt(self.f, x)
+        jv = op.jv(v)
+        if not op.fd_used:
+            return self._ratio(float(_pnorm(jv, norm)[0]) / den), None
+        h = _fd_step(x, v)
+        a, b = (x - h * v)[0], (x + h * v)[0]
+        return self.pair(a, b, norm), (a, b)
+
+    @torch.no_grad()
+    def polish(self, x: torch.Tensor, v: torch.Tensor, norm: str, iters: int, deadline: float
+               ) -> torch.Tensor:
+        """A better direction ``v`` at the witness ``x`` in float64: exact (full Jacobian) for
+        small outputs, else more power iterations (l2; each iterate is valid)."""
+        xs = self.cast(x)
+        if self.m <= _FULL_M:
+            return _norm_of_jac(_full_jacobian(self.f, xs, self.m), norm)[1][0]
+        if norm != "2":
+            return v
+        return _power(self.f, xs, self.cast(v), iters, tol=1e-10, deadline=deadline)[1][0]
 
 
 def pair_ratio(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, norm: Any = 2) -> float:
@@ -411,7 +490,7 @@ def jacobian_ratio(model: nn.Module, x: torch.Tensor, v: torch.Tensor, *, norm: 
     """
     n = check_norm(norm, method="jacobian_ratio")
     device, dtype = _model_ref(model)
-    return _Checker(model, tuple(x.shape), device, dtype).jac(x, v, n)
+    return _Checker(model, tuple(x.shape), device, dtype).jac(x, v, n)[0]
 
 
 # --------------------------------------------------------------------------------------------
@@ -426,7 +505,13 @@ class _Cand:
     v: torch.Tensor | None = None
 
 
+
 class _Search:
+    """The batched searches; every stage runs until its work is done or its own deadline
+    (``stage_end``) passes, whichever comes first: the step schedules (pair distance, step
+    size, temperature) follow ``max(step / steps, elapsed / stage time)`` so that a stage cut
+    short by its budget still completes its schedule."""
+
     def __init__(
         self,
         f: _Fn,
@@ -437,29 +522,52 @@ class _Search:
         dtype: torch.dtype,
         gen: torch.Generator,
         deadline: float,
-        bar: Any,
+        report: Any,
         keep: int,
         power_iterations: int,
     ) -> None:
         self.f, self.n, self.m, self.norm = f, n, m, norm
         self.device, self.dtype, self.gen = device, dtype, gen
-        self.deadline, self.bar = deadline, bar
+        self.deadline, self.report = deadline, report
         self.keep = keep
         self.iters = power_iterations
         self.cands: list[_Cand] = []
         self.best: dict[str, float] = {}
         self.evaluations = 0
-        self.timed_out = False
-        # Jacobian norms are cheap only for l2 (power method) or a small output/input (full J)
-        self.jac_ok = norm == "2" or m <= 64
+        self.timed_out = False  # the whole search's time is up
+        self.cut = False  # some stage stopped before its work was done (its time share)
+        self.stage = "search"
+        self.stage_end = deadline
+        self.stage_start = time.perf_counter()
+        # Jacobian norms are cheap only for l2 (power method) or a small output (full J)
+        self.jac_ok = norm == "2" or m <= _FULL_M
 
     def randn(self, *shape: int) -> torch.Tensor:
         return torch.randn(*shape, generator=self.gen, dtype=self.dtype).to(self.device)
 
+    def begin(self, stage: str, end: float) -> None:
+        self.stage, self.stage_start, self.stage_end = stage, time.perf_counter(), end
+        self.report(stage, 0.0)
+
+    def frac(self, done: float) -> float:
+        """The schedule position: the larger of the work done and the stage time spent."""
+        now = time.perf_counter()
+        span = self.stage_end - self.stage_start
+        tf = (now - self.stage_start) / span if span > 0 and math.isfinite(span) else 0.0
+        f = min(max(done, tf), 1.0)
+        if tf >= 1.0 > done:
+            self.cut = True  # the stage's time share ended its work early
+        self.report(self.stage, f)
+        return f
+
     def out_of_time(self) -> bool:
-        if time.perf_counter() > self.deadline:
+        now = time.perf_counter()
+        if now > self.deadline:
             self.timed_out = True
-        return self.timed_out
+        if self.timed_out or now > self.stage_end:
+            self.cut = True
+            return True
+        return False
 
     def add(self, vals: torch.Tensor, how: str, x: torch.Tensor, y: torch.Tensor | None = None,
             v: torch.Tensor | None = None) -> None:
@@ -475,17 +583,34 @@ class _Search:
                 )
             )
         self.cands.sort(key=lambda c: -c.value)
-        del self.cands[4 * self.keep :]
+        # the best overall, plus the best of every search (its per_method column)
+        kept, seen = self.cands[: 4 * self.keep], {c.how for c in self.cands[: 4 * self.keep]}
+        for c in self.cands[4 * self.keep :]:
+            if c.how not in seen:
+                kept.append(c)
+                seen.add(c.how)
+        self.cands = kept
         self.best[how] = max(self.best.get(how, 0.0), float(vals.max()))
 
     def jac(self, x: torch.Tensor, v: torch.Tensor | None = None, iters: int | None = None
             ) -> tuple[torch.Tensor, torch.Tensor]:
         self.evaluations += x.shape[0]
-        return _jac_norm(self.f, x, v, self.norm, self.m, self.iters if iters is None else iters)
+        return _jac_norm(self.f, x, v, self.norm, self.m, self.iters if iters is None else iters,
+                         deadline=self.stage_end)
+
+    def scales(self, k: int, scale: float) -> torch.Tensor:
+        """``k`` chain scales (k, 1): a quarter at ``scale``, the others log-uniform in
+        ``[scale / 10, 100 scale]`` (ReLU regions of large slope can lie far from the
+        origin)."""
+        expo = -1.0 + 3.0 * torch.rand(k, 1, generator=self.gen, dtype=self.dtype).to(self.device)
+        sc = scale * torch.pow(10.0, expo)
+        sc[: max(1, k // 4)] = scale
+        return sc
 
     # ---- data ------------------------------------------------------------------------------
     def data(self, data: torch.Tensor, batch_size: int) -> torch.Tensor:
-        """Jacobian norm at every data point; returns the values (N,)."""
+        """Jacobian norm at the data points (until the stage's time is up); returns the values
+        of those evaluated (their count may be below N)."""
         vals = []
         for i in range(0, data.shape[0], batch_size):
             if self.out_of_time():
@@ -494,8 +619,38 @@ class _Search:
             s, v = self.jac(xb)
             self.add(s, "data", xb, v=v)
             vals.append(s)
-            self.bar.update(1)
+            self.frac((i + xb.shape[0]) / data.shape[0])
         return torch.cat(vals) if vals else torch.zeros(0, dtype=self.dtype)
+
+    # ---- sample ----------------------------------------------------------------------------
+    def sample(self, total: int, scale: float, batch: int, keep: int
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Jacobian norms at ``total`` random points ``s N(0, I)`` (scales as :meth:`scales`),
+        in batches of ``batch``; returns the ``keep`` best points and their scales (best
+        first), the starts of the ascents."""
+        bx = torch.zeros(0, self.n, dtype=self.dtype, device=self.device)
+        bs = torch.zeros(0, 1, dtype=self.dtype, device=self.device)
+        bv = torch.zeros(0, dtype=self.dtype, device=self.device)
+        done = 0
+        k = min(8, batch)  # first batch small: it measures the cost of one sample
+        while done < total and not self.out_of_time():
+            k = min(k, total - done)
+            t0 = time.perf_counter()
+            sc = self.scales(k, scale)
+            x = sc * self.randn(k, self.n)
+            s, v = self.jac(x)
+            self.add(s, "sample", x, v=v)
+            s = torch.nan_to_num(s.detach(), nan=0.0, posinf=0.0)
+            bx, bs, bv = torch.cat([bx, x]), torch.cat([bs, sc]), torch.cat([bv, s])
+            top = torch.topk(bv, min(keep, bv.shape[0])).indices
+            bx, bs, bv = bx[top], bs[top], bv[top]
+            done += k
+            self.frac(done / total)
+            # next batch: about a tenth of the stage time left (never over ``batch``)
+            per = max(time.perf_counter() - t0, 1e-6) / k
+            left = self.stage_end - time.perf_counter()
+            k = int(min(batch, max(1, 0.1 * left / per if math.isfinite(left) else batch)))
+        return bx, bs
 
     # ---- pairs -----------------------------------------------------------------------------
     def pairs(self, x0: torch.Tensor, s: torch.Tensor, u0: torch.Tensor, steps: int, lr: float
@@ -507,11 +662,12 @@ class _Search:
         u = (u / _pnorm(u, self.norm)[:, None].clamp_min(1e-30)).requires_grad_(True)
         opt = _Adam([z, u])
         d_hi, d_lo = 1.0, 1e-3
+        fr = 0.0
         for t in range(steps):
             if self.out_of_time():
                 break
-            d = d_hi * (d_lo / d_hi) ** (t / max(steps - 1, 1))
-            lr_t = lr * (0.05 + 0.95 * (1 - t / max(steps, 1)))
+            d = d_hi * (d_lo / d_hi) ** fr
+            lr_t = lr * (0.05 + 0.95 * (1 - fr))
             un = u / _pnorm(u, self.norm)[:, None].clamp_min(1e-30)
             x = s * z
             a, b = x + 0.5 * d * s * un, x - 0.5 * d * s * un
@@ -524,16 +680,19 @@ class _Search:
             opt.ascend([gz, gu], lr_t)
             with torch.no_grad():
                 u /= _pnorm(u, self.norm)[:, None].clamp_min(1e-30)
-            if t % 10 == 9 or t == steps - 1:
+            fr = self.frac((t + 1) / max(steps - 1, 1))
+            last = t == steps - 1 or fr >= 1.0
+            if t % 10 == 9 or last:
                 self.add(r.detach(), "pairs", a.detach(), y=b.detach())
-            self.bar.update(1)
+            if last:
+                break
         # Jacobian norm at the end points of the ascent (the pairs localise a high-slope region)
-        if self.jac_ok and not self.out_of_time():
+        if self.jac_ok and time.perf_counter() < self.deadline:
             with torch.no_grad():
                 xe = (s * z).detach()
                 ve = u.detach() if self.norm == "2" else None
-            s, v = self.jac(xe, ve)
-            self.add(s, "pairs", xe, v=v)
+            sv, v = self.jac(xe, ve)
+            self.add(sv, "pairs", xe, v=v)
 
     # ---- annealing -------------------------------------------------------------------------
     def annealing(self, x0: torch.Tensor, s: torch.Tensor, steps: int) -> None:
@@ -542,12 +701,12 @@ class _Search:
         e, v = self.jac(x)
         self.add(e, "annealing", x, v=v)
         t0 = 0.1 * float(e.mean()) + 1e-12
+        fr = 0.0
         for t in range(steps):
             if self.out_of_time():
                 break
-            frac = t / max(steps - 1, 1)
-            sigma = s * (0.5 * (0.01 / 0.5) ** frac)
-            temp = t0 * (1.0 - frac) + 1e-12
+            sigma = s * (0.5 * (0.01 / 0.5) ** fr)
+            temp = t0 * (1.0 - fr) + 1e-12
             xp = x + sigma * self.randn(*x.shape)
             ep, vp = self.jac(xp, v, iters=max(3, self.iters // 4))
             u = torch.rand(x.shape[0], generator=self.gen, dtype=self.dtype).to(self.device)
@@ -555,9 +714,12 @@ class _Search:
             x = torch.where(accept[:, None], xp, x)
             v = torch.where(accept[:, None], vp, v)
             e = torch.where(accept, ep, e)
-            if t % 10 == 9 or t == steps - 1:
+            fr = self.frac((t + 1) / max(steps - 1, 1))
+            last = t == steps - 1 or fr >= 1.0
+            if t % 10 == 9 or last:
                 self.add(e, "annealing", x, v=v)
-            self.bar.update(1)
+            if last:
+                break
 
 
 class _Adam:
@@ -582,22 +744,13 @@ class _Adam:
             p.add_(lr * (m / c1) / ((v / c2).sqrt() + self.eps))
 
 
-class _NoBar:
-    def update(self, n: int = 1) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
-
-
-def _bar(progress: bool, total: int) -> Any:
-    if not progress:
-        return _NoBar()
-    try:
-        from tqdm.auto import tqdm
-    except ImportError:  # pragma: no cover - tqdm is a light optional dependency
-        return _NoBar()
-    return tqdm(total=total, desc="lower bound", file=sys.stderr, leave=False, unit="step")
+#: default time budget of :func:`lower_bound` (seconds); small models finish long before
+DEFAULT_TIME_LIMIT = 60.0
+#: fraction of the budget kept for the float64 re-evaluation of the witnesses
+_CHECK_SHARE = 0.12
+#: relative time shares of the search stages (renormalised over the stages that run)
+_STAGE_WEIGHT = {"data": 0.15, "sample": 0.25, "pairs": 0.35, "annealing": 0.25}
+_TORCH_FAILURES = (RuntimeError, NotImplementedError, TypeError, ValueError, IndexError)
 
 
 def lower_bound(
@@ -606,16 +759,17 @@ def lower_bound(
     *,
     data: Any = None,
     norm: Any = 2,
-    methods: Iterable[str] = LOWER_METHODS,
+    methods: Iterable[str] = DEFAULT_METHODS,
     restarts: int | None = None,
     steps: int = 200,
+    samples: int | None = None,
     batch_size: int = 64,
     scale: float | None = None,
     lr: float | None = None,
     power_iterations: int = 20,
     seed: int = 0,
-    progress: bool = False,
-    time_limit: float | None = None,
+    progress: ProgressArg = False,
+    time_limit: float | None = DEFAULT_TIME_LIMIT,
 ) -> LowerBoundResult:
     r"""A witnessed lower bound on the Lipschitz constant of ``model`` (see the module docstring).
 
@@ -630,13 +784,20 @@ def lower_bound(
         them) and starting points of the pair ascent; their spread sets the default ``scale``.
     norm:
         ``2`` (default), ``1`` or ``inf``: the same p-norm on inputs and outputs. Jacobian
-        norms use the power method for ``2`` and the full Jacobian (``m`` vjps) otherwise, the
-        latter only for outputs of at most 64 entries (beyond, only pair witnesses are used).
+        norms are exact from the full Jacobian (``m`` vjps) for outputs of at most 64 entries;
+        beyond, the power method for ``2``, and only pair witnesses for ``1`` / ``inf``.
     methods:
-        any of ``"data"``, ``"pairs"``, ``"annealing"`` (``"data"`` is skipped without data).
+        any of ``"data"``, ``"sample"``, ``"pairs"``, ``"annealing"`` (``"data"`` is skipped
+        without data, ``"sample"`` when the Jacobian has more than 64 rows); default
+        :data:`DEFAULT_METHODS` (all but ``"annealing"``).
     restarts, steps:
-        number of independent starts (chains) and of ascent / annealing steps per start;
-        default restarts: 64 for inputs of at most 4096 entries, 8 above.
+        number of independent chains of the ascent and of the annealing, and their number of
+        steps; default restarts: 64 for inputs of at most 4096 entries, 8 above. ``steps`` is a
+        maximum: a stage cut by its time share compresses its schedule instead.
+    samples:
+        random points of the ``"sample"`` stage (Jacobian norms, in batches of
+        ``16 batch_size``, the first ones smaller to time them); the best ones start the
+        ascents. Default 4096.
     batch_size:
         chains (or data points) evaluated in one batched forward pass; lower it to save memory.
     scale:
@@ -645,14 +806,18 @@ def lower_bound(
     lr:
         Adam step of the pair ascent (default ``0.05 * scale``).
     power_iterations:
-        power-method iterations per Jacobian-norm evaluation (the two best Jacobian witnesses
-        are polished with up to 3x more, in float64).
+        power-method iterations per Jacobian-norm evaluation (large outputs only; the best
+        witnesses are polished in float64).
     seed:
         seeds every random draw (the global RNG is not touched).
     progress:
-        show a tqdm progress bar on stderr (off by default).
+        ``True``: progress on stderr (tqdm on a terminal, one line per stage otherwise); or a
+        callback ``(stage, fraction)`` (see :class:`lipbound.report.Progress`).
     time_limit:
-        seconds after which the search stops and returns the best witness so far.
+        ONE overall budget in seconds (default 60; ``None``: none), split over the stages
+        (data, sample, pairs, annealing, then the float64 re-check); time a stage leaves unused
+        goes to the next. The clock is checked inside every loop, so the call returns within
+        about 10% of it (plus one batched step); the best witness so far is returned.
 
     Returns
     -------
@@ -660,7 +825,8 @@ def lower_bound(
         ``value`` (``certified=True``: a true lower bound, reproduced in float64 from the
         witness), ``x`` and ``y`` (pair witness) or ``x`` alone with ``extra["direction"]``
         (Jacobian witness), ``how`` (which search found it), ``extra["per_method"]`` (best
-        re-checked value of each search: the paper's data / annealing columns).
+        re-checked value of each search: the paper's data / annealing columns). When a stage
+        fails (an op without the derivatives it needs), the others go on and a note says so.
     """
     t_start = time.perf_counter()
     model = check_model(model, require_eval=True)
@@ -673,6 +839,8 @@ def lower_bound(
         check_choice("method", name, LOWER_METHODS)
     if restarts is not None:
         check_positive("restarts", restarts, integer=True)
+    if samples is not None:
+        check_positive("samples", samples, integer=True, allow_zero=True)
     check_positive("steps", steps, integer=True)
     check_positive("batch_size", batch_size, integer=True)
     check_positive("power_iterations", power_iterations, integer=True)
@@ -684,7 +852,22 @@ def lower_bound(
         check_positive("time_limit", time_limit)
     if isinstance(seed, bool) or not isinstance(seed, int):
         raise InvalidArgumentError(f"seed must be an int; got {seed!r}")
+    report = make_progress(progress)
+    try:
+        return _lower_bound(model, shape, p, methods, data, restarts, steps, samples,
+                            batch_size, scale, lr, power_iterations, seed, report, time_limit,
+                            t_start)
+    finally:
+        report.close()
 
+
+def _lower_bound(
+    model: nn.Module, shape: tuple[int, ...], p: str, methods: tuple[str, ...], data: Any,
+    restarts: int | None, steps: int, samples: int | None, batch_size: int,
+    scale: float | None, lr: float | None, power_iterations: int, seed: int, report: Any,
+    time_limit: float | None, t_start: float,
+) -> LowerBoundResult:
+    report("setup", 0.0)
     model, device, dtype, m, widened = probe_widening(model, shape)
     n = math.prod(shape)
     if restarts is None:  # starts are cheap for small inputs (one batched pass serves them all)
@@ -696,92 +879,142 @@ def lower_bound(
             scale = 1.0
     lr_ = 0.05 if lr is None else float(lr) / scale
     deadline = math.inf if time_limit is None else t_start + float(time_limit)
+    search_end = math.inf if time_limit is None else t_start + (1 - _CHECK_SHARE) * time_limit
 
     f = _batched(model, shape)
     gen = torch.Generator().manual_seed(seed)
-    use_data = "data" in methods and xdata is not None
-    n_batches = math.ceil(restarts / batch_size)
-    total = (
-        (math.ceil(xdata.shape[0] / batch_size) if use_data and xdata is not None else 0)
-        + (n_batches * steps if "pairs" in methods else 0)
-        + (n_batches * steps if "annealing" in methods else 0)
-    )
-    bar = _bar(progress, total)
     notes: list[str] = [] if widened is None else [widened]
     search = _Search(
-        f, n, m, p, device, dtype, gen, deadline, bar, keep=4, power_iterations=power_iterations
+        f, n, m, p, device, dtype, gen, search_end, report, keep=4,
+        power_iterations=power_iterations,
     )
-    try:
-        data_vals = None
-        if use_data and xdata is not None:
-            if search.jac_ok:
+    if "data" in methods and xdata is None and len(methods) == 1:
+        raise InvalidArgumentError("method 'data' needs data points (pass data=...)")
+    stages: list[str] = [s for s in ("data", "sample", "pairs", "annealing") if s in methods]
+    if "data" in stages and (xdata is None or not search.jac_ok):
+        stages.remove("data")
+        if xdata is not None:
+            notes.append("data bound skipped: Jacobian norm for this norm needs <= 64 outputs")
+    if "sample" in stages and (m > _FULL_M or samples == 0):
+        stages.remove("sample")
+    if "annealing" in stages and not search.jac_ok:
+        stages.remove("annealing")
+        notes.append("annealing skipped: Jacobian norm for this norm needs <= 64 outputs")
+    n_samples = 4096 if samples is None else samples
+
+    def stage_end(stage: str) -> float:
+        """Now plus this stage's share of the search time left."""
+        now = time.perf_counter()
+        todo = stages[stages.index(stage):]
+        w = _STAGE_WEIGHT[stage] / sum(_STAGE_WEIGHT[s] for s in todo)
+        return now + max(search_end - now, 0.0) * w
+
+    data_vals: torch.Tensor | None = None
+    sx = torch.zeros(0, n, dtype=dtype, device=device)  # best sampled points and their scales
+    ss = torch.zeros(0, 1, dtype=dtype, device=device)
+
+    def starts(k: int, offset: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """k starting points and their scales: the best data points first (at ``scale``), then
+        the best sampled points, then random ones ``s N(0, I)`` (scales as in
+        :meth:`_Search.scales`)."""
+        sc = search.scales(k, scale)
+        xs = sc * search.randn(k, n)
+        pos = 0
+        if xdata is not None:
+            order = (
+                torch.argsort(data_vals, descending=True)
+                if data_vals is not None and data_vals.numel() > 0
+                else torch.randperm(xdata.shape[0], generator=gen).to(device)
+            )
+            take = order[offset : offset + (k + 1) // 2]
+            xs[: take.numel()] = xdata[take]
+            sc[: take.numel()] = scale
+            pos = take.numel()
+        if sx.shape[0] > 0:
+            want = max(k - pos - max(1, k // 8), 0)  # keep a few random starts
+            take_s = torch.arange(offset, min(offset + want, sx.shape[0]), device=device)
+            xs[pos : pos + take_s.numel()] = sx[take_s]
+            sc[pos : pos + take_s.numel()] = ss[take_s]
+        return xs, sc
+
+    n_batches = math.ceil(restarts / batch_size)
+    for stage in stages:
+        if search.timed_out or time.perf_counter() > search_end:
+            search.timed_out = True
+            break
+        try:
+            if stage == "data" and xdata is not None:
+                search.begin("data", stage_end("data"))
                 data_vals = search.data(xdata, batch_size)
+            elif stage == "sample":
+                search.begin("sample", stage_end("sample"))
+                sx, ss = search.sample(n_samples, scale, 16 * batch_size, restarts)
             else:
-                notes.append("data bound skipped: Jacobian norm for this norm needs <= 64 outputs")
-        elif "data" in methods and len(methods) == 1:
-            raise InvalidArgumentError("method 'data' needs data points (pass data=...)")
-
-        def starts(k: int, offset: int) -> tuple[torch.Tensor, torch.Tensor]:
-            """k starting points and their scales: the best data points first (at ``scale``),
-            then random ones ``s N(0, I)``, a quarter with ``s = scale`` and the others with
-            ``s`` log-uniform in [scale / 10, 100 scale] (ReLU regions of large slope can lie
-            far from the origin)."""
-            expo = -1.0 + 3.0 * torch.rand(k, 1, generator=gen, dtype=dtype).to(device)
-            sc = scale * torch.pow(10.0, expo)
-            sc[: max(1, k // 4)] = scale
-            xs = sc * search.randn(k, n)
-            if xdata is not None:
-                order = (
-                    torch.argsort(data_vals, descending=True)
-                    if data_vals is not None and data_vals.numel() == xdata.shape[0]
-                    else torch.randperm(xdata.shape[0], generator=gen).to(device)
-                )
-                take = order[offset : offset + (k + 1) // 2]
-                xs[: take.numel()] = xdata[take]
-                sc[: take.numel()] = scale
-            return xs, sc
-
-        if "pairs" in methods:
-            for b in range(n_batches):
-                k = min(batch_size, restarts - b * batch_size)
-                x0, s0 = starts(k, b * batch_size)
-                search.pairs(x0, s0, search.randn(k, n), steps, lr_)
-        if "annealing" in methods and search.jac_ok:
-            for b in range(n_batches):
-                k = min(batch_size, restarts - b * batch_size)
-                x0, s0 = starts(k, b * batch_size)
-                search.annealing(x0, s0, steps)
-        elif "annealing" in methods:
-            notes.append("annealing skipped: Jacobian norm for this norm needs <= 64 outputs")
-    finally:
-        bar.close()
-    if search.timed_out:
-        notes.append(f"time limit of {time_limit} s reached; best witness so far returned")
+                end = stage_end(stage)
+                search.begin(stage, end)
+                for b in range(n_batches):
+                    # each batch of chains gets its share of the stage's time left
+                    now = time.perf_counter()
+                    search.stage_start = now
+                    search.stage_end = now + max(end - now, 0.0) / (n_batches - b)
+                    k = min(batch_size, restarts - b * batch_size)
+                    x0, s0 = starts(k, b * batch_size)
+                    if stage == "pairs":
+                        search.pairs(x0, s0, search.randn(k, n), steps, lr_)
+                    else:
+                        search.annealing(x0, s0, steps)
+                    if search.timed_out:
+                        break
+        except _TORCH_FAILURES as e:  # an op lacks a derivative: keep what was found
+            if isinstance(e, LipboundError):
+                raise
+            msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            notes.append(f"{stage} stopped ({type(e).__name__}: {msg[:160]}); the other "
+                         "searches went on")
+    if search.timed_out or search.cut:
+        notes.append(f"time limit of {time_limit} s reached (the stages were shortened); best "
+                     "witness so far returned")
 
     # ---- re-evaluate the candidates exactly (float64, one sample) and pick the best --------
-    check = _Checker(model, shape, device, dtype)
+    report("check", 0.0)
+    check = _Checker(model, shape, device, dtype, m)
     best: tuple[float, _Cand] | None = None
     per_method: dict[str, float] = {}
     jac_cands = [c for c in search.cands if c.y is None and c.v is not None][:2]
-    if jac_cands and p == "2" and not search.out_of_time():
-        # polish the Jacobian witnesses (batched): more power iterations, still lower estimates
-        xs = torch.cat([check.cast(c.x) for c in jac_cands])
-        vs = torch.cat([check.cast(c.v) for c in jac_cands if c.v is not None])
-        _, vs = _power(check.f, xs, vs, 3 * power_iterations, tol=1e-10)
-        for c, v in zip(jac_cands, vs):
-            c.v = v
-    for c in search.cands:
-        val = check.pair(c.x, c.y, p) if c.y is not None else (
-            check.jac(c.x, c.v, p) if c.v is not None else 0.0
-        )
+    for c in jac_cands:  # polish the best Jacobian witnesses (still realised values)
+        if time.perf_counter() > deadline - 0.5 * _CHECK_SHARE * (deadline - t_start):
+            break
+        if c.v is not None:
+            try:
+                c.v = check.polish(c.x, c.v, p, 3 * power_iterations, deadline)
+            except _TORCH_FAILURES:
+                break
+    for i, c in enumerate(search.cands):
+        if best is not None and time.perf_counter() > deadline:
+            notes.append(f"{len(search.cands) - i} candidate witness(es) not re-checked "
+                         "(time limit)")
+            break
+        report("check", i / max(len(search.cands), 1))
+        if c.y is not None:
+            val = check.pair(c.x, c.y, p)
+        elif c.v is not None:
+            val, as_pair = check.jac(c.x, c.v, p)
+            if as_pair is not None:  # no exact jvp here: the witness is the pair itself
+                c = _Cand(c.value, c.how, as_pair[0], as_pair[1], None)
+        else:
+            val = 0.0
         per_method[c.how] = max(per_method.get(c.how, 0.0), val)
         if best is None or val > best[0]:
             best = (val, c)
     if best is None:  # nothing evaluated (time limit hit before any step)
         x0 = torch.zeros(n, dtype=check.dtype)
         v0 = torch.ones(n, dtype=check.dtype)
-        best = (check.jac(x0, v0, p), _Cand(0.0, "jacobian at 0", x0, None, v0))
-        notes.append("no search step ran; value is ||J(0) 1|| / ||1||")
+        val0, as_pair0 = check.jac(x0, v0, p)
+        c0 = _Cand(0.0, "jacobian at 0", x0, None, v0)
+        if as_pair0 is not None:
+            c0 = _Cand(0.0, "pair at 0", as_pair0[0], as_pair0[1], None)
+        best = (val0, c0)
+        notes.append("no search step ran; value is the ratio at 0 along 1")
     value, c = best
     if check.nonfinite and not value > 0:
         raise NonFiniteError(
@@ -791,6 +1024,7 @@ def lower_bound(
         )
     if check.nonfinite:
         notes.append(f"{check.nonfinite} witness(es) overflowed on re-evaluation and were skipped")
+    report("check", 1.0)
     kind = "pair" if c.y is not None else "jacobian"
     x_w = c.x.detach().to(torch.float64).reshape(shape).cpu()
     y_w = None if c.y is None else c.y.detach().to(torch.float64).reshape(shape).cpu()
@@ -800,6 +1034,7 @@ def lower_bound(
         "evaluations": search.evaluations,
         "scale": scale,
         "recheck_dtype": str(check.dtype).removeprefix("torch."),
+        "stages": ",".join(stages),
     }
     if c.y is None and c.v is not None:
         extra["direction"] = c.v.detach().to(torch.float64).reshape(shape).cpu()

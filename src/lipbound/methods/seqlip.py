@@ -81,6 +81,7 @@ from torch import nn
 from .._validation import check_choice, check_input_shape, check_model, check_norm, check_positive
 from ..errors import InvalidArgumentError
 from ..graph._modules import eval_weight
+from ..report import ProgressArg, make_progress
 from ..results import LayerBound, LipschitzResult
 from ._pairs import (
     ROUNDING_MARGIN,
@@ -301,6 +302,47 @@ def _rescale_pair(p: _Pair, f: float) -> _Pair:
                    truncated=None if p.truncated is None else p.truncated * f)
 
 
+class _Clock:
+    """Splits what is left of the overall budget over the remaining work units (pairs and
+    two-layer blocks, weight 1 each): :meth:`next` returns the absolute deadline of the next
+    unit, or ``None`` once the overall deadline has passed (the unit is then skipped)."""
+
+    def __init__(self, deadline: float, units: int, report: Any) -> None:
+        self.deadline, self.left, self.total = deadline, max(units, 0), max(units, 1)
+        self.report = report
+        self.late_units = 0
+
+    _rate: float | None = None  # float64 flop/s of this machine, measured once
+
+    @classmethod
+    def rate(cls) -> float:
+        if cls._rate is None:
+            a = torch.randn(384, 384, dtype=_F64)
+            t0 = time.perf_counter()
+            _ = a @ a
+            cls._rate = 2 * 384**3 / max(time.perf_counter() - t0, 1e-6)
+        return cls._rate
+
+    def fits(self, m: int, n: int, p: int) -> bool:
+        """Whether a pair relaxation on ``(m x n) (n x p)`` matrices (a few dense products
+        that no clock check can interrupt) is predicted to end before the overall deadline."""
+        return self.affords(6.0 * m * n * p)
+
+    def affords(self, flops: float) -> bool:
+        """Whether ``flops`` float64 operations are predicted to end before the deadline."""
+        return time.perf_counter() + flops / self.rate() < self.deadline
+
+    def next(self, stage: str) -> float | None:
+        now = time.perf_counter()
+        self.report(stage, 1.0 - self.left / self.total)
+        share = max(self.deadline - now, 0.0) / max(self.left, 1)
+        self.left = max(self.left - 1, 0)
+        if now >= self.deadline:
+            self.late_units += 1
+            return None
+        return now + share
+
+
 def _numel(shape: Sequence[int]) -> int:
     return int(math.prod(shape))
 
@@ -308,36 +350,45 @@ def _numel(shape: Sequence[int]) -> int:
 def _certified_pair(
     L: torch.Tensor, R: torch.Tensor, slopes: tuple[float, float], *,
     norms: tuple[float, float] | None = None, sigma: torch.Tensor | None = None,
+    deadline: float | None = None,
 ) -> float:
     size = min(L.shape[0], L.shape[1]) + min(R.shape[0], R.shape[1])
     steps = 60 if size <= 300 else (15 if size <= 700 else 0)
     return pair_certified(
         L, R, slopes=slopes, scaled_steps=20 if size <= 300 else -1, dual_steps=steps,
-        norms=norms, sigma=sigma if steps == 0 else None,
+        norms=norms, sigma=sigma if steps == 0 else None, deadline=deadline,
     ).value
 
 
 def _solve_pair(
     name: str, L: torch.Tensor, R: torch.Tensor, slopes: tuple[float, float], *, mode: str,
-    max_exact_width: int, time_limit: float | None, k: int, restarts: int, seed: int,
+    max_exact_width: int, deadline: float | None, k: int, restarts: int, seed: int,
     L_sorted: bool = False, R_sorted: bool = False,
 ) -> _Pair:
+    """One pair within ``deadline`` (absolute ``time.perf_counter()``; ``None`` in ``"exact"``
+    mode: exact means exact). Every part stops at its share of the time, and what it returns
+    stays valid: branch and bound gives its certified interval, greedy its best realised
+    pattern, the relaxations their smallest evaluated bound."""
     t0 = time.perf_counter()
     n = L.shape[1]
     norms = None
+    span = 0.0 if deadline is None else max(deadline - t0, 0.0)
     if mode == "exact" or (mode == "auto" and n <= max_exact_width):
-        pb = pair_exact(L, R, slopes=slopes, time_limit=time_limit if mode == "auto" else None)
+        pb = pair_exact(L, R, slopes=slopes,
+                        deadline=None if mode == "exact" or deadline is None
+                        else t0 + 0.8 * span)
         if pb.exact:
             return _Pair(name, pb.lower, pb.upper, True, pb.how, time.perf_counter() - t0)
-        up = min(pb.upper, _certified_pair(L, R, slopes, norms=norms))
+        up = min(pb.upper, _certified_pair(L, R, slopes, norms=norms, deadline=deadline))
         return _Pair(name, pb.lower, up, False, "bnb-partial", time.perf_counter() - t0)
     # greedy on the top-k singular directions (rows of L, columns of R are sorted by singular
     # value); the pattern found is then evaluated on the full pair (a realised value)
     Lk = L[:k] if L_sorted else _top_rows(L, k)
     Rk = R[:, :k] if R_sorted else _top_rows(R.T, k).T
-    g = pair_greedy(Lk, Rk, slopes=slopes, restarts=restarts, seed=seed)
+    g = pair_greedy(Lk, Rk, slopes=slopes, restarts=restarts, seed=seed,
+                    deadline=None if deadline is None else t0 + 0.4 * span)
     lower = pair_value(L, R, g.pattern, slopes=slopes)
-    up = _certified_pair(L, R, slopes, norms=norms)
+    up = _certified_pair(L, R, slopes, norms=norms, deadline=deadline)
     trunc = " top-k" if (L.shape[0] > k or R.shape[1] > k) else ""
     return _Pair(
         name, lower, up, False, f"greedy{trunc} ({g.how})", time.perf_counter() - t0, g.value
@@ -424,21 +475,32 @@ def seqlip(
     norm: Any = 2,
     k: int = 200,
     max_exact_width: int = 32,
-    time_limit: float = 10.0,
+    time_limit: float | None = None,
     dense_limit: int = 30_000_000,
     restarts: int = 8,
     seed: int = 0,
     tol: float = 1e-6,
     max_iter: int = 1000,
+    progress: ProgressArg = False,
 ) -> SeqLipResult:
     """SeqLip bound of ``model`` (l2), with AutoLip on everything that is not a sequential segment.
 
     Options: ``mode`` (``"auto"``, ``"exact"``, ``"greedy"``, see the module docstring); ``k``
     the number of singular directions kept for greedy on wide pairs and for operator
     (non-dense) layers; ``max_exact_width`` the widest activation layer solved exactly in
-    ``"auto"`` (and the widest accepted in ``"exact"``); ``time_limit`` seconds of branch and
-    bound per pair in ``"auto"``; ``dense_limit`` the largest ``rows * cols`` for which a linear
-    node is turned into a dense matrix (full SVDs); larger layers use operator bounds.
+    ``"auto"`` (and the widest accepted in ``"exact"``); ``dense_limit`` the largest
+    ``rows * cols`` for which a linear node is turned into a dense matrix (full SVDs); larger
+    layers use operator bounds.
+
+    ``time_limit``: ONE overall budget in seconds for the whole call (default: ``5 + 1`` per
+    pair of the segments, at most 60), split over the pairs and two-layer blocks still to do
+    (time a pair leaves unused goes to the next ones); every pair, greedy search and relaxation
+    checks the clock in its loops and returns what it has (a pair past the deadline falls back
+    to AutoLip's factor), so the result stays certified. Not split: the graph capture and the
+    AutoLip constants before the pairs, and dense matrices / SVDs of the layers. ``"exact"``
+    mode ignores it for the pairs (exact means exact; raise ``max_exact_width`` knowingly).
+    ``progress``: ``True`` or a callback ``(stage, fraction)`` (see
+    :func:`lipbound.report.make_progress`).
 
     >>> import torch
     >>> from torch import nn
@@ -462,14 +524,29 @@ def seqlip(
     check_choice("mode", mode, ("auto", "exact", "greedy"))
     check_positive("k", k, integer=True)
     check_positive("max_exact_width", max_exact_width, integer=True)
-    check_positive("time_limit", time_limit)
+    if time_limit is not None:
+        check_positive("time_limit", time_limit)
     check_positive("dense_limit", dense_limit, integer=True)
     check_positive("restarts", restarts, integer=True, allow_zero=True)
+    report = make_progress(progress)
+    try:
+        return _seqlip(model, shape, nrm, mode, k, max_exact_width, time_limit, dense_limit,
+                       restarts, seed, tol, max_iter, report, t_start)
+    finally:
+        report.close()
 
+
+def _seqlip(
+    model: nn.Module, shape: tuple[int, ...], nrm: str, mode: str, k: int,
+    max_exact_width: int, time_limit: float | None, dense_limit: int, restarts: int,
+    seed: int, tol: float, max_iter: int, report: Any, t_start: float,
+) -> SeqLipResult:
     from ..graph import capture, simplify
     from .autolip import compose, node_constants
 
+    report("capture", 0.0)
     graph = simplify(capture(model, shape))
+    report("autolip constants", 0.0)
     consts = node_constants(graph, norm=nrm, tol=tol, max_iter=max_iter)
     autolip_value = compose(graph, consts)
     auto_certified = all(c.certified for c in consts.values())
@@ -478,6 +555,11 @@ def seqlip(
         for name, c in consts.items()
     }
     segments = find_segments(graph, slopes)
+    n_units = sum(2 * (len(seg[0::2]) - 1) for seg in segments)  # pairs + two-layer blocks
+    if time_limit is None:
+        time_limit = min(60.0, 5.0 + 0.5 * n_units)
+    deadline = t_start + float(time_limit)
+    clock = _Clock(deadline, n_units, report)
 
     if mode == "exact":
         wide = [
@@ -507,6 +589,7 @@ def seqlip(
     all_pairs_exact = True
     raw_est: list[float] = []
     in_segment: set[str] = set()
+    skipped = 0
     for seg in segments:
         ts = time.perf_counter()
         lins = seg[0::2]
@@ -526,40 +609,76 @@ def seqlip(
         pairs: list[_Pair] = []
         cands: dict[str, float] = {"autolip": autolip_seg}
         block_pairs: list[float | None] = [None] * (len(lins) - 1)
-        if dense:
-            Ws, fs = zip(*(_pow4_split(_dense_matrix(n)) for n in lins))
+        dense_parts: list[tuple[torch.Tensor, float]] | None = None
+        if dense:  # no time left for the dense matrices: AutoLip for this segment
+            acc: list[tuple[torch.Tensor, float]] = []
+            for n_lin in lins:  # column by column through the layer: check the clock between
+                if mode != "exact" and time.perf_counter() >= deadline:
+                    break
+                acc.append(_pow4_split(_dense_matrix(n_lin)))
+            dense_parts = acc if len(acc) == len(lins) else None
+        if dense and dense_parts is None:
+            for _ in range(2 * (len(lins) - 1)):
+                clock.next("pairs")
+            skipped += len(lins) - 1
+            estimate_seg = autolip_seg
+        elif dense and dense_parts is not None:
+            Ws, fs = zip(*dense_parts)
             K = len(lins)
             # middle layers: W = P Q with P = U S^{1/2}, Q = S^{1/2} V^T; the first and last
             # layers enter as W_1 (= U_1 S_1 up to the orthogonal V_1^T, which drops out) and
             # W_K (= S_K V_K^T up to U_K)
-            split = {i: _split_sqrt(Ws[i]) for i in range(1, K - 1)}
+            # two-layer blocks first: the cheapest strong certificate (no SVD needed)
             for i in range(K - 1):
+                end = clock.next("blocks")
+                if K >= 3 and end is not None and clock.fits(
+                        Ws[i + 1].shape[0], Ws[i].shape[0], Ws[i].shape[1]):
+                    block_pairs[i] = fs[i + 1] * fs[i] * _certified_pair(
+                        Ws[i + 1], Ws[i], act_slopes[i],
+                        norms=(norms[i + 1] / fs[i + 1], norms[i] / fs[i]), deadline=end,
+                    )
+            # eigendecompositions of the middle layers' Gram matrices (~12 s^3 flops each)
+            eig_flops = sum(12.0 * min(Ws[i].shape) ** 3 + 2.0 * Ws[i].numel() * min(Ws[i].shape)
+                            for i in range(1, K - 1))
+            split = ({i: _split_sqrt(Ws[i]) for i in range(1, K - 1)}
+                     if mode == "exact" or clock.affords(eig_flops) else {})
+            for i in range(K - 1):
+                pair_name = f"{lins[i].qualname}->{lins[i + 1].qualname}"
+                end = clock.next("pairs")
+                if (end is None or len(split) < K - 2) and mode != "exact":
+                    skipped += 1
+                    continue
                 R = Ws[0] if i == 0 else split[i][0]
                 L = Ws[K - 1] if i + 1 == K - 1 else split[i + 1][1]
+                if mode != "exact" and not clock.fits(L.shape[0], L.shape[1], R.shape[1]):
+                    skipped += 1  # its dense products would end past the deadline
+                    continue
                 fR = fs[0] if i == 0 else math.sqrt(fs[i])
                 fL = fs[K - 1] if i + 1 == K - 1 else math.sqrt(fs[i + 1])
                 pairs.append(_rescale_pair(_solve_pair(
-                    f"{lins[i].qualname}->{lins[i + 1].qualname}", L, R, act_slopes[i],
-                    mode=mode, max_exact_width=max_exact_width, time_limit=time_limit, k=k,
+                    pair_name, L, R, act_slopes[i],
+                    mode=mode, max_exact_width=max_exact_width,
+                    deadline=None if mode == "exact" else end, k=k,
                     restarts=restarts, seed=seed, L_sorted=i + 1 < K - 1, R_sorted=i > 0,
                 ), fL * fR))
-            if all(p.upper is not None for p in pairs):
+            if len(pairs) == K - 1 and all(p.upper is not None for p in pairs):
                 cands["svd-chain"] = math.prod(
                     float(p.upper) for p in pairs if p.upper is not None
                 )
-            if K >= 3:
-                for i in range(K - 1):
-                    block_pairs[i] = fs[i + 1] * fs[i] * _certified_pair(
-                        Ws[i + 1], Ws[i], act_slopes[i],
-                        norms=(norms[i + 1] / fs[i + 1], norms[i] / fs[i]),
-                    )
-            estimate_seg = math.prod(p.lower for p in pairs)
+            estimate_seg = (math.prod(p.lower for p in pairs) if len(pairs) == K - 1
+                            else autolip_seg)
         else:
             estimate_seg, pairs = _operator_estimate(
                 lins, act_slopes, k=min(k, 8), restarts=restarts, seed=seed,
-                tol=tol, max_iter=max_iter,
+                tol=tol, max_iter=max_iter, clock=clock,
             )
+            if len(pairs) < len(lins) - 1:
+                skipped += len(lins) - 1 - len(pairs)
+                estimate_seg = autolip_seg
             for i in range(len(lins) - 1):
+                end = clock.next("blocks")
+                if end is None:
+                    continue
                 c1, c2 = _plain_conv2d(lins[i]), _plain_conv2d(lins[i + 1])
                 if c1 is not None and c2 is not None and len(lins[i].in_shapes[0]) == 3:
                     hw = lins[i].in_shapes[0][1:]
@@ -572,7 +691,8 @@ def seqlip(
                     W1, f1 = _pow4_split(_dense_matrix(lins[i]))
                     W2, f2 = _pow4_split(_dense_matrix(lins[i + 1]))
                     block_pairs[i] = f1 * f2 * _certified_pair(
-                        W2, W1, act_slopes[i], norms=(norms[i + 1] / f2, norms[i] / f1)
+                        W2, W1, act_slopes[i], norms=(norms[i + 1] / f2, norms[i] / f1),
+                        deadline=end,
                     )
         if any(b is not None for b in block_pairs):
             dp, cut = _dp_blocks(norms, act_c, block_pairs)
@@ -583,7 +703,8 @@ def seqlip(
         if not all(p.exact for p in pairs):
             all_pairs_exact = False
         raw_est.append(estimate_seg)
-        trunc_seg = math.prod(p.truncated if p.truncated is not None else p.lower for p in pairs)
+        trunc_seg = (math.prod(p.truncated if p.truncated is not None else p.lower for p in pairs)
+                     if len(pairs) == len(lins) - 1 else autolip_seg)
         seg_est = min(estimate_seg, seg_upper)
         for p in pairs:
             rows.append(LayerBound(
@@ -616,6 +737,13 @@ def seqlip(
     estimate = compose(graph, est_consts)
     if not segments:
         notes.append("no sequential segment (linear, act, linear) found: SeqLip = AutoLip")
+    if skipped or clock.late_units:
+        notes.append(
+            f"time limit of {time_limit:g} s reached: {skipped} pair(s) and "
+            f"{clock.late_units - skipped} two-layer block(s) skipped (AutoLip's factors used "
+            "there, still certified); raise time_limit for a tighter bound"
+        )
+        all_pairs_exact = False
     if not auto_certified:
         notes.append("some AutoLip factors are estimates, so the bound is not certified")
     exact_all = mode != "greedy" and all_pairs_exact
@@ -652,7 +780,7 @@ def seqlip(
 
 def _operator_estimate(
     lins: list[Any], act_slopes: list[tuple[float, float]], *, k: int, restarts: int,
-    seed: int, tol: float, max_iter: int,
+    seed: int, tol: float, max_iter: int, clock: _Clock,
 ) -> tuple[float, list[_Pair]]:
     """Greedy SeqLip on the top-``k`` singular triplets of each operator (the paper's truncated
     Greedy SeqLip for convolutions): an ESTIMATE, not a certificate (the truncation and the
@@ -661,6 +789,10 @@ def _operator_estimate(
 
     trip = []
     for n in lins:
+        if time.perf_counter() >= clock.deadline:  # no time for the triplets: no estimate
+            for _ in range(len(lins) - 1):
+                clock.next("pairs")
+            return 1.0, []
         kk = min(k, _numel(n.in_shapes[0]), _numel(n.out_shape))
         r = top_singular(
             n.linear_fn(), n.in_shapes[0], kk, tol=max(tol, 1e-4), certify=False,
@@ -673,9 +805,12 @@ def _operator_estimate(
         V = r.v.reshape(len(S), -1).to(_F64).T  # (in, k)
         trip.append((U, S, V))
     K = len(lins)
-    pairs = []
+    pairs: list[_Pair] = []
     est = 1.0
     for i in range(K - 1):
+        end = clock.next("pairs")
+        if end is None:
+            continue
         t0 = time.perf_counter()
         U_i, S_i, _ = trip[i]
         _, S_j, V_j = trip[i + 1]
@@ -683,7 +818,7 @@ def _operator_estimate(
         St_j = S_j if i + 1 == K - 1 else S_j.sqrt()
         L = St_j[:, None] * V_j.T
         R = U_i * St_i[None, :]
-        g = pair_greedy(L, R, slopes=act_slopes[i], restarts=restarts, seed=seed)
+        g = pair_greedy(L, R, slopes=act_slopes[i], restarts=restarts, seed=seed, deadline=end)
         est *= g.value
         pairs.append(_Pair(
             f"{lins[i].qualname}->{lins[i + 1].qualname}", g.value, None, False,
