@@ -13,10 +13,13 @@ Certificates (l2), each proved in the docstring of the function that computes it
   ``ConvTranspose*`` as adjoints; ``AvgPool*`` as constant-kernel convs): the largest singular
   value of the Fourier symbol of a circular convolution that contains the layer,
   :func:`conv_fourier_upper`. Exact (up to rounding) for circular padding with stride 1 (and
-  stride ``s`` dividing the input size when the output covers the grid).
-* **non-negative operators** (average pools, adaptive pools): the Schur test
-  ``||A||_2 <= sqrt(||A||_1 ||A||_inf)``, with the row and column sums computed exactly by
-  ``A 1`` and ``A^T 1``.
+  stride ``s`` dividing the input size when the output covers the grid). For large images
+  (more than :data:`GRID_LIMIT` grid frequencies) the sup of the same symbol over the whole
+  torus, certified from a refined cover by cells whose cost does not depend on the image size,
+  :func:`conv_torus_upper`; :func:`conv_l2_upper` picks one.
+* **average pools** (``AvgPool*``, ``AdaptiveAvgPool*``, entries of one sign, a negative
+  ``divisor_override`` included): the Schur test ``||A||_2 <= sqrt(||A||_1 ||A||_inf)``, with
+  the row and column sums of ``|A|`` computed as ``|A 1|`` and ``|A^T 1|``.
 * **eval BatchNorm** (diagonal), **Flatten / Identity / Dropout(eval) / zero padding**
   (norm 1), **reflect / replicate / circular padding** (``sqrt`` of the largest copy count),
   **Sequential** (product of the parts, after folding BatchNorm into adjacent convs/linears).
@@ -36,6 +39,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..errors import InvalidArgumentError
 from ._ops import module_call
 
 __all__ = [
@@ -43,7 +47,9 @@ __all__ = [
     "DENSE_LIMIT",
     "best_certificate",
     "conv_fourier_upper",
+    "conv_l2_upper",
     "conv_spec",
+    "conv_torus_upper",
     "matrix_norm_upper",
 ]
 
@@ -290,6 +296,76 @@ def _dim_plan(mode: str, H: int, k: int, s: int, d: int, lo: int, hi: int, Ho: i
     return _DimPlan(G, s, tuple(m % s for m in ms), tuple(m // s for m in ms), 1, False)
 
 
+def _padding_reduction(
+    spec: ConvSpec,
+) -> tuple[float, tuple[int, ...], tuple[int, ...], tuple[int, ...], str]:
+    """``(pad_norm, spatial, lo, hi, mode)``: reflect / replicate padding as a copy matrix.
+
+    ``xpad = P x`` with ``||P||_2 = sqrt(max copy count)`` (:func:`_pad_copy_counts`); the
+    conv then reads ``xpad`` without padding (``mode`` becomes ``"zeros"`` with zero pads).
+    Other modes are returned unchanged with ``pad_norm = 1``.
+    """
+    D = spec.dims
+    lo, hi, spatial, mode = spec.pad_lo, spec.pad_hi, spec.in_spatial, spec.mode
+    if mode not in ("reflect", "replicate"):
+        return 1.0, spatial, lo, hi, mode
+    pads: list[int] = []
+    for i in reversed(range(D)):
+        pads += [lo[i], hi[i]]
+    counts = _pad_copy_counts(spatial, pads, mode)
+    pad_norm = _up(math.sqrt(float(counts.max())))
+    spatial = tuple(spatial[i] + lo[i] + hi[i] for i in range(D))
+    return pad_norm, spatial, (0,) * D, (0,) * D, "zeros"
+
+
+def _fourier_plans(spec: ConvSpec) -> tuple[list[_DimPlan], float]:
+    """Per-dim circulant plans of :func:`conv_fourier_upper` and the padding's copy norm."""
+    pad_norm, spatial, lo, hi, mode = _padding_reduction(spec)
+    ks = tuple(spec.weight.shape[2:])
+    plans = [
+        _dim_plan(mode, spatial[i], ks[i], spec.stride[i], spec.dilation[i], lo[i], hi[i],
+                  spec.out_spatial[i])
+        for i in range(spec.dims)
+    ]
+    return plans, pad_norm
+
+
+def _effective_kernel(
+    K: torch.Tensor,
+    groups: int,
+    phases: list[int],
+    phase: list[tuple[int, ...]],
+    pos: list[tuple[int, ...]],
+) -> tuple[torch.Tensor, list[tuple[int, ...]]]:
+    """Polyphase kernel: ``(Keff, positions)``, ``Keff`` of shape ``(T, g, C_out/g, C_eff)``.
+
+    Tap ``t`` (a multi-index) reads phase ``phase[i][t_i]`` at position ``pos[i][t_i]`` per dim
+    ``i``; taps at one position add up. Columns are ``(C_in/g) x`` the phases some tap reads
+    (phases no tap reads are zero columns of the symbol, dropped: same singular values).
+    """
+    D = K.dim() - 2
+    ks = tuple(K.shape[2:])
+    cout, cin_g = K.shape[0], K.shape[1]
+    cout_g = cout // groups
+    positions: dict[tuple[int, ...], int] = {}
+    entries: list[tuple[int, int, tuple[int, ...]]] = []  # (pos_idx, phase_flat, tap)
+    for tap in itertools.product(*[range(k) for k in ks]):
+        p = tuple(pos[i][tap[i]] for i in range(D))
+        ph = 0
+        for i in range(D):
+            ph = ph * phases[i] + phase[i][tap[i]]
+        if p not in positions:
+            positions[p] = len(positions)
+        entries.append((positions[p], ph, tap))
+    used = {ph: i for i, ph in enumerate(sorted({e[1] for e in entries}))}
+    Keff = torch.zeros((len(positions), groups, cout_g, cin_g, len(used)), dtype=_F64,
+                       device=K.device)
+    Kg = K.reshape(groups, cout_g, cin_g, *ks)
+    for pi, ph, tap in entries:
+        Keff[pi, :, :, :, used[ph]] += Kg[(slice(None),) * 3 + tap]
+    return Keff.reshape(len(positions), groups, cout_g, cin_g * len(used)), list(positions)
+
+
 def _lanczos_ritz_max(G: torch.Tensor, k: int = 24) -> torch.Tensor:
     """Largest Ritz value of each Hermitian ``G[b]`` from ``k`` batched Lanczos steps.
 
@@ -300,10 +376,10 @@ def _lanczos_ritz_max(G: torch.Tensor, k: int = 24) -> torch.Tensor:
     b, p, _ = G.shape
     k = max(1, min(k, p))
     gen = torch.Generator().manual_seed(0)
-    q = torch.randn((b, p), dtype=_F64, generator=gen).to(G.dtype)
+    q = torch.randn((b, p), dtype=_F64, generator=gen).to(device=G.device, dtype=G.dtype)
     q = q / torch.linalg.vector_norm(q, dim=1, keepdim=True)
-    Q = torch.zeros((b, k, p), dtype=G.dtype)
-    GQ = torch.zeros((b, k, p), dtype=G.dtype)
+    Q = torch.zeros((b, k, p), dtype=G.dtype, device=G.device)
+    GQ = torch.zeros((b, k, p), dtype=G.dtype, device=G.device)
     for j in range(k):
         Q[:, j] = q
         w = (G @ q.unsqueeze(-1)).squeeze(-1)
@@ -367,10 +443,10 @@ def _gram_lambda_upper(
     m, n = A.shape[-2:]
     if m <= n:
         G = A @ A.mH
-        p, q = m, n
+        q = n
     else:
         G = A.mH @ A
-        p, q = n, m
+        q = m
     if not bool(torch.isfinite(G).all()):
         return math.inf  # non-finite symbol: no certificate (never a silently wrong one)
     f2 = fro_up * fro_up
@@ -378,18 +454,41 @@ def _gram_lambda_upper(
     ritz = _lanczos_ritz_max(G)
     fac = (1.0 + 4e-6) if scale is None else scale
     c = max(floor, _up(float(ritz.max()) * fac))
+    bounds = _chol_verify(G, torch.full((G.shape[0],), c, dtype=_F64, device=G.device),
+                          f2, e_G)
+    fin = torch.isfinite(bounds)
+    bound = float(bounds[fin].max()) if bool(fin.any()) else 0.0
+    bad = torch.nonzero(~fin).flatten()
+    if bad.numel():
+        bound = max(bound, float(_eig_fallback(G[bad], f2, e_G).max()))
+    return _up(bound)
+
+
+def _chol_verify(G: torch.Tensor, c: torch.Tensor, f2: float, e_G: float) -> torch.Tensor:
+    r"""Per-matrix verification step of :func:`_gram_lambda_upper` (its proof).
+
+    ``G`` is ``(B, p, p)`` (the computed Gram matrices, within ``e_G`` of the exact ones in
+    ``||.||_2``, with ``|G_ii|, ||G||_F <= f2``), ``c`` the ``(B,)`` candidate shifts. Returns
+    ``c + e_D + 2 e_C + e_G`` (a certified ``lambda_max`` bound, before the final rounding up)
+    where the Cholesky factorisation of ``c I - G`` succeeds, and ``inf`` where it fails.
+    """
+    p = G.shape[-1]
     e_D = U * (c + 2 * f2)
     e_C = 2.03 * (p + 1) * U * p * (c + e_D + e_G)
     M = -G
-    M.diagonal(dim1=-2, dim2=-1).add_(c)
+    M.diagonal(dim1=-2, dim2=-1).add_(c.to(G.dtype).unsqueeze(-1))
     _, info = torch.linalg.cholesky_ex(M)
     del M
     bound = c + e_D + 2 * e_C + e_G
-    bad = torch.nonzero(info != 0).flatten()
-    if bad.numel():
-        lam = float(torch.linalg.eigvalsh(G[bad])[:, -1].max())
-        bound = max(bound, lam + 8.08 * p * p * U * f2 + e_G)
-    return _up(bound)
+    return torch.where((info == 0) & (c > 0), bound, torch.full_like(bound, math.inf))
+
+
+def _eig_fallback(G: torch.Tensor, f2: float, e_G: float) -> torch.Tensor:
+    """``(B,)`` bounds ``lambda_hat + 8.08 p^2 u f2 + e_G`` (the fallback of
+    :func:`_gram_lambda_upper`, backward-stable ``eigvalsh``)."""
+    p = G.shape[-1]
+    lam = torch.linalg.eigvalsh(G)[:, -1]
+    return lam.clamp_min(0.0) + 8.08 * p * p * U * f2 + e_G
 
 
 def conv_fourier_upper(
@@ -455,51 +554,21 @@ def conv_fourier_upper(
                                     _gram_min=_gram_min, _candidate_scale=_candidate_scale)
         return b * f, how
     D = spec.dims
-    K = spec.weight.to(_F64)
+    K = spec.weight.to(_F64).cpu()
     g = spec.groups
     cout = K.shape[0]
-    cin_g = K.shape[1]
     ks = tuple(K.shape[2:])
-    pad_norm = 1.0
-    mode = spec.mode
-    lo, hi, spatial = spec.pad_lo, spec.pad_hi, spec.in_spatial
-    if mode in ("reflect", "replicate"):
-        pads: list[int] = []
-        for i in reversed(range(D)):
-            pads += [lo[i], hi[i]]
-        counts = _pad_copy_counts(spatial, pads, mode)
-        pad_norm = _up(math.sqrt(float(counts.max())))
-        spatial = tuple(spatial[i] + lo[i] + hi[i] for i in range(D))
-        lo = hi = (0,) * D
-        mode = "zeros"
-    plans = [
-        _dim_plan(mode, spatial[i], ks[i], spec.stride[i], spec.dilation[i], lo[i], hi[i],
-                  spec.out_spatial[i])
-        for i in range(D)
-    ]
+    plans, pad_norm = _fourier_plans(spec)
     grid = tuple(p.grid for p in plans)
     nph = math.prod(p.phases for p in plans)
     cout_g = cout // g
-    # effective kernel indexed by (position, group, out, in_eff)
-    positions: dict[tuple[int, ...], int] = {}
-    entries: list[tuple[int, int, tuple[int, ...]]] = []  # (pos_idx, phase_flat, tap)
-    for tap in itertools.product(*[range(k) for k in ks]):
-        pos = tuple(plans[i].pos[tap[i]] for i in range(D))
-        ph = 0
-        for i in range(D):
-            ph = ph * plans[i].phases + plans[i].phase[tap[i]]
-        if pos not in positions:
-            positions[pos] = len(positions)
-        entries.append((positions[pos], ph, tap))
-    T = len(positions)
-    # phases no tap reads give zero columns of the symbol: drop them (same singular values)
-    used = {ph: i for i, ph in enumerate(sorted({e[1] for e in entries}))}
-    cin_eff = cin_g * len(used)
-    Keff = torch.zeros((T, g, cout_g, cin_g, len(used)), dtype=_F64)
-    Kg = K.reshape(g, cout_g, cin_g, *ks)
-    for pi, ph, tap in entries:
-        Keff[pi, :, :, :, used[ph]] += Kg[(slice(None),) * 3 + tap]
-    Keff = Keff.reshape(T, -1)
+    Keff4, pos_list = _effective_kernel(
+        K, g, [p.phases for p in plans], [p.phase for p in plans], [p.pos for p in plans]
+    )
+    T = len(pos_list)
+    cin_eff = Keff4.shape[-1]
+    Keff = Keff4.reshape(T, -1)
+    positions = {pos: i for i, pos in enumerate(pos_list)}
     S_norm = float(sum(float(torch.linalg.vector_norm(K[(slice(None),) * 2 + tap]))
                        for tap in itertools.product(*[range(k) for k in ks])))
     # frequencies: full range on all but the last axis, half on the last
@@ -546,6 +615,354 @@ def conv_fourier_upper(
         + (", exact)" if exact else ")")
     )
     return bound, how
+
+
+#: Relative slack of :func:`conv_torus_upper` over the largest sampled symbol norm: cells are
+#: refined until each one's certified bound is within ``1 + TORUS_TOL`` of that value.
+TORUS_TOL = 4e-3
+#: Most symbol evaluations of one :func:`conv_torus_upper` (past it the cells left are bounded
+#: as they are: the result stays certified, only looser).
+TORUS_MAX_POINTS = 1 << 14
+#: :func:`conv_l2_upper` uses the grid certificate :func:`conv_fourier_upper` when its grid has
+#: at most this many frequencies (it is then cheaper than the torus, and never larger).
+GRID_LIMIT = 1024
+_TORUS_X0 = 0.5  # initial cell radius, sum_t n_t h_t / 2 (cos 0.5 = 0.88)
+_TORUS_MAX_LEVEL = 20  # bisections of one initial cell at most
+
+
+def _torus_layout(
+    spec: ConvSpec,
+) -> tuple[list[int], list[tuple[int, ...]], list[tuple[int, ...]], int, float]:
+    """Per dim ``(phase count, phase per tap, position per tap)``, the row repetition and the
+    copy norm of the padding, for :func:`conv_torus_upper` (see its proof)."""
+    pad_norm, spatial, lo, hi, mode = _padding_reduction(spec)
+    ks = tuple(spec.weight.shape[2:])
+    phases: list[int] = []
+    phase: list[tuple[int, ...]] = []
+    pos: list[tuple[int, ...]] = []
+    rep = 1
+    for i in range(spec.dims):
+        k, s, d = ks[i], spec.stride[i], spec.dilation[i]
+        if mode == "circular":
+            H = spatial[i]
+            rep *= _dim_plan(mode, H, k, s, d, lo[i], hi[i], spec.out_spatial[i]).rep
+            m = [t * d - lo[i] for t in range(k)]
+            if H % s:  # the stride-1 circulant on the grid H, read at i s
+                phases.append(1)
+                phase.append((0,) * k)
+                pos.append(tuple(m))
+                continue
+        else:
+            m = [t * d for t in range(k)]
+        phases.append(s)
+        phase.append(tuple(x % s for x in m))
+        pos.append(tuple(x // s for x in m))
+    return phases, phase, pos, rep, pad_norm
+
+
+def _gram_coefficients(
+    Keff: torch.Tensor, P: torch.Tensor, left: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    r"""Coefficients of the Gram symbol ``G(w) = sum_j C_j e^{-i <j, w>}``.
+
+    ``Keff`` is ``(T, g, m, n)`` (real), ``P`` the ``(T, D)`` integer positions. ``left``:
+    ``G = K_hat K_hat^*`` (``m x m``), ``C_j = sum_{a - b = j} K_a K_b^T``; otherwise
+    ``G = K_hat^* K_hat`` (``n x n``), ``C_j = sum_{b - a = j} K_a^T K_b``. Returns ``C``
+    flattened to ``(J, g p p)`` float64 and the offsets ``j`` as ``(J, D)`` float64.
+    """
+    T = Keff.shape[0]
+    offs: dict[tuple[int, ...], int] = {}
+    Pl = [tuple(int(v) for v in row) for row in P]
+    for a in range(T):
+        for b in range(T):
+            j = tuple((x - y) if left else (y - x) for x, y in zip(Pl[a], Pl[b]))
+            offs.setdefault(j, len(offs))
+    g, m, n = Keff.shape[1:]
+    p = m if left else n
+    C = torch.zeros((len(offs), g, p, p), dtype=_F64, device=Keff.device)
+    for a in range(T):
+        if left:
+            prods = torch.einsum("gmn,bgkn->bgmk", Keff[a], Keff)
+        else:
+            prods = torch.einsum("gmn,bgmk->bgnk", Keff[a], Keff)
+        for b in range(T):
+            j = tuple((x - y) if left else (y - x) for x, y in zip(Pl[a], Pl[b]))
+            C[offs[j]] += prods[b]
+    O = torch.tensor(list(offs), dtype=_F64, device=Keff.device).reshape(len(offs), -1)
+    return C.reshape(len(offs), -1), O
+
+
+def conv_torus_upper(
+    spec: ConvSpec,
+    *,
+    tol: float = TORUS_TOL,
+    max_points: int = TORUS_MAX_POINTS,
+    max_bytes: int = 1 << 28,
+    _gram_min: int = 192,
+) -> tuple[float, str]:
+    r"""Certified l2 bound of a convolution whose cost does not depend on the image size.
+
+    **Claim.** ``||A||_2 <= ||P||_2 sqrt(rep) sup_{w in T^D} ||K_hat(w)||_2`` with ``K_hat``
+    the polyphase symbol below (a trigonometric polynomial of degree ``n_t`` in ``w_t``), and
+    the returned value bounds the right side, computed from finitely many samples.
+
+    **Step 1 (the operator on Z^D).** *Zero padding*: extend ``x`` by zeros to ``Z^D`` (an
+    isometry). Every output ``y[i] = sum_t K_t x_pad[i s + t d]`` is an output of the
+    convolution ``C`` on ``l2(Z^D)`` with the same formula, so ``A = S C E`` with ``E`` the
+    extension (shifted by ``lo``) and ``S`` a coordinate restriction: ``||A|| <= ||C||``. The
+    polyphase split ``x_phi[j] = x[j s + phi]`` is unitary on ``l2(Z^D)`` and turns ``C`` into
+    a stride-1 convolution with taps ``K_t`` at positions ``q_t = floor(t d / s)`` reading
+    phase ``t d mod s`` (:func:`_effective_kernel`). The Fourier transform ``l2(Z^D) ->
+    L2(T^D)`` is unitary and makes it the multiplication by ``K_hat(w) = sum_q K_q
+    e^{-i <q, w>}`` (``C_out/g x C_in s^D / g`` per group), so ``||C|| = sup_w ||K_hat(w)||``
+    (max over groups: block diagonal). *Reflect / replicate*: ``x_pad = P x``, then a
+    padding-free conv, ``||P||_2 = sqrt(max copy count)``. *Circular*: the conv is a
+    circulant on the grid ``H / s`` (when ``s`` divides ``H``; phases as above with offsets
+    ``t d - lo``) or ``H`` (read at ``i s``), read at the outputs (``sqrt(rep)`` when outputs
+    repeat), and a circulant's norm is the max of the same polynomial over grid frequencies,
+    ``<= sup_w``. *ConvTranspose* is the adjoint (same norm). *Reductions* (same sup):
+    ``K_hat(w) e^{i <q_min, w>}`` (a unimodular factor) has positions ``q - q_min``; if all
+    positions along dim ``t`` are multiples of ``r_t`` (dilation ``r`` at stride 1, say), ``w_t
+    -> r_t w_t`` maps the torus onto itself, so the positions are divided by ``r_t``. Then
+    ``n_t = max_q q_t``. As ``K`` is real, ``K_hat(-w) = conj(K_hat(w))``: the half torus
+    ``w_last in [0, pi]`` (last coordinate with ``n_t > 0``) carries the sup.
+
+    **Step 2 (the sampling lemma).** Let ``v(w) = sum_{j=0}^n a_j e^{-i j w}`` (``a_j in
+    C^m``) with ``||v(w)|| <= R`` on ``R``, and ``||v(w_0)|| = R cos psi_0``, ``psi_0 in [0,
+    pi/2]``. Then ``||v(w)|| >= R cos(psi_0 + n |w - w_0| / 2)`` while the argument is
+    ``<= pi/2``. *Proof*: with ``e = v(w_0) / ||v(w_0)||``, ``T(w) = Re(e^{i n (w - w_0) / 2}
+    e^* v(w))`` is a real trigonometric polynomial of degree ``<= n`` in ``theta = w / 2``
+    (frequencies ``n - 2 j``), ``|T| <= R`` and ``T(w_0) = R cos psi_0``. Szegő's inequality
+    (``T'(theta)^2 + n^2 T(theta)^2 <= n^2 R^2``; Szegő 1928, van der Corput & Schaake 1935)
+    makes ``psi = arccos(T / R')`` ``n``-Lipschitz in ``theta`` for every ``R' > R`` (then
+    ``R' -> R``), so ``T(w) >= R cos(psi_0 + n |w - w_0| / 2)``, and ``||v(w)|| >= |e^* v(w)|
+    >= T(w)``.
+
+    **Step 3 (cells).** Let ``M = sup_w ||K_hat(w)||`` be attained at ``w*`` with a unit top
+    right singular vector ``u*``, ``v(w) = K_hat(w) u*`` (``||v|| <= M`` everywhere,
+    ``||v(w*)|| = M``). Cover the half torus by boxes (cells) of centre ``c`` and half widths
+    ``h_t``; ``w*`` (or ``-w*``) lies in one. Moving one coordinate at a time from ``w*`` to
+    ``c`` (each slice is a ``v`` as in step 2, of degree ``n_t``, bounded by ``M``) gives
+    ``||K_hat(c)|| >= ||v(c)|| >= M cos(X)``, ``X = sum_t n_t h_t / 2 < pi/2``. Hence
+
+        M <= max over cells of  sigma_up(c) / cos(X_c),
+
+    for any ``sigma_up(c) >= ||K_hat(c)||``: a certified bound for every image size. (The
+    factor is sharp: ``v = (1 + e^{-i n w}) / 2`` sampled half a cell off its peak.)
+
+    **Algorithm.** Initial cells: ``N_t = ceil(pi n_t D_a / (2 X_0))`` centres ``2 pi k /
+    N_t`` per active coordinate (``X <= X_0 = 0.5``), half of them on the last. Let ``L`` be
+    the largest sampled estimate and the target ``(1 + tol) L``; a cell whose bound exceeds
+    the target is split into its ``2^{D_a}`` half-width cells (``X`` halves), until none does,
+    ``max_points`` is reached or a cell has been split 20 times; the cells left unrefined keep
+    their own (valid) bounds. ``L`` only steers the refinement: the result is the max of the
+    cells' certified bounds whatever ``L`` is (Lanczos estimates, sharpened at the 4 best
+    cells of each round). The cost depends on the kernel, never on the image size.
+
+    **Rounding.** ``sigma_up(c)``: with ``theta = <q, c>`` computed in float64 (``|c_t| <= 8``:
+    ``|theta_hat - theta| <= 8.08 D sum_t n_t u =: (eta - 2) u``), each ``e^{i theta}`` is
+    within ``eta u`` of the exact one, so the computed symbol is within ``(2 T + 16 + eta) u
+    S`` of ``K_hat(c)`` in Frobenius norm (``S = sum_t ||K_t||_F``, as in
+    :func:`conv_fourier_upper`). *Small channels* (``min(m, n) < 192``): the SVD adds ``8 m n
+    u (1.01 S)``. *Large*: ``G(c) = sum_j C_j e^{-i <j, c>}`` from the precomputed real
+    coefficients (:func:`_gram_coefficients`, ``J`` offsets): each entry is a sum of products
+    bounded entrywise by ``sum_{a, b} |K_a| |K_b|^T`` (Frobenius norm ``<= S^2``), and forming
+    ``C_j`` (inner dimension ``q``, ``<= T`` pairs), the exponentials and the ``J``-term sum
+    give ``||G_hat - G||_F <= e_G := 2.02 (q + T + J + eta + 4) u S^2`` (complex entries: a
+    factor ``sqrt 2``); then each cell is verified by the Cholesky factorisation of ``c_b I -
+    G_hat`` at the shift its target needs (:func:`_chol_verify`, proof in
+    :func:`_gram_lambda_upper`, ``f2 = 1.01 S^2``), or by ``eigvalsh``
+    (:func:`_eig_fallback`) for a cell left unrefined. ``cos X`` is evaluated from ``X (1 +
+    1e-9) + 1e-12 sum n_t`` (centres computed in float64 still cover the half torus) and
+    lowered by ``1e-15``; the final max (about 10 float operations on non-negative numbers per
+    cell) is rounded up by ``64 u``.
+
+    >>> conv = nn.Conv2d(1, 1, 3, padding=1, bias=False)
+    >>> with torch.no_grad():
+    ...     _ = conv.weight.fill_(1.0)
+    >>> b, how = conv_torus_upper(conv_spec(conv, (1, 224, 224), (1, 224, 224)))
+    >>> 9.0 <= b <= 9.0 * (1 + TORUS_TOL)    # sup at w = 0: the sum of the kernel
+    True
+    """
+    if not bool(spec.weight.any()):
+        return 0.0, "zero kernel (exact)"
+    Ks, f = _pow2_split(spec.weight.to(_F64))
+    if f != 1.0:
+        b, how = conv_torus_upper(replace(spec, weight=Ks), tol=tol, max_points=max_points,
+                                  max_bytes=max_bytes, _gram_min=_gram_min)
+        return b * f, how
+    K = spec.weight.to(_F64)
+    dev = K.device
+    g, D = spec.groups, spec.dims
+    phases, phase, pos, rep, pad_norm = _torus_layout(spec)
+    Keff, pos_list = _effective_kernel(K, g, phases, phase, pos)
+    T, _, m, n = Keff.shape
+    P = torch.tensor(pos_list, dtype=torch.int64).reshape(T, D)
+    P = P - P.min(dim=0).values
+    for i in range(D):
+        r = math.gcd(*[int(v) for v in P[:, i]])
+        if r > 1:
+            P[:, i] //= r
+    deg = [int(v) for v in P.max(dim=0).values]
+    act = [i for i in range(D) if deg[i] > 0]
+    da = len(act)
+    S = float(sum(float(torch.linalg.vector_norm(K[(slice(None),) * 2 + tap]))
+                  for tap in itertools.product(*[range(k) for k in K.shape[2:]])))
+    sum_n = sum(deg)
+    eta = 8.08 * D * sum_n + 2
+    N = [max(2, math.ceil(math.pi * deg[i] * da / (2 * _TORUS_X0))) for i in act]
+
+    def cos_level(level: int) -> float:
+        X = sum(math.pi * deg[i] / (2 * N[a] * 2.0**level) for a, i in enumerate(act))
+        return math.cos(X * (1 + 1e-9) + 1e-12 * sum_n) * (1 - 1e-15)
+
+    cos_tab = torch.tensor([cos_level(lv) for lv in range(_TORUS_MAX_LEVEL + 1)], dtype=_F64,
+                           device=dev)
+
+    def full_w(cent: torch.Tensor) -> torch.Tensor:
+        w = torch.zeros((cent.shape[0], D), dtype=_F64, device=dev)
+        if da:
+            w[:, act] = cent
+        return w
+
+    use_gram = min(m, n) >= _gram_min
+    Pf = P.to(device=dev, dtype=_F64)
+    Kc = Keff.reshape(T, -1).to(torch.complex128)
+    if use_gram:
+        left = m <= n
+        p_, q_ = (m, n) if left else (n, m)
+        Cf, Of = _gram_coefficients(Keff, P.to(dev), left)
+        e_G = 2.02 * (q_ + T + Cf.shape[0] + eta + 4) * U * S * S
+        f2 = 1.01 * S * S
+        per = max(1, max_bytes // (16 * g * p_ * p_ * 4 + 16 * Cf.shape[0]))
+    else:
+        svd_mar = (8 * m * n * 1.01 + 2 * T + 16 + eta) * U * S
+        per = max(1, max_bytes // (16 * Kc.shape[1] * 3))
+
+    def chunks(cent: torch.Tensor) -> list[torch.Tensor]:
+        return [cent[a : a + per] for a in range(0, cent.shape[0], per)]
+
+    def gram(cent: torch.Tensor) -> torch.Tensor:
+        ang = -(full_w(cent) @ Of.T)
+        G = torch.complex(torch.cos(ang) @ Cf, torch.sin(ang) @ Cf)
+        return G.reshape(-1, p_, p_)
+
+    def lanczos_est(G: torch.Tensor, k: int) -> torch.Tensor:
+        return _lanczos_ritz_max(G, k).reshape(-1, g).amax(1).clamp_min(0.0).sqrt()
+
+    def improve(cent: torch.Tensor, est: torch.Tensor, L: float) -> float:
+        """A sharper estimate of the max (48 Lanczos steps at the 4 best cells)."""
+        idx = torch.topk(est, min(4, est.numel())).indices
+        return max(L, float(lanczos_est(gram(cent[idx]), 48).max()))
+
+    def evaluate(cent: torch.Tensor, lev: torch.Tensor, L: float, two_pass: bool
+                 ) -> tuple[torch.Tensor, torch.Tensor, float]:
+        """``(bounds, estimates, L)`` of the cells: each bound is certified; on the Gram path
+        it is ``inf`` where the Cholesky test at the cell's target ``(1 + tol) L cos X``
+        failed. ``two_pass``: estimate every cell (and sharpen ``L``) before testing any."""
+        if use_gram and two_pass:
+            est = torch.cat([lanczos_est(gram(c), 12) for c in chunks(cent)])
+            L = improve(cent, est, max(L, float(est.max())))
+        bs, ests = [], []
+        for a in range(0, cent.shape[0], per):
+            c, cs = cent[a : a + per], cos_tab[lev[a : a + per]]
+            if use_gram:
+                G = gram(c)
+                if not two_pass:
+                    ests.append(lanczos_est(G, 12))
+                    L = max(L, float(ests[-1].max()))
+                c0 = (L * (1 + tol) * cs) ** 2
+                e0 = U * (c0 + 2 * f2) * (1 + 4.06 * (p_ + 1) * p_) \
+                    + 4.07 * (p_ + 1) * U * p_ * (c0 + e_G) + e_G
+                lam = _chol_verify(G, (c0 - e0).repeat_interleave(g), f2, e_G)
+                bs.append(lam.reshape(-1, g).amax(1).sqrt() / cs)
+            else:
+                ang = -(full_w(c) @ Pf.T)
+                E = torch.polar(torch.ones_like(ang), ang)
+                sv = torch.linalg.matrix_norm((E @ Kc).reshape(-1, g, m, n), ord=2).amax(1)
+                ests.append(sv)
+                L = max(L, float(sv.max()))
+                bs.append((sv + svd_mar) / cs)
+        if use_gram and not two_pass:
+            est = torch.cat(ests)
+            L = improve(cent, est, L)
+        elif not use_gram:
+            est = torch.cat(ests)
+        return torch.cat(bs), est, L
+
+    def fallback(cent: torch.Tensor, lev: torch.Tensor) -> float:
+        """Certified bound of cells left unrefined (Gram path: eigvalsh)."""
+        out = 0.0
+        for a in range(0, cent.shape[0], per):
+            lam = _eig_fallback(gram(cent[a : a + per]), f2, e_G).reshape(-1, g).amax(1)
+            out = max(out, float((lam.sqrt() / cos_tab[lev[a : a + per]]).max()))
+        return out
+
+    # initial cells: full circle on active coordinates but the last, half circle on the last
+    axes = [torch.arange(N[a] if a + 1 < da else N[a] // 2 + 1, dtype=_F64, device=dev)
+            * (2 * math.pi / N[a]) for a in range(da)]
+    cent = (torch.cartesian_prod(*axes).reshape(-1, da) if da
+            else torch.zeros((1, 0), dtype=_F64, device=dev))
+    lev = torch.zeros(cent.shape[0], dtype=torch.int64, device=dev)
+    n_pts = cent.shape[0]
+    cb, est, L = evaluate(cent, lev, 0.0, True)
+    best = 0.0
+    # children of a cell: the 2^da quarter (octant) cells, centres c +- h_t / 2
+    signs = torch.zeros((1, da), dtype=_F64, device=dev)
+    if da:
+        signs = torch.cartesian_prod(
+            *[torch.tensor([-1.0, 1.0], dtype=_F64, device=dev)] * da).reshape(-1, da)
+    Nt = torch.tensor(N, dtype=_F64, device=dev)
+    while True:
+        ok = cb <= L * (1 + tol) * (1 + 1e-9)
+        if bool(ok.any()):
+            best = max(best, float(cb[ok].max()))
+        bad = torch.nonzero(~ok).flatten()
+        if not bad.numel():
+            break
+        room = (max_points - n_pts) // signs.shape[0] if da else 0
+        order = bad[torch.argsort(est[bad], descending=True)]
+        can = order[lev[order] < _TORUS_MAX_LEVEL][: max(0, room)]
+        keep = torch.ones(cent.shape[0], dtype=torch.bool, device=dev)
+        keep[can] = False
+        rest = torch.nonzero(~ok & keep).flatten()
+        if rest.numel():  # left as they are: their own certified bounds
+            best = max(best, fallback(cent[rest], lev[rest]) if use_gram
+                       else float(cb[rest].max()))
+        if not can.numel():
+            break
+        pl = lev[can] + 1
+        half = math.pi / (Nt * 2.0 ** pl.to(_F64).unsqueeze(1))  # (r, da): children's h_t
+        cent = (cent[can].unsqueeze(1) + signs.unsqueeze(0) * half.unsqueeze(1)).reshape(-1, da)
+        lev = pl.repeat_interleave(signs.shape[0])
+        n_pts += cent.shape[0]
+        cb, est, L = evaluate(cent, lev, L, False)
+    bound = _up(best * pad_norm * math.sqrt(rep), 64 * U)
+    how = (
+        f"torus sup (degree {'x'.join(map(str, deg))}, {n_pts} symbols, "
+        f"{bound / max(L * pad_norm * math.sqrt(rep), 1e-300):.6f} x the largest sample"
+        + (f", polyphase {math.prod(phases)}" if math.prod(phases) > 1 else "")
+        + (f", x copy norm {pad_norm * math.sqrt(rep):.4g}" if pad_norm * rep != 1.0 else "")
+        + ")"
+    )
+    return bound, how
+
+
+def conv_l2_upper(spec: ConvSpec) -> tuple[float, str]:
+    """The l2 certificate of a convolution: grid (small grids) or torus (any size).
+
+    Both are certified. The grid symbol of :func:`conv_fourier_upper` samples the very
+    polynomial whose torus sup :func:`conv_torus_upper` bounds (same polyphase positions, same
+    padding factors), so on a grid the grid bound is never larger (up to margins ~1e-13); it is
+    used while its grid has at most :data:`GRID_LIMIT` frequencies (cheaper there), the torus
+    bound beyond, whose cost does not grow with the image size.
+    """
+    plans, _ = _fourier_plans(spec)
+    grid = [p.grid for p in plans]
+    n_freq = math.prod(grid[:-1]) * (grid[-1] // 2 + 1)
+    if n_freq <= GRID_LIMIT:
+        return conv_fourier_upper(spec)
+    return conv_torus_upper(spec)
 
 
 def conv_l1_linf_upper(spec: ConvSpec, norm: str) -> tuple[float, str]:
@@ -707,26 +1124,37 @@ _AVG_POOLS = (nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d, nn.AdaptiveAvgPool1d,
 
 
 def _schur_nonneg(op: nn.Module, in_shape: tuple[int, ...], norm: str) -> tuple[float, str]:
-    r"""Schur test for an operator with non-negative entries (average pooling).
+    r"""Schur test for an average pool (``AvgPool*``, ``AdaptiveAvgPool*``).
 
-    For any matrix ``||A||_2 <= sqrt(||A||_1 ||A||_inf)`` (Riesz-Thorin / Schur test). For
-    ``A >= 0`` entrywise, ``||A||_inf = max(A 1)`` and ``||A||_1 = max(A^T 1)``, computed here
-    with one forward and one adjoint product in float64; sums of non-negative terms are at
-    most ``(1 + n_in u)`` off, so each is inflated by ``(1 + 2 n_in u)``.
+    For any matrix ``||A||_2 <= sqrt(||A||_1 ||A||_inf)`` (Riesz-Thorin / Schur test), with
+    ``||A||_inf = max(|A| 1)`` and ``||A||_1 = max(|A|^T 1)``. Every entry of a pool's matrix
+    is ``c / w`` with ``c >= 0`` a count (window membership, padding included or not) and ``w``
+    the one divisor of the layer (``divisor_override`` when set, which may be negative; the
+    window size otherwise): all entries share one sign, so ``|A| 1 = |A 1|`` and
+    ``|A|^T 1 = |A^T 1|`` entrywise. These are computed with one forward and one adjoint
+    product in float64; sums of same-sign terms are at most ``(1 + n_in u)`` off, so each is
+    inflated by ``(1 + 2 n_in u)``. (Before, ``max(A 1)`` was used: for a negative divisor
+    that is the *smallest* magnitude, and l1 / l-inf bounds came out negative.) Any other op
+    is refused: mixed signs would make ``|A 1|`` an underestimate.
     """
+    if not isinstance(op, _AVG_POOLS):
+        raise InvalidArgumentError(
+            f"the Schur test here needs an operator whose entries share one sign (an average "
+            f"pool); got {type(op).__name__}. Use dense_upper or conv certificates instead."
+        )
     fn = module_call(op, _F64)
     dev = _device(op)
     x = torch.ones((1, *in_shape), dtype=_F64, device=dev, requires_grad=True)
     y = fn(x)
     (col,) = torch.autograd.grad(y, x, torch.ones_like(y))
     n = math.prod(in_shape)
-    r_inf = _up(float(y.detach().max()), 2 * n * U + 8 * U)
-    r_one = _up(float(col.max()), 2 * n * U + 8 * U)
+    r_inf = _up(float(y.detach().abs().max()), 2 * n * U + 8 * U)
+    r_one = _up(float(col.abs().max()), 2 * n * U + 8 * U)
     if norm == "inf":
-        return r_inf, "non-negative operator, row sums"
+        return r_inf, "average pool, abs row sums"
     if norm == "1":
-        return r_one, "non-negative operator, column sums"
-    return _up(math.sqrt(r_inf * r_one)), "Schur test sqrt(||A||_1 ||A||_inf) (non-negative)"
+        return r_one, "average pool, abs column sums"
+    return _up(math.sqrt(r_inf * r_one)), "Schur test sqrt(||A||_1 ||A||_inf) (average pool)"
 
 
 def _shape_after(m: nn.Module, in_shape: tuple[int, ...]) -> tuple[int, ...]:
@@ -771,7 +1199,7 @@ def _single(
     spec = conv_spec(m, in_shape, out_shape)
     if spec is not None:
         if norm == "2":
-            cands.append(conv_fourier_upper(spec))
+            cands.append(conv_l2_upper(spec))
         else:
             cands.append(conv_l1_linf_upper(spec, norm))
     if isinstance(m, _AVG_POOLS):
@@ -833,7 +1261,7 @@ def _sequential(seq: nn.Module, in_shape: tuple[int, ...], norm: str) -> tuple[f
     for p, ins, outs in parts:
         c: tuple[float, str] | None
         if isinstance(p, ConvSpec):
-            c = conv_fourier_upper(p) if norm == "2" else conv_l1_linf_upper(p, norm)
+            c = conv_l2_upper(p) if norm == "2" else conv_l1_linf_upper(p, norm)
         else:
             c = _single(p, ins, outs, norm)
         if c is None:
