@@ -43,6 +43,7 @@ from lipbound.results import fmt_float, format_markdown_table
 from lipbound.spectral import spectral_norm
 from lipbound.spectral.certify import (
     GRID_LIMIT,
+    ConvSpec,
     _fourier_plans,
     conv_fourier_upper,
     conv_spec,
@@ -112,6 +113,18 @@ NETS = {"VGG-11": VGG11, "VGG-16-BN": VGG16, "ResNet-18": resnet18(),
         "MobileNet-V2": mobilenet_v2()}
 
 
+def spec_and_frequencies(conv: nn.Module, shape: tuple[int, ...]) -> tuple[ConvSpec, int]:
+    """The conv description of ``conv`` on ``shape`` and the number of frequencies of its
+    grid certificate (what that certificate's cost grows with)."""
+    with torch.no_grad():
+        out = tuple(conv(torch.zeros(1, *shape)).shape[1:])
+    spec = conv_spec(conv, shape, out)
+    assert spec is not None
+    plans, _ = _fourier_plans(spec)
+    grid = [p.grid for p in plans]
+    return spec, math.prod(grid[:-1]) * (grid[-1] // 2 + 1)
+
+
 def make_conv(cfg: Conv) -> nn.Conv2d:
     ci, co, k, s, g, _ = cfg
     torch.manual_seed(zlib.crc32(repr((ci, co, k, s, g)).encode()))
@@ -146,26 +159,14 @@ def main(argv: list[str] | None = None) -> int:
                 kern = key[:5]
                 conv = make_conv(key)
                 shape = (ci, h, h)
-                with torch.no_grad():
-                    out = tuple(conv(torch.zeros(1, *shape)).shape[1:])
-                spec = conv_spec(conv, shape, out)
-                assert spec is not None
-                plans, _ = _fourier_plans(spec)
-                grid = [p.grid for p in plans]
-                n_freq = math.prod(grid[:-1]) * (grid[-1] // 2 + 1)
-                # old grid certificate (measured at 32 first? no: 224 runs first, so predict
-                # from a 32 run done on demand)
+                spec, n_freq = spec_and_frequencies(conv, shape)
+                # old grid certificate: 224 runs first, so its cost is predicted from a 32 run
+                # done on demand
                 if size == 224:
                     if kern not in old_cost32:
-                        c32 = make_conv((*key[:5], max(1, h * 32 // 224)))
-                        sh32 = (ci, max(1, h * 32 // 224), max(1, h * 32 // 224))
-                        with torch.no_grad():
-                            o32 = tuple(c32(torch.zeros(1, *sh32)).shape[1:])
-                        sp32 = conv_spec(c32, sh32, o32)
-                        assert sp32 is not None
-                        p32, _ = _fourier_plans(sp32)
-                        g32 = [p.grid for p in p32]
-                        nf32 = math.prod(g32[:-1]) * (g32[-1] // 2 + 1)
+                        h32 = max(1, h * 32 // 224)
+                        sp32, nf32 = spec_and_frequencies(make_conv((*key[:5], h32)),
+                                                          (ci, h32, h32))
                         _, oc, _ = timed(lambda sp32=sp32: conv_fourier_upper(sp32))
                         old_cost32[kern] = (oc, nf32)
                     oc, nf32 = old_cost32[kern]

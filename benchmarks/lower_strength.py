@@ -29,6 +29,7 @@ from torch import nn
 
 from lipbound.methods.lower import lower_bound
 from lipbound.results import format_markdown_table
+from lipbound.zoo.models import paper_mlp
 
 NETS = [(128, 6), (256, 6), (128, 8), (256, 8), (192, 7)]
 
@@ -43,13 +44,7 @@ def digits() -> tuple[torch.Tensor, torch.Tensor]:
 
 def mlp(width: int, depth: int, seed: int) -> nn.Sequential:
     torch.manual_seed(seed)
-    sizes = [64] + [width] * (depth - 1) + [10]
-    layers: list[nn.Module] = []
-    for i in range(depth):
-        layers.append(nn.Linear(sizes[i], sizes[i + 1]))
-        if i < depth - 1:
-            layers.append(nn.ReLU())
-    return nn.Sequential(*layers)
+    return paper_mlp(depth, width=width, in_dim=64, out_dim=10)
 
 
 def train(net: nn.Sequential, x: torch.Tensor, y: torch.Tensor, epochs: int) -> float:

@@ -692,6 +692,14 @@ def _fconv(c: Ctx, key: Any) -> Emit | None:
     return Emit([f"{c.o} = {e}"], init, pclass=_pclass_conv(q))
 
 
+def _pool_window(r: random.Random, sd: int) -> tuple[tuple[int, ...], ...]:
+    """Random kernel, stride and padding (torch's limit: padding <= kernel // 2) of a pool."""
+    k = tuple(r.randint(1, 3) for _ in range(sd))
+    s = tuple(r.randint(1, 3) for _ in range(sd))
+    p = tuple(r.randint(0, ki // 2) for ki in k)
+    return k, s, p
+
+
 _AVG = {nn.AvgPool1d: 1, nn.AvgPool2d: 2, nn.AvgPool3d: 3, F.avg_pool1d: 1, F.avg_pool2d: 2,
         F.avg_pool3d: 3}
 
@@ -702,9 +710,7 @@ def _avgpool(c: Ctx, key: Any) -> Emit | None:
     if c.nd != sd + 1:
         return None
     r = c.r
-    k = tuple(r.randint(1, 3) for _ in range(sd))
-    s = tuple(r.randint(1, 3) for _ in range(sd))
-    p = tuple(r.randint(0, ki // 2) for ki in k)
+    k, s, p = _pool_window(r, sd)
     ceil = r.random() < 0.4
     cip = r.random() < 0.6
     div = r.choice([None, None, 1, 2, 5]) if sd > 1 else None
@@ -759,9 +765,7 @@ def _maxpool(c: Ctx, key: Any) -> Emit | None:
     if c.nd != sd + 1:
         return None
     r = c.r
-    k = tuple(r.randint(1, 3) for _ in range(sd))
-    s = tuple(r.randint(1, 3) for _ in range(sd))
-    p = tuple(r.randint(0, ki // 2) for ki in k)
+    k, s, p = _pool_window(r, sd)
     d = tuple(r.choice([1, 1, 2]) for _ in range(sd))
     ceil = r.random() < 0.5
     odd = [x for x, on in (("ceil_mode", ceil), ("padding", any(p)), ("dilation", any(

@@ -78,6 +78,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .._progress import ProgressArg, make_progress
 from .._validation import (
     check_choice,
     check_input_shape,
@@ -86,7 +87,6 @@ from .._validation import (
     check_positive,
 )
 from ..errors import InvalidArgumentError, LipboundError, NonFiniteError, ShapeError
-from ..report import ProgressArg, make_progress
 from ..results import LowerBoundResult
 
 __all__ = ["DEFAULT_METHODS", "LOWER_METHODS", "lower_bound", "pair_ratio", "jacobian_ratio"]

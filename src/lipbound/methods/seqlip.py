@@ -78,11 +78,12 @@ from typing import Any
 import torch
 from torch import nn
 
+from .._progress import ProgressArg, make_progress
 from .._validation import check_choice, check_input_shape, check_model, check_norm, check_positive
 from ..errors import InvalidArgumentError
 from ..graph._modules import eval_weight
-from ..report import ProgressArg, make_progress
 from ..results import LayerBound, LipschitzResult
+from ..spectral.certify import pow2_split
 from ._pairs import (
     ROUNDING_MARGIN,
     pair_certified,
@@ -276,25 +277,6 @@ class _Pair:
     how: str
     seconds: float
     truncated: float | None = None  # greedy value on the top-k truncated pair (paper's number)
-
-
-def _pow4_split(W: torch.Tensor) -> tuple[torch.Tensor, float]:
-    """``(W / 4^m, 4^m)`` with ``4^m`` near ``max |W|`` (``(W, 1)`` for moderate or zero ``W``).
-
-    Every pair factor ``max_s ||L diag(s) R||`` is homogeneous of degree 1 in ``L`` and in
-    ``R``, and the split ``W = P Q`` of a middle layer puts ``sqrt`` of the scale on each side
-    (a power of two for a power of four), so the factors of the scaled matrices times the
-    (exact, power-of-two) scales are those of the originals; the scaling itself is exact in
-    binary floating point. It keeps the products ``L D R`` in range: weights ~1e-150 gave
-    products ~1e-300 that underflowed to a "certified" 0, weights ~1e30 overflow float32.
-    """
-    mx = float(W.abs().max()) if W.numel() else 0.0
-    if not mx > 0 or not math.isfinite(mx):
-        return W, 1.0
-    m = math.frexp(mx)[1] // 2
-    if -4 <= m <= 4:
-        return W, 1.0
-    return W * math.ldexp(1.0, -2 * m), math.ldexp(1.0, 2 * m)
 
 
 def _rescale_pair(p: _Pair, f: float) -> _Pair:
@@ -615,7 +597,11 @@ def _seqlip(
             for n_lin in lins:  # column by column through the layer: check the clock between
                 if mode != "exact" and time.perf_counter() >= deadline:
                     break
-                acc.append(_pow4_split(_dense_matrix(n_lin)))
+                # scaled by an even power of two (exact): every pair factor is homogeneous of
+                # degree 1 in L and in R, and the middle split W = P Q puts the square root of
+                # the scale, again a power of two, on each side. It keeps L D R in range:
+                # weights ~1e-150 underflowed to a "certified" 0, ~1e30 overflow float32
+                acc.append(pow2_split(_dense_matrix(n_lin), even=True))
             dense_parts = acc if len(acc) == len(lins) else None
         if dense and dense_parts is None:
             for _ in range(2 * (len(lins) - 1)):
@@ -688,8 +674,8 @@ def _seqlip(
                 elif _numel(lins[i].in_shapes[0]) * _numel(lins[i].out_shape) <= dense_limit \
                         and _numel(lins[i + 1].in_shapes[0]) * _numel(lins[i + 1].out_shape) \
                         <= dense_limit:
-                    W1, f1 = _pow4_split(_dense_matrix(lins[i]))
-                    W2, f2 = _pow4_split(_dense_matrix(lins[i + 1]))
+                    W1, f1 = pow2_split(_dense_matrix(lins[i]), even=True)
+                    W2, f2 = pow2_split(_dense_matrix(lins[i + 1]), even=True)
                     block_pairs[i] = f1 * f2 * _certified_pair(
                         W2, W1, act_slopes[i], norms=(norms[i + 1] / f2, norms[i] / f1),
                         deadline=end,

@@ -51,6 +51,7 @@ __all__ = [
     "conv_spec",
     "conv_torus_upper",
     "matrix_norm_upper",
+    "pow2_split",
 ]
 
 U = 2.0**-53  # float64 unit roundoff
@@ -63,8 +64,10 @@ DENSE_CHUNK_BYTES = 1 << 28
 _F64 = torch.float64
 
 
-def _pow2_split(T: torch.Tensor) -> tuple[torch.Tensor, float]:
-    r"""``(T / 2^e, 2^e)`` with ``2^e`` near ``max |T|`` (``(T, 1)`` for a zero tensor).
+def pow2_split(T: torch.Tensor, *, even: bool = False) -> tuple[torch.Tensor, float]:
+    r"""``(T / 2^e, 2^e)`` with ``2^e`` near ``max |T|`` (``(T, 1)`` for a zero tensor or when
+    ``|e| <= 8``); ``even=True`` makes ``e`` even, so ``2^(e/2)`` (the scale of each factor of a
+    square-root split ``W = P Q``) is a power of two as well.
 
     Scaling by a power of two is exact in binary floating point (barring entries pushed below
     ``2^-1022 max|T|``, whose absolute change ``<= 2^-1075`` is far below the ``u ||T||_F``
@@ -77,6 +80,8 @@ def _pow2_split(T: torch.Tensor) -> tuple[torch.Tensor, float]:
     if not mx > 0 or not math.isfinite(mx):
         return T, 1.0
     e = math.frexp(mx)[1]
+    if even:
+        e = 2 * (e // 2)
     if -8 <= e <= 8:
         return T, 1.0
     return T * math.ldexp(1.0, -e), math.ldexp(1.0, e)
@@ -120,7 +125,7 @@ def matrix_norm_upper(W: torch.Tensor, norm: str = "2") -> tuple[float, str]:
     W = W.detach().to(_F64).reshape(W.shape[0], -1)
     if not bool(W.any()):
         return 0.0, "zero matrix (exact)"
-    W, f = _pow2_split(W)
+    W, f = pow2_split(W)
     if f != 1.0:
         b, how = matrix_norm_upper(W, norm)
         return b * f, how
@@ -548,7 +553,7 @@ def conv_fourier_upper(
     """
     if not bool(spec.weight.any()):
         return 0.0, "zero kernel (exact)"
-    Ks, f = _pow2_split(spec.weight.to(_F64))
+    Ks, f = pow2_split(spec.weight.to(_F64))
     if f != 1.0:
         b, how = conv_fourier_upper(replace(spec, weight=Ks), max_bytes=max_bytes,
                                     _gram_min=_gram_min, _candidate_scale=_candidate_scale)
@@ -786,7 +791,7 @@ def conv_torus_upper(
     """
     if not bool(spec.weight.any()):
         return 0.0, "zero kernel (exact)"
-    Ks, f = _pow2_split(spec.weight.to(_F64))
+    Ks, f = pow2_split(spec.weight.to(_F64))
     if f != 1.0:
         b, how = conv_torus_upper(replace(spec, weight=Ks), tol=tol, max_points=max_points,
                                   max_bytes=max_bytes, _gram_min=_gram_min)
@@ -981,7 +986,7 @@ def conv_l1_linf_upper(spec: ConvSpec, norm: str) -> tuple[float, str]:
     """
     if not bool(spec.weight.any()):
         return 0.0, "zero kernel (exact)"
-    Ks, f = _pow2_split(spec.weight.to(_F64))
+    Ks, f = pow2_split(spec.weight.to(_F64))
     if f != 1.0:
         b, how = conv_l1_linf_upper(replace(spec, weight=Ks), norm)
         return b * f, how
