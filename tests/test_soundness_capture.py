@@ -500,3 +500,34 @@ def test_capture_describes_eval_mode_and_restores_flags() -> None:
     torch.testing.assert_close(out, m(x))
     m.train()
     assert all(mod.training for mod in m.modules())
+
+
+def test_regression_inplace_add_of_a_view_of_itself() -> None:
+    """``h += h[..., :1]`` (found by the fuzzer): eager torch reads entries it already updated
+    (h[..., 1] gets h1 + 2 h0), the out-of-place replay gave h1 + h0: autolip certified 3 in
+    l1 where a pair realised 3.83. Such a write is refused, naming the op."""
+
+    class Net(nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            h = torch.relu(x) * 1.0
+            h += h[..., :1]
+            return h
+
+    for norm in ("1", "2", "inf"):
+        with pytest.raises(UnsupportedModelError, match="iadd"):
+            lipbound.autolip(Net().eval(), (2, 2), norm=norm)
+    with pytest.raises(UnsupportedModelError, match="iadd"):
+        lipbound.seqlip(Net().eval(), (2, 2))
+
+
+def test_inplace_add_of_itself_is_still_followed() -> None:
+    """``h += h`` reads each entry before writing it: followed, bound 2 (exact)."""
+
+    class Net(nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            h = torch.relu(x) * 1.0
+            h += h
+            return h
+
+    for norm in ("1", "2", "inf"):
+        assert 2.0 <= lipbound.autolip(Net().eval(), (3,), norm=norm).upper <= 2.0 * (1 + 1e-5)

@@ -537,7 +537,9 @@ def _functionalize(gm: torch.fx.GraphModule, spans: dict[str, list[_Span]], mode
     (whose replay returns the written copy, see :func:`_run_op`), so the graph computes what the
     eager code computes. This is exact only if no *other* earlier tensor sharing ``t``'s memory
     (a view of ``t``, the base ``t`` is a view of, a sibling slice: detected from the memory
-    spans recorded in the first run) is read after ``n``: such a model is refused.
+    spans recorded in the first run) is read after ``n``, and only if ``n`` itself reads no such
+    other tensor (``h += h[..., :1]``: eager torch reads entries it has already updated, which
+    no out-of-place op reproduces): such models are refused.
     """
     nodes = list(gm.graph.nodes)
     pos = {nd: i for i, nd in enumerate(nodes)}
@@ -549,6 +551,13 @@ def _functionalize(gm: torch.fx.GraphModule, spans: dict[str, list[_Span]], mode
         if not isinstance(t, torch.fx.Node):
             continue
         here = spans.get(t.name, [])
+        for a in n.all_input_nodes:
+            if a is not t and a.op != "get_attr" and _overlap(here, spans.get(a.name, [])):
+                raise _inplace_error(
+                    n, model,
+                    f"writes into {t.name} in place while reading {a.name}, which shares its "
+                    "memory (a view of it): eager torch then reads partly updated values",
+                )
         spans[n.name] = here  # n's functional value is the written tensor (setitem returns None)
         for m in nodes[: pos[n]]:
             if m is t or m.op == "get_attr" or not _overlap(here, spans.get(m.name, [])):
