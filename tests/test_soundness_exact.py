@@ -332,3 +332,21 @@ def test_time_out_is_an_interval_at_every_scale(c: float) -> None:
         assert not res.finished and res.bound != "exact"
         assert res.upper is not None and res.lower <= ref * (1 + 1e-9)
         assert ref <= res.upper * (1 + 1e-9), (norm, ref, res.upper)
+
+
+class _ScalesInputInPlace(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.m0 = nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.m0(x).mul_(-0.25)
+
+
+@pytest.mark.parametrize("norm", NORMS)
+def test_regression_exact_on_a_model_writing_its_input_in_place(norm: str) -> None:
+    """The fuzz campaign's crash class: the witness check differentiated the model at a leaf
+    that the model then wrote in place (raw RuntimeError); the model is x -> -x/4."""
+    res = exact(_ScalesInputInPlace().eval(), (1, 6), norm=norm, time_limit=5)
+    assert res.bound == "exact" and res.certified
+    assert math.isclose(res.value, 0.25, rel_tol=1e-6)

@@ -85,6 +85,7 @@ float64 evaluation of the bounds (inflated by a relative ``1e-9``).
 
 from __future__ import annotations
 
+import copy
 import heapq
 import itertools
 import math
@@ -349,8 +350,6 @@ def _chain_from_graph(
 
 
 def _raw_chain(model: nn.Module, input_shape: tuple[int, ...]) -> list[tuple[str, Any]]:
-    import copy
-
     m64 = copy.deepcopy(model).to(torch.float64).eval()
     items = _chain_from_graph(m64, input_shape)
     if items is None:
@@ -1243,13 +1242,12 @@ def _branch_and_bound(
 def _autograd_norm(
     model: nn.Module, input_shape: tuple[int, ...], x: np.ndarray, norm: str
 ) -> float:
-    import copy
-
     m64 = copy.deepcopy(model).to(torch.float64).eval()
     xt = torch.tensor(x, dtype=torch.float64).reshape(1, *input_shape)
 
     def f(v: torch.Tensor) -> torch.Tensor:
-        return m64(v.reshape(1, *input_shape)).reshape(-1)
+        # a clone: the model may write its input in place (autograd refuses that on a leaf)
+        return m64(v.reshape(1, *input_shape).clone()).reshape(-1)
 
     J = torch.autograd.functional.jacobian(f, xt.reshape(-1))
     return _mat_norm(J.detach().numpy(), norm)
