@@ -103,9 +103,18 @@ _Fn = Callable[[torch.Tensor], torch.Tensor]
 # small helpers
 # --------------------------------------------------------------------------------------------
 def _pnorm(t: torch.Tensor, norm: str) -> torch.Tensor:
-    """Per-row p-norm of a (B, n) tensor."""
+    """Per-row p-norm of a (B, n) tensor.
+
+    l2 is computed on the row scaled by a power of two (exact) so that its largest entry is in
+    ``[1/2, 1)``: torch's plain ``norm`` squares the entries and underflows to 0 for rows of
+    about ``1e-160`` in float64 (``1e-20`` in float32), which made witnesses of small-weight
+    models worth 0.
+    """
     if norm == "2":
-        return t.norm(dim=1)
+        a = t.abs().amax(dim=1, keepdim=True)
+        e = torch.frexp(a)[1].clamp(-1000, 1000)  # a < 2^e; 2^-e stays finite
+        s = torch.ldexp(torch.ones_like(a), -e)
+        return (t * s).norm(dim=1) / s[:, 0]
     if norm == "1":
         return t.abs().sum(dim=1)
     return t.abs().amax(dim=1)
@@ -310,20 +319,20 @@ def _power(f: _Fn, x: torch.Tensor, v: torch.Tensor, iters: int, tol: float = 0.
     Products through plain autograd (``torch.func`` imports ``torch._dynamo``: seconds).
     """
     op = _JacAt(f, x)
-    v = v / v.norm(dim=1, keepdim=True).clamp_min(1e-30)
+    v = v / _pnorm(v, "2")[:, None].clamp_min(1e-300)
     sigma = torch.zeros(x.shape[0], dtype=x.dtype, device=x.device)
     for _ in range(max(iters, 1)):
         jv = op.jv(v)
-        prev, sigma = sigma, jv.norm(dim=1)
+        prev, sigma = sigma, _pnorm(jv, "2")
         if tol > 0 and bool(((sigma - prev).abs() <= tol * sigma).all()):
             break
         w = op.jtu(jv)
-        nw = w.norm(dim=1, keepdim=True)
-        v = torch.where(nw > 0, w / nw.clamp_min(1e-30), v)
+        nw = _pnorm(w, "2")[:, None]
+        v = torch.where(nw > 0, w / nw.clamp_min(1e-300), v)
         if time.perf_counter() > deadline:
             break
     # sigma must belong to the returned v: one last product
-    return op.jv(v).norm(dim=1), v
+    return _pnorm(op.jv(v), "2"), v
 
 
 @torch.no_grad()
@@ -351,7 +360,7 @@ def _norm_of_jac(jac: torch.Tensor, norm: str) -> tuple[torch.Tensor, torch.Tens
     if norm == "2":
         _, _, vh = torch.linalg.svd(jac, full_matrices=False)
         v = vh[:, 0, :]
-        return (jac @ v[:, :, None])[:, :, 0].norm(dim=1) / v.norm(dim=1).clamp_min(1e-300), v
+        return _pnorm((jac @ v[:, :, None])[:, :, 0], "2") / _pnorm(v, "2").clamp_min(1e-300), v
     if norm == "1":  # ||J||_{1->1} = max column sum, attained at v = e_j
         cols = jac.abs().sum(dim=1)
         j = cols.argmax(dim=1)
