@@ -199,7 +199,7 @@ def test_scalar_output_brute_force(n0: int, norm: str) -> None:
 def test_witness_realises_value() -> None:
     net = _mlp([2, 8, 8, 1], seed=5)
     res = exact(net, (2,))
-    x = torch.tensor(res.witness, dtype=torch.float64)
+    x = res.witness.x.detach().double().reshape(-1)
     assert math.isclose(_jac_norm(net, x), res.value, rel_tol=1e-9)
 
 
@@ -298,7 +298,7 @@ def test_functional_relu_and_conv_through_graph() -> None:
 
     cnn = nn.Sequential(nn.Conv2d(1, 2, 2), nn.ReLU(), nn.Flatten(), nn.Linear(8, 1)).double()
     res = exact(cnn, (1, 3, 3))
-    x = torch.tensor(res.witness, dtype=torch.float64).reshape(1, 1, 3, 3)
+    x = res.witness.x.detach().double().reshape(1, 1, 3, 3)
     J = torch.autograd.functional.jacobian(lambda v: cnn(v).reshape(-1), x).reshape(1, -1)
     assert math.isclose(float(J.norm()), res.value, rel_tol=1e-9)
     gen = torch.Generator().manual_seed(1)

@@ -26,7 +26,16 @@ from .errors import (
     UnsupportedModelError,
     ZeroOperatorError,
 )
-from .results import LayerBound, LipschitzResult, LowerBoundResult, SpectralResult
+from .results import (
+    ExactResult,
+    LayerBound,
+    LipschitzResult,
+    LowerBoundResult,
+    SDPResult,
+    SeqLipResult,
+    SpectralResult,
+    Witness,
+)
 
 __version__ = "0.1.0"
 
@@ -40,11 +49,9 @@ _LAZY: dict[str, str] = {
     "lower_bound": "lipbound.methods.lower",
     "exact": "lipbound.methods.exact",
     "lipsdp": "lipbound.methods.sdp",
+    "bound": "lipbound.report",
     "estimate": "lipbound.report",
     "Report": "lipbound.report",
-    "SeqLipResult": "lipbound.methods.seqlip",
-    "ExactResult": "lipbound.methods.exact",
-    "SDPResult": "lipbound.methods.sdp",
     "register_rule": "lipbound.rules",
     "capture": "lipbound.graph",
     "simplify": "lipbound.graph",
@@ -56,6 +63,7 @@ _LAZY: dict[str, str] = {
 }
 
 __all__ = [
+    "ExactResult",
     "InvalidArgumentError",
     "LayerBound",
     "LipboundError",
@@ -65,11 +73,14 @@ __all__ = [
     "NonFiniteError",
     "NonLinearOperatorError",
     "NotSequentialError",
+    "SDPResult",
+    "SeqLipResult",
     "ShapeError",
     "SolverError",
     "SpectralResult",
     "TrainingModeError",
     "UnsupportedModelError",
+    "Witness",
     "ZeroOperatorError",
     *_LAZY,
 ]

@@ -247,7 +247,7 @@ def _emit(report: Any, args: argparse.Namespace) -> None:
 
 def _cmd_estimate(args: argparse.Namespace) -> int:
     from ._io import UsageError, load_data, load_model, parse_shape
-    from .report import estimate
+    from .report import bound
 
     methods = _methods(args.method)
     opts: dict[str, Any] = _options(args, methods)
@@ -262,7 +262,7 @@ def _cmd_estimate(args: argparse.Namespace) -> int:
     if shape is None:
         raise UsageError(f"--input-shape is required for {args.model} (e.g. --input-shape 1,28,28)")
     data = None if args.data is None else load_data(args.data, shape)
-    report = estimate(
+    report = bound(
         model, shape, methods=methods, data=data, norm=args.norm, progress=not args.quiet,
         time_limit=args.time_limit, model_name=name, **opts,
     )
@@ -288,7 +288,7 @@ def _available(methods: Sequence[str]) -> tuple[list[str], list[str]]:
 def _cmd_demo(args: argparse.Namespace) -> int:
     import torch
 
-    from .report import estimate
+    from .report import bound
     from .zoo.data import synthetic_gp
     from .zoo.models import paper_mlp
     from .zoo.training import fit, mse
@@ -320,7 +320,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     if "exact" in methods:
         opts["exact"] = {"time_limit": 10.0}
     say(f"bounding its Lipschitz constant with: {', '.join(methods)}")
-    report = estimate(
+    report = bound(
         model, (2,), methods=methods, data=xtr, progress=not args.quiet,
         model_name="paper_mlp(4) trained on synthetic_gp", **opts,
     )

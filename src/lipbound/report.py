@@ -1,14 +1,13 @@
 r"""One call, one report: certified upper bound, witnessed lower bound and the gap between them.
 
-:func:`estimate` runs several methods on the same ``(model, input_shape)`` and collects them in a
+:func:`bound` runs several methods on the same ``(model, input_shape)`` and collects them in a
 frozen :class:`Report`:
 
-* ``upper`` — the best CERTIFIED upper bound: the minimum over the methods of their certified
-  upper bound (``result.upper``, or ``result.value`` when the result is a certified upper or
-  exact bound). Each of them is ``>= L(f)``, so their minimum is too.
-* ``lower`` — the best WITNESSED lower bound: the maximum over the methods of their certified
-  lower values (:func:`lipbound.lower_bound`'s witnesses, a finished exact computation, the
-  region witness of an unfinished one). Each is ``<= L(f)``, so their maximum is too.
+* ``upper`` — the best CERTIFIED upper bound: the minimum over the methods of their results'
+  ``upper``. Each of them is ``>= L(f)``, so their minimum is too.
+* ``lower`` — the best WITNESSED lower bound: the maximum over the methods of their results'
+  ``lower`` (:func:`lipbound.lower_bound`'s witnesses, the region witness of
+  :func:`lipbound.exact`). Each is ``<= L(f)``, so their maximum is too.
 * ``ratio = upper / lower >= 1`` — how far apart they are (``1`` means ``L(f)`` is known).
 
 Estimates that are not certified (greedy SeqLip, power iterations) are listed with their
@@ -17,7 +16,7 @@ status but never enter ``upper`` or ``lower``.
 >>> import torch
 >>> from torch import nn
 >>> net = nn.Sequential(nn.Linear(2, 4), nn.ReLU(), nn.Linear(4, 1))
->>> rep = estimate(net, (2,), methods=("lower",), lower={"restarts": 2, "steps": 10})
+>>> rep = bound(net, (2,), methods=("lower",), lower={"restarts": 2, "steps": 10})
 >>> rep.lower > 0 and rep.upper is None
 True
 >>> sorted(rep.to_dict())[:3]
@@ -31,6 +30,7 @@ import importlib.util
 import inspect
 import math
 import time
+import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -56,6 +56,7 @@ __all__ = [
     "Progress",
     "ProgressArg",
     "Report",
+    "bound",
     "estimate",
     "make_progress",
     "plot_report",
@@ -105,29 +106,19 @@ class MethodRun:
         return self.result is not None
 
     @property
-    def certified_upper(self) -> float | None:
-        """The certified upper bound this run proves (``None`` if none)."""
+    def upper(self) -> float | None:
+        """The certified upper bound this run proves: its result's ``upper`` (``None`` if none)."""
         r = self.result
-        if r is None:
-            return None
-        if r.upper is not None:
-            return float(r.upper)
-        if r.certified and r.bound in ("upper", "exact"):
-            return float(r.value)
-        return None
+        return None if r is None or r.upper is None else float(r.upper)
 
     @property
-    def certified_lower(self) -> float | None:
-        """The witnessed lower bound this run proves (``None`` if none)."""
+    def lower(self) -> float | None:
+        """The witnessed lower bound this run proves: its result's ``lower`` (``None`` if none,
+        or 0: a zero witness proves nothing)."""
         r = self.result
-        if r is None or not r.certified:
+        if r is None or r.lower is None or not r.lower > 0:
             return None
-        if r.bound in ("lower", "exact"):
-            return float(r.value)
-        low = getattr(r, "lower", None)  # e.g. ExactResult.lower (region witness)
-        if isinstance(low, (int, float)) and not isinstance(low, bool) and low > 0:
-            return float(low)
-        return None
+        return float(r.lower)
 
     @property
     def status(self) -> str:
@@ -147,8 +138,8 @@ class MethodRun:
             "value": None if r is None else _finite(r.value),
             "certified": None if r is None else bool(r.certified),
             "bound": None if r is None else r.bound,
-            "certified_upper": _finite(self.certified_upper),
-            "certified_lower": _finite(self.certified_lower),
+            "upper": _finite(self.upper),
+            "lower": _finite(self.lower),
             "notes": [] if r is None else [str(n) for n in r.notes],
             "layers": [] if r is None else [_clean(lb.to_dict()) for lb in r.layers],
             "how": None,
@@ -156,14 +147,9 @@ class MethodRun:
             "extra": {} if r is None else _json_safe(r.extra),
         }
         if r is not None:
-            how = getattr(r, "how", None)
-            d["how"] = str(how) if how else None
-            x, y = getattr(r, "x", None), getattr(r, "y", None)
-            if x is not None and x.numel() <= _MAX_WITNESS:
-                d["witness"] = {
-                    "x": x.detach().double().flatten().tolist(),
-                    "y": None if y is None else y.detach().double().flatten().tolist(),
-                }
+            d["how"] = r.how or None
+            if r.witness is not None and r.witness.x.numel() <= _MAX_WITNESS:
+                d["witness"] = r.witness.to_dict()
         return d
 
 
@@ -194,7 +180,7 @@ def _clean(d: dict[str, Any]) -> dict[str, Any]:
 
 @dataclass(frozen=True, kw_only=True, eq=False)
 class Report:
-    """What :func:`estimate` found (see the module docstring for the definitions).
+    """What :func:`bound` found (see the module docstring for the definitions).
 
     ``upper`` / ``upper_method``: best certified upper bound and who proved it;
     ``lower`` / ``lower_method``: best witnessed lower bound and who found it;
@@ -246,9 +232,8 @@ class Report:
                 rows.append([run.name, None, "failed", None, None, run.seconds,
                              (run.error or "").splitlines()[0][:80]])
                 continue
-            how = getattr(r, "how", "") or ""
-            note = how or (r.notes[0].splitlines()[0][:80] if r.notes else "")
-            rows.append([run.name, r.value, r.status, run.certified_upper, run.certified_lower,
+            note = r.how or (r.notes[0].splitlines()[0][:80] if r.notes else "")
+            rows.append([run.name, r.value, r.status, run.upper, run.lower,
                          run.seconds, note])
         return rows
 
@@ -347,7 +332,7 @@ REPORT_SCHEMA: dict[str, Any] = {
             "items": {
                 "type": "object",
                 "required": ["name", "ok", "error", "seconds", "status", "value", "certified",
-                             "bound", "certified_upper", "certified_lower", "notes", "layers"],
+                             "bound", "upper", "lower", "notes", "layers"],
                 "properties": {
                     "name": {"enum": list(METHODS)},
                     "ok": {"type": "boolean"},
@@ -358,16 +343,18 @@ REPORT_SCHEMA: dict[str, Any] = {
                     "value": _NUM_OR_NULL,
                     "certified": {"type": ["boolean", "null"]},
                     "bound": {"enum": ["upper", "lower", "exact", "estimate", None]},
-                    "certified_upper": _NUM_OR_NULL,
-                    "certified_lower": _NUM_OR_NULL,
+                    "upper": _NUM_OR_NULL,
+                    "lower": _NUM_OR_NULL,
                     "how": _STR_OR_NULL,
                     "extra": {"type": "object"},
                     "notes": {"type": "array", "items": {"type": "string"}},
                     "witness": {
                         "type": ["object", "null"],
                         "properties": {
+                            "kind": {"enum": ["pair", "jacobian", "region"]},
                             "x": {"type": "array", "items": {"type": "number"}},
                             "y": {"type": ["array", "null"], "items": {"type": "number"}},
+                            "direction": {"type": ["array", "null"], "items": {"type": "number"}},
                         },
                     },
                     "layers": {
@@ -421,7 +408,7 @@ def _accepts(fn: Callable[..., Any], param: str) -> bool:
     )
 
 
-def estimate(
+def bound(
     model: nn.Module,
     input_shape: Sequence[int] | int,
     *,
@@ -458,7 +445,7 @@ def estimate(
         whose options set ``time_limit`` keeps it. Default: every method's own default.
     **method_options:
         per-method keyword options, keyed by method name, e.g.
-        ``estimate(net, (2,), lower={"restarts": 32}, seqlip={"mode": "greedy"},
+        ``bound(net, (2,), lower={"restarts": 32}, seqlip={"mode": "greedy"},
         exact={"time_limit": 10})``.
 
     Errors
@@ -469,6 +456,9 @@ def estimate(
     failed so, the report keeps the witnessed lower bound (``upper`` is ``None`` and a note says
     why); only when there is no lower bound either is the first such error raised. Invalid
     arguments, shapes and non-finite weights raise at once.
+
+    (Called ``estimate`` before 0.2: that name still works, with a ``DeprecationWarning``; it
+    contradicted the rule that an "estimate" is a number without a proof.)
     """
     t0 = time.perf_counter()
     model = check_model(model, require_eval=True)
@@ -528,6 +518,13 @@ def estimate(
     return _assemble(runs, names, p, shape, t0, model_name, first_upper_error, time_limit)
 
 
+def estimate(model: nn.Module, input_shape: Sequence[int] | int, **kwargs: Any) -> Report:
+    """Deprecated name of :func:`bound` (same arguments, same :class:`Report`)."""
+    warnings.warn("lipbound.estimate is deprecated and will be removed in the next release; use "
+                  "lipbound.bound (same arguments)", DeprecationWarning, stacklevel=2)
+    return bound(model, input_shape, **kwargs)
+
+
 def _budget_weight(name: str) -> float:
     return 0.25 if name == "autolip" else 1.0
 
@@ -557,7 +554,7 @@ def _run_one(
         if not left > 0:
             runs.append(MethodRun(
                 name=name, result=None, error_type="TimeLimit",
-                error="not run: the time limit of estimate() was spent by the methods before it "
+                error="not run: the time limit of bound() was spent by the methods before it "
                 "(raise time_limit or run fewer methods)"))
             return None
         w = _budget_weight(name)
@@ -588,8 +585,8 @@ def _assemble(
     model_name: str, first_upper_error: BaseException | None, time_limit: float | None,
 ) -> Report:
     """The :class:`Report` of :func:`estimate` from its runs."""
-    uppers = [(r.certified_upper, r.name) for r in runs if r.certified_upper is not None]
-    lowers = [(r.certified_lower, r.name) for r in runs if r.certified_lower is not None]
+    uppers = [(r.upper, r.name) for r in runs if r.upper is not None]
+    lowers = [(r.lower, r.name) for r in runs if r.lower is not None]
     asked_upper = [n for n in names if n in _UPPER_METHODS]
     notes: list[str] = []
     if asked_upper and not uppers and first_upper_error is not None and all(

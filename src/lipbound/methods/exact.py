@@ -100,7 +100,7 @@ from torch import nn
 
 from .._validation import check_input_shape, check_model, check_norm, check_positive
 from ..errors import NonFiniteError, NotSequentialError, UnsupportedModelError, UnsupportedNode
-from ..results import LipschitzResult
+from ..results import ExactResult, Witness
 
 __all__ = [
     "ExactResult",
@@ -119,37 +119,6 @@ def _intersect(
     a: tuple[np.ndarray, np.ndarray], b: tuple[np.ndarray, np.ndarray]
 ) -> tuple[np.ndarray, np.ndarray]:
     return np.maximum(a[0], b[0]), np.minimum(a[1], b[1])
-
-
-@dataclass(frozen=True, kw_only=True, eq=False)
-class ExactResult(LipschitzResult):
-    """Result of :func:`exact`.
-
-    ``value`` is the exact constant when ``finished`` (``bound == "exact"``), otherwise the best
-    realised region's Jacobian norm, a certified LOWER bound (``bound == "lower"``); ``upper`` is
-    the best certified upper bound (equal to ``value`` when finished). ``lower`` repeats the
-    witnessed lower bound, ``witness`` the input point (flattened) that realises it.
-    """
-
-    method: str = "exact"
-    lower: float = 0.0
-    finished: bool = False
-    regions_visited: int = 0
-    lps_solved: int = 0
-    nodes_explored: int = 0
-    witness: tuple[float, ...] = ()
-
-    def to_dict(self) -> dict[str, Any]:
-        d = super().to_dict()
-        d.update(
-            lower=self.lower,
-            finished=self.finished,
-            regions_visited=self.regions_visited,
-            lps_solved=self.lps_solved,
-            nodes_explored=self.nodes_explored,
-            witness=list(self.witness),
-        )
-        return d
 
 
 # --------------------------------------------------------------------------------------------
@@ -1367,11 +1336,15 @@ def exact(
         seconds=time.perf_counter() - t0,
         notes=tuple(notes),
         lower=lower,
+        how="branch and bound over activation regions (HiGHS LPs)",
         finished=finished,
         regions_visited=int(out["regions"]),
         lps_solved=int(out["lps"]),
         nodes_explored=int(out["nodes"]),
-        witness=tuple(float(v) for v in np.asarray(out["x"]).reshape(-1)),
+        witness=Witness(
+            kind="region",
+            x=torch.tensor(np.asarray(out["x"], dtype=np.float64)).reshape(shape),
+        ),
         extra={
             "sample_best": _ldexp_checked(
                 float(out.get("sample_best", 0.0)), scale_exp, up=False, what="sample"

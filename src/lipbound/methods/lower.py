@@ -8,7 +8,7 @@ backed by a witness that reproduces it (up to float64 rounding):
 
 * a **pair witness** ``(x, y)``: ``value = ||f(x) - f(y)||_p / ||x - y||_p``, which is ``<= L(f)``
   by the very definition of ``L(f)``, with no condition on ``f``;
-* a **Jacobian witness** ``(x, v)`` (``y`` is ``None``, ``v`` is ``result.extra["direction"]``):
+* a **Jacobian witness** ``(x, v)`` (``y`` is ``None``, ``v`` is ``result.witness.direction``):
   ``value = ||J_f(x) v||_p / ||v||_p <= ||J_f(x)||_{p->p} <= L(f)`` wherever ``f`` is
   differentiable at ``x`` (``f(x + t v) - f(x) = t J v + o(t)``; for ReLU networks that is every
   point off a null set of kinks, and the search points are continuous random perturbations).
@@ -58,7 +58,7 @@ Example
 >>> res = lower_bound(net, (2,), restarts=4, steps=30)
 >>> res.certified and res.value > 0
 True
->>> x, y = res.x.double(), res.y
+>>> x, y = res.witness.x.double(), res.witness.y
 >>> y is None or abs(
 ...     float((net.double()(x[None]) - net.double()(y[None])).norm() / (x - y).norm())
 ...     - res.value) < 1e-6 * res.value
@@ -87,7 +87,7 @@ from .._validation import (
     check_positive,
 )
 from ..errors import InvalidArgumentError, LipboundError, NonFiniteError, ShapeError
-from ..results import LowerBoundResult
+from ..results import LowerBoundResult, Witness
 
 __all__ = ["DEFAULT_METHODS", "LOWER_METHODS", "lower_bound", "pair_ratio", "jacobian_ratio"]
 
@@ -832,10 +832,11 @@ def lower_bound(
     -------
     LowerBoundResult
         ``value`` (``certified=True``: a true lower bound, reproduced in float64 from the
-        witness), ``x`` and ``y`` (pair witness) or ``x`` alone with ``extra["direction"]``
-        (Jacobian witness), ``how`` (which search found it), ``extra["per_method"]`` (best
-        re-checked value of each search: the paper's data / annealing columns). When a stage
-        fails (an op without the derivatives it needs), the others go on and a note says so.
+        witness; ``lower`` is the same number), ``witness`` (kind ``"pair"``: ``x`` and ``y``;
+        ``"jacobian"``: ``x`` and ``direction``), ``how`` (which search found it),
+        ``extra["per_method"]`` (best re-checked value of each search: the paper's data /
+        annealing columns). When a stage fails (an op without the derivatives it needs), the
+        others go on and a note says so.
     """
     t_start = time.perf_counter()
     model = check_model(model, require_eval=True)
@@ -1045,8 +1046,9 @@ def _lower_bound(
         "recheck_dtype": str(check.dtype).removeprefix("torch."),
         "stages": ",".join(stages),
     }
+    direction = None
     if c.y is None and c.v is not None:
-        extra["direction"] = c.v.detach().to(torch.float64).reshape(shape).cpu()
+        direction = c.v.detach().to(torch.float64).reshape(shape).cpu()
     return LowerBoundResult(
         value=float(value),
         certified=True,
@@ -1054,8 +1056,8 @@ def _lower_bound(
         norm=p,
         bound="lower",
         upper=None,
-        x=x_w,
-        y=y_w,
+        lower=float(value),
+        witness=Witness(kind=kind, x=x_w, y=y_w, direction=direction),
         how=f"{c.how} ({kind} witness)",
         iterations=steps,
         seconds=time.perf_counter() - t_start,
