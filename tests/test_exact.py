@@ -278,10 +278,6 @@ def test_time_out_returns_labelled_bounds() -> None:
 
 
 def test_functional_relu_and_conv_through_graph() -> None:
-    graph = pytest.importorskip("lipbound.graph")
-    if not hasattr(graph, "sequential_chain"):  # pragma: no cover
-        pytest.skip("lipbound.graph.sequential_chain not there yet")
-
     class Net(nn.Module):
         def __init__(self) -> None:
             super().__init__()

@@ -169,9 +169,6 @@ def test_functional_relu_model() -> None:
 
     torch.manual_seed(0)
     net = Net().double()
-    graph = pytest.importorskip("lipbound.graph")
-    if not hasattr(graph, "sequential_chain"):  # pragma: no cover
-        pytest.skip("lipbound.graph.sequential_chain not there yet")
     seq = nn.Sequential(net.a, nn.ReLU(), net.b)
     a, b = lipsdp(net, (3,)), lipsdp(seq, (3,))
     assert math.isclose(a.value, b.value, rel_tol=1e-6)

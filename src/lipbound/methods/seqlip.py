@@ -81,7 +81,7 @@ from torch import nn
 from .._progress import ProgressArg, make_progress
 from .._validation import check_choice, check_input_shape, check_model, check_norm, check_positive
 from ..errors import InvalidArgumentError
-from ..graph._modules import eval_weight
+from ..graph.modules import eval_weight
 from ..results import LayerBound, LipschitzResult
 from ..spectral.certify import pow2_split
 from ._pairs import (
@@ -92,7 +92,10 @@ from ._pairs import (
     pair_value,
 )
 
-__all__ = ["SeqLipResult", "seqlip", "find_segments", "conv_pair_bound"]
+__all__ = [
+    "SeqLipResult", "seqlip", "find_segments", "conv_pair_bound",
+    "pair_certified", "pair_exact", "pair_greedy",  # the pair maths, public through seqlip
+]
 
 _F64 = torch.float64
 _UP = 1.0 + ROUNDING_MARGIN
