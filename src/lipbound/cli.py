@@ -217,7 +217,7 @@ def _quiet(debug: bool) -> Iterator[None]:
         previous = logging.root.manager.disable
         logging.disable(logging.CRITICAL)
         stderr = sys.stderr
-        sys.stderr = _TorchMuted(stderr)  # type: ignore[assignment]
+        sys.stderr = _TorchMuted(stderr)
         try:
             yield
         finally:

@@ -716,7 +716,7 @@ def _export(model: nn.Module, sample: torch.Tensor, fx_error: Exception) -> torc
             ep = torch.export.export(
                 model, (sample,), dynamic_shapes=({0: batch},), strict=False
             )
-        return ep.module()  # type: ignore[return-value]
+        return ep.module()
     except Exception as exc:
         raise InvalidArgumentError(
             f"{fx_error} (torch.export failed as well: {_first_line(exc, 120)})"

@@ -90,7 +90,7 @@ def _part_module(node: Node) -> nn.Module:
 
 def _module_fn(module: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
     def fn(x: torch.Tensor) -> torch.Tensor:
-        return call_module_as(module, x)  # type: ignore[no-any-return]
+        return call_module_as(module, x)
 
     return fn
 

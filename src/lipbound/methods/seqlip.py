@@ -195,7 +195,7 @@ def _plain_conv2d(node: Any) -> tuple[nn.Conv2d, torch.Tensor] | None:
     weight = None
     inner = getattr(m, "linear", None)
     if isinstance(inner, nn.Conv2d) and hasattr(m, "bn"):  # FoldedBatchNorm(conv, bn)
-        weight = m.weight  # type: ignore[union-attr]
+        weight = m.weight
         m = inner
     if (
         isinstance(m, nn.Conv2d)
@@ -240,9 +240,9 @@ def conv_pair_bound(
     a2, b2 = min(a, 0.0), max(b, 0.0)
     H, W = in_hw
     kB = [int(v) for v in first.kernel_size]
-    pB = [int(v) for v in first.padding]  # type: ignore[union-attr]
+    pB = [int(v) for v in first.padding]
     kA = [int(v) for v in second.kernel_size]
-    pA = [int(v) for v in second.padding]  # type: ignore[union-attr]
+    pA = [int(v) for v in second.padding]
     H1 = H + 2 * pB[0] - kB[0] + 1
     W1 = W + 2 * pB[1] - kB[1] + 1
     N0 = max(H + 2 * pB[0], H1 + 2 * pA[0], kA[0], kB[0])
