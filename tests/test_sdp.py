@@ -15,6 +15,7 @@ from torch import nn
 
 pytest.importorskip("cvxpy")
 
+from _helpers import mlp as _mlp
 from lipbound.errors import (
     InvalidArgumentError,
     MissingDependencyError,
@@ -23,16 +24,6 @@ from lipbound.errors import (
 from lipbound.methods import sdp as sdp_mod
 from lipbound.methods.exact import exact
 from lipbound.methods.sdp import SDPResult, lipsdp, verify_lipsdp
-
-
-def _mlp(sizes: list[int], *, seed: int, act: type[nn.Module] = nn.ReLU) -> nn.Sequential:
-    torch.manual_seed(seed)
-    layers: list[nn.Module] = []
-    for i in range(len(sizes) - 1):
-        layers.append(nn.Linear(sizes[i], sizes[i + 1]))
-        if i < len(sizes) - 2:
-            layers.append(act())
-    return nn.Sequential(*layers).double()
 
 
 def _weights(net: nn.Sequential) -> list[np.ndarray]:
