@@ -18,7 +18,9 @@ from _helpers import linear_params as _params
 from _helpers import mlp
 from _helpers import opnorm as _opnorm
 from lipbound.errors import InvalidArgumentError, NotSequentialError, UnsupportedModelError
+from lipbound.methods.autolip import autolip
 from lipbound.methods.exact import ExactResult, exact
+from lipbound.methods.seqlip import seqlip
 
 # ------------------------------------------------------------------------------------------
 # independent brute force: every pattern of every hidden neuron, strict-feasibility LP each
@@ -183,23 +185,13 @@ def test_witness_realises_value() -> None:
 def _certified_uppers(net: nn.Module, shape: tuple[int, ...], *, seq: bool) -> list[float]:
     Ws, _, _ = _params(net)  # type: ignore[arg-type]
     ups = [math.prod(float(np.linalg.norm(W, 2)) for W in Ws)]
-    try:
-        from lipbound.methods.autolip import autolip
-
-        r = autolip(net, shape)
+    r = autolip(net, shape)
+    if r.upper is not None:
+        ups.append(float(r.upper))
+    if seq:
+        r = seqlip(net, shape)
         if r.upper is not None:
             ups.append(float(r.upper))
-    except ImportError:  # pragma: no cover - module of another developer not there yet
-        pass
-    if seq:
-        try:
-            from lipbound.methods.seqlip import seqlip
-
-            r = seqlip(net, shape)
-            if r.upper is not None:
-                ups.append(float(r.upper))
-        except ImportError:  # pragma: no cover
-            pass
     return ups
 
 

@@ -351,3 +351,68 @@ def test_scan_parses_relative_function_level_imports(tmp_path: Path) -> None:
     assert ("lipbound.graph.capture", "lipbound.methods.autolip") in targets
     assert ("lipbound.graph.capture", "lipbound.errors") in targets
     assert any("back-edge graph -> methods" in x for x in check(edges))
+
+
+# ---- no guards around the package's own modules -------------------------------------------
+_IMPORT_ERRORS = {"ImportError", "ModuleNotFoundError"}
+
+
+def _catches_import_error(handler: ast.ExceptHandler) -> bool:
+    t = handler.type
+    names = t.elts if isinstance(t, ast.Tuple) else [t] if t is not None else []
+    return t is None or any(isinstance(n, ast.Name) and n.id in _IMPORT_ERRORS for n in names)
+
+
+def _imports_package(node: ast.AST) -> bool:
+    for sub in ast.walk(node):
+        if isinstance(sub, ast.ImportFrom) and (sub.level or (sub.module or "").split(".")[0]
+                                                == PACKAGE):
+            return True
+        if isinstance(sub, ast.Import) and any(a.name.split(".")[0] == PACKAGE
+                                               for a in sub.names):
+            return True
+        if isinstance(sub, ast.Call) and sub.args and isinstance(sub.args[0], ast.Constant) \
+                and isinstance(sub.args[0].value, str) \
+                and sub.args[0].value.split(".")[0] == PACKAGE:
+            fn = sub.func
+            name = fn.attr if isinstance(fn, ast.Attribute) else getattr(fn, "id", "")
+            if name in ("import_module", "importorskip", "find_spec"):
+                return True
+    return False
+
+
+def guarded_imports(source: str, filename: str = "<src>") -> list[str]:
+    """``try: <import of lipbound...> except ImportError`` blocks, and ``importorskip`` /
+    ``find_spec`` / ``import_module`` calls on a module of the package, as ``file:line``."""
+    tree = ast.parse(source, filename=filename)
+    out: list[str] = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Try) and any(_catches_import_error(h) for h in node.handlers):
+            if any(_imports_package(stmt) for stmt in node.body):
+                out.append(f"{filename}:{node.lineno}: import of the package under "
+                           "except ImportError")
+        elif isinstance(node, ast.Call):
+            fn = node.func
+            name = fn.attr if isinstance(fn, ast.Attribute) else getattr(fn, "id", "")
+            if name in ("importorskip", "find_spec") and _imports_package(node):
+                out.append(f"{filename}:{node.lineno}: {name} of a module of the package")
+    return out
+
+
+def test_no_guards_around_the_package_own_modules() -> None:
+    root = SRC.parent
+    found = []
+    for f in sorted([*(SRC / PACKAGE).rglob("*.py"), *(root / "tests").glob("*.py"),
+                     *(root / "benchmarks").glob("*.py")]):
+        found += guarded_imports(f.read_text(encoding="utf-8"), str(f.relative_to(root)))
+    assert found == []
+
+
+def test_guard_finder_finds_guards() -> None:
+    src = ("try:\n    from .spectral import x\nexcept ImportError:\n    x = None\n"
+           "try:\n    import cvxpy\nexcept ImportError:\n    cvxpy = None\n"
+           "m = pytest.importorskip('lipbound.methods.autolip')\n"
+           "ok = pytest.importorskip('cvxpy')\n"
+           "h = importlib.util.find_spec('lipbound.graph') is not None\n")
+    out = guarded_imports(src, "m.py")
+    assert [x.split(":")[1] for x in out] == ["1", "9", "11"], out
