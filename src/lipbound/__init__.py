@@ -13,6 +13,7 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
+from ._version import __version__ as __version__
 from .errors import (
     InvalidArgumentError,
     LipboundError,
@@ -36,8 +37,6 @@ from .results import (
     SpectralResult,
     Witness,
 )
-
-__version__ = "0.1.0"
 
 # public name -> module that defines it
 _LAZY: dict[str, str] = {

@@ -297,7 +297,7 @@ class _Exported(nn.Module):
         self.inner = inner
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.inner(x)  # type: ignore[no-any-return]
+        return self.inner(x)
 
 
 class _BatchLoop(nn.Module):

@@ -25,8 +25,6 @@ True
 
 from __future__ import annotations
 
-import importlib
-import importlib.util
 import inspect
 import math
 import time
@@ -39,20 +37,24 @@ from torch import nn
 
 from ._progress import Progress, ProgressArg, _Reporter, make_progress
 from ._validation import check_input_shape, check_model, check_norm
+from ._version import __version__
 from .errors import (
     InvalidArgumentError,
-    LipboundError,
     MissingDependencyError,
     SolverError,
     UnsupportedModelError,
 )
+from .methods.autolip import autolip
+from .methods.exact import exact
+from .methods.lower import lower_bound, probe_widening
+from .methods.sdp import lipsdp
+from .methods.seqlip import seqlip
 from .results import LipschitzResult, format_markdown_table, format_table
 
 __all__ = [
     "METHODS",
     "REPORT_SCHEMA",
     "MethodRun",
-    "MethodUnavailableError",
     "Progress",
     "ProgressArg",
     "Report",
@@ -62,20 +64,25 @@ __all__ = [
     "plot_report",
 ]
 
-# method name -> (module, function); "upper" methods produce upper bounds
-METHODS: dict[str, tuple[str, str]] = {
-    "lower": ("lipbound.methods.lower", "lower_bound"),
-    "autolip": ("lipbound.methods.autolip", "autolip"),
-    "seqlip": ("lipbound.methods.seqlip", "seqlip"),
-    "exact": ("lipbound.methods.exact", "exact"),
-    "lipsdp": ("lipbound.methods.sdp", "lipsdp"),
+# method name -> function; "upper" methods produce upper bounds
+METHODS: dict[str, Callable[..., LipschitzResult]] = {
+    "lower": lower_bound,
+    "autolip": autolip,
+    "seqlip": seqlip,
+    "exact": exact,
+    "lipsdp": lipsdp,
+}
+# which of estimate()'s own options ("norm", "progress", "time_limit") each method takes
+# (tests/test_report.py checks this table against the methods' signatures)
+TAKES: dict[str, frozenset[str]] = {
+    "lower": frozenset({"norm", "progress", "time_limit"}),
+    "autolip": frozenset({"norm"}),
+    "seqlip": frozenset({"norm", "progress", "time_limit"}),
+    "exact": frozenset({"norm", "time_limit"}),
+    "lipsdp": frozenset({"time_limit"}),
 }
 _UPPER_METHODS = ("autolip", "seqlip", "exact", "lipsdp")
 _MAX_WITNESS = 1024  # witnesses with more entries are left out of to_dict()
-
-
-class MethodUnavailableError(LipboundError, ImportError):
-    """A method named in ``methods`` cannot be imported in this installation."""
 
 
 # --------------------------------------------------------------------------------------------
@@ -285,8 +292,6 @@ class Report:
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready data (validates against :data:`REPORT_SCHEMA`); non-finite numbers -> None."""
-        from . import __version__
-
         return {
             "lipbound_version": __version__,
             "model": self.model,
@@ -383,29 +388,17 @@ REPORT_SCHEMA: dict[str, Any] = {
 # --------------------------------------------------------------------------------------------
 # estimate
 # --------------------------------------------------------------------------------------------
-def _load_method(name: str) -> Callable[..., LipschitzResult]:
-    module, attr = METHODS[name]
-    try:
-        fn = getattr(importlib.import_module(module), attr)
-    except (ImportError, AttributeError) as e:
-        if isinstance(e, MissingDependencyError):
-            raise
-        raise MethodUnavailableError(
-            f"method {name!r} is not available in this installation ({module}.{attr} could "
-            f"not be imported: {e}); choose among the others: "
-            f"{', '.join(m for m in METHODS if m != name)}"
-        ) from e
-    return fn  # type: ignore[no-any-return]
-
-
-def _accepts(fn: Callable[..., Any], param: str) -> bool:
-    try:
-        sig = inspect.signature(fn)
-    except (TypeError, ValueError):  # pragma: no cover
-        return False
-    return param in sig.parameters or any(
-        p.kind is inspect.Parameter.VAR_KEYWORD for p in sig.parameters.values()
-    )
+def _check_options(name: str, fn: Callable[..., Any], options: Mapping[str, Any]) -> None:
+    """Refuse a per-method option that ``fn`` does not take, naming it (before any method runs)."""
+    params = inspect.signature(fn).parameters
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        return
+    bad = [k for k in options if k not in params or k in ("model", "input_shape")]
+    if bad:
+        raise InvalidArgumentError(
+            f"method {name!r} does not accept option(s) {', '.join(bad)}; its options: "
+            f"{', '.join(k for k in params if k not in ('model', 'input_shape'))}"
+        )
 
 
 def bound(
@@ -493,12 +486,12 @@ def bound(
         if not isinstance(opts, Mapping):
             raise InvalidArgumentError(f"{key}= must be a dict of options; got {opts!r}")
 
+    fns = {name: METHODS[name] for name in names}
+    for name, opts in method_options.items():
+        _check_options(name, fns[name], opts)
     # the shape check (one forward pass) once, before any method, for one clear error
-    from .methods.lower import probe_widening
-
     probe_widening(model, shape)
 
-    fns = {name: _load_method(name) for name in names}
     runs: list[MethodRun] = []
     recoverable: tuple[type[BaseException], ...] = (
         UnsupportedModelError, MissingDependencyError, SolverError,
@@ -537,7 +530,8 @@ def _run_one(
     """Run one method of :func:`estimate` and append its :class:`MethodRun` to ``runs``."""
     """Run one method of :func:`estimate`; append its :class:`MethodRun` to ``runs`` and
     return the recoverable error that stopped it (``None`` if none)."""
-    if _accepts(fn, "norm"):
+    takes = TAKES.get(name, frozenset())
+    if "norm" in takes:
         kwargs.setdefault("norm", p)
     elif p != "2":  # the method is l2-only
         runs.append(MethodRun(name=name, result=None,
@@ -546,10 +540,10 @@ def _run_one(
         return None
     if name == "lower" and data is not None:
         kwargs.setdefault("data", data)
-    if reporter.active and _accepts(fn, "progress"):
+    if reporter.active and "progress" in takes:
         kwargs.setdefault("progress", reporter.sub(f"{name}: "))
     t1 = time.perf_counter()
-    if math.isfinite(deadline) and _accepts(fn, "time_limit") and "time_limit" not in kwargs:
+    if math.isfinite(deadline) and "time_limit" in takes and "time_limit" not in kwargs:
         left = deadline - t1
         if not left > 0:
             runs.append(MethodRun(
@@ -567,15 +561,6 @@ def _run_one(
                               error_type=type(e).__name__,
                               seconds=time.perf_counter() - t1))
         return e
-    except TypeError as e:
-        if isinstance(e, LipboundError):
-            raise
-        bad = [k for k in kwargs if not _accepts(fn, k)]
-        if bad:
-            raise InvalidArgumentError(
-                f"method {name!r} does not accept option(s) {', '.join(bad)}"
-            ) from e
-        raise
     runs.append(MethodRun(name=name, result=result, seconds=time.perf_counter() - t1))
     return None
 

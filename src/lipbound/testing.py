@@ -75,7 +75,7 @@ from torch import nn
 import lipbound
 
 from .errors import InvalidArgumentError, LipboundError
-from .graph import _modules as _gm
+from .graph import modules as _gm
 from .rules import registered_keys
 from .rules.linear import MERGED_KEY
 
@@ -120,7 +120,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lipbound.graph._modules import ChannelAffine, EvalBatchNorm, FoldedBatchNorm
+from lipbound.graph.modules import ChannelAffine, EvalBatchNorm, FoldedBatchNorm
 """
 
 
@@ -370,7 +370,7 @@ def _src(key: Any) -> str:
     n = n.replace("torch.nn.functional.", "F.").replace("torch.nn.modules.", "nn.")
     if n.startswith("nn."):
         n = "nn." + n.rsplit(".", 1)[1]
-    if n.startswith("lipbound.graph._modules."):
+    if n.startswith("lipbound.graph.modules."):
         n = n.rsplit(".", 1)[1]
     return n
 

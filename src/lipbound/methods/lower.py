@@ -89,7 +89,10 @@ from .._validation import (
 from ..errors import InvalidArgumentError, LipboundError, NonFiniteError, ShapeError
 from ..results import LowerBoundResult, Witness
 
-__all__ = ["DEFAULT_METHODS", "LOWER_METHODS", "lower_bound", "pair_ratio", "jacobian_ratio"]
+__all__ = [
+    "DEFAULT_METHODS", "LOWER_METHODS", "lower_bound", "pair_ratio", "jacobian_ratio",
+    "probe_widening",
+]
 
 LOWER_METHODS: tuple[str, ...] = ("data", "sample", "pairs", "annealing")
 #: the searches run by default: annealing is opt-in (on the digits MLPs of

@@ -120,7 +120,7 @@ def slope_ranges_of(
     model: nn.Module, input_shape: Sequence[int] | int
 ) -> tuple[list[np.ndarray], list[tuple[float, float]]]:
     """Dense float64 weights ``[W_1..W_K]`` and slope ranges ``[(a_i, b_i)]`` of an MLP."""
-    from .exact import dense_chain
+    from ._chain import dense_chain
 
     shape = check_input_shape(input_shape)
     Ws, _, acts, _ = dense_chain(model, shape)

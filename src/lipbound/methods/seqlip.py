@@ -81,7 +81,7 @@ from torch import nn
 from .._progress import ProgressArg, make_progress
 from .._validation import check_choice, check_input_shape, check_model, check_norm, check_positive
 from ..errors import InvalidArgumentError
-from ..graph._modules import eval_weight
+from ..graph.modules import eval_weight
 from ..results import LayerBound, SeqLipResult
 from ..spectral.certify import pow2_split
 from ._pairs import (
@@ -92,7 +92,10 @@ from ._pairs import (
     pair_value,
 )
 
-__all__ = ["SeqLipResult", "seqlip", "find_segments", "conv_pair_bound"]
+__all__ = [
+    "SeqLipResult", "seqlip", "find_segments", "conv_pair_bound",
+    "pair_certified", "pair_exact", "pair_greedy",  # the pair maths, public through seqlip
+]
 
 _F64 = torch.float64
 _UP = 1.0 + ROUNDING_MARGIN
@@ -150,7 +153,7 @@ def _plain_conv2d(node: Any) -> tuple[nn.Conv2d, torch.Tensor] | None:
     weight = None
     inner = getattr(m, "linear", None)
     if isinstance(inner, nn.Conv2d) and hasattr(m, "bn"):  # FoldedBatchNorm(conv, bn)
-        weight = m.weight  # type: ignore[union-attr]
+        weight = m.weight
         m = inner
     if (
         isinstance(m, nn.Conv2d)
@@ -195,9 +198,9 @@ def conv_pair_bound(
     a2, b2 = min(a, 0.0), max(b, 0.0)
     H, W = in_hw
     kB = [int(v) for v in first.kernel_size]
-    pB = [int(v) for v in first.padding]  # type: ignore[union-attr]
+    pB = [int(v) for v in first.padding]
     kA = [int(v) for v in second.kernel_size]
-    pA = [int(v) for v in second.padding]  # type: ignore[union-attr]
+    pA = [int(v) for v in second.padding]
     H1 = H + 2 * pB[0] - kB[0] + 1
     W1 = W + 2 * pB[1] - kB[1] + 1
     N0 = max(H + 2 * pB[0], H1 + 2 * pA[0], kA[0], kB[0])
