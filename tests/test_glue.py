@@ -1,0 +1,111 @@
+"""Networks as users write them: functional heads, zero branches, eval identities, optional
+forward arguments, summarised refusals, lower bounds through ops without double backward."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import lipbound
+from lipbound.graph import capture, simplify
+
+C, HW, OUT = 256, 16, 100  # pool -> linear heads with 65536 * 100 > DENSE_LIMIT entries
+
+
+class _Head(nn.Module):
+    """Global average pool written as users write it, then a Linear."""
+
+    def __init__(self, style: str, c: int = C, out: int = OUT) -> None:
+        super().__init__()
+        self.style = style
+        self.fc = nn.Linear(c, out)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.style == "mobilenet":  # torchvision MobileNetV2/V3, EfficientNet
+            x = torch.flatten(F.adaptive_avg_pool2d(x, (1, 1)), 1)
+        elif self.style == "densenet":  # torchvision DenseNet
+            x = torch.flatten(F.adaptive_avg_pool2d(F.relu(x), 1), 1)
+        elif self.style == "resnet-mean":  # timm: x.mean((2, 3))
+            x = x.mean([2, 3])
+        elif self.style == "keepdim":
+            x = x.mean(dim=(-2, -1), keepdim=True).flatten(1)
+        else:  # the module form, certified on main already
+            x = nn.functional.adaptive_avg_pool2d(x, 1).view(x.size(0), -1)
+        return self.fc(x)
+
+
+def _w_norms(fc: nn.Linear) -> dict[str, float]:
+    W = fc.weight.detach().double()
+    return {
+        "2": float(torch.linalg.matrix_norm(W, 2)),
+        "1": float(W.abs().sum(0).max()),
+        "inf": float(W.abs().sum(1).max()),
+    }
+
+
+@pytest.mark.parametrize("style", ["mobilenet", "densenet", "resnet-mean", "keepdim"])
+def test_functional_pool_heads_are_certified(style: str) -> None:
+    torch.manual_seed(0)
+    net = _Head(style).eval()
+    r = lipbound.autolip(net, (C, HW, HW))
+    assert r.certified
+    head = [row for row in r.layers if "fc" in row.name]
+    assert len(head) == 1 and head[0].certified
+    # closed form: the pool P averages disjoint groups of k = HW^2 entries, P P^T = I / k, so
+    # ||W P||_2 = ||W||_2 / sqrt(k): the product of the parts' norms, attained
+    exact = _w_norms(net.fc)["2"] / HW
+    assert exact * (1 - 1e-9) <= head[0].value <= exact * (1 + 1e-5)
+    assert head[0].estimate is not None and head[0].estimate <= head[0].value
+
+
+@pytest.mark.parametrize("norm", ["1", "inf"])
+@pytest.mark.parametrize("style", ["mobilenet", "resnet-mean"])
+def test_functional_pool_heads_l1_linf(style: str, norm: str) -> None:
+    torch.manual_seed(1)
+    net = _Head(style).eval()
+    r = lipbound.autolip(net, (C, HW, HW), norm=norm)
+    assert r.certified
+    # |W P| = |W| P: column sums of |W| divided by k, row sums unchanged
+    exact = _w_norms(net.fc)[norm] / (HW * HW if norm == "1" else 1)
+    assert exact * (1 - 1e-9) <= r.value <= exact * (1 + 1e-6)
+
+
+def test_functional_pool_head_matches_module_form_and_dense() -> None:
+    torch.manual_seed(2)
+    c, hw, out = 8, 6, 5  # small: the dense Jacobian is the reference
+    for style in ("mobilenet", "resnet-mean", "module"):
+        net = _Head(style, c, out).eval()
+        r = lipbound.autolip(net, (c, hw, hw))
+        g = simplify(capture(net, (c, hw, hw)))
+        (head,) = [n for n in g if n.kind == "linear"]
+        s = float(torch.linalg.matrix_norm(head.dense()[0], 2))
+        assert r.certified and s <= r.value <= s * (1 + 1e-5)
+
+
+class _Net(nn.Module):
+    """conv -> bn -> relu -> functional head: value <= product of the parts."""
+
+    def __init__(self, style: str) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, C, 3, padding=1, bias=False)
+        self.bn = nn.BatchNorm2d(C)
+        self.head = _Head(style)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(F.relu(self.bn(self.conv(x))))
+
+
+def test_functional_head_in_a_network_is_certified() -> None:
+    torch.manual_seed(3)
+    net = _Net("mobilenet").eval()
+    r = lipbound.autolip(net, (3, HW, HW))
+    assert r.certified
+    parts = math.prod(row.value for row in r.layers)
+    assert r.value <= parts * (1 + 1e-9)
+    conv = lipbound.spectral_norm(nn.Sequential(net.conv, net.bn), (3, HW, HW))
+    assert conv.upper is not None
+    assert r.value <= conv.upper * 1.001 * _w_norms(net.head.fc)["2"] / HW * (1 + 1e-5)
