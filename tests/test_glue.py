@@ -109,3 +109,48 @@ def test_functional_head_in_a_network_is_certified() -> None:
     conv = lipbound.spectral_norm(nn.Sequential(net.conv, net.bn), (3, HW, HW))
     assert conv.upper is not None
     assert r.value <= conv.upper * 1.001 * _w_norms(net.head.fc)["2"] / HW * (1 + 1e-5)
+
+
+# ---- optional forward arguments -------------------------------------------------------------
+class _Optional(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(6, 4)
+
+    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, *,
+                scale: float = 3.0) -> torch.Tensor:
+        if attn_mask is not None:
+            x = x.masked_fill(attn_mask, 0.0)
+        return self.fc(x) * scale
+
+
+def test_optional_forward_arguments_take_their_defaults() -> None:
+    torch.manual_seed(4)
+    net = _Optional().eval()
+    g = capture(net, (6,))
+    assert next(n.kind for n in g) == "input" and sum(n.kind == "input" for n in g) == 1
+    x = torch.randn(3, 6)
+    y = x
+    for n in list(g)[1:-1]:  # a chain: replay it
+        y = n.fn(y)
+    torch.testing.assert_close(y, net(x))
+    r = lipbound.autolip(net, (6,))
+    w = float(torch.linalg.matrix_norm(net.fc.weight.detach().double(), 2))
+    assert r.certified and 3 * w <= r.value <= 3 * w * (1 + 1e-5)  # scale=3 is applied
+
+
+class _Required(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(6, 4)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor, *, temp: float) -> torch.Tensor:
+        return self.fc(x * mask) / temp
+
+
+def test_required_forward_arguments_are_refused_by_name() -> None:
+    with pytest.raises(lipbound.InvalidArgumentError) as e:
+        lipbound.autolip(_Required().eval(), (6,))
+    msg = str(e.value)
+    assert "'mask'" in msg and "'temp'" in msg and "default" in msg
+    assert "torch.export" not in msg  # one clear reason, not the fallback's failure
