@@ -154,3 +154,72 @@ def test_required_forward_arguments_are_refused_by_name() -> None:
     msg = str(e.value)
     assert "'mask'" in msg and "'temp'" in msg and "default" in msg
     assert "torch.export" not in msg  # one clear reason, not the fallback's failure
+
+
+# ---- one summarising refusal ----------------------------------------------------------------
+class _ManyUnsupported(nn.Module):
+    """10 op types without a rule, 6 nodes each (and a long, transformer-like graph)."""
+
+    OPS = (torch.exp, torch.log, torch.sqrt, torch.sign, torch.round, torch.floor, torch.ceil,
+           torch.reciprocal, torch.rsqrt, torch.square)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = x
+        for _ in range(6):
+            for op in self.OPS:
+                out = out + op(x.abs() + 1.0)
+        return out
+
+
+def test_many_unsupported_nodes_are_summarised_by_op_type() -> None:
+    with pytest.raises(lipbound.UnsupportedModelError) as e:
+        lipbound.autolip(_ManyUnsupported().eval(), (5,))
+    exc = e.value
+    assert len(exc.nodes) == 60  # the full list stays on the exception
+    assert sum(len(v) for v in exc.by_op.values()) == 60 and len(exc.by_op) == 10
+    lines = str(exc).splitlines()
+    assert len(lines) <= exc.KINDS + 3 and len(str(exc)) < 2500
+    assert "x6" in lines[1] and "and 3 more" in lines[1]  # count and at most 3 names
+    assert "2 more op type(s), 12 node(s)" in str(exc)
+    assert lines[-1].startswith("What to do")
+
+
+def test_few_unsupported_nodes_are_listed_one_per_line() -> None:
+    class Two(nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return torch.exp(x) + torch.sign(x)
+
+    with pytest.raises(lipbound.UnsupportedModelError) as e:
+        lipbound.autolip(Two().eval(), (3,))
+    lines = str(e.value).splitlines()
+    assert len(lines) == 4 and "exp" in lines[1] and "discontinuous" in lines[2]
+
+
+class _Block(nn.Module):
+    """A ViT block written with functionals (what torch.fx sees inside vit_b_16)."""
+
+    def __init__(self, d: int = 16, heads: int = 2) -> None:
+        super().__init__()
+        self.heads = heads
+        self.ln1, self.ln2 = nn.LayerNorm(d), nn.LayerNorm(d)
+        self.qkv, self.proj = nn.Linear(d, 3 * d), nn.Linear(d, d)
+        self.fc1, self.fc2 = nn.Linear(d, 2 * d), nn.Linear(2 * d, d)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, t, d = x.shape
+        q, k, v = self.qkv(self.ln1(x)).reshape(b, t, 3, self.heads, -1).permute(2, 0, 3, 1, 4)
+        a = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, t, d)
+        x = x + self.proj(a)
+        return x + self.fc2(F.gelu(self.fc1(self.ln2(x))))
+
+
+def test_transformer_refusal_is_a_few_lines() -> None:
+    net = nn.Sequential(nn.Unflatten(1, (4, 16)), *[_Block() for _ in range(12)],
+                        nn.Flatten()).eval()
+    with pytest.raises(lipbound.UnsupportedModelError) as e:
+        lipbound.autolip(net, (64,))
+    exc = e.value
+    assert len(exc.nodes) >= 24  # LayerNorm and attention in each of the 12 blocks
+    text = str(exc)
+    assert len(text.splitlines()) <= exc.KINDS + 3 and len(text) < 2500
+    assert "x12" in text
