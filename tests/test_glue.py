@@ -223,3 +223,77 @@ def test_transformer_refusal_is_a_few_lines() -> None:
     text = str(exc)
     assert len(text.splitlines()) <= exc.KINDS + 3 and len(text) < 2500
     assert "x12" in text
+
+
+# ---- eval-mode identities declared by name --------------------------------------------------
+def _stochastic_depth(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
+    if not training or p == 0.0:
+        return x
+    keep = (torch.rand(x.shape[0], *([1] * (x.dim() - 1))) > p).to(x.dtype)
+    return x * keep / (1 - p)
+
+
+torch.fx.wrap("_stochastic_depth")  # as torchvision does: a leaf function of the fx graph
+
+
+class StochasticDepth(nn.Module):  # torchvision.ops.StochasticDepth look-alike
+    def __init__(self, p: float = 0.2) -> None:
+        super().__init__()
+        self.p = p
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return _stochastic_depth(x, self.p, self.training)
+
+
+class DropPath(StochasticDepth):  # timm.layers.DropPath look-alike
+    pass
+
+
+StochasticDepth.__module__ = "torchvision.ops.stochastic_depth"
+DropPath.__module__ = "timm.layers.drop"
+
+
+class _Residual(nn.Module):
+    def __init__(self, drop: nn.Module) -> None:
+        super().__init__()
+        self.fc = nn.Linear(5, 5)
+        self.drop = drop
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.drop(self.fc(x))
+
+
+@pytest.mark.parametrize("cls", [StochasticDepth, DropPath])
+def test_stochastic_depth_and_drop_path_are_identities(cls: type[nn.Module]) -> None:
+    torch.manual_seed(5)
+    net = _Residual(cls()).eval()
+    g = simplify(capture(net, (5,)))
+    assert not any(n.op == cls.__name__ for n in g)  # dropped as an identity
+    r = lipbound.autolip(net, (5,))
+    w = float(torch.linalg.matrix_norm(net.fc.weight.detach().double(), 2))
+    assert r.certified and 1 + w <= r.value <= (1 + w) * (1 + 1e-5)
+    net.train()  # the graph is the eval-mode function; the model's flags are left alone
+    g = capture(net, (5,))
+    assert net.training and net.drop.training
+
+
+def test_declared_identity_must_be_the_identity() -> None:
+    class Liar(nn.Module):  # named as torchvision's, but not the identity in eval
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return 2 * x
+
+    Liar.__name__ = Liar.__qualname__ = "StochasticDepth"
+    Liar.__module__ = "torchvision.ops.stochastic_depth"
+    with pytest.raises(lipbound.UnsupportedModelError, match="identity in eval"):
+        lipbound.autolip(_Residual(Liar()).eval(), (5,))
+
+    class DropPathElsewhere(nn.Module):  # same name, another package: traced as usual
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return 2 * x
+
+    DropPathElsewhere.__name__ = "DropPath"
+    torch.manual_seed(6)
+    net = _Residual(DropPathElsewhere()).eval()
+    w = float(torch.linalg.matrix_norm(net.fc.weight.detach().double(), 2))
+    r = lipbound.autolip(net, (5,))
+    assert r.certified and 1 + 2 * w <= r.value <= (1 + 2 * w) * (1 + 1e-5)

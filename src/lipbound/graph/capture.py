@@ -360,8 +360,9 @@ class _Tracer(torch.fx.Tracer):
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
         from ..rules import has_module_rule
+        from ..rules.structural import is_eval_identity
 
-        if has_module_rule(m):
+        if has_module_rule(m) or is_eval_identity(m):
             return True
         return super().is_leaf_module(m, module_qualified_name)
 
@@ -668,9 +669,13 @@ def _key(n: torch.fx.Node, gm: torch.fx.GraphModule) -> Any:
     its out-of-place form (``"tanh_"`` -> ``"tanh"``, ``torch.relu_`` -> ``torch.relu``): the
     node computes exactly that function of its inputs (see :func:`_run_op`)."""
     from ..rules import get_rule
+    from ..rules.structural import EVAL_IDENTITY_KEY, is_eval_identity
 
     if n.op == "call_module":
-        return type(gm.get_submodule(str(n.target)))
+        called = gm.get_submodule(str(n.target))
+        if get_rule(type(called)) is None and is_eval_identity(called):
+            return EVAL_IDENTITY_KEY  # declared the identity in eval (checked in _build)
+        return type(called)
     key: Any = str(n.target) if n.op == "call_method" else _aten_key(n.target)
     if n.meta.get(_INPLACE_KEY) is None or get_rule(key) is not None:
         return key
@@ -1044,6 +1049,7 @@ def _build(
     batch: int,
 ) -> OpGraph:
     from ..rules import classify
+    from ..rules.structural import EVAL_IDENTITY_KEY
 
     fx_nodes = list(gm.graph.nodes)
     placeholders = [n for n in fx_nodes if n.op == "placeholder"]
@@ -1157,6 +1163,9 @@ def _build(
             "module_path": _module_path(op_node),
             "batch_mixing": _mixes_batch(values[n.name], batch),
         }
+        if meta["key"] == EVAL_IDENTITY_KEY and len(ins) == 1:
+            # a module declared the identity in eval: its output must be its input here
+            meta["identity_checked"] = torch.equal(values[n.name], values[ins[0]])
         nodes[n.name] = Node(
             name=n.name,
             qualname=qual,
