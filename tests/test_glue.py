@@ -297,3 +297,94 @@ def test_declared_identity_must_be_the_identity() -> None:
     w = float(torch.linalg.matrix_norm(net.fc.weight.detach().double(), 2))
     r = lipbound.autolip(net, (5,))
     assert r.certified and 1 + 2 * w <= r.value <= (1 + 2 * w) * (1 + 1e-5)
+
+
+# ---- lower bounds through ops without double backward / without gradients --------------------
+class _Attention(nn.Module):
+    def __init__(self, d: int = 16) -> None:
+        super().__init__()
+        self.d = d
+        self.q, self.k, self.v = nn.Linear(d, d), nn.Linear(d, d), nn.Linear(d, d)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.reshape(x.shape[0], -1, self.d)
+        return F.scaled_dot_product_attention(self.q(x), self.k(x), self.v(x)).flatten(1)
+
+
+class _MHA(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.MultiheadAttention(16, 2, batch_first=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.reshape(x.shape[0], -1, 16)
+        return self.a(x, x, x)[0].flatten(1)
+
+
+class _OnceTanh(torch.autograd.Function):
+    """tanh whose backward is not differentiable and which has no forward-mode rule."""
+
+    @staticmethod
+    def forward(ctx: object, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        y = torch.tanh(x)
+        ctx.save_for_backward(y)  # type: ignore[attr-defined]
+        return y
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx: object, g: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        (y,) = ctx.saved_tensors  # type: ignore[attr-defined]
+        return g * (1 - y * y)
+
+
+class _Once(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Linear(20, 32), nn.Linear(32, 100)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.b(_OnceTanh.apply(self.a(x)))
+
+
+def _reproduce(net: nn.Module, r: lipbound.LowerBoundResult, norm: str) -> float:
+    from lipbound.methods.lower import jacobian_ratio, pair_ratio
+
+    if r.y is not None:
+        return pair_ratio(net, r.x, r.y, norm=norm)
+    return jacobian_ratio(net, r.x, r.extra["direction"], norm=norm)
+
+
+@pytest.mark.parametrize("norm", ["2", "inf"])
+@pytest.mark.parametrize("make,shape", [(_Attention, (128,)), (_MHA, (128,)), (_Once, (20,))])
+def test_lower_bound_without_double_backward(make: type[nn.Module], shape: tuple[int, ...],
+                                             norm: str) -> None:
+    torch.manual_seed(7)
+    net = make().eval()
+    r = lipbound.lower_bound(net, shape, norm=norm, time_limit=3, restarts=8, steps=40,
+                             samples=64)
+    assert r.certified and r.value > 0
+    assert abs(_reproduce(net, r, norm) - r.value) <= 1e-6 * r.value
+
+
+class _Detached(nn.Module):
+    def __init__(self, n: int) -> None:
+        super().__init__()
+        self.fc = nn.Linear(n, n)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(x.detach())  # autograd sees a constant; the function is x -> W x + b
+
+
+@pytest.mark.parametrize("norm", ["2", "1", "inf"])
+@pytest.mark.parametrize("n", [4, 100])
+def test_lower_bound_of_a_detached_input_finds_a_pair(n: int, norm: str) -> None:
+    torch.manual_seed(8)
+    net = _Detached(n).eval()
+    W = net.fc.weight.detach().double()
+    exact = {"2": float(torch.linalg.matrix_norm(W, 2)), "1": float(W.abs().sum(0).max()),
+             "inf": float(W.abs().sum(1).max())}[norm]
+    r = lipbound.lower_bound(net, (n,), norm=norm, time_limit=5)
+    assert r.y is not None  # a pair: the only witness that needs no derivative
+    assert abs(_reproduce(net, r, norm) - r.value) <= 1e-6 * r.value
+    assert r.value <= exact * (1 + 1e-6)
+    assert r.value >= 0.99 * exact  # the difference Jacobian points the pair at the top
