@@ -10,8 +10,12 @@ The constant of an affine map ``x -> A x + b`` is the operator norm of ``A`` in 
   is then only reported, computed to a relative tolerance ``max(tol, 1e-3)``), else the
   estimate to ``tol``, flagged as not certified.
   For a merged chain ``A = A_k ... A_1`` without a certificate, the product of the parts'
-  certified bounds (``||A|| <= prod ||A_i||``) is used as the certificate, the merged estimate
-  being reported next to it. Eval BatchNorm alone is diagonal: ``max_c |gamma_c| /
+  certified bounds (``||A|| <= prod ||A_i||``, :func:`parts_product`) is used as the
+  certificate, the merged estimate being reported next to it. Functional average pools
+  (``F.adaptive_avg_pool2d(x, 1)``) are measured as the module making the same call
+  (:func:`pool_module`), and sums / means over per-sample dims (``x.mean([2, 3])``) have an
+  exact closed form (:func:`reduction_size`), so global-pool heads are certified at any size.
+  Eval BatchNorm alone is diagonal: ``max_c |gamma_c| /
   sqrt(var_c + eps)``, exact.
 * **l1 / l-inf**: ``||A||_inf`` is the largest row sum of ``|A|`` and ``||A||_1`` the largest
   column sum, i.e. ``max(|A| 1)`` and ``max(|A|^T 1)``. For Linear / Conv / ConvTranspose
