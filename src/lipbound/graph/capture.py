@@ -669,12 +669,12 @@ def _key(n: torch.fx.Node, gm: torch.fx.GraphModule) -> Any:
     its out-of-place form (``"tanh_"`` -> ``"tanh"``, ``torch.relu_`` -> ``torch.relu``): the
     node computes exactly that function of its inputs (see :func:`_run_op`)."""
     from ..rules import get_rule
-    from ..rules.structural import EVAL_IDENTITY_KEY, is_eval_identity
+    from ..rules.structural import is_eval_identity
 
     if n.op == "call_module":
         called = gm.get_submodule(str(n.target))
         if get_rule(type(called)) is None and is_eval_identity(called):
-            return EVAL_IDENTITY_KEY  # declared the identity in eval (checked in _build)
+            return nn.Identity  # declared the identity in eval (checked in _build)
         return type(called)
     key: Any = str(n.target) if n.op == "call_method" else _aten_key(n.target)
     if n.meta.get(_INPLACE_KEY) is None or get_rule(key) is not None:
@@ -1049,7 +1049,7 @@ def _build(
     batch: int,
 ) -> OpGraph:
     from ..rules import classify
-    from ..rules.structural import EVAL_IDENTITY_KEY
+    from ..rules.structural import is_eval_identity
 
     fx_nodes = list(gm.graph.nodes)
     placeholders = [n for n in fx_nodes if n.op == "placeholder"]
@@ -1163,9 +1163,10 @@ def _build(
             "module_path": _module_path(op_node),
             "batch_mixing": _mixes_batch(values[n.name], batch),
         }
-        if meta["key"] == EVAL_IDENTITY_KEY and len(ins) == 1:
+        if module is not None and meta["key"] is nn.Identity and is_eval_identity(module):
             # a module declared the identity in eval: its output must be its input here
-            meta["identity_checked"] = torch.equal(values[n.name], values[ins[0]])
+            meta["identity_checked"] = len(ins) == 1 and torch.equal(values[n.name],
+                                                                     values[ins[0]])
         nodes[n.name] = Node(
             name=n.name,
             qualname=qual,

@@ -79,7 +79,6 @@ if TYPE_CHECKING:  # pragma: no cover
     from ..graph.types import Node
 
 __all__ = [
-    "EVAL_IDENTITY_KEY",
     "EVAL_IDENTITY_MODULES",
     "IDENTITY_OPS",
     "PERMUTATION_OPS",
@@ -105,8 +104,8 @@ IDENTITY_OPS: list[Any] = [
 #: (torchvision's wheel may not load against the installed torch; timm is optional). Each is
 #: ``return x`` when ``not self.training``, which is what lipbound analyses; torchvision wraps
 #: ``stochastic_depth`` with ``torch.fx.wrap``, so without this table the traced graph holds
-#: an op without a rule. Captured as leaves with the key :data:`EVAL_IDENTITY_KEY`, and
-#: checked on the capture sample (output == input), else refused.
+#: an op without a rule. Captured as leaves with the rule key ``nn.Identity`` (the op they
+#: equal), and checked on the capture sample (output == input), else refused.
 EVAL_IDENTITY_MODULES: list[tuple[str, str]] = [
     ("torchvision.ops", "StochasticDepth"),
     ("torchvision.ops", "DropBlock2d"),
@@ -116,7 +115,6 @@ EVAL_IDENTITY_MODULES: list[tuple[str, str]] = [
     ("timm.models.layers", "DropPath"),
     ("timm.models.layers", "DropBlock2d"),
 ]
-EVAL_IDENTITY_KEY = "__identity_in_eval__"
 
 
 def is_eval_identity(module: nn.Module) -> bool:
@@ -131,7 +129,7 @@ def is_eval_identity(module: nn.Module) -> bool:
 
 
 def _eval_identity_check(node: Node) -> str | None:
-    if node.meta.get("key") == EVAL_IDENTITY_KEY and not node.meta.get("identity_checked"):
+    if node.meta.get("identity_checked") is False:  # set by capture for the modules above
         return (
             "declared the identity in eval mode (lipbound.rules.structural."
             "EVAL_IDENTITY_MODULES), but its output differed from its input on the capture "
@@ -378,7 +376,7 @@ def _reduce_max_rule(node: Node, ctx: RuleContext) -> NodeConstant:
 
 
 # ---- registration -------------------------------------------------------------------------
-declare([*IDENTITY_OPS, EVAL_IDENTITY_KEY], name="identity (eval)", kind="linear",
+declare(IDENTITY_OPS, name="identity (eval)", kind="linear",
         constant=const_rule(ONE, "identity in eval mode"), check=_eval_identity_check,
         identity=True)
 declare(RESHAPE_OPS, name="reshape", kind="linear",
