@@ -9,10 +9,10 @@ where torchvision's are (``torch.flatten(F.adaptive_avg_pool2d(x, 1), 1)``,
 ``x.mean([2, 3])``), and every net takes ``num_classes`` and works at any input size from
 ``32x32`` up (adaptive pooling before the classifier).
 
-Weights are random (seeded by the caller, e.g. :func:`lipbound.zoo.get`); with
-``random_bn_stats`` (default) the BatchNorm running statistics and affine parameters are drawn
-at random as after training, so folding them is not the identity. Every factory returns the
-model in eval mode.
+Weights are random (seeded by the caller, e.g. :func:`lipbound.zoo.get`), drawn as
+torchvision initialises each family (see :func:`_tv_init`); with ``random_bn_stats``
+(default) the BatchNorm running statistics and affine parameters are drawn at random as after
+training, so folding them is not the identity. Every factory returns the model in eval mode.
 
 >>> model = resnet50(num_classes=10)
 >>> model(torch.zeros(1, 3, 32, 32)).shape
@@ -60,7 +60,58 @@ def randomise_batchnorm(net: nn.Module) -> nn.Module:
     return net
 
 
-def _finish(net: nn.Module, random_bn_stats: bool) -> nn.Module:
+def _tv_init(net: nn.Module, scheme: str) -> None:
+    """torchvision's weight initialisation of each family (it is part of the definitions):
+
+    * ``"fan_out"`` (ResNet, VGG, MobileNets, EfficientNet, RegNet): convolutions
+      ``kaiming_normal_(mode="fan_out", nonlinearity="relu")``, bias 0;
+    * ``"fan_in"`` (DenseNet): convolutions ``kaiming_normal_`` (fan in);
+    * ``"trunc"`` (GoogLeNet): convolutions and linears ``trunc_normal_(std=0.01, -2, 2)``;
+    * ``"squeeze"`` (SqueezeNet): convolutions ``kaiming_uniform_``, the final one
+      ``normal_(0, 0.01)``, biases 0;
+    * ``"default"`` (ShuffleNet): PyTorch's default.
+
+    Linear layers: ``normal_(0, 0.01)`` for VGG, MobileNets and RegNet,
+    ``uniform_(+-1/sqrt(out))`` for EfficientNet, PyTorch's default otherwise; their biases 0
+    where the weights are redrawn, except GoogLeNet's (default). BatchNorm: weight 1, bias 0
+    (then drawn again by ``random_bn_stats``).
+    """
+    if scheme == "default":
+        return
+    convs = [m for m in net.modules() if isinstance(m, nn.Conv2d)]
+    for m in net.modules():
+        if isinstance(m, nn.Conv2d):
+            if scheme == "trunc":
+                nn.init.trunc_normal_(m.weight, mean=0.0, std=0.01, a=-2, b=2)
+            elif scheme == "squeeze":
+                if m is convs[-1]:
+                    nn.init.normal_(m.weight, mean=0.0, std=0.01)
+                else:
+                    nn.init.kaiming_uniform_(m.weight)
+            elif scheme == "fan_in":
+                nn.init.kaiming_normal_(m.weight)
+            else:  # fan_out, fan_out_linear, effnet
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, (nn.BatchNorm2d, nn.GroupNorm)):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.Linear):
+            if scheme == "trunc":
+                nn.init.trunc_normal_(m.weight, mean=0.0, std=0.01, a=-2, b=2)
+            elif scheme == "effnet":
+                r = 1.0 / m.out_features**0.5
+                nn.init.uniform_(m.weight, -r, r)
+            elif scheme == "fan_out_linear":
+                nn.init.normal_(m.weight, 0.0, 0.01)
+            if scheme in ("fan_in", "fan_out_linear", "effnet") and m.bias is not None:
+                nn.init.zeros_(m.bias)
+
+
+def _finish(net: nn.Module, random_bn_stats: bool, scheme: str = "fan_out") -> nn.Module:
+    with torch.no_grad():
+        _tv_init(net, scheme)
     if random_bn_stats:
         randomise_batchnorm(net)
     return net.eval()
@@ -279,12 +330,12 @@ class VGG(nn.Module):
 
 def vgg11(num_classes: int = 1000, *, random_bn_stats: bool = True) -> nn.Module:
     """VGG-11 (configuration A, no BatchNorm), random weights, eval mode."""
-    return _finish(VGG(_VGG_CFG["A"], False, num_classes), random_bn_stats)
+    return _finish(VGG(_VGG_CFG["A"], False, num_classes), random_bn_stats, "fan_out_linear")
 
 
 def vgg16_bn(num_classes: int = 1000, *, random_bn_stats: bool = True) -> nn.Module:
     """VGG-16 with BatchNorm (configuration D), random weights, eval mode."""
-    return _finish(VGG(_VGG_CFG["D"], True, num_classes), random_bn_stats)
+    return _finish(VGG(_VGG_CFG["D"], True, num_classes), random_bn_stats, "fan_out_linear")
 
 
 # --------------------------------------------------------------------------------------------
@@ -342,7 +393,7 @@ class MobileNetV2(nn.Module):
 
 def mobilenet_v2(num_classes: int = 1000, *, random_bn_stats: bool = True) -> nn.Module:
     """MobileNet-V2 (width 1.0), random weights, eval mode."""
-    return _finish(MobileNetV2(num_classes), random_bn_stats)
+    return _finish(MobileNetV2(num_classes), random_bn_stats, "fan_out_linear")
 
 
 # --------------------------------------------------------------------------------------------
@@ -404,7 +455,7 @@ class MobileNetV3(nn.Module):
 
 def mobilenet_v3_small(num_classes: int = 1000, *, random_bn_stats: bool = True) -> nn.Module:
     """MobileNet-V3 small (squeeze-excitation, hard-swish), random weights, eval mode."""
-    return _finish(MobileNetV3(num_classes), random_bn_stats)
+    return _finish(MobileNetV3(num_classes), random_bn_stats, "fan_out_linear")
 
 
 # --------------------------------------------------------------------------------------------
@@ -482,7 +533,7 @@ class DenseNet(nn.Module):
 
 def densenet121(num_classes: int = 1000, *, random_bn_stats: bool = True) -> nn.Module:
     """DenseNet-121 (growth 32, blocks ``(6, 12, 24, 16)``), random weights, eval mode."""
-    return _finish(DenseNet(num_classes=num_classes), random_bn_stats)
+    return _finish(DenseNet(num_classes=num_classes), random_bn_stats, "fan_in")
 
 
 # --------------------------------------------------------------------------------------------
@@ -561,7 +612,7 @@ class ShuffleNetV2(nn.Module):
 
 def shufflenet_v2_x1_0(num_classes: int = 1000, *, random_bn_stats: bool = True) -> nn.Module:
     """ShuffleNet-V2 x1.0, random weights, eval mode."""
-    return _finish(ShuffleNetV2(num_classes=num_classes), random_bn_stats)
+    return _finish(ShuffleNetV2(num_classes=num_classes), random_bn_stats, "default")
 
 
 # --------------------------------------------------------------------------------------------
@@ -622,7 +673,8 @@ def regnet_x_400mf(num_classes: int = 1000, *, random_bn_stats: bool = True) -> 
     """RegNetX-400MF (stage depths ``[1, 2, 7, 12]``, widths ``[32, 64, 160, 400]``, group
     width 16, bottleneck ratio 1: what torchvision derives from ``w_0 = 24, w_a = 24.48,
     w_m = 2.54, depth 22``), random weights, eval mode."""
-    return _finish(RegNet([1, 2, 7, 12], [32, 64, 160, 400], 16, num_classes), random_bn_stats)
+    return _finish(RegNet([1, 2, 7, 12], [32, 64, 160, 400], 16, num_classes), random_bn_stats,
+                   "fan_out_linear")
 
 
 # --------------------------------------------------------------------------------------------
@@ -700,7 +752,7 @@ class GoogLeNet(nn.Module):
 
 def googlenet(num_classes: int = 1000, *, random_bn_stats: bool = True) -> nn.Module:
     """GoogLeNet (Inception v1, no auxiliary heads), random weights, eval mode."""
-    return _finish(GoogLeNet(num_classes), random_bn_stats)
+    return _finish(GoogLeNet(num_classes), random_bn_stats, "trunc")
 
 
 # --------------------------------------------------------------------------------------------
@@ -752,7 +804,7 @@ class SqueezeNet(nn.Module):
 
 def squeezenet1_1(num_classes: int = 1000) -> nn.Module:
     """SqueezeNet 1.1 (no BatchNorm), random weights, eval mode."""
-    return SqueezeNet(num_classes).eval()
+    return _finish(SqueezeNet(num_classes), False, "squeeze")
 
 
 # --------------------------------------------------------------------------------------------
@@ -823,4 +875,4 @@ class EfficientNet(nn.Module):
 
 def efficientnet_b0(num_classes: int = 1000, *, random_bn_stats: bool = True) -> nn.Module:
     """EfficientNet-B0 (MBConv with squeeze-excitation), random weights, eval mode."""
-    return _finish(EfficientNet(num_classes), random_bn_stats)
+    return _finish(EfficientNet(num_classes), random_bn_stats, "effnet")
