@@ -75,7 +75,8 @@ def node_constants(
 
     ``deadline`` (absolute ``time.perf_counter()``): the clock is checked before each node (a
     rule, once started, runs to its end; a node is predicted to take as long as the last one
-    with the same op and shapes); every node that would end past it gets the QUICK estimate
+    with the same op and shapes, else as the slowest linear node so far); every node that
+    would end past it gets the QUICK estimate
     instead: the rule with ``certify=False``, at most :data:`QUICK_ITER` power iterations to a
     relative tolerance :data:`QUICK_TOL` (closed-form rules, BatchNorm and activations stay
     certified, they cost nothing). Such factors have ``certified=False`` and ``how`` starting
@@ -121,6 +122,7 @@ def node_constants(
     quick = replace(ctx, certify=False, tol=max(ctx.tol, QUICK_TOL),
                     max_iter=min(ctx.max_iter, QUICK_ITER))
     seen: dict[tuple[Any, ...], float] = {}  # seconds of the last node of each signature
+    slowest = 0.0  # seconds of the slowest linear node so far
     start = time.perf_counter()
     for i, node in enumerate(todo):
         if node.name in done:
@@ -128,9 +130,10 @@ def node_constants(
             continue
         t0 = time.perf_counter()
         sig = (node.op, node.in_shapes, node.out_shape)
-        # a node is started only when it is predicted to end in time: the last node with the
-        # same op and shapes (repeated blocks) took seen[sig] seconds
-        late = deadline is not None and t0 + seen.get(sig, 0.0) >= deadline
+        # a node is started only when it is predicted to end in time: as long as the last node
+        # with the same op and shapes (repeated blocks), else as the slowest linear node so far
+        guess = seen.get(sig, slowest if node.kind == "linear" else 0.0)
+        late = deadline is not None and t0 + guess >= deadline
         if late and deadline is not None and t0 >= deadline + grace and node.kind == "linear":
             left = sum(n.name not in done for n in todo[i:])
             raise SolverError(
@@ -146,6 +149,8 @@ def node_constants(
             continue
         if not late:
             seen[sig] = time.perf_counter() - t0
+            if node.kind == "linear":
+                slowest = max(slowest, seen[sig])
         if late and not c.certified:
             c = replace(c, how="time limit: " + c.how)
         if len(c.constants) != len(node.inputs):

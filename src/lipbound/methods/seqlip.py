@@ -761,7 +761,8 @@ def _seqlip(
         all_pairs_exact = False
     if late_nodes:
         notes.append(
-            f"time limit of {time_limit:g} s reached while computing the AutoLip constants: "
+            f"time limit of {deadline0 - t_start:g} s reached while computing the AutoLip "
+            "constants: "
             f"{len(late_nodes)} node(s) got a quick estimate (first: {late_nodes[0]}) and every "
             "pair was skipped; raise time_limit for a certified bound"
         )
