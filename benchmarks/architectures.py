@@ -149,6 +149,7 @@ def main() -> None:
     # imports that the first graph capture triggers (torch.fx, dynamo) are not timed
     lipbound.autolip(nn.Sequential(nn.Conv2d(1, 1, 3), nn.ReLU(), nn.Conv2d(1, 1, 3)).eval(),
                      (1, 8, 8))
+    load0 = os.getloadavg()[0]
     rows: list[list[str]] = []
     for size in args.sizes:
         for name in args.families:
@@ -172,7 +173,9 @@ def main() -> None:
         f"{args.lower_limit:g} s, estimate {args.estimate_limit:g} s. 'certified' is for upper "
         "bounds; lower bounds are witnesses (realised values). Peak memory: "
         f"{meter.how}. torch {torch.__version__}, {platform.machine()}, "
-        f"{torch.get_num_threads()} thread, {os.cpu_count()} CPU(s) on the machine.",
+        f"{torch.get_num_threads()} thread, {os.cpu_count()} CPU(s) on the machine, load "
+        f"average {load0:.1f} at the start and {os.getloadavg()[0]:.1f} at the end (wall time "
+        "above CPU time is time spent waiting for a core: the time limits are wall-clock).",
         "",
         format_markdown_table(head, rows),
         "",
