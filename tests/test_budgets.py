@@ -18,7 +18,13 @@ from torch import nn
 
 from lipbound.cli import main
 from lipbound.errors import SolverError
-from lipbound.methods.autolip import autolip, compose, graph_constants, node_constants
+from lipbound.methods.autolip import (
+    autolip,
+    clear_cache,
+    compose,
+    graph_constants,
+    node_constants,
+)
 from lipbound.methods.lower import lower_bound
 from lipbound.methods.seqlip import seqlip
 from lipbound.report import estimate, make_progress, plot_report
@@ -219,6 +225,30 @@ def test_autolip_constants_reused_by_seqlip_until_the_model_changes() -> None:
     conv[0].padding = (0, 0)
     c2 = autolip(conv, (2, 8, 8))
     assert not c2.extra["reused"] and c2.value != c1.value
+
+
+class _Scaled(nn.Module):
+    """A custom module whose forward reads a plain float attribute (not in its repr)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(4, 4)
+        self.c = 2.0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.lin(x) * self.c
+
+
+def test_reuse_tracks_plain_attributes_and_can_be_cleared() -> None:
+    torch.manual_seed(5)
+    net = nn.Sequential(_Scaled(), nn.ReLU(), nn.Linear(4, 2)).eval()
+    a = autolip(net, (4,))
+    net[0].c = 3.0  # same repr, same parameters: only the attribute tells
+    b = autolip(net, (4,))
+    assert not b.extra["reused"] and b.value == pytest.approx(1.5 * a.value, rel=1e-9)
+    assert autolip(net, (4,)).extra["reused"]
+    clear_cache()
+    assert not autolip(net, (4,)).extra["reused"]
 
 
 # ------------------------------------------------------------------------------------------

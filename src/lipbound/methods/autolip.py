@@ -34,6 +34,7 @@ from collections.abc import Mapping
 from dataclasses import replace
 from typing import Any
 
+import torch
 from torch import nn
 
 from .._validation import check_input_shape, check_model, check_norm, check_positive
@@ -45,8 +46,8 @@ from ..rules._registry import get_rule
 from ..rules.linear import l1_linf_available
 
 __all__ = [
-    "NodeConstant", "autolip", "compose", "elasticities", "graph_constants", "node_bounds",
-    "node_constants",
+    "NodeConstant", "autolip", "clear_cache", "compose", "elasticities", "graph_constants",
+    "node_bounds", "node_constants",
 ]
 
 #: Power iterations / relative tolerance of the quick estimates used past a deadline.
@@ -181,7 +182,8 @@ def _fingerprint(model: nn.Module) -> tuple[Any, ...]:
     """Everything the captured graph and its constants depend on that can change between
     calls: the module structure and hyper-parameters (``repr``), every parameter / buffer
     (identity, storage, in-place version counter, shape, dtype, device), each module's mode,
-    hooks and instance-level ``forward``, and the registered rules."""
+    hooks and instance attributes (see :func:`_attr_state`), and the registered rules.
+    Not tracked: state outside the modules (globals) that ``forward`` reads."""
     tensors = tuple(
         (name, id(t), t.data_ptr(), t._version, tuple(t.shape), t.dtype, t.device)
         for name, t in itertools.chain(model.named_parameters(remove_duplicate=False),
@@ -190,11 +192,32 @@ def _fingerprint(model: nn.Module) -> tuple[Any, ...]:
     )
     mods = tuple(
         (id(m), type(m), m.training, len(m._forward_hooks), len(m._forward_pre_hooks),
-         id(m.__dict__.get("forward")))
+         tuple(_attr_state(v) for v in m.__dict__.items()))
         for m in model.modules()
     )
     rules = tuple((repr(k), id(get_rule(k))) for k in registered_keys())
     return repr(model), tensors, mods, rules
+
+
+def _attr_state(item: tuple[str, Any]) -> tuple[str, Any]:
+    """A comparable snapshot of one instance attribute of a module (``forward`` overrides,
+    scalars a custom ``forward`` may read, plain tensor attributes, lists...)."""
+    k, v = item
+    if k in ("_parameters", "_buffers", "_modules") or k.endswith("_hooks"):
+        return k, None  # tracked above
+    if isinstance(v, torch.Tensor):
+        return k, (id(v), v.data_ptr(), v._version, tuple(v.shape), v.dtype)
+    if v is None or isinstance(v, (bool, int, float, complex, str, bytes)):
+        return k, v
+    if isinstance(v, (tuple, list, dict, set, frozenset)):
+        return k, (type(v), repr(v))
+    return k, (type(v), id(v))
+
+
+def clear_cache() -> None:
+    """Forget the graph and constants kept by :func:`graph_constants` (e.g. after changing
+    state a model's ``forward`` reads from outside its modules, which is not tracked)."""
+    _LAST.clear()
 
 
 def graph_constants(
@@ -206,10 +229,10 @@ def graph_constants(
     The graph and every constant computed in full are kept (one model, by weak reference) and
     used again (``reused=True``) when the model, its parameters and buffers (storage and
     in-place version counters), modes, hooks, the registered rules, ``shape`` and the options
-    are all unchanged; anything else recomputes. After a call cut by its deadline (quick
-    estimates, or the :class:`~lipbound.errors.SolverError` of :func:`node_constants`) the next
-    call computes only the constants still missing. ``deadline`` and ``grace`` are passed to
-    :func:`node_constants`.
+    are all unchanged; anything else recomputes (:func:`clear_cache` forgets it). After a
+    call cut by its deadline (quick estimates, or the :class:`~lipbound.errors.SolverError` of
+    :func:`node_constants`) the next call computes only the constants still missing.
+    ``deadline`` and ``grace`` are passed to :func:`node_constants`.
     """
     key = (shape, norm, float(tol), int(max_iter), bool(certify))
     fp = _fingerprint(model)
