@@ -441,9 +441,6 @@ def test_zero_residual_branch_gives_the_identity_autolip(zero: str) -> None:
     assert r.value <= _chain_bound(net, (3, 8, 8)) * (1 + 1e-5)
 
 
-@pytest.mark.xfail(strict=True, raises=lipbound.ZeroOperatorError,
-                   reason="needs the seqlip.py change in /work/scratch/glue_seqlip_zero.patch "
-                   "(seqlip._operator_estimate calls top_singular on the zero layer)")
 def test_zero_residual_branch_seqlip() -> None:
     torch.manual_seed(10)
     net = _ZeroInitNet(32, "bn").eval()  # 32 x 32 x 32: the operator (truncated) path

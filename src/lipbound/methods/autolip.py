@@ -40,9 +40,9 @@ from torch import nn
 from .._validation import check_input_shape, check_model, check_norm, check_positive
 from ..errors import SolverError, UnsupportedModelError, UnsupportedNode
 from ..graph import OpGraph, capture, simplify
+from ..graph.types import Node
 from ..results import LayerBound, LipschitzResult
-from ..rules import NodeConstant, RuleContext, registered_keys
-from ..rules._registry import get_rule
+from ..rules import NodeConstant, RuleContext, get_rule, registered_keys
 from ..rules.linear import l1_linf_available
 
 __all__ = [
@@ -55,6 +55,31 @@ QUICK_ITER = 10
 QUICK_TOL = 1e-2
 #: Share of a time limit the quick estimates may run past it before the call gives up.
 GRACE = 0.05
+
+
+def _covered_nodes(graph: OpGraph, n: str) -> list[Node]:
+    """The operation nodes of ``graph``, or ONE :class:`UnsupportedModelError` listing every node
+    without an l``n`` rule."""
+    bad: list[UnsupportedNode] = []
+    todo = []
+    for node in graph:
+        if node.kind in ("input", "output"):
+            continue
+        reason = node.meta.get("unsupported")
+        rule = node.meta.get("rule")
+        if reason is None and rule is None:
+            reason = "no rule attached (was the graph built by lipbound.graph.capture?)"
+        if reason is None and rule is not None and n not in rule.norms:
+            reason = f"its rule has no l{n} constant (only {', '.join(rule.norms)})"
+        if reason is None and n != "2" and node.kind == "linear":
+            reason = l1_linf_available(node)
+        if reason is not None:
+            bad.append(UnsupportedNode(node.qualname, node.op, reason))
+        else:
+            todo.append(node)
+    if bad:
+        raise UnsupportedModelError(bad)
+    return todo
 
 
 def node_constants(
@@ -98,25 +123,8 @@ def node_constants(
     """
     n = check_norm(norm, method="autolip")
     ctx = RuleContext(norm=n, tol=float(tol), max_iter=int(max_iter), certify=bool(certify))
+    todo = _covered_nodes(graph, n)
     bad: list[UnsupportedNode] = []
-    todo = []
-    for node in graph:
-        if node.kind in ("input", "output"):
-            continue
-        reason = node.meta.get("unsupported")
-        rule = node.meta.get("rule")
-        if reason is None and rule is None:
-            reason = "no rule attached (was the graph built by lipbound.graph.capture?)"
-        if reason is None and rule is not None and n not in rule.norms:
-            reason = f"its rule has no l{n} constant (only {', '.join(rule.norms)})"
-        if reason is None and n != "2" and node.kind == "linear":
-            reason = l1_linf_available(node)
-        if reason is not None:
-            bad.append(UnsupportedNode(node.qualname, node.op, reason))
-        else:
-            todo.append(node)
-    if bad:
-        raise UnsupportedModelError(bad)
     out: dict[str, NodeConstant] = {}
     if done is None:
         done = {}

@@ -80,7 +80,7 @@ from torch import nn
 
 from .._progress import ProgressArg, make_progress
 from .._validation import check_choice, check_input_shape, check_model, check_norm, check_positive
-from ..errors import InvalidArgumentError
+from ..errors import InvalidArgumentError, ZeroOperatorError
 from ..graph.modules import eval_weight
 from ..results import LayerBound, SeqLipResult
 from ..spectral.certify import pow2_split
@@ -784,10 +784,21 @@ def _operator_estimate(
                 clock.next("pairs")
             return 1.0, []
         kk = min(k, _numel(n.in_shapes[0]), _numel(n.out_shape))
-        r = top_singular(
-            n.linear_fn(), n.in_shapes[0], kk, tol=max(tol, 1e-4), certify=False,
-            check_linear=False,
-        )
+        try:
+            r = top_singular(
+                n.linear_fn(), n.in_shapes[0], kk, tol=max(tol, 1e-4), certify=False,
+                check_linear=False,
+            )
+        except ZeroOperatorError:
+            # a zero layer (a zero-initialised residual branch): the segment through it is
+            # constant, so its estimate is 0 (AutoLip's certified product is 0 as well)
+            for _ in range(len(lins) - 1):
+                clock.next("pairs")
+            return 0.0, [
+                _Pair(f"{lins[i].qualname}->{lins[i + 1].qualname}", 0.0, None, False,
+                      f"{n.qualname} is the zero map: the segment is constant", 0.0)
+                for i in range(len(lins) - 1)
+            ]
         S = torch.tensor(r.singular_values, dtype=_F64)
         if r.u is None or r.v is None:
             raise InvalidArgumentError(f"no singular vectors returned for {n.qualname}")

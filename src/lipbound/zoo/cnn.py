@@ -60,6 +60,22 @@ def randomise_batchnorm(net: nn.Module) -> nn.Module:
     return net
 
 
+def _init_conv(m: nn.Conv2d, scheme: str, *, last: bool) -> None:
+    """One convolution of :func:`_tv_init`."""
+    if scheme == "trunc":
+        nn.init.trunc_normal_(m.weight, mean=0.0, std=0.01, a=-2, b=2)
+    elif scheme == "squeeze" and last:
+        nn.init.normal_(m.weight, mean=0.0, std=0.01)
+    elif scheme == "squeeze":
+        nn.init.kaiming_uniform_(m.weight)
+    elif scheme == "fan_in":
+        nn.init.kaiming_normal_(m.weight)
+    else:  # fan_out, fan_out_linear, effnet
+        nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+    if m.bias is not None:
+        nn.init.zeros_(m.bias)
+
+
 def _tv_init(net: nn.Module, scheme: str) -> None:
     """torchvision's weight initialisation of each family (it is part of the definitions):
 
@@ -81,19 +97,7 @@ def _tv_init(net: nn.Module, scheme: str) -> None:
     convs = [m for m in net.modules() if isinstance(m, nn.Conv2d)]
     for m in net.modules():
         if isinstance(m, nn.Conv2d):
-            if scheme == "trunc":
-                nn.init.trunc_normal_(m.weight, mean=0.0, std=0.01, a=-2, b=2)
-            elif scheme == "squeeze":
-                if m is convs[-1]:
-                    nn.init.normal_(m.weight, mean=0.0, std=0.01)
-                else:
-                    nn.init.kaiming_uniform_(m.weight)
-            elif scheme == "fan_in":
-                nn.init.kaiming_normal_(m.weight)
-            else:  # fan_out, fan_out_linear, effnet
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-            if m.bias is not None:
-                nn.init.zeros_(m.bias)
+            _init_conv(m, scheme, last=m is convs[-1])
         elif isinstance(m, (nn.BatchNorm2d, nn.GroupNorm)):
             nn.init.ones_(m.weight)
             nn.init.zeros_(m.bias)
@@ -138,7 +142,7 @@ class ConvBNAct(nn.Sequential):
     padding ``(k - 1) // 2 * dilation``, no conv bias; ``act=None`` for no activation."""
 
     def __init__(
-        self, cin: int, cout: int, kernel_size: int = 3, stride: int = 1, groups: int = 1,
+        self, cin: int, cout: int, kernel_size: int = 3, stride: int = 1, *, groups: int = 1,
         act: Callable[..., nn.Module] | None = nn.ReLU, eps: float = 1e-5,
     ) -> None:
         layers: list[nn.Module] = [
@@ -403,8 +407,9 @@ class InvertedResidualV3(nn.Module):
     """MobileNet-V3 block: optional 1x1 expansion, ``k x k`` depthwise, optional
     squeeze-excitation (hard-sigmoid gate), linear 1x1 projection, residual when possible."""
 
-    def __init__(self, cin: int, k: int, exp: int, cout: int, se: bool, hs: bool,
-                 stride: int) -> None:
+    def __init__(self, cfg: tuple[int, int, int, int, bool, bool, int]) -> None:
+        """``cfg = (cin, kernel, expanded, cout, squeeze-excitation, hardswish, stride)``."""
+        cin, k, exp, cout, se, hs, stride = cfg
         super().__init__()
         act: Callable[..., nn.Module] = nn.Hardswish if hs else nn.ReLU
         self.use_res_connect = stride == 1 and cin == cout
@@ -439,7 +444,7 @@ class MobileNetV3(nn.Module):
         super().__init__()
         _check_classes(num_classes)
         feats: list[nn.Module] = [ConvBNAct(3, 16, 3, 2, act=nn.Hardswish, eps=0.001)]
-        feats += [InvertedResidualV3(*cfg) for cfg in self.SMALL]
+        feats += [InvertedResidualV3(cfg) for cfg in self.SMALL]
         feats.append(ConvBNAct(96, 576, 1, act=nn.Hardswish, eps=0.001))
         self.features = nn.Sequential(*feats)
         self.avgpool = nn.AdaptiveAvgPool2d(1)
@@ -697,8 +702,9 @@ class Inception(nn.Module):
     """Four branches concatenated: 1x1; 1x1 -> 3x3; 1x1 -> 3x3 (torchvision uses 3x3 where the
     paper has 5x5, kept for fidelity); 3x3 max-pool (stride 1, ceil) -> 1x1."""
 
-    def __init__(self, cin: int, c1: int, c3r: int, c3: int, c5r: int, c5: int,
-                 pool_proj: int) -> None:
+    def __init__(self, cin: int, widths: tuple[int, int, int, int, int, int]) -> None:
+        """``widths = (1x1, 3x3 reduce, 3x3, "5x5" reduce, "5x5", pool projection)``."""
+        c1, c3r, c3, c5r, c5, pool_proj = widths
         super().__init__()
         self.branch1 = BasicConv2d(cin, c1, kernel_size=1)
         self.branch2 = nn.Sequential(BasicConv2d(cin, c3r, kernel_size=1),
@@ -724,17 +730,17 @@ class GoogLeNet(nn.Module):
         self.conv2 = BasicConv2d(64, 64, kernel_size=1)
         self.conv3 = BasicConv2d(64, 192, kernel_size=3, padding=1)
         self.maxpool2 = nn.MaxPool2d(3, stride=2, ceil_mode=True)
-        self.inception3a = Inception(192, 64, 96, 128, 16, 32, 32)
-        self.inception3b = Inception(256, 128, 128, 192, 32, 96, 64)
+        self.inception3a = Inception(192, (64, 96, 128, 16, 32, 32))
+        self.inception3b = Inception(256, (128, 128, 192, 32, 96, 64))
         self.maxpool3 = nn.MaxPool2d(3, stride=2, ceil_mode=True)
-        self.inception4a = Inception(480, 192, 96, 208, 16, 48, 64)
-        self.inception4b = Inception(512, 160, 112, 224, 24, 64, 64)
-        self.inception4c = Inception(512, 128, 128, 256, 24, 64, 64)
-        self.inception4d = Inception(512, 112, 144, 288, 32, 64, 64)
-        self.inception4e = Inception(528, 256, 160, 320, 32, 128, 128)
+        self.inception4a = Inception(480, (192, 96, 208, 16, 48, 64))
+        self.inception4b = Inception(512, (160, 112, 224, 24, 64, 64))
+        self.inception4c = Inception(512, (128, 128, 256, 24, 64, 64))
+        self.inception4d = Inception(512, (112, 144, 288, 32, 64, 64))
+        self.inception4e = Inception(528, (256, 160, 320, 32, 128, 128))
         self.maxpool4 = nn.MaxPool2d(2, stride=2, ceil_mode=True)
-        self.inception5a = Inception(832, 256, 160, 320, 32, 128, 128)
-        self.inception5b = Inception(832, 384, 192, 384, 48, 128, 128)
+        self.inception5a = Inception(832, (256, 160, 320, 32, 128, 128))
+        self.inception5b = Inception(832, (384, 192, 384, 48, 128, 128))
         self.avgpool = nn.AdaptiveAvgPool2d((1, 1))
         self.dropout = nn.Dropout(p=dropout)
         self.fc = nn.Linear(1024, num_classes)
