@@ -387,7 +387,9 @@ def test_lower_bound_of_a_detached_input_finds_a_pair(n: int, norm: str) -> None
     W = net.fc.weight.detach().double()
     exact = {"2": float(torch.linalg.matrix_norm(W, 2)), "1": float(W.abs().sum(0).max()),
              "inf": float(W.abs().sum(1).max())}[norm]
-    r = lipbound.lower_bound(net, (n,), norm=norm, time_limit=5)
+    # no time limit (a few steps instead): a budget shared with a loaded machine cut the
+    # ascent short before it reached 0.99 of the norm
+    r = lipbound.lower_bound(net, (n,), norm=norm, time_limit=None, restarts=8, steps=50)
     assert r.witness is not None and r.witness.y is not None  # a pair: needs no derivative
     assert abs(_reproduce(net, r, norm) - r.value) <= 1e-6 * r.value
     assert r.value <= exact * (1 + 1e-6)
