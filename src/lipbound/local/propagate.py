@@ -1,0 +1,173 @@
+r"""Interval bounds over a ball and interval secant Jacobians on a captured graph.
+
+Two passes over the :class:`~lipbound.graph.OpGraph` of :func:`lipbound.graph.capture` +
+:func:`lipbound.graph.simplify`:
+
+:func:`forward_boxes`
+    interval bound propagation (IBP) of the ball ``{z : ||z - x|| <= radius}``: the input box
+    is ``x +- radius`` (the l2 ball lies inside it), linear nodes use the centre/radius form
+    ``W c + b +- |W| r`` (:mod:`lipbound.local.linear`), other nodes their local rule's image
+    (:mod:`lipbound.local.rules`). For the l2 ball, the nodes that are affine functions of the
+    input alone (the first layers, up to the first non-linear node) also get the exact
+    per-coordinate range ``|(M (z - x))_i| <= radius ||M_i||_2`` (``M_i`` the row of the map
+    from the input), with row norms propagated part by part: ``sqrt((W o W)(rho^2))`` while
+    the rows of the map so far have disjoint supports (the input and its permutations /
+    selections), ``|W| rho`` afterwards (triangle inequality), and the entry-wise minimum of
+    both enclosures is kept. No CROWN-style backward relaxation is applied to intermediate
+    bounds (plain IBP): the bounds are sound but loosen quickly with depth and radius.
+
+:func:`backward_rows`
+    for rows ``w`` (e.g. the identity of the output, or class differences ``e_y - e_j``),
+    boxes enclosing ``w^T M`` for every secant matrix ``M`` with ``f(u) - f(v) = M (u - v)``,
+    ``u, v`` in the ball (the proof is in :mod:`lipbound.local.rules`): the adjoint of the
+    output is the point box ``w``, each node maps its adjoint box to its inputs' (a linear
+    node exactly, ``W^T a +- |W|^T s``; a non-linear node by its local rule), and a node
+    used several times sums its users' boxes. For a ReLU network at a point where every
+    neuron is stable over the ball, all boxes have radius zero (up to rounding) and the centre
+    is ``w^T J(x)``, the exact local Jacobian.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+
+from ..errors import UnsupportedModelError, UnsupportedNode
+from ..graph import OpGraph
+from ..graph.types import Node
+from ..rules._registry import ROUND_REL
+from .interval import TINY, Box, iadd
+from .linear import linear_parts
+from .rules import LocalOp, local_op
+
+__all__ = ["check_graph", "forward_boxes", "backward_rows", "largest_value"]
+
+_F64 = torch.float64
+
+
+def check_graph(graph: OpGraph) -> dict[str, LocalOp]:
+    """The local rule of every non-linear node, or ONE error listing the nodes without one."""
+    bad: list[UnsupportedNode] = []
+    ops: dict[str, LocalOp] = {}
+    for node in graph:
+        if node.kind in ("input", "output"):
+            continue
+        if node.kind == "linear":
+            try:
+                linear_parts(node)
+            except UnsupportedModelError as exc:
+                bad.extend(exc.nodes)
+            continue
+        op = local_op(node)
+        if isinstance(op, str):
+            bad.append(UnsupportedNode(node.qualname, node.op, op))
+        else:
+            ops[node.name] = op
+    if bad:
+        raise UnsupportedModelError(bad, what=f"{len(bad)} operation(s) have no local rule")
+    return ops
+
+
+def largest_value(graph: OpGraph) -> int:
+    """Entries of the largest per-sample tensor of the graph (for memory sizing)."""
+    return max(math.prod(n.out_shape) for n in graph)
+
+
+def _linear_forward(node: Node, box: Box, state: tuple[torch.Tensor, bool] | None,
+                    radius: float) -> tuple[Box, tuple[torch.Tensor, bool] | None]:
+    for part in linear_parts(node):
+        with torch.no_grad():
+            c = part.fn(box.c)
+            rad = part.abs_fwd(box.r)
+            err = ROUND_REL * (part.abs_fwd(box.mag) + part.bias(c)) + TINY
+            if state is not None:
+                rn, disjoint = state
+                if part.one_per_row:
+                    rn = part.abs_fwd(rn)
+                    disjoint = disjoint and not part.copies
+                elif disjoint and part.sq_fwd is not None:
+                    rn = torch.sqrt(part.sq_fwd(rn * rn).clamp_min(0.0))
+                    disjoint = False
+                else:
+                    rn = part.abs_fwd(rn)
+                    disjoint = False
+                state = (rn, disjoint)
+                rad = torch.minimum(rad, radius * rn * (1 + ROUND_REL))
+            box = Box(c, rad * (1 + ROUND_REL) + err)
+    return box, state
+
+
+def forward_boxes(graph: OpGraph, x: torch.Tensor, radius: float, norm: str,
+                  ops: dict[str, LocalOp] | None = None) -> dict[str, Box]:
+    """Boxes of every node's value over the ball of ``radius`` around each row of ``x``
+    (``x``: ``(B, *input_shape)``); see the module docstring."""
+    ops = check_graph(graph) if ops is None else ops
+    c0 = x.detach().to(_F64)
+    boxes: dict[str, Box] = {}
+    states: dict[str, tuple[torch.Tensor, bool] | None] = {}
+    for node in graph:
+        if node.kind == "input":
+            boxes[node.name] = Box(c0, torch.full_like(c0, float(radius)))
+            states[node.name] = (
+                (torch.ones((1, *c0.shape[1:]), dtype=_F64, device=c0.device), True)
+                if norm == "2" else None)
+            continue
+        if node.kind == "output":
+            boxes[node.name] = boxes[node.inputs[0]]
+            continue
+        ins = [boxes[p] for p in node.inputs]
+        if node.kind == "linear":
+            boxes[node.name], states[node.name] = _linear_forward(
+                node, ins[0], states.get(node.inputs[0]), float(radius))
+            continue
+        states[node.name] = None
+        with torch.no_grad():
+            boxes[node.name] = ops[node.name].forward(node, ins)
+        if not bool(torch.isfinite(boxes[node.name].r).all()):
+            raise UnsupportedModelError(
+                [UnsupportedNode(node.qualname, node.op, "its interval bound over the ball is "
+                                 "not finite (overflow); use a smaller radius")],
+                what="no local Lipschitz bound over this ball")
+    return boxes
+
+
+def _linear_backward(node: Node, adj: Box) -> Box:
+    B, R = adj.c.shape[:2]
+    box = Box(adj.c.reshape(B * R, *adj.c.shape[2:]), adj.r.reshape(B * R, *adj.c.shape[2:]))
+    for part in reversed(linear_parts(node)):
+        box = part.backward(box)
+    return Box(box.c.reshape(B, R, *box.c.shape[1:]), box.r.reshape(B, R, *box.c.shape[1:]))
+
+
+def backward_rows(graph: OpGraph, boxes: dict[str, Box], rows: torch.Tensor,
+                  ops: dict[str, LocalOp] | None = None,
+                  check: Callable[[], None] | None = None) -> Box:
+    """Box of ``w^T M`` (shape ``(B, R, *input_shape)``) for rows ``w`` of shape
+    ``(B, R, *output_shape)`` over the secant matrices ``M`` of the ball."""
+    ops = check_graph(graph) if ops is None else ops
+    nodes = list(graph)
+    out = graph.output
+    r0 = rows.detach().to(_F64)
+    adj: dict[str, Box] = {out.inputs[0]: Box(r0, torch.zeros_like(r0))}
+    inp = graph.input
+    B, R = r0.shape[:2]
+    for node in reversed(nodes):
+        if node.kind in ("output", "input") or node.name not in adj:
+            continue
+        if check is not None:
+            check()
+        a = adj.pop(node.name)
+        if node.kind == "linear":
+            grads: list[Box | None] = [_linear_backward(node, a)]
+        else:
+            grads = ops[node.name].backward(node, [boxes[p] for p in node.inputs], a)
+        for p, g in zip(node.inputs, grads):
+            if g is None:
+                continue
+            adj[p] = g if p not in adj else iadd(adj[p], g)
+    if inp.name in adj:
+        return adj[inp.name]
+    z = torch.zeros((B, R, *graph.input_shape), dtype=_F64, device=r0.device)
+    return Box(z, torch.zeros_like(z))
