@@ -40,6 +40,10 @@ _LAZY: dict[str, str] = {
     "lower_bound": "lipbound.methods.lower",
     "exact": "lipbound.methods.exact",
     "lipsdp": "lipbound.methods.sdp",
+    "local_bound": "lipbound.methods.local",
+    "certify": "lipbound.methods.certify",
+    "LocalResult": "lipbound.results",
+    "CertifyResult": "lipbound.results",
     "estimate": "lipbound.report",
     "Report": "lipbound.report",
     "SeqLipResult": "lipbound.methods.seqlip",
@@ -92,8 +96,10 @@ if TYPE_CHECKING:  # pragma: no cover
     from .graph import sequential_chain as sequential_chain
     from .graph import simplify as simplify
     from .methods.autolip import autolip as autolip
+    from .methods.certify import certify as certify
     from .methods.exact import ExactResult as ExactResult
     from .methods.exact import exact as exact
+    from .methods.local import local_bound as local_bound
     from .methods.lower import lower_bound as lower_bound
     from .methods.sdp import SDPResult as SDPResult
     from .methods.sdp import lipsdp as lipsdp
@@ -101,6 +107,8 @@ if TYPE_CHECKING:  # pragma: no cover
     from .methods.seqlip import seqlip as seqlip
     from .report import Report as Report
     from .report import estimate as estimate
+    from .results import CertifyResult as CertifyResult
+    from .results import LocalResult as LocalResult
     from .rules import register_rule as register_rule
     from .spectral import spectral_norm as spectral_norm
     from .spectral import top_singular as top_singular

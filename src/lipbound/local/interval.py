@@ -81,7 +81,10 @@ def iadd(a: Box, b: Box) -> Box:
 
 
 def imul(a: Box, b: Box) -> Box:
-    """``a * b`` entry-wise (broadcasting): ``|xy - a_c b_c| <= |a_c| r_b + r_a |b_c| + r_a r_b``."""
+    """``a * b`` entry-wise (broadcasting).
+
+    ``|xy - a_c b_c| <= |a_c| r_b + r_a |b_c| + r_a r_b``.
+    """
     c = a.c * b.c
     r = a.c.abs() * b.r + a.r * (b.c.abs() + b.r)
     return pad(c, r, a.mag * b.mag)

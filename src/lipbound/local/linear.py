@@ -133,7 +133,7 @@ def _weight_maps(m: nn.Module) -> tuple[Map, Map | None] | None:
         return af, (sf if conv.padding_mode == "zeros" else None)
     if type(m) in _CONVT and isinstance(w, torch.Tensor):
         ct: nn.modules.conv._ConvTransposeNd = m  # type: ignore[assignment]
-        f = _CONVT[type(m)]
+        f = _CONVT[type(ct)]
         wa, ws = w.detach().to(_F64).abs(), w.detach().to(_F64) ** 2
 
         def tf(x: torch.Tensor, _w: torch.Tensor) -> torch.Tensor:
