@@ -8,13 +8,20 @@ Rounding. Each operation is evaluated in float64; its computed centre differs fr
 one by at most ``k u64 M`` entry-wise, where ``M`` is the sum of the magnitudes of the terms
 (``|a| |b|`` for a product, ``(|A| |B|)_{ij}`` for a matrix product, ``sum |t_j|`` for a sum)
 and ``k`` the number of roundings in the longest chain (``k <= n + 2`` for a sum of ``n``
-terms, Higham, *Accuracy and Stability*, sec. 3.1). The radius is itself computed in float64
-with the same kind of error. Every box this module (and :mod:`lipbound.local`) produces is
-padded by :func:`pad`: ``r + ROUND_REL * M + TINY`` with the registry's margin
-:data:`~lipbound.rules._registry.ROUND_REL` ``= 2^-22``; since ``(n + 2) u64 <= 2^-22 / 2`` for
-every ``n < 2^29`` terms (``u64 = 2^-53``), half of the pad covers the centre's error and the
-other half the radius's own rounding and the final ``c +- r`` conversions. ``TINY = 2^-1000``
-covers underflow of products of tiny entries (absolute error below ``2^-1074`` each).
+terms, Higham, *Accuracy and Stability*, sec. 3.1; a few ulp for ``exp``, ``log``, ``erf``,
+``sqrt``). The radius is itself computed in float64 with the same kind of error. Every box
+this package produces is padded by :func:`pad`: ``r + REL64 * M + TINY`` with
+:data:`REL64` ``= 2^-30``; since ``(n + 2) u64 <= 2^-30 / 2`` for every ``n < 2^22`` terms
+(``u64 = 2^-53``), half of the pad covers the centre's error and the other half the radius's
+own rounding and the ``c +- r`` conversions. Every reduction of a node has at most as many
+terms as the node's input has entries; :func:`lipbound.local.propagate.check_graph` refuses
+graphs with a tensor of ``2^22`` entries or more per sample. ``TINY = 2^-1000`` covers
+underflow of products of tiny entries (absolute error below ``2^-1074`` each).
+
+This pad concerns the float64 evaluation of the exact function (parameters as stored). The
+rounding of the op's own constants in the model's float32 execution is covered, as for every
+certified constant of the package, by the registry's :data:`~lipbound.rules._registry.REL64`
+applied to the final local constants (:mod:`lipbound.methods.local`).
 """
 
 from __future__ import annotations
@@ -23,10 +30,13 @@ from dataclasses import dataclass
 
 import torch
 
-from ..rules._registry import ROUND_REL
+__all__ = ["Box", "MAX_ENTRIES", "REL64", "TINY", "from_bounds", "iadd", "imatmul", "imul",
+           "pad", "point"]
 
-__all__ = ["Box", "TINY", "from_bounds", "iadd", "imatmul", "imul", "pad", "point"]
-
+#: Relative outward pad of every interval operation (module docstring).
+REL64 = 2.0**-30
+#: Per-sample tensor size up to which :data:`REL64` covers every reduction.
+MAX_ENTRIES = 2**22
 TINY = 2.0**-1000
 _F64 = torch.float64
 
@@ -59,9 +69,9 @@ class Box:
 
 
 def pad(c: torch.Tensor, r: torch.Tensor, mag: torch.Tensor | None = None) -> Box:
-    """The box ``(c, r + ROUND_REL * mag + TINY)`` (``mag`` defaults to ``|c| + r``)."""
+    """The box ``(c, r + REL64 * mag + TINY)`` (``mag`` defaults to ``|c| + r``)."""
     m = c.abs() + r if mag is None else mag
-    return Box(c, r + ROUND_REL * m + TINY)
+    return Box(c, r + REL64 * m + TINY)
 
 
 def point(t: torch.Tensor) -> Box:

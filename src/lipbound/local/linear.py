@@ -22,7 +22,7 @@ square; optional). ``|W|`` comes from the part's kind:
 Soundness: for ``|x - c| <= r``, ``|W x - W c| <= |W| r`` entry-wise (triangle inequality),
 and the composition of the parts' boxes encloses the chain (each part's box encloses its
 exact image). Rounding: ``fl(W c + b)`` is within ``gamma_n (|W| |c| + |b|)`` of ``W c + b``,
-so the radius is ``|W| (r + rho (|c| + r)) + rho |b| + TINY`` with ``rho = ROUND_REL``
+so the radius is ``|W| (r + rho (|c| + r)) + rho |b| + TINY`` with ``rho = REL64``
 (:mod:`lipbound.local.interval`), one ``|W|`` product thanks to linearity.
 """
 
@@ -39,8 +39,7 @@ from torch import nn
 from ..errors import UnsupportedModelError, UnsupportedNode
 from ..graph._modules import ChannelAffine, FoldedBatchNorm, materialize
 from ..graph.types import Node
-from ..rules._registry import ROUND_REL
-from .interval import TINY, Box
+from .interval import REL64, TINY, Box
 
 __all__ = ["DENSE_ENTRIES", "LinearPart", "linear_parts"]
 
@@ -100,8 +99,8 @@ class LinearPart:
     def forward(self, box: Box) -> Box:
         with torch.no_grad():
             c = self.fn(box.c)
-            r = self.abs_fwd(box.r + ROUND_REL * (box.c.abs() + box.r))
-            return Box(c, r + ROUND_REL * self.bias(c) + TINY)
+            r = self.abs_fwd(box.r + REL64 * (box.c.abs() + box.r))
+            return Box(c, r + REL64 * self.bias(c) + TINY)
 
     def lin_t(self, y: torch.Tensor) -> torch.Tensor:
         return _vjp(self.fn, y, self.in_shape)
@@ -110,7 +109,7 @@ class LinearPart:
         """Adjoint box ``W^T a`` for rows ``a`` in ``adj`` (shape ``(N, *out)``)."""
         c = self.lin_t(adj.c)
         with torch.no_grad():
-            r = self.abs_t(adj.r + ROUND_REL * (adj.c.abs() + adj.r))
+            r = self.abs_t(adj.r + REL64 * (adj.c.abs() + adj.r))
         return Box(c, r + TINY)
 
 

@@ -37,8 +37,7 @@ import torch
 from ..errors import UnsupportedModelError, UnsupportedNode
 from ..graph import OpGraph
 from ..graph.types import Node
-from ..rules._registry import ROUND_REL
-from .interval import TINY, Box, iadd
+from .interval import MAX_ENTRIES, REL64, TINY, Box, from_bounds, iadd
 from .linear import linear_parts
 from .rules import LocalOp, local_op
 
@@ -52,6 +51,11 @@ def check_graph(graph: OpGraph) -> dict[str, LocalOp]:
     bad: list[UnsupportedNode] = []
     ops: dict[str, LocalOp] = {}
     for node in graph:
+        if math.prod(node.out_shape) >= MAX_ENTRIES:
+            bad.append(UnsupportedNode(node.qualname, node.op, (
+                f"its value has {math.prod(node.out_shape)} entries per sample, beyond the "
+                f"{MAX_ENTRIES} up to which the interval rounding pad REL64 is proven")))
+            continue
         if node.kind in ("input", "output"):
             continue
         if node.kind == "linear":
@@ -81,7 +85,7 @@ def _linear_forward(node: Node, box: Box, state: tuple[torch.Tensor, bool] | Non
         with torch.no_grad():
             c = part.fn(box.c)
             rad = part.abs_fwd(box.r)
-            err = ROUND_REL * (part.abs_fwd(box.mag) + part.bias(c)) + TINY
+            err = REL64 * (part.abs_fwd(box.mag) + part.bias(c)) + TINY
             if state is not None:
                 rn, disjoint = state
                 if part.one_per_row:
@@ -94,17 +98,54 @@ def _linear_forward(node: Node, box: Box, state: tuple[torch.Tensor, bool] | Non
                     rn = part.abs_fwd(rn)
                     disjoint = False
                 state = (rn, disjoint)
-                rad = torch.minimum(rad, radius * rn * (1 + ROUND_REL))
-            box = Box(c, rad * (1 + ROUND_REL) + err)
+                rad = torch.minimum(rad, radius * rn * (1 + REL64))
+            box = Box(c, rad * (1 + REL64) + err)
     return box, state
 
 
+def _row_dual_norms(J: Box, norm: str) -> torch.Tensor:
+    """``sup ||m_i||_*`` of the interval rows ``(B, R, *in)``: l2 for the l2 ball, l1 for the
+    l-inf ball (Hoelder), rounded up."""
+    a = (J.c.abs() + J.r).reshape(J.c.shape[0], J.c.shape[1], -1)
+    v = a.norm(dim=-1) if norm == "2" else a.sum(dim=-1)
+    return v * (1 + REL64) + TINY
+
+
+def _refined(graph: OpGraph, node: Node, boxes: dict[str, Box], point: Box, radius: float,
+             norm: str, ops: dict[str, LocalOp]) -> Box:
+    """The IBP box of ``node`` intersected with its mean-value box
+    ``v(x) +- radius sup ||m_i||_*`` (``m_i`` the secant rows of ``node`` w.r.t. the input over
+    the ball, from :func:`backward_rows` started at ``node``; ``v(x)`` enclosed by the
+    point box)."""
+    B = point.c.shape[0]
+    k = math.prod(node.out_shape)
+    rows = torch.eye(k, dtype=_F64, device=point.c.device).reshape(k, *node.out_shape)
+    rows = rows.unsqueeze(0).expand(B, *rows.shape)
+    J = backward_rows(graph, boxes, rows, ops, start=node.name)
+    rad = radius * _row_dual_norms(J, norm).reshape(point.c.shape) + point.r
+    ibp = boxes[node.name]
+    lo = torch.maximum(ibp.lo, point.c - rad * (1 + REL64) - TINY)
+    hi = torch.minimum(ibp.hi, point.c + rad * (1 + REL64) + TINY)
+    return from_bounds(torch.minimum(lo, hi), torch.maximum(lo, hi))
+
+
 def forward_boxes(graph: OpGraph, x: torch.Tensor, radius: float, norm: str,
-                  ops: dict[str, LocalOp] | None = None) -> dict[str, Box]:
+                  ops: dict[str, LocalOp] | None = None, *, refine: int = 0) -> dict[str, Box]:
     """Boxes of every node's value over the ball of ``radius`` around each row of ``x``
-    (``x``: ``(B, *input_shape)``); see the module docstring."""
+    (``x``: ``(B, *input_shape)``); see the module docstring.
+
+    ``refine > 0``: the input of every non-linear node whose secant Jacobian has at most
+    ``refine`` entries per sample (``numel(node) x numel(input)``) is tightened by the
+    mean-value form (:func:`_refined`), which is O(radius) where IBP's wrapping grows with
+    depth."""
     ops = check_graph(graph) if ops is None else ops
+    point: dict[str, Box] | None = None
+    if refine > 0 and radius > 0:
+        point = forward_boxes(graph, x, 0.0, norm, ops)
+    n_in = math.prod(graph.input_shape)
+    needs = {p for nd in graph if nd.kind in ("activation", "op") for p in nd.inputs}
     c0 = x.detach().to(_F64)
+    affine = {graph.input.name}
     boxes: dict[str, Box] = {}
     states: dict[str, tuple[torch.Tensor, bool] | None] = {}
     for node in graph:
@@ -121,10 +162,18 @@ def forward_boxes(graph: OpGraph, x: torch.Tensor, radius: float, norm: str,
         if node.kind == "linear":
             boxes[node.name], states[node.name] = _linear_forward(
                 node, ins[0], states.get(node.inputs[0]), float(radius))
+        else:
+            states[node.name] = None
+            with torch.no_grad():
+                boxes[node.name] = ops[node.name].forward(node, ins)
+        if node.kind == "linear" and node.inputs[0] in affine:
+            affine.add(node.name)  # an affine map of the input: its box is exact already
+        elif (point is not None and node.name in needs
+              and math.prod(node.out_shape) * n_in <= refine):
+            boxes[node.name] = _refined(graph, node, boxes, point[node.name], float(radius),
+                                        norm, ops)
+        if node.kind == "linear":
             continue
-        states[node.name] = None
-        with torch.no_grad():
-            boxes[node.name] = ops[node.name].forward(node, ins)
         if not bool(torch.isfinite(boxes[node.name].r).all()):
             raise UnsupportedModelError(
                 [UnsupportedNode(node.qualname, node.op, "its interval bound over the ball is "
@@ -143,14 +192,16 @@ def _linear_backward(node: Node, adj: Box) -> Box:
 
 def backward_rows(graph: OpGraph, boxes: dict[str, Box], rows: torch.Tensor,
                   ops: dict[str, LocalOp] | None = None,
-                  check: Callable[[], None] | None = None) -> Box:
+                  check: Callable[[], None] | None = None, *, start: str | None = None) -> Box:
     """Box of ``w^T M`` (shape ``(B, R, *input_shape)``) for rows ``w`` of shape
-    ``(B, R, *output_shape)`` over the secant matrices ``M`` of the ball."""
+    ``(B, R, *output_shape)`` over the secant matrices ``M`` of the ball (of the model's
+    output, or of node ``start``'s value)."""
     ops = check_graph(graph) if ops is None else ops
     nodes = list(graph)
     out = graph.output
     r0 = rows.detach().to(_F64)
-    adj: dict[str, Box] = {out.inputs[0]: Box(r0, torch.zeros_like(r0))}
+    first = out.inputs[0] if start is None else start
+    adj: dict[str, Box] = {first: Box(r0, torch.zeros_like(r0))}
     inp = graph.input
     B, R = r0.shape[:2]
     for node in reversed(nodes):

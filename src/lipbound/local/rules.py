@@ -28,7 +28,8 @@ gets the sum of its users' adjoints) gives ``f(u) - f(v) = M (u - v)`` for every
   Softplus ``sigmoid(beta t)`` (and 1 past the threshold). Any other registered activation
   uses its global range ``[a, b]``. Every local range is intersected with the global one, so a
   local slope is never above the global constant. Computed slope ends of transcendental
-  functions are widened by ``ROUND_REL`` relative (float64 error a few ulp).
+  functions are widened by ``REL64`` relative (float64 error a few ulp; the float32
+  rounding of the model's constants is covered by ``ROUND_REL`` on the final constant).
   Images: ``[s(lo), s(hi)]`` for the monotone ones, else ``s(c) +- max(|q_lo|, |q_hi|) r``
   (the Lipschitz enclosure with the local slopes).
 * **products** ``x y`` (broadcasting): ``xy - x'y' = y (x - x') + x' (y - y')``:
@@ -80,9 +81,20 @@ from torch import nn
 
 from ..errors import UnsupportedModelError, UnsupportedNode
 from ..graph.types import Node
-from ..rules._registry import ROUND_REL
 from ..rules._util import arg, batched_dim, is_tensor_arg
-from .interval import TINY, Box, from_bounds, iadd, imatmul, imul, isum, pad, point, sum_to
+from .interval import (
+    REL64,
+    TINY,
+    Box,
+    from_bounds,
+    iadd,
+    imatmul,
+    imul,
+    isum,
+    pad,
+    point,
+    sum_to,
+)
 
 __all__ = ["LocalOp", "local_op", "op_name", "slope_box"]
 
@@ -117,7 +129,7 @@ def op_name(node: Node) -> str:
 
 
 def _widen(lo: torch.Tensor, hi: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    return lo - ROUND_REL * lo.abs() - TINY, hi + ROUND_REL * hi.abs() + TINY
+    return lo - REL64 * lo.abs() - TINY, hi + REL64 * hi.abs() + TINY
 
 
 def _refuse(node: Node, why: str) -> LocalDomainError:
@@ -558,10 +570,10 @@ def _norm_stats(node: Node, box: Box) -> _NormStats:
         pz = Box(c, r)
     nc = pc.norm(dim=-1, keepdim=True)
     nr = r.norm(dim=-1, keepdim=True)
-    lo_n = (nc - nr).clamp_min(0.0) * (1 - ROUND_REL)
-    hi_n = (nc + nr) * (1 + ROUND_REL)
-    s_lo = torch.sqrt(lo_n * lo_n / n + eps) * (1 - ROUND_REL)
-    s_hi = torch.sqrt(hi_n * hi_n / n + eps) * (1 + ROUND_REL)
+    lo_n = (nc - nr).clamp_min(0.0) * (1 - REL64)
+    hi_n = (nc + nr) * (1 + REL64)
+    s_lo = torch.sqrt(lo_n * lo_n / n + eps) * (1 - REL64)
+    s_hi = torch.sqrt(hi_n * hi_n / n + eps) * (1 + REL64)
     if not bool((s_lo > 0).all()):
         raise _refuse(node, "its variance can reach 0 over the ball (and eps = 0): no local "
                       "constant. Use a smaller radius")
@@ -602,12 +614,12 @@ def _norm_backward(node: Node, boxes: Sequence[Box], adj: Box) -> list[Box | Non
         g = imul(g, point(st.gamma))
     xh = st.xhat.unsqueeze(1)
     m2 = isum(imul(g, xh), -1, keepdim=True)
-    m2 = Box(m2.c / n, m2.r / n + ROUND_REL * m2.mag / n)
+    m2 = Box(m2.c / n, m2.r / n + REL64 * m2.mag / n)
     t = imul(xh, m2)
     h = pad(g.c - t.c, g.r + t.r)
     if centre:
         m1 = isum(g, -1, keepdim=True)
-        h = pad(h.c - m1.c / n, h.r + m1.r / n + ROUND_REL * m1.mag / n)
+        h = pad(h.c - m1.c / n, h.r + m1.r / n + REL64 * m1.mag / n)
     out = imul(h, st.inv_sigma.unsqueeze(1))
     return [out.reshape(B, R, *node.in_shapes[0])]
 

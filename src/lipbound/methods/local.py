@@ -137,7 +137,7 @@ def interval_norms(J: Box, norm: str) -> torch.Tensor:
     for b in range(Mc.shape[0]):
         A = Mc[b].abs() + Mr[b]
         if norm == "inf":
-            out.append(matrix_norm_upper(A, "inf")[0])
+            out.append(_up(matrix_norm_upper(A, "inf")[0], ROUND_REL))
             continue
         v1 = matrix_norm_upper(A, "2")[0]
         v2 = matrix_norm_upper(Mc[b], "2")[0] + matrix_norm_upper(Mr[b], "2")[0]
@@ -240,6 +240,7 @@ def local_bound(
     restarts: int = 2,
     use_global: bool = True,
     max_memory: int = 1 << 30,
+    refine: int = 1 << 19,
     seed: int = 0,
     progress: Callable[[str], None] | None = None,
 ) -> LocalResult:
@@ -279,7 +280,7 @@ def local_bound(
     uppers: list[torch.Tensor] = []
     for s in range(0, x.shape[0], chunk):
         xb = x[s:s + chunk]
-        boxes = forward_boxes(graph, xb, float(radius), n, ops)
+        boxes = forward_boxes(graph, xb, float(radius), n, ops, refine=refine)
         rows = torch.eye(K, dtype=_F64, device=xb.device).reshape(K, *out_shape)
         rows = rows.unsqueeze(0).expand(xb.shape[0], *rows.shape)
         J = backward_rows(graph, boxes, rows, ops)
