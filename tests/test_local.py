@@ -14,7 +14,7 @@ from torch import nn
 import lipbound
 from lipbound.errors import LipboundError, ShapeError, UnsupportedModelError
 from lipbound.graph import capture, simplify
-from lipbound.local import backward_rows, forward_boxes
+from lipbound.local import Box, backward_rows, forward_boxes
 
 torch.set_num_threads(1)
 F64 = torch.float64
@@ -162,18 +162,20 @@ def test_local_upper_bounds_every_realised_ratio_in_the_ball(arch: str, seed: in
         assert lo <= u * (1 + 1e-9) + 1e-12
 
 
-@settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=10, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(arch=st.sampled_from(sorted(ARCHS)), seed=st.integers(0, 10_000),
-       log_r=st.floats(-3.0, 0.5), norm=st.sampled_from(["2", "inf"]))
+       log_r=st.floats(-3.0, 0.5), norm=st.sampled_from(["2", "inf"]),
+       refine=st.sampled_from([0, 1 << 19]))
 def test_interval_boxes_contain_every_value_and_jacobian_in_the_ball(
-        arch: str, seed: int, log_r: float, norm: str) -> None:
+        arch: str, seed: int, log_r: float, norm: str, refine: int) -> None:
     torch.manual_seed(seed)
     net = ARCHS[arch]().eval().double()
     d = DIMS.get(arch, 5)
     x = torch.randn(2, d, dtype=F64)
     radius = 10.0 ** log_r
     g = simplify(capture(net, (d,)))
-    boxes = forward_boxes(g, x, radius, norm)
+    tans: dict[str, Box | None] = {}
+    boxes = forward_boxes(g, x, radius, norm, refine=refine, tangents=tans)
     out = boxes[g.output.name]
     k = out.c.shape[1]
     J = backward_rows(g, boxes, torch.eye(k, dtype=F64).expand(2, k, k))
@@ -200,6 +202,11 @@ def test_interval_boxes_contain_every_value_and_jacobian_in_the_ball(
             assert bool(((v - b.c[:, None]).abs() <= b.r[:, None]).all()), node.qualname
     jz = _jac(net, z).reshape(2, 32, k, d)
     assert bool(((jz - J.c[:, None]).abs() <= J.r[:, None]).all())
+    if refine:  # forward tangent boxes (columns of the same secant matrices)
+        T = tans[g.output.name]
+        assert T is not None
+        tc, tr = T.c.transpose(1, 2)[:, None], T.r.transpose(1, 2)[:, None]
+        assert bool(((jz - tc).abs() <= tr).all())
 
 
 def test_local_is_never_above_the_global_certified_bound() -> None:

@@ -102,6 +102,13 @@ class LinearPart:
             r = self.abs_fwd(box.r + REL64 * (box.c.abs() + box.r))
             return Box(c, r + REL64 * self.bias(c) + TINY)
 
+    def tangent(self, t: Box) -> Box:
+        """Box of ``W t`` for columns ``t`` in ``t`` (shape ``(N, *in)``; no bias)."""
+        with torch.no_grad():
+            c = self.fn(t.c) - self.fn(torch.zeros_like(t.c[:1]))
+            r = self.abs_fwd(t.r + REL64 * (t.c.abs() + t.r))
+            return Box(c, r + 2 * REL64 * self.bias(c) + TINY)
+
     def lin_t(self, y: torch.Tensor) -> torch.Tensor:
         return _vjp(self.fn, y, self.in_shape)
 

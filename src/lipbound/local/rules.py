@@ -103,15 +103,18 @@ _R2 = math.sqrt(2.0)
 
 Forward = Callable[[Node, Sequence[Box]], Box]
 Backward = Callable[[Node, Sequence[Box], Box], list[Box | None]]
+Tangent = Callable[[Node, Sequence[Box], Sequence[Box | None]], Box | None]
 
 
 @dataclass(frozen=True)
 class LocalOp:
-    """A local rule: interval image and interval secant adjoint (module docstring)."""
+    """A local rule: interval image, interval secant adjoint (rows ``a^T M``) and interval
+    secant tangent (columns ``M t``, the same matrices applied forward; module docstring)."""
 
     name: str
     forward: Forward
     backward: Backward
+    tangent: Tangent
 
 
 class LocalDomainError(UnsupportedModelError):
@@ -286,7 +289,13 @@ def _act_backward(node: Node, boxes: Sequence[Box], adj: Box) -> list[Box | None
     return [imul(adj, q)]
 
 
-ACTIVATION = LocalOp("activation (local slopes)", _act_forward, _act_backward)
+def _act_tangent(node: Node, boxes: Sequence[Box], tans: Sequence[Box | None]) -> Box | None:
+    if tans[0] is None:
+        return None
+    return _act_backward(node, boxes, tans[0])[0]
+
+
+ACTIVATION = LocalOp("activation (local slopes)", _act_forward, _act_backward, _act_tangent)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -391,6 +400,42 @@ def _matmul_backward(node: Node, boxes: Sequence[Box], adj: Box) -> list[Box | N
     return [gx, gy]
 
 
+def _acc(a: Box | None, b: Box | None) -> Box | None:
+    if a is None:
+        return b
+    return a if b is None else iadd(a, b)
+
+
+def _tan_of(tans: Sequence[Box | None], i: int | None) -> Box | None:
+    return None if i is None else tans[i]
+
+
+def _mul_tangent(node: Node, boxes: Sequence[Box], tans: Sequence[Box | None]) -> Box | None:
+    (x, ix), (y, iy) = _operands(node, boxes, 2)
+    tx, ty = _tan_of(tans, ix), _tan_of(tans, iy)
+    out = None if tx is None else imul(tx, y.unsqueeze(1))
+    return _acc(out, None if ty is None else imul(ty, x.unsqueeze(1)))
+
+
+def _div_tangent(node: Node, boxes: Sequence[Box], tans: Sequence[Box | None]) -> Box | None:
+    (x, ix), (y, iy) = _operands(node, boxes, 2)
+    inv = _recip_box(node, y)
+    tx, ty = _tan_of(tans, ix), _tan_of(tans, iy)
+    out = None if tx is None else imul(tx, inv.unsqueeze(1))
+    if ty is not None:
+        s = imul(x, imul(inv, inv))
+        out = _acc(out, imul(ty, Box(-s.c, s.r).unsqueeze(1)))
+    return out
+
+
+def _matmul_tangent(node: Node, boxes: Sequence[Box], tans: Sequence[Box | None]
+                    ) -> Box | None:
+    _matmul_check(node)
+    tx, ty = tans[0], tans[1]
+    out = None if tx is None else imatmul(tx, boxes[1].unsqueeze(1))
+    return _acc(out, None if ty is None else imatmul(boxes[0].unsqueeze(1), ty))
+
+
 # ---------------------------------------------------------------------------------------------
 # smooth unary functions
 # ---------------------------------------------------------------------------------------------
@@ -464,6 +509,11 @@ def _unary_backward(node: Node, boxes: Sequence[Box], adj: Box) -> list[Box | No
     return [imul(adj, from_bounds(lo, hi).unsqueeze(1))]
 
 
+def _unary_tangent(node: Node, boxes: Sequence[Box], tans: Sequence[Box | None]
+                   ) -> Box | None:
+    return None if tans[0] is None else _unary_backward(node, boxes, tans[0])[0]
+
+
 # ---------------------------------------------------------------------------------------------
 # softmax
 # ---------------------------------------------------------------------------------------------
@@ -512,6 +562,12 @@ def _softmax_backward(node: Node, boxes: Sequence[Box], adj: Box) -> list[Box | 
     s = isum(imul(adj, p), d, keepdim=True)
     diff = pad(adj.c - s.c, adj.r + s.r)
     return [imul(diff, p)]
+
+
+def _softmax_tangent(node: Node, boxes: Sequence[Box], tans: Sequence[Box | None]
+                     ) -> Box | None:
+    # J = diag(p) - p p^T is symmetric: J t has the form of a^T J
+    return None if tans[0] is None else _softmax_backward(node, boxes, tans[0])[0]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -624,6 +680,30 @@ def _norm_backward(node: Node, boxes: Sequence[Box], adj: Box) -> list[Box | Non
     return [out.reshape(B, R, *node.in_shapes[0])]
 
 
+def _norm_tangent(node: Node, boxes: Sequence[Box], tans: Sequence[Box | None]) -> Box | None:
+    """``J t = gamma * (t - mean(t) - xhat mean(xhat * t)) / sigma`` (no centring: RMSNorm)."""
+    t0 = tans[0]
+    if t0 is None:
+        return None
+    _, _, _, _, centre = _norm_params(node)
+    st = _norm_stats(node, boxes[0])
+    B, R = t0.c.shape[:2]
+    n = st.n
+    t = t0.reshape(B, R, -1, n)
+    xh = st.xhat.unsqueeze(1)
+    m2 = isum(imul(t, xh), -1, keepdim=True)
+    m2 = Box(m2.c / n, m2.r / n + REL64 * m2.mag / n)
+    u = imul(xh, m2)
+    h = pad(t.c - u.c, t.r + u.r)
+    if centre:
+        m1 = isum(t, -1, keepdim=True)
+        h = pad(h.c - m1.c / n, h.r + m1.r / n + REL64 * m1.mag / n)
+    out = imul(h, st.inv_sigma.unsqueeze(1))
+    if st.gamma is not None:
+        out = imul(out, point(st.gamma))
+    return out.reshape(B, R, *node.out_shape)
+
+
 # ---------------------------------------------------------------------------------------------
 # ops linear in each input jointly (add / sub / cat of several inputs)
 # ---------------------------------------------------------------------------------------------
@@ -685,26 +765,46 @@ def _multi_backward(node: Node, boxes: Sequence[Box], adj: Box) -> list[Box | No
     return out
 
 
-MULTI = LocalOp("linear in each input (exact)", _multi_forward, _multi_backward)
+def _multi_tangent(node: Node, boxes: Sequence[Box], tans: Sequence[Box | None]
+                   ) -> Box | None:
+    out: Box | None = None
+    for i, t in enumerate(tans):
+        if t is None:
+            continue
+        B, R = t.c.shape[:2]
+        dev = t.c.device
+        sg = _signs(node, i, dev)
+        g = _slot_fn(node, i)
+        with torch.no_grad():
+            fc = t.c.reshape(B * R, *node.in_shapes[i])
+            fr = t.r.reshape(B * R, *node.in_shapes[i])
+            c = g(fc)
+            r = g(fr) * sg
+            m = g(fc.abs() + fr) * sg
+        box = pad(c, r, m).reshape(B, R, *node.out_shape)
+        out = _acc(out, box)
+    return out
+
+
+MULTI = LocalOp("linear in each input (exact)", _multi_forward, _multi_backward, _multi_tangent)
 
 _UNARY = {"exp", "log", "sqrt", "rsqrt", "reciprocal", "square", "pow"}
 _MATMUL = {"matmul", "bmm"}
 _TABLE: dict[str, LocalOp] = {
-    "mul": LocalOp("product |y||dx| + |x||dy|", _mul_forward, _mul_backward),
-    "multiply": LocalOp("product |y||dx| + |x||dy|", _mul_forward, _mul_backward),
-    "truediv": LocalOp("division x/y, y away from 0", _div_forward, _div_backward),
-    "div": LocalOp("division x/y, y away from 0", _div_forward, _div_backward),
-    "divide": LocalOp("division x/y, y away from 0", _div_forward, _div_backward),
-    "true_divide": LocalOp("division x/y, y away from 0", _div_forward, _div_backward),
-    "softmax": LocalOp("softmax p * (a - <a, p>)", _softmax_forward, _softmax_backward),
-    "Softmax": LocalOp("softmax p * (a - <a, p>)", _softmax_forward, _softmax_backward),
-    "LayerNorm": LocalOp("layer norm, variance bounded below", _norm_forward, _norm_backward),
-    "layer_norm": LocalOp("layer norm, variance bounded below", _norm_forward, _norm_backward),
-    "RMSNorm": LocalOp("rms norm, rms bounded below", _norm_forward, _norm_backward),
-    "rms_norm": LocalOp("rms norm, rms bounded below", _norm_forward, _norm_backward),
-    **{k: LocalOp("bilinear X Y", _matmul_forward, _matmul_backward) for k in _MATMUL},
-    **{k: LocalOp(f"{k} on a bounded range (mean value)", _unary_forward, _unary_backward)
-       for k in _UNARY},
+    **{k: LocalOp("product |y||dx| + |x||dy|", _mul_forward, _mul_backward, _mul_tangent)
+       for k in ("mul", "multiply")},
+    **{k: LocalOp("division x/y, y away from 0", _div_forward, _div_backward, _div_tangent)
+       for k in ("truediv", "div", "divide", "true_divide")},
+    **{k: LocalOp("softmax p * (a - <a, p>)", _softmax_forward, _softmax_backward,
+                  _softmax_tangent) for k in ("softmax", "Softmax")},
+    **{k: LocalOp("layer norm, variance bounded below", _norm_forward, _norm_backward,
+                  _norm_tangent) for k in ("LayerNorm", "layer_norm")},
+    **{k: LocalOp("rms norm, rms bounded below", _norm_forward, _norm_backward, _norm_tangent)
+       for k in ("RMSNorm", "rms_norm")},
+    **{k: LocalOp("bilinear X Y", _matmul_forward, _matmul_backward, _matmul_tangent)
+       for k in _MATMUL},
+    **{k: LocalOp(f"{k} on a bounded range (mean value)", _unary_forward, _unary_backward,
+                  _unary_tangent) for k in _UNARY},
 }
 _MULTI_RULES = {"add/sub", "cat"}
 

@@ -52,7 +52,7 @@ from ..results import CertifyResult
 from ..rules._registry import ROUND_REL
 from ..spectral.certify import _up
 from .autolip import node_bounds, node_constants
-from .local import check_inputs, chunk_size
+from .local import check_inputs, chunk_size, intersect_rows
 
 __all__ = ["certify", "pair_constants_global", "row_norms"]
 
@@ -158,6 +158,7 @@ def certify(
     method: str = "local",
     batch_size: int = 32,
     max_memory: int = 1 << 30,
+    refine: int = 1 << 19,
     progress: Callable[[str], None] | None = None,
 ) -> CertifyResult:
     """Which samples are certified robust at ``radius`` (l2 or l-inf ball), and how.
@@ -165,7 +166,9 @@ def certify(
     ``method="local"``: local constants of the logit differences over each ball (interval
     secant Jacobians, capped by the global constants when AutoLip has them); ``"global"``:
     AutoLip's certified constants of the logit differences. See the module docstring for the
-    proof. Returns a :class:`~lipbound.results.CertifyResult` (per-sample certified, margin,
+    proof. ``refine`` as in :func:`~lipbound.methods.local.local_bound` (forward tangent boxes
+    when the graph's are at most that many entries per sample). Returns a
+    :class:`~lipbound.results.CertifyResult` (per-sample certified, margin,
     the constant that decided, and the certified accuracy).
 
     >>> import torch
@@ -217,9 +220,13 @@ def certify(
             m = _margins(Box(out, ROUND_REL * out.abs() + 1e-300), yb, k)
         L_g = G[yb[:, None], _others(k, yb)] if G is not None else None
         if method == "local":
-            boxes = forward_boxes(graph, xb, float(radius), n, ops)
+            tans: dict[str, Box | None] = {}
+            boxes = forward_boxes(graph, xb, float(radius), n, ops, refine=refine,
+                                  tangents=tans)
             rows = _diff_rows(k, yb).reshape(xb.shape[0], k - 1, *out_shape)
-            L = row_norms(backward_rows(graph, boxes, rows, ops), n)
+            J = intersect_rows(backward_rows(graph, boxes, rows, ops),
+                               tans.get(graph.output.name), rows)
+            L = row_norms(J, n)
             if L_g is not None:
                 L = torch.minimum(L, L_g)
         elif L_g is not None:

@@ -66,7 +66,7 @@ from torch import nn
 from .._validation import check_model, check_norm, check_positive
 from ..errors import InvalidArgumentError, LipboundError, ShapeError, UnsupportedModelError
 from ..graph import OpGraph, capture, simplify
-from ..local.interval import Box
+from ..local.interval import REL64, Box, from_bounds
 from ..local.propagate import backward_rows, check_graph, forward_boxes, largest_value
 from ..local.rules import LocalOp
 from ..results import LocalResult
@@ -143,6 +143,23 @@ def interval_norms(J: Box, norm: str) -> torch.Tensor:
         v2 = matrix_norm_upper(Mc[b], "2")[0] + matrix_norm_upper(Mr[b], "2")[0]
         out.append(_up(min(v1, v2), ROUND_REL))
     return torch.tensor(out, dtype=_F64)
+
+
+def intersect_rows(J: Box, tangent: Box | None, rows: torch.Tensor) -> Box:
+    """``J`` (rows ``w^T M``, ``(B, R, *in)``) intersected with ``w^T T`` from the forward
+    tangent box ``T`` (``(B, n_in, *out)``) of the same secant matrices, when there is one:
+    both contain ``w^T M`` for every secant matrix ``M``, hence so does the intersection."""
+    if tangent is None:
+        return J
+    B, R = rows.shape[:2]
+    w = rows.reshape(B, R, -1).to(_F64)
+    Tc = tangent.c.reshape(B, tangent.c.shape[1], -1)  # (B, n_in, K)
+    Tr = tangent.r.reshape(Tc.shape)
+    c = w @ Tc.transpose(1, 2)
+    r = w.abs() @ Tr.transpose(1, 2) + REL64 * (w.abs() @ (Tc.abs() + Tr).transpose(1, 2))
+    lo = torch.maximum(J.lo, (c - r).reshape(J.c.shape))
+    hi = torch.minimum(J.hi, (c + r).reshape(J.c.shape))
+    return from_bounds(torch.minimum(lo, hi), torch.maximum(lo, hi))
 
 
 def _project(d: torch.Tensor, radius: float, norm: str) -> torch.Tensor:
@@ -280,10 +297,12 @@ def local_bound(
     uppers: list[torch.Tensor] = []
     for s in range(0, x.shape[0], chunk):
         xb = x[s:s + chunk]
-        boxes = forward_boxes(graph, xb, float(radius), n, ops, refine=refine)
+        tans: dict[str, Box | None] = {}
+        boxes = forward_boxes(graph, xb, float(radius), n, ops, refine=refine, tangents=tans)
         rows = torch.eye(K, dtype=_F64, device=xb.device).reshape(K, *out_shape)
         rows = rows.unsqueeze(0).expand(xb.shape[0], *rows.shape)
-        J = backward_rows(graph, boxes, rows, ops)
+        J = intersect_rows(backward_rows(graph, boxes, rows, ops),
+                           tans.get(graph.output.name), rows)
         uppers.append(interval_norms(J, n))
         if progress is not None:
             progress(f"local_bound: {min(s + chunk, x.shape[0])}/{x.shape[0]} samples")
