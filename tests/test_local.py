@@ -15,6 +15,7 @@ import lipbound
 from lipbound.errors import LipboundError, ShapeError, UnsupportedModelError
 from lipbound.graph import capture, simplify
 from lipbound.local import Box, backward_rows, forward_boxes
+from lipbound.local.propagate import backward_rows_ball, check_graph, linear_norms
 
 torch.set_num_threads(1)
 F64 = torch.float64
@@ -202,6 +203,11 @@ def test_interval_boxes_contain_every_value_and_jacobian_in_the_ball(
             assert bool(((v - b.c[:, None]).abs() <= b.r[:, None]).all()), node.qualname
     jz = _jac(net, z).reshape(2, 32, k, d)
     assert bool(((jz - J.c[:, None]).abs() <= J.r[:, None]).all())
+    Jb, rho = backward_rows_ball(g, boxes, torch.eye(k, dtype=F64).expand(2, k, k),
+                                 check_graph(g), norm, linear_norms(g, norm))
+    excess = ((jz - Jb.c[:, None]).abs() - Jb.r[:, None]).clamp_min(0)  # outside the box
+    dual = excess.norm(dim=-1) if norm == "2" else excess.sum(dim=-1)
+    assert bool((dual <= rho[:, None] * (1 + 1e-9) + 1e-12).all())  # ... inside the ball
     if refine:  # forward tangent boxes (columns of the same secant matrices)
         T = tans[g.output.name]
         assert T is not None

@@ -34,14 +34,17 @@ from collections.abc import Callable
 
 import torch
 
-from ..errors import UnsupportedModelError, UnsupportedNode
+from ..errors import LipboundError, UnsupportedModelError, UnsupportedNode
 from ..graph import OpGraph
 from ..graph.types import Node
-from .interval import MAX_ENTRIES, REL64, TINY, Box, from_bounds, iadd
+from ..rules import RuleContext
+from ..rules.linear import l1_linf_available
+from .interval import MAX_ENTRIES, REL64, TINY, Box, from_bounds, iadd, pad
 from .linear import linear_parts
-from .rules import LocalOp, local_op
+from .rules import LocalOp, local_op, slope_box
 
-__all__ = ["backward_rows", "check_graph", "forward_boxes", "largest_value", "tangent_entries"]
+__all__ = ["backward_rows", "backward_rows_ball", "check_graph", "forward_boxes", "largest_value",
+           "linear_norms", "tangent_entries"]
 
 _F64 = torch.float64
 
@@ -248,3 +251,97 @@ def backward_rows(graph: OpGraph, boxes: dict[str, Box], rows: torch.Tensor,
         return adj[inp.name]
     z = torch.zeros((B, R, *graph.input_shape), dtype=_F64, device=r0.device)
     return Box(z, torch.zeros_like(z))
+
+
+def linear_norms(graph: OpGraph, norm: str) -> dict[str, float]:
+    """Certified operator norms of the linear nodes (``||W||_2``, or ``||W||_inf`` for the
+    l-inf ball: the factor of ``||delta W||_1`` for a row ``delta``), by their global rules;
+    nodes without a certified constant are left out."""
+    ctx = RuleContext(norm=norm)
+    out: dict[str, float] = {}
+    for node in graph:
+        if node.kind != "linear" or node.meta.get("rule") is None:
+            continue
+        if norm != "2" and l1_linf_available(node) is not None:
+            continue
+        try:
+            c = node.meta["rule"].constant(node, ctx)
+        except LipboundError:
+            continue
+        if c.certified and c.constants:
+            out[node.name] = float(c.constants[0])
+    return out
+
+
+def _dual(t: torch.Tensor, norm: str) -> torch.Tensor:
+    """Dual norm of each row ``(B, R, ...)``: l2 for the l2 ball, l1 for the l-inf ball."""
+    a = t.reshape(t.shape[0], t.shape[1], -1)
+    return a.norm(dim=-1) if norm == "2" else a.abs().sum(dim=-1)
+
+
+def _to_box(a: Box, rho: torch.Tensor) -> Box:
+    """The box containing ``a + d`` for every row ``d`` with ``||d||_* <= rho``: each entry of
+    such a ``d`` is at most ``rho`` in absolute value (l2 and l1 alike)."""
+    shape = rho.shape + (1,) * (a.c.dim() - 2)
+    return Box(a.c, a.r + rho.reshape(shape))
+
+
+def backward_rows_ball(graph: OpGraph, boxes: dict[str, Box], rows: torch.Tensor,
+                       ops: dict[str, LocalOp], norm: str, lin: dict[str, float]
+                       ) -> tuple[Box, torch.Tensor]:
+    r"""Like :func:`backward_rows`, but the rows are ``c + b + d`` with ``|b| <= r`` entry-wise
+    (the box) and ``||d||_* <= rho`` (a ball of the dual norm, one radius per row).
+
+    Interval wrapping: an entry-wise box pushed through a linear node grows like ``|W|^T``,
+    whose norm can exceed ``||W||`` by ``sqrt(n)``; the ball grows by the operator norm
+    only: ``||d W||_* <= ||W|| ||d||_*`` (``lin``, the nodes' certified global constants:
+    ``||W||_2``, or ``||W||_inf = ||W^T||_1`` for the l1 rows of the l-inf ball). At an
+    activation with slopes ``q`` in ``[q_c +- q_r]``: ``(c + b + d) diag(q) = c q_c +
+    b diag(q) + d diag(q) + c diag(q - q_c)``: the centre is ``c q_c``, the box
+    ``|b| (|q_c| + q_r)``, and the ball ``rho max|q| + || |c| q_r ||_*`` (Hoelder per row). A
+    node without a ball rule (other ops, or a linear node without a certified norm) first turns
+    the ball into its box (every entry of ``d`` is at most ``rho``), then applies its interval
+    rule. Sums over a node's users add centres, boxes and radii (triangle inequality). The
+    result contains every ``w^T M`` as :func:`backward_rows` does."""
+    nodes = list(graph)
+    r0 = rows.detach().to(_F64)
+    B, R = r0.shape[:2]
+    adj: dict[str, tuple[Box, torch.Tensor]] = {
+        graph.output.inputs[0]: (Box(r0, torch.zeros_like(r0)),
+                                 torch.zeros((B, R), dtype=_F64, device=r0.device))}
+    up = 1 + REL64
+    for node in reversed(nodes):
+        if node.kind in ("output", "input") or node.name not in adj:
+            continue
+        a, rho = adj.pop(node.name)
+        grads: list[tuple[Box, torch.Tensor] | None]
+        if node.kind == "linear" and node.name in lin:
+            grads = [(_linear_backward(node, a), rho * lin[node.name] * up)]
+        elif node.kind == "activation":
+            qlo, qhi = slope_box(node, boxes[node.inputs[0]])
+            q = from_bounds(qlo, qhi).unsqueeze(1)
+            qmax = torch.maximum(qlo.abs(), qhi.abs()).reshape(B, -1).amax(dim=1)
+            c = a.c * q.c
+            box = pad(c, a.r * (q.c.abs() + q.r), a.mag * (q.c.abs() + q.r))
+            new = _dual(a.c.abs() * q.r, norm) * up + TINY
+            grads = [(box, (rho * qmax[:, None] + new) * up)]
+        else:
+            full = _to_box(a, rho)
+            if node.kind == "linear":
+                gl: list[Box | None] = [_linear_backward(node, full)]
+            else:
+                gl = ops[node.name].backward(node, [boxes[p] for p in node.inputs], full)
+            grads = [None if g is None else (g, torch.zeros_like(rho)) for g in gl]
+        for p, g in zip(node.inputs, grads):
+            if g is None:
+                continue
+            if p in adj:
+                b0, r0_ = adj[p]
+                adj[p] = (iadd(b0, g[0]), (r0_ + g[1]) * up)
+            else:
+                adj[p] = g
+    inp = graph.input
+    if inp.name in adj:
+        return adj[inp.name]
+    z = torch.zeros((B, R, *graph.input_shape), dtype=_F64, device=r0.device)
+    return Box(z, torch.zeros_like(z)), torch.zeros((B, R), dtype=_F64, device=r0.device)

@@ -16,8 +16,10 @@ certifies ``x``. ``L_j`` is the constant of ``x -> w^T f(x)`` with the differenc
   the row and (inf -> |.|) = l1 norm of the row (``||grad||_1``);
 * ``method="local"``: ``m`` ranges over the interval row ``[m_c +- m_r]`` propagated backward
   from ``w`` over the ball (:func:`lipbound.local.propagate.backward_rows`), so
-  ``L_j = || |m_c| + m_r ||_2`` (l2) or ``sum |m_c| + m_r`` (l-inf), capped by the global one
-  below when it exists (both are valid; the minimum is);
+  ``L_j = || |m_c| + m_r ||_2`` (l2) or ``sum |m_c| + m_r`` (l-inf); with the ball variant
+  (:func:`~lipbound.local.propagate.backward_rows_ball`, rows ``c + b + d``,
+  ``||d||_* <= rho``) ``L_j = || |c| + r ||_* + rho``; the smaller of the two, capped by the
+  global one below when it exists (each is valid, hence their minimum);
 * ``method="global"``: AutoLip's per-node certified constants (:func:`~lipbound.methods.
   autolip.node_constants`) composed up to the input of the last affine node ``W`` (bound
   ``L_h``), times the exact ``||W^T w||_2`` (l2) or ``||W^T w||_1`` (l-inf) of that node's
@@ -46,7 +48,13 @@ from ..errors import InvalidArgumentError, ShapeError, UnsupportedModelError
 from ..graph import OpGraph, capture, simplify
 from ..local.interval import Box
 from ..local.linear import linear_parts
-from ..local.propagate import backward_rows, check_graph, forward_boxes
+from ..local.propagate import (
+    backward_rows,
+    backward_rows_ball,
+    check_graph,
+    forward_boxes,
+    linear_norms,
+)
 from ..local.rules import LocalOp
 from ..results import CertifyResult
 from ..rules._registry import ROUND_REL
@@ -209,6 +217,7 @@ def certify(
     if method == "global" and G is None:
         raise UnsupportedModelError([], what=f"certify(method='global'): {note}")
     chunk = chunk_size(graph, k - 1, batch_size, max_memory)
+    lin = linear_norms(graph, n) if method == "local" else {}
     margins, bounds = [], []
     for s in range(0, x.shape[0], chunk):
         xb, yb = x[s:s + chunk], y[s:s + chunk]
@@ -219,14 +228,15 @@ def certify(
                 out = _eval64(graph, xb)
             m = _margins(Box(out, ROUND_REL * out.abs() + 1e-300), yb, k)
         L_g = G[yb[:, None], _others(k, yb)] if G is not None else None
-        if method == "local":
+        if method == "local" and ops is not None:
             tans: dict[str, Box | None] = {}
             boxes = forward_boxes(graph, xb, float(radius), n, ops, refine=refine,
                                   tangents=tans)
             rows = _diff_rows(k, yb).reshape(xb.shape[0], k - 1, *out_shape)
             J = intersect_rows(backward_rows(graph, boxes, rows, ops),
                                tans.get(graph.output.name), rows)
-            L = row_norms(J, n)
+            Jb, rho = backward_rows_ball(graph, boxes, rows, ops, n, lin)
+            L = torch.minimum(row_norms(J, n), row_norms(Jb, n) + rho * (1 + ROUND_REL))
             if L_g is not None:
                 L = torch.minimum(L, L_g)
         elif L_g is not None:

@@ -18,7 +18,10 @@ Upper bound (certified). On lipbound's own graph (:func:`lipbound.graph.capture`
    stable ReLU has slope exactly 0 or 1), and the local rules for products, matmul of two
    inputs, division, exp/log/sqrt/pow, softmax, LayerNorm/RMSNorm
    (:mod:`lipbound.local.rules`, each with its proof);
-3. composed backwards from the output rows (:func:`lipbound.local.propagate.backward_rows`):
+3. composed backwards from the output rows (:func:`lipbound.local.propagate.backward_rows`,
+   and the wrapping-free variant :func:`~lipbound.local.propagate.backward_rows_ball` whose
+   new uncertainty at each activation is a dual-norm ball that grows by the layers' certified
+   operator norms instead of ``|W|``; the smaller final bound is kept):
    an interval matrix ``[M_c +- M_r]`` containing every secant matrix ``M`` with
    ``f(u) - f(v) = M (u - v)`` for ``u, v`` in the ball. This is the interval-Jacobian
    composition of Fast-Lip (Weng et al., 2018) on an arbitrary DAG: it replaces AutoLip's
@@ -67,7 +70,14 @@ from .._validation import check_model, check_norm, check_positive
 from ..errors import InvalidArgumentError, LipboundError, ShapeError, UnsupportedModelError
 from ..graph import OpGraph, capture, simplify
 from ..local.interval import REL64, Box, from_bounds
-from ..local.propagate import backward_rows, check_graph, forward_boxes, largest_value
+from ..local.propagate import (
+    backward_rows,
+    backward_rows_ball,
+    check_graph,
+    forward_boxes,
+    largest_value,
+    linear_norms,
+)
 from ..local.rules import LocalOp
 from ..results import LocalResult
 from ..rules._registry import ROUND_REL
@@ -129,19 +139,27 @@ def _global(model: nn.Module, shape: tuple[int, ...], norm: str) -> tuple[float 
     return float(g.upper), f"capped by the global certified AutoLip bound {g.upper:.6g}"
 
 
-def interval_norms(J: Box, norm: str) -> torch.Tensor:
-    """Certified ``sup ||M||`` over the interval matrices ``J`` (``(B, R, n)`` boxes)."""
+def interval_norms(J: Box, norm: str, rho: torch.Tensor | None = None) -> torch.Tensor:
+    """Certified ``sup ||M||`` over the matrices ``M = C + D`` with ``C`` in the interval
+    matrix ``J`` (``(B, R, n)`` boxes) and rows ``d_j`` of ``D`` with ``||d_j||_* <= rho_j``
+    (``rho`` ``(B, R)``, zero when ``None``): in l2, ``min(|| |M_c| + M_r ||, ||M_c|| +
+    ||M_r||) + ||D||_F`` with ``||D||_2 <= ||D||_F <= sqrt(sum rho_j^2)``; in l-inf (max row
+    l1 norm) ``max_j (sum_i (|M_c| + M_r)_{ji} + rho_j)``."""
     out = []
     Mc = J.c.reshape(J.c.shape[0], J.c.shape[1], -1)
     Mr = J.r.reshape(Mc.shape)
     for b in range(Mc.shape[0]):
         A = Mc[b].abs() + Mr[b]
         if norm == "inf":
-            out.append(_up(matrix_norm_upper(A, "inf")[0], ROUND_REL))
+            rows = A.sum(dim=1) * (1 + 2 * REL64)
+            if rho is not None:
+                rows = rows + rho[b]
+            out.append(_up(float(rows.max()), ROUND_REL))
             continue
         v1 = matrix_norm_upper(A, "2")[0]
         v2 = matrix_norm_upper(Mc[b], "2")[0] + matrix_norm_upper(Mr[b], "2")[0]
-        out.append(_up(min(v1, v2), ROUND_REL))
+        extra = 0.0 if rho is None else float(rho[b].norm()) * (1 + REL64)
+        out.append(_up(min(v1, v2) + extra, ROUND_REL))
     return torch.tensor(out, dtype=_F64)
 
 
@@ -294,6 +312,7 @@ def local_bound(
     glob, note = _global(model, shape, n) if use_global else (None, "global cap not used")
     notes.append(note)
     chunk = chunk_size(graph, K, batch_size, max_memory)
+    lin = linear_norms(graph, n)
     uppers: list[torch.Tensor] = []
     for s in range(0, x.shape[0], chunk):
         xb = x[s:s + chunk]
@@ -303,7 +322,8 @@ def local_bound(
         rows = rows.unsqueeze(0).expand(xb.shape[0], *rows.shape)
         J = intersect_rows(backward_rows(graph, boxes, rows, ops),
                            tans.get(graph.output.name), rows)
-        uppers.append(interval_norms(J, n))
+        Jb, rho = backward_rows_ball(graph, boxes, rows, ops, n, lin)
+        uppers.append(torch.minimum(interval_norms(J, n), interval_norms(Jb, n, rho)))
         if progress is not None:
             progress(f"local_bound: {min(s + chunk, x.shape[0])}/{x.shape[0]} samples")
     interval = torch.cat(uppers)
