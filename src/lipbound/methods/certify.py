@@ -57,10 +57,11 @@ from ..local.propagate import (
 )
 from ..local.rules import LocalOp
 from ..results import CertifyResult
+from ..rules import NodeConstant
 from ..rules._registry import ROUND_REL
 from ..spectral.certify import _up
 from .autolip import node_bounds, node_constants
-from .local import check_inputs, chunk_size, intersect_rows
+from .local import certified_linear, check_inputs, chunk_size, intersect_rows
 
 __all__ = ["certify", "pair_constants_global", "row_norms"]
 
@@ -109,13 +110,15 @@ def _others(k: int, y: torch.Tensor) -> torch.Tensor:
     return idx[keep].reshape(y.shape[0], k - 1)
 
 
-def pair_constants_global(graph: OpGraph, norm: str) -> tuple[torch.Tensor | None, str]:
+def pair_constants_global(graph: OpGraph, norm: str, cs: dict[str, NodeConstant] | None = None
+                          ) -> tuple[torch.Tensor | None, str]:
     """``(K, K)`` certified global constants of ``x -> f_y(x) - f_j(x)`` (module docstring),
-    or ``None`` with the reason."""
-    try:
-        cs = node_constants(graph, norm=norm)
-    except UnsupportedModelError as exc:
-        return None, f"no global constants (autolip refuses: {str(exc).splitlines()[0]})"
+    or ``None`` with the reason (``cs``: AutoLip's node constants, computed when ``None``)."""
+    if cs is None:
+        try:
+            cs = node_constants(graph, norm=norm)
+        except UnsupportedModelError as exc:
+            return None, f"no global constants (autolip refuses: {str(exc).splitlines()[0]})"
     unc = [c.qualname for c in cs.values() if not c.certified]
     if unc:
         return None, "no certified global constants (estimates for " + ", ".join(unc) + ")"
@@ -203,7 +206,13 @@ def certify(
         raise ShapeError(f"certify needs a classifier with >= 2 outputs; the model has {k}")
     y = _labels(labels, x.shape[0], k)
     notes: list[str] = []
-    G, note = pair_constants_global(graph, n)
+    try:
+        cs: dict[str, NodeConstant] | None = node_constants(graph, norm=n)
+    except UnsupportedModelError as exc:
+        cs = None
+        G, note = None, f"no global constants (autolip refuses: {str(exc).splitlines()[0]})"
+    if cs is not None:
+        G, note = pair_constants_global(graph, n, cs)
     notes.append(note)
     ops: dict[str, LocalOp] | None
     try:
@@ -217,7 +226,9 @@ def certify(
     if method == "global" and G is None:
         raise UnsupportedModelError([], what=f"certify(method='global'): {note}")
     chunk = chunk_size(graph, k - 1, batch_size, max_memory)
-    lin = linear_norms(graph, n) if method == "local" else {}
+    lin: dict[str, float] = {}
+    if method == "local":
+        lin = certified_linear(graph, cs) if cs is not None else linear_norms(graph, n)
     margins, bounds = [], []
     for s in range(0, x.shape[0], chunk):
         xb, yb = x[s:s + chunk], y[s:s + chunk]

@@ -80,12 +80,13 @@ from ..local.propagate import (
 )
 from ..local.rules import LocalOp
 from ..results import LocalResult
+from ..rules import NodeConstant
 from ..rules._registry import ROUND_REL
 from ..spectral.certify import _up, matrix_norm_upper
-from .autolip import autolip
+from .autolip import compose, node_constants
 from .lower import _full_jacobian, _norm_of_jac
 
-__all__ = ["local_bound", "check_inputs", "chunk_size", "prepare"]
+__all__ = ["certified_linear", "check_inputs", "chunk_size", "local_bound", "prepare"]
 
 _F64 = torch.float64
 #: bytes per float64 entry of the per-row adjoints, times the tensors alive in one node's
@@ -128,15 +129,26 @@ def chunk_size(graph: OpGraph, rows: int, batch_size: int, max_memory: int) -> i
     return max(1, min(int(batch_size), int(fit)))
 
 
-def _global(model: nn.Module, shape: tuple[int, ...], norm: str) -> tuple[float | None, str]:
+def certified_linear(graph: OpGraph, cs: dict[str, NodeConstant]) -> dict[str, float]:
+    """The certified constants of the linear nodes among AutoLip's node constants ``cs``."""
+    return {k: float(c.constants[0]) for k, c in cs.items()
+            if graph[k].kind == "linear" and c.certified and c.constants}
+
+
+def _global(graph: OpGraph, norm: str) -> tuple[float | None, str, dict[str, float]]:
+    """AutoLip's certified bound of the graph (``None`` if refused or estimated), a note, and
+    the certified linear-node constants (for the ball variant)."""
     try:
-        g = autolip(model, shape, norm=norm)
+        cs = node_constants(graph, norm=norm)
     except UnsupportedModelError as exc:
         first = str(exc).splitlines()[0]
-        return None, f"no global bound to cap with (autolip refuses: {first})"
-    if not g.certified or g.upper is None:
-        return None, "no global certified bound to cap with (autolip gave an estimate)"
-    return float(g.upper), f"capped by the global certified AutoLip bound {g.upper:.6g}"
+        return None, f"no global bound to cap with (autolip refuses: {first})", linear_norms(
+            graph, norm)
+    lin = certified_linear(graph, cs)
+    if not all(c.certified for c in cs.values()):
+        return None, "no global certified bound to cap with (autolip gave an estimate)", lin
+    g = compose(graph, cs)
+    return g, f"capped by the global certified AutoLip bound {g:.6g}", lin
 
 
 def interval_norms(J: Box, norm: str, rho: torch.Tensor | None = None) -> torch.Tensor:
@@ -305,14 +317,14 @@ def local_bound(
     check_positive("batch_size", batch_size, integer=True)
     check_positive("max_memory", max_memory, integer=True)
     graph, ops = prepare(model, x)
-    shape = tuple(x.shape[1:])
     out_shape = tuple(graph[graph.output.inputs[0]].out_shape)
     K = math.prod(out_shape)
     notes: list[str] = []
-    glob, note = _global(model, shape, n) if use_global else (None, "global cap not used")
+    glob, note, lin = _global(graph, n)
+    if not use_global:
+        glob, note = None, "global cap not used"
     notes.append(note)
     chunk = chunk_size(graph, K, batch_size, max_memory)
-    lin = linear_norms(graph, n)
     uppers: list[torch.Tensor] = []
     for s in range(0, x.shape[0], chunk):
         xb = x[s:s + chunk]
