@@ -64,6 +64,21 @@ class TinyAttention(nn.Module):
         return self.out(h.mean(dim=1))
 
 
+class SDPA(nn.Module):
+    """``F.scaled_dot_product_attention`` over 3 tokens of width 4 (one node in the graph)."""
+
+    def __init__(self, d: int = 4, t: int = 3, k: int = 2) -> None:
+        super().__init__()
+        self.t, self.d = t, d
+        self.q, self.k, self.v = nn.Linear(d, d), nn.Linear(d, d), nn.Linear(d, d)
+        self.out = nn.Linear(t * d, k)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = x.reshape(-1, self.t, self.d)
+        a = nn.functional.scaled_dot_product_attention(self.q(h), self.k(h), self.v(h))
+        return self.out(torch.tanh(a).reshape(-1, self.t * self.d))
+
+
 def _mlp(act: type[nn.Module], d: int = 5, k: int = 3) -> nn.Module:
     return nn.Sequential(nn.Linear(d, 12), act(), nn.Linear(12, 12), act(), nn.Linear(12, k))
 
@@ -75,8 +90,9 @@ ARCHS = {
     "gelu": lambda: _mlp(nn.GELU),
     "ln_product": lambda: LNProduct(),
     "attention": lambda: TinyAttention(),
+    "sdpa": lambda: SDPA(),
 }
-DIMS = {"attention": 12}
+DIMS = {"attention": 12, "sdpa": 12}
 
 
 # ---- closed forms ---------------------------------------------------------------------------
@@ -106,7 +122,7 @@ def test_stable_relu_net_gives_the_exact_local_jacobian_norm() -> None:
         assert e <= u <= e * (1 + 1e-5)
 
 
-@pytest.mark.parametrize("arch", ["tanh", "sigmoid", "gelu", "ln_product", "attention"])
+@pytest.mark.parametrize("arch", ["tanh", "sigmoid", "gelu", "ln_product", "attention", "sdpa"])
 def test_small_radius_on_smooth_nets_approaches_the_jacobian_norm(arch: str) -> None:
     torch.manual_seed(2)
     net = ARCHS[arch]().eval()

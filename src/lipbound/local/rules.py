@@ -64,6 +64,9 @@ gets the sum of its users' adjoints) gives ``f(u) - f(v) = M (u - v)`` for every
   so ``var in [max(0, ||P c|| - ||r||)^2 / n, (||P c|| + ||r||)^2 / n]``; ``(P x)_i`` lies
   within ``r_i (1 - 2/n) + sum(r) / n`` of ``(P c)_i`` (the absolute row sums of ``P``);
   ``|xhat_i| <= sqrt(n)``. RMSNorm is the same without centring (``P = I``).
+* **scaled_dot_product_attention** (no mask, no dropout, not causal) is the composition
+  ``S = s q k^T``, ``P = softmax(S)``, ``P v``: the rules above chained inside one node
+  (secant of a composition = product of the parts' secants).
 
 Rounding: every box goes through :func:`lipbound.local.interval.pad` (see there).
 """
@@ -82,6 +85,7 @@ from torch import nn
 from ..errors import UnsupportedModelError, UnsupportedNode
 from ..graph.types import Node
 from ..rules._util import arg, batched_dim, is_tensor_arg
+from ..rules.activation import softplus_jump
 from .interval import (
     REL64,
     TINY,
@@ -276,7 +280,11 @@ def _act_forward(node: Node, boxes: Sequence[Box]) -> Box:
                 _p(node, "negative_slope", 1, 0.01)) >= 0) or (name == "elu" and float(
                 _p(node, "alpha", 1, 1.0)) >= 0) or (name == "softplus" and float(
                 _p(node, "beta", 1, 1.0)) > 0):
-            return from_bounds(node.fn(b.lo), node.fn(b.hi))
+            lo, hi = node.fn(b.lo), node.fn(b.hi)
+            if name == "softplus":  # the switch to x at beta x = threshold jumps down by J
+                hi = hi + softplus_jump(float(_p(node, "beta", 1, 1.0)),
+                                        float(_p(node, "threshold", 2, 20.0)))
+            return from_bounds(lo, hi)
         qlo, qhi = slope_box(node, b)
         k = torch.maximum(qlo.abs(), qhi.abs())
         c = node.fn(b.c)
@@ -543,8 +551,8 @@ def _loo_lse(v: torch.Tensor, dim: int) -> torch.Tensor:
     return torch.logaddexp(pre_ex, suf_ex)
 
 
-def _softmax_box(node: Node, b: Box) -> Box:
-    d = _softmax_dim(node)
+def _softmax_box(node: Node, b: Box, dim: int | None = None) -> Box:
+    d = _softmax_dim(node) if dim is None else dim
     lo, hi = b.lo, b.hi
     plo = torch.exp(lo - torch.logaddexp(lo, _loo_lse(hi, d)))
     phi = torch.exp(hi - torch.logaddexp(hi, _loo_lse(lo, d)))
@@ -568,6 +576,76 @@ def _softmax_tangent(node: Node, boxes: Sequence[Box], tans: Sequence[Box | None
                      ) -> Box | None:
     # J = diag(p) - p p^T is symmetric: J t has the form of a^T J
     return None if tans[0] is None else _softmax_backward(node, boxes, tans[0])[0]
+
+
+def _softmax_vjp(p: Box, a: Box, dim: int) -> Box:
+    """``p * (a - <a, p>)`` along ``dim`` in interval arithmetic (softmax's ``a^T J`` and, by
+    symmetry of ``J``, ``J t``)."""
+    s = isum(imul(a, p), dim, keepdim=True)
+    return imul(pad(a.c - s.c, a.r + s.r), p)
+
+
+# ---------------------------------------------------------------------------------------------
+# scaled dot-product attention: softmax(q k^T * scale) v, composed of the rules above
+# ---------------------------------------------------------------------------------------------
+def _sdpa_scale(node: Node) -> float:
+    for pos, name, ok in ((3, "attn_mask", None), (4, "dropout_p", 0.0), (5, "is_causal", False),
+                          (7, "enable_gqa", False)):
+        v = arg(node, pos, name, ok)
+        if v != ok and not (ok is not None and isinstance(v, (int, float)) and v == ok):
+            raise _refuse(node, f"scaled_dot_product_attention with {name}={v!r} (only the "
+                          "plain form: no mask, no dropout, not causal)")
+    sc = arg(node, 6, "scale", None)
+    e = node.in_shapes[0][-1]
+    if sc is not None and not isinstance(sc, (int, float)):
+        raise _refuse(node, "scaled_dot_product_attention with a non-constant scale")
+    return 1.0 / math.sqrt(e) if sc is None else float(sc)
+
+
+def _sdpa_parts(node: Node, boxes: Sequence[Box], lead: int = 0) -> tuple[Box, Box, Box, Box,
+                                                                            float]:
+    """``(q, k, v, p)`` (``p`` the attention weights' box) with ``lead`` extra dims at 1."""
+    if len(node.inputs) != 3 or any(len(sh) < 2 for sh in node.in_shapes):
+        raise _refuse(node, "scaled_dot_product_attention needs q, k, v that all depend on "
+                      "the input, with >= 2 dims per sample")
+    sc = _sdpa_scale(node)
+    q, k, v = boxes
+    s = imatmul(q, _mT(k))
+    s = pad(s.c * sc, s.r * abs(sc))
+    p = _softmax_box(node, s, dim=s.c.dim() - 1)
+    if lead:
+        q, k, v, p = (b.unsqueeze(1) for b in (q, k, v, p))
+    return q, k, v, p, sc
+
+
+def _sdpa_forward(node: Node, boxes: Sequence[Box]) -> Box:
+    _, _, v, p, _ = _sdpa_parts(node, boxes)
+    return imatmul(p, v)
+
+
+def _sdpa_backward(node: Node, boxes: Sequence[Box], adj: Box) -> list[Box | None]:
+    q, k, v, p, sc = _sdpa_parts(node, boxes, lead=1)
+    d_v = imatmul(_mT(p), adj)
+    d_p = imatmul(adj, _mT(v))
+    d_s = _softmax_vjp(p, d_p, d_p.c.dim() - 1)
+    d_s = pad(d_s.c * sc, d_s.r * abs(sc))
+    d_q = imatmul(d_s, k)
+    d_k = imatmul(_mT(d_s), q)
+    return [_adjoint_to(node, i, g, adj) for i, g in enumerate((d_q, d_k, d_v))]
+
+
+def _sdpa_tangent(node: Node, boxes: Sequence[Box], tans: Sequence[Box | None]) -> Box | None:
+    if all(t is None for t in tans):
+        return None
+    q, k, v, p, sc = _sdpa_parts(node, boxes, lead=1)
+    tq, tk, tv = tans
+    ts = None if tq is None else imatmul(tq, _mT(k))
+    ts = _acc(ts, None if tk is None else imatmul(q, _mT(tk)))
+    out = None
+    if ts is not None:
+        ts = pad(ts.c * sc, ts.r * abs(sc))
+        out = imatmul(_softmax_vjp(p, ts, ts.c.dim() - 1), v)
+    return _acc(out, None if tv is None else imatmul(p, tv))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -803,6 +881,9 @@ _TABLE: dict[str, LocalOp] = {
        for k in ("RMSNorm", "rms_norm")},
     **{k: LocalOp("bilinear X Y", _matmul_forward, _matmul_backward, _matmul_tangent)
        for k in _MATMUL},
+    "scaled_dot_product_attention": LocalOp(
+        "softmax(q k^T s) v: bilinear, softmax, bilinear", _sdpa_forward, _sdpa_backward,
+        _sdpa_tangent),
     **{k: LocalOp(f"{k} on a bounded range (mean value)", _unary_forward, _unary_backward,
                   _unary_tangent) for k in _UNARY},
 }
@@ -833,5 +914,6 @@ def local_op(node: Node) -> LocalOp | str:
     if name == "pow" or node.meta.get("key") is operator.pow:
         return _TABLE["pow"]
     return ("no local rule (local rules cover activations, add/sub/cat, products, matmul, "
-            "division, exp/log/sqrt/rsqrt/reciprocal/pow, softmax, LayerNorm, RMSNorm)")
+            "division, exp/log/sqrt/rsqrt/reciprocal/pow, softmax, LayerNorm, RMSNorm, "
+            "scaled_dot_product_attention)")
 
