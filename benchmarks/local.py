@@ -43,6 +43,7 @@ from torch import nn
 
 import lipbound
 from lipbound.errors import LipboundError
+from lipbound.local.bounds import LocalOptions
 from lipbound.results import format_markdown_table
 from lipbound.train import lipschitz_constraint
 from lipbound.zoo.data import digits64, mnist5k
@@ -82,7 +83,7 @@ def certify_rows(name: str, model: nn.Module, x: torch.Tensor, y: torch.Tensor,
         if refine_n:
             k = min(refine_n, n)
             res = lipbound.certify(model, x[:k], y[:k], r, norm=norm, method="local",
-                                   refine=1 << 22, batch_size=8)
+                                   batch_size=8, options=LocalOptions(refine=1 << 22))
             out += [res.certified_accuracy, 1e3 * res.seconds / k, 1e3 * res.cpu_seconds / k]
             say(f"  {name} l{norm} r={label} local+tangent ({k}): {res.certified_accuracy:.3f}")
         rows.append(out)
@@ -123,7 +124,7 @@ def vit_rows(n: int, epochs: int, depth: int) -> tuple[list[list[Any]], str, flo
     rows = []
     x = xte[:n]
     for r in VIT_RADII:
-        res = lipbound.local_bound(vit, x, r, steps=20, restarts=2)
+        res = lipbound.local_bound(vit, x, r, options=LocalOptions(steps=20, restarts=2))
         lo = res.lower or tuple(0.0 for _ in res.upper)
         ratio = max(u / max(v, 1e-300) for u, v in zip(res.upper, lo))
         rows.append([depth, f"{r:g}", statistics.median(res.upper), statistics.median(lo), ratio,

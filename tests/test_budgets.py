@@ -19,7 +19,7 @@ from torch import nn
 from lipbound.cli import main
 from lipbound.methods.lower import lower_bound
 from lipbound.methods.seqlip import seqlip
-from lipbound.report import estimate, make_progress, plot_report
+from lipbound.report import bound, make_progress, plot_report
 
 NORMS = ("1", "2", "inf")
 SLACK = 0.5  # seconds of start-up allowed on top of 10% of a budget
@@ -50,13 +50,13 @@ def _double(model: nn.Module) -> nn.Module:
 def _recomputed(model: nn.Module, res: Any, norm: str) -> float:
     """The witness's ratio recomputed independently in float64."""
     m64 = _double(model)
-    x = res.x.double()
+    x = res.witness.x.double()
     with torch.no_grad():
-        if res.y is not None:
-            y = res.y.double()
+        if res.witness.y is not None:
+            y = res.witness.y.double()
             num = torch.linalg.vector_norm((m64(x[None]) - m64(y[None])).flatten(), _p(norm))
             return float(num / torch.linalg.vector_norm((x - y).flatten(), _p(norm)))
-    v = res.extra["direction"].double()
+    v = res.witness.direction.double()
     J = torch.autograd.functional.jacobian(lambda z: m64(z[None]).flatten(), x)
     jv = J.reshape(J.shape[0], -1) @ v.flatten()
     return float(torch.linalg.vector_norm(jv, _p(norm)) / torch.linalg.vector_norm(v, _p(norm)))
@@ -118,7 +118,7 @@ def test_regression_estimate_has_no_overall_time_limit() -> None:
     seqlip(_mlp([2, 4, 4, 1], 0), (2,))  # warm-up
     budget = 4.0
     t0 = time.perf_counter()
-    rep = estimate(net, (64,), time_limit=budget)
+    rep = bound(net, (64,), time_limit=budget)
     took = time.perf_counter() - t0
     assert took <= 1.1 * budget + SLACK, took
     assert rep.upper is not None and rep.lower is not None
@@ -203,7 +203,7 @@ class _SinCos(nn.Module):
 def test_regression_estimate_discards_lower_when_uppers_refused(norm: str) -> None:
     net = _SinCos().eval()
     methods = ("lower", "autolip", "seqlip") if norm == "2" else ("lower", "autolip")
-    rep = estimate(net, (3,), methods=methods, norm=norm,
+    rep = bound(net, (3,), methods=methods, norm=norm,
                    lower={"restarts": 4, "steps": 30, "samples": 64})
     assert rep.upper is None
     assert rep.lower is not None and 0.9 < rep.lower <= 1.0 * (1 + 1e-9)  # true L = 1
@@ -236,7 +236,7 @@ def test_regression_progress_writes_carriage_returns_when_not_a_tty(
 
 def test_progress_callback_gets_stages_and_fractions() -> None:
     seen: list[tuple[str, float]] = []
-    estimate(_mlp([2, 8, 8, 1], 0), (2,), methods=("lower", "seqlip"),
+    bound(_mlp([2, 8, 8, 1], 0), (2,), methods=("lower", "seqlip"),
              progress=lambda s, f: seen.append((s, f)),
              lower={"restarts": 4, "steps": 20, "samples": 64})
     stages = {s for s, _ in seen}
@@ -322,7 +322,7 @@ def test_regression_plot_cuts_labels_and_names_seqlip_when_absent(
 
     torch.manual_seed(0)
     net = Deep().eval()
-    rep = estimate(net, (2,), methods=("autolip",))
+    rep = bound(net, (2,), methods=("autolip",))
     figs: list[Any] = []
     real = matplotlib.figure.Figure.savefig
 

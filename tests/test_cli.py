@@ -27,7 +27,6 @@ from lipbound.report import REPORT_SCHEMA
 
 TESTS = Path(__file__).resolve().parent
 FAST = ["--restarts", "2", "--steps", "10", "--quiet"]
-HAS_AUTOLIP = importlib.util.find_spec("lipbound.methods.autolip") is not None
 
 
 def _factories() -> Any:
@@ -180,7 +179,7 @@ def test_data_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
 
 def test_markdown_and_plot(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     png = tmp_path / "bounds.png"
-    methods = "lower,autolip" if HAS_AUTOLIP else "lower"
+    methods = "lower,autolip"
     rc, out, err = run(["estimate", "mlp4", "-m", methods, "--markdown", "--plot", png, *FAST],
                        capsys)
     assert rc == 0, err
@@ -241,7 +240,6 @@ def test_errors_are_one_line(argv: list[str], code: int, words: str, files: dict
         assert "state_dict" in line and "torch.export" in line
 
 
-@pytest.mark.skipif(not HAS_AUTOLIP, reason="needs lipbound.methods.autolip (graph developer)")
 def test_unsupported_op(on_path: None, capsys: pytest.CaptureFixture[str]) -> None:
     rc, _, err = run(["estimate", "test_cli_factories:square", "-s", "2", "-m", "autolip", "-q"],
                      capsys)

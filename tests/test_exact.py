@@ -14,33 +14,17 @@ from hypothesis import strategies as st
 from scipy.optimize import linprog
 from torch import nn
 
+from _helpers import linear_params as _params
+from _helpers import mlp
+from _helpers import opnorm as _opnorm
 from lipbound.errors import InvalidArgumentError, NotSequentialError, UnsupportedModelError
+from lipbound.methods.autolip import autolip
 from lipbound.methods.exact import ExactResult, exact
+from lipbound.methods.seqlip import seqlip
 
 # ------------------------------------------------------------------------------------------
 # independent brute force: every pattern of every hidden neuron, strict-feasibility LP each
 # ------------------------------------------------------------------------------------------
-
-
-def _params(net: nn.Sequential) -> tuple[list[np.ndarray], list[np.ndarray], list[float]]:
-    Ws, bs, negs = [], [], []
-    for m in net:
-        if isinstance(m, nn.Linear):
-            Ws.append(m.weight.detach().double().numpy())
-            bs.append(m.bias.detach().double().numpy())
-        elif isinstance(m, nn.LeakyReLU):
-            negs.append(float(m.negative_slope))
-        elif isinstance(m, nn.ReLU):
-            negs.append(0.0)
-    return Ws, bs, negs
-
-
-def _opnorm(J: np.ndarray, norm: str) -> float:
-    if norm == "2":
-        return float(np.linalg.svd(J, compute_uv=False)[0])
-    if norm == "inf":
-        return float(np.abs(J).sum(axis=1).max())
-    return float(np.abs(J).sum(axis=0).max())
 
 
 def brute_force(net: nn.Sequential, norm: str = "2") -> float:
@@ -76,16 +60,6 @@ def brute_force(net: nn.Sequential, norm: str = "2") -> float:
         if res.status == 0 and -res.fun > 1e-7:
             best = max(best, _opnorm(A, norm))
     return best
-
-
-def _mlp(sizes: list[int], *, seed: int, leaky: float | None = None) -> nn.Sequential:
-    torch.manual_seed(seed)
-    layers: list[nn.Module] = []
-    for i in range(len(sizes) - 1):
-        layers.append(nn.Linear(sizes[i], sizes[i + 1]))
-        if i < len(sizes) - 2:
-            layers.append(nn.ReLU() if leaky is None else nn.LeakyReLU(leaky))
-    return nn.Sequential(*layers).double()
 
 
 def _jac_norm(net: nn.Module, x: torch.Tensor, norm: str = "2") -> float:
@@ -148,7 +122,7 @@ def test_parallel_hyperplanes_never_both_off() -> None:
 
 def test_one_dimensional_input_matches_finite_differences() -> None:
     # one hidden layer, 1-D input: f is affine between the sorted breakpoints -b_k / w_k
-    net = _mlp([1, 7, 1], seed=3)
+    net = mlp([1, 7, 1], seed=3)
     w = net[0].weight.detach().numpy().ravel()
     b = net[0].bias.detach().numpy()
     br = np.sort(-b / w)
@@ -170,7 +144,7 @@ def test_one_dimensional_input_matches_finite_differences() -> None:
 @pytest.mark.parametrize("seed", [0, 1])
 @pytest.mark.parametrize("norm", ["2", "1", "inf"])
 def test_one_hidden_layer_equals_brute_force(seed: int, norm: str) -> None:
-    net = _mlp([2, 6, 2], seed=seed)
+    net = mlp([2, 6, 2], seed=seed)
     res = exact(net, (2,), norm=norm, time_limit=30)
     assert res.finished and res.bound == "exact" and res.certified
     assert math.isclose(res.value, brute_force(net, norm), rel_tol=1e-9)
@@ -179,27 +153,27 @@ def test_one_hidden_layer_equals_brute_force(seed: int, norm: str) -> None:
 
 @pytest.mark.parametrize("seed", [0, 1])
 def test_leaky_and_three_input_one_hidden_layer_brute_force(seed: int) -> None:
-    net = _mlp([3, 7, 1], seed=seed, leaky=0.2)
+    net = mlp([3, 7, 1], seed=seed, leaky=0.2)
     assert math.isclose(exact(net, (3,)).value, brute_force(net), rel_tol=1e-9)
 
 
 @pytest.mark.parametrize(("seed", "norm"), [(0, "2"), (1, "2"), (2, "1"), (3, "inf")])
 def test_two_hidden_layers_brute_force(seed: int, norm: str) -> None:
-    net = _mlp([2, 3, 4, 2], seed=seed)
+    net = mlp([2, 3, 4, 2], seed=seed)
     assert math.isclose(exact(net, (2,), norm=norm).value, brute_force(net, norm), rel_tol=1e-9)
 
 
 @pytest.mark.parametrize(("n0", "norm"), [(2, "2"), (3, "1"), (3, "inf")])
 def test_scalar_output_brute_force(n0: int, norm: str) -> None:
     # exercises the exact last-layer maximisation for scalar outputs
-    net = _mlp([n0, 4, 5, 1], seed=11)
+    net = mlp([n0, 4, 5, 1], seed=11)
     assert math.isclose(exact(net, (n0,), norm=norm).value, brute_force(net, norm), rel_tol=1e-9)
 
 
 def test_witness_realises_value() -> None:
-    net = _mlp([2, 8, 8, 1], seed=5)
+    net = mlp([2, 8, 8, 1], seed=5)
     res = exact(net, (2,))
-    x = torch.tensor(res.witness, dtype=torch.float64)
+    x = res.witness.x.detach().double().reshape(-1)
     assert math.isclose(_jac_norm(net, x), res.value, rel_tol=1e-9)
 
 
@@ -211,29 +185,19 @@ def test_witness_realises_value() -> None:
 def _certified_uppers(net: nn.Module, shape: tuple[int, ...], *, seq: bool) -> list[float]:
     Ws, _, _ = _params(net)  # type: ignore[arg-type]
     ups = [math.prod(float(np.linalg.norm(W, 2)) for W in Ws)]
-    try:
-        from lipbound.methods.autolip import autolip
-
-        r = autolip(net, shape)
+    r = autolip(net, shape)
+    if r.upper is not None:
+        ups.append(float(r.upper))
+    if seq:
+        r = seqlip(net, shape)
         if r.upper is not None:
             ups.append(float(r.upper))
-    except ImportError:  # pragma: no cover - module of another developer not there yet
-        pass
-    if seq:
-        try:
-            from lipbound.methods.seqlip import seqlip
-
-            r = seqlip(net, shape)
-            if r.upper is not None:
-                ups.append(float(r.upper))
-        except ImportError:  # pragma: no cover
-            pass
     return ups
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_exact_below_seqlip_certificate(seed: int) -> None:
-    net = _mlp([2, 5, 4, 3], seed=seed)
+    net = mlp([2, 5, 4, 3], seed=seed)
     res = exact(net, (2,))
     ups = _certified_uppers(net, (2,), seq=True)
     assert all(res.value <= u * (1 + 1e-6) for u in ups)
@@ -248,7 +212,7 @@ def test_exact_below_seqlip_certificate(seed: int) -> None:
 def test_exact_between_realised_and_certified(
     seed: int, n0: int, widths: list[int], leaky: float | None
 ) -> None:
-    net = _mlp([n0, *widths, 2], seed=seed, leaky=leaky)
+    net = mlp([n0, *widths, 2], seed=seed, leaky=leaky)
     res = exact(net, (n0,), time_limit=30, n_samples=256)
     assert res.finished
     gen = torch.Generator().manual_seed(seed)
@@ -266,7 +230,7 @@ def test_exact_between_realised_and_certified(
 
 
 def test_time_out_returns_labelled_bounds() -> None:
-    net = _mlp([2, 10, 10, 1], seed=7)
+    net = mlp([2, 10, 10, 1], seed=7)
     res = exact(net, (2,), time_limit=0.02)
     assert isinstance(res, ExactResult)
     assert not res.finished and res.bound == "lower" and res.certified
@@ -278,10 +242,6 @@ def test_time_out_returns_labelled_bounds() -> None:
 
 
 def test_functional_relu_and_conv_through_graph() -> None:
-    graph = pytest.importorskip("lipbound.graph")
-    if not hasattr(graph, "sequential_chain"):  # pragma: no cover
-        pytest.skip("lipbound.graph.sequential_chain not there yet")
-
     class Net(nn.Module):
         def __init__(self) -> None:
             super().__init__()
@@ -298,7 +258,7 @@ def test_functional_relu_and_conv_through_graph() -> None:
 
     cnn = nn.Sequential(nn.Conv2d(1, 2, 2), nn.ReLU(), nn.Flatten(), nn.Linear(8, 1)).double()
     res = exact(cnn, (1, 3, 3))
-    x = torch.tensor(res.witness, dtype=torch.float64).reshape(1, 1, 3, 3)
+    x = res.witness.x.detach().double().reshape(1, 1, 3, 3)
     J = torch.autograd.functional.jacobian(lambda v: cnn(v).reshape(-1), x).reshape(1, -1)
     assert math.isclose(float(J.norm()), res.value, rel_tol=1e-9)
     gen = torch.Generator().manual_seed(1)
@@ -319,7 +279,7 @@ def test_smooth_activation_is_rejected() -> None:
 
 
 def test_bad_arguments() -> None:
-    net = _mlp([2, 3, 1], seed=0)
+    net = mlp([2, 3, 1], seed=0)
     with pytest.raises(InvalidArgumentError):
         exact(net, (2,), norm=3)
     with pytest.raises(InvalidArgumentError):

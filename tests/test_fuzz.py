@@ -20,7 +20,7 @@ from torch import nn
 import lipbound
 from lipbound import register_rule
 from lipbound.errors import InvalidArgumentError
-from lipbound.results import LowerBoundResult
+from lipbound.results import LowerBoundResult, Witness
 from lipbound.rules import _registry
 from lipbound.testing import (
     Ctx,
@@ -100,7 +100,8 @@ def test_forged_lower_bound_is_a_witness_finding(monkeypatch: pytest.MonkeyPatch
 
     def forged(model: nn.Module, shape: object, **kw: object) -> LowerBoundResult:
         x, y = torch.zeros(3), torch.ones(3)
-        return LowerBoundResult(value=1e3, certified=True, method="lower", x=x, y=y)
+        return LowerBoundResult(value=1e3, certified=True, method="lower", lower=1e3,
+                                witness=Witness(kind="pair", x=x, y=y))
 
     monkeypatch.setattr(lipbound, "lower_bound", forged)
     rep = check_model(lin, (3,), methods=("lower_bound",), norms=("2",))

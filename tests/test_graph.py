@@ -9,7 +9,7 @@ from torch import nn
 
 from lipbound.errors import InvalidArgumentError, NotSequentialError, ShapeError
 from lipbound.graph import Node, OpGraph, capture, sequential_chain, simplify
-from lipbound.graph._modules import FoldedBatchNorm
+from lipbound.graph.modules import FoldedBatchNorm
 
 
 def run_graph(g: OpGraph, x: torch.Tensor) -> torch.Tensor:

@@ -15,10 +15,12 @@ import lipbound
 from lipbound.errors import LipboundError, ShapeError, UnsupportedModelError
 from lipbound.graph import capture, simplify
 from lipbound.local import Box, backward_rows, forward_boxes
+from lipbound.local.bounds import LocalOptions
 from lipbound.local.propagate import backward_rows_ball, check_graph, linear_norms
 
 torch.set_num_threads(1)
 F64 = torch.float64
+NOCAP = LocalOptions(use_global=False)
 
 
 def _jac(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -103,7 +105,7 @@ def test_linear_model_local_constant_is_its_global_norm(norm: str) -> None:
     W = lin.weight.detach().double()
     exact = float(torch.linalg.matrix_norm(W, 2)) if norm == "2" else float(
         W.abs().sum(1).max())
-    res = lipbound.local_bound(lin, torch.randn(3, 6), 0.5, norm=norm, use_global=False)
+    res = lipbound.local_bound(lin, torch.randn(3, 6), 0.5, norm=norm, options=NOCAP)
     for u, lo in zip(res.upper, res.lower or ()):
         assert exact <= u <= exact * (1 + 1e-5)
         assert lo <= u and lo >= exact * (1 - 1e-6)
@@ -116,7 +118,7 @@ def test_stable_relu_net_gives_the_exact_local_jacobian_norm() -> None:
     pre = net[0](x).detach().double()
     rown = net[0].weight.detach().double().norm(dim=1)
     radius = 0.5 * float((pre.abs() / rown).min())  # every neuron keeps its sign in the ball
-    res = lipbound.local_bound(net, x, radius, use_global=False, lower=False)
+    res = lipbound.local_bound(net, x, radius, options=NOCAP, lower=False)
     exact = _opnorm(_jac(net, x), "2")
     for u, e in zip(res.upper, exact.tolist()):
         assert e <= u <= e * (1 + 1e-5)
@@ -127,7 +129,7 @@ def test_small_radius_on_smooth_nets_approaches_the_jacobian_norm(arch: str) -> 
     torch.manual_seed(2)
     net = ARCHS[arch]().eval()
     x = torch.randn(3, DIMS.get(arch, 5))
-    res = lipbound.local_bound(net, x, 1e-6, use_global=False, lower=False)
+    res = lipbound.local_bound(net, x, 1e-6, options=NOCAP, lower=False)
     exact = _opnorm(_jac(net, x), "2")
     for u, e in zip(res.upper, exact.tolist()):
         assert e * (1 - 1e-6) <= u <= 1.05 * e
@@ -171,8 +173,8 @@ def test_local_upper_bounds_every_realised_ratio_in_the_ball(arch: str, seed: in
     net = ARCHS[arch]().eval()
     x = torch.randn(2, DIMS.get(arch, 5))
     radius = 10.0 ** log_r
-    res = lipbound.local_bound(net, x, radius, norm=norm, steps=10, restarts=1,
-                               use_global=False)
+    res = lipbound.local_bound(net, x, radius, norm=norm, options=LocalOptions(
+        steps=10, restarts=1, use_global=False))
     real = _realised(net, x, radius, norm)
     for u, lo, r in zip(res.upper, res.lower or (), real.tolist()):
         assert r <= u * (1 + 1e-9) + 1e-12
@@ -250,11 +252,11 @@ class LogNet(nn.Module):
 
 def test_domain_ops_are_bounded_inside_and_refused_outside_their_domain() -> None:
     x = torch.full((2, 3), 2.0)
-    res = lipbound.local_bound(LogNet().eval(), x, 0.1, use_global=False)
+    res = lipbound.local_bound(LogNet().eval(), x, 0.1, options=NOCAP)
     real = _realised(LogNet().eval(), x, 0.1, "2")
     assert all(r <= u for r, u in zip(real.tolist(), res.upper))
     with pytest.raises(UnsupportedModelError, match="log"):
-        lipbound.local_bound(LogNet().eval(), x, 3.0, use_global=False, lower=False)
+        lipbound.local_bound(LogNet().eval(), x, 3.0, options=NOCAP, lower=False)
 
 
 def test_ops_without_a_local_rule_are_listed() -> None:
@@ -272,7 +274,7 @@ def test_bad_arguments_raise_lipbound_errors() -> None:
     with pytest.raises(LipboundError, match="norm"):
         lipbound.local_bound(net, torch.randn(2, 3), 0.1, norm=1)
     with pytest.raises(LipboundError, match="max_memory"):
-        lipbound.local_bound(net, torch.randn(2, 3), 0.1, max_memory=10)
+        lipbound.local_bound(net, torch.randn(2, 3), 0.1, options=LocalOptions(max_memory=10))
 
 
 def test_result_vocabulary_and_json() -> None:

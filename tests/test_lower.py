@@ -112,12 +112,12 @@ def _mlp(widths: list[int], seed: int) -> nn.Sequential:
 def _independent_value(net: nn.Module, res: LowerBoundResult) -> float:
     """Recompute the witness's value without the library (float64, autograd Jacobian)."""
     net64 = _clone64(net)
-    x = res.x.double()
-    if res.y is not None:
-        y = res.y.double()
+    x = res.witness.x.double()
+    if res.witness.y is not None:
+        y = res.witness.y.double()
         with torch.no_grad():
             return float((net64(x[None]) - net64(y[None])).norm() / (x - y).norm())
-    v = res.extra["direction"].double()
+    v = res.witness.direction.double()
     jac = torch.autograd.functional.jacobian(lambda z: net64(z[None])[0], x)
     jac = jac.reshape(-1, x.numel())
     return float((jac @ v.flatten()).norm() / v.norm())
@@ -208,10 +208,10 @@ def test_each_search_alone_is_valid_and_useful(method: str) -> None:
 def test_pair_witness_reproduces_with_public_helper() -> None:
     net = _mlp([2, 6, 1], 5)
     res = lower_bound(net, (2,), methods=("pairs",), restarts=4, steps=50)
-    if res.y is not None:
-        assert pair_ratio(net, res.x, res.y) == pytest.approx(res.value, rel=1e-12)
+    if res.witness.y is not None:
+        assert pair_ratio(net, res.witness.x, res.witness.y) == pytest.approx(res.value, rel=1e-12)
     else:
-        assert jacobian_ratio(net, res.x, res.extra["direction"]) == pytest.approx(
+        assert jacobian_ratio(net, res.witness.x, res.witness.direction) == pytest.approx(
             res.value, rel=1e-12
         )
 
@@ -305,7 +305,7 @@ def test_time_limit_returns_valid_bound_with_note() -> None:
 def test_conv_model_shapes() -> None:
     net = nn.Sequential(nn.Conv2d(1, 2, 3), nn.ReLU(), nn.Flatten(), nn.Linear(2 * 4 * 4, 3))
     res = lower_bound(net, (1, 6, 6), restarts=2, steps=10)
-    assert res.x.shape == (1, 6, 6)
+    assert res.witness.x.shape == (1, 6, 6)
     assert _independent_value(net, res) == pytest.approx(res.value, rel=1e-7)
 
 

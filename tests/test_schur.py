@@ -9,19 +9,10 @@ import pytest
 import torch
 from torch import nn
 
+from _helpers import mlp as _mlp
 from lipbound.methods import sdp
 from lipbound.methods._schur import certify_schur, closed_form_multipliers, solve_schur
 from lipbound.methods.exact import exact
-
-
-def _mlp(sizes: list[int], *, seed: int, act: type[nn.Module] = nn.ReLU) -> nn.Sequential:
-    torch.manual_seed(seed)
-    layers: list[nn.Module] = []
-    for i in range(len(sizes) - 1):
-        layers.append(nn.Linear(sizes[i], sizes[i + 1]))
-        if i < len(sizes) - 2:
-            layers.append(act())
-    return nn.Sequential(*layers).double().eval()
 
 
 def _jac_max(net: nn.Module, n0: int, seed: int, n: int = 64) -> float:

@@ -98,12 +98,12 @@ def test_one_hidden_layer_equals_brute_force_pair_max() -> None:
         assert r.certified
         # slope ranges are widened by the rules' rounding margin (relative 2^-22)
         assert brute <= r.value <= brute * (1 + 1e-6)
-        assert brute <= r.certified_upper <= brute * (1 + 1e-6)
+        assert brute <= r.upper <= brute * (1 + 1e-6)
         assert r.value <= r.autolip * (1 + 1e-9)
     g = seqlip(net, (3,), mode="greedy")
     assert not g.certified and g.bound == "estimate"
     assert g.value <= brute * (1 + 1e-6)  # a value at the widened slope ends
-    assert g.certified_upper is not None and g.certified_upper >= brute
+    assert g.upper is not None and g.upper >= brute
 
 
 @pytest.mark.parametrize(
@@ -174,10 +174,10 @@ def test_certified_above_realised_jacobians_mlp(mode: str) -> None:
     net = mlp([2, 10, 10, 10, 1], seed=7)
     r = seqlip(net, (2,), mode=mode, max_exact_width=12)
     low = max_jacobian_norm(net, (2,))
-    assert r.certified_upper is not None
-    assert r.certified_upper >= low * (1 - 1e-7)
-    assert r.estimate <= r.certified_upper * (1 + 1e-7)
-    assert r.certified_upper <= r.autolip * (1 + 1e-9)
+    assert r.upper is not None
+    assert r.upper >= low * (1 - 1e-7)
+    assert r.estimate <= r.upper * (1 + 1e-7)
+    assert r.upper <= r.autolip * (1 + 1e-9)
     hows = {lb.how for lb in r.layers if lb.op == "pair"}
     assert hows, "no per-pair rows"
     if mode == "greedy":
@@ -194,7 +194,7 @@ def test_wide_layers_use_greedy_in_auto_and_certify() -> None:
     # top-k truncated values (paper's procedure) <= full-pair values of the same patterns
     r2 = seqlip(net, (3,), mode="greedy", k=5)
     assert r2.extra["estimate_truncated"] <= r2.extra["estimate_uncapped"] * (1 + 1e-9)
-    assert r.certified and r.value == r.certified_upper
+    assert r.certified and r.value == r.upper
     assert r.value >= max_jacobian_norm(net, (3,), n=200) * (1 - 1e-7)
     assert r.value <= r.autolip * (1 + 1e-9)
 

@@ -25,6 +25,9 @@ import pytest
 import torch
 from torch import nn
 
+from _helpers import linear_params as _params
+from _helpers import mlp
+from _helpers import opnorm as _opnorm
 from lipbound.errors import LipboundError
 from lipbound.methods import exact as exact_mod
 from lipbound.methods.exact import exact
@@ -43,13 +46,7 @@ def _rel(dtype: torch.dtype) -> float:
 
 
 def _mlp(sizes: list[int], seed: int, dtype: torch.dtype, leaky: float | None = None) -> nn.Module:
-    torch.manual_seed(seed)
-    layers: list[nn.Module] = []
-    for i in range(len(sizes) - 1):
-        layers.append(nn.Linear(sizes[i], sizes[i + 1]))
-        if i < len(sizes) - 2:
-            layers.append(nn.ReLU() if leaky is None else nn.LeakyReLU(leaky))
-    return nn.Sequential(*layers).to(dtype).eval()
+    return mlp(sizes, seed=seed, dtype=dtype, leaky=leaky)
 
 
 def _depth(net: nn.Module) -> int:
@@ -80,14 +77,6 @@ def _bias_mode(c: float, depth: int, dtype: torch.dtype) -> str:
     return "pow" if fi.tiny * 1e3 < abs(c) ** depth < fi.max / 1e3 else "zero"
 
 
-def _opnorm(J: np.ndarray, norm: str) -> float:
-    if norm == "2":
-        return float(np.linalg.svd(J, compute_uv=False)[0])
-    if norm == "inf":
-        return float(np.abs(J).sum(axis=1).max())
-    return float(np.abs(J).sum(axis=0).max())
-
-
 def _vnorm(v: torch.Tensor, norm: str) -> torch.Tensor:
     if norm == "2":
         return v.norm(dim=-1)
@@ -96,22 +85,9 @@ def _vnorm(v: torch.Tensor, norm: str) -> torch.Tensor:
     return v.abs().amax(dim=-1)
 
 
-def _params64(net: nn.Module) -> tuple[list[np.ndarray], list[np.ndarray], list[float]]:
-    Ws, bs, negs = [], [], []
-    for m in net.modules():
-        if isinstance(m, nn.Linear):
-            Ws.append(m.weight.detach().double().numpy())
-            bs.append(m.bias.detach().double().numpy())
-        elif isinstance(m, nn.LeakyReLU):
-            negs.append(float(m.negative_slope))
-        elif isinstance(m, nn.ReLU):
-            negs.append(0.0)
-    return Ws, bs, negs
-
-
 def closed_form_1d(net: nn.Module, norm: str) -> float:
     """Exact ``L`` of a 1-D-input ReLU net: enumerate its affine pieces on the real line."""
-    Ws, bs, negs = _params64(net)
+    Ws, bs, negs = _params(net)
     # a piece: (lo, hi, A, c) with the current pre-activation z = A t + c on (lo, hi)
     pieces = [(-math.inf, math.inf, Ws[0][:, 0].copy(), bs[0].copy())]
 
@@ -178,7 +154,7 @@ def certified_uppers(net: nn.Module, shape: tuple[int, ...], norm: str) -> list[
     """Product of the layers' induced norms times the activations' slope bound; AutoLip."""
     from lipbound.methods.autolip import autolip
 
-    Ws, _, negs = _params64(net)
+    Ws, _, negs = _params(net)
     slope = max([1.0, *[abs(q) for q in negs]])
     ups = [math.prod(_opnorm(W, norm) for W in Ws) * slope ** len(negs) * (1 + 1e-12)]
     r = autolip(net, shape, norm=norm)

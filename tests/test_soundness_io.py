@@ -364,6 +364,20 @@ def test_regression_cli_protocol4_pickle_one_line(tmp_path: Path, fac: Path) -> 
     assert "cannot read" in _one_line(p.stderr)
 
 
+@pytest.mark.parametrize("protocol", [2, 4])
+def test_regression_cli_whole_model_named_at_every_protocol(tmp_path: Path, fac: Path,
+                                                             protocol: int) -> None:
+    """A whole model saved with pickle protocol 4 was refused with torch's "Unsupported operand
+    149" (the weights-only unpickler stops at the FRAME opcode before the class): the error now
+    names the pickled class (read by disassembly, nothing run) at every protocol."""
+    w = tmp_path / "whole.pt"
+    torch.save(_linear(), w, pickle_protocol=protocol)
+    p = _sub(["estimate", str(w), "-s", "3", "-q"])
+    assert p.returncode == 1
+    line = _one_line(p.stderr)
+    assert "torch.nn.modules.container.Sequential" in line and "pickled whole model" in line, line
+
+
 @pytest.mark.parametrize("where", ["missing_dir", "is_dir", "read_only", "bad_suffix"])
 def test_regression_cli_output_checked_first(where: str, tmp_path: Path, fac: Path,
                                              capsys: pytest.CaptureFixture[str]) -> None:

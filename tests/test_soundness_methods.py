@@ -54,7 +54,7 @@ def test_regression_train_mode_is_refused_by_every_bound_method() -> None:
         lambda: lipbound.autolip(net, (6,)),
         lambda: lipbound.seqlip(net, (6,)),
         lambda: lipbound.lower_bound(net, (6,), restarts=2, steps=5),
-        lambda: lipbound.estimate(net, (6,)),
+        lambda: lipbound.bound(net, (6,)),
         lambda: lipbound.spectral_norm(nn.Sequential(nn.Linear(6, 4), nn.Dropout(0.3)), (6,)),
     ]
     for call in calls:

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lipbound.errors import InvalidArgumentError, NotSequentialError, UnsupportedModelError
+from lipbound.methods.autolip import autolip
 from lipbound.train import LipschitzPenalty, penalty
 from lipbound.train._power import dense_operator, layer_map
 
@@ -224,11 +225,10 @@ def test_estimate_below_certified_and_certified_above_true_bound(kind: str) -> N
 
 
 def test_certified_matches_lipbound_autolip_on_mlp() -> None:
-    autolip_mod = pytest.importorskip("lipbound.methods.autolip")
     from lipbound.zoo.models import paper_mlp
 
     net = paper_mlp(4)
-    res = autolip_mod.autolip(net, (2,))
+    res = autolip(net, (2,))
     val = float(penalty(net, (2,), certified=True).detach())
     assert math.exp(val) >= res.upper * (1 - 1e-6)
     assert math.exp(val) <= res.upper * (1 + 1e-6)
@@ -282,7 +282,6 @@ class BNRes(nn.Module):
 
 
 def test_batchnorm_folds_into_its_layer_like_autolip() -> None:
-    autolip_mod = pytest.importorskip("lipbound.methods.autolip")
     torch.manual_seed(0)
     net = BNRes().eval()
     with torch.no_grad():
@@ -292,7 +291,7 @@ def test_batchnorm_folds_into_its_layer_like_autolip() -> None:
     pen = LipschitzPenalty(net, (2, 5, 5), init_iterations=300)
     groups = [[n.qualname for n in g] for g in pen._groups]
     assert ["conv", "bn"] in groups and ["conv2", "bn2"] in groups
-    ref = autolip_mod.autolip(net, (2, 5, 5)).upper
+    ref = autolip(net, (2, 5, 5)).upper
     cert = pen.certified_bound()
     assert abs(cert - ref) <= 1e-6 * ref  # every factor is small enough for a dense SVD
     est = float(pen().detach().exp())

@@ -13,6 +13,7 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
+from ._version import __version__ as __version__
 from .errors import (
     InvalidArgumentError,
     LipboundError,
@@ -26,9 +27,18 @@ from .errors import (
     UnsupportedModelError,
     ZeroOperatorError,
 )
-from .results import LayerBound, LipschitzResult, LowerBoundResult, SpectralResult
-
-__version__ = "0.1.0"
+from .results import (
+    CertifyResult,
+    ExactResult,
+    LayerBound,
+    LipschitzResult,
+    LocalResult,
+    LowerBoundResult,
+    SDPResult,
+    SeqLipResult,
+    SpectralResult,
+    Witness,
+)
 
 # public name -> module that defines it
 _LAZY: dict[str, str] = {
@@ -42,13 +52,10 @@ _LAZY: dict[str, str] = {
     "lipsdp": "lipbound.methods.sdp",
     "local_bound": "lipbound.methods.local",
     "certify": "lipbound.methods.certify",
-    "LocalResult": "lipbound.results",
-    "CertifyResult": "lipbound.results",
+    "LocalOptions": "lipbound.local.bounds",
+    "bound": "lipbound.report",
     "estimate": "lipbound.report",
     "Report": "lipbound.report",
-    "SeqLipResult": "lipbound.methods.seqlip",
-    "ExactResult": "lipbound.methods.exact",
-    "SDPResult": "lipbound.methods.sdp",
     "register_rule": "lipbound.rules",
     "capture": "lipbound.graph",
     "simplify": "lipbound.graph",
@@ -60,20 +67,26 @@ _LAZY: dict[str, str] = {
 }
 
 __all__ = [
+    "CertifyResult",
+    "ExactResult",
     "InvalidArgumentError",
     "LayerBound",
     "LipboundError",
     "LipschitzResult",
+    "LocalResult",
     "LowerBoundResult",
     "MissingDependencyError",
     "NonFiniteError",
     "NonLinearOperatorError",
     "NotSequentialError",
+    "SDPResult",
+    "SeqLipResult",
     "ShapeError",
     "SolverError",
     "SpectralResult",
     "TrainingModeError",
     "UnsupportedModelError",
+    "Witness",
     "ZeroOperatorError",
     *_LAZY,
 ]
@@ -107,8 +120,6 @@ if TYPE_CHECKING:  # pragma: no cover
     from .methods.seqlip import seqlip as seqlip
     from .report import Report as Report
     from .report import estimate as estimate
-    from .results import CertifyResult as CertifyResult
-    from .results import LocalResult as LocalResult
     from .rules import register_rule as register_rule
     from .spectral import spectral_norm as spectral_norm
     from .spectral import top_singular as top_singular

@@ -35,6 +35,7 @@ import math
 import operator
 import os
 import pickle
+import pickletools
 import re
 import sys
 import types
@@ -116,13 +117,14 @@ def _safe_torch_load(p: Path) -> Any:
     except pickle.UnpicklingError as e:
         msg = str(e)
         found = re.search(r"GLOBAL ([\w.]+)", msg)
-        if found is None:
+        name = found.group(1) if found is not None else _first_class(p)
+        if name is None:
             detail = re.search(r"WeightsUnpickler error:\s*(.+)", msg)
             why = " ".join(detail.group(1).split()[:6]) if detail else _line(e)[:120]
             raise ModelLoadError(
                 f"cannot read {p}: not a torch.save file of tensors ({why})"
             ) from e
-        what = f" (it pickles a {found.group(1)} object)"
+        what = f" (it pickles a {name} object)"
         raise ModelLoadError(
             f"{p} is not a plain state_dict or tensor file{what}: it looks like a pickled "
             f"whole model, which torch.load(weights_only=True) refuses. {PICKLE_ADVICE}"
@@ -131,6 +133,34 @@ def _safe_torch_load(p: Path) -> Any:
         raise ModelLoadError(
             f"cannot read {p} with torch.load(weights_only=True): {_line(e)}"
         ) from e
+
+
+def _first_class(p: Path) -> str | None:
+    """The first non-torch-storage class a ``torch.save`` archive's pickle names, read with
+    :func:`pickletools.genops` (a disassembler: nothing is imported or run). The weights-only
+    unpickler stops at opcodes it does not know (pickle protocol 4's FRAME) before it reaches the
+    class, so its error cannot name it."""
+    try:
+        with zipfile.ZipFile(p) as z:
+            data = next((n for n in z.namelist() if n.endswith("/data.pkl")), None)
+            if data is None:
+                return None
+            raw = z.read(data)
+        strings: list[str] = []
+        for op, arg, _pos in pickletools.genops(raw):
+            if op.name in ("SHORT_BINUNICODE", "BINUNICODE", "UNICODE"):
+                strings.append(str(arg))
+            name = None
+            if op.name == "GLOBAL":
+                name = str(arg).replace(" ", ".")
+            elif op.name == "STACK_GLOBAL" and len(strings) >= 2:
+                name = f"{strings[-2]}.{strings[-1]}"
+            if name and not name.startswith(("torch._utils.", "collections.OrderedDict",
+                                              "torch.FloatStorage", "torch.DoubleStorage")):
+                return name
+    except (zipfile.BadZipFile, ValueError, KeyError, OSError, EOFError):
+        return None
+    return None
 
 
 def _line(e: BaseException) -> str:
@@ -267,7 +297,7 @@ class _Exported(nn.Module):
         self.inner = inner
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.inner(x)  # type: ignore[no-any-return]
+        return self.inner(x)
 
 
 class _BatchLoop(nn.Module):

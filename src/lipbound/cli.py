@@ -56,7 +56,7 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _build_parser() -> _Parser:
-    from . import __version__
+    from ._version import __version__
 
     parser = _Parser(
         prog="lipbound",
@@ -248,7 +248,7 @@ def _quiet(debug: bool) -> Iterator[None]:
         previous = logging.root.manager.disable
         logging.disable(logging.CRITICAL)
         stderr = sys.stderr
-        sys.stderr = _TorchMuted(stderr)  # type: ignore[assignment]
+        sys.stderr = _TorchMuted(stderr)
         try:
             yield
         finally:
@@ -278,7 +278,7 @@ def _emit(report: Any, args: argparse.Namespace) -> None:
 
 def _cmd_estimate(args: argparse.Namespace) -> int:
     from ._io import UsageError, load_data, load_model, parse_shape
-    from .report import estimate
+    from .report import bound
 
     methods = _methods(args.method)
     opts: dict[str, Any] = _options(args, methods)
@@ -293,7 +293,7 @@ def _cmd_estimate(args: argparse.Namespace) -> int:
     if shape is None:
         raise UsageError(f"--input-shape is required for {args.model} (e.g. --input-shape 1,28,28)")
     data = None if args.data is None else load_data(args.data, shape)
-    report = estimate(
+    report = bound(
         model, shape, methods=methods, data=data, norm=args.norm, progress=not args.quiet,
         time_limit=args.time_limit, model_name=name, **opts,
     )
@@ -301,25 +301,10 @@ def _cmd_estimate(args: argparse.Namespace) -> int:
     return 0
 
 
-def _available(methods: Sequence[str]) -> tuple[list[str], list[str]]:
-    import importlib
-
-    from .report import METHODS
-
-    ok, missing = [], []
-    for m in methods:
-        try:
-            importlib.import_module(METHODS[m][0])
-            ok.append(m)
-        except ImportError:
-            missing.append(m)
-    return ok, missing
-
-
 def _cmd_demo(args: argparse.Namespace) -> int:
     import torch
 
-    from .report import estimate
+    from .report import bound
     from .zoo.data import synthetic_gp
     from .zoo.models import paper_mlp
     from .zoo.training import fit, mse
@@ -344,14 +329,12 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     err = mse(model, xte, yte)
     say(f"trained in {time.perf_counter() - t0:.1f} s, test MSE {err:.4f} "
         f"(target variance {float(yte.var()):.3f})")
-    methods, missing = _available(("lower", "autolip", "seqlip", "exact"))
-    if missing:
-        say(f"note: {', '.join(missing)} not available in this installation; skipped")
-    opts: dict[str, Any] = {"lower": {"seed": args.seed, "steps": 100}}
-    if "exact" in methods:
-        opts["exact"] = {"time_limit": 10.0}
+    methods = ("lower", "autolip", "seqlip", "exact")
+    opts: dict[str, Any] = {
+        "lower": {"seed": args.seed, "steps": 100}, "exact": {"time_limit": 10.0},
+    }
     say(f"bounding its Lipschitz constant with: {', '.join(methods)}")
-    report = estimate(
+    report = bound(
         model, (2,), methods=methods, data=xtr, progress=not args.quiet,
         model_name="paper_mlp(4) trained on synthetic_gp", **opts,
     )
@@ -392,6 +375,7 @@ def _load_labelled(path: str) -> tuple[Any, Any]:
 
 def _cmd_certify(args: argparse.Namespace) -> int:
     from ._io import UsageError, load_model, parse_shape
+    from .local.bounds import LocalOptions
     from .methods.certify import certify
     from .results import format_table
 
@@ -416,7 +400,7 @@ def _cmd_certify(args: argparse.Namespace) -> int:
             print(line, file=sys.stderr, flush=True)
 
     res = certify(model, x, y, args.radius, norm=args.norm, method=args.method,
-                  batch_size=args.batch_size, progress=progress)
+                  batch_size=args.batch_size, options=LocalOptions(progress=progress))
     if args.json:
         d = res.to_dict()
         d["model"] = name

@@ -10,7 +10,7 @@ Graphs (:mod:`lipbound.graph`)
     ``capture``, ``simplify``, ``sequential_chain``.
 AutoLip composition (:mod:`lipbound.methods.autolip`)
     ``node_constants(graph)`` then ``compose(graph, constants)``.
-SeqLip pair factors ``max_{sigma in [0,1]^n} ||L diag(sigma) R||_2`` (``_pairs``)
+SeqLip pair factors ``max_{sigma in [0,1]^n} ||L diag(sigma) R||_2`` (``seqlip``)
     ``pair_exact`` (certified), ``pair_greedy`` (a realised value: a lower bound of the
     pair factor, an estimate of SeqLip), ``pair_certified`` (certified upper bounds).
 Witnesses (:mod:`lipbound.methods.lower`)
@@ -26,9 +26,9 @@ Witnesses (:mod:`lipbound.methods.lower`)
 from __future__ import annotations
 
 from .graph import capture, sequential_chain, simplify
-from .methods._pairs import pair_certified, pair_exact, pair_greedy
 from .methods.autolip import compose, node_constants
 from .methods.lower import jacobian_ratio, pair_ratio
+from .methods.seqlip import pair_certified, pair_exact, pair_greedy
 from .spectral import certified_upper, spectral_norm, top_singular
 from .spectral.certify import matrix_norm_upper
 

@@ -1,14 +1,13 @@
 r"""One call, one report: certified upper bound, witnessed lower bound and the gap between them.
 
-:func:`estimate` runs several methods on the same ``(model, input_shape)`` and collects them in a
+:func:`bound` runs several methods on the same ``(model, input_shape)`` and collects them in a
 frozen :class:`Report`:
 
-* ``upper`` — the best CERTIFIED upper bound: the minimum over the methods of their certified
-  upper bound (``result.upper``, or ``result.value`` when the result is a certified upper or
-  exact bound). Each of them is ``>= L(f)``, so their minimum is too.
-* ``lower`` — the best WITNESSED lower bound: the maximum over the methods of their certified
-  lower values (:func:`lipbound.lower_bound`'s witnesses, a finished exact computation, the
-  region witness of an unfinished one). Each is ``<= L(f)``, so their maximum is too.
+* ``upper`` — the best CERTIFIED upper bound: the minimum over the methods of their results'
+  ``upper``. Each of them is ``>= L(f)``, so their minimum is too.
+* ``lower`` — the best WITNESSED lower bound: the maximum over the methods of their results'
+  ``lower`` (:func:`lipbound.lower_bound`'s witnesses, the region witness of
+  :func:`lipbound.exact`). Each is ``<= L(f)``, so their maximum is too.
 * ``ratio = upper / lower >= 1`` — how far apart they are (``1`` means ``L(f)`` is known).
 
 Estimates that are not certified (greedy SeqLip, power iterations) are listed with their
@@ -17,7 +16,7 @@ status but never enter ``upper`` or ``lower``.
 >>> import torch
 >>> from torch import nn
 >>> net = nn.Sequential(nn.Linear(2, 4), nn.ReLU(), nn.Linear(4, 1))
->>> rep = estimate(net, (2,), methods=("lower",), lower={"restarts": 2, "steps": 10})
+>>> rep = bound(net, (2,), methods=("lower",), lower={"restarts": 2, "steps": 10})
 >>> rep.lower > 0 and rep.upper is None
 True
 >>> sorted(rep.to_dict())[:3]
@@ -26,11 +25,10 @@ True
 
 from __future__ import annotations
 
-import importlib
-import importlib.util
 import inspect
 import math
 import time
+import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -39,42 +37,52 @@ from torch import nn
 
 from ._progress import Progress, ProgressArg, _Reporter, make_progress
 from ._validation import check_input_shape, check_model, check_norm
+from ._version import __version__
 from .errors import (
     InvalidArgumentError,
-    LipboundError,
     MissingDependencyError,
     SolverError,
     UnsupportedModelError,
 )
+from .methods.autolip import autolip
+from .methods.exact import exact
+from .methods.lower import lower_bound, probe_widening
+from .methods.sdp import lipsdp
+from .methods.seqlip import seqlip
 from .results import LipschitzResult, format_markdown_table, format_table
 
 __all__ = [
     "METHODS",
     "REPORT_SCHEMA",
     "MethodRun",
-    "MethodUnavailableError",
     "Progress",
     "ProgressArg",
     "Report",
+    "bound",
     "estimate",
     "make_progress",
     "plot_report",
 ]
 
-# method name -> (module, function); "upper" methods produce upper bounds
-METHODS: dict[str, tuple[str, str]] = {
-    "lower": ("lipbound.methods.lower", "lower_bound"),
-    "autolip": ("lipbound.methods.autolip", "autolip"),
-    "seqlip": ("lipbound.methods.seqlip", "seqlip"),
-    "exact": ("lipbound.methods.exact", "exact"),
-    "lipsdp": ("lipbound.methods.sdp", "lipsdp"),
+# method name -> function; "upper" methods produce upper bounds
+METHODS: dict[str, Callable[..., LipschitzResult]] = {
+    "lower": lower_bound,
+    "autolip": autolip,
+    "seqlip": seqlip,
+    "exact": exact,
+    "lipsdp": lipsdp,
+}
+# which of estimate()'s own options ("norm", "progress", "time_limit") each method takes
+# (tests/test_report.py checks this table against the methods' signatures)
+TAKES: dict[str, frozenset[str]] = {
+    "lower": frozenset({"norm", "progress", "time_limit"}),
+    "autolip": frozenset({"norm"}),
+    "seqlip": frozenset({"norm", "progress", "time_limit"}),
+    "exact": frozenset({"norm", "time_limit"}),
+    "lipsdp": frozenset({"time_limit"}),
 }
 _UPPER_METHODS = ("autolip", "seqlip", "exact", "lipsdp")
 _MAX_WITNESS = 1024  # witnesses with more entries are left out of to_dict()
-
-
-class MethodUnavailableError(LipboundError, ImportError):
-    """A method named in ``methods`` cannot be imported in this installation."""
 
 
 # --------------------------------------------------------------------------------------------
@@ -105,29 +113,19 @@ class MethodRun:
         return self.result is not None
 
     @property
-    def certified_upper(self) -> float | None:
-        """The certified upper bound this run proves (``None`` if none)."""
+    def upper(self) -> float | None:
+        """The certified upper bound this run proves: its result's ``upper`` (``None`` if none)."""
         r = self.result
-        if r is None:
-            return None
-        if r.upper is not None:
-            return float(r.upper)
-        if r.certified and r.bound in ("upper", "exact"):
-            return float(r.value)
-        return None
+        return None if r is None or r.upper is None else float(r.upper)
 
     @property
-    def certified_lower(self) -> float | None:
-        """The witnessed lower bound this run proves (``None`` if none)."""
+    def lower(self) -> float | None:
+        """The witnessed lower bound this run proves: its result's ``lower`` (``None`` if none,
+        or 0: a zero witness proves nothing)."""
         r = self.result
-        if r is None or not r.certified:
+        if r is None or r.lower is None or not r.lower > 0:
             return None
-        if r.bound in ("lower", "exact"):
-            return float(r.value)
-        low = getattr(r, "lower", None)  # e.g. ExactResult.lower (region witness)
-        if isinstance(low, (int, float)) and not isinstance(low, bool) and low > 0:
-            return float(low)
-        return None
+        return float(r.lower)
 
     @property
     def status(self) -> str:
@@ -147,8 +145,8 @@ class MethodRun:
             "value": None if r is None else _finite(r.value),
             "certified": None if r is None else bool(r.certified),
             "bound": None if r is None else r.bound,
-            "certified_upper": _finite(self.certified_upper),
-            "certified_lower": _finite(self.certified_lower),
+            "upper": _finite(self.upper),
+            "lower": _finite(self.lower),
             "notes": [] if r is None else [str(n) for n in r.notes],
             "layers": [] if r is None else [_clean(lb.to_dict()) for lb in r.layers],
             "how": None,
@@ -156,14 +154,9 @@ class MethodRun:
             "extra": {} if r is None else _json_safe(r.extra),
         }
         if r is not None:
-            how = getattr(r, "how", None)
-            d["how"] = str(how) if how else None
-            x, y = getattr(r, "x", None), getattr(r, "y", None)
-            if x is not None and x.numel() <= _MAX_WITNESS:
-                d["witness"] = {
-                    "x": x.detach().double().flatten().tolist(),
-                    "y": None if y is None else y.detach().double().flatten().tolist(),
-                }
+            d["how"] = r.how or None
+            if r.witness is not None and r.witness.x.numel() <= _MAX_WITNESS:
+                d["witness"] = r.witness.to_dict()
         return d
 
 
@@ -194,7 +187,7 @@ def _clean(d: dict[str, Any]) -> dict[str, Any]:
 
 @dataclass(frozen=True, kw_only=True, eq=False)
 class Report:
-    """What :func:`estimate` found (see the module docstring for the definitions).
+    """What :func:`bound` found (see the module docstring for the definitions).
 
     ``upper`` / ``upper_method``: best certified upper bound and who proved it;
     ``lower`` / ``lower_method``: best witnessed lower bound and who found it;
@@ -246,9 +239,8 @@ class Report:
                 rows.append([run.name, None, "failed", None, None, run.seconds,
                              (run.error or "").splitlines()[0][:80]])
                 continue
-            how = getattr(r, "how", "") or ""
-            note = how or (r.notes[0].splitlines()[0][:80] if r.notes else "")
-            rows.append([run.name, r.value, r.status, run.certified_upper, run.certified_lower,
+            note = r.how or (r.notes[0].splitlines()[0][:80] if r.notes else "")
+            rows.append([run.name, r.value, r.status, run.upper, run.lower,
                          run.seconds, note])
         return rows
 
@@ -300,8 +292,6 @@ class Report:
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready data (validates against :data:`REPORT_SCHEMA`); non-finite numbers -> None."""
-        from . import __version__
-
         return {
             "lipbound_version": __version__,
             "model": self.model,
@@ -347,7 +337,7 @@ REPORT_SCHEMA: dict[str, Any] = {
             "items": {
                 "type": "object",
                 "required": ["name", "ok", "error", "seconds", "status", "value", "certified",
-                             "bound", "certified_upper", "certified_lower", "notes", "layers"],
+                             "bound", "upper", "lower", "notes", "layers"],
                 "properties": {
                     "name": {"enum": list(METHODS)},
                     "ok": {"type": "boolean"},
@@ -358,16 +348,18 @@ REPORT_SCHEMA: dict[str, Any] = {
                     "value": _NUM_OR_NULL,
                     "certified": {"type": ["boolean", "null"]},
                     "bound": {"enum": ["upper", "lower", "exact", "estimate", None]},
-                    "certified_upper": _NUM_OR_NULL,
-                    "certified_lower": _NUM_OR_NULL,
+                    "upper": _NUM_OR_NULL,
+                    "lower": _NUM_OR_NULL,
                     "how": _STR_OR_NULL,
                     "extra": {"type": "object"},
                     "notes": {"type": "array", "items": {"type": "string"}},
                     "witness": {
                         "type": ["object", "null"],
                         "properties": {
+                            "kind": {"enum": ["pair", "jacobian", "region"]},
                             "x": {"type": "array", "items": {"type": "number"}},
                             "y": {"type": ["array", "null"], "items": {"type": "number"}},
+                            "direction": {"type": ["array", "null"], "items": {"type": "number"}},
                         },
                     },
                     "layers": {
@@ -396,32 +388,20 @@ REPORT_SCHEMA: dict[str, Any] = {
 # --------------------------------------------------------------------------------------------
 # estimate
 # --------------------------------------------------------------------------------------------
-def _load_method(name: str) -> Callable[..., LipschitzResult]:
-    module, attr = METHODS[name]
-    try:
-        fn = getattr(importlib.import_module(module), attr)
-    except (ImportError, AttributeError) as e:
-        if isinstance(e, MissingDependencyError):
-            raise
-        raise MethodUnavailableError(
-            f"method {name!r} is not available in this installation ({module}.{attr} could "
-            f"not be imported: {e}); choose among the others: "
-            f"{', '.join(m for m in METHODS if m != name)}"
-        ) from e
-    return fn  # type: ignore[no-any-return]
+def _check_options(name: str, fn: Callable[..., Any], options: Mapping[str, Any]) -> None:
+    """Refuse a per-method option that ``fn`` does not take, naming it (before any method runs)."""
+    params = inspect.signature(fn).parameters
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        return
+    bad = [k for k in options if k not in params or k in ("model", "input_shape")]
+    if bad:
+        raise InvalidArgumentError(
+            f"method {name!r} does not accept option(s) {', '.join(bad)}; its options: "
+            f"{', '.join(k for k in params if k not in ('model', 'input_shape'))}"
+        )
 
 
-def _accepts(fn: Callable[..., Any], param: str) -> bool:
-    try:
-        sig = inspect.signature(fn)
-    except (TypeError, ValueError):  # pragma: no cover
-        return False
-    return param in sig.parameters or any(
-        p.kind is inspect.Parameter.VAR_KEYWORD for p in sig.parameters.values()
-    )
-
-
-def estimate(
+def bound(
     model: nn.Module,
     input_shape: Sequence[int] | int,
     *,
@@ -458,7 +438,7 @@ def estimate(
         whose options set ``time_limit`` keeps it. Default: every method's own default.
     **method_options:
         per-method keyword options, keyed by method name, e.g.
-        ``estimate(net, (2,), lower={"restarts": 32}, seqlip={"mode": "greedy"},
+        ``bound(net, (2,), lower={"restarts": 32}, seqlip={"mode": "greedy"},
         exact={"time_limit": 10})``.
 
     Errors
@@ -469,6 +449,9 @@ def estimate(
     failed so, the report keeps the witnessed lower bound (``upper`` is ``None`` and a note says
     why); only when there is no lower bound either is the first such error raised. Invalid
     arguments, shapes and non-finite weights raise at once.
+
+    (Called ``estimate`` before 0.2: that name still works, with a ``DeprecationWarning``; it
+    contradicted the rule that an "estimate" is a number without a proof.)
     """
     t0 = time.perf_counter()
     model = check_model(model, require_eval=True)
@@ -503,12 +486,12 @@ def estimate(
         if not isinstance(opts, Mapping):
             raise InvalidArgumentError(f"{key}= must be a dict of options; got {opts!r}")
 
+    fns = {name: METHODS[name] for name in names}
+    for name, opts in method_options.items():
+        _check_options(name, fns[name], opts)
     # the shape check (one forward pass) once, before any method, for one clear error
-    from .methods.lower import probe_widening
-
     probe_widening(model, shape)
 
-    fns = {name: _load_method(name) for name in names}
     runs: list[MethodRun] = []
     recoverable: tuple[type[BaseException], ...] = (
         UnsupportedModelError, MissingDependencyError, SolverError,
@@ -528,6 +511,13 @@ def estimate(
     return _assemble(runs, names, p, shape, t0, model_name, first_upper_error, time_limit)
 
 
+def estimate(model: nn.Module, input_shape: Sequence[int] | int, **kwargs: Any) -> Report:
+    """Deprecated name of :func:`bound` (same arguments, same :class:`Report`)."""
+    warnings.warn("lipbound.estimate is deprecated and will be removed in the next release; use "
+                  "lipbound.bound (same arguments)", DeprecationWarning, stacklevel=2)
+    return bound(model, input_shape, **kwargs)
+
+
 def _budget_weight(name: str) -> float:
     return 0.25 if name == "autolip" else 1.0
 
@@ -540,7 +530,8 @@ def _run_one(
     """Run one method of :func:`estimate` and append its :class:`MethodRun` to ``runs``."""
     """Run one method of :func:`estimate`; append its :class:`MethodRun` to ``runs`` and
     return the recoverable error that stopped it (``None`` if none)."""
-    if _accepts(fn, "norm"):
+    takes = TAKES.get(name, frozenset())
+    if "norm" in takes:
         kwargs.setdefault("norm", p)
     elif p != "2":  # the method is l2-only
         runs.append(MethodRun(name=name, result=None,
@@ -549,15 +540,15 @@ def _run_one(
         return None
     if name == "lower" and data is not None:
         kwargs.setdefault("data", data)
-    if reporter.active and _accepts(fn, "progress"):
+    if reporter.active and "progress" in takes:
         kwargs.setdefault("progress", reporter.sub(f"{name}: "))
     t1 = time.perf_counter()
-    if math.isfinite(deadline) and _accepts(fn, "time_limit") and "time_limit" not in kwargs:
+    if math.isfinite(deadline) and "time_limit" in takes and "time_limit" not in kwargs:
         left = deadline - t1
         if not left > 0:
             runs.append(MethodRun(
                 name=name, result=None, error_type="TimeLimit",
-                error="not run: the time limit of estimate() was spent by the methods before it "
+                error="not run: the time limit of bound() was spent by the methods before it "
                 "(raise time_limit or run fewer methods)"))
             return None
         w = _budget_weight(name)
@@ -570,15 +561,6 @@ def _run_one(
                               error_type=type(e).__name__,
                               seconds=time.perf_counter() - t1))
         return e
-    except TypeError as e:
-        if isinstance(e, LipboundError):
-            raise
-        bad = [k for k in kwargs if not _accepts(fn, k)]
-        if bad:
-            raise InvalidArgumentError(
-                f"method {name!r} does not accept option(s) {', '.join(bad)}"
-            ) from e
-        raise
     runs.append(MethodRun(name=name, result=result, seconds=time.perf_counter() - t1))
     return None
 
@@ -588,8 +570,8 @@ def _assemble(
     model_name: str, first_upper_error: BaseException | None, time_limit: float | None,
 ) -> Report:
     """The :class:`Report` of :func:`estimate` from its runs."""
-    uppers = [(r.certified_upper, r.name) for r in runs if r.certified_upper is not None]
-    lowers = [(r.certified_lower, r.name) for r in runs if r.certified_lower is not None]
+    uppers = [(r.upper, r.name) for r in runs if r.upper is not None]
+    lowers = [(r.lower, r.name) for r in runs if r.lower is not None]
     asked_upper = [n for n in names if n in _UPPER_METHODS]
     notes: list[str] = []
     if asked_upper and not uppers and first_upper_error is not None and all(

@@ -1,19 +1,28 @@
-"""Frozen, typed result objects shared by every method, with readable table ``repr``\\ s.
+"""Frozen, typed result objects of every method, with readable table ``repr``\\ s: all result
+types live here (the method modules re-export theirs).
 
-Naming rules used everywhere:
+One vocabulary: the same field means the same thing in every result.
 
-* ``value`` is the method's headline number.
-* ``certified`` says whether ``value`` is *proven*: for an upper-bound method, a true upper bound
-  on the Lipschitz constant (or operator norm); for a lower-bound method, a true lower bound
-  backed by a witness that reproduces it.
-* ``upper`` is the best *certified* upper bound the method produced (``None`` if none); when a
-  method's headline is an estimate (greedy SeqLip, power iteration), ``upper`` carries the
-  certificate next to it.
+* ``value``: the method's headline number (what ``float(result)`` gives).
+* ``upper``: a CERTIFIED upper bound on the Lipschitz constant (or operator norm), or ``None``.
+* ``lower``: a WITNESSED lower bound (a :class:`Witness` reproduces it), or ``None``.
+* ``certified``: whether ``value`` itself is proven (equal to ``upper`` or to ``lower``).
+* ``bound``: what ``value`` is: ``"upper"``, ``"lower"``, ``"exact"`` (``upper == lower``) or
+  ``"estimate"`` (no proof); ``status`` says it in words and is derived, never stored.
+* ``how``: the algorithm or certificate behind ``value``; ``seconds``: wall time of the call.
+* ``layers``: per-node (AutoLip) or per-pair (SeqLip) rows, :class:`LayerBound`.
+* ``witness``: the :class:`Witness` of ``lower``; ``notes``: sentences; ``extra``: the rest.
+
+Renamed (the old names still work for one release, with a ``DeprecationWarning``):
+``SeqLipResult.certified_upper`` is ``upper``, ``SDPResult.verified`` is ``certified``,
+``SDPResult.status`` (the solver's status) is ``solver_status``, ``ExactResult.witness`` (a
+tuple) is ``witness.x``, ``LowerBoundResult.x`` / ``.y`` are ``witness.x`` / ``witness.y``.
 """
 
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -22,11 +31,15 @@ import torch
 
 __all__ = [
     "CertifyResult",
+    "ExactResult",
     "LayerBound",
-    "LocalResult",
     "LipschitzResult",
+    "LocalResult",
     "LowerBoundResult",
+    "SDPResult",
+    "SeqLipResult",
     "SpectralResult",
+    "Witness",
     "format_table",
     "fmt_float",
 ]
@@ -106,9 +119,42 @@ class LayerBound:
         }
 
 
+def _deprecated(old: str, new: str) -> None:
+    warnings.warn(f"{old} is deprecated and will be removed in the next release; use {new}",
+                  DeprecationWarning, stacklevel=3)
+
+
+def _tensor_list(t: torch.Tensor | None) -> list[float] | None:
+    return None if t is None else t.detach().cpu().flatten().tolist()
+
+
+@dataclass(frozen=True, kw_only=True, eq=False)
+class Witness:
+    """What reproduces a lower bound ``lower`` on ``L(f)``.
+
+    * ``kind="pair"``: ``||f(x) - f(y)|| / ||x - y||`` (``x``, ``y`` set);
+    * ``kind="jacobian"``: ``||J_f(x) v|| / ||v||`` at ``x`` along ``direction`` ``v`` (or, without
+      a direction, a power-iteration value of ``||J_f(x)||`` from below);
+    * ``kind="region"``: a point ``x`` strictly inside an activation region of a piecewise-linear
+      net, where ``f`` is affine and ``||J_f(x)||`` is the value.
+
+    Tensors are float64, shaped like ONE input sample.
+    """
+
+    kind: str
+    x: torch.Tensor
+    y: torch.Tensor | None = None
+    direction: torch.Tensor | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"kind": self.kind, "x": _tensor_list(self.x), "y": _tensor_list(self.y),
+                "direction": _tensor_list(self.direction)}
+
+
 @dataclass(frozen=True, kw_only=True, eq=False)
 class LipschitzResult:
-    """Result of a Lipschitz-constant method (AutoLip, SeqLip, exact, LipSDP...)."""
+    """Result of a Lipschitz-constant method (AutoLip, SeqLip, exact, LipSDP, lower bounds);
+    the fields are the module docstring's vocabulary."""
 
     value: float
     certified: bool
@@ -116,11 +162,22 @@ class LipschitzResult:
     norm: str = "2"
     bound: Bound = "upper"
     upper: float | None = None
+    lower: float | None = None
+    how: str = ""
+    witness: Witness | None = None
     layers: tuple[LayerBound, ...] = ()
     iterations: int = 0
     seconds: float = 0.0
     notes: tuple[str, ...] = ()
     extra: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        # one vocabulary: a certified upper (exact) value IS the certified upper bound, a
+        # certified lower (exact) value IS the witnessed lower bound
+        if self.certified and self.bound in ("upper", "exact") and self.upper is None:
+            object.__setattr__(self, "upper", float(self.value))
+        if self.certified and self.bound in ("lower", "exact") and self.lower is None:
+            object.__setattr__(self, "lower", float(self.value))
 
     def __float__(self) -> float:
         return float(self.value)
@@ -141,7 +198,11 @@ class LipschitzResult:
             "value": self.value,
             "certified": self.certified,
             "bound": self.bound,
+            "status": self.status,
             "upper": self.upper,
+            "lower": self.lower,
+            "how": self.how,
+            "witness": None if self.witness is None else self.witness.to_dict(),
             "norm": self.norm,
             "iterations": self.iterations,
             "seconds": self.seconds,
@@ -172,25 +233,127 @@ class LipschitzResult:
 
 @dataclass(frozen=True, kw_only=True, eq=False)
 class LowerBoundResult(LipschitzResult):
-    """A witnessed lower bound: ``value <= L(f)`` with the witness that proves it.
-
-    Either ``x`` and ``y`` are both set and ``value = ||f(x) - f(y)|| / ||x - y||`` (a pair
-    witness), or only ``x`` is set and ``value`` is a lower estimate of ``||J_f(x)||`` obtained by
-    power iteration on ``J^T J`` (a Jacobian witness; every iterate is ``<= ||J_f(x)||``).
-    """
+    """A witnessed lower bound: ``value = lower <= L(f)``, with the :class:`Witness` that
+    reproduces it (a pair, or a Jacobian at a point along a direction)."""
 
     bound: Bound = "lower"
-    x: torch.Tensor | None = None
-    y: torch.Tensor | None = None
-    how: str = ""
+
+    @property
+    def x(self) -> torch.Tensor | None:
+        """Deprecated: ``witness.x``."""
+        _deprecated("LowerBoundResult.x", "witness.x")
+        return None if self.witness is None else self.witness.x
+
+    @property
+    def y(self) -> torch.Tensor | None:
+        """Deprecated: ``witness.y``."""
+        _deprecated("LowerBoundResult.y", "witness.y")
+        return None if self.witness is None else self.witness.y
+
+
+@dataclass(frozen=True, kw_only=True, eq=False)
+class SeqLipResult(LipschitzResult):
+    """Result of :func:`lipbound.seqlip`.
+
+    ``value`` the headline (mode ``"exact"``/``"auto"``: the certified bound; ``"greedy"``: the
+    greedy estimate), ``certified`` whether ``value`` is proven, ``upper`` the certified SeqLip
+    bound, ``estimate`` the SeqLip ESTIMATE: per segment the product of the best realised pair
+    values found (the paper's (Greedy) SeqLip), capped by the segment's certified bound when
+    that is smaller (the SVD-chain product is one upper bound of the segment's constant among
+    several), composed with AutoLip elsewhere; not a certificate.
+    ``extra["estimate_uncapped"]`` is the same without the cap, ``extra["estimate_truncated"]``
+    the same with each greedy pair valued on its top-``k`` truncation (``||L_k D R_k||``, the
+    paper's procedure for CNNs; smaller than the full-pair value of the same pattern).
+    ``autolip`` is AutoLip's value for comparison. ``layers`` has one row per pair
+    (``how`` is the mode actually used for that pair), per segment and per other node.
+    """
+
+    estimate: float
+    autolip: float
+    segments: int = 0
+
+    @property
+    def certified_upper(self) -> float | None:
+        """Deprecated: ``upper``."""
+        _deprecated("SeqLipResult.certified_upper", "upper")
+        return self.upper
+
+    def __repr__(self) -> str:
+        head, *rest = super().__repr__().split("\n")
+        up = "-" if self.upper is None else f"{self.upper:.6g}"
+        line = (
+            f"  SeqLip estimate={self.estimate:.6g} (not certified), certified SeqLip "
+            f"bound={up}, AutoLip={self.autolip:.6g}, segments={self.segments}"
+        )
+        return "\n".join([head, line, *rest])
 
     def to_dict(self) -> dict[str, Any]:
         d = super().to_dict()
-        d["how"] = self.how
-        d["witness"] = {
-            "x": None if self.x is None else self.x.detach().cpu().flatten().tolist(),
-            "y": None if self.y is None else self.y.detach().cpu().flatten().tolist(),
-        }
+        d.update(estimate=self.estimate, autolip=self.autolip, segments=self.segments)
+        return d
+
+
+@dataclass(frozen=True, kw_only=True, eq=False)
+class ExactResult(LipschitzResult):
+    """Result of :func:`lipbound.exact`.
+
+    ``value`` is the exact constant when ``finished`` (``bound == "exact"``, ``upper == lower``),
+    otherwise the best realised region's Jacobian norm, a witnessed LOWER bound
+    (``bound == "lower"``); ``upper`` is the best certified upper bound; ``witness`` a
+    ``kind="region"`` :class:`Witness` (a point inside the best region).
+    """
+
+    method: str = "exact"
+    finished: bool = False
+    regions_visited: int = 0
+    lps_solved: int = 0
+    nodes_explored: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        d = super().to_dict()
+        d.update(
+            finished=self.finished,
+            regions_visited=self.regions_visited,
+            lps_solved=self.lps_solved,
+            nodes_explored=self.nodes_explored,
+        )
+        return d
+
+
+@dataclass(frozen=True, kw_only=True, eq=False)
+class SDPResult(LipschitzResult):
+    """Result of :func:`lipbound.lipsdp`.
+
+    ``value`` = ``upper`` = the VERIFIED bound (``certified=True``) when the solver's multipliers
+    pass the float64 check; otherwise ``value`` is the solver's raw value (an estimate,
+    ``certified=False``, ``upper=None``). ``raw`` is the solver's ``sqrt(rho)`` (certified only up
+    to its tolerance), ``solver`` / ``solver_status`` what ran and what it said.
+    """
+
+    method: str = "lipsdp"
+    raw: float = math.nan
+    variant: str = "neuron"
+    solver: str = ""
+    solver_status: str = ""
+    solve_seconds: float = 0.0
+    verify_seconds: float = 0.0
+
+    @property
+    def verified(self) -> bool:
+        """Deprecated: ``certified``."""
+        _deprecated("SDPResult.verified", "certified")
+        return self.certified
+
+    def to_dict(self) -> dict[str, Any]:
+        d = super().to_dict()
+        d.update(
+            raw=self.raw,
+            variant=self.variant,
+            solver=self.solver,
+            solver_status=self.solver_status,
+            solve_seconds=self.solve_seconds,
+            verify_seconds=self.verify_seconds,
+        )
         return d
 
 

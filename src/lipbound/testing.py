@@ -75,7 +75,7 @@ from torch import nn
 import lipbound
 
 from .errors import InvalidArgumentError, LipboundError
-from .graph import _modules as _gm
+from .graph import modules as _gm
 from .rules import registered_keys
 from .rules.linear import MERGED_KEY
 
@@ -120,7 +120,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lipbound.graph._modules import ChannelAffine, EvalBatchNorm, FoldedBatchNorm
+from lipbound.graph.modules import ChannelAffine, EvalBatchNorm, FoldedBatchNorm
 """
 
 
@@ -370,7 +370,7 @@ def _src(key: Any) -> str:
     n = n.replace("torch.nn.functional.", "F.").replace("torch.nn.modules.", "nn.")
     if n.startswith("nn."):
         n = "nn." + n.rsplit(".", 1)[1]
-    if n.startswith("lipbound.graph._modules."):
+    if n.startswith("lipbound.graph.modules."):
         n = n.rsplit(".", 1)[1]
     return n
 
@@ -1911,12 +1911,13 @@ def _norm_of(p: str) -> Any:
 
 def _lower_witness_ratio(f: _F64, res: Any, p: str) -> float:
     """Recompute a LowerBoundResult's value from its witness (float64)."""
-    x = res.x.detach().double().reshape(1, -1)
-    if res.y is not None:
-        y = res.y.detach().double().reshape(1, -1)
+    w = res.witness
+    x = w.x.detach().double().reshape(1, -1)
+    if w.y is not None:
+        y = w.y.detach().double().reshape(1, -1)
         with torch.no_grad():
             return float(_vnorm(f(x) - f(y), p)[0] / _vnorm(x - y, p)[0])
-    v = res.extra.get("direction")
+    v = w.direction
     if v is None:
         return 0.0
     v = v.detach().double().reshape(1, -1)
@@ -1975,7 +1976,7 @@ def check_model(
         r = run("seqlip", "2", lambda: lipbound.seqlip(model, shape, time_limit=0.5,
                                                        restarts=2, seed=seed))
         if r is not None:
-            results.append(("seqlip", "2", r.certified_upper, r))
+            results.append(("seqlip", "2", r.upper, r))
     small = math.prod(shape) <= exact_max_inputs
     exact_ok = False
     if "exact" in methods and small:
@@ -2020,8 +2021,8 @@ def check_model(
                 f"value {r.value:.9g} but its witness gives {w:.9g} ({r.how})"))
         t = rep.truth.get(p)
         if math.isfinite(w) and (t is None or w > t.value):
-            xs = r.x.detach().double().reshape(-1).tolist()
-            ys = None if r.y is None else r.y.detach().double().reshape(-1).tolist()
+            xs = r.witness.x.detach().double().reshape(-1).tolist()
+            ys = None if r.witness.y is None else r.witness.y.detach().double().reshape(-1).tolist()
             rep.truth[p] = Truth(p, w, xs, ys, f"lower_bound witness ({r.how})")
     for method, p, upper, r in results:
         rep.checked.append((method, p))
@@ -2042,7 +2043,7 @@ def check_model(
                                         f"{t.value / upper - 1:.2e} relative", witness=t))
         if method == "exact":  # exact's certified lower: ||J|| at its witness point
             try:
-                xw = torch.tensor([list(r.witness)], dtype=torch.float64)
+                xw = r.witness.x.detach().double().reshape(1, -1)
                 if xw.numel() == f64.n and r.lower > 0:
                     jn = float(_opnorm(f64.jac(xw), p)[0])
                     if r.lower > jn * (1 + 1e-5) + 1e-12:
@@ -2074,7 +2075,7 @@ def check_program(prog: Program, **kw: Any) -> CheckReport:
 def _footer(fd: Finding, prog: Program) -> str:
     call = {
         "autolip": f'lipbound.autolip(model, INPUT_SHAPE, norm="{fd.norm}").upper',
-        "seqlip": "lipbound.seqlip(model, INPUT_SHAPE).certified_upper",
+        "seqlip": "lipbound.seqlip(model, INPUT_SHAPE).upper",
         "exact": f'lipbound.exact(model, INPUT_SHAPE, norm="{fd.norm}", time_limit=1.0).upper',
         "lipsdp": "lipbound.lipsdp(model, INPUT_SHAPE).upper",
         "lower_bound": f'lipbound.lower_bound(model, INPUT_SHAPE, norm="{fd.norm}", '

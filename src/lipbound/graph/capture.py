@@ -17,7 +17,7 @@ The graph always describes the model in **eval mode** (BatchNorm with running st
 dropout as identity), whatever the model's current mode: tracing is done with the model
 temporarily switched to eval and the BatchNorm / Dropout nodes' ``fn`` are eval-mode functions;
 module calls in node functions run with the module switched to eval
-(:func:`~lipbound.graph._modules.eval_mode`: parametrisations and ``spectral_norm`` hooks do not
+(:func:`~lipbound.graph.modules.eval_mode`: parametrisations and ``spectral_norm`` hooks do not
 iterate). The model's training flags are restored afterwards and nothing else is modified.
 
 What the graph cannot see is refused rather than silently mis-described:
@@ -38,7 +38,7 @@ What the graph cannot see is refused rather than silently mis-described:
   non-leaf submodules run inside the traced ``__call__`` and are captured. The forward
   pre-hooks of the old-API ``torch.nn.utils.spectral_norm`` / ``weight_norm`` only recompute the
   weight; they are allowed and the eval-mode weight they compute is the one analysed
-  (:func:`~lipbound.graph._modules.eval_weight`), as for ``torch.nn.utils.parametrize``.
+  (:func:`~lipbound.graph.modules.eval_weight`), as for ``torch.nn.utils.parametrize``.
 """
 
 from __future__ import annotations
@@ -67,7 +67,7 @@ from ..errors import (
     UnsupportedModelError,
     UnsupportedNode,
 )
-from ._modules import WEIGHT_HOOKS, eval_mode
+from .modules import WEIGHT_HOOKS, eval_mode
 from .types import Node, OpGraph
 
 __all__ = ["capture", "TensorArg", "call_module_as", "eval_module_call"]
@@ -112,7 +112,7 @@ def call_module_as(module: nn.Module, *args: Any, **kwargs: Any) -> Any:
 
     The cast goes through :func:`torch.func.functional_call`, so gradients still reach the
     original parameters and nothing is copied into the module. The call runs with ``module``
-    switched to eval (:func:`~lipbound.graph._modules.eval_mode`, flags restored afterwards).
+    switched to eval (:func:`~lipbound.graph.modules.eval_mode`, flags restored afterwards).
     """
     x = next((a for a in args if isinstance(a, torch.Tensor)), None)
     mdt = _float_dtype(module)
@@ -716,7 +716,7 @@ def _export(model: nn.Module, sample: torch.Tensor, fx_error: Exception) -> torc
             ep = torch.export.export(
                 model, (sample,), dynamic_shapes=({0: batch},), strict=False
             )
-        return ep.module()  # type: ignore[return-value]
+        return ep.module()
     except Exception as exc:
         raise InvalidArgumentError(
             f"{fx_error} (torch.export failed as well: {_first_line(exc, 120)})"
@@ -814,7 +814,7 @@ def _hooked(model: nn.Module) -> list[UnsupportedNode]:
     the model's own hooks (``forward`` is traced directly), a leaf module's hooks (the leaf is
     one node, its rule reads its weights) and global module hooks are not. The old-API
     ``spectral_norm`` / ``weight_norm`` pre-hooks only recompute the weight (eval semantics are
-    handled by :func:`~lipbound.graph._modules.eval_weight`) and are allowed.
+    handled by :func:`~lipbound.graph.modules.eval_weight`) and are allowed.
     """
     from torch.nn.modules import module as mm
 

@@ -3,11 +3,11 @@
 1. Identities in eval mode (``nn.Identity``, dropout, ``.contiguous()``, adaptive pooling to
    the input's own size...) are removed.
 2. An eval BatchNorm whose single parent is a Linear / Conv (zero padding) used only by it is
-   folded into it (:class:`~lipbound.graph._modules.FoldedBatchNorm`, ``W' = diag(s) W``,
+   folded into it (:class:`~lipbound.graph.modules.FoldedBatchNorm`, ``W' = diag(s) W``,
    ``b' = s b + t``). Any other BatchNorm stays a linear (diagonal) node, applied in eval mode.
 3. A linear node whose single parent is a linear node used by nobody else is merged with it:
    the merged node's ``module`` is an ``nn.Sequential`` of the parts (a reshape/flatten or other
-   function part is wrapped in :class:`~lipbound.graph._modules.FnModule`), ``parts`` lists the
+   function part is wrapped in :class:`~lipbound.graph.modules.FnModule`), ``parts`` lists the
    qualnames and ``meta["part_nodes"]`` the original nodes. Since ``||A B|| <= ||A|| ||B||``,
    measuring the product is never looser than multiplying the parts' norms.
 
@@ -23,8 +23,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from ._modules import EvalBatchNorm, FnModule, FoldedBatchNorm
 from .capture import call_module_as
+from .modules import EvalBatchNorm, FnModule, FoldedBatchNorm
 from .types import Node, OpGraph
 
 __all__ = ["simplify"]
@@ -90,7 +90,7 @@ def _part_module(node: Node) -> nn.Module:
 
 def _module_fn(module: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
     def fn(x: torch.Tensor) -> torch.Tensor:
-        return call_module_as(module, x)  # type: ignore[no-any-return]
+        return call_module_as(module, x)
 
     return fn
 

@@ -20,7 +20,7 @@ underflow of products of tiny entries (absolute error below ``2^-1074`` each).
 
 This pad concerns the float64 evaluation of the exact function (parameters as stored). The
 rounding of the op's own constants in the model's float32 execution is covered, as for every
-certified constant of the package, by the registry's :data:`~lipbound.rules._registry.REL64`
+certified constant of the package, by the registry's :data:`~lipbound.rules._registry.ROUND_REL`
 applied to the final local constants (:mod:`lipbound.methods.local`).
 """
 

@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import UnsupportedModelError, UnsupportedNode
-from ..graph._modules import ChannelAffine, FoldedBatchNorm, materialize
+from ..graph.modules import ChannelAffine, FoldedBatchNorm, materialize
 from ..graph.types import Node
 from .interval import REL64, TINY, Box
 
@@ -131,10 +131,10 @@ def _weight_maps(m: nn.Module) -> tuple[Map, Map | None] | None:
         wa, ws = w.detach().to(_F64).abs(), w.detach().to(_F64) ** 2
 
         def af(x: torch.Tensor, _w: torch.Tensor = wa) -> torch.Tensor:
-            return conv._conv_forward(x, _w.to(x.device), None)  # type: ignore[operator]
+            return conv._conv_forward(x, _w.to(x.device), None)
 
         def sf(x: torch.Tensor, _w: torch.Tensor = ws) -> torch.Tensor:
-            return conv._conv_forward(x, _w.to(x.device), None)  # type: ignore[operator]
+            return conv._conv_forward(x, _w.to(x.device), None)
 
         return af, (sf if conv.padding_mode == "zeros" else None)
     if type(m) in _CONVT and isinstance(w, torch.Tensor):
@@ -144,7 +144,7 @@ def _weight_maps(m: nn.Module) -> tuple[Map, Map | None] | None:
 
         def tf(x: torch.Tensor, _w: torch.Tensor) -> torch.Tensor:
             return f(x, _w.to(x.device), None, ct.stride, ct.padding,  # type: ignore[arg-type]
-                     ct.output_padding, ct.groups, ct.dilation)  # type: ignore[arg-type]
+                     ct.output_padding, ct.groups, ct.dilation)
 
         return (lambda x: tf(x, wa)), (lambda x: tf(x, ws))
     if isinstance(m, ChannelAffine):

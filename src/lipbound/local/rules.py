@@ -84,8 +84,8 @@ from torch import nn
 
 from ..errors import UnsupportedModelError, UnsupportedNode
 from ..graph.types import Node
-from ..rules._util import arg, batched_dim, is_tensor_arg
 from ..rules.activation import softplus_jump
+from ..rules.local import arg, batched_dim, is_tensor_arg
 from .interval import (
     REL64,
     TINY,
@@ -454,30 +454,29 @@ def _pow_exponent(node: Node) -> float:
     return float(e)
 
 
+_UNARY_FNS: dict[str, tuple[Callable[[torch.Tensor], torch.Tensor],
+                            Callable[[torch.Tensor], torch.Tensor], str]] = {
+    "exp": (torch.exp, torch.exp, "all"),
+    "log": (torch.log, lambda t: 1.0 / t, "pos"),
+    "sqrt": (torch.sqrt, lambda t: 0.5 / torch.sqrt(t), "pos"),
+    "rsqrt": (torch.rsqrt, lambda t: -0.5 * t ** -1.5, "pos"),
+    "reciprocal": (torch.reciprocal, lambda t: -1.0 / (t * t), "nonzero"),
+    "square": (torch.square, lambda t: 2 * t, "all"),
+}
+
+
 def _unary(node: Node) -> tuple[Callable[[torch.Tensor], torch.Tensor],
                                 Callable[[torch.Tensor], torch.Tensor], str]:
     """``(g, g', domain)``: domain ``"all"``, ``"pos"`` (lo > 0) or ``"nonzero"``."""
     name = op_name(node)
-    if name == "exp":
-        return torch.exp, torch.exp, "all"
-    if name == "log":
-        return torch.log, lambda t: 1.0 / t, "pos"
-    if name == "sqrt":
-        return torch.sqrt, lambda t: 0.5 / torch.sqrt(t), "pos"
-    if name == "rsqrt":
-        return torch.rsqrt, lambda t: -0.5 * t ** -1.5, "pos"
-    if name == "reciprocal":
-        return torch.reciprocal, lambda t: -1.0 / (t * t), "nonzero"
-    if name == "square":
-        return torch.square, lambda t: 2 * t, "all"
-    if name == "pow":
-        p = _pow_exponent(node)
-        if p == 2:
-            return torch.square, lambda t: 2 * t, "all"
-        if p == 1:
-            return (lambda t: t), torch.ones_like, "all"
-        return (lambda t: t ** p), (lambda t: p * t ** (p - 1)), "pos"
-    raise _refuse(node, f"no local rule for {name}")  # pragma: no cover - dispatch guards it
+    if name != "pow" and node.meta.get("key") is not operator.pow:
+        return _UNARY_FNS[name]
+    p = _pow_exponent(node)
+    if p == 2:
+        return _UNARY_FNS["square"]
+    if p == 1:
+        return (lambda t: t), torch.ones_like, "all"
+    return (lambda t: t ** p), (lambda t: p * t ** (p - 1)), "pos"
 
 
 def _unary_check(node: Node, b: Box, domain: str) -> None:
@@ -890,30 +889,33 @@ _TABLE: dict[str, LocalOp] = {
 _MULTI_RULES = {"add/sub", "cat"}
 
 
+_NO_RULE = ("no local rule (local rules cover activations, add/sub/cat, products, matmul, "
+            "division, exp/log/sqrt/rsqrt/reciprocal/pow, softmax, LayerNorm, RMSNorm, "
+            "scaled_dot_product_attention)")
+
+
+def _why_not(node: Node, name: str) -> str | None:
+    """Why a node whose op has a local rule is still not covered (``None``: it is)."""
+    if name in ("mul", "multiply") and len(node.inputs) != 2:
+        return _NO_RULE
+    if name in ("truediv", "div", "divide", "true_divide") and arg(
+            node, 2, "rounding_mode") is not None:
+        return "rounded division is discontinuous"
+    if name in _UNARY and len(node.inputs) != 1:
+        return f"{name} of several input-dependent tensors"
+    if name in _UNARY and not is_tensor_arg(arg(node, 0, "input")):
+        return f"{name} with an input-dependent exponent"
+    return None
+
+
 def local_op(node: Node) -> LocalOp | str:
     """The local rule of a non-linear node, or the reason there is none."""
     if node.kind == "activation":
         return ACTIVATION
-    rule = node.meta.get("rule")
-    rname = getattr(rule, "name", "")
+    rname = getattr(node.meta.get("rule"), "name", "")
     if rname in _MULTI_RULES and node.meta.get("unsupported") is None:
         return MULTI
-    name = op_name(node)
-    if name in ("mul", "multiply") and len(node.inputs) == 2:
-        return _TABLE[name]
-    if name in ("truediv", "div", "divide", "true_divide"):
-        if arg(node, 2, "rounding_mode") is not None:
-            return "rounded division is discontinuous"
-        return _TABLE[name]
-    if name in _TABLE and name not in ("mul", "multiply"):
-        if name in _UNARY and len(node.inputs) != 1:
-            return f"{name} of several input-dependent tensors"
-        if name in _UNARY and not is_tensor_arg(arg(node, 0, "input")):
-            return f"{name} with an input-dependent exponent"
-        return _TABLE[name]
-    if name == "pow" or node.meta.get("key") is operator.pow:
-        return _TABLE["pow"]
-    return ("no local rule (local rules cover activations, add/sub/cat, products, matmul, "
-            "division, exp/log/sqrt/rsqrt/reciprocal/pow, softmax, LayerNorm, RMSNorm, "
-            "scaled_dot_product_attention)")
-
+    name = "pow" if node.meta.get("key") is operator.pow else op_name(node)
+    if name not in _TABLE:
+        return _NO_RULE
+    return _why_not(node, name) or _TABLE[name]

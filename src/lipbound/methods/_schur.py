@@ -442,11 +442,11 @@ def solve_schur(
                 opt.zero_grad()
                 r, _ = schur_rho(Wp, rng, params[:H], params[H:], beta)
                 loss = torch.log(r)
-                loss.backward()  # type: ignore[no-untyped-call]
+                loss.backward()
                 return loss
 
             try:
-                opt.step(closure)  # type: ignore[no-untyped-call]
+                opt.step(closure)
             except torch.linalg.LinAlgError:
                 notes.append(f"LBFGS stage beta={beta:g} left the feasible set; kept the best")
                 break

@@ -165,7 +165,8 @@ def elasticities(graph: OpGraph, constants: Mapping[str, NodeConstant]) -> dict[
             continue
         bumped = dict(constants)
         bumped[k] = replace(c, constants=tuple(ci * (1 + h) for ci in c.constants))
-        out[k] = (compose(graph, bumped) - base) / (base * h)
+        # a ratio, not (bumped - base) / (base h): base * h underflows for tiny bounds
+        out[k] = (compose(graph, bumped) / base - 1.0) / h
     return out
 
 

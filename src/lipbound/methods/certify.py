@@ -37,7 +37,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -46,6 +46,13 @@ from torch import nn
 from .._validation import check_choice, check_model, check_norm, check_positive
 from ..errors import InvalidArgumentError, ShapeError, UnsupportedModelError
 from ..graph import OpGraph, capture, simplify
+from ..local.bounds import (
+    LocalOptions,
+    certified_linear,
+    check_inputs,
+    chunk_size,
+    intersect_rows,
+)
 from ..local.interval import Box
 from ..local.linear import linear_parts
 from ..local.propagate import (
@@ -58,10 +65,9 @@ from ..local.propagate import (
 from ..local.rules import LocalOp
 from ..results import CertifyResult
 from ..rules import NodeConstant
-from ..rules._registry import ROUND_REL
-from ..spectral.certify import _up
+from ..rules.local import ROUND_REL
+from ..spectral.certify import round_up
 from .autolip import node_bounds, node_constants
-from .local import certified_linear, check_inputs, chunk_size, intersect_rows
 
 __all__ = ["certify", "pair_constants_global", "row_norms"]
 
@@ -139,12 +145,12 @@ def pair_constants_global(graph: OpGraph, norm: str, cs: dict[str, NodeConstant]
             a = (box.c.abs() + box.r).reshape(k * k, -1)
             wn = a.norm(dim=1) if norm == "2" else a.sum(dim=1)
             L_h = bounds[last.inputs[0]]
-            vals = [_up(float(v) * (1 + ROUND_REL) * L_h, ROUND_REL) for v in wn]
+            vals = [round_up(float(v) * (1 + ROUND_REL) * L_h, ROUND_REL) for v in wn]
             return torch.tensor(vals, dtype=_F64).reshape(k, k), (
                 "global: AutoLip up to the last affine node x ||W^T (e_y - e_j)||")
     L = bounds[last.name]
     factor = math.sqrt(2.0) if norm == "2" else 2.0
-    return torch.full((k, k), _up(factor * L, ROUND_REL), dtype=_F64), (
+    return torch.full((k, k), round_up(factor * L, ROUND_REL), dtype=_F64), (
         "global: ||e_y - e_j||_* x AutoLip bound")
 
 
@@ -159,53 +165,26 @@ def _margins(out: Box, y: torch.Tensor, k: int) -> torch.Tensor:
     return lo_y - hi.gather(1, oth)
 
 
-def certify(
-    model: nn.Module,
-    inputs: torch.Tensor,
-    labels: Any,
-    radius: float,
-    *,
-    norm: Any = 2,
-    method: str = "local",
-    batch_size: int = 32,
-    max_memory: int = 1 << 30,
-    refine: int = 1 << 19,
-    progress: Callable[[str], None] | None = None,
-) -> CertifyResult:
-    """Which samples are certified robust at ``radius`` (l2 or l-inf ball), and how.
+@dataclass
+class _Plan:
+    """What :func:`certify` computes once per call: the graph, its local rules (``None`` when
+    some node has none), the global pair constants, the linear nodes' norms, notes."""
 
-    ``method="local"``: local constants of the logit differences over each ball (interval
-    secant Jacobians, capped by the global constants when AutoLip has them); ``"global"``:
-    AutoLip's certified constants of the logit differences. See the module docstring for the
-    proof. ``refine`` as in :func:`~lipbound.methods.local.local_bound` (forward tangent boxes
-    when the graph's are at most that many entries per sample). Returns a
-    :class:`~lipbound.results.CertifyResult` (per-sample certified, margin,
-    the constant that decided, and the certified accuracy).
+    graph: OpGraph
+    ops: dict[str, LocalOp] | None
+    G: torch.Tensor | None
+    lin: dict[str, float]
+    notes: list[str]
+    k: int
+    out_shape: tuple[int, ...]
 
-    >>> import torch
-    >>> from torch import nn
-    >>> lin = nn.Linear(2, 2, bias=False)
-    >>> with torch.no_grad():
-    ...     _ = lin.weight.copy_(torch.tensor([[1.0, 0.0], [0.0, 1.0]]))
-    >>> r = certify(lin, torch.tensor([[1.0, 0.0]]), torch.tensor([0]), 0.75, method="global")
-    >>> r.certified, round(r.margin[0], 6), round(r.bound[0], 5)  # 1 < 0.75 sqrt 2
-    ((False,), 1.0, 1.41421)
-    """
-    t0, c0 = time.perf_counter(), time.process_time()
-    model = check_model(model, require_eval=True)
-    n = check_norm(norm, allowed=("2", "inf"), method="certify")
-    check_choice("method", method, ("local", "global"))
-    x = check_inputs(inputs)
-    check_positive("radius", radius, allow_zero=True)
-    check_positive("batch_size", batch_size, integer=True)
-    check_positive("max_memory", max_memory, integer=True)
+
+def _plan(model: nn.Module, x: torch.Tensor, n: str, method: str) -> _Plan:
     graph = simplify(capture(model, tuple(x.shape[1:])))
     out_shape = tuple(graph[graph.output.inputs[0]].out_shape)
     k = math.prod(out_shape)
     if k < 2:
         raise ShapeError(f"certify needs a classifier with >= 2 outputs; the model has {k}")
-    y = _labels(labels, x.shape[0], k)
-    notes: list[str] = []
     try:
         cs: dict[str, NodeConstant] | None = node_constants(graph, norm=n)
     except UnsupportedModelError as exc:
@@ -213,7 +192,7 @@ def certify(
         G, note = None, f"no global constants (autolip refuses: {str(exc).splitlines()[0]})"
     if cs is not None:
         G, note = pair_constants_global(graph, n, cs)
-    notes.append(note)
+    notes = [note]
     ops: dict[str, LocalOp] | None
     try:
         ops = check_graph(graph)
@@ -225,49 +204,99 @@ def certify(
                      "interval evaluation), shrunk by the relative margin ROUND_REL")
     if method == "global" and G is None:
         raise UnsupportedModelError([], what=f"certify(method='global'): {note}")
-    chunk = chunk_size(graph, k - 1, batch_size, max_memory)
     lin: dict[str, float] = {}
     if method == "local":
         lin = certified_linear(graph, cs) if cs is not None else linear_norms(graph, n)
+    return _Plan(graph, ops, G, lin, notes, k, out_shape)
+
+
+def _chunk(plan: _Plan, xb: torch.Tensor, yb: torch.Tensor, *, radius: float, n: str,
+           method: str, opts: LocalOptions) -> tuple[torch.Tensor, torch.Tensor]:
+    """Proven margins and pair constants ``(B, k - 1)`` of one chunk."""
+    graph, ops, k = plan.graph, plan.ops, plan.k
+    if ops is not None:
+        m = _margins(forward_boxes(graph, xb, 0.0, n, ops)[graph.output.name], yb, k)
+    else:  # float64 evaluation, margins shrunk by the relative rounding margin
+        with torch.no_grad():
+            out = _eval64(graph, xb)
+        m = _margins(Box(out, ROUND_REL * out.abs() + 1e-300), yb, k)
+    L_g = plan.G[yb[:, None], _others(k, yb)] if plan.G is not None else None
+    if method == "local" and ops is not None:
+        tans: dict[str, Box | None] = {}
+        boxes = forward_boxes(graph, xb, radius, n, ops, refine=opts.refine, tangents=tans)
+        rows = _diff_rows(k, yb).reshape(xb.shape[0], k - 1, *plan.out_shape)
+        J = intersect_rows(backward_rows(graph, boxes, rows, ops),
+                           tans.get(graph.output.name), rows)
+        Jb, rho = backward_rows_ball(graph, boxes, rows, ops, n, plan.lin)
+        L = torch.minimum(row_norms(J, n), row_norms(Jb, n) + rho * (1 + ROUND_REL))
+        return m, (L if L_g is None else torch.minimum(L, L_g))
+    if L_g is None:  # pragma: no cover - refused by _plan
+        raise UnsupportedModelError([], what="certify(method='global'): no global constants")
+    return m, L_g
+
+
+def certify(
+    model: nn.Module,
+    inputs: torch.Tensor,
+    labels: Any,
+    radius: float,
+    *,
+    norm: Any = 2,
+    method: str = "local",
+    batch_size: int = 32,
+    options: LocalOptions | None = None,
+) -> CertifyResult:
+    """Which samples are certified robust at ``radius`` (l2 or l-inf ball), and how.
+
+    ``method="local"``: local constants of the logit differences over each ball (interval
+    secant Jacobians, capped by the global constants when AutoLip has them); ``"global"``:
+    AutoLip's certified constants of the logit differences. See the module docstring for the
+    proof. ``batch_size`` samples at once (fewer if ``options.max_memory`` requires);
+    ``options`` (:class:`~lipbound.local.bounds.LocalOptions`): refinement, memory, progress.
+    Returns a :class:`~lipbound.results.CertifyResult` (per-sample certified, margin, the
+    constant that decided, and the certified accuracy).
+
+    >>> import torch
+    >>> from torch import nn
+    >>> lin = nn.Linear(2, 2, bias=False)
+    >>> with torch.no_grad():
+    ...     _ = lin.weight.copy_(torch.tensor([[1.0, 0.0], [0.0, 1.0]]))
+    >>> r = certify(lin, torch.tensor([[1.0, 0.0]]), torch.tensor([0]), 0.75, method="global")
+    >>> r.certified, round(r.margin[0], 6), round(r.bound[0], 5)  # 1 < 0.75 sqrt 2
+    ((False,), 1.0, 1.41421)
+    """
+    t0, c0 = time.perf_counter(), time.process_time()
+    opts = (options or LocalOptions()).check()
+    model = check_model(model, require_eval=True)
+    n = check_norm(norm, allowed=("2", "inf"), method="certify")
+    check_choice("method", method, ("local", "global"))
+    x = check_inputs(inputs)
+    check_positive("radius", radius, allow_zero=True)
+    check_positive("batch_size", batch_size, integer=True)
+    plan = _plan(model, x, n, method)
+    y = _labels(labels, x.shape[0], plan.k)
+    chunk = chunk_size(plan.graph, plan.k - 1, batch_size, opts.max_memory)
     margins, bounds = [], []
     for s in range(0, x.shape[0], chunk):
-        xb, yb = x[s:s + chunk], y[s:s + chunk]
-        if ops is not None:
-            m = _margins(forward_boxes(graph, xb, 0.0, n, ops)[graph.output.name], yb, k)
-        else:  # float64 evaluation, margins shrunk by the relative rounding margin
-            with torch.no_grad():
-                out = _eval64(graph, xb)
-            m = _margins(Box(out, ROUND_REL * out.abs() + 1e-300), yb, k)
-        L_g = G[yb[:, None], _others(k, yb)] if G is not None else None
-        if method == "local" and ops is not None:
-            tans: dict[str, Box | None] = {}
-            boxes = forward_boxes(graph, xb, float(radius), n, ops, refine=refine,
-                                  tangents=tans)
-            rows = _diff_rows(k, yb).reshape(xb.shape[0], k - 1, *out_shape)
-            J = intersect_rows(backward_rows(graph, boxes, rows, ops),
-                               tans.get(graph.output.name), rows)
-            Jb, rho = backward_rows_ball(graph, boxes, rows, ops, n, lin)
-            L = torch.minimum(row_norms(J, n), row_norms(Jb, n) + rho * (1 + ROUND_REL))
-            if L_g is not None:
-                L = torch.minimum(L, L_g)
-        elif L_g is not None:
-            L = L_g
-        else:  # pragma: no cover - refused above
-            raise UnsupportedModelError([], what=f"certify(method='global'): {note}")
+        m, L = _chunk(plan, x[s:s + chunk], y[s:s + chunk], radius=float(radius), n=n,
+                      method=method, opts=opts)
         margins.append(m)
         bounds.append(L)
-        if progress is not None:
-            progress(f"certify: {min(s + chunk, x.shape[0])}/{x.shape[0]} samples")
-    M = torch.cat(margins)
-    L = torch.cat(bounds)
-    slack = M - float(radius) * L
-    ok = slack > ROUND_REL * (M.abs() + float(radius) * L)
-    certified = ok.all(dim=1) & (M.min(dim=1).values > 0)
-    worst = slack.argmin(dim=1)
-    oth = _others(k, y)
-    rows_i = torch.arange(x.shape[0])
+        opts.say(f"certify: {min(s + chunk, x.shape[0])}/{x.shape[0]} samples")
+    return _result(torch.cat(margins), torch.cat(bounds), y, plan, radius=float(radius), n=n,
+                   method=method, times=(time.perf_counter() - t0, time.process_time() - c0))
+
+
+def _result(M: torch.Tensor, L: torch.Tensor, y: torch.Tensor, plan: _Plan, *, radius: float,
+            n: str, method: str, times: tuple[float, float]) -> CertifyResult:
+    slack = M - radius * L
+    ok = slack > ROUND_REL * (M.abs() + radius * L)
     correct = M.min(dim=1).values > 0
-    N = x.shape[0]
+    certified = ok.all(dim=1) & correct
+    worst = slack.argmin(dim=1)
+    oth = _others(plan.k, y)
+    rows_i = torch.arange(M.shape[0])
+    N = M.shape[0]
     return CertifyResult(
         certified=tuple(bool(v) for v in certified),
         correct=tuple(bool(v) for v in correct),
@@ -278,10 +307,10 @@ def certify(
         accuracy=float(correct.sum()) / N,
         method=method,
         norm=n,
-        radius=float(radius),
-        seconds=time.perf_counter() - t0,
-        cpu_seconds=time.process_time() - c0,
-        notes=tuple(notes),
+        radius=radius,
+        seconds=times[0],
+        cpu_seconds=times[1],
+        notes=tuple(plan.notes),
         extra={"margins": M, "constants": L},
     )
 

@@ -99,13 +99,13 @@ import torch
 from torch import nn
 
 from .._validation import check_input_shape, check_model, check_norm, check_positive
-from ..errors import NonFiniteError, NotSequentialError, UnsupportedModelError, UnsupportedNode
-from ..results import LipschitzResult
+from ..errors import NonFiniteError, UnsupportedModelError, UnsupportedNode
+from ..results import ExactResult, Witness
+from ._chain import dense_chain
 
 __all__ = [
     "ExactResult",
     "PiecewiseLinearChain",
-    "dense_chain",
     "exact",
     "normalise_chain",
     "piecewise_linear_chain",
@@ -119,37 +119,6 @@ def _intersect(
     a: tuple[np.ndarray, np.ndarray], b: tuple[np.ndarray, np.ndarray]
 ) -> tuple[np.ndarray, np.ndarray]:
     return np.maximum(a[0], b[0]), np.minimum(a[1], b[1])
-
-
-@dataclass(frozen=True, kw_only=True, eq=False)
-class ExactResult(LipschitzResult):
-    """Result of :func:`exact`.
-
-    ``value`` is the exact constant when ``finished`` (``bound == "exact"``), otherwise the best
-    realised region's Jacobian norm, a certified LOWER bound (``bound == "lower"``); ``upper`` is
-    the best certified upper bound (equal to ``value`` when finished). ``lower`` repeats the
-    witnessed lower bound, ``witness`` the input point (flattened) that realises it.
-    """
-
-    method: str = "exact"
-    lower: float = 0.0
-    finished: bool = False
-    regions_visited: int = 0
-    lps_solved: int = 0
-    nodes_explored: int = 0
-    witness: tuple[float, ...] = ()
-
-    def to_dict(self) -> dict[str, Any]:
-        d = super().to_dict()
-        d.update(
-            lower=self.lower,
-            finished=self.finished,
-            regions_visited=self.regions_visited,
-            lps_solved=self.lps_solved,
-            nodes_explored=self.nodes_explored,
-            witness=list(self.witness),
-        )
-        return d
 
 
 # --------------------------------------------------------------------------------------------
@@ -216,204 +185,15 @@ def _activation_slopes(fn: Any, where: str) -> tuple[float, float]:
     return q, p
 
 
-def _affine_parts(
-    fn: Any, in_shape: tuple[int, ...], where: str
-) -> tuple[np.ndarray, np.ndarray, tuple[int, ...]]:
-    """``(W, b, out_shape)`` of an affine map in float64: ``b = fn(0)``, ``W`` its Jacobian.
-
-    ``W`` comes from reverse-mode autodiff (one backward pass per output, through the layer's
-    own linear operation), not from the differences ``fn(e_j) - fn(0)``: these cancel the bias
-    and lose ``log2(|b| / |W|)`` bits of every entry (``|b| = 1e16, |W| = 1e4`` left 4 correct
-    digits), so a chain whose biases dwarf its weights (any depth-``d`` net with biases scaled
-    by ``c^k`` and weights by ``c``, for ``c`` large) came out wrong.
-    """
-    n = int(np.prod(in_shape))
-    zero = torch.zeros(1, *in_shape, dtype=torch.float64)
-    with torch.no_grad():
-        b = fn(zero)
-    out_shape = tuple(b.shape[1:])
-
-    def flat(v: torch.Tensor) -> torch.Tensor:
-        return fn(v.reshape(1, *in_shape)).reshape(-1)
-
-    J = torch.autograd.functional.jacobian(flat, torch.zeros(n, dtype=torch.float64))
-    W = J.detach().reshape(-1, n).to(torch.float64).cpu().numpy().copy()
-    bb = b.detach().reshape(-1).to(torch.float64).cpu().numpy().copy()
-    if W.shape[0] != bb.size:  # pragma: no cover - an affine map has one Jacobian row per output
-        raise NotSequentialError(
-            [UnsupportedNode(where, "linear", "its Jacobian does not match its output size")]
-        )
-    return W, bb, out_shape
-
-
-def _dense_of(
-    module: nn.Module, in_shape: tuple[int, ...]
-) -> tuple[np.ndarray, np.ndarray, tuple[int, ...]]:
-    return _affine_parts(module, in_shape, type(module).__name__)
-
-
-_LINEAR_TYPES = (
-    nn.Linear,
-    nn.Conv1d,
-    nn.Conv2d,
-    nn.Conv3d,
-    nn.Flatten,
-    nn.Identity,
-    nn.Dropout,
-    nn.AvgPool1d,
-    nn.AvgPool2d,
-    nn.ConvTranspose1d,
-    nn.ConvTranspose2d,
-    nn.Unflatten,
-)
-
-
-def _chain_from_sequential(model: nn.Module, input_shape: tuple[int, ...]) -> list[tuple[str, Any]]:
-    """Fallback extractor for ``nn.Sequential`` of linear layers, convs, flatten and ReLUs."""
-
-    def walk(m: nn.Module, prefix: str) -> list[tuple[str, nn.Module]]:
-        if isinstance(m, nn.Sequential):
-            out: list[tuple[str, nn.Module]] = []
-            for name, child in m.named_children():
-                out.extend(walk(child, f"{prefix}.{name}" if prefix else name))
-            return out
-        return [(prefix or type(m).__name__, m)]
-
-    if not isinstance(model, nn.Sequential):
-        raise NotSequentialError(
-            [
-                UnsupportedNode(
-                    type(model).__name__,
-                    "module",
-                    "without lipbound.graph only nn.Sequential models are understood",
-                )
-            ],
-            what="exact()/lipsdp() need a sequential chain linear -> activation -> linear ...",
-        )
-    items: list[tuple[str, Any]] = []
-    shape = input_shape
-    for name, m in walk(model, ""):
-        if isinstance(
-            m,
-            (
-                nn.ReLU,
-                nn.LeakyReLU,
-                nn.Tanh,
-                nn.Sigmoid,
-                nn.ELU,
-                nn.Softplus,
-                nn.Hardtanh,
-                nn.GELU,
-                nn.SiLU,
-            ),
-        ):
-            items.append(("act", (name, m)))
-        elif isinstance(m, _LINEAR_TYPES):
-            W, b, shape = _dense_of(m, shape)
-            items.append(("lin", (name, W, b)))
-        else:
-            raise NotSequentialError(
-                [UnsupportedNode(name, type(m).__name__, "not a linear layer or activation")],
-                what="exact()/lipsdp() need a sequential chain linear -> activation -> linear ...",
-            )
-    return items
-
-
-def _chain_from_graph(
-    model: nn.Module, input_shape: tuple[int, ...]
-) -> list[tuple[str, Any]] | None:
-    """Use lipbound.graph when it provides ``sequential_chain``; ``None`` if it is not there."""
-    try:
-        from .. import graph as _graph
-
-        capture = _graph.capture
-        simplify = _graph.simplify
-        sequential_chain = _graph.sequential_chain
-    except (ImportError, AttributeError):
-        return None
-    g = simplify(capture(model, input_shape))
-    nodes = sequential_chain(g)
-    items: list[tuple[str, Any]] = []
-    for node in nodes:
-        if node.kind == "linear":
-            # not node.dense(): it differences fn(e_j) - fn(0), see _affine_parts
-            (in_shape,) = node.in_shapes
-            W, b, _ = _affine_parts(node.fn, tuple(in_shape), node.qualname)
-            items.append(("lin", (node.qualname, W, b)))
-        elif node.kind == "activation":
-            items.append(("act", (node.qualname, node)))
-        else:  # pragma: no cover - sequential_chain promises linear/activation only
-            raise NotSequentialError(
-                [UnsupportedNode(node.qualname, node.op, "not linear or activation")]
-            )
-    return items
-
-
-def _raw_chain(model: nn.Module, input_shape: tuple[int, ...]) -> list[tuple[str, Any]]:
-    m64 = copy.deepcopy(model).to(torch.float64).eval()
-    items = _chain_from_graph(m64, input_shape)
-    if items is None:
-        items = _chain_from_sequential(m64, input_shape)
-    return items
-
-
-def _merge_items(
-    items: list[tuple[str, Any]], in_dim: int
-) -> tuple[list[Any], list[Any], list[Any], list[str]]:
-    """Merge consecutive linear maps; insert identities so the chain alternates and ends linear."""
-    Ws: list[np.ndarray] = []
-    bs: list[np.ndarray] = []
-    acts: list[tuple[str, Any]] = []
-    names: list[str] = []
-    pending: tuple[np.ndarray, np.ndarray, str] | None = None
-    last_dim = in_dim
-    for kind, payload in items:
-        if kind == "lin":
-            name, W, b = payload
-            if pending is None:
-                pending = (W, b, name)
-            else:
-                W0, b0, n0 = pending
-                pending = (W @ W0, W @ b0 + b, f"{n0}+{name}")
-            last_dim = W.shape[0]
-        else:
-            if pending is None:
-                pending = (np.eye(last_dim), np.zeros(last_dim), "identity")
-            Ws.append(pending[0])
-            bs.append(pending[1])
-            names.append(pending[2])
-            acts.append(payload)
-            pending = None
-    if pending is None:
-        pending = (np.eye(last_dim), np.zeros(last_dim), "identity")
-    Ws.append(pending[0])
-    bs.append(pending[1])
-    names.append(pending[2])
-    return Ws, bs, acts, names
-
-
-def dense_chain(
-    model: nn.Module, input_shape: tuple[int, ...]
-) -> tuple[list[np.ndarray], list[np.ndarray], list[tuple[str, Any]], list[str]]:
-    """``(weights, biases, activations, names)`` of a sequential model in float64.
-
-    ``activations[i] = (name, obj)`` with ``obj`` a graph ``Node`` (when ``lipbound.graph`` is
-    there) or an ``nn.Module``; consecutive linear maps are merged, and identity maps inserted
-    so that the chain alternates linear / activation and ends with a linear map.
-    """
-    items = _raw_chain(model, input_shape)
-    return _merge_items(items, int(np.prod(input_shape)))
-
-
 def piecewise_linear_chain(
     model: nn.Module, input_shape: Sequence[int] | int
 ) -> PiecewiseLinearChain:
     """Dense float64 chain of ``model`` (ReLU / leaky-ReLU activations only).
 
-    Uses ``lipbound.graph`` (``capture`` -> ``simplify`` -> ``sequential_chain``) when available,
-    so ``F.relu`` models, convolutions (as dense matrices) and merged layers work; falls back to
-    walking an ``nn.Sequential``. Raises :class:`NotSequentialError` for other graphs and
-    :class:`UnsupportedModelError` for non-piecewise-linear activations.
+    Uses ``lipbound.graph`` (``capture`` -> ``simplify`` -> ``sequential_chain``), so
+    ``F.relu`` models, convolutions (as dense matrices) and merged layers work. Raises
+    :class:`NotSequentialError` for other graphs and :class:`UnsupportedModelError` for
+    non-piecewise-linear activations.
     """
     shape = check_input_shape(input_shape)
     Ws, bs, acts, names = dense_chain(model, shape)
@@ -1367,11 +1147,15 @@ def exact(
         seconds=time.perf_counter() - t0,
         notes=tuple(notes),
         lower=lower,
+        how="branch and bound over activation regions (HiGHS LPs)",
         finished=finished,
         regions_visited=int(out["regions"]),
         lps_solved=int(out["lps"]),
         nodes_explored=int(out["nodes"]),
-        witness=tuple(float(v) for v in np.asarray(out["x"]).reshape(-1)),
+        witness=Witness(
+            kind="region",
+            x=torch.tensor(np.asarray(out["x"], dtype=np.float64)).reshape(shape),
+        ),
         extra={
             "sample_best": _ldexp_checked(
                 float(out.get("sample_best", 0.0)), scale_exp, up=False, what="sample"

@@ -57,82 +57,46 @@ large radii give loose intervals, hence bounds that fall back to the global one)
 
 from __future__ import annotations
 
-import copy
 import math
 import time
-from collections.abc import Callable
 from typing import Any
 
 import torch
 from torch import nn
 
 from .._validation import check_model, check_norm, check_positive
-from ..errors import InvalidArgumentError, LipboundError, ShapeError, UnsupportedModelError
+from ..errors import LipboundError, UnsupportedModelError
 from ..graph import OpGraph, capture, simplify
-from ..local.interval import REL64, Box, from_bounds
+from ..local.bounds import (
+    LocalOptions,
+    certified_linear,
+    check_inputs,
+    chunk_size,
+    intersect_rows,
+    interval_norms,
+    witness,
+)
+from ..local.interval import Box
 from ..local.propagate import (
     backward_rows,
     backward_rows_ball,
     check_graph,
     forward_boxes,
-    largest_value,
     linear_norms,
 )
 from ..local.rules import LocalOp
 from ..results import LocalResult
-from ..rules import NodeConstant
-from ..rules._registry import ROUND_REL
-from ..spectral.certify import _up, matrix_norm_upper
 from .autolip import compose, node_constants
-from .lower import _full_jacobian, _norm_of_jac
 
-__all__ = ["certified_linear", "check_inputs", "chunk_size", "local_bound", "prepare"]
+__all__ = ["local_bound", "prepare"]
 
 _F64 = torch.float64
-#: bytes per float64 entry of the per-row adjoints, times the tensors alive in one node's
-#: backward step (centre, radius, magnitude, products): the memory model of ``batch_size``.
-_LIVE = 8 * 8
-
-
-def check_inputs(inputs: Any, name: str = "inputs") -> torch.Tensor:
-    """``inputs`` as a floating tensor ``(N, *shape)`` with ``N >= 1``, or an error."""
-    if not isinstance(inputs, torch.Tensor):
-        raise InvalidArgumentError(
-            f"{name} must be a torch.Tensor of shape (N, *input_shape); got "
-            f"{type(inputs).__name__}")
-    if inputs.dim() < 2 or inputs.shape[0] == 0:
-        raise ShapeError(
-            f"{name} must have shape (N, *input_shape) with N >= 1 (a batch); got "
-            f"{tuple(inputs.shape)}. For one sample use inputs[None]")
-    if not inputs.is_floating_point():
-        raise InvalidArgumentError(f"{name} must be floating point; got {inputs.dtype}")
-    if not bool(torch.isfinite(inputs).all()):
-        raise InvalidArgumentError(f"{name} contains NaN or infinite entries")
-    return inputs
 
 
 def prepare(model: nn.Module, inputs: torch.Tensor) -> tuple[OpGraph, dict[str, LocalOp]]:
     """The simplified graph of ``model`` on one sample of ``inputs`` and its local rules."""
     graph = simplify(capture(model, tuple(inputs.shape[1:])))
     return graph, check_graph(graph)
-
-
-def chunk_size(graph: OpGraph, rows: int, batch_size: int, max_memory: int) -> int:
-    """Samples per chunk so that ``rows`` adjoints of the largest tensor fit ``max_memory``."""
-    per = rows * largest_value(graph) * _LIVE
-    fit = max_memory // max(per, 1)
-    if fit < 1:
-        raise InvalidArgumentError(
-            f"one sample needs about {per / 2**20:.1f} MiB of adjoints ({rows} rows x "
-            f"{largest_value(graph)} entries of the largest tensor x {_LIVE} bytes), above "
-            f"max_memory={max_memory} bytes; raise max_memory (or bound fewer outputs)")
-    return max(1, min(int(batch_size), int(fit)))
-
-
-def certified_linear(graph: OpGraph, cs: dict[str, NodeConstant]) -> dict[str, float]:
-    """The certified constants of the linear nodes among AutoLip's node constants ``cs``."""
-    return {k: float(c.constants[0]) for k, c in cs.items()
-            if graph[k].kind == "linear" and c.certified and c.constants}
 
 
 def _global(graph: OpGraph, norm: str) -> tuple[float | None, str, dict[str, float]]:
@@ -151,128 +115,35 @@ def _global(graph: OpGraph, norm: str) -> tuple[float | None, str, dict[str, flo
     return g, f"capped by the global certified AutoLip bound {g:.6g}", lin
 
 
-def interval_norms(J: Box, norm: str, rho: torch.Tensor | None = None) -> torch.Tensor:
-    """Certified ``sup ||M||`` over the matrices ``M = C + D`` with ``C`` in the interval
-    matrix ``J`` (``(B, R, n)`` boxes) and rows ``d_j`` of ``D`` with ``||d_j||_* <= rho_j``
-    (``rho`` ``(B, R)``, zero when ``None``): in l2, ``min(|| |M_c| + M_r ||, ||M_c|| +
-    ||M_r||) + ||D||_F`` with ``||D||_2 <= ||D||_F <= sqrt(sum rho_j^2)``; in l-inf (max row
-    l1 norm) ``max_j (sum_i (|M_c| + M_r)_{ji} + rho_j)``."""
-    out = []
-    Mc = J.c.reshape(J.c.shape[0], J.c.shape[1], -1)
-    Mr = J.r.reshape(Mc.shape)
-    for b in range(Mc.shape[0]):
-        A = Mc[b].abs() + Mr[b]
-        if norm == "inf":
-            rows = A.sum(dim=1) * (1 + 2 * REL64)
-            if rho is not None:
-                rows = rows + rho[b]
-            out.append(_up(float(rows.max()), ROUND_REL))
-            continue
-        v1 = matrix_norm_upper(A, "2")[0]
-        v2 = matrix_norm_upper(Mc[b], "2")[0] + matrix_norm_upper(Mr[b], "2")[0]
-        extra = 0.0 if rho is None else float(rho[b].norm()) * (1 + REL64)
-        out.append(_up(min(v1, v2) + extra, ROUND_REL))
-    return torch.tensor(out, dtype=_F64)
+def _uppers(graph: OpGraph, ops: dict[str, LocalOp], x: torch.Tensor, *, radius: float, n: str,
+            lin: dict[str, float], chunk: int, opts: LocalOptions) -> torch.Tensor:
+    """The interval / ball bounds of every sample (the smaller of the two), chunk by chunk."""
+    out_shape = tuple(graph[graph.output.inputs[0]].out_shape)
+    K = math.prod(out_shape)
+    uppers: list[torch.Tensor] = []
+    for s in range(0, x.shape[0], chunk):
+        xb = x[s:s + chunk]
+        tans: dict[str, Box | None] = {}
+        boxes = forward_boxes(graph, xb, radius, n, ops, refine=opts.refine, tangents=tans)
+        rows = torch.eye(K, dtype=_F64, device=xb.device).reshape(K, *out_shape)
+        rows = rows.unsqueeze(0).expand(xb.shape[0], *rows.shape)
+        J = intersect_rows(backward_rows(graph, boxes, rows, ops),
+                           tans.get(graph.output.name), rows)
+        Jb, rho = backward_rows_ball(graph, boxes, rows, ops, n, lin)
+        uppers.append(torch.minimum(interval_norms(J, n), interval_norms(Jb, n, rho)))
+        opts.say(f"local_bound: {min(s + chunk, x.shape[0])}/{x.shape[0]} samples")
+    return torch.cat(uppers)
 
 
-def intersect_rows(J: Box, tangent: Box | None, rows: torch.Tensor) -> Box:
-    """``J`` (rows ``w^T M``, ``(B, R, *in)``) intersected with ``w^T T`` from the forward
-    tangent box ``T`` (``(B, n_in, *out)``) of the same secant matrices, when there is one:
-    both contain ``w^T M`` for every secant matrix ``M``, hence so does the intersection."""
-    if tangent is None:
-        return J
-    B, R = rows.shape[:2]
-    w = rows.reshape(B, R, -1).to(_F64)
-    Tc = tangent.c.reshape(B, tangent.c.shape[1], -1)  # (B, n_in, K)
-    Tr = tangent.r.reshape(Tc.shape)
-    c = w @ Tc.transpose(1, 2)
-    r = w.abs() @ Tr.transpose(1, 2) + REL64 * (w.abs() @ (Tc.abs() + Tr).transpose(1, 2))
-    lo = torch.maximum(J.lo, (c - r).reshape(J.c.shape))
-    hi = torch.minimum(J.hi, (c + r).reshape(J.c.shape))
-    return from_bounds(torch.minimum(lo, hi), torch.maximum(lo, hi))
-
-
-def _project(d: torch.Tensor, radius: float, norm: str) -> torch.Tensor:
-    """``d`` moved into the open ball of ``radius`` (rows of a ``(B, n)`` tensor)."""
-    lim = radius * (1 - 1e-9)
-    if norm == "inf":
-        return d.clamp(-lim, lim)
-    n = d.norm(dim=1, keepdim=True)
-    return d * torch.clamp(lim / n.clamp_min(1e-300), max=1.0)
-
-
-def _model64(model: nn.Module) -> tuple[nn.Module, torch.dtype]:
-    try:
-        m = copy.deepcopy(model).double().eval()
-        return m, _F64
-    except (RuntimeError, TypeError, ValueError, copy.Error):  # pragma: no cover - exotic
-        dt = next((t.dtype for t in model.parameters() if t.is_floating_point()), _F64)
-        return model, dt
-
-
-def _pnorm(t: torch.Tensor, norm: str) -> torch.Tensor:
-    return t.norm(dim=1) if norm == "2" else t.abs().amax(dim=1)
-
-
-def witness(model: nn.Module, x: torch.Tensor, radius: float, norm: str, *, steps: int = 30,
-            restarts: int = 2, seed: int = 0) -> tuple[torch.Tensor, list[str]]:
-    """Witnessed lower bounds inside each ball (module docstring): ``(values, hows)``."""
-    m64, dt = _model64(model)
-    shape = tuple(x.shape[1:])
-    B = x.shape[0]
-    xf = x.detach().to(dt).reshape(B, -1)
-
-    def f(z: torch.Tensor) -> torch.Tensor:
-        out = m64(z.reshape(z.shape[0], *shape).clone())
-        return out.reshape(out.shape[0], -1)
-
-    with torch.no_grad():
-        m_out = f(xf[:1]).shape[1]
-    best = torch.zeros(B, dtype=_F64)
-    how = ["none"] * B
-    pts = [xf]
-    g = torch.Generator().manual_seed(seed)
-    for _ in range(max(0, restarts)):
-        d1 = _project(torch.randn(B, xf.shape[1], generator=g, dtype=dt) * radius, radius, norm)
-        d2 = _project(torch.randn(B, xf.shape[1], generator=g, dtype=dt) * radius, radius, norm)
-        d1.requires_grad_(True)
-        d2.requires_grad_(True)
-        opt = torch.optim.Adam([d1, d2], lr=0.1 * radius)
-        for _ in range(max(0, steps)):
-            opt.zero_grad(set_to_none=True)
-            u, v = xf + d1, xf + d2
-            num = _pnorm(f(u) - f(v), norm)
-            den = _pnorm(u - v, norm).clamp_min(1e-300)
-            loss = -torch.log(num.clamp_min(1e-300) / den).sum()
-            loss.backward()  # type: ignore[no-untyped-call]
-            opt.step()
-            with torch.no_grad():
-                d1.copy_(_project(d1, radius, norm))
-                d2.copy_(_project(d2, radius, norm))
-        with torch.no_grad():
-            u, v = xf + d1.detach(), xf + d2.detach()
-            den = _pnorm(u - v, norm)
-            ok = den > 1e-6 * radius  # a ratio of near-equal points is rounding noise
-            ratio = torch.where(ok, _pnorm(f(u) - f(v), norm) / den.clamp_min(1e-300),
-                                torch.zeros_like(den)).to(_F64)
-            for i in range(B):
-                if float(ratio[i]) > float(best[i]):
-                    best[i] = ratio[i]
-                    how[i] = "pair ratio in the ball"
-        pts.extend([u, v])
-    if m_out <= 64:
-        for p in pts:
-            try:
-                vals, _ = _norm_of_jac(_full_jacobian(f, p.detach(), m_out), norm if norm ==
-                                       "inf" else "2")
-            except RuntimeError:  # pragma: no cover - ops without a backward
-                continue
-            vals = vals.detach().to(_F64)
-            for i in range(B):
-                if float(vals[i]) > float(best[i]):
-                    best[i] = vals[i]
-                    how[i] = "Jacobian norm in the ball"
-    return best, how
+def _witnesses(model: nn.Module, x: torch.Tensor, *, radius: float, n: str, chunk: int,
+               opts: LocalOptions) -> tuple[tuple[float, ...], list[str]]:
+    vals, hows = [], []
+    for s in range(0, x.shape[0], chunk):
+        v, h = witness(model, x[s:s + chunk], radius, n, steps=opts.steps,
+                       restarts=opts.restarts, seed=opts.seed)
+        vals.append(v)
+        hows.extend(h)
+    return tuple(float(v) for v in torch.cat(vals)), hows
 
 
 def local_bound(
@@ -283,13 +154,7 @@ def local_bound(
     norm: Any = 2,
     batch_size: int = 32,
     lower: bool = True,
-    steps: int = 30,
-    restarts: int = 2,
-    use_global: bool = True,
-    max_memory: int = 1 << 30,
-    refine: int = 1 << 19,
-    seed: int = 0,
-    progress: Callable[[str], None] | None = None,
+    options: LocalOptions | None = None,
 ) -> LocalResult:
     """Certified upper and witnessed lower bounds of the local Lipschitz constant.
 
@@ -298,8 +163,9 @@ def local_bound(
     ``upper`` (certified) and ``lower`` (witness, when ``lower=True``) per sample; see the
     module docstring for the method and its proof. ``batch_size`` samples are bounded at
     once, fewer if their adjoints (output size x largest tensor x 64 bytes each) would exceed
-    ``max_memory`` bytes; ``use_global=False`` skips the cap by the global AutoLip bound.
-    ``progress`` receives one line per chunk.
+    ``options.max_memory`` bytes; the other knobs are in
+    :class:`~lipbound.local.bounds.LocalOptions` (refinement, global cap, witness search,
+    progress).
 
     >>> import torch
     >>> from torch import nn
@@ -310,46 +176,25 @@ def local_bound(
     True
     """
     t0, c0 = time.perf_counter(), time.process_time()
+    opts = (options or LocalOptions()).check()
     model = check_model(model, require_eval=True)
     n = check_norm(norm, allowed=("2", "inf"), method="local_bound")
     x = check_inputs(inputs)
     check_positive("radius", radius)
     check_positive("batch_size", batch_size, integer=True)
-    check_positive("max_memory", max_memory, integer=True)
     graph, ops = prepare(model, x)
-    out_shape = tuple(graph[graph.output.inputs[0]].out_shape)
-    K = math.prod(out_shape)
-    notes: list[str] = []
+    K = math.prod(graph[graph.output.inputs[0]].out_shape)
     glob, note, lin = _global(graph, n)
-    if not use_global:
+    if not opts.use_global:
         glob, note = None, "global cap not used"
-    notes.append(note)
-    chunk = chunk_size(graph, K, batch_size, max_memory)
-    uppers: list[torch.Tensor] = []
-    for s in range(0, x.shape[0], chunk):
-        xb = x[s:s + chunk]
-        tans: dict[str, Box | None] = {}
-        boxes = forward_boxes(graph, xb, float(radius), n, ops, refine=refine, tangents=tans)
-        rows = torch.eye(K, dtype=_F64, device=xb.device).reshape(K, *out_shape)
-        rows = rows.unsqueeze(0).expand(xb.shape[0], *rows.shape)
-        J = intersect_rows(backward_rows(graph, boxes, rows, ops),
-                           tans.get(graph.output.name), rows)
-        Jb, rho = backward_rows_ball(graph, boxes, rows, ops, n, lin)
-        uppers.append(torch.minimum(interval_norms(J, n), interval_norms(Jb, n, rho)))
-        if progress is not None:
-            progress(f"local_bound: {min(s + chunk, x.shape[0])}/{x.shape[0]} samples")
-    interval = torch.cat(uppers)
+    chunk = chunk_size(graph, K, batch_size, opts.max_memory)
+    interval = _uppers(graph, ops, x, radius=float(radius), n=n, lin=lin, chunk=chunk,
+                       opts=opts)
     upper = interval if glob is None else torch.clamp(interval, max=glob)
     low: tuple[float, ...] | None = None
     hows: list[str] = []
     if lower:
-        vals = []
-        for s in range(0, x.shape[0], chunk):
-            v, h = witness(model, x[s:s + chunk], float(radius), n, steps=steps,
-                           restarts=restarts, seed=seed)
-            vals.append(v)
-            hows.extend(h)
-        low = tuple(float(v) for v in torch.cat(vals))
+        low, hows = _witnesses(model, x, radius=float(radius), n=n, chunk=chunk, opts=opts)
         if any(lo > up for lo, up in zip(low, upper.tolist())):  # pragma: no cover - a bug
             raise LipboundError(
                 "a witnessed lower bound exceeds the certified upper bound: please report "
@@ -365,7 +210,7 @@ def local_bound(
         radius=float(radius),
         seconds=time.perf_counter() - t0,
         cpu_seconds=time.process_time() - c0,
-        notes=tuple(notes),
+        notes=(note,),
         extra={"interval": tuple(float(v) for v in interval), "global": glob,
                "lower_how": tuple(hows), "graph": graph},
     )

@@ -8,7 +8,7 @@ backed by a witness that reproduces it (up to float64 rounding):
 
 * a **pair witness** ``(x, y)``: ``value = ||f(x) - f(y)||_p / ||x - y||_p``, which is ``<= L(f)``
   by the very definition of ``L(f)``, with no condition on ``f``;
-* a **Jacobian witness** ``(x, v)`` (``y`` is ``None``, ``v`` is ``result.extra["direction"]``):
+* a **Jacobian witness** ``(x, v)`` (``y`` is ``None``, ``v`` is ``result.witness.direction``):
   ``value = ||J_f(x) v||_p / ||v||_p <= ||J_f(x)||_{p->p} <= L(f)`` wherever ``f`` is
   differentiable at ``x`` (``f(x + t v) - f(x) = t J v + o(t)``; for ReLU networks that is every
   point off a null set of kinks, and the search points are continuous random perturbations).
@@ -58,7 +58,7 @@ Example
 >>> res = lower_bound(net, (2,), restarts=4, steps=30)
 >>> res.certified and res.value > 0
 True
->>> x, y = res.x.double(), res.y
+>>> x, y = res.witness.x.double(), res.witness.y
 >>> y is None or abs(
 ...     float((net.double()(x[None]) - net.double()(y[None])).norm() / (x - y).norm())
 ...     - res.value) < 1e-6 * res.value
@@ -87,9 +87,12 @@ from .._validation import (
     check_positive,
 )
 from ..errors import InvalidArgumentError, LipboundError, NonFiniteError, ShapeError
-from ..results import LowerBoundResult
+from ..results import LowerBoundResult, Witness
 
-__all__ = ["DEFAULT_METHODS", "LOWER_METHODS", "lower_bound", "pair_ratio", "jacobian_ratio"]
+__all__ = [
+    "DEFAULT_METHODS", "LOWER_METHODS", "lower_bound", "pair_ratio", "jacobian_ratio",
+    "probe_widening",
+]
 
 LOWER_METHODS: tuple[str, ...] = ("data", "sample", "pairs", "annealing")
 #: the searches run by default: annealing is opt-in (on the digits MLPs of
@@ -103,9 +106,18 @@ _Fn = Callable[[torch.Tensor], torch.Tensor]
 # small helpers
 # --------------------------------------------------------------------------------------------
 def _pnorm(t: torch.Tensor, norm: str) -> torch.Tensor:
-    """Per-row p-norm of a (B, n) tensor."""
+    """Per-row p-norm of a (B, n) tensor.
+
+    l2 is computed on the row scaled by a power of two (exact) so that its largest entry is in
+    ``[1/2, 1)``: torch's plain ``norm`` squares the entries and underflows to 0 for rows of
+    about ``1e-160`` in float64 (``1e-20`` in float32), which made witnesses of small-weight
+    models worth 0.
+    """
     if norm == "2":
-        return t.norm(dim=1)
+        a = t.abs().amax(dim=1, keepdim=True)
+        e = torch.frexp(a)[1].clamp(-1000, 1000)  # a < 2^e; 2^-e stays finite
+        s = torch.ldexp(torch.ones_like(a), -e)
+        return (t * s).norm(dim=1) / s[:, 0]
     if norm == "1":
         return t.abs().sum(dim=1)
     return t.abs().amax(dim=1)
@@ -310,20 +322,20 @@ def _power(f: _Fn, x: torch.Tensor, v: torch.Tensor, iters: int, tol: float = 0.
     Products through plain autograd (``torch.func`` imports ``torch._dynamo``: seconds).
     """
     op = _JacAt(f, x)
-    v = v / v.norm(dim=1, keepdim=True).clamp_min(1e-30)
+    v = v / _pnorm(v, "2")[:, None].clamp_min(1e-300)
     sigma = torch.zeros(x.shape[0], dtype=x.dtype, device=x.device)
     for _ in range(max(iters, 1)):
         jv = op.jv(v)
-        prev, sigma = sigma, jv.norm(dim=1)
+        prev, sigma = sigma, _pnorm(jv, "2")
         if tol > 0 and bool(((sigma - prev).abs() <= tol * sigma).all()):
             break
         w = op.jtu(jv)
-        nw = w.norm(dim=1, keepdim=True)
-        v = torch.where(nw > 0, w / nw.clamp_min(1e-30), v)
+        nw = _pnorm(w, "2")[:, None]
+        v = torch.where(nw > 0, w / nw.clamp_min(1e-300), v)
         if time.perf_counter() > deadline:
             break
     # sigma must belong to the returned v: one last product
-    return op.jv(v).norm(dim=1), v
+    return _pnorm(op.jv(v), "2"), v
 
 
 @torch.no_grad()
@@ -351,7 +363,7 @@ def _norm_of_jac(jac: torch.Tensor, norm: str) -> tuple[torch.Tensor, torch.Tens
     if norm == "2":
         _, _, vh = torch.linalg.svd(jac, full_matrices=False)
         v = vh[:, 0, :]
-        return (jac @ v[:, :, None])[:, :, 0].norm(dim=1) / v.norm(dim=1).clamp_min(1e-300), v
+        return _pnorm((jac @ v[:, :, None])[:, :, 0], "2") / _pnorm(v, "2").clamp_min(1e-300), v
     if norm == "1":  # ||J||_{1->1} = max column sum, attained at v = e_j
         cols = jac.abs().sum(dim=1)
         j = cols.argmax(dim=1)
@@ -823,10 +835,11 @@ def lower_bound(
     -------
     LowerBoundResult
         ``value`` (``certified=True``: a true lower bound, reproduced in float64 from the
-        witness), ``x`` and ``y`` (pair witness) or ``x`` alone with ``extra["direction"]``
-        (Jacobian witness), ``how`` (which search found it), ``extra["per_method"]`` (best
-        re-checked value of each search: the paper's data / annealing columns). When a stage
-        fails (an op without the derivatives it needs), the others go on and a note says so.
+        witness; ``lower`` is the same number), ``witness`` (kind ``"pair"``: ``x`` and ``y``;
+        ``"jacobian"``: ``x`` and ``direction``), ``how`` (which search found it),
+        ``extra["per_method"]`` (best re-checked value of each search: the paper's data /
+        annealing columns). When a stage fails (an op without the derivatives it needs), the
+        others go on and a note says so.
     """
     t_start = time.perf_counter()
     model = check_model(model, require_eval=True)
@@ -1036,8 +1049,9 @@ def _lower_bound(
         "recheck_dtype": str(check.dtype).removeprefix("torch."),
         "stages": ",".join(stages),
     }
+    direction = None
     if c.y is None and c.v is not None:
-        extra["direction"] = c.v.detach().to(torch.float64).reshape(shape).cpu()
+        direction = c.v.detach().to(torch.float64).reshape(shape).cpu()
     return LowerBoundResult(
         value=float(value),
         certified=True,
@@ -1045,8 +1059,8 @@ def _lower_bound(
         norm=p,
         bound="lower",
         upper=None,
-        x=x_w,
-        y=y_w,
+        lower=float(value),
+        witness=Witness(kind=kind, x=x_w, y=y_w, direction=direction),
         how=f"{c.how} ({kind} witness)",
         iterations=steps,
         seconds=time.perf_counter() - t_start,

@@ -61,7 +61,6 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -75,44 +74,12 @@ from ..errors import (
     UnsupportedModelError,
     UnsupportedNode,
 )
-from ..results import LipschitzResult
+from ..results import SDPResult
 from ._schur import solve_schur
 
 __all__ = ["SDPResult", "analytic_multipliers", "lipsdp", "slope_ranges_of", "verify_lipsdp"]
 
 _U = float(np.finfo(np.float64).eps) / 2  # unit roundoff
-
-
-@dataclass(frozen=True, kw_only=True, eq=False)
-class SDPResult(LipschitzResult):
-    """Result of :func:`lipsdp`.
-
-    ``value`` = ``upper`` = the VERIFIED bound (certified) when ``verified``; otherwise ``value``
-    is the solver's raw value (an estimate, ``certified=False``, ``upper=None``). ``raw`` is the
-    solver's ``sqrt(rho)`` (certified only up to its tolerance), ``solver``/``status`` what ran.
-    """
-
-    method: str = "lipsdp"
-    raw: float = math.nan
-    verified: bool = False
-    variant: str = "neuron"
-    solver: str = ""
-    status: str = ""
-    solve_seconds: float = 0.0
-    verify_seconds: float = 0.0
-
-    def to_dict(self) -> dict[str, Any]:
-        d = super().to_dict()
-        d.update(
-            raw=self.raw,
-            verified=self.verified,
-            variant=self.variant,
-            solver=self.solver,
-            status=self.status,
-            solve_seconds=self.solve_seconds,
-            verify_seconds=self.verify_seconds,
-        )
-        return d
 
 
 _MODULE_SLOPES: dict[type, tuple[float, float]] = {
@@ -153,7 +120,7 @@ def slope_ranges_of(
     model: nn.Module, input_shape: Sequence[int] | int
 ) -> tuple[list[np.ndarray], list[tuple[float, float]]]:
     """Dense float64 weights ``[W_1..W_K]`` and slope ranges ``[(a_i, b_i)]`` of an MLP."""
-    from .exact import dense_chain
+    from ._chain import dense_chain
 
     shape = check_input_shape(input_shape)
     Ws, _, acts, _ = dense_chain(model, shape)
@@ -520,10 +487,9 @@ def lipsdp(
         seconds=time.perf_counter() - t0,
         notes=tuple(notes),
         raw=raw,
-        verified=rho_v is not None,
         variant=variant,
         solver=name,
-        status=status,
+        solver_status=status,
         solve_seconds=solve_s,
         verify_seconds=verify_s,
         extra={"rho_scale": CK, "margin": m},
@@ -571,10 +537,9 @@ def _lipsdp_schur(
         seconds=time.perf_counter() - t0,
         notes=tuple(notes),
         raw=sol.raw,
-        verified=certified,
         variant="neuron",
         solver="schur",
-        status="optimal" if sol.value is not None else "closed_form_only",
+        solver_status="optimal" if sol.value is not None else "closed_form_only",
         solve_seconds=sol.seconds_opt,
         verify_seconds=sol.seconds_verify,
         extra={

@@ -21,7 +21,7 @@ Modes
   than ``max_exact_width``). Certified.
 * ``"greedy"``: every pair by heuristics (the paper's Greedy SeqLip, plus alternating
   maximisation with restarts) on the top-``k`` singular triplets: ``value`` is this ESTIMATE
-  (not certified); ``upper``/``certified_upper`` carries a certified bound next to it.
+  (not certified); ``upper`` carries a certified bound next to it.
 * ``"auto"`` (default): exact (branch and bound with ``time_limit`` per pair) up to
   ``max_exact_width`` neurons, greedy + certified bounds beyond; ``value`` is the certified bound.
 
@@ -81,8 +81,8 @@ from torch import nn
 from .._progress import ProgressArg, make_progress
 from .._validation import check_choice, check_input_shape, check_model, check_norm, check_positive
 from ..errors import InvalidArgumentError
-from ..graph._modules import eval_weight
-from ..results import LayerBound, LipschitzResult
+from ..graph.modules import eval_weight
+from ..results import LayerBound, SeqLipResult
 from ..spectral.certify import pow2_split
 from ._pairs import (
     ROUNDING_MARGIN,
@@ -92,52 +92,13 @@ from ._pairs import (
     pair_value,
 )
 
-__all__ = ["SeqLipResult", "seqlip", "find_segments", "conv_pair_bound"]
+__all__ = [
+    "SeqLipResult", "seqlip", "find_segments", "conv_pair_bound",
+    "pair_certified", "pair_exact", "pair_greedy",  # the pair maths, public through seqlip
+]
 
 _F64 = torch.float64
 _UP = 1.0 + ROUNDING_MARGIN
-
-
-@dataclass(frozen=True, kw_only=True, eq=False, repr=False)
-class SeqLipResult(LipschitzResult):
-    """Result of :func:`seqlip`.
-
-    ``value`` the headline (mode ``"exact"``/``"auto"``: the certified bound; ``"greedy"``: the
-    greedy estimate), ``certified`` whether ``value`` is proven, ``upper`` the certified SeqLip
-    bound (same as ``certified_upper``), ``estimate`` the SeqLip ESTIMATE: per segment the
-    product of the best realised pair values found (the paper's (Greedy) SeqLip), capped by the
-    segment's certified bound when that is smaller (the SVD-chain product is one upper bound of
-    the segment's constant among several), composed with AutoLip elsewhere; not a certificate.
-    ``extra["estimate_uncapped"]`` is the same without the cap, ``extra["estimate_truncated"]``
-    the same with each greedy pair valued on its top-``k`` truncation (``||L_k D R_k||``, the
-    paper's procedure for CNNs; smaller than the full-pair value of the same pattern).
-    ``autolip`` is AutoLip's value for comparison. ``layers`` has one row per pair
-    (``how`` is the mode actually used for that pair), per segment and per other node.
-    """
-
-    estimate: float
-    certified_upper: float | None
-    autolip: float
-    segments: int = 0
-
-    def __repr__(self) -> str:
-        head, *rest = super().__repr__().split("\n")
-        up = "-" if self.certified_upper is None else f"{self.certified_upper:.6g}"
-        line = (
-            f"  SeqLip estimate={self.estimate:.6g} (not certified), certified SeqLip "
-            f"bound={up}, AutoLip={self.autolip:.6g}, segments={self.segments}"
-        )
-        return "\n".join([head, line, *rest])
-
-    def to_dict(self) -> dict[str, Any]:
-        d = super().to_dict()
-        d.update(
-            estimate=self.estimate,
-            certified_upper=self.certified_upper,
-            autolip=self.autolip,
-            segments=self.segments,
-        )
-        return d
 
 
 # --------------------------------------------------------------------------------------------
@@ -192,7 +153,7 @@ def _plain_conv2d(node: Any) -> tuple[nn.Conv2d, torch.Tensor] | None:
     weight = None
     inner = getattr(m, "linear", None)
     if isinstance(inner, nn.Conv2d) and hasattr(m, "bn"):  # FoldedBatchNorm(conv, bn)
-        weight = m.weight  # type: ignore[union-attr]
+        weight = m.weight
         m = inner
     if (
         isinstance(m, nn.Conv2d)
@@ -237,9 +198,9 @@ def conv_pair_bound(
     a2, b2 = min(a, 0.0), max(b, 0.0)
     H, W = in_hw
     kB = [int(v) for v in first.kernel_size]
-    pB = [int(v) for v in first.padding]  # type: ignore[union-attr]
+    pB = [int(v) for v in first.padding]
     kA = [int(v) for v in second.kernel_size]
-    pA = [int(v) for v in second.padding]  # type: ignore[union-attr]
+    pA = [int(v) for v in second.padding]
     H1 = H + 2 * pB[0] - kB[0] + 1
     W1 = W + 2 * pB[1] - kB[1] + 1
     N0 = max(H + 2 * pB[0], H1 + 2 * pA[0], kA[0], kB[0])
@@ -735,7 +696,7 @@ def _seqlip(
     exact_all = mode != "greedy" and all_pairs_exact
     if mode == "greedy":
         value, certified = estimate, False
-        notes.append("value is the greedy SeqLip ESTIMATE; certified_upper is the certificate")
+        notes.append("value is the greedy SeqLip ESTIMATE; upper is the certificate")
     else:
         value, certified = upper, auto_certified
         if not exact_all:
@@ -757,8 +718,8 @@ def _seqlip(
             "estimate_uncapped": compose(graph, raw_consts),
             "estimate_truncated": compose(graph, trunc_consts),
         },
+        how=f"SeqLip ({mode})",
         estimate=float(estimate),
-        certified_upper=float(upper) if auto_certified else None,
         autolip=float(autolip_value),
         segments=len(segments),
     )

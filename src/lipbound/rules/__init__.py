@@ -45,6 +45,7 @@ __all__ = [
     "lookup",
     "register_rule",
     "registered_keys",
+    "widen_range",
 ]
 
 _NO_RULE = (

@@ -19,7 +19,7 @@ permute, slicing, dropout in eval...) are *declared* in one table in
 Every rule's output goes through ONE gate, :func:`checked_constant` (each :class:`Rule` wraps
 its ``constant`` with it when it is built): a NaN, infinite or negative constant is an error
 naming the node, never a number, and every certified constant is rounded up by the relative
-margin :data:`ROUND_REL` with :func:`lipbound.spectral.certify._up` (the package's one
+margin :data:`ROUND_REL` with :func:`lipbound.spectral.certify.round_up` (the package's one
 rounding helper); activation slope ranges are widened by the same margin
 (:func:`widen_range`). Why that margin suffices is in :data:`ROUND_REL`.
 """
@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING, Any, Literal
 from torch import nn
 
 from ..errors import InvalidArgumentError, NonFiniteError
-from ..spectral.certify import _up
+from ..spectral.certify import round_up as _up
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..graph.types import Node

@@ -43,7 +43,6 @@ maps with at most 4096 inputs (certified, relative margin 1e-9) and otherwise po
 from __future__ import annotations
 
 import copy
-import inspect
 import operator
 import time
 from collections.abc import Callable
@@ -61,14 +60,15 @@ from ..errors import (
     UnsupportedNode,
     ZeroOperatorError,
 )
-from ..graph._modules import (
+from ..graph.modules import (
     ChannelAffine,
     EvalBatchNorm,
     FoldedBatchNorm,
-    _as64,
     bn_scale_shift,
     materialize,
 )
+from ..graph.modules import as64 as _as64
+from ..spectral import certified_upper, spectral_norm
 from ._registry import NodeConstant, RuleContext
 from ._util import arg, declare, is_tensor_arg, numel
 from .structural import operand_coefficients
@@ -81,6 +81,7 @@ __all__ = [
     "NormUnavailable",
     "abs_operator",
     "check_batchnorm_stats",
+    "l1_linf_available",
     "l1_linf_norm",
     "linear_constant",
     "positive_pools",
@@ -114,32 +115,19 @@ class NormUnavailable(Exception):
 def spectral(
     op: Any, in_shape: tuple[int, ...], ctx: RuleContext, *, dtype: torch.dtype | None = None
 ) -> Any:
-    """``lipbound.spectral.spectral_norm(op, in_shape, ...)`` with the options it accepts."""
-    try:
-        from ..spectral import spectral_norm
-    except ImportError:
-        return _fallback_spectral(op, in_shape, ctx)
+    """``lipbound.spectral.spectral_norm(op, in_shape, ...)`` with the rule context's options."""
     opts: dict[str, Any] = {
         "tol": ctx.tol, "max_iter": ctx.max_iter, "certify": ctx.certify,
         "check_linear": False,  # the graph already knows these nodes are affine
     }
     if dtype is not None:
         opts["dtype"] = dtype
-    try:
-        params = inspect.signature(spectral_norm).parameters
-        opts = {k: v for k, v in opts.items() if k in params}
-    except (TypeError, ValueError):
-        opts = {}
     return spectral_norm(op, in_shape, **opts)
 
 
 def certified(op: Any, in_shape: tuple[int, ...]) -> tuple[float, str] | None:
-    """``lipbound.spectral.certified_upper(op, in_shape)`` (``None`` if unavailable)."""
-    try:
-        from ..spectral import certified_upper
-    except ImportError:
-        return None
-    return certified_upper(op, in_shape)  # type: ignore[no-any-return]
+    """``lipbound.spectral.certified_upper(op, in_shape)``."""
+    return certified_upper(op, in_shape)
 
 
 class _Res:
@@ -149,47 +137,6 @@ class _Res:
         self.certified = upper is not None
         self.certificate = how if upper is not None else ""
         self.method = how
-
-
-def _fallback_spectral(op: Any, in_shape: tuple[int, ...], ctx: RuleContext) -> _Res:
-    f = _as_fn(op)
-    n = numel(in_shape)
-    with torch.no_grad():
-        if n <= DENSE_LIMIT:
-            W = _dense(f, in_shape)
-            s = float(torch.linalg.matrix_norm(W, 2)) if W.numel() else 0.0
-            return _Res(s, s * (1 + _MARGIN), "dense SVD (fallback)")
-        x = torch.randn(1, *in_shape, dtype=torch.float64)
-        z = f(torch.zeros_like(x))
-        s = 0.0
-        for _ in range(min(ctx.max_iter, 200)):
-            x = x / x.norm()
-            with torch.enable_grad():
-                x.requires_grad_(True)
-                y = f(x) - z
-                (g,) = torch.autograd.grad(0.5 * (y * y).sum(), x)
-            s_new = float(y.detach().norm())
-            x = g.detach()
-            if abs(s_new - s) <= ctx.tol * max(s_new, 1e-300):
-                s = s_new
-                break
-            s = s_new
-    return _Res(s, None, "power iteration (fallback)")
-
-
-def _as_fn(op: Any) -> Callable[[torch.Tensor], torch.Tensor]:
-    from ..graph.capture import call_module_as
-
-    if isinstance(op, nn.Module):
-        return lambda x: call_module_as(op, x)
-    return op  # type: ignore[no-any-return]
-
-
-def _dense(f: Callable[[torch.Tensor], torch.Tensor], in_shape: tuple[int, ...]) -> torch.Tensor:
-    n = numel(in_shape)
-    eye = torch.eye(n, dtype=torch.float64).reshape(n, *in_shape)
-    b = f(torch.zeros(1, *in_shape, dtype=torch.float64)).reshape(-1)
-    return (f(eye).reshape(n, -1) - b).T
 
 
 _AVG = (nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d)

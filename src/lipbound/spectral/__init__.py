@@ -255,7 +255,7 @@ def _on_smaller_side(solver: Any, A: Operator, k: int, tol: float, max_iter: int
     below (``||A^T|| = ||A||``), and ``v_i = A^T u_i / sigma_i``: the triplets are swapped back.
     """
     if A.n_out >= A.n_in:
-        return solver(A, k, tol, max_iter, gen)  # type: ignore[no-any-return]
+        return solver(A, k, tol, max_iter, gen)
     t: Triplets = solver(A.adjoint(), k, tol, max_iter, gen)
     return Triplets(t.sigmas, t.v, t.u, t.converged, t.steps)
 

@@ -170,7 +170,7 @@ class _Adjoint(Operator):
         self.dtype, self.device, self.source = base.dtype, base.device, base.source
         self.scale, self.zero = base.scale, base.zero
 
-    @property  # type: ignore[override]
+    @property
     def count(self) -> int:
         return self.base.count
 

@@ -52,6 +52,7 @@ __all__ = [
     "conv_torus_upper",
     "matrix_norm_upper",
     "pow2_split",
+    "round_up",
 ]
 
 U = 2.0**-53  # float64 unit roundoff
@@ -87,7 +88,7 @@ def pow2_split(T: torch.Tensor, *, even: bool = False) -> tuple[torch.Tensor, fl
     return T * math.ldexp(1.0, -e), math.ldexp(1.0, e)
 
 
-def _up(x: float, rel: float = 8 * U) -> float:
+def round_up(x: float, rel: float = 8 * U) -> float:
     """Round a computed non-negative float64 up by a relative margin (covers its own rounding)."""
     return float(x) * (1.0 + rel) + 1e-300
 
@@ -133,18 +134,18 @@ def matrix_norm_upper(W: torch.Tensor, norm: str = "2") -> tuple[float, str]:
     if norm in ("1", "inf"):
         sums = W.abs().sum(dim=0 if norm == "1" else 1)
         q = m if norm == "1" else n
-        return _up(float(sums.max()), 2 * q * U + 8 * U), f"dense l{norm} (abs sums)"
+        return round_up(float(sums.max()), 2 * q * U + 8 * U), f"dense l{norm} (abs sums)"
     fro = float(torch.linalg.matrix_norm(W, "fro"))
     if min(m, n) <= 512:
         s = float(torch.linalg.svdvals(W)[0])
-        return _up(s + 8 * m * n * U * fro * 1.01), "dense SVD (float64) + margin"
+        return round_up(s + 8 * m * n * U * fro * 1.01), "dense SVD (float64) + margin"
     A = W if m <= n else W.T
     p, q = A.shape
     G = A @ A.T
     lam = float(torch.linalg.eigvalsh(G)[-1])
     gf = float(torch.linalg.matrix_norm(G, "fro"))
     lam_up = lam + 1.01 * q * U * fro * fro + 8 * p * p * U * gf
-    return _up(math.sqrt(max(lam_up, 0.0))), "dense Gram eigvalsh (float64) + margin"
+    return round_up(math.sqrt(max(lam_up, 0.0))), "dense Gram eigvalsh (float64) + margin"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -318,7 +319,7 @@ def _padding_reduction(
     for i in reversed(range(D)):
         pads += [lo[i], hi[i]]
     counts = _pad_copy_counts(spatial, pads, mode)
-    pad_norm = _up(math.sqrt(float(counts.max())))
+    pad_norm = round_up(math.sqrt(float(counts.max())))
     spatial = tuple(spatial[i] + lo[i] + hi[i] for i in range(D))
     return pad_norm, spatial, (0,) * D, (0,) * D, "zeros"
 
@@ -458,7 +459,7 @@ def _gram_lambda_upper(
     e_G = 4.04 * (q + 4) * U * f2
     ritz = _lanczos_ritz_max(G)
     fac = (1.0 + 4e-6) if scale is None else scale
-    c = max(floor, _up(float(ritz.max()) * fac))
+    c = max(floor, round_up(float(ritz.max()) * fac))
     bounds = _chol_verify(G, torch.full((G.shape[0],), c, dtype=_F64, device=G.device),
                           f2, e_G)
     fin = torch.isfinite(bounds)
@@ -466,7 +467,7 @@ def _gram_lambda_upper(
     bad = torch.nonzero(~fin).flatten()
     if bad.numel():
         bound = max(bound, float(_eig_fallback(G[bad], f2, e_G).max()))
-    return _up(bound)
+    return round_up(bound)
 
 
 def _chol_verify(G: torch.Tensor, c: torch.Tensor, f2: float, e_G: float) -> torch.Tensor:
@@ -604,14 +605,14 @@ def conv_fourier_upper(
             s = torch.linalg.matrix_norm(Kh, ord=2)
             best = max(best, float(s.max()))
     if use_gram:
-        best = _up(math.sqrt(max(best, 0.0)))
+        best = round_up(math.sqrt(max(best, 0.0)))
         margin = sym_err
     else:
         margin = (2 * T + 16 + 8 * m_ * n_) * U * S_norm
     rep = math.prod(p.rep for p in plans)
     if rep > 1:
-        pad_norm = _up(pad_norm * math.sqrt(rep))
-    bound = _up((best + margin) * pad_norm)
+        pad_norm = round_up(pad_norm * math.sqrt(rep))
+    bound = round_up((best + margin) * pad_norm)
     exact = all(p.exact for p in plans) and pad_norm == 1.0 and spec.mode == "circular"
     how = (
         f"fourier ({spec.mode} padding, grid {'x'.join(map(str, grid))}"
@@ -942,7 +943,7 @@ def conv_torus_upper(
         lev = pl.repeat_interleave(signs.shape[0])
         n_pts += cent.shape[0]
         cb, est, L = evaluate(cent, lev, L, False)
-    bound = _up(best * pad_norm * math.sqrt(rep), 64 * U)
+    bound = round_up(best * pad_norm * math.sqrt(rep), 64 * U)
     how = (
         f"torus sup (degree {'x'.join(map(str, deg))}, {n_pts} symbols, "
         f"{bound / max(L * pad_norm * math.sqrt(rep), 1e-300):.6f} x the largest sample"
@@ -998,7 +999,7 @@ def conv_l1_linf_upper(spec: ConvSpec, norm: str) -> tuple[float, str]:
     q = K[0].numel() * max(1, cout)
     if norm == "inf":
         v = float(K.reshape(cout, -1).sum(1).max())
-        return _up(v, 2 * q * U + 8 * U), "conv l-inf (abs sums)"
+        return round_up(v, 2 * q * U + 8 * U), "conv l-inf (abs sums)"
     per_in = K.reshape(g, cout // g, cin_g, -1).sum(dim=(1, 3))
     mult = 1.0
     D = spec.dims
@@ -1011,7 +1012,7 @@ def conv_l1_linf_upper(spec: ConvSpec, norm: str) -> tuple[float, str]:
         for i in range(D):
             span = (spec.out_spatial[i] - 1) * spec.stride[i] + 1
             mult *= -(-span // spec.in_spatial[i])
-    return _up(float(per_in.max()) * mult, 2 * q * U + 8 * U), "conv l1 (abs sums)"
+    return round_up(float(per_in.max()) * mult, 2 * q * U + 8 * U), "conv l1 (abs sums)"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1099,7 +1100,7 @@ def dense_upper(op: Any, in_shape: tuple[int, ...], norm: str = "2") -> tuple[fl
     if norm != "2":
         err *= math.sqrt(max(n_in, n_out))
     v, how = matrix_norm_upper(J, norm)
-    return _up(v + err), "dense Jacobian, " + how
+    return round_up(v + err), "dense Jacobian, " + how
 
 
 def _bn_scale(m: nn.Module) -> torch.Tensor | None:
@@ -1153,13 +1154,13 @@ def _schur_nonneg(op: nn.Module, in_shape: tuple[int, ...], norm: str) -> tuple[
     y = fn(x)
     (col,) = torch.autograd.grad(y, x, torch.ones_like(y))
     n = math.prod(in_shape)
-    r_inf = _up(float(y.detach().abs().max()), 2 * n * U + 8 * U)
-    r_one = _up(float(col.abs().max()), 2 * n * U + 8 * U)
+    r_inf = round_up(float(y.detach().abs().max()), 2 * n * U + 8 * U)
+    r_one = round_up(float(col.abs().max()), 2 * n * U + 8 * U)
     if norm == "inf":
         return r_inf, "average pool, abs row sums"
     if norm == "1":
         return r_one, "average pool, abs column sums"
-    return _up(math.sqrt(r_inf * r_one)), "Schur test sqrt(||A||_1 ||A||_inf) (average pool)"
+    return round_up(math.sqrt(r_inf * r_one)), "Schur test sqrt(||A||_1 ||A||_inf) (average pool)"
 
 
 def _shape_after(m: nn.Module, in_shape: tuple[int, ...]) -> tuple[int, ...]:
@@ -1197,10 +1198,10 @@ def _single(
         spatial = in_shape[-(len(padding) // 2):]
         c = float(_pad_copy_counts(tuple(spatial), list(padding), mode).max())
         v = {"2": math.sqrt(c), "1": c, "inf": 1.0}[norm]
-        return _up(v), f"{mode} padding, max copy count {int(c)}"
+        return round_up(v), f"{mode} padding, max copy count {int(c)}"
     s = _bn_scale(m)
     if s is not None:
-        return _up(float(s.abs().max()), 16 * U), "eval BatchNorm (diagonal)"
+        return round_up(float(s.abs().max()), 16 * U), "eval BatchNorm (diagonal)"
     spec = conv_spec(m, in_shape, out_shape)
     if spec is not None:
         if norm == "2":
@@ -1274,7 +1275,7 @@ def _sequential(seq: nn.Module, in_shape: tuple[int, ...], norm: str) -> tuple[f
         total *= c[0]
         hows.append(c[1].split(" (")[0])
     # a zero part makes the product exactly 0 (the composition is the zero map)
-    return (_up(total) if total > 0 else 0.0), "product of parts: " + " * ".join(hows)
+    return (round_up(total) if total > 0 else 0.0), "product of parts: " + " * ".join(hows)
 
 
 def best_certificate(

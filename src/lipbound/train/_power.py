@@ -47,6 +47,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import InvalidArgumentError, LipboundError, UnsupportedModelError, UnsupportedNode
+from ..spectral import certified_upper
 
 __all__ = [
     "LAYER_TYPES",
@@ -279,19 +280,12 @@ def fourier_conv_bound(
 
 def _library_certified(module: nn.Module, in_shape: tuple[int, ...]) -> float | None:
     try:
-        from ..spectral import certified_upper  # type: ignore[attr-defined]
-    except ImportError:
-        return None
-    try:
         res = certified_upper(module, in_shape)
     except LipboundError:
         return None
     if res is None:
         return None
-    val = res[0] if isinstance(res, tuple) else getattr(res, "upper", res)
-    if val is None:
-        return None
-    val = float(val)
+    val = float(res[0])
     return val if math.isfinite(val) else None
 
 

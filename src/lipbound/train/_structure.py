@@ -31,7 +31,8 @@ import torch
 from torch import nn
 
 from ..errors import InvalidArgumentError, UnsupportedModelError, UnsupportedNode
-from ..rules._registry import widen_range
+from ..graph import capture
+from ..rules import RuleContext, widen_range
 from ._power import is_layer
 
 __all__ = ["LayerCall", "Plan", "PlanNode", "build_plan", "find_calls_hooks", "linear_groups"]
@@ -306,9 +307,6 @@ def _sequential_plan(model: nn.Module, input_shape: tuple[int, ...]) -> Plan | N
 
 
 def _graph_plan(model: nn.Module, input_shape: tuple[int, ...]) -> Plan:
-    from ..graph import capture  # type: ignore[attr-defined]
-    from ..rules import RuleContext  # type: ignore[attr-defined]
-
     g = capture(model, input_shape)
     paths = _module_paths(model)
     found: list[tuple[nn.Module, tuple[int, ...], tuple[int, ...]]] = []
@@ -368,32 +366,21 @@ def _graph_plan(model: nn.Module, input_shape: tuple[int, ...]) -> Plan:
     return Plan(calls, nodes, "graph", exact=True)
 
 
-def graph_available() -> bool:
-    """Whether :func:`lipbound.graph.capture` and the rules are importable."""
-    try:
-        from ..graph import capture  # type: ignore[attr-defined]  # noqa: F401
-        from ..rules import RuleContext  # type: ignore[attr-defined]  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
 def build_plan(model: nn.Module, input_shape: tuple[int, ...], source: str = "auto") -> Plan:
-    """The plan of ``model`` from ``source`` (``"auto"``: graph if importable, else the
-    sequential parser, else hooks)."""
+    """The plan of ``model`` from ``source`` (``"auto"`` is ``"graph"``; ``"sequential"``
+    and ``"hooks"`` are the other readers, chosen explicitly)."""
     if source not in _SOURCES:
         raise InvalidArgumentError(f"structure must be one of {_SOURCES}; got {source!r}")
-    if source == "graph" or (source == "auto" and graph_available()):
+    if source in ("auto", "graph"):
         return _graph_plan(model, input_shape)
-    if source in ("auto", "sequential"):
+    if source == "sequential":
         plan = _sequential_plan(model, input_shape)
         if plan is not None:
             return plan
-        if source == "sequential":
-            raise InvalidArgumentError(
-                "structure='sequential' needs an nn.Sequential of Linear/Conv layers, Flatten, "
-                "Identity/Dropout and ReLU/LeakyReLU/ReLU6/Hardtanh/Tanh/Sigmoid/Softplus"
-            )
+        raise InvalidArgumentError(
+            "structure='sequential' needs an nn.Sequential of Linear/Conv layers, Flatten, "
+            "Identity/Dropout and ReLU/LeakyReLU/ReLU6/Hardtanh/Tanh/Sigmoid/Softplus"
+        )
     return _hooks_plan(model, input_shape)
 
 

@@ -104,7 +104,7 @@ def digits28(*, seed: int = 0, test_fraction: float = 0.25, box: int = 28) -> Sp
 
 def _read_idx(path: Path) -> np.ndarray:
     opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rb") as f:  # type: ignore[operator]
+    with opener(path, "rb") as f:
         data = f.read()
     if len(data) < 4 or data[0] != 0 or data[1] != 0:
         raise InvalidArgumentError(f"{path} is not an IDX file (bad magic number)")
@@ -182,7 +182,7 @@ def mnist5k(*, seed: int = 0, test_fraction: float = 0.25, path: str | Path | No
     if not file.is_file():
         raise InvalidArgumentError(f"no MNIST CSV file at {file}")
     opener = gzip.open if file.suffix == ".gz" else open
-    with opener(file, "rt") as f:  # type: ignore[operator]
+    with opener(file, "rt") as f:
         try:
             table = np.loadtxt(f, delimiter=",", dtype=np.float64, ndmin=2)
         except ValueError as e:

@@ -31,6 +31,7 @@ __all__ = [
     "EvalBatchNorm",
     "FnModule",
     "FoldedBatchNorm",
+    "as64",
     "bn_scale_shift",
     "eval_mode",
     "eval_weight",
@@ -152,7 +153,7 @@ class _BN64:
         self.eps = bn.eps
 
 
-def _as64(bn: Any) -> _BN64:
+def as64(bn: Any) -> _BN64:
     return _BN64(bn)
 
 
@@ -228,7 +229,7 @@ class FoldedBatchNorm(nn.Module):
         so the folding itself adds no float32 rounding to what is measured)."""
         lin = self.linear
         with torch.no_grad():
-            s, t = bn_scale_shift(_as64(self.bn))
+            s, t = bn_scale_shift(as64(self.bn))
             w0 = eval_weight(lin, "weight").detach().double()
             w = w0 * s.reshape(-1, *([1] * (w0.dim() - 1)))
             b1 = eval_weight(lin, "bias")
@@ -274,7 +275,7 @@ def materialize(module: nn.Module) -> nn.Module:
     if isinstance(module, EvalBatchNorm) or isinstance(module, _BN):
         bn = module.bn if isinstance(module, EvalBatchNorm) else module
         with torch.no_grad():
-            s, t = bn_scale_shift(_as64(bn))
+            s, t = bn_scale_shift(as64(bn))
         return ChannelAffine(s, t).eval()
     if type(module) is nn.Sequential:
         return nn.Sequential(*[materialize(m) for m in module]).eval()

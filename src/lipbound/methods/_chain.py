@@ -1,0 +1,125 @@
+"""A sequential network as a chain of dense float64 affine maps and activations.
+
+Shared by :func:`lipbound.exact` (branch and bound on the chain) and :func:`lipbound.lipsdp`
+(the LMIs are written on the chain's matrices): the network is captured by
+:func:`lipbound.graph.capture`, simplified, read as a chain by
+:func:`lipbound.graph.sequential_chain`, and each linear node becomes ``(W, b)`` in float64.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..errors import NotSequentialError, UnsupportedNode
+from ..graph import capture, sequential_chain, simplify
+
+__all__ = ["dense_chain"]
+
+
+def _affine_parts(
+    fn: Any, in_shape: tuple[int, ...], where: str
+) -> tuple[np.ndarray, np.ndarray, tuple[int, ...]]:
+    """``(W, b, out_shape)`` of an affine map in float64: ``b = fn(0)``, ``W`` its Jacobian.
+
+    ``W`` comes from reverse-mode autodiff (one backward pass per output, through the layer's
+    own linear operation), not from the differences ``fn(e_j) - fn(0)``: these cancel the bias
+    and lose ``log2(|b| / |W|)`` bits of every entry (``|b| = 1e16, |W| = 1e4`` left 4 correct
+    digits), so a chain whose biases dwarf its weights (any depth-``d`` net with biases scaled
+    by ``c^k`` and weights by ``c``, for ``c`` large) came out wrong.
+    """
+    n = int(np.prod(in_shape))
+    zero = torch.zeros(1, *in_shape, dtype=torch.float64)
+    with torch.no_grad():
+        b = fn(zero)
+    out_shape = tuple(b.shape[1:])
+
+    def flat(v: torch.Tensor) -> torch.Tensor:
+        return fn(v.reshape(1, *in_shape)).reshape(-1)
+
+    J = torch.autograd.functional.jacobian(flat, torch.zeros(n, dtype=torch.float64))
+    W = J.detach().reshape(-1, n).to(torch.float64).cpu().numpy().copy()
+    bb = b.detach().reshape(-1).to(torch.float64).cpu().numpy().copy()
+    if W.shape[0] != bb.size:  # pragma: no cover - an affine map has one Jacobian row per output
+        raise NotSequentialError(
+            [UnsupportedNode(where, "linear", "its Jacobian does not match its output size")]
+        )
+    return W, bb, out_shape
+
+
+def _chain_from_graph(model: nn.Module, input_shape: tuple[int, ...]) -> list[tuple[str, Any]]:
+    """The chain's items through :func:`~lipbound.graph.sequential_chain` (raises
+    :class:`NotSequentialError` for other graphs)."""
+    g = simplify(capture(model, input_shape))
+    nodes = sequential_chain(g)
+    items: list[tuple[str, Any]] = []
+    for node in nodes:
+        if node.kind == "linear":
+            # not node.dense(): it differences fn(e_j) - fn(0), see _affine_parts
+            (in_shape,) = node.in_shapes
+            W, b, _ = _affine_parts(node.fn, tuple(in_shape), node.qualname)
+            items.append(("lin", (node.qualname, W, b)))
+        elif node.kind == "activation":
+            items.append(("act", (node.qualname, node)))
+        else:  # pragma: no cover - sequential_chain promises linear/activation only
+            raise NotSequentialError(
+                [UnsupportedNode(node.qualname, node.op, "not linear or activation")]
+            )
+    return items
+
+
+def _raw_chain(model: nn.Module, input_shape: tuple[int, ...]) -> list[tuple[str, Any]]:
+    m64 = copy.deepcopy(model).to(torch.float64).eval()
+    return _chain_from_graph(m64, input_shape)
+
+
+def _merge_items(
+    items: list[tuple[str, Any]], in_dim: int
+) -> tuple[list[Any], list[Any], list[Any], list[str]]:
+    """Merge consecutive linear maps; insert identities so the chain alternates and ends linear."""
+    Ws: list[np.ndarray] = []
+    bs: list[np.ndarray] = []
+    acts: list[tuple[str, Any]] = []
+    names: list[str] = []
+    pending: tuple[np.ndarray, np.ndarray, str] | None = None
+    last_dim = in_dim
+    for kind, payload in items:
+        if kind == "lin":
+            name, W, b = payload
+            if pending is None:
+                pending = (W, b, name)
+            else:
+                W0, b0, n0 = pending
+                pending = (W @ W0, W @ b0 + b, f"{n0}+{name}")
+            last_dim = W.shape[0]
+        else:
+            if pending is None:
+                pending = (np.eye(last_dim), np.zeros(last_dim), "identity")
+            Ws.append(pending[0])
+            bs.append(pending[1])
+            names.append(pending[2])
+            acts.append(payload)
+            pending = None
+    if pending is None:
+        pending = (np.eye(last_dim), np.zeros(last_dim), "identity")
+    Ws.append(pending[0])
+    bs.append(pending[1])
+    names.append(pending[2])
+    return Ws, bs, acts, names
+
+
+def dense_chain(
+    model: nn.Module, input_shape: tuple[int, ...]
+) -> tuple[list[np.ndarray], list[np.ndarray], list[tuple[str, Any]], list[str]]:
+    """``(weights, biases, activations, names)`` of a sequential model in float64.
+
+    ``activations[i] = (name, obj)`` with ``obj`` the activation's graph ``Node``; consecutive
+    linear maps are merged, and identity maps inserted so that the chain alternates linear /
+    activation and ends with a linear map.
+    """
+    items = _raw_chain(model, input_shape)
+    return _merge_items(items, int(np.prod(input_shape)))
