@@ -105,7 +105,7 @@ def mlp_rows(width: int, epochs: list[int]) -> tuple[list[str], list[str]]:
         greedy = float(gr.extra["estimate_uncapped"])
         rows.append(
             f"| {depth} | {fmt(ex.autolip)} | {fmt(paper_seq)} | {fmt(greedy)} "
-            f"| {fmt(ex.value)} | {fmt(gr.certified_upper)} | {fmt(low)} ({how}) "
+            f"| {fmt(ex.value)} | {fmt(gr.upper)} | {fmt(low)} ({how}) "
             f"| **{ex.autolip / paper_seq:.2f}** | {ex.autolip / ex.value:.2f} "
             f"| {PAPER_MLP[depth]:.2f} | {t_train:.0f} | {t_exact:.1f} | {t_greedy:.1f} |"
         )
@@ -120,7 +120,7 @@ def cnn_row(name: str, model: torch.nn.Module, shape: tuple[int, ...], paper: fl
     t = time.perf_counter() - t1
     greedy = float(r.extra["estimate_uncapped"])
     trunc = float(r.extra["estimate_truncated"])
-    cert = r.certified_upper
+    cert = r.upper
     if cert is None:
         raise SystemExit(f"{name}: no certified bound")
     row = (

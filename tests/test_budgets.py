@@ -17,6 +17,14 @@ import torch
 from torch import nn
 
 from lipbound.cli import main
+from lipbound.errors import SolverError
+from lipbound.methods.autolip import (
+    autolip,
+    clear_cache,
+    compose,
+    graph_constants,
+    node_constants,
+)
 from lipbound.methods.lower import lower_bound
 from lipbound.methods.seqlip import seqlip
 from lipbound.report import bound, make_progress, plot_report
@@ -125,6 +133,122 @@ def test_regression_estimate_has_no_overall_time_limit() -> None:
     assert rep.lower <= rep.upper * (1 + 1e-9)
     x = torch.randn(64, generator=torch.Generator().manual_seed(1))
     assert _jac_norm(net, x, "2") <= rep.upper * (1 + 1e-9)
+
+
+def _conv_chain(seed: int = 0, depth: int = 12) -> nn.Sequential:
+    """A chain whose AutoLip constants alone take ~1-3 s (one certificate per conv)."""
+    torch.manual_seed(seed)
+    layers: list[nn.Module] = []
+    for _ in range(depth):
+        layers += [nn.Conv2d(24, 24, 3, padding=1), nn.ReLU()]
+    return nn.Sequential(*layers, nn.Flatten(), nn.Linear(24 * 16 * 16, 10)).eval()
+
+
+def _check_cut_or_certified(net: nn.Module, run: Any, budget: float) -> None:
+    """``run(net, budget)`` ends within 10% (+ SLACK) of the budget, and what it gives is
+    labelled: certified (then an upper bound of realised Jacobian norms), or a note naming the
+    time limit with ``certified=False``, or a SolverError naming ``time_limit``."""
+    t0 = time.perf_counter()
+    try:
+        res = run(net, budget)
+    except SolverError as exc:
+        took = time.perf_counter() - t0
+        assert "raise time_limit" in str(exc)
+    else:
+        took = time.perf_counter() - t0
+        if res.certified:
+            x = torch.randn(24, 16, 16, generator=torch.Generator().manual_seed(0))
+            assert _jac_norm(net, x, "2") <= res.value * (1 + 1e-9)
+        else:
+            assert any("time limit" in n or "time_limit" in n for n in res.notes), res.notes
+            assert any(r.how.startswith(("time limit: ", "autolip: time limit: "))
+                       for r in res.layers)
+    assert took <= 1.1 * budget + SLACK, took
+
+
+@pytest.mark.parametrize("budget", [0.6, 1.5])
+def test_regression_seqlip_budget_ignored_autolip_constants(budget: float) -> None:
+    # seqlip(resnet18 @ 32, time_limit=60) took 118-140 s: the AutoLip constants before the
+    # pairs had no deadline
+    seqlip(_mlp([2, 4, 4, 1], 0), (2,))  # warm-up (torch.fx imports)
+    _check_cut_or_certified(_conv_chain(1), lambda m, b: seqlip(m, (24, 16, 16), time_limit=b),
+                            budget)
+
+
+@pytest.mark.parametrize("budget", [0.6, 1.5])
+def test_autolip_time_limit_holds(budget: float) -> None:
+    autolip(_mlp([2, 4, 4, 1], 0), (2,))  # warm-up
+    _check_cut_or_certified(_conv_chain(2), lambda m, b: autolip(m, (24, 16, 16), time_limit=b),
+                            budget)
+
+
+def test_constants_past_the_deadline_are_labelled_estimates_and_not_kept() -> None:
+    net = _conv_chain(3, depth=6)
+    full = autolip(net, (24, 16, 16))
+    net = _conv_chain(3, depth=6)  # same weights, another object: nothing to reuse
+    past = time.perf_counter()  # every node starts past it; the grace lets quick ones run
+    graph, cut, reused = graph_constants(net, (24, 16, 16), norm="2", tol=1e-6, max_iter=1000,
+                                         deadline=past, grace=60.0)
+    assert not reused
+    lin = [c for c in cut.values() if graph[c.name].kind == "linear"]
+    assert len(lin) == 7
+    # linear nodes: quick power iterations on the same operator (from below), labelled
+    assert all(c.how.startswith("time limit: ") and not c.certified for c in lin)
+    # activations keep their certified closed forms
+    assert all(c.certified for c in cut.values() if graph[c.name].kind == "activation")
+    assert compose(graph, cut) <= full.value * (1 + 1e-6)
+    with pytest.raises(SolverError, match="raise time_limit"):
+        node_constants(graph, deadline=past, grace=0.0)
+    # the next call keeps the graph and the constants computed in full (the activations),
+    # and computes the certificates still missing
+    again = autolip(net, (24, 16, 16))
+    assert again.extra["reused"] and again.certified and again.value == full.value
+
+
+def test_autolip_constants_reused_by_seqlip_until_the_model_changes() -> None:
+    net = _mlp([6, 12, 12, 3], 4)
+    a = autolip(net, (6,))
+    assert not a.extra["reused"]
+    s = seqlip(net, (6,))
+    assert s.extra["reused"] and s.autolip == a.value
+    assert autolip(net, (6,)).extra["reused"]
+    with torch.no_grad():
+        net[0].weight.mul_(2.0)  # in place: same tensor, new version counter
+    s2 = seqlip(net, (6,))
+    assert not s2.extra["reused"]
+    assert s2.autolip == pytest.approx(2.0 * a.value, rel=1e-9)  # ||2 W1|| ||W2||: homogeneous
+    # other options, another shape or a changed hyper-parameter recompute
+    assert not autolip(net, (6,), tol=1e-4).extra["reused"]
+    conv = nn.Sequential(nn.Conv2d(2, 3, 3, padding=1), nn.ReLU(), nn.Conv2d(3, 2, 3)).eval()
+    c1 = autolip(conv, (2, 8, 8))
+    assert not autolip(conv, (2, 9, 9)).extra["reused"]
+    conv[0].padding = (0, 0)
+    c2 = autolip(conv, (2, 8, 8))
+    assert not c2.extra["reused"] and c2.value != c1.value
+
+
+class _Scaled(nn.Module):
+    """A custom module whose forward reads a plain float attribute (not in its repr)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(4, 4)
+        self.c = 2.0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.lin(x) * self.c
+
+
+def test_reuse_tracks_plain_attributes_and_can_be_cleared() -> None:
+    torch.manual_seed(5)
+    net = nn.Sequential(_Scaled(), nn.ReLU(), nn.Linear(4, 2)).eval()
+    a = autolip(net, (4,))
+    net[0].c = 3.0  # same repr, same parameters: only the attribute tells
+    b = autolip(net, (4,))
+    assert not b.extra["reused"] and b.value == pytest.approx(1.5 * a.value, rel=1e-9)
+    assert autolip(net, (4,)).extra["reused"]
+    clear_cache()
+    assert not autolip(net, (4,)).extra["reused"]
 
 
 # ------------------------------------------------------------------------------------------

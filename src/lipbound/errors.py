@@ -75,15 +75,43 @@ class UnsupportedNode:
 class UnsupportedModelError(LipboundError, TypeError):
     """The model contains operations without a (global) Lipschitz rule.
 
-    Raised once per model, listing every offending node, never node by node.
+    Raised once per model, listing every offending node, never node by node. Up to
+    :attr:`LIST_AT` nodes are listed one per line; beyond, the message summarises them by op
+    type (count, at most :attr:`EXAMPLES` names, the reason), at most :attr:`KINDS` types, so
+    that it stays a few lines on a transformer with thousands of nodes. The full list is
+    :attr:`nodes` (and :attr:`by_op`, grouped by op type).
     """
+
+    LIST_AT = 8
+    EXAMPLES = 3
+    KINDS = 8
 
     def __init__(self, nodes: Sequence[UnsupportedNode], *, what: str = "") -> None:
         self.nodes: tuple[UnsupportedNode, ...] = tuple(nodes)
+        groups: dict[str, list[UnsupportedNode]] = {}
+        for n in self.nodes:
+            groups.setdefault(n.op, []).append(n)
+        self.by_op: dict[str, tuple[UnsupportedNode, ...]] = {
+            op: tuple(ns) for op, ns in sorted(groups.items(), key=lambda kv: -len(kv[1]))
+        }
         head = what or (
             f"the model has {len(self.nodes)} operation(s) without a Lipschitz rule"
         )
-        lines = [head + ":"] + [str(n) for n in self.nodes]
+        if len(self.nodes) <= self.LIST_AT:
+            lines = [head + ":"] + [str(n) for n in self.nodes]
+        else:
+            lines = [f"{head} ({len(self.by_op)} op type(s); all of them in the exception's "
+                     ".nodes):"]
+            for op, ns in list(self.by_op.items())[: self.KINDS]:
+                names = ", ".join(n.qualname for n in ns[: self.EXAMPLES])
+                more = f" and {len(ns) - self.EXAMPLES} more" if len(ns) > self.EXAMPLES else ""
+                reasons = {n.hint for n in ns}
+                other = f" (+{len(reasons) - 1} other reason(s))" if len(reasons) > 1 else ""
+                lines.append(f"  - {op} x{len(ns)} ({names}{more}): {ns[0].hint}{other}")
+            rest = list(self.by_op.values())[self.KINDS:]
+            if rest:
+                lines.append(f"  - ... {len(rest)} more op type(s), "
+                             f"{sum(len(ns) for ns in rest)} node(s)")
         lines.append(
             "What to do: give the op a rule with lipbound.register_rule(...), rewrite it with "
             "supported ops, or use lipbound.lower_bound(...), which needs no rules."

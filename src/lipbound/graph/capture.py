@@ -360,8 +360,9 @@ class _Tracer(torch.fx.Tracer):
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
         from ..rules import has_module_rule
+        from ..rules.structural import is_eval_identity
 
-        if has_module_rule(m):
+        if has_module_rule(m) or is_eval_identity(m):
             return True
         return super().is_leaf_module(m, module_qualified_name)
 
@@ -668,9 +669,13 @@ def _key(n: torch.fx.Node, gm: torch.fx.GraphModule) -> Any:
     its out-of-place form (``"tanh_"`` -> ``"tanh"``, ``torch.relu_`` -> ``torch.relu``): the
     node computes exactly that function of its inputs (see :func:`_run_op`)."""
     from ..rules import get_rule
+    from ..rules.structural import is_eval_identity
 
     if n.op == "call_module":
-        return type(gm.get_submodule(str(n.target)))
+        called = gm.get_submodule(str(n.target))
+        if get_rule(type(called)) is None and is_eval_identity(called):
+            return nn.Identity  # declared the identity in eval (checked in _build)
+        return type(called)
     key: Any = str(n.target) if n.op == "call_method" else _aten_key(n.target)
     if n.meta.get(_INPLACE_KEY) is None or get_rule(key) is not None:
         return key
@@ -746,29 +751,78 @@ class _Root(nn.Module):
         return self.module(x)
 
 
-def _trace(model: nn.Module) -> torch.fx.GraphModule:
-    tracer = _Tracer()
-    if tracer.is_leaf_module(model, ""):
-        model = _Root(model)
-    concrete: dict[str, Any] = {}
+class _SignatureError(InvalidArgumentError):
+    """forward needs more than one input: torch.export would fail the same way (not tried)."""
+
+
+def _forward_defaults(model: nn.Module) -> dict[str, Any]:
+    """The default of every forward argument after the first (``attn_mask=None``, ``*,
+    foo=1``): the model is bounded as the function of its first input with the others at
+    their defaults. A required extra argument is refused, naming it."""
     try:
         params = list(inspect.signature(model.forward).parameters.values())
     except (TypeError, ValueError):
-        params = []
+        return {}
+    concrete: dict[str, Any] = {}
+    required = []
     for p in params[1:]:
         if p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD):
             continue
         if p.default is inspect.Parameter.empty:
-            raise InvalidArgumentError(
-                f"{type(model).__name__}.forward takes several inputs ({p.name!r} has no "
-                "default); lipbound bounds functions of ONE input tensor. Wrap the model in an "
-                "nn.Module whose forward takes one tensor."
-            )
-        concrete[p.name] = p.default
+            required.append(p.name)
+        else:
+            concrete[p.name] = p.default
+    if not params or params[0].kind in (params[0].VAR_POSITIONAL, params[0].VAR_KEYWORD):
+        return concrete
+    if required:
+        names = ", ".join(repr(n) for n in required)
+        raise _SignatureError(
+            f"{type(model).__name__}.forward({', '.join(p.name for p in params)}) needs "
+            f"{len(required) + 1} inputs ({names} without a default); lipbound bounds functions "
+            f"of ONE input tensor ({params[0].name!r}). Fix the others: give them defaults, or "
+            "wrap the model in an nn.Module whose forward takes one tensor and calls it with "
+            "fixed values for them."
+        )
+    return concrete
+
+
+def _drop_defaulted_inputs(graph: torch.fx.Graph) -> None:
+    """Remove the placeholders torch.fx makes for defaulted arguments (``concrete_args``).
+
+    fx specialises the traced code to the default (``if attn_mask is not None`` takes the
+    default's branch) and keeps the argument as a placeholder read only by its checks
+    (``_assert_is_none``, ``torch._assert(foo == 1)``). When nothing the output depends on
+    reads it, the placeholder and those checks are erased; otherwise it is left (and the model
+    is then refused as having several inputs).
+    """
+    phs = [n for n in graph.nodes if n.op == "placeholder"]
+    order = {n: i for i, n in enumerate(graph.nodes)}
+    for ph in phs[1:]:
+        seen: set[torch.fx.Node] = set()
+        stack = [ph]
+        while stack:
+            n = stack.pop()
+            if n in seen:
+                continue
+            seen.add(n)
+            stack.extend(n.users)
+        if any(n.op == "output" for n in seen):
+            continue
+        for n in sorted(seen, key=lambda n: -order[n]):
+            graph.erase_node(n)
+
+
+def _trace(model: nn.Module) -> torch.fx.GraphModule:
+    tracer = _Tracer()
+    if tracer.is_leaf_module(model, ""):
+        model = _Root(model)
+    concrete = _forward_defaults(model)
     try:
         graph = tracer.trace(model, concrete_args=concrete or None)
     except Exception as exc:  # torch.fx raises many types (TraceError, TypeError...)
         raise InvalidArgumentError(_trace_failure(model, exc)) from exc
+    if concrete:
+        _drop_defaulted_inputs(graph)
     return torch.fx.GraphModule(tracer.root, graph)
 
 
@@ -950,6 +1004,8 @@ def capture(model: nn.Module, input_shape: Any, *, batch_size: int = 2) -> OpGra
         sample = torch.randn(2, *shape, generator=gen, dtype=dtype).to(device)
         try:
             gm = _trace(model)
+        except _SignatureError:
+            raise
         except InvalidArgumentError as fx_error:
             gm = _export(model, sample.clone(), fx_error)
         state.check()  # eager writes while tracing (``self.count += 1`` on a real buffer)
@@ -993,6 +1049,7 @@ def _build(
     batch: int,
 ) -> OpGraph:
     from ..rules import classify
+    from ..rules.structural import is_eval_identity
 
     fx_nodes = list(gm.graph.nodes)
     placeholders = [n for n in fx_nodes if n.op == "placeholder"]
@@ -1106,6 +1163,10 @@ def _build(
             "module_path": _module_path(op_node),
             "batch_mixing": _mixes_batch(values[n.name], batch),
         }
+        if module is not None and meta["key"] is nn.Identity and is_eval_identity(module):
+            # a module declared the identity in eval: its output must be its input here
+            meta["identity_checked"] = len(ins) == 1 and torch.equal(values[n.name],
+                                                                     values[ins[0]])
         nodes[n.name] = Node(
             name=n.name,
             qualname=qual,

@@ -44,7 +44,10 @@ ONE budget for all of it, split over the stages, the clock checked inside every 
 When an op lacks a derivative a stage needs (no double backward: ``J v`` then comes from
 forward-mode AD, else a finite difference that is only a search direction), the Jacobian
 witnesses become pair witnesses and a failing stage is dropped with a note: what the other
-stages found is kept.
+stages found is kept. When no gradient reaches the input at all (``x.detach()`` in forward:
+autograd sees a constant, the function is not), the pair ascent goes on derivative-free: it
+starts along the top direction of a central-difference Jacobian (inputs of at most 1024
+entries) and keeps random proposals that raise each chain's pair ratio.
 
 Every point the search visits that beats the current best is finally re-evaluated in float64
 (a float64 copy of the model when it can be cast) on a batch of ONE sample, so batch effects
@@ -352,6 +355,7 @@ def _full_jacobian(f: _Fn, x: torch.Tensor, m: int) -> torch.Tensor:
 
 
 _FULL_M = 64  # outputs up to which the full Jacobian (m vjps) is used
+_FD_MAX_N = 1024  # inputs up to which a derivative-free ascent starts from a difference Jacobian
 
 
 def _norm_of_jac(jac: torch.Tensor, norm: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -675,26 +679,57 @@ class _Search:
         opt = _Adam([z, u])
         d_hi, d_lo = 1.0, 1e-3
         fr = 0.0
+        free = False  # no gradient reaches the input (x.detach()): derivative-free ascent
+
+        def ratio(zz: torch.Tensor, uu: torch.Tensor, d: float
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+            un = uu / _pnorm(uu, self.norm)[:, None].clamp_min(1e-30)
+            x = s * zz
+            a, b = x + 0.5 * d * s * un, x - 0.5 * d * s * un
+            self.evaluations += 2 * x.shape[0]
+            return _pnorm(self.f(a) - self.f(b), self.norm) / (d * s[:, 0]), a, b
+
         for t in range(steps):
             if self.out_of_time():
                 break
             d = d_hi * (d_lo / d_hi) ** fr
             lr_t = lr * (0.05 + 0.95 * (1 - fr))
-            un = u / _pnorm(u, self.norm)[:, None].clamp_min(1e-30)
-            x = s * z
-            a, b = x + 0.5 * d * s * un, x - 0.5 * d * s * un
-            r = _pnorm(self.f(a) - self.f(b), self.norm) / (d * s[:, 0])
-            self.evaluations += 2 * x.shape[0]
-            if not r.requires_grad:  # f does not depend on its input here: nothing to ascend
-                self.add(r.detach(), "pairs", a.detach(), y=b.detach())
-                break
-            gz, gu = torch.autograd.grad(r.sum(), [z, u])
-            opt.ascend([gz, gu], lr_t)
-            with torch.no_grad():
-                u /= _pnorm(u, self.norm)[:, None].clamp_min(1e-30)
+            if free:
+                with torch.no_grad():
+                    r, a, b = ratio(z, u, d)
+                    zp = z + lr_t * self.randn(*z.shape)
+                    up = u + (0.05 + 0.45 * (1 - fr)) * self.randn(*u.shape)
+                    rp, ap, bp = ratio(zp, up, d)
+                    better = torch.nan_to_num(rp, nan=-1.0) > torch.nan_to_num(r, nan=-1.0)
+                    z.copy_(torch.where(better[:, None], zp, z))
+                    u.copy_(torch.where(better[:, None], up, u))
+                    u /= _pnorm(u, self.norm)[:, None].clamp_min(1e-30)
+                    r = torch.where(better, rp, r)
+                    a = torch.where(better[:, None], ap, a)
+                    b = torch.where(better[:, None], bp, b)
+            else:
+                r, a, b = ratio(z, u, d)
+                if not r.requires_grad:  # f does not depend on its input here: nothing to ascend
+                    self.add(r.detach(), "pairs", a.detach(), y=b.detach())
+                    break
+                gz, gu = torch.autograd.grad(r.sum(), [z, u], allow_unused=True)
+                if gz is None and gu is None:
+                    # the output depends on the parameters only through autograd (the input
+                    # is detached): pairs are still witnesses, found by random proposals
+                    # from the top direction of a finite-difference Jacobian
+                    free = True
+                    with torch.no_grad():
+                        v = self.fd_direction((s * z).detach())
+                        if v is not None:
+                            u.copy_(v / _pnorm(v, self.norm)[:, None].clamp_min(1e-30))
+                else:
+                    opt.ascend([torch.zeros_like(z) if gz is None else gz,
+                                torch.zeros_like(u) if gu is None else gu], lr_t)
+                    with torch.no_grad():
+                        u /= _pnorm(u, self.norm)[:, None].clamp_min(1e-30)
             fr = self.frac((t + 1) / max(steps - 1, 1))
             last = t == steps - 1 or fr >= 1.0
-            if t % 10 == 9 or last:
+            if t % 10 == 9 or last or (free and t % 10 == 0):
                 self.add(r.detach(), "pairs", a.detach(), y=b.detach())
             if last:
                 break
@@ -705,6 +740,29 @@ class _Search:
                 ve = u.detach() if self.norm == "2" else None
             sv, v = self.jac(xe, ve)
             self.add(sv, "pairs", xe, v=v)
+
+    def fd_direction(self, x: torch.Tensor) -> torch.Tensor | None:
+        """Per chain, the direction attaining the norm of the central-difference Jacobian at
+        ``x`` (``2 n`` batched forward passes; inputs of at most :data:`_FD_MAX_N` entries,
+        else ``None``): only a search direction, the witnesses are the pairs along it."""
+        B, n = x.shape
+        if n > _FD_MAX_N:
+            return None
+        h = _fd_step(x, torch.ones_like(x))  # (B, 1)
+        eye = torch.eye(n, dtype=x.dtype, device=x.device)
+        chunk = max(1, 4096 // B)
+        cols = []
+        for j in range(0, n, chunk):
+            E = eye[j : j + chunk]  # (c, n)
+            c = E.shape[0]
+            step = h[:, :, None] * E[None]  # (B, c, n)
+            xp = (x[:, None, :] + step).reshape(B * c, n)
+            xm = (x[:, None, :] - step).reshape(B * c, n)
+            self.evaluations += 2 * B * c
+            d = (self.f(xp) - self.f(xm)).reshape(B, c, -1) / (2 * h[:, :, None])
+            cols.append(d)
+        jac = torch.cat(cols, dim=1).transpose(1, 2)  # (B, m, n)
+        return _norm_of_jac(torch.nan_to_num(jac), self.norm)[1]
 
     # ---- annealing -------------------------------------------------------------------------
     def annealing(self, x0: torch.Tensor, s: torch.Tensor, steps: int) -> None:

@@ -91,6 +91,7 @@ from ._pairs import (
     pair_greedy,
     pair_value,
 )
+from .autolip import GRACE, compose, graph_constants
 
 __all__ = [
     "SeqLipResult", "seqlip", "find_segments", "conv_pair_bound",
@@ -254,6 +255,7 @@ class _Clock:
         self.deadline, self.left, self.total = deadline, max(units, 0), max(units, 1)
         self.report = report
         self.late_units = 0
+        self.late_blocks = 0  # two-layer blocks past the deadline (skipped)
 
     _rate: float | None = None  # float64 flop/s of this machine, measured once
 
@@ -282,8 +284,18 @@ class _Clock:
         self.left = max(self.left - 1, 0)
         if now >= self.deadline:
             self.late_units += 1
+            self.late_blocks += stage == "blocks"
             return None
         return now + share
+
+
+_DEFAULT_CAP = 60.0
+
+
+def _default_limit(segments: list[list[Any]]) -> float:
+    """Default overall budget: 5 s plus 0.5 s per pair and two-layer block, at most 60 s."""
+    n_units = sum(2 * (len(seg[0::2]) - 1) for seg in segments)
+    return min(_DEFAULT_CAP, 5.0 + 0.5 * n_units)
 
 
 def _numel(shape: Sequence[int]) -> int:
@@ -435,13 +447,20 @@ def seqlip(
     ``rows * cols`` for which a linear node is turned into a dense matrix (full SVDs); larger
     layers use operator bounds.
 
-    ``time_limit``: ONE overall budget in seconds for the whole call (default: ``5 + 1`` per
-    pair of the segments, at most 60), split over the pairs and two-layer blocks still to do
-    (time a pair leaves unused goes to the next ones); every pair, greedy search and relaxation
-    checks the clock in its loops and returns what it has (a pair past the deadline falls back
-    to AutoLip's factor), so the result stays certified. Not split: the graph capture and the
-    AutoLip constants before the pairs, and dense matrices / SVDs of the layers. ``"exact"``
-    mode ignores it for the pairs (exact means exact; raise ``max_exact_width`` knowingly).
+    ``time_limit``: ONE overall budget in seconds for the whole call, measured from its start.
+    The AutoLip constants come first (checked before each node: the nodes started past the
+    limit get quick estimates, the result is then NOT certified and a note says so; when even
+    those overrun by 5%, :class:`~lipbound.errors.SolverError` names ``time_limit``); what is
+    left is split over the pairs and two-layer blocks still to do (time a pair leaves unused
+    goes to the next ones); every pair, greedy search and relaxation checks the clock in its
+    loops and returns what it has (a pair past the deadline falls back to AutoLip's factor,
+    still certified). Not interruptible: the graph capture, one node's certificate, one dense
+    matrix / eigendecomposition (those are started only when predicted to fit). Default
+    (``None``): ``5 + 0.5`` s per pair and block of the segments, at most 60 s, for the pairs;
+    the AutoLip constants may then use up to 60 s (a certified floor by default). The graph
+    and constants of the previous :func:`~lipbound.autolip` / :func:`seqlip` call on the same
+    unchanged model with the same options are reused (``extra["reused"]``). ``"exact"`` mode
+    ignores the limit for the pairs (exact means exact; raise ``max_exact_width`` knowingly).
     ``progress``: ``True`` or a callback ``(stage, fraction)`` (see
     :func:`lipbound.report.make_progress`).
 
@@ -484,13 +503,15 @@ def _seqlip(
     max_exact_width: int, time_limit: float | None, dense_limit: int, restarts: int,
     seed: int, tol: float, max_iter: int, report: Any, t_start: float,
 ) -> SeqLipResult:
-    from ..graph import capture, simplify
-    from .autolip import compose, node_constants
-
-    report("capture", 0.0)
-    graph = simplify(capture(model, shape))
-    report("autolip constants", 0.0)
-    consts = node_constants(graph, norm=nrm, tol=tol, max_iter=max_iter)
+    report("capture + autolip constants", 0.0)
+    # a given time_limit is shared with the AutoLip constants; the default one (sized from the
+    # segments) is for the pairs: the constants, SeqLip's certified floor, get up to its cap
+    deadline0 = t_start + (_DEFAULT_CAP if time_limit is None else float(time_limit))
+    graph, consts, reused = graph_constants(
+        model, shape, norm=nrm, tol=tol, max_iter=max_iter, deadline=deadline0,
+        grace=GRACE * (deadline0 - t_start),
+    )
+    late_nodes = [c.qualname for c in consts.values() if c.how.startswith("time limit: ")]
     autolip_value = compose(graph, consts)
     auto_certified = all(c.certified for c in consts.values())
     slopes: dict[str, tuple[float, float] | None] = {
@@ -500,7 +521,7 @@ def _seqlip(
     segments = find_segments(graph, slopes)
     n_units = sum(2 * (len(seg[0::2]) - 1) for seg in segments)  # pairs + two-layer blocks
     if time_limit is None:
-        time_limit = min(60.0, 5.0 + 0.5 * n_units)
+        time_limit = _default_limit(segments)
     deadline = t_start + float(time_limit)
     clock = _Clock(deadline, n_units, report)
 
@@ -565,8 +586,8 @@ def _seqlip(
                 acc.append(pow2_split(_dense_matrix(n_lin), even=True))
             dense_parts = acc if len(acc) == len(lins) else None
         if dense and dense_parts is None:
-            for _ in range(2 * (len(lins) - 1)):
-                clock.next("pairs")
+            for stage in ("blocks", "pairs") * (len(lins) - 1):
+                clock.next(stage)
             skipped += len(lins) - 1
             estimate_seg = autolip_seg
         elif dense and dense_parts is not None:
@@ -618,13 +639,20 @@ def _seqlip(
             estimate_seg, pairs = _operator_estimate(
                 lins, act_slopes, k=min(k, 8), restarts=restarts, seed=seed,
                 tol=tol, max_iter=max_iter, clock=clock,
+                seconds=[consts[n.name].seconds for n in lins],
             )
             if len(pairs) < len(lins) - 1:
                 skipped += len(lins) - 1 - len(pairs)
                 estimate_seg = autolip_seg
+            last_block = 0.0  # the previous block's seconds: the prediction for the next
             for i in range(len(lins) - 1):
+                t_block = time.perf_counter()
                 end = clock.next("blocks")
                 if end is None:
+                    continue
+                if t_block + last_block >= deadline:  # predicted to end past the deadline
+                    clock.late_units += 1
+                    clock.late_blocks += 1
                     continue
                 c1, c2 = _plain_conv2d(lins[i]), _plain_conv2d(lins[i + 1])
                 if c1 is not None and c2 is not None and len(lins[i].in_shapes[0]) == 3:
@@ -641,6 +669,7 @@ def _seqlip(
                         W2, W1, act_slopes[i], norms=(norms[i + 1] / f2, norms[i] / f1),
                         deadline=end,
                     )
+                last_block = time.perf_counter() - t_block
         if any(b is not None for b in block_pairs):
             dp, cut = _dp_blocks(norms, act_c, block_pairs)
             cands[f"blocks[{cut}]"] = dp
@@ -687,10 +716,19 @@ def _seqlip(
     if skipped or clock.late_units:
         notes.append(
             f"time limit of {time_limit:g} s reached: {skipped} pair(s) and "
-            f"{clock.late_units - skipped} two-layer block(s) skipped (AutoLip's factors used "
+            f"{clock.late_blocks} two-layer block(s) skipped (AutoLip's factors used "
             "there, still certified); raise time_limit for a tighter bound"
         )
         all_pairs_exact = False
+    if late_nodes:
+        notes.append(
+            f"time limit of {deadline0 - t_start:g} s reached while computing the AutoLip "
+            "constants: "
+            f"{len(late_nodes)} node(s) got a quick estimate (first: {late_nodes[0]}) and every "
+            "pair was skipped; raise time_limit for a certified bound"
+        )
+    if reused:
+        notes.append("graph and AutoLip constants reused from the previous call on this model")
     if not auto_certified:
         notes.append("some AutoLip factors are estimates, so the bound is not certified")
     exact_all = mode != "greedy" and all_pairs_exact
@@ -717,6 +755,7 @@ def _seqlip(
             "segment_pair_products": raw_est,
             "estimate_uncapped": compose(graph, raw_consts),
             "estimate_truncated": compose(graph, trunc_consts),
+            "reused": reused,
         },
         how=f"SeqLip ({mode})",
         estimate=float(estimate),
@@ -727,7 +766,7 @@ def _seqlip(
 
 def _operator_estimate(
     lins: list[Any], act_slopes: list[tuple[float, float]], *, k: int, restarts: int,
-    seed: int, tol: float, max_iter: int, clock: _Clock,
+    seed: int, tol: float, max_iter: int, clock: _Clock, seconds: Sequence[float],
 ) -> tuple[float, list[_Pair]]:
     """Greedy SeqLip on the top-``k`` singular triplets of each operator (the paper's truncated
     Greedy SeqLip for convolutions): an ESTIMATE, not a certificate (the truncation and the
@@ -735,8 +774,12 @@ def _operator_estimate(
     from ..spectral import top_singular
 
     trip = []
-    for n in lins:
-        if time.perf_counter() >= clock.deadline:  # no time for the triplets: no estimate
+    # predicted seconds of a layer's triplets: those of the previous layer, and at least the
+    # time of the layer's AutoLip constant (a power/Lanczos estimate on the same operator)
+    last = 0.0
+    for n, sec in zip(lins, seconds):
+        t_layer = time.perf_counter()
+        if t_layer + max(last, sec) >= clock.deadline:  # no time for the triplets: no estimate
             for _ in range(len(lins) - 1):
                 clock.next("pairs")
             return 1.0, []
@@ -751,6 +794,7 @@ def _operator_estimate(
         U = r.u.reshape(len(S), -1).to(_F64).T  # (out, k)
         V = r.v.reshape(len(S), -1).to(_F64).T  # (in, k)
         trip.append((U, S, V))
+        last = time.perf_counter() - t_layer
     K = len(lins)
     pairs: list[_Pair] = []
     est = 1.0

@@ -10,8 +10,12 @@ The constant of an affine map ``x -> A x + b`` is the operator norm of ``A`` in 
   is then only reported, computed to a relative tolerance ``max(tol, 1e-3)``), else the
   estimate to ``tol``, flagged as not certified.
   For a merged chain ``A = A_k ... A_1`` without a certificate, the product of the parts'
-  certified bounds (``||A|| <= prod ||A_i||``) is used as the certificate, the merged estimate
-  being reported next to it. Eval BatchNorm alone is diagonal: ``max_c |gamma_c| /
+  certified bounds (``||A|| <= prod ||A_i||``, :func:`parts_product`) is used as the
+  certificate, the merged estimate being reported next to it. Functional average pools
+  (``F.adaptive_avg_pool2d(x, 1)``) are measured as the module making the same call
+  (:func:`pool_module`), and sums / means over per-sample dims (``x.mean([2, 3])``) have an
+  exact closed form (:func:`reduction_size`), so global-pool heads are certified at any size.
+  Eval BatchNorm alone is diagonal: ``max_c |gamma_c| /
   sqrt(var_c + eps)``, exact.
 * **l1 / l-inf**: ``||A||_inf`` is the largest row sum of ``|A|`` and ``||A||_1`` the largest
   column sum, i.e. ``max(|A| 1)`` and ``max(|A|^T 1)``. For Linear / Conv / ConvTranspose
@@ -43,6 +47,7 @@ maps with at most 4096 inputs (certified, relative margin 1e-9) and otherwise po
 from __future__ import annotations
 
 import copy
+import math
 import operator
 import time
 from collections.abc import Callable
@@ -70,7 +75,7 @@ from ..graph.modules import (
 from ..graph.modules import as64 as _as64
 from ..spectral import certified_upper, spectral_norm
 from ._registry import NodeConstant, RuleContext
-from ._util import arg, declare, is_tensor_arg, numel
+from ._util import arg, batched_dim, declare, is_tensor_arg, numel
 from .structural import operand_coefficients
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -213,6 +218,122 @@ def check_batchnorm_stats(node: Node) -> None:
             )
 
 
+_AVG_ARGS = ("kernel_size", "stride", "padding", "ceil_mode", "count_include_pad",
+             "divisor_override")
+#: functional average pools and the module applying the same call: ``(module class, names of
+#: the arguments after the input, in the functional's order)``
+_FN_POOLS: dict[Any, tuple[type[nn.Module], tuple[str, ...]]] = {
+    F.avg_pool1d: (nn.AvgPool1d, _AVG_ARGS[:5]),
+    F.avg_pool2d: (nn.AvgPool2d, _AVG_ARGS),
+    F.avg_pool3d: (nn.AvgPool3d, _AVG_ARGS),
+    F.adaptive_avg_pool1d: (nn.AdaptiveAvgPool1d, ("output_size",)),
+    F.adaptive_avg_pool2d: (nn.AdaptiveAvgPool2d, ("output_size",)),
+    F.adaptive_avg_pool3d: (nn.AdaptiveAvgPool3d, ("output_size",)),
+}
+
+
+def pool_module(node: Node) -> nn.Module | None:
+    """The ``nn.AvgPool*`` / ``nn.AdaptiveAvgPool*`` module computing a functional pool node.
+
+    ``F.adaptive_avg_pool2d(x, 1)`` is ``nn.AdaptiveAvgPool2d(1)(x)``: the module's forward
+    makes the same call with the same arguments, so its certificates (the Schur test of
+    :mod:`lipbound.spectral.certify`) and ``|A|`` apply to the node. The module is built from
+    the recorded arguments and checked on a float64 sample: it must reproduce the node's
+    function exactly (``torch.equal``), else ``None`` (the node is then measured generically).
+    """
+    try:
+        entry = _FN_POOLS.get(node.meta.get("key"))
+    except TypeError:  # an unhashable key
+        return None
+    if entry is None or len(node.inputs) != 1 or node.meta.get("getitem") is not None:
+        return None
+    cls, names = entry
+    args = tuple(node.meta.get("args") or ())
+    kwargs = dict(node.meta.get("kwargs") or {})
+    if not args or not is_tensor_arg(args[0]) or len(args) - 1 > len(names):
+        return None
+    params = dict(zip(names, args[1:]))
+    for k, v in kwargs.items():
+        if k not in names or k in params:
+            return None
+        params[k] = v
+    if any(is_tensor_arg(v) or isinstance(v, torch.Tensor) for v in params.values()):
+        return None
+    try:
+        mod = cls(**params).eval()
+        x = torch.randn(1, *node.in_shapes[0], dtype=torch.float64,
+                        generator=torch.Generator().manual_seed(0)).to(_device(node))
+        with torch.no_grad():
+            same = torch.equal(mod(x), node.fn(x))
+    except (TypeError, ValueError, RuntimeError):
+        return None
+    return mod if same else None
+
+
+_MEAN_KEYS: tuple[Any, ...] = (torch.mean, "mean")
+_SUM_KEYS: tuple[Any, ...] = (torch.sum, "sum")
+
+
+def _reduction_dims(node: Node) -> tuple[int, ...] | None:
+    """The ``dim`` argument of a one-input sum / mean call, as a tuple of ints (else ``None``)."""
+    key = node.meta.get("key")
+    if (key not in _MEAN_KEYS and key not in _SUM_KEYS) or len(node.inputs) != 1 \
+            or node.meta.get("getitem") is not None or not is_tensor_arg(arg(node, 0, "input")):
+        return None
+    dim = arg(node, 1, "dim")
+    dims = (dim,) if isinstance(dim, int) else tuple(dim) if isinstance(dim, (list, tuple)) else ()
+    if not dims or not all(isinstance(d, int) and not isinstance(d, bool) for d in dims):
+        return None
+    return dims
+
+
+def reduction_size(node: Node) -> int | None:
+    """``k`` when ``node`` sums or averages groups of ``k`` entries (``x.mean([2, 3])``), or
+    ``None`` when the call is not such a reduction over per-sample dims."""
+    dims = _reduction_dims(node)
+    if dims is None:
+        return None
+    in_shape = tuple(node.in_shapes[0])
+    sample_dims = set()
+    for d in dims:
+        if not -(len(in_shape) + 1) <= d <= len(in_shape):
+            return None
+        sd = batched_dim(d, len(in_shape))
+        if sd is None:
+            return None  # the batch dimension
+        sample_dims.add(sd)
+    k = 1
+    for sd in sample_dims:
+        k *= in_shape[sd]
+    if k < 1 or k * numel(node.out_shape) != numel(in_shape):
+        return None
+    return k
+
+
+def _reduction_rule(node: Node, ctx: RuleContext) -> NodeConstant:
+    r"""Sum / mean over per-sample dims (``x.mean([2, 3])``, ``x.sum(-1, keepdim=True)``).
+
+    Each input entry enters exactly one output entry, every output being ``w`` times the sum of
+    its own group of ``k`` entries (``w = 1/k`` for the mean, ``1`` for the sum): the matrix is
+    ``A = w R`` with ``R`` 0/1, one 1 per column and ``k`` per row, and disjoint row supports,
+    so ``A A^T = k w^2 I`` and, exactly,
+
+    .. math:: \|A\|_2 = \sqrt{k}\, w, \qquad \|A\|_\infty = k w, \qquad \|A\|_1 = w.
+
+    (Evaluated in float64, a few ``u64`` of error, covered by the registry's rounding margin.)
+    A call that is not recognised as such a reduction is measured as any linear node.
+    """
+    k = reduction_size(node)
+    if k is None:
+        return _linear_rule(node, ctx)
+    mean = node.meta.get("key") in _MEAN_KEYS
+    w = 1.0 / k if mean else 1.0
+    v = {"2": math.sqrt(k) * w, "inf": k * w, "1": w}[ctx.norm]
+    what = "mean" if mean else "sum"
+    return NodeConstant(constants=(v,), certified=True, estimate=v,
+                        how=f"{what} over groups of {k} entries (exact)")
+
+
 def _spectral_operand(node: Node) -> Any:
     """What to hand to ``spectral_norm``: a plain module snapshot, or the bias-free fn."""
     m = node.module
@@ -225,6 +346,9 @@ def _spectral_operand(node: Node) -> Any:
     )
     if (plain_call or node.meta.get("key") == MERGED_KEY) and m is not None:
         return positive_pools(materialize(m))
+    pool = pool_module(node)
+    if pool is not None:
+        return positive_pools(pool)
     return node.linear_fn()
 
 
@@ -291,6 +415,9 @@ def linear_constant(node: Node, ctx: RuleContext) -> NodeConstant:
     op = _spectral_operand(node)
     in_shape = tuple(node.in_shapes[0])
     cert = certified(op, in_shape) if ctx.certify else None
+    parts = node.meta.get("part_nodes") or ()
+    if cert is None and ctx.certify and len(parts) > 1:
+        cert = parts_product(parts, ctx)  # ||A_k ... A_1|| <= prod ||A_i||
     try:
         if cert is not None:
             # the factor is the certificate; the estimate is only reported, to a looser tolerance
@@ -310,28 +437,33 @@ def linear_constant(node: Node, ctx: RuleContext) -> NodeConstant:
         upper, how = float(res.upper), res.certificate
     else:
         how = res.method or "estimate"
-    parts = node.meta.get("part_nodes") or ()
-    if upper is None and ctx.certify and len(parts) > 1:
-        prod, ok, hows = 1.0, True, []
-        for p in parts:
-            rule = p.meta.get("rule")
-            if rule is None:
-                ok = False
-                break
-            c = rule.constant(p, ctx)
-            ok = ok and c.certified
-            prod *= c.value
-            hows.append(c.how)
-        if ok:
-            upper = max(prod, est)
-            how = "product of the parts' certified bounds; merged estimate " + (
-                res.method or "power"
-            )
     value = upper if upper is not None else est
     return NodeConstant(
         constants=(value,), certified=upper is not None, how=how, estimate=est,
         seconds=time.perf_counter() - t0,
     )
+
+
+def parts_product(parts: Any, ctx: RuleContext) -> tuple[float, str] | None:
+    """``(prod_i c_i, how)`` over the parts of a merged chain when every ``c_i`` is certified.
+
+    ``A = A_k ... A_1`` with ``||A_i|| <= c_i`` (each ``c_i`` a certified rule constant, rounded
+    up by the registry) gives ``||A|| <= prod_i ||A_i|| <= prod_i c_i`` (submultiplicativity of
+    operator norms, any norm). The float64 product of ``k`` non-negative factors is at most
+    ``k u64`` too small, far below the registry's rounding margin applied to the merged node's
+    constant. ``None`` when some part has no rule or only an estimate.
+    """
+    prod, names = 1.0, []
+    for p in parts:
+        rule = p.meta.get("rule")
+        if rule is None or p.meta.get("unsupported"):
+            return None
+        c = rule.constant(p, ctx)
+        if not c.certified:
+            return None
+        prod *= c.value
+        names.append(c.how.split(" (")[0])
+    return prod, "product of the parts' certified bounds: " + " * ".join(names)
 
 
 # ---- l1 / l-inf -----------------------------------------------------------------------------
@@ -408,10 +540,18 @@ def abs_operator(node: Node) -> Callable[[torch.Tensor], torch.Tensor] | None:
         if rule.name == "scalar mul":
             return lambda x: x * ct
         return lambda x: x / ct
+    return _abs_other(node)
+
+
+def _abs_other(node: Node) -> Callable[[torch.Tensor], torch.Tensor] | None:
+    """:func:`abs_operator` of a module call, a sum / mean reduction or a functional pool."""
     if node.module is not None and node.meta.get("fx_op", "call_module") == "call_module":
         if node.meta.get("getitem") is None and not node.meta.get("kwargs"):
             return _abs_module(node.module)
-    return None
+    if reduction_size(node) is not None:  # entries w >= 0: |A| = A
+        return node.linear_fn()
+    pool = pool_module(node)
+    return None if pool is None else _abs_module(pool)
 
 
 def _structural_coef(node: Node) -> float:
@@ -525,12 +665,13 @@ LINEAR_FUNCTIONS: list[Any] = [
     F.linear, F.conv1d, F.conv2d, F.conv3d, F.conv_transpose1d, F.conv_transpose2d,
     F.conv_transpose3d, F.avg_pool1d, F.avg_pool2d, F.avg_pool3d, F.adaptive_avg_pool1d,
     F.adaptive_avg_pool2d, F.adaptive_avg_pool3d, F.interpolate, F.upsample,
-    F.upsample_nearest, F.upsample_bilinear, torch.sum, torch.mean, "sum", "mean",
-    F.batch_norm,
+    F.upsample_nearest, F.upsample_bilinear, F.batch_norm,
     torch.matmul, operator.matmul, "matmul", torch.mm, "mm",
     torch.bmm, "bmm", torch.mv, "mv", torch.einsum, torch.tensordot, MERGED_KEY,
 ]
 declare(LINEAR_MODULES, name="linear", kind="linear", constant=_linear_rule)
 declare(LINEAR_FUNCTIONS, name="linear (functional)", kind="affine", constant=_linear_rule,
+        check=_single_input)
+declare([*_MEAN_KEYS, *_SUM_KEYS], name="sum/mean", kind="affine", constant=_reduction_rule,
         check=_single_input)
 declare([EvalBatchNorm], name="batchnorm (eval)", kind="linear", constant=_linear_rule)

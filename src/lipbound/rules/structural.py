@@ -79,10 +79,12 @@ if TYPE_CHECKING:  # pragma: no cover
     from ..graph.types import Node
 
 __all__ = [
+    "EVAL_IDENTITY_MODULES",
     "IDENTITY_OPS",
     "PERMUTATION_OPS",
     "RESHAPE_OPS",
     "SELECTION_OPS",
+    "is_eval_identity",
     "log_softmax_constant",
     "softmax_constant",
 ]
@@ -98,6 +100,45 @@ IDENTITY_OPS: list[Any] = [
     F.feature_alpha_dropout, torch.clone, "clone", "contiguous", "detach", torch.detach,
     "float", "double", "to", "type_as",
 ]
+#: modules that are the identity in eval mode, recognised by class name and the package that
+#: defines them, ``(package prefix, class name)``: their packages need not be importable here
+#: (torchvision's wheel may not load against the installed torch; timm is optional). Each is
+#: ``return x`` when ``not self.training``, which is what lipbound analyses; torchvision wraps
+#: ``stochastic_depth`` with ``torch.fx.wrap``, so without this table the traced graph holds
+#: an op without a rule. Captured as leaves with the rule key ``nn.Identity`` (the op they
+#: equal), and checked on the capture sample (output == input), else refused.
+EVAL_IDENTITY_MODULES: list[tuple[str, str]] = [
+    ("torchvision.ops", "StochasticDepth"),
+    ("torchvision.ops", "DropBlock2d"),
+    ("torchvision.ops", "DropBlock3d"),
+    ("timm.layers", "DropPath"),
+    ("timm.layers", "DropBlock2d"),
+    ("timm.models.layers", "DropPath"),
+    ("timm.models.layers", "DropBlock2d"),
+]
+
+
+def is_eval_identity(module: nn.Module) -> bool:
+    """Whether ``module``'s class is declared in :data:`EVAL_IDENTITY_MODULES` (by the name and
+    the defining package of the class itself, not of a subclass)."""
+    cls = type(module)
+    where = getattr(cls, "__module__", "") or ""
+    return any(
+        cls.__name__ == name and (where == pkg or where.startswith(pkg + "."))
+        for pkg, name in EVAL_IDENTITY_MODULES
+    )
+
+
+def _eval_identity_check(node: Node) -> str | None:
+    if node.meta.get("identity_checked") is False:  # set by capture for the modules above
+        return (
+            "declared the identity in eval mode (lipbound.rules.structural."
+            "EVAL_IDENTITY_MODULES), but its output differed from its input on the capture "
+            "sample; register a rule for it with lipbound.register_rule(...)"
+        )
+    return None
+
+
 #: ops that only rearrange entries (bijective, same numel): constant 1 in every norm, and
 #: isometries in l1, l2 and l-inf (so they are stripped from the ends of merged linear chains)
 RESHAPE_OPS: list[Any] = [
@@ -337,7 +378,8 @@ def _reduce_max_rule(node: Node, ctx: RuleContext) -> NodeConstant:
 
 # ---- registration -------------------------------------------------------------------------
 declare(IDENTITY_OPS, name="identity (eval)", kind="linear",
-        constant=const_rule(ONE, "identity in eval mode"), identity=True)
+        constant=const_rule(ONE, "identity in eval mode"), check=_eval_identity_check,
+        identity=True)
 declare(RESHAPE_OPS, name="reshape", kind="linear",
         constant=const_rule(ONE, "rearranges entries"), structural=True, bijective=True)
 declare(SELECTION_OPS, name="selection", kind="linear",

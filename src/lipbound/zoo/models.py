@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import InvalidArgumentError
+from . import cnn
 
 __all__ = [
     "ZOO",
@@ -217,6 +218,22 @@ ZOO: dict[str, ZooEntry] = {
     "digits_mlp": ZooEntry(digits_mlp, (64,), "64-100-100-10 MLP for 8x8 digits"),
     "alexnet": ZooEntry(alexnet, (3, 224, 224), "AlexNet-shaped net (random weights)"),
     "resnet18": ZooEntry(resnet18, (3, 224, 224), "ResNet-18-shaped net (random weights)"),
+    **{
+        name: ZooEntry(getattr(cnn, name), (3, 224, 224), desc + " (random weights)")
+        for name, desc in (
+            ("resnet50", "ResNet-50, torchvision's layout"),
+            ("vgg11", "VGG-11, torchvision's layout"),
+            ("vgg16_bn", "VGG-16 with BatchNorm, torchvision's layout"),
+            ("mobilenet_v2", "MobileNet-V2, torchvision's layout"),
+            ("mobilenet_v3_small", "MobileNet-V3 small (SE, hard-swish), torchvision's layout"),
+            ("densenet121", "DenseNet-121, torchvision's layout"),
+            ("shufflenet_v2_x1_0", "ShuffleNet-V2 x1.0, torchvision's layout"),
+            ("regnet_x_400mf", "RegNetX-400MF, torchvision's layout"),
+            ("googlenet", "GoogLeNet without auxiliary heads, torchvision's layout"),
+            ("squeezenet1_1", "SqueezeNet 1.1, torchvision's layout"),
+            ("efficientnet_b0", "EfficientNet-B0 (MBConv + SE), torchvision's layout"),
+        )
+    },
 }
 
 
