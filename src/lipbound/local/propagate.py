@@ -41,7 +41,7 @@ from ..rules import RuleContext
 from ..rules.linear import l1_linf_available
 from .interval import MAX_ENTRIES, REL64, TINY, Box, from_bounds, iadd, pad
 from .linear import linear_parts
-from .rules import LocalOp, local_op, slope_box
+from .rules import LocalOp, ball_factor, local_op, slope_box
 
 __all__ = ["backward_rows", "backward_rows_ball", "check_graph", "forward_boxes", "largest_value",
            "linear_norms", "tangent_entries"]
@@ -325,6 +325,10 @@ def backward_rows_ball(graph: OpGraph, boxes: dict[str, Box], rows: torch.Tensor
             box = pad(c, a.r * (q.c.abs() + q.r), a.mag * (q.c.abs() + q.r))
             new = _dual(a.c.abs() * q.r, norm) * up + TINY
             grads = [(box, (rho * qmax[:, None] + new) * up)]
+        elif (k := ball_factor(node, [boxes[p] for p in node.inputs], norm)) is not None:
+            # the box part through the interval rule, the ball part by the operator norm
+            gl0 = ops[node.name].backward(node, [boxes[p] for p in node.inputs], a)
+            grads = [None if g is None else (g, rho * k[:, None] * up) for g in gl0]
         else:
             full = _to_box(a, rho)
             if node.kind == "linear":

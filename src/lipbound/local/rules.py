@@ -100,7 +100,7 @@ from .interval import (
     sum_to,
 )
 
-__all__ = ["LocalOp", "local_op", "op_name", "slope_box"]
+__all__ = ["LocalOp", "ball_factor", "local_op", "op_name", "slope_box"]
 
 _F64 = torch.float64
 _R2 = math.sqrt(2.0)
@@ -887,6 +887,35 @@ _TABLE: dict[str, LocalOp] = {
                   _unary_tangent) for k in _UNARY},
 }
 _MULTI_RULES = {"add/sub", "cat"}
+
+
+def ball_factor(node: Node, boxes: Sequence[Box], norm: str) -> torch.Tensor | None:
+    r"""Per sample, a bound ``k`` with ``||d M||_* <= k ||d||_*`` for every secant matrix
+    ``M`` of a one-input node over its box (``None``: no such rule, the caller converts the
+    ball to a box). Secant matrices are averages of Jacobians over segments in the box, so a
+    bound on ``sup ||J||`` over the box suffices (``||d M|| = ||M^T d^T||``):
+
+    * softmax: ``J = diag(p) - p p^T`` is symmetric, Gershgorin row ``i``:
+      ``2 p_i (1 - p_i)``, so ``||J||_2 = ||J||_1 = ||J||_inf <= min(1/2, 2 max_i p_i^hi)``;
+    * LayerNorm (l2 only): ``J = diag(gamma) (P - xhat xhat^T / n) / sigma`` per normalised
+      group (block-diagonal), with ``P - xhat xhat^T / n`` symmetric with eigenvalues in
+      ``[0, 1]`` (``xhat`` lies in ``1^perp`` with ``|xhat|^2 <= n``), hence
+      ``||J||_2 <= max |gamma| / sigma_lo``; RMSNorm likewise (``I - xhat xhat^T / n``).
+    """
+    if len(node.inputs) != 1 or node.kind != "op":
+        return None
+    name = op_name(node)
+    B = boxes[0].c.shape[0]
+    if name in ("softmax", "Softmax"):
+        p = _softmax_box(node, boxes[0])
+        top = (2 * p.hi.reshape(B, -1).amax(dim=1)).clamp(max=0.5)
+        return top * (1 + REL64)
+    if name in ("LayerNorm", "layer_norm", "RMSNorm", "rms_norm") and norm == "2":
+        st = _norm_stats(node, boxes[0])
+        inv = st.inv_sigma.hi.reshape(B, -1).amax(dim=1)
+        g = 1.0 if st.gamma is None else float(st.gamma.abs().max())
+        return inv * g * (1 + REL64)
+    return None
 
 
 _NO_RULE = ("no local rule (local rules cover activations, add/sub/cat, products, matmul, "
