@@ -51,6 +51,7 @@ LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("graph.model", ("lipbound.graph.types", "lipbound.graph.modules")),
     ("rules", ("lipbound.rules",)),
     ("graph", ("lipbound.graph",)),
+    ("local", ("lipbound.local",)),  # interval bounds / local rules (issue #18)
     ("methods", ("lipbound.methods",)),
     ("report", ("lipbound.report",)),
     ("train", ("lipbound.train",)),

@@ -28,9 +28,11 @@ from .errors import (
     ZeroOperatorError,
 )
 from .results import (
+    CertifyResult,
     ExactResult,
     LayerBound,
     LipschitzResult,
+    LocalResult,
     LowerBoundResult,
     SDPResult,
     SeqLipResult,
@@ -48,6 +50,9 @@ _LAZY: dict[str, str] = {
     "lower_bound": "lipbound.methods.lower",
     "exact": "lipbound.methods.exact",
     "lipsdp": "lipbound.methods.sdp",
+    "local_bound": "lipbound.methods.local",
+    "certify": "lipbound.methods.certify",
+    "LocalOptions": "lipbound.local.bounds",
     "bound": "lipbound.report",
     "estimate": "lipbound.report",
     "Report": "lipbound.report",
@@ -62,11 +67,13 @@ _LAZY: dict[str, str] = {
 }
 
 __all__ = [
+    "CertifyResult",
     "ExactResult",
     "InvalidArgumentError",
     "LayerBound",
     "LipboundError",
     "LipschitzResult",
+    "LocalResult",
     "LowerBoundResult",
     "MissingDependencyError",
     "NonFiniteError",
@@ -102,8 +109,10 @@ if TYPE_CHECKING:  # pragma: no cover
     from .graph import sequential_chain as sequential_chain
     from .graph import simplify as simplify
     from .methods.autolip import autolip as autolip
+    from .methods.certify import certify as certify
     from .methods.exact import ExactResult as ExactResult
     from .methods.exact import exact as exact
+    from .methods.local import local_bound as local_bound
     from .methods.lower import lower_bound as lower_bound
     from .methods.sdp import SDPResult as SDPResult
     from .methods.sdp import lipsdp as lipsdp

@@ -30,9 +30,11 @@ from typing import Any, Literal
 import torch
 
 __all__ = [
+    "CertifyResult",
     "ExactResult",
     "LayerBound",
     "LipschitzResult",
+    "LocalResult",
     "LowerBoundResult",
     "SDPResult",
     "SeqLipResult",
@@ -404,3 +406,126 @@ class SpectralResult:
             f"SpectralResult(k={len(self.singular_values)}, iterations={self.iterations}, "
             f"converged={self.converged}, seconds={self.seconds:.3g})\n{t}"
         )
+
+
+@dataclass(frozen=True, kw_only=True, eq=False)
+class LocalResult:
+    """Per-sample local Lipschitz bounds on the balls ``{z : ||z - x_i|| <= radius}``.
+
+    ``upper[i]`` is a certified upper bound on the Lipschitz constant of the model restricted
+    to the ball around sample ``i`` (same norm on input and output); ``lower[i]`` a witnessed
+    lower bound found inside that ball (``None`` when no witness search ran); ``value`` the
+    headline per sample (``upper``); ``certified`` whether every ``upper`` is proven. ``extra``
+    holds the per-sample parts (``"interval"``: the interval-Jacobian bound, ``"global"``: the
+    global certified bound that capped it, if any) and the witnesses.
+    """
+
+    upper: tuple[float, ...]
+    lower: tuple[float, ...] | None
+    value: tuple[float, ...]
+    certified: bool
+    method: str
+    norm: str
+    radius: float
+    seconds: float = 0.0
+    cpu_seconds: float = 0.0
+    notes: tuple[str, ...] = ()
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return len(self.upper)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready dict (floats, strings, lists only)."""
+        return {
+            "method": self.method,
+            "norm": self.norm,
+            "radius": self.radius,
+            "certified": self.certified,
+            "upper": list(self.upper),
+            "lower": None if self.lower is None else list(self.lower),
+            "value": list(self.value),
+            "seconds": self.seconds,
+            "cpu_seconds": self.cpu_seconds,
+            "notes": list(self.notes),
+        }
+
+    def table(self) -> str:
+        rows = [[i, u, None if self.lower is None else self.lower[i]]
+                for i, u in enumerate(self.upper)]
+        return format_table(["sample", "upper (certified)", "lower (witness)"], rows)
+
+    def __repr__(self) -> str:
+        head = (f"LocalResult(method={self.method!r}, norm=l{self.norm}, "
+                f"radius={fmt_float(self.radius)}, samples={len(self.upper)}, "
+                f"max upper={fmt_float(max(self.upper) if self.upper else None)}, "
+                f"seconds={self.seconds:.3g})")
+        return "\n".join([head, self.table(), *(f"note: {n}" for n in self.notes)])
+
+
+@dataclass(frozen=True, kw_only=True, eq=False)
+class CertifyResult:
+    """Certified robustness of a batch at one radius.
+
+    Per sample: ``correct`` (the prediction is the label, with a strictly positive margin
+    proven in float64 interval arithmetic), ``certified`` (every point of the ball around the
+    sample keeps the label: ``margin_j > radius * L_j`` for all ``j != y``), ``margin`` (a
+    proven lower bound on ``min_j f_y(x) - f_j(x)``; ``<= 0`` for ties and misclassified
+    points), ``bound`` (the constant ``L_j`` of the pair ``y, j`` that decided, i.e. the
+    smallest ``margin_j - radius L_j``), ``runner_up`` (that ``j``). ``certified_accuracy`` is
+    the fraction certified, ``accuracy`` the fraction correct.
+    """
+
+    certified: tuple[bool, ...]
+    correct: tuple[bool, ...]
+    margin: tuple[float, ...]
+    bound: tuple[float, ...]
+    runner_up: tuple[int, ...]
+    certified_accuracy: float
+    accuracy: float
+    method: str
+    norm: str
+    radius: float
+    seconds: float = 0.0
+    cpu_seconds: float = 0.0
+    notes: tuple[str, ...] = ()
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def value(self) -> float:
+        """The headline: the certified accuracy."""
+        return self.certified_accuracy
+
+    def __len__(self) -> int:
+        return len(self.certified)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready dict (floats, strings, lists only)."""
+        return {
+            "method": self.method,
+            "norm": self.norm,
+            "radius": self.radius,
+            "certified_accuracy": self.certified_accuracy,
+            "accuracy": self.accuracy,
+            "certified": list(self.certified),
+            "correct": list(self.correct),
+            "margin": list(self.margin),
+            "bound": list(self.bound),
+            "runner_up": list(self.runner_up),
+            "seconds": self.seconds,
+            "cpu_seconds": self.cpu_seconds,
+            "notes": list(self.notes),
+        }
+
+    def table(self) -> str:
+        rows = [[i, self.correct[i], self.certified[i], self.margin[i], self.bound[i],
+                 self.runner_up[i]] for i in range(len(self.certified))]
+        return format_table(["sample", "correct", "certified", "margin", "L (pair)", "vs"],
+                            rows)
+
+    def __repr__(self) -> str:
+        head = (f"CertifyResult(method={self.method!r}, norm=l{self.norm}, "
+                f"radius={fmt_float(self.radius)}, certified accuracy="
+                f"{self.certified_accuracy:.4f}, accuracy={self.accuracy:.4f}, "
+                f"samples={len(self.certified)}, seconds={self.seconds:.3g})")
+        return "\n".join([head, *(f"note: {n}" for n in self.notes)])

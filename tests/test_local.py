@@ -1,0 +1,287 @@
+"""local_bound: closed forms, soundness against realised ratios in the ball, limits."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+import lipbound
+from lipbound.errors import LipboundError, ShapeError, UnsupportedModelError
+from lipbound.graph import capture, simplify
+from lipbound.local import Box, backward_rows, forward_boxes
+from lipbound.local.bounds import LocalOptions
+from lipbound.local.propagate import backward_rows_ball, check_graph, linear_norms
+
+torch.set_num_threads(1)
+F64 = torch.float64
+NOCAP = LocalOptions(use_global=False)
+
+
+def _jac(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """Per-sample float64 Jacobians ``(B, m, n)``."""
+    m64 = model.double()
+    return torch.func.vmap(torch.func.jacrev(lambda z: m64(z[None])[0].reshape(-1)))(
+        x.double()).reshape(x.shape[0], -1, x[0].numel())
+
+
+def _opnorm(J: torch.Tensor, norm: str) -> torch.Tensor:
+    if norm == "2":
+        return torch.linalg.matrix_norm(J, 2)
+    return J.abs().sum(-1).amax(-1)
+
+
+class LNProduct(nn.Module):
+    """Linear -> LayerNorm -> product of two branches -> tanh -> Linear."""
+
+    def __init__(self, d: int = 5, h: int = 8, k: int = 3) -> None:
+        super().__init__()
+        self.a, self.ln, self.b, self.c = nn.Linear(d, h), nn.LayerNorm(h), nn.Linear(h, h), \
+            nn.Linear(h, k)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.ln(self.a(x))
+        return self.c(torch.tanh(torch.sigmoid(self.b(h)) * h))
+
+
+class TinyAttention(nn.Module):
+    """One softmax attention head over 3 tokens of width 4, residual, mean-pooled."""
+
+    def __init__(self, d: int = 4, t: int = 3, k: int = 2) -> None:
+        super().__init__()
+        self.t, self.d = t, d
+        self.q, self.k, self.v = nn.Linear(d, d), nn.Linear(d, d), nn.Linear(d, d)
+        self.ln = nn.LayerNorm(d)
+        self.out = nn.Linear(d, k)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = x.reshape(-1, self.t, self.d)
+        s = self.q(h) @ self.k(h).transpose(1, 2) / math.sqrt(self.d)
+        h = self.ln(h + torch.softmax(s, dim=-1) @ self.v(h))
+        return self.out(h.mean(dim=1))
+
+
+class SDPA(nn.Module):
+    """``F.scaled_dot_product_attention`` over 3 tokens of width 4 (one node in the graph)."""
+
+    def __init__(self, d: int = 4, t: int = 3, k: int = 2) -> None:
+        super().__init__()
+        self.t, self.d = t, d
+        self.q, self.k, self.v = nn.Linear(d, d), nn.Linear(d, d), nn.Linear(d, d)
+        self.out = nn.Linear(t * d, k)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = x.reshape(-1, self.t, self.d)
+        a = nn.functional.scaled_dot_product_attention(self.q(h), self.k(h), self.v(h))
+        return self.out(torch.tanh(a).reshape(-1, self.t * self.d))
+
+
+def _mlp(act: type[nn.Module], d: int = 5, k: int = 3) -> nn.Module:
+    return nn.Sequential(nn.Linear(d, 12), act(), nn.Linear(12, 12), act(), nn.Linear(12, k))
+
+
+ARCHS = {
+    "relu": lambda: _mlp(nn.ReLU),
+    "tanh": lambda: _mlp(nn.Tanh),
+    "sigmoid": lambda: _mlp(nn.Sigmoid),
+    "gelu": lambda: _mlp(nn.GELU),
+    "ln_product": lambda: LNProduct(),
+    "attention": lambda: TinyAttention(),
+    "sdpa": lambda: SDPA(),
+}
+DIMS = {"attention": 12, "sdpa": 12}
+
+
+# ---- closed forms ---------------------------------------------------------------------------
+@pytest.mark.parametrize("norm", ["2", "inf"])
+def test_linear_model_local_constant_is_its_global_norm(norm: str) -> None:
+    torch.manual_seed(0)
+    lin = nn.Linear(6, 4).eval()
+    W = lin.weight.detach().double()
+    exact = float(torch.linalg.matrix_norm(W, 2)) if norm == "2" else float(
+        W.abs().sum(1).max())
+    res = lipbound.local_bound(lin, torch.randn(3, 6), 0.5, norm=norm, options=NOCAP)
+    for u, lo in zip(res.upper, res.lower or ()):
+        assert exact <= u <= exact * (1 + 1e-5)
+        assert lo <= u and lo >= exact * (1 - 1e-6)
+
+
+def test_stable_relu_net_gives_the_exact_local_jacobian_norm() -> None:
+    torch.manual_seed(1)
+    net = nn.Sequential(nn.Linear(4, 10), nn.ReLU(), nn.Linear(10, 3)).eval()
+    x = torch.randn(5, 4)
+    pre = net[0](x).detach().double()
+    rown = net[0].weight.detach().double().norm(dim=1)
+    radius = 0.5 * float((pre.abs() / rown).min())  # every neuron keeps its sign in the ball
+    res = lipbound.local_bound(net, x, radius, options=NOCAP, lower=False)
+    exact = _opnorm(_jac(net, x), "2")
+    for u, e in zip(res.upper, exact.tolist()):
+        assert e <= u <= e * (1 + 1e-5)
+
+
+@pytest.mark.parametrize("arch", ["tanh", "sigmoid", "gelu", "ln_product", "attention", "sdpa"])
+def test_small_radius_on_smooth_nets_approaches_the_jacobian_norm(arch: str) -> None:
+    torch.manual_seed(2)
+    net = ARCHS[arch]().eval()
+    x = torch.randn(3, DIMS.get(arch, 5))
+    res = lipbound.local_bound(net, x, 1e-6, options=NOCAP, lower=False)
+    exact = _opnorm(_jac(net, x), "2")
+    for u, e in zip(res.upper, exact.tolist()):
+        assert e * (1 - 1e-6) <= u <= 1.05 * e
+
+
+# ---- soundness ------------------------------------------------------------------------------
+def _realised(net: nn.Module, x: torch.Tensor, radius: float, norm: str, n: int = 64
+              ) -> torch.Tensor:
+    """Largest realised ratios per sample: Jacobian norms at random points of the ball and
+    pair ratios of random pairs in it (float64)."""
+    g = torch.Generator().manual_seed(0)
+    B, d = x.shape
+    best = torch.zeros(B, dtype=F64)
+    net64 = net.double()
+    for _ in range(4):
+        if norm == "2":
+            u = torch.randn(B * n, d, generator=g, dtype=F64)
+            u = u / u.norm(dim=1, keepdim=True) * radius * torch.rand(B * n, 1, generator=g,
+                                                                       dtype=F64)
+        else:
+            u = (torch.rand(B * n, d, generator=g, dtype=F64) * 2 - 1) * radius
+        z = x.double().repeat_interleave(n, 0) + u
+        J = _jac(net64, z)
+        best = torch.maximum(best, _opnorm(J, norm).reshape(B, n).amax(1))
+        z2 = x.double().repeat_interleave(n, 0) + u.flip(0).clamp(-radius, radius) * 0.5
+        num = net64(z) - net64(z2)
+        den = (z - z2)
+        nn_ = num.norm(dim=1) if norm == "2" else num.abs().amax(1)
+        dd = den.norm(dim=1) if norm == "2" else den.abs().amax(1)
+        r = torch.where(dd > 1e-9, nn_ / dd.clamp_min(1e-300), torch.zeros_like(dd))
+        best = torch.maximum(best, r.reshape(B, n).amax(1))
+    return best.detach()
+
+
+@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(arch=st.sampled_from(sorted(ARCHS)), seed=st.integers(0, 10_000),
+       log_r=st.floats(-3.0, 0.0), norm=st.sampled_from(["2", "inf"]))
+def test_local_upper_bounds_every_realised_ratio_in_the_ball(arch: str, seed: int,
+                                                             log_r: float, norm: str) -> None:
+    torch.manual_seed(seed)
+    net = ARCHS[arch]().eval()
+    x = torch.randn(2, DIMS.get(arch, 5))
+    radius = 10.0 ** log_r
+    res = lipbound.local_bound(net, x, radius, norm=norm, options=LocalOptions(
+        steps=10, restarts=1, use_global=False))
+    real = _realised(net, x, radius, norm)
+    for u, lo, r in zip(res.upper, res.lower or (), real.tolist()):
+        assert r <= u * (1 + 1e-9) + 1e-12
+        assert lo <= u * (1 + 1e-9) + 1e-12
+
+
+@settings(max_examples=10, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(arch=st.sampled_from(sorted(ARCHS)), seed=st.integers(0, 10_000),
+       log_r=st.floats(-3.0, 0.5), norm=st.sampled_from(["2", "inf"]),
+       refine=st.sampled_from([0, 1 << 19]))
+def test_interval_boxes_contain_every_value_and_jacobian_in_the_ball(
+        arch: str, seed: int, log_r: float, norm: str, refine: int) -> None:
+    torch.manual_seed(seed)
+    net = ARCHS[arch]().eval().double()
+    d = DIMS.get(arch, 5)
+    x = torch.randn(2, d, dtype=F64)
+    radius = 10.0 ** log_r
+    g = simplify(capture(net, (d,)))
+    tans: dict[str, Box | None] = {}
+    boxes = forward_boxes(g, x, radius, norm, refine=refine, tangents=tans)
+    out = boxes[g.output.name]
+    k = out.c.shape[1]
+    J = backward_rows(g, boxes, torch.eye(k, dtype=F64).expand(2, k, k))
+    u = torch.randn(2, 32, d, dtype=F64, generator=torch.Generator().manual_seed(seed))
+    if norm == "2":
+        u = u / u.norm(dim=-1, keepdim=True) * radius
+    else:
+        u = u.clamp(-1, 1) * radius
+    z = (x[:, None, :] + u).reshape(-1, d)
+    with torch.no_grad():
+        y = net(z).reshape(2, 32, k)
+    assert bool(((y - out.c[:, None]).abs() <= out.r[:, None]).all())
+    vals: dict[str, torch.Tensor] = {}
+    with torch.no_grad():
+        for node in g:  # every intermediate value, not only the output
+            if node.kind == "input":
+                vals[node.name] = z
+                continue
+            v = vals[node.inputs[0]] if node.kind == "output" else node.fn(
+                *[vals[p] for p in node.inputs])
+            vals[node.name] = v
+            b = boxes[node.name]
+            v = v.reshape(2, 32, *v.shape[1:])
+            assert bool(((v - b.c[:, None]).abs() <= b.r[:, None]).all()), node.qualname
+    jz = _jac(net, z).reshape(2, 32, k, d)
+    assert bool(((jz - J.c[:, None]).abs() <= J.r[:, None]).all())
+    Jb, rho = backward_rows_ball(g, boxes, torch.eye(k, dtype=F64).expand(2, k, k),
+                                 check_graph(g), norm, linear_norms(g, norm))
+    excess = ((jz - Jb.c[:, None]).abs() - Jb.r[:, None]).clamp_min(0)  # outside the box
+    dual = excess.norm(dim=-1) if norm == "2" else excess.sum(dim=-1)
+    assert bool((dual <= rho[:, None] * (1 + 1e-9) + 1e-12).all())  # ... inside the ball
+    if refine:  # forward tangent boxes (columns of the same secant matrices)
+        T = tans[g.output.name]
+        assert T is not None
+        tc, tr = T.c.transpose(1, 2)[:, None], T.r.transpose(1, 2)[:, None]
+        assert bool(((jz - tc).abs() <= tr).all())
+
+
+def test_local_is_never_above_the_global_certified_bound() -> None:
+    torch.manual_seed(3)
+    net = _mlp(nn.ReLU).eval()
+    glob = lipbound.autolip(net, (5,)).upper
+    assert glob is not None
+    for r in (1e-3, 0.1, 10.0):
+        res = lipbound.local_bound(net, torch.randn(4, 5), r, lower=False)
+        assert max(res.upper) <= glob
+        assert res.extra["global"] == glob
+
+
+# ---- errors and results ---------------------------------------------------------------------
+class LogNet(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.log(x) + torch.sqrt(x) + torch.exp(-x) + 1.0 / x
+
+
+def test_domain_ops_are_bounded_inside_and_refused_outside_their_domain() -> None:
+    x = torch.full((2, 3), 2.0)
+    res = lipbound.local_bound(LogNet().eval(), x, 0.1, options=NOCAP)
+    real = _realised(LogNet().eval(), x, 0.1, "2")
+    assert all(r <= u for r, u in zip(real.tolist(), res.upper))
+    with pytest.raises(UnsupportedModelError, match="log"):
+        lipbound.local_bound(LogNet().eval(), x, 3.0, options=NOCAP, lower=False)
+
+
+def test_ops_without_a_local_rule_are_listed() -> None:
+    net = nn.Sequential(nn.Conv2d(1, 2, 3), nn.MaxPool2d(2), nn.Flatten()).eval()
+    with pytest.raises(UnsupportedModelError, match="MaxPool2d"):
+        lipbound.local_bound(net, torch.randn(1, 1, 6, 6), 0.1)
+
+
+def test_bad_arguments_raise_lipbound_errors() -> None:
+    net = nn.Linear(3, 2).eval()
+    with pytest.raises(ShapeError):
+        lipbound.local_bound(net, torch.randn(3), 0.1)
+    with pytest.raises(LipboundError, match="radius"):
+        lipbound.local_bound(net, torch.randn(2, 3), -1.0)
+    with pytest.raises(LipboundError, match="norm"):
+        lipbound.local_bound(net, torch.randn(2, 3), 0.1, norm=1)
+    with pytest.raises(LipboundError, match="max_memory"):
+        lipbound.local_bound(net, torch.randn(2, 3), 0.1, options=LocalOptions(max_memory=10))
+
+
+def test_result_vocabulary_and_json() -> None:
+    torch.manual_seed(4)
+    res = lipbound.local_bound(_mlp(nn.Tanh).eval(), torch.randn(3, 5), 0.05, batch_size=2)
+    assert isinstance(res, lipbound.LocalResult)
+    assert len(res) == 3 and res.value == res.upper and res.certified
+    d = json.loads(json.dumps(res.to_dict()))
+    assert d["norm"] == "2" and d["radius"] == 0.05 and len(d["lower"]) == 3
+    assert "LocalResult" in repr(res)
