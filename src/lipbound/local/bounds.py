@@ -14,8 +14,7 @@ from torch import nn
 from .._validation import check_positive
 from ..errors import InvalidArgumentError, ShapeError
 from ..graph import OpGraph
-from ..rules import NodeConstant
-from ..rules.local import ROUND_REL
+from ..rules import ROUND_REL, NodeConstant
 from ..spectral.certify import matrix_norm_upper, round_up
 from .interval import REL64, Box, from_bounds
 from .propagate import largest_value

@@ -84,8 +84,8 @@ from torch import nn
 
 from ..errors import UnsupportedModelError, UnsupportedNode
 from ..graph.types import Node
+from ..rules import arg, batched_dim, is_tensor_arg
 from ..rules.activation import softplus_jump
-from ..rules.local import arg, batched_dim, is_tensor_arg
 from .interval import (
     REL64,
     TINY,

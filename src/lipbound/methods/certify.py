@@ -64,8 +64,7 @@ from ..local.propagate import (
 )
 from ..local.rules import LocalOp
 from ..results import CertifyResult
-from ..rules import NodeConstant
-from ..rules.local import ROUND_REL
+from ..rules import ROUND_REL, NodeConstant
 from ..spectral.certify import round_up
 from .autolip import node_bounds, node_constants
 

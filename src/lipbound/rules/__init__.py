@@ -18,6 +18,7 @@ from torch import nn
 
 from . import activation, linear, normalization, pooling, structural  # noqa: F401
 from ._registry import (
+    ROUND_REL,
     NodeConstant,
     Rule,
     RuleContext,
@@ -30,18 +31,22 @@ from ._registry import (
     registered_keys,
     widen_range,
 )
-from ._util import numel
+from ._util import arg, batched_dim, is_tensor_arg, numel
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..graph.types import Node
 
 __all__ = [
+    "ROUND_REL",
     "NodeConstant",
     "Rule",
     "RuleContext",
+    "arg",
+    "batched_dim",
     "classify",
     "get_rule",
     "has_module_rule",
+    "is_tensor_arg",
     "lookup",
     "register_rule",
     "registered_keys",
