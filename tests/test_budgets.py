@@ -468,3 +468,22 @@ def test_regression_plot_cuts_labels_and_names_seqlip_when_absent(
         if t.get_text():
             e = t.get_window_extent()
             assert e.y0 >= box.y0 - 1 and e.x0 >= box.x0 - 1  # inside the figure
+
+
+def test_top_rows_large_is_an_orthogonal_compression() -> None:
+    # seqlip(resnet18 @ 32, time_limit=60) took 194 s: two full eigh of 4096 x 4096 Gram
+    # matrices for the greedy top-k rows of one pair, work no clock check could interrupt
+    from lipbound.methods.seqlip import _TOP_ROWS_EIGH, _top_rows
+
+    gen = torch.Generator().manual_seed(0)
+    m, n, k = _TOP_ROWS_EIGH + 232, _TOP_ROWS_EIGH + 132, 40
+    scale = torch.logspace(0, -3, n, dtype=torch.float64)
+    L = torch.randn(m, n, generator=gen, dtype=torch.float64) * scale
+    A = _top_rows(L, k)
+    assert A.shape == (k, n)
+    # A = W L with W (k x m) having orthonormal rows: realised ||A D R|| <= ||L D R||
+    W = A @ torch.linalg.pinv(L)
+    assert torch.allclose(W @ W.T, torch.eye(k, dtype=torch.float64), atol=1e-9)
+    s_l, s_a = torch.linalg.svdvals(L)[:k], torch.linalg.svdvals(A)
+    assert bool((s_a <= s_l * (1 + 1e-9)).all())  # interlacing of a compression
+    assert float((s_a / s_l).min()) > 0.9  # and it keeps the top directions

@@ -257,21 +257,24 @@ class _Clock:
         self.late_units = 0
         self.late_blocks = 0  # two-layer blocks past the deadline (skipped)
 
-    _rate: float | None = None  # float64 flop/s of this machine, measured once
+    _rate: float | None = None  # float64 flop/s (wall clock) measured by this call
 
-    @classmethod
-    def rate(cls) -> float:
-        if cls._rate is None:
+    def rate(self) -> float:
+        """float64 matmul flop/s per WALL second, measured once per call (on a shared
+        machine the wall-clock rate changes from call to call)."""
+        if self._rate is None:
             a = torch.randn(384, 384, dtype=_F64)
             t0 = time.perf_counter()
-            _ = a @ a
-            cls._rate = 2 * 384**3 / max(time.perf_counter() - t0, 1e-6)
-        return cls._rate
+            for _ in range(3):
+                _ = a @ a
+            self._rate = 3 * 2 * 384**3 / max(time.perf_counter() - t0, 1e-6)
+        return self._rate
 
     def fits(self, m: int, n: int, p: int) -> bool:
-        """Whether a pair relaxation on ``(m x n) (n x p)`` matrices (a few dense products
-        that no clock check can interrupt) is predicted to end before the overall deadline."""
-        return self.affords(6.0 * m * n * p)
+        """Whether a pair on ``(m x n) (n x p)`` matrices (a few dense products and the norm
+        of the ``m x p`` product through the Gram matrix of its smaller side: work that no
+        clock check can interrupt) is predicted to end before the overall deadline."""
+        return self.affords(6.0 * m * n * p + _EIGH_FLOPS * min(m, p) ** 3)
 
     def affords(self, flops: float) -> bool:
         """Whether ``flops`` float64 operations are predicted to end before the deadline."""
@@ -290,6 +293,12 @@ class _Clock:
 
 
 _DEFAULT_CAP = 60.0
+#: float64 eigh of an s x s symmetric matrix costs about this many s^3 matmul flops (measured:
+#: 10-13 for s = 512..1536 on one core)
+_EIGH_FLOPS = 12.0
+#: above this many rows, _top_rows finds the top singular subspace by randomized subspace
+#: iteration instead of a full eigendecomposition
+_TOP_ROWS_EIGH = 768
 
 
 def _default_limit(segments: list[list[Any]]) -> float:
@@ -388,11 +397,24 @@ def _split_sqrt(W: torch.Tensor, floor: float = 1e-10) -> tuple[torch.Tensor, to
 
 def _top_rows(L: torch.Tensor, k: int) -> torch.Tensor:
     """The ``k`` rows of ``O L`` along the top left singular directions of ``L`` (``O``
-    orthogonal from the eigendecomposition of ``L L^T``); ``L`` itself when it has ``<= k``
-    rows. Dropping rows can only decrease ``||L D R||``, so values realised with the result are
-    still lower bounds of the pair factor."""
+    orthogonal from the eigendecomposition of ``L L^T``, or for large ``L`` from randomized
+    subspace iteration); ``L`` itself when it has ``<= k`` rows. Dropping rows can only
+    decrease ``||L D R||``, so values realised with the result are still lower bounds of the
+    pair factor (whatever the accuracy of the subspace)."""
     if L.shape[0] <= k:
         return L
+    if min(L.shape) > _TOP_ROWS_EIGH and k + 10 < min(L.shape):
+        # randomized subspace iteration (2 power steps): Q (m x (k+10)) orthonormal spans
+        # about the top left singular subspace; rows of U_B^T Q^T L with B = Q^T L = U_B S V^T
+        # are again k rows of an orthogonal transform of L (U_B^T Q^T has orthonormal rows)
+        gen = torch.Generator().manual_seed(0)
+        om = torch.randn(L.shape[1], k + 10, dtype=L.dtype, generator=gen).to(L.device)
+        Q = torch.linalg.qr(L @ om).Q
+        for _ in range(2):
+            Q = torch.linalg.qr(L @ (L.T @ Q)).Q
+        B = Q.T @ L
+        Ub = torch.linalg.svd(B, full_matrices=False).U
+        return (Ub.T @ B)[:k]
     if L.shape[0] > L.shape[1]:
         lam, V = torch.linalg.eigh(L.T @ L)
         Lr = lam.clamp_min(0).sqrt().flip(0)[:, None] * V.flip(1).T
@@ -606,8 +628,8 @@ def _seqlip(
                         norms=(norms[i + 1] / fs[i + 1], norms[i] / fs[i]), deadline=end,
                     )
             # eigendecompositions of the middle layers' Gram matrices (~12 s^3 flops each)
-            eig_flops = sum(12.0 * min(Ws[i].shape) ** 3 + 2.0 * Ws[i].numel() * min(Ws[i].shape)
-                            for i in range(1, K - 1))
+            eig_flops = sum(_EIGH_FLOPS * min(Ws[i].shape) ** 3
+                            + 2.0 * Ws[i].numel() * min(Ws[i].shape) for i in range(1, K - 1))
             split = ({i: _split_sqrt(Ws[i]) for i in range(1, K - 1)}
                      if mode == "exact" or clock.affords(eig_flops) else {})
             for i in range(K - 1):
