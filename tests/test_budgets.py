@@ -166,7 +166,7 @@ def _check_cut_or_certified(net: nn.Module, run: Any, budget: float) -> None:
     assert took <= 1.1 * budget + SLACK, took
 
 
-@pytest.mark.parametrize("budget", [0.6, 1.5])
+@pytest.mark.parametrize("budget", [1.0, 2.5])
 def test_regression_seqlip_budget_ignored_autolip_constants(budget: float) -> None:
     # seqlip(resnet18 @ 32, time_limit=60) took 118-140 s: the AutoLip constants before the
     # pairs had no deadline
@@ -175,7 +175,7 @@ def test_regression_seqlip_budget_ignored_autolip_constants(budget: float) -> No
                             budget)
 
 
-@pytest.mark.parametrize("budget", [0.6, 1.5])
+@pytest.mark.parametrize("budget", [1.0, 2.5])
 def test_autolip_time_limit_holds(budget: float) -> None:
     autolip(_mlp([2, 4, 4, 1], 0), (2,))  # warm-up
     _check_cut_or_certified(_conv_chain(2), lambda m, b: autolip(m, (24, 16, 16), time_limit=b),
