@@ -76,7 +76,7 @@ METHODS: dict[str, Callable[..., LipschitzResult]] = {
 # (tests/test_report.py checks this table against the methods' signatures)
 TAKES: dict[str, frozenset[str]] = {
     "lower": frozenset({"norm", "progress", "time_limit"}),
-    "autolip": frozenset({"norm"}),
+    "autolip": frozenset({"norm", "time_limit"}),
     "seqlip": frozenset({"norm", "progress", "time_limit"}),
     "exact": frozenset({"norm", "time_limit"}),
     "lipsdp": frozenset({"time_limit"}),
