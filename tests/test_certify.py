@@ -117,7 +117,7 @@ def test_certified_points_survive_an_attack_and_local_dominates_global(
         assert not (loc.certified[i] and bool(broken[i]))
         assert not (glo.certified[i] and bool(broken[i]))
         assert loc.certified[i] or not glo.certified[i]  # local constants <= global ones
-        assert loc.bound[i] > 0
+        assert loc.constant[i] > 0
 
 
 def test_pair_constants_beat_sqrt2_times_the_global_constant() -> None:
@@ -127,7 +127,7 @@ def test_pair_constants_beat_sqrt2_times_the_global_constant() -> None:
     assert L is not None
     res = lipbound.certify(net, torch.randn(20, 4), torch.zeros(20, dtype=torch.long), 0.1,
                            method="global")
-    assert max(res.bound) <= math.sqrt(2) * L
+    assert max(res.constant) <= math.sqrt(2) * L
 
 
 def test_bad_labels_raise() -> None:

@@ -471,7 +471,7 @@ class CertifyResult:
     proven in float64 interval arithmetic), ``certified`` (every point of the ball around the
     sample keeps the label: ``margin_j > radius * L_j`` for all ``j != y``), ``margin`` (a
     proven lower bound on ``min_j f_y(x) - f_j(x)``; ``<= 0`` for ties and misclassified
-    points), ``bound`` (the constant ``L_j`` of the pair ``y, j`` that decided, i.e. the
+    points), ``constant`` (the constant ``L_j`` of the pair ``y, j`` that decided, i.e. the
     smallest ``margin_j - radius L_j``), ``runner_up`` (that ``j``). ``certified_accuracy`` is
     the fraction certified, ``accuracy`` the fraction correct.
     """
@@ -479,7 +479,7 @@ class CertifyResult:
     certified: tuple[bool, ...]
     correct: tuple[bool, ...]
     margin: tuple[float, ...]
-    bound: tuple[float, ...]
+    constant: tuple[float, ...]
     runner_up: tuple[int, ...]
     certified_accuracy: float
     accuracy: float
@@ -510,7 +510,7 @@ class CertifyResult:
             "certified": list(self.certified),
             "correct": list(self.correct),
             "margin": list(self.margin),
-            "bound": list(self.bound),
+            "constant": list(self.constant),
             "runner_up": list(self.runner_up),
             "seconds": self.seconds,
             "cpu_seconds": self.cpu_seconds,
@@ -518,7 +518,7 @@ class CertifyResult:
         }
 
     def table(self) -> str:
-        rows = [[i, self.correct[i], self.certified[i], self.margin[i], self.bound[i],
+        rows = [[i, self.correct[i], self.certified[i], self.margin[i], self.constant[i],
                  self.runner_up[i]] for i in range(len(self.certified))]
         return format_table(["sample", "correct", "certified", "margin", "L (pair)", "vs"],
                             rows)

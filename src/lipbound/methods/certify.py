@@ -261,7 +261,7 @@ def certify(
     >>> with torch.no_grad():
     ...     _ = lin.weight.copy_(torch.tensor([[1.0, 0.0], [0.0, 1.0]]))
     >>> r = certify(lin, torch.tensor([[1.0, 0.0]]), torch.tensor([0]), 0.75, method="global")
-    >>> r.certified, round(r.margin[0], 6), round(r.bound[0], 5)  # 1 < 0.75 sqrt 2
+    >>> r.certified, round(r.margin[0], 6), round(r.constant[0], 5)  # 1 < 0.75 sqrt 2
     ((False,), 1.0, 1.41421)
     """
     t0, c0 = time.perf_counter(), time.process_time()
@@ -300,7 +300,7 @@ def _result(M: torch.Tensor, L: torch.Tensor, y: torch.Tensor, plan: _Plan, *, r
         certified=tuple(bool(v) for v in certified),
         correct=tuple(bool(v) for v in correct),
         margin=tuple(float(v) for v in M.min(dim=1).values),
-        bound=tuple(float(v) for v in L[rows_i, worst]),
+        constant=tuple(float(v) for v in L[rows_i, worst]),
         runner_up=tuple(int(v) for v in oth[rows_i, worst]),
         certified_accuracy=float(certified.sum()) / N,
         accuracy=float(correct.sum()) / N,
