@@ -28,7 +28,7 @@ from torch import nn
 from _helpers import linear_params as _params
 from _helpers import mlp
 from _helpers import opnorm as _opnorm
-from lipbound.errors import LipboundError
+from lipbound.errors import LipboundError, UnsupportedModelError
 from lipbound.methods import exact as exact_mod
 from lipbound.methods.exact import exact
 
@@ -326,3 +326,20 @@ def test_regression_exact_on_a_model_writing_its_input_in_place(norm: str) -> No
     res = exact(_ScalesInputInPlace().eval(), (1, 6), norm=norm, time_limit=5)
     assert res.bound == "exact" and res.certified
     assert math.isclose(res.value, 0.25, rel_tol=1e-6)
+
+
+class _MaxWithShapedConstant(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(9331)
+        self.register_buffer("c", 3.0 * torch.randn(1, 2, 2))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.chunk(2, 2)[0].maximum(self.c).view(-1, 4)
+
+
+def test_regression_exact_activation_probe_with_a_shaped_constant() -> None:
+    """Fuzz campaign crash class: exact probed ``x.maximum(c)`` (c of shape (1, 2, 2)) on a
+    flat probe vector and died with torch's broadcast RuntimeError; it is refused instead."""
+    with pytest.raises(UnsupportedModelError, match="maximum"):
+        exact(_MaxWithShapedConstant().eval(), (1, 3, 2), norm="1", time_limit=2)

@@ -295,6 +295,7 @@ def register_rule(
     >>> _ = register_rule(Double, 2.0, kind="activation", slope_range=(-2.0, 2.0))
     >>> get_rule(Double).name
     'Double'
+    >>> del _MODULES[Double]  # (the example leaves the registry as it found it)
     """
     kinds = ("linear", "activation", "op", "affine")
     if kind not in kinds:
