@@ -67,6 +67,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
+from scipy.linalg import lapack
 
 from ..errors import InvalidArgumentError, NonFiniteError
 
@@ -81,6 +82,16 @@ __all__ = [
 
 _U = float(np.finfo(np.float64).eps) / 2
 _F64 = torch.float64
+
+
+_TINY = float(np.finfo(np.float64).smallest_subnormal)  # |fl(d x) - d x| for d = 2^k
+
+
+def _pow2_inv_sqrt(x: float) -> float:
+    """A power of two ``d`` with ``d^2 x`` near 1 (1 for non-positive or non-finite ``x``)."""
+    if not (math.isfinite(x) and x > 0):
+        return 1.0
+    return float(2.0 ** (-round(math.log2(x) / 2)))
 
 
 def _gamma(k: int) -> float:
@@ -308,6 +319,13 @@ def certify_schur(
     if any(bool((t < 0).any()) or not bool(torch.isfinite(t).all()) for t in ts):
         return SchurCertificate(None, "certificate failed: negative or non-finite multipliers")
     A, Aerr, C, Cerr = _blocks(Ws, ranges, ts)
+    # exact congruence D S D with D = blockdiag(d_i I), d_i powers of two (docstring)
+    ds = [_pow2_inv_sqrt(float(torch.diagonal(Ai).abs().max()) if Ai.numel() else 1.0) for Ai in A]
+    for i in range(H + 1):
+        A[i], Aerr[i] = A[i] * ds[i] ** 2, Aerr[i] * ds[i] ** 2 + _TINY
+    for i in range(H):
+        C[i], Cerr[i] = C[i] * (ds[i] * ds[i + 1]), Cerr[i] * (ds[i] * ds[i + 1]) + _TINY
+    C[H], Cerr[H] = C[H] * ds[H], Cerr[H] * ds[H] + _TINY
     top = A[0]
     err_top: torch.Tensor | None = Aerr[0]
     etas: list[float] = []
@@ -352,15 +370,212 @@ def certify_schur(
     K = Y.T @ Y
     r0 = float(torch.linalg.eigvalsh((K + K.T) / 2).max())
     r0 = max(r0, 1e-300)
+    # the output block scaled by d_out^2 too: r = r' / d_out^2 (both exact powers of two)
+    dout = _pow2_inv_sqrt(r0)
+    cH, eH = C[H] * dout, Cerr[H] * dout + _TINY
+    r0 = r0 * dout**2
     nout = K.shape[0]
     bump = 1e-12
     for _ in range(max_tries + 8):
         r = r0 * (1 + bump) + 1e-300
         bot = torch.full((nout,), r, dtype=_F64, device=K.device).diag()
-        if _psd_check(top, C[H], bot, err_top, Cerr[H], None):
-            return SchurCertificate(r, "verified", tuple(etas))
+        if _psd_check(top, cH, bot, err_top, eH, None):
+            rho = r / dout**2
+            if rho * dout**2 < r:  # subnormal quotient: round up
+                rho = float(np.nextafter(rho, math.inf))
+            return SchurCertificate(rho, "verified", tuple(etas))
         bump *= 8
     return SchurCertificate(None, "certificate failed: no output bound r passed the check")
+
+
+# ----------------------------------------------------------------------------------------------
+# optimisation: interior point (barrier + Newton) on the dense extended LMI
+
+
+class _Dense:
+    """The extended LMI ``S(T, r) = E_0 + sum_j T_j A_j + [[0, W_K^T], [W_K, r I]]`` as a dense
+    float64 matrix (numpy), with ``A_j = [w_j e_j] C_j [w_j e_j]^T`` for neuron ``j`` of hidden
+    layer ``i`` (``w_j`` = row ``j`` of ``W_i`` on block ``i - 1``, ``e_j`` its unit vector on
+    block ``i``, ``C_j = [[2 a b, -(a + b)], [-(a + b), 2]]``): the matrix of the module
+    docstring written as a sum over neurons."""
+
+    def __init__(self, Ws: Sequence[np.ndarray], ranges: Sequence[tuple[float, float]]) -> None:
+        self.Ws = [np.ascontiguousarray(W, dtype=np.float64) for W in Ws]
+        self.H = len(ranges)
+        dims = [self.Ws[0].shape[1]] + [W.shape[0] for W in self.Ws]
+        self.offs = np.concatenate([[0], np.cumsum(dims)]).astype(int)
+        self.m = int(self.offs[-1])
+        self.n0 = dims[0]
+        self.N = int(sum(dims[1:-1]))
+        self.ranges = list(ranges)
+        c11, c12 = [], []
+        for i, (a, b) in enumerate(ranges):
+            n = self.Ws[i].shape[0]
+            c11.append(np.full(n, 2 * a * b))
+            c12.append(np.full(n, -(a + b)))
+        self.c11 = np.concatenate(c11) if c11 else np.zeros(0)
+        self.c12 = np.concatenate(c12) if c12 else np.zeros(0)
+        self.c22 = np.full(self.N, 2.0)
+
+    def blk(self, i: int) -> slice:
+        return slice(int(self.offs[i]), int(self.offs[i + 1]))
+
+    def split(self, t: np.ndarray) -> list[np.ndarray]:
+        return [t[self.offs[i + 1] - self.n0 : self.offs[i + 2] - self.n0] for i in range(self.H)]
+
+    def matrix(self, t: np.ndarray, r: float) -> np.ndarray:
+        S = np.zeros((self.m, self.m))
+        b0 = self.blk(0)
+        S[b0, b0] = np.eye(self.n0)
+        for i, ((a, b), ti) in enumerate(zip(self.ranges, self.split(t))):
+            W = self.Ws[i]
+            p, q = self.blk(i), self.blk(i + 1)
+            if a * b != 0:
+                S[p, p] += (2 * a * b) * ((W.T * ti) @ W)
+            X = -(a + b) * (W.T * ti)
+            S[p, q] += X
+            S[q, p] += X.T
+            S[q, q] += np.diag(2 * ti)
+        p, q = self.blk(self.H), self.blk(self.H + 1)
+        S[p, q] = self.Ws[-1].T
+        S[q, p] = self.Ws[-1]
+        S[q, q] += r * np.eye(S[q, q].shape[0])
+        return S
+
+    def barrier(self, t: np.ndarray, r: float, tau: float) -> tuple[float, np.ndarray | None]:
+        """``tau r - log det S - sum log T`` (``inf`` outside the domain) and ``chol(S)``."""
+        if not (np.all(t > 0) and r > 0):
+            return math.inf, None
+        L, info = _lapack_potrf(self.matrix(t, r))
+        if info != 0:
+            return math.inf, None
+        return tau * r - 2 * float(np.log(np.diag(L)).sum()) - float(np.log(t).sum()), L
+
+    def newton_system(
+        self, t: np.ndarray, r: float, tau: float, L: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Gradient and Hessian of :meth:`barrier` in ``(T, r)`` (``d/dT_j -log det S =
+        -tr(R A_j)``, ``d^2 = tr(R A_j R A_l)``, ``R = S^{-1}``)."""
+        R = _lapack_potri(L)
+        n0, N, H = self.n0, self.N, self.H
+        Fe = R[:, n0 : n0 + N]
+        Fw = np.empty((self.m, N))
+        for i in range(H):
+            cols = slice(int(self.offs[i + 1]) - n0, int(self.offs[i + 2]) - n0)
+            Fw[:, cols] = R[:, self.blk(i)] @ self.Ws[i].T
+        Qww = np.empty((N, N))
+        Qwe = np.empty((N, N))
+        for i in range(H):
+            rows = slice(int(self.offs[i + 1]) - n0, int(self.offs[i + 2]) - n0)
+            Qww[rows] = self.Ws[i] @ Fw[self.blk(i)]
+            Qwe[rows] = self.Ws[i] @ Fe[self.blk(i)]
+        Qee = Fe[n0 : n0 + N]
+        Qew = Qwe.T
+        a1, a2, a3 = self.c11[:, None], self.c12[:, None], self.c22[:, None]
+        b1, b2, b3 = self.c11[None, :], self.c12[None, :], self.c22[None, :]
+        x11 = a1 * Qww + a2 * Qew
+        x12 = a1 * Qwe + a2 * Qee
+        x21 = a2 * Qww + a3 * Qew
+        x22 = a2 * Qwe + a3 * Qee
+        Hm = (x11 * b1 + x12 * b2) * Qww + (x11 * b2 + x12 * b3) * Qwe
+        Hm += (x21 * b1 + x22 * b2) * Qew + (x21 * b2 + x22 * b3) * Qee
+        g = -(self.c11 * np.diag(Qww) + 2 * self.c12 * np.diag(Qwe) + self.c22 * np.diag(Qee))
+        g -= 1.0 / t
+        Hm[np.diag_indices(N)] += 1.0 / t**2
+        o = self.blk(H + 1)
+        Roo = R[o, o]
+        Gw, Ge = Fw[o], Fe[o]
+        hjr = (
+            self.c11 * (Gw * Gw).sum(0) + 2 * self.c12 * (Gw * Ge).sum(0)
+            + self.c22 * (Ge * Ge).sum(0)
+        )
+        Hf = np.empty((N + 1, N + 1))
+        Hf[:N, :N] = (Hm + Hm.T) / 2
+        Hf[:N, N] = hjr
+        Hf[N, :N] = hjr
+        Hf[N, N] = float((Roo * Roo).sum())
+        gf = np.concatenate([g, [tau - float(np.trace(Roo))]])
+        return gf, Hf
+
+
+def _lapack_potrf(S: np.ndarray) -> tuple[np.ndarray, int]:
+    c, info = lapack.dpotrf(S, lower=1, clean=1, overwrite_a=1)
+    return c, int(info)
+
+
+def _lapack_potri(L: np.ndarray) -> np.ndarray:
+    inv, info = lapack.dpotri(L, lower=1)
+    if info != 0:
+        raise np.linalg.LinAlgError("dpotri failed")
+    inv = np.tril(inv)
+    return inv + np.tril(inv, -1).T
+
+
+def barrier_newton(
+    Ws: Sequence[np.ndarray],
+    ranges: Sequence[tuple[float, float]],
+    t0: np.ndarray,
+    r0: float,
+    *,
+    deadline: float = math.inf,
+    rel_gap: float = 1e-7,
+    mu: float = 4.0,
+    max_newton: int = 400,
+) -> tuple[np.ndarray, float, int, str]:
+    """Minimise ``r`` over ``S(T, r) >= 0, T >= 0`` by a barrier method (an estimate).
+
+    Central path of ``tau r - log det S(T, r) - sum_j log T_j`` (self-concordant, convex in
+    ``(T, r)``; its minimiser is ``nu / tau`` from optimal with ``nu = m + N``), each centring
+    by damped Newton steps with backtracking (every trial point checked for positive definiteness
+    by Cholesky), ``tau`` multiplied by ``mu`` until ``nu / tau <= rel_gap r``. Starts at
+    ``(t0, 2 r0)``, ``t0`` strictly feasible with output bound ``r0``. Returns the last
+    strictly feasible ``T``, its ``r``, the Newton steps and a status line. Nothing here is
+    certified: :func:`certify_schur` proves whatever ``T`` comes out.
+    """
+    D = _Dense(Ws, ranges)
+    nu = D.m + D.N
+    t = np.asarray(t0, dtype=np.float64).copy()
+    r = 2.0 * r0 + 1e-300
+    tau = nu / r
+    steps = 0
+    status = "converged"
+    f, L = D.barrier(t, r, tau)
+    if L is None:
+        return t, r0, 0, "start point not strictly feasible"
+    while True:
+        for _ in range(50):
+            if steps >= max_newton or time.perf_counter() > deadline:
+                return t, r, steps, "stopped (Newton steps or time)"
+            if L is None:
+                return t, r, steps, "left the domain"
+            g, Hm = D.newton_system(t, r, tau, L)
+            dsc = 1.0 / np.sqrt(np.maximum(np.diag(Hm), 1e-300))
+            try:
+                Lh = np.linalg.cholesky(Hm * dsc[:, None] * dsc[None, :])
+            except np.linalg.LinAlgError:
+                return t, r, steps, "Newton system not positive definite"
+            y = np.linalg.solve(Lh, -g * dsc)
+            dx = dsc * np.linalg.solve(Lh.T, y)
+            lam2 = float(-g @ dx)
+            steps += 1
+            if lam2 < 1e-9:
+                break
+            alpha = 1.0 if lam2 < 0.25 else 1.0 / (1.0 + math.sqrt(lam2))
+            for _ in range(40):
+                tn, rn = t + alpha * dx[:-1], r + alpha * float(dx[-1])
+                fn, Ln = D.barrier(tn, rn, tau)
+                if fn <= f - 0.25 * alpha * lam2:
+                    break
+                alpha *= 0.5
+            else:
+                return t, r, steps, "line search failed"
+            t, r, f, L = tn, rn, fn, Ln
+            if lam2 < 1e-6:
+                break
+        if nu / tau <= rel_gap * r:
+            return t, r, steps, status
+        tau *= mu
+        f, L = D.barrier(t, r, tau)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -376,12 +591,18 @@ def solve_schur(
     time_limit: float | None = 60.0,
     betas: Sequence[float] = (1e2, 1e3, 1e4, 1e5, 1e6),
     optimise: bool = True,
+    ipm_max_rows: int = 1500,
+    ipm_max_steps: int = 150,
 ) -> SchurSolution:
     """Certified LipSDP-neuron bound of a chain by Schur complements (module docstring).
 
-    Closed form first (certified), then LBFGS over the log-parametrised diagonal multipliers,
-    warm-started there, with continuation on the smoothing ``betas``; then the certificate.
-    Both numbers are returned; ``value`` may be ``None`` if the optimised multipliers fail it.
+    Closed form first (certified); then, when the extended LMI has at most ``ipm_max_rows``
+    rows, the dense barrier method :func:`barrier_newton` from there (at most
+    ``ipm_max_steps`` Newton steps); if it did not converge, or the LMI is larger, LBFGS over
+    the log-parametrised diagonal multipliers, warm-started at the closed form, with
+    continuation on the smoothing ``betas``. Every candidate goes through
+    :func:`certify_schur`; ``value`` is the smallest certified optimised bound (``None`` if
+    none passed), ``closed_form`` the closed form's.
     """
     t0 = time.perf_counter()
     dev = torch.device(device) if device is not None else torch.device("cpu")
@@ -419,9 +640,32 @@ def solve_schur(
     ts_o = ts_c
     raw = closed_raw
     t_opt = time.perf_counter()
-    if optimise and len(rng) > 0:
+    verify_before = seconds_verify
+    H = len(rng)
+    m_rows = Wp[0].shape[1] + sum(W.shape[0] for W in Wp)
+    cands: list[tuple[float, list[torch.Tensor], SchurCertificate]] = []
+    run_lbfgs = optimise and H > 0
+    if optimise and H > 0 and m_rows <= ipm_max_rows:
+        deadline = math.inf if time_limit is None else t0 + time_limit
+        t_n, r_n, steps, status = barrier_newton(
+            [W.cpu().numpy() for W in Wp], rng, torch.cat(ts_c).cpu().numpy(), float(r_c),
+            deadline=deadline, max_newton=ipm_max_steps,
+        )
+        it += steps
+        sizes = [W.shape[0] for W in Wp[:-1]]
+        ts_n = [torch.as_tensor(x, device=dev) for x in np.split(t_n, np.cumsum(sizes)[:-1])]
+        tsv = time.perf_counter()
+        cert_n = certify_schur(Wp, rng, ts_n)
+        seconds_verify += time.perf_counter() - tsv
+        if cert_n.rho is not None:
+            cands.append((cert_n.rho, ts_n, cert_n))
+            raw = math.sqrt(cert_n.rho) * CK  # the float r(T) of the certificate's recursion
+        else:
+            notes.append(f"barrier method: {cert_n.why}")
+        notes.append(f"barrier method: {status} after {steps} Newton steps")
+        run_lbfgs = status != "converged" or cert_n.rho is None
+    if run_lbfgs:
         params = [p.clone().requires_grad_(True) for p in [*us, *vs]]
-        H = len(rng)
         best = float(r_c)
         best_params = [p.detach().clone() for p in params]
         for beta in betas:
@@ -463,26 +707,33 @@ def solve_schur(
                         p.copy_(q)
         with torch.no_grad():
             r_o, ts_o = schur_rho(Wp, rng, best_params[:H], best_params[H:], None)
-        raw = math.sqrt(max(float(r_o), 0.0)) * CK
-    seconds_opt = time.perf_counter() - t_opt
-    tsv = time.perf_counter()
-    if ts_o is ts_c:
-        cert_o = cert_c
-    else:
-        cert_o = certify_schur(Wp, rng, [t.detach() for t in ts_o])
-    seconds_verify += time.perf_counter() - tsv
-    value = _to_bound(cert_o.rho, CK)
-    if cert_o.rho is None:
-        notes.append(f"optimised multipliers: {cert_o.why}")
+        raw_l = math.sqrt(max(float(r_o), 0.0)) * CK
+        tsv = time.perf_counter()
+        ts_o = [t.detach() for t in ts_o]
+        cert_o = certify_schur(Wp, rng, ts_o)
+        seconds_verify += time.perf_counter() - tsv
+        if cert_o.rho is not None:
+            if not cands or cert_o.rho < cands[0][0]:
+                raw = raw_l
+            cands.append((cert_o.rho, ts_o, cert_o))
+        else:
+            notes.append(f"LBFGS multipliers: {cert_o.why}")
+    seconds_opt = time.perf_counter() - t_opt - (seconds_verify - verify_before)
+    if (not optimise or H == 0) and cert_c.rho is not None:
+        cands.append((cert_c.rho, ts_c, cert_c))
+    best_c = min(cands, key=lambda c: c[0]) if cands else None
+    value = _to_bound(best_c[0], CK) if best_c else None
+    why = best_c[2].why if best_c else "certificate failed for every optimised candidate"
+    ts_best = best_c[1] if best_c else ts_c
     return SchurSolution(
         value=value,
         closed_form=closed,
         raw=raw,
         closed_raw=closed_raw,
-        multipliers=[t.detach() for t in ts_o],
+        multipliers=[t.detach() for t in ts_best],
         scale=CK,
         iterations=it,
-        why=cert_o.why,
+        why=why,
         seconds_opt=seconds_opt,
         seconds_verify=seconds_verify,
         notes=notes,
