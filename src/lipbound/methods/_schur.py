@@ -67,7 +67,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-from scipy.linalg import lapack
+from scipy.linalg import cho_solve, lapack
+from scipy.sparse.linalg import ArpackNoConvergence, eigsh
 
 from ..errors import InvalidArgumentError, NonFiniteError
 
@@ -85,6 +86,13 @@ _F64 = torch.float64
 
 
 _TINY = float(np.finfo(np.float64).smallest_subnormal)  # |fl(d x) - d x| for d = 2^k
+
+
+_MAX_CENTRING = 30  # Newton steps per centring before the barrier method gives up
+
+
+class _OutOfTime(Exception):
+    """Internal: the LBFGS closure ran past ``time_limit`` (caught in :func:`solve_schur`)."""
 
 
 def _pow2_inv_sqrt(x: float) -> float:
@@ -200,35 +208,64 @@ def schur_rho(
     return r, ts
 
 
+def _top_eig(G: torch.Tensor) -> torch.Tensor:
+    """``lambda_max`` of a symmetric ``G``: ``eigvalsh`` up to order 400, Lanczos (ARPACK,
+    relative tolerance 1e-12) beyond. Only used to CHOOSE multipliers (an estimate; the
+    certificate checks whatever comes out), so its accuracy only affects tightness."""
+    n = G.shape[0]
+    if n <= 400:
+        return torch.linalg.eigvalsh(G).max()
+    Gn = G.detach().cpu().numpy()
+    try:
+        val = float(eigsh(Gn, k=1, which="LA", tol=1e-12, v0=np.ones(n), ncv=24)[0][0])
+    except ArpackNoConvergence:
+        val = float(np.linalg.eigvalsh(Gn).max())
+    return torch.tensor(val, dtype=G.dtype, device=G.device)
+
+
 def closed_form_multipliers(
     Ws: Sequence[torch.Tensor], ranges: Sequence[tuple[float, float]]
 ) -> tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor], torch.Tensor]:
-    """Closed-form ``T_i = s_i I`` (docstring) as parameters ``(us, vs)``, the ``T_i`` and ``r``."""
+    """Closed-form ``T_i = s_i I`` (docstring) as parameters ``(us, vs)``, the ``T_i`` and ``r``.
+
+    One Cholesky, one triangular solve, one Gram matrix and one top eigenvalue per layer.
+    """
     dev = Ws[0].device
     P = torch.eye(Ws[0].shape[1], dtype=_F64, device=dev)
     us, vs, ts = [], [], []
     for i, (a, b) in enumerate(ranges):
         W = Ws[i]
         n = W.shape[0]
+        eye = torch.eye(n, dtype=_F64, device=dev)
         u = torch.zeros(n, dtype=_F64, device=dev)
         L = torch.linalg.cholesky(P)
         Y = torch.linalg.solve_triangular(L, W.T, upper=False)
-        k = torch.linalg.eigvalsh((Y.T @ Y + (Y.T @ Y).T) / 2).max().clamp_min(1e-300)
+        G = Y.T @ Y
+        G = (G + G.T) / 2
+        k = _top_eig(G).clamp_min(1e-300)
         den = (a + b) ** 2 + 4 * max(0.0, -a * b)
         s = 1.0 / (den * k) if den > 0 else 1.0 / k
-        P, t, g = _layer(P, W, a, b, u, None, None, s_fixed=s)
-        # the same point in the optimiser's parametrisation (g_max from the exact eigenvalue)
+        c = (a + b) ** 2
+        if a * b != 0:
+            Hm = torch.linalg.solve(eye + (2 * a * b) * s * G, G)
+            Hm = (Hm + Hm.T) / 2
+        else:
+            Hm = G
+        P = s * (2 * eye - c * s * Hm)
+        P = (P + P.T) / 2
+        # the same point in the optimiser's parametrisation (g_max = k)
         if b > a:
-            ratio = (s * (b - a) ** 2 * g / 2).clamp(1e-12, 1 - 1e-12)
+            ratio = (s * (b - a) ** 2 * k / 2).clamp(1e-12, 1 - 1e-12)
             v = torch.log(ratio) - torch.log1p(-ratio)
         else:
-            v = torch.log(s * g)
+            v = torch.log(s * k)
         us.append(u)
         vs.append(v.reshape(()))
-        ts.append(t)
+        ts.append(s * torch.ones(n, dtype=_F64, device=dev))
     L = torch.linalg.cholesky(P)
     Y = torch.linalg.solve_triangular(L, Ws[-1].T, upper=False)
-    r = torch.linalg.eigvalsh((Y.T @ Y + (Y.T @ Y).T) / 2).max()
+    K = Y.T @ Y
+    r = _top_eig((K + K.T) / 2)
     return us, vs, ts, r
 
 
@@ -532,6 +569,35 @@ def barrier_newton(
     strictly feasible ``T``, its ``r``, the Newton steps and a status line. Nothing here is
     certified: :func:`certify_schur` proves whatever ``T`` comes out.
     """
+    # the same LMI in balanced coordinates (congruence by blockdiag(d_i I), d_0 = 1):
+    # W_i' = (d_{i-1} / d_i) W_i, T_i' = d_i^2 T_i, W_K' = d_H d_out W_K, r' = d_out^2 r, with
+    # d_i^2 ~ 1 / T_i(start) and d_out^2 ~ 1 / r0, so every block of S is of order one
+    t_in = np.asarray(t0, dtype=np.float64)
+    sizes = [W.shape[0] for W in Ws[:-1]]
+    parts = np.split(t_in, np.cumsum(sizes)[:-1]) if sizes else []
+    d = [1.0] + [_pow2_inv_sqrt(float(np.exp(np.log(p).mean()))) for p in parts]
+    dout = _pow2_inv_sqrt(r0)
+    Wb = [np.asarray(W) * (d[i] / d[i + 1]) for i, W in enumerate(Ws[:-1])]
+    Wb.append(np.asarray(Ws[-1]) * (d[-1] * dout))
+    sc = np.concatenate([np.full(n, d[i + 1] ** 2) for i, n in enumerate(sizes)]) if sizes else t_in
+    t_b, r_b, steps, status = _barrier_newton(
+        Wb, ranges, t_in * sc, r0 * dout**2, deadline=deadline, rel_gap=rel_gap, mu=mu,
+        max_newton=max_newton,
+    )
+    return t_b / sc, r_b / dout**2, steps, status
+
+
+def _barrier_newton(
+    Ws: Sequence[np.ndarray],
+    ranges: Sequence[tuple[float, float]],
+    t0: np.ndarray,
+    r0: float,
+    *,
+    deadline: float,
+    rel_gap: float,
+    mu: float,
+    max_newton: int,
+) -> tuple[np.ndarray, float, int, str]:
     D = _Dense(Ws, ranges)
     nu = D.m + D.N
     t = np.asarray(t0, dtype=np.float64).copy()
@@ -542,26 +608,29 @@ def barrier_newton(
     f, L = D.barrier(t, r, tau)
     if L is None:
         return t, r0, 0, "start point not strictly feasible"
+    first = True
     while True:
-        for _ in range(50):
+        cap = 4 * _MAX_CENTRING if first else _MAX_CENTRING  # the start is far off centre
+        first = False
+        for inner in range(cap + 1):
+            if inner == cap:
+                return t, r, steps, f"stalled (no centring in {cap} Newton steps)"
             if steps >= max_newton or time.perf_counter() > deadline:
                 return t, r, steps, "stopped (Newton steps or time)"
             if L is None:
                 return t, r, steps, "left the domain"
             g, Hm = D.newton_system(t, r, tau, L)
             dsc = 1.0 / np.sqrt(np.maximum(np.diag(Hm), 1e-300))
-            try:
-                Lh = np.linalg.cholesky(Hm * dsc[:, None] * dsc[None, :])
-            except np.linalg.LinAlgError:
+            Lh, info = _lapack_potrf(Hm * dsc[:, None] * dsc[None, :])
+            if info != 0:
                 return t, r, steps, "Newton system not positive definite"
-            y = np.linalg.solve(Lh, -g * dsc)
-            dx = dsc * np.linalg.solve(Lh.T, y)
+            dx = dsc * cho_solve((Lh, True), -g * dsc)
             lam2 = float(-g @ dx)
             steps += 1
             if lam2 < 1e-9:
                 break
             alpha = 1.0 if lam2 < 0.25 else 1.0 / (1.0 + math.sqrt(lam2))
-            for _ in range(40):
+            for _ in range(30):
                 tn, rn = t + alpha * dx[:-1], r + alpha * float(dx[-1])
                 fn, Ln = D.barrier(tn, rn, tau)
                 if fn <= f - 0.25 * alpha * lam2:
@@ -646,8 +715,9 @@ def solve_schur(
     cands: list[tuple[float, list[torch.Tensor], SchurCertificate]] = []
     run_lbfgs = optimise and H > 0
     if optimise and H > 0 and m_rows <= ipm_max_rows:
-        deadline = math.inf if time_limit is None else t0 + time_limit
-        t_n, r_n, steps, status = barrier_newton(
+        # at most half the time: LBFGS gets the rest if the barrier method stalls
+        deadline = math.inf if time_limit is None else t0 + 0.5 * time_limit
+        t_n, _, steps, status = barrier_newton(
             [W.cpu().numpy() for W in Wp], rng, torch.cat(ts_c).cpu().numpy(), float(r_c),
             deadline=deadline, max_newton=ipm_max_steps,
         )
@@ -683,6 +753,8 @@ def solve_schur(
             )
 
             def closure(opt: torch.optim.LBFGS = opt, beta: float = beta) -> torch.Tensor:
+                if time_limit is not None and time.perf_counter() - t0 > time_limit:
+                    raise _OutOfTime
                 opt.zero_grad()
                 r, _ = schur_rho(Wp, rng, params[:H], params[H:], beta)
                 loss = torch.log(r)
@@ -693,6 +765,13 @@ def solve_schur(
                 opt.step(closure)  # type: ignore[no-untyped-call]
             except torch.linalg.LinAlgError:
                 notes.append(f"LBFGS stage beta={beta:g} left the feasible set; kept the best")
+                break
+            except _OutOfTime:
+                notes.append(f"LBFGS stopped by time_limit={time_limit:g} s; kept the best")
+                with torch.no_grad():
+                    r_now, _ = schur_rho(Wp, rng, params[:H], params[H:], None)
+                if torch.isfinite(r_now) and float(r_now) < best:
+                    best_params = [p.detach().clone() for p in params]
                 break
             st = opt.state[opt._params[0]]
             it += int(st.get("n_iter", 0))

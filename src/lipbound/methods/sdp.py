@@ -39,10 +39,13 @@ root rounded up). If no ``rho_v`` passes (``R`` not negative definite with margi
 is NOT certified and says so. The solver's own value is kept in ``raw`` (an estimate).
 
 Default solver (``solver="auto"`` with ``variant="neuron"``): :mod:`lipbound.methods._schur`,
-LipSDP-neuron by per-layer Schur complements (LBFGS over the multipliers, warm-started from a
-certified ECLipsE-Fast-type closed form, then a Cholesky-based float64 proof; no cvxpy needed).
-The result is ``min(closed form, optimised)``, both certified, so never looser than the
-closed form. The cvxpy solvers remain available by name.
+LipSDP-neuron by per-layer Schur complements (a dense barrier-Newton interior point for LMIs up
+to 1500 rows, else or if it stalls LBFGS over the multipliers, both started at a certified
+ECLipsE-Fast-type closed form, then a Cholesky-based float64 proof; no cvxpy needed). The
+result is ``min(closed form, optimised)``, both certified, so never looser than the closed
+form, which is also offered alone as ``variant="fast"`` (ECLipsE-Fast, Xu & Sivaranjani,
+NeurIPS 2024, in our derivation: see :mod:`lipbound.methods._schur`). The cvxpy solvers
+remain available by name.
 
 cvxpy is an optional dependency for ``solver="SCS" / "CLARABEL" / "CVXOPT"`` and
 ``variant="layer"``: ``pip install 'lipbound[sdp]'``.
@@ -389,10 +392,14 @@ def lipsdp(
 
     Parameters
     ----------
-    variant:  ``"neuron"`` (one multiplier per neuron) or ``"layer"`` (one per layer).
+    variant:  ``"neuron"`` (one multiplier per neuron), ``"layer"`` (one per layer) or
+              ``"fast"``: the ECLipsE-Fast-type closed form of :mod:`lipbound.methods._schur`
+              (one multiplier per layer chosen in closed form, layer by layer; no solver, no
+              iteration; certified by the same Cholesky proof; never below ``"neuron"``).
     solver:   ``"auto"``: ``"schur"`` for the neuron variant (no cvxpy; ``solver_options``
-              may set ``device``, ``max_iter``, ``betas``, ``optimise``; ``time_limit``
-              bounds the optimisation, the certificate always runs); for the layer
+              may set ``device``, ``max_iter``, ``betas``, ``optimise``, ``ipm_max_rows``,
+              ``ipm_max_steps``; ``time_limit`` bounds the optimisation, 60 s when ``None``;
+              the certificate always runs); for the layer
               variant the cvxpy choice below. cvxpy choice: CVXOPT up to 250 rows for
               the neuron variant, 400 for the layer variant; SCS beyond; Clarabel only
               for tiny LMIs without CVXOPT; or by name:
@@ -411,11 +418,18 @@ def lipsdp(
     t0 = time.perf_counter()
     model = check_model(model, require_eval=True)
     shape = check_input_shape(input_shape)
-    check_choice("variant", variant, ("neuron", "layer"))
+    check_choice("variant", variant, ("neuron", "layer", "fast"))
     check_choice("solver", solver, ("auto", "schur", "SCS", "CLARABEL", "CVXOPT"))
     check_positive("margin", margin, allow_zero=True)
     if time_limit is not None:
         check_positive("time_limit", time_limit)
+    if variant == "fast":
+        if solver not in ("auto", "schur"):
+            raise InvalidArgumentError(
+                f"lipsdp(variant='fast') is the closed form (no SDP solver), got solver="
+                f"{solver!r}; use solver='auto'"
+            )
+        return _lipsdp_schur(model, shape, time_limit, {"optimise": False}, t0, method="fast")
     if solver == "schur" or (solver == "auto" and variant == "neuron"):
         if variant != "neuron":
             raise InvalidArgumentError(
@@ -536,16 +550,18 @@ def _lipsdp_schur(
     time_limit: float | None,
     options: dict[str, Any],
     t0: float,
+    method: str = "neuron",
 ) -> SDPResult:
     """``lipsdp`` with the Schur-complement solver (``options`` go to ``solve_schur``)."""
     Ws, ranges = slope_ranges_of(model, shape)
-    allowed = {"device", "max_iter", "betas", "optimise"}
+    allowed = {"device", "max_iter", "betas", "optimise", "ipm_max_rows", "ipm_max_steps"}
     bad = sorted(set(options) - allowed)
     if bad:
         raise InvalidArgumentError(
             f"lipsdp(solver='schur'): unknown solver_options {bad}; allowed: {sorted(allowed)}"
         )
-    sol = solve_schur(Ws, ranges, time_limit=time_limit, **options)
+    sol = solve_schur(Ws, ranges, time_limit=60.0 if time_limit is None else time_limit,
+                      **options)
     cands = [v for v in (sol.value, sol.closed_form) if v is not None]
     notes = list(sol.notes)
     if cands:
@@ -563,7 +579,7 @@ def _lipsdp_schur(
     return SDPResult(
         value=value,
         certified=certified,
-        method="lipsdp-neuron",
+        method=f"lipsdp-{method}",
         norm="2",
         bound=bound,  # type: ignore[arg-type]
         upper=upper,
@@ -572,9 +588,10 @@ def _lipsdp_schur(
         notes=tuple(notes),
         raw=sol.raw,
         verified=certified,
-        variant="neuron",
-        solver="schur",
-        status="optimal" if sol.value is not None else "closed_form_only",
+        variant=method,
+        solver="closed-form" if method == "fast" else "schur",
+        status=("closed_form" if method == "fast" else
+                "optimal" if sol.value is not None else "closed_form_only"),
         solve_seconds=sol.seconds_opt,
         verify_seconds=sol.seconds_verify,
         extra={
