@@ -1,15 +1,17 @@
 """LipSDP-neuron at scale: our closed form and Schur default vs CVXOPT, ECLipsE(-Fast) and the rest.
 
-Run: ``OMP_NUM_THREADS=2 .venv/bin/python benchmarks/sdp_scale.py [--quick] [--only REGEX]
-[--max-width N] [--max-depth N]``; writes ``benchmarks/results/sdp_scale.md`` (only a run with
-no row filter writes that file; a filtered run writes ``sdp_scale.partial.md``).
+Run: ``OMP_NUM_THREADS=1 .venv/bin/python benchmarks/sdp_scale.py [--quick] [--only REGEX]
+[--max-width N] [--max-depth N]``; writes ``benchmarks/results/sdp_scale.md`` after every row
+(its header says whether the run has finished; only a run with no row filter writes that
+file, a filtered run writes ``sdp_scale.partial.md``).
 
 One process, every method on the same network side by side. CPU seconds by
 ``time.process_time`` and wall seconds by ``time.perf_counter``. Methods:
 
 * ECLipsE-Fast and ECLipsE: the ``eclipse-nn`` package (its float answers, NOT certified;
   ECLipsE's per-layer SDPs only where every layer has at most ``ECLIPSE_SDP_MAX`` neurons and
-  the net at most ``ECLIPSE_SDP_DEPTH`` layers); "not installed" when the import fails.
+  the net at most ``ECLIPSE_SDP_DEPTH`` layers, ECLipsE-Fast up to ``ECLIPSE_FAST_MAX``
+  neurons in all (time); "not installed" when the import fails.
 * ours: ``lipsdp(variant="fast")`` (the closed form, certified) and ``lipsdp()`` (Schur default,
   certified; never above the closed form).
 * ``lipsdp(solver="CVXOPT")``: the solver's raw value and the verified one, up to ``IP_MAX``
@@ -41,9 +43,11 @@ from lipbound.methods.lower import lower_bound
 from lipbound.methods.seqlip import seqlip
 
 IP_MAX = 1100  # CVXOPT rows (1034 rows took > 120 s on the 2-core machine)
-ECLIPSE_SDP_MAX = 100  # ECLipsE (per-layer SDPs by SCS): widths up to this
-ECLIPSE_SDP_DEPTH = 10
-COMMAND = "OMP_NUM_THREADS=2 .venv/bin/python benchmarks/sdp_scale.py"
+ECLIPSE_SDP_MAX = 64  # ECLipsE (per-layer SDPs by SCS): widths up to this (36-120 s at 32-64)
+ECLIPSE_SDP_DEPTH = 5
+ECLIPSE_FAST_MAX = 60_000  # ECLipsE-Fast (dense eig per layer): hidden neurons up to this
+LIMIT = 60.0  # time_limit of the schur default, seqlip and lower_bound
+COMMAND = "OMP_NUM_THREADS=1 .venv/bin/python benchmarks/sdp_scale.py"
 
 
 def _timed(fn: Callable[[], Any]) -> tuple[Any, float, float, str]:
@@ -155,7 +159,10 @@ def _row(name: str, net: nn.Module, shape: tuple[int, ...], data: Any, limit: fl
     Ws, _ = sdp.slope_ranges_of(net, shape)
     rows = Ws[0].shape[1] + sum(W.shape[0] for W in Ws)
     widths = [W.shape[0] for W in Ws[:-1]]
-    ef, ef_t = _eclipse(net, shape, True)
+    if sum(widths) <= ECLIPSE_FAST_MAX:
+        ef, ef_t = _eclipse(net, shape, True)
+    else:
+        ef, ef_t = f"skipped (> {ECLIPSE_FAST_MAX} neurons: time)", "-"
     if max(widths, default=0) <= ECLIPSE_SDP_MAX and len(Ws) <= ECLIPSE_SDP_DEPTH:
         es, es_t = _eclipse(net, shape, False)
     else:
@@ -216,7 +223,7 @@ def main() -> None:
     ap.add_argument("--max-width", type=int, default=None)
     ap.add_argument("--max-depth", type=int, default=None)
     args = ap.parse_args()
-    torch.set_num_threads(2)
+    torch.set_num_threads(1)
     small: list[tuple[str, Callable[[], tuple[nn.Module, Any]], float]] = []
     tab = [
         ("breast_cancer", 32, 2, nn.ReLU), ("wine", 64, 2, nn.Tanh),
@@ -226,48 +233,59 @@ def main() -> None:
     ]
     for name, w, d, act in tab[: 2 if args.quick else None]:
         small.append((f"{name} {act.__name__} {w}x{d}",
-                      lambda n=name, w=w, d=d, a=act: _tabular(n, w, d, a), 30.0))
+                      lambda n=name, w=w, d=d, a=act: _tabular(n, w, d, a), LIMIT))
     if not args.quick:
         for depth in (2, 5, 10):
             small.append((f"compare: random MLP {depth} layers x 80",
-                          lambda d=depth: _compare_mlp("random", d, 80), 30.0))
+                          lambda d=depth: _compare_mlp("random", d, 80), LIMIT))
         for depth in (4, 7, 10):
             small.append((f"compare: paper MLP{depth} (width 10, GP)",
-                          lambda d=depth: _compare_mlp("trained", d, 10), 30.0))
-        small.append(("MNIST 784-256-10 (mnist5k, 100 Adam steps)", _mnist, 30.0))
+                          lambda d=depth: _compare_mlp("trained", d, 10), LIMIT))
+        small.append(("MNIST 784-256-10 (mnist5k, 100 Adam steps)", _mnist, LIMIT))
     grid = [(w, d) for w in (100, 200, 1000) for d in (10, 20, 50, 100)]
     grid.sort(key=lambda wd: wd[0] ** 3 * wd[1])  # long rows at the end
     if args.quick:
         grid = grid[:2]
     grid = [(w, d) for w, d in grid if (args.max_width is None or w <= args.max_width)
             and (args.max_depth is None or d <= args.max_depth)]
-    big = [(f"random ReLU {w}x{d}", lambda w=w, d=d: (_random_mlp(w, d, w + d), None),
-            30.0 if w < 1000 else 45.0) for w, d in grid]
+    big = [(f"random ReLU {w}x{d}", lambda w=w, d=d: (_random_mlp(w, d, w + d), None), LIMIT)
+           for w, d in grid]
     pat = re.compile(args.only) if args.only else None
-    sections: list[list[list[str]]] = []
-    for group in (small, big):
-        rows = []
+    sections: list[list[list[str]]] = [[], []]
+    filtered = bool(args.only or args.max_width or args.max_depth or args.quick)
+    todo = sum(1 for g in (small, big) for n, _, _ in g if pat is None or pat.search(n))
+    for k, group in enumerate((small, big)):
         for name, make, limit in group:
             if pat is not None and not pat.search(name):
                 continue
             net, data = make()
             shape = (net[0].in_features,)
-            rows.append(_row(name, net, shape, data, limit))
-            print(" | ".join(rows[-1]), flush=True)
-        sections.append(rows)
-    filtered = bool(args.only or args.max_width or args.max_depth or args.quick)
+            sections[k].append(_row(name, net, shape, data, limit))
+            print(" | ".join(sections[k][-1]), flush=True)
+            done = len(sections[0]) + len(sections[1])
+            _write(sections, filtered, done, todo)
+    _write(sections, filtered, todo, todo)
+    fails = [c for c in _CHECKS if c.startswith("FAIL")]
+    print("checks:", "all ok" if not fails else fails)
+
+
+def _write(sections: list[list[list[str]]], filtered: bool, done: int, todo: int) -> None:
+    state = ("complete" if done == todo else
+             f"IN PROGRESS or STOPPED: {done} of {todo} rows (the rest not measured)")
     fails = [c for c in _CHECKS if c.startswith("FAIL")]
     out = [
         "# LipSDP-neuron at scale (generated by benchmarks/sdp_scale.py)", "",
+        f"Run state: {state}.", "",
         f"Command: `{COMMAND}{' ' + ' '.join(sys.argv[1:]) if sys.argv[1:] else ''}`; "
         f"{platform.machine()} / Python {platform.python_version()}, torch {torch.__version__}, "
-        "2 threads on a 2-core machine shared with other jobs (wall times are noisy; CPU times "
+        "1 thread on a 2-core machine shared with other jobs (wall times are noisy; CPU times "
         "are time.process_time).", "",
         "Upper bounds on the l2 Lipschitz constant. (cert.) = certified (float rounding "
         "included); ECLipsE / ECLipsE-Fast (the eclipse-nn package) and CVXOPT raw are float "
         "answers (estimates). Times: CPU / wall s. Speed-up: CVXOPT CPU s / schur CPU s. "
         "Schur default: closed form, then the dense barrier-Newton interior point (LMIs up to "
-        "1500 rows), then LBFGS if it stalls (time_limit 30 s, 45 s at width 1000), then the "
+        f"1500 rows), then LBFGS if it stalls (time_limit {LIMIT:g} s, also SeqLip's and the "
+        "lower bound's), then the "
         "Cholesky certificate.", "",
         "Every certified number >= the best lower bound: "
         + ("yes, in every row with a lower bound" if not fails else f"NO ({len(fails)} rows)")
@@ -279,7 +297,6 @@ def main() -> None:
     out += _table(sections[1])
     name = "sdp_scale.partial.md" if filtered else "sdp_scale.md"
     Path(__file__).with_name("results").joinpath(name).write_text("\n".join(out) + "\n")
-    print("checks:", "all ok" if not fails else fails)
 
 
 if __name__ == "__main__":

@@ -145,8 +145,9 @@ def test_default_equals_lipsdp_neuron_by_cvxopt(
     ref = sdp.lipsdp(net, (sizes[0],), solver="CVXOPT")
     assert res.certified and ref.certified
     assert any("barrier method: converged" in n for n in res.notes)
-    # certified values agree to solver accuracy; ours is never worse than CVXOPT's verified one
-    assert abs(res.value / ref.raw - 1) < 1e-4
+    # certified values agree to solver accuracy (CVXOPT's raw value can be off by its margin
+    # on tiny constants: 2.8602e-3 raw vs 2.8557e-3 verified); ours is never worse
+    assert abs(res.value / ref.value - 1) < 1e-4
     assert res.value <= ref.value * (1 + 1e-6)
     assert res.value <= res.extra["closed_form"]
 
