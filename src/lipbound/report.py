@@ -425,7 +425,7 @@ def estimate(
     model: nn.Module,
     input_shape: Sequence[int] | int,
     *,
-    methods: Iterable[str] = ("lower", "autolip", "seqlip"),
+    methods: Iterable[str] = ("lower", "autolip", "seqlip", "lipsdp"),
     data: Any = None,
     norm: Any = 2,
     progress: ProgressArg = False,

@@ -61,6 +61,7 @@ cvxpy is an optional dependency for ``solver="SCS" / "CLARABEL" / "CVXOPT"`` and
 
 from __future__ import annotations
 
+import itertools
 import math
 import time
 from collections.abc import Sequence
@@ -78,8 +79,10 @@ from ..errors import (
     UnsupportedModelError,
     UnsupportedNode,
 )
+from ..graph import capture, sequential_chain, simplify
 from ..results import LipschitzResult
 from ._schur import solve_schur
+from .seqlip import _Clock
 
 __all__ = ["SDPResult", "analytic_multipliers", "lipsdp", "slope_ranges_of", "verify_lipsdp"]
 
@@ -387,6 +390,7 @@ def lipsdp(
     margin: float = 1e-7,
     time_limit: float | None = None,
     solver_options: dict[str, Any] | None = None,
+    max_dense_entries: int = 40_000_000,
 ) -> SDPResult:
     """LipSDP upper bound on the l2 Lipschitz constant of an MLP, with verified certificate.
 
@@ -410,6 +414,13 @@ def lipsdp(
     time_limit: seconds for the solver (passed to SCS / Clarabel; CVXOPT has no limit);
               ``None``: no limit.
     solver_options: passed to ``cvxpy.Problem.solve`` (e.g. ``{"eps": 1e-6}`` for SCS).
+    max_dense_entries: LipSDP works on the dense weight matrices of the chain; a chain whose
+              matrices have more entries in all (a convolution is as large as its dense
+              matrix) is refused with :class:`~lipbound.errors.UnsupportedModelError` before
+              anything is built. With the Schur solver and a ``time_limit``, a chain whose
+              closed form and certificate (about ``14 sum n_i^3`` flops, not interruptible)
+              are predicted to take longer is refused with
+              :class:`~lipbound.errors.SolverError`.
 
     Returns an :class:`SDPResult`: ``value``/``upper`` the verified bound (``certified``), ``raw``
     the solver's value. Raises :class:`~lipbound.errors.MissingDependencyError` without cvxpy,
@@ -423,6 +434,18 @@ def lipsdp(
     check_positive("margin", margin, allow_zero=True)
     if time_limit is not None:
         check_positive("time_limit", time_limit)
+    check_positive("max_dense_entries", max_dense_entries)
+    widths = _chain_sizes(model, shape, max_dense_entries)
+    cube = sum(float(n) ** 3 for n in widths)
+    if time_limit is not None and (variant == "fast" or solver in ("auto", "schur")):
+        flops = 14.0 * cube
+        need = flops / _Clock.rate()
+        if need > time_limit:
+            raise SolverError(
+                f"lipsdp: the closed form and its certificate need about {need:.3g} s on this "
+                f"machine ({flops:.3g} flops), more than time_limit={time_limit:g}; raise "
+                "time_limit or use autolip/seqlip"
+            )
     if variant == "fast":
         if solver not in ("auto", "schur"):
             raise InvalidArgumentError(
@@ -436,7 +459,15 @@ def lipsdp(
                 f"lipsdp(solver='schur') solves variant='neuron' only, got variant={variant!r}; "
                 "use variant='neuron' or a cvxpy solver ('CVXOPT', 'SCS', 'CLARABEL')"
             )
-        return _lipsdp_schur(model, shape, time_limit, solver_options or {}, t0)
+        opts = dict(solver_options or {})
+        if time_limit is not None:
+            # the closed form, its certificate and the optimised point's (~10 sum n^3 more)
+            # are not interruptible: the optimiser gets what they leave
+            time_limit = time_limit - 24.0 * cube / _Clock.rate()
+            if time_limit <= 0:
+                opts["optimise"] = False
+                time_limit = None
+        return _lipsdp_schur(model, shape, time_limit, opts, t0)
     try:
         import cvxpy as cp
     except ImportError as exc:
@@ -542,6 +573,26 @@ def lipsdp(
         verify_seconds=verify_s,
         extra={"rho_scale": CK, "margin": m},
     )
+
+
+def _chain_sizes(model: nn.Module, shape: tuple[int, ...], max_entries: int) -> list[int]:
+    """Widths of the chain's layers (input, hidden..., output) from the captured graph, without
+    building a dense matrix; refuses chains whose dense weights exceed ``max_entries``."""
+    chain = sequential_chain(simplify(capture(model, shape)))
+    lin = [nd for nd in chain if nd.kind == "linear"]
+    if not lin:
+        return []
+    sizes = [math.prod(lin[0].in_shapes[0])] + [math.prod(nd.out_shape) for nd in lin]
+    entries = sum(a * b for a, b in itertools.pairwise(sizes))
+    if entries > max_entries:
+        raise UnsupportedModelError(
+            [UnsupportedNode(lin[0].qualname, lin[0].op,
+                             f"dense weights of {entries} entries > max_dense_entries="
+                             f"{max_entries}")],
+            what="lipsdp() forms the dense weight matrices; raise max_dense_entries or use "
+            "autolip/seqlip for large (convolutional) models",
+        )
+    return sizes
 
 
 def _lipsdp_schur(
