@@ -56,6 +56,24 @@ order of the inner products, so for blocked LAPACK / cuSOLVER factorisations), a
 factorisation with 1% slack for the rounding of these few scalar operations. The last block has
 ``A_{H+1} = r I``; ``r`` is raised until ``S_{H+1}`` passes. The bound is ``sqrt(r) C_K``
 (``C_K`` the exact power-of-two rescaling of the weights), rounded up.
+
+Block scaling. Before the splitting, the float blocks are multiplied by powers of two:
+``A_i <- d_i^2 A_i``, ``C_i <- d_{i-1} d_i C_i``, ``C_{H+1} <- d_H d_out W_K^T`` with ``d_i =
+2^k`` such that ``d_i^2 max diag(A_i)`` is near 1 and ``d_out^2 r`` near 1. This is the
+congruence ``D (-M_ext) D`` with ``D = blockdiag(d_0 I, ..., d_H I, d_out I)`` invertible, so it
+is PSD iff ``-M_ext`` is, and the output block becomes ``(d_out^2 r) I``: a verified ``r'`` there
+gives ``r = r' / d_out^2``. Multiplying a float by a power of two is exact unless the result is
+subnormal, where the error is at most ``2^-1075``; the smallest subnormal ``2^-1074`` is added to
+every entrywise error bound of a scaled block, which covers it (an overflow gives ``inf`` and the
+check fails). Without it, deep chains whose multipliers span ``1e10`` (ECLipsE's random nets,
+depth 50) mixed scales beyond the float64 margins and every ``r`` was refused.
+
+Optimiser. :func:`barrier_newton` minimises ``r`` over the same LMI by a barrier method on the
+dense extended matrix (exact gradient and Hessian of ``-log det`` through the rank-2 neuron
+terms; in power-of-two balanced coordinates), started at the closed form; it is used up to
+``ipm_max_rows`` rows and gives up when a centring does not converge; then LBFGS (below) over the
+smooth parametrisation. Whatever either returns is only an estimate until :func:`certify_schur`
+proves it.
 """
 
 from __future__ import annotations
