@@ -680,7 +680,7 @@ def solve_schur(
     betas: Sequence[float] = (1e2, 1e3, 1e4, 1e5, 1e6),
     optimise: bool = True,
     ipm_max_rows: int = 1500,
-    ipm_max_steps: int = 150,
+    ipm_max_steps: int = 400,
 ) -> SchurSolution:
     """Certified LipSDP-neuron bound of a chain by Schur complements (module docstring).
 
