@@ -204,7 +204,7 @@ def test_large_dense_chain_is_refused_before_it_is_built() -> None:
         lipsdp(net, (50,), max_dense_entries=1000)
     conv = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Flatten(),
                          nn.Linear(8 * 16 * 16, 2)).eval()
-    with pytest.raises(UnsupportedModelError, match="dense weights of"):
+    with pytest.raises(UnsupportedModelError, match="dense weight matrix of"):
         lipsdp(conv, (3, 16, 16), max_dense_entries=100_000)
 
 

@@ -390,7 +390,7 @@ def lipsdp(
     margin: float = 1e-7,
     time_limit: float | None = None,
     solver_options: dict[str, Any] | None = None,
-    max_dense_entries: int = 40_000_000,
+    max_dense_entries: int = 10_000_000,
 ) -> SDPResult:
     """LipSDP upper bound on the l2 Lipschitz constant of an MLP, with verified certificate.
 
@@ -414,13 +414,13 @@ def lipsdp(
     time_limit: seconds for the solver (passed to SCS / Clarabel; CVXOPT has no limit);
               ``None``: no limit.
     solver_options: passed to ``cvxpy.Problem.solve`` (e.g. ``{"eps": 1e-6}`` for SCS).
-    max_dense_entries: LipSDP works on the dense weight matrices of the chain; a chain whose
-              matrices have more entries in all (a convolution is as large as its dense
-              matrix) is refused with :class:`~lipbound.errors.UnsupportedModelError` before
-              anything is built. With the Schur solver and a ``time_limit``, a chain whose
-              closed form and certificate (about ``14 sum n_i^3`` flops, not interruptible)
-              are predicted to take longer is refused with
-              :class:`~lipbound.errors.SolverError`.
+    max_dense_entries: LipSDP works on the dense weight matrices of the chain; a chain with
+              a larger one (a convolution is as large as its dense matrix: 3x32x32 ->
+              16x32x32 has 5e7 entries; an MLP layer 1000 x 1000 has 1e6) is refused with
+              :class:`~lipbound.errors.UnsupportedModelError` before anything is built. With
+              the Schur solver and a ``time_limit``, a chain whose closed form and certificate
+              (about ``14 sum n_i^3`` flops, not interruptible) are predicted to take longer
+              is refused with :class:`~lipbound.errors.SolverError`.
 
     Returns an :class:`SDPResult`: ``value``/``upper`` the verified bound (``certified``), ``raw``
     the solver's value. Raises :class:`~lipbound.errors.MissingDependencyError` without cvxpy,
@@ -583,12 +583,13 @@ def _chain_sizes(model: nn.Module, shape: tuple[int, ...], max_entries: int) -> 
     if not lin:
         return []
     sizes = [math.prod(lin[0].in_shapes[0])] + [math.prod(nd.out_shape) for nd in lin]
-    entries = sum(a * b for a, b in itertools.pairwise(sizes))
-    if entries > max_entries:
+    entries = [a * b for a, b in itertools.pairwise(sizes)]
+    big = max(range(len(entries)), key=entries.__getitem__)
+    if entries[big] > max_entries:
         raise UnsupportedModelError(
-            [UnsupportedNode(lin[0].qualname, lin[0].op,
-                             f"dense weights of {entries} entries > max_dense_entries="
-                             f"{max_entries}")],
+            [UnsupportedNode(lin[big].qualname, lin[big].op,
+                             f"dense weight matrix of {entries[big]} entries > "
+                             f"max_dense_entries={max_entries}")],
             what="lipsdp() forms the dense weight matrices; raise max_dense_entries or use "
             "autolip/seqlip for large (convolutional) models",
         )
