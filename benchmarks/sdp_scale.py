@@ -1,17 +1,36 @@
-"""LipSDP-neuron at scale: the Schur-complement solver vs an interior-point SDP and ECLipsE-Fast.
+"""LipSDP-neuron at scale: our closed form and Schur default vs CVXOPT, ECLipsE(-Fast) and the rest.
 
-Run: ``OMP_NUM_THREADS=2 .venv/bin/python benchmarks/sdp_scale.py [--quick]``; writes
-``benchmarks/results/sdp_scale.md``. One process; CPU seconds by ``time.process_time`` and wall
-seconds by ``time.perf_counter``. Interior point: cvxpy + CVXOPT (then verified), skipped where
-the LMI has more than ``IP_MAX`` rows (it would take > 120 s here). ECLipsE-Fast: the
-``eclipse-nn`` package when installed (its float value, not certified), else omitted.
+Run: ``OMP_NUM_THREADS=1 .venv/bin/python benchmarks/sdp_scale.py [--quick] [--only REGEX]
+[--max-width N] [--max-depth N]``; writes ``benchmarks/results/sdp_scale.md`` after every row
+(its header says whether the run has finished; only a run with no row filter writes that
+file, a filtered run writes ``sdp_scale.partial.md``).
+
+One process, every method on the same network side by side. CPU seconds by
+``time.process_time`` and wall seconds by ``time.perf_counter``. Methods:
+
+* ECLipsE-Fast and ECLipsE: the ``eclipse-nn`` package (its float answers, NOT certified;
+  ECLipsE's per-layer SDPs only where every layer has at most ``ECLIPSE_SDP_MAX`` neurons and
+  the net at most ``ECLIPSE_SDP_DEPTH`` layers, ECLipsE-Fast up to ``ECLIPSE_FAST_MAX``
+  neurons in all (time); "not installed" when the import fails.
+* ours: ``lipsdp(variant="fast")`` (the closed form, certified) and ``lipsdp()`` (Schur default,
+  certified; never above the closed form).
+* ``lipsdp(solver="CVXOPT")``: the solver's raw value and the verified one, up to ``IP_MAX``
+  LMI rows.
+* SeqLip's certified bound, AutoLip (certified), and the best witnessed lower bound
+  (``lower_bound``); the script checks that every certified number is >= the lower bound and
+  says so in each row and at the end.
 """
 
 from __future__ import annotations
 
 import argparse
 import math
+import platform
+import re
+import subprocess
+import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -20,47 +39,87 @@ import torch
 from torch import nn
 
 from lipbound.methods import sdp
+from lipbound.methods.autolip import autolip
+from lipbound.methods.lower import lower_bound
+from lipbound.methods.seqlip import seqlip
 
-IP_MAX = 300
+IP_MAX = 1100  # CVXOPT rows (1034 rows took > 120 s on the 2-core machine)
+ECLIPSE_SDP_MAX = 64  # ECLipsE (per-layer SDPs by SCS): widths up to this (36-120 s at 32-64)
+ECLIPSE_SDP_DEPTH = 5
+ECLIPSE_FAST_MAX = 60_000  # ECLipsE-Fast (dense eig per layer): hidden neurons up to this
+LIMIT = 60.0  # time_limit of the schur default, seqlip and lower_bound
+COMMAND = "OMP_NUM_THREADS=1 .venv/bin/python benchmarks/sdp_scale.py"
 
 
-def _timed(fn: Any) -> tuple[Any, float, float]:
+def _timed(fn: Callable[[], Any]) -> tuple[Any, float, float, str]:
+    """``(result or None, cpu s, wall s, error text)``."""
     c, w = time.process_time(), time.perf_counter()
-    out = fn()
-    return out, time.process_time() - c, time.perf_counter() - w
+    try:
+        out, err = fn(), ""
+    except Exception as exc:  # a failing method is a table cell, not a crash
+        out, err = None, f"{type(exc).__name__}: {str(exc)[:60]}"
+    return out, time.process_time() - c, time.perf_counter() - w, err
 
 
-def _tabular(name: str) -> tuple[np.ndarray, np.ndarray, bool]:
-    from sklearn import datasets
-
-    d = getattr(datasets, f"load_{name}")()
-    X = (d.data - d.data.mean(0)) / (d.data.std(0) + 1e-9)
-    return X, d.target, name != "diabetes"
+def _g(x: float | None) -> str:
+    return "-" if x is None else f"{x:.6g}"
 
 
-def _train(X: np.ndarray, y: np.ndarray, cls: bool, width: int, depth: int, act: type) -> nn.Module:
-    torch.manual_seed(0)
-    nout = int(y.max()) + 1 if cls else 1
-    sizes = [X.shape[1]] + [width] * depth + [nout]
+def _mlp(sizes: list[int], act: type[nn.Module]) -> nn.Sequential:
     layers: list[nn.Module] = []
     for i in range(len(sizes) - 1):
         layers.append(nn.Linear(sizes[i], sizes[i + 1]))
         if i < len(sizes) - 2:
             layers.append(act())
-    net = nn.Sequential(*layers).double()
-    Xt = torch.as_tensor(X)
-    yt = torch.as_tensor(y)
+    return nn.Sequential(*layers).double()
+
+
+def _fit(net: nn.Module, X: np.ndarray, y: np.ndarray, cls: bool, steps: int = 200) -> nn.Module:
+    Xt, yt = torch.as_tensor(X, dtype=torch.float64), torch.as_tensor(y)
     opt = torch.optim.Adam(net.parameters(), lr=1e-3)
-    for _ in range(200):
+    for _ in range(steps):
         opt.zero_grad()
         out = net(Xt)
         if cls:
             loss = nn.functional.cross_entropy(out, yt.long())
         else:
-            loss = nn.functional.mse_loss(out.squeeze(1), (yt - yt.mean()) / yt.std())
+            loss = nn.functional.mse_loss(out.squeeze(1), ((yt - yt.mean()) / yt.std()).double())
         loss.backward()
         opt.step()
     return net.eval()
+
+
+def _tabular(name: str, width: int, depth: int, act: type[nn.Module]) -> tuple[nn.Module, Any]:
+    from sklearn import datasets
+
+    d = getattr(datasets, f"load_{name}")()
+    X = (d.data - d.data.mean(0)) / (d.data.std(0) + 1e-9)
+    cls = name != "diabetes"
+    torch.manual_seed(0)
+    nout = int(d.target.max()) + 1 if cls else 1
+    net = _fit(_mlp([X.shape[1]] + [width] * depth + [nout], act), X, d.target, cls)
+    return net, torch.as_tensor(X[:256])
+
+
+def _mnist() -> tuple[nn.Module, Any]:
+    from lipbound.zoo.data import mnist5k
+
+    xtr, ytr, _, _ = mnist5k()
+    X = xtr.reshape(len(xtr), -1).double().numpy()
+    torch.manual_seed(0)
+    net = _fit(_mlp([784, 256, 10], nn.ReLU), X, ytr.numpy(), True, steps=100)
+    return net, torch.as_tensor(X[:256])
+
+
+def _compare_mlp(kind: str, depth: int, width: int) -> tuple[nn.Module, Any]:
+    """compare.md's nets (benchmarks/compare.py builds them the same way)."""
+    sys.path.insert(0, str(Path(__file__).parent))
+    import compare
+
+    if kind == "random":
+        return compare.random_mlp(depth, width).double(), None
+    net = compare.trained_mlp(depth, width, epochs=100).double()
+    return net, compare.gp(2)[0]
 
 
 def _random_mlp(width: int, depth: int, seed: int) -> nn.Module:
@@ -79,91 +138,182 @@ def _random_mlp(width: int, depth: int, seed: int) -> nn.Module:
     return nn.Sequential(*layers).eval()
 
 
-def _eclipse_fast(net: nn.Module) -> tuple[float | None, float, float]:
+def _eclipse(net: nn.Module, shape: tuple[int, ...], fast: bool) -> tuple[str, str]:
     try:
+        from eclipse_nn.eclipsE import ECLipsE
         from eclipse_nn.eclipsE_fast import ECLipsE_Fast
     except ImportError:
-        return None, math.nan, math.nan
-    Ws = [m.weight.detach().double() for m in net if isinstance(m, nn.Linear)]
-    H = len(Ws) - 1
-    out, c, w = _timed(lambda: ECLipsE_Fast(Ws, [0.0] * H, [1.0] * H))
-    return float(out), c, w
+        return "not installed (eclipse-nn)", "-"
+    Ws, ranges = sdp.slope_ranges_of(net, shape)
+    wt = [torch.tensor(W, dtype=torch.float64) for W in Ws]
+    al, be = [a for a, _ in ranges], [b for _, b in ranges]
+    fn = ECLipsE_Fast if fast else ECLipsE
+    out, c, w, err = _timed(lambda: fn(wt, al, be))
+    if not fast and out is not None:
+        out = out[0]  # ECLipsE returns (value or None, exit code)
+    if out is None:
+        return (err or "no answer (numerical issue)"), f"{c:.2f} / {w:.2f}"
+    return f"{float(out):.6g}", f"{c:.2f} / {w:.2f}"
+
+
+def _row(name: str, net: nn.Module, shape: tuple[int, ...], data: Any, limit: float) -> list[str]:
+    Ws, _ = sdp.slope_ranges_of(net, shape)
+    rows = Ws[0].shape[1] + sum(W.shape[0] for W in Ws)
+    widths = [W.shape[0] for W in Ws[:-1]]
+    if sum(widths) <= ECLIPSE_FAST_MAX:
+        ef, ef_t = _eclipse(net, shape, True)
+    else:
+        ef, ef_t = f"skipped (> {ECLIPSE_FAST_MAX} neurons: time)", "-"
+    if max(widths, default=0) <= ECLIPSE_SDP_MAX and len(Ws) <= ECLIPSE_SDP_DEPTH:
+        es, es_t = _eclipse(net, shape, False)
+    else:
+        es, es_t = f"skipped (width > {ECLIPSE_SDP_MAX} or depth > {ECLIPSE_SDP_DEPTH})", "-"
+    fast, fc, fw, ferr = _timed(lambda: sdp.lipsdp(net, shape, variant="fast"))
+    sch, sc, sw, serr = _timed(lambda: sdp.lipsdp(net, shape, time_limit=limit))
+    if rows <= IP_MAX:
+        ip, ic, iw, ierr = _timed(lambda: sdp.lipsdp(net, shape, solver="CVXOPT"))
+    else:
+        ip, ic, iw, ierr = None, math.nan, math.nan, f"skipped ({rows} rows > {IP_MAX})"
+    seq, _, _, seq_err = _timed(lambda: seqlip(net, shape, time_limit=limit))
+    al, _, _, al_err = _timed(lambda: autolip(net, shape))
+    lo, _, _, lo_err = _timed(lambda: lower_bound(net, shape, data=data, time_limit=limit))
+    lower = lo.value if lo is not None else None
+    certs = {
+        "fast": fast.upper if fast is not None else None,
+        "schur": sch.upper if sch is not None else None,
+        "cvxopt": ip.upper if ip is not None else None,
+        "seqlip": seq.upper if seq is not None else None,
+        "autolip": al.upper if al is not None and al.certified else None,
+    }
+    bad = [k for k, v in certs.items() if v is not None and lower is not None and v < lower]
+    check = "ok" if lower is not None and not bad else ("FAIL: " + ", ".join(bad) if bad else "-")
+    _CHECKS.append(check)
+    ip_txt = (f"{ip.raw:.6g} / {_g(ip.upper)}" if ip is not None else ierr)
+    s_up, c_up = certs["schur"], certs["cvxopt"]
+    rel = f"{s_up / c_up - 1:+.1e}" if s_up and c_up else "-"
+    spd = f"{ic / sc:.1f}x" if ip is not None and sch is not None and sc > 0 else "-"
+    return [
+        name, str(rows), ef, es, _g(certs["fast"]) if fast is not None else ferr,
+        _g(certs["schur"]) if sch is not None else serr, ip_txt, rel,
+        _g(certs["seqlip"]) if seq is not None else seq_err,
+        _g(certs["autolip"]) if al is not None else al_err,
+        _g(lower) if lo is not None else lo_err, check,
+        f"{fc:.2f} / {fw:.2f}", f"{sc:.2f} / {sw:.2f}",
+        f"{ic:.2f} / {iw:.2f}" if ip is not None else "-", spd, ef_t, es_t,
+    ]
+
+
+_CHECKS: list[str] = []
+HEAD = [
+    "net", "LMI rows", "ECLipsE-Fast (pkg, float)", "ECLipsE (pkg, float)",
+    "ours: fast (cert.)", "ours: schur default (cert.)", "CVXOPT raw / verified",
+    "schur/CVXOPT - 1", "SeqLip (cert.)", "AutoLip (cert.)", "best lower", "cert >= lower",
+    "fast s", "schur s", "CVXOPT s", "speed-up (CPU)", "ECLipsE-Fast s", "ECLipsE s",
+]
+
+
+def _table(rows: list[list[str]]) -> list[str]:
+    out = ["| " + " | ".join(HEAD) + " |", "|" + "---|" * len(HEAD)]
+    return out + ["| " + " | ".join(r) + " |" for r in rows]
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--only", default=None, help="regex on the row names")
+    ap.add_argument("--max-width", type=int, default=None)
+    ap.add_argument("--max-depth", type=int, default=None)
     args = ap.parse_args()
-    torch.set_num_threads(2)
-    rows_tab: list[list[str]] = []
+    torch.set_num_threads(1)
+    small: list[tuple[str, Callable[[], tuple[nn.Module, Any]], float]] = []
     tab = [
-        ("breast_cancer", 32, 2, nn.ReLU),
-        ("wine", 64, 2, nn.Tanh),
-        ("digits", 32, 4, nn.LeakyReLU),
-        ("diabetes", 64, 4, nn.ReLU),
-        ("breast_cancer", 128, 2, nn.Tanh),
-        ("digits", 256, 2, nn.ReLU),
-        ("wine", 32, 8, nn.ReLU),
-        ("diabetes", 128, 8, nn.Tanh),
+        ("breast_cancer", 32, 2, nn.ReLU), ("wine", 64, 2, nn.Tanh),
+        ("digits", 32, 4, nn.LeakyReLU), ("diabetes", 64, 4, nn.ReLU),
+        ("breast_cancer", 128, 2, nn.Tanh), ("digits", 256, 2, nn.ReLU),
+        ("wine", 32, 8, nn.ReLU), ("diabetes", 128, 8, nn.Tanh),
     ]
-    if args.quick:
-        tab = tab[:2]
-    for name, width, depth, act in tab:
-        X, y, cls = _tabular(name)
-        net = _train(X, y, cls, width, depth, act)
-        shape = (X.shape[1],)
-        n = X.shape[1] + width * depth
-        r_s, c_s, w_s = _timed(lambda net=net, shape=shape: sdp.lipsdp(net, shape))
-        if n <= IP_MAX:
-            r_i, c_i, w_i = _timed(
-                lambda net=net, shape=shape: sdp.lipsdp(net, shape, solver="CVXOPT")
-            )
-            ip = f"{r_i.value:.6g}" + ("" if r_i.certified else " (est.)")
-            rel = f"{r_s.value / r_i.value - 1:+.2e}"
-            sp = f"{w_i / w_s:.1f}x"
-            ipt = f"{c_i:.1f} / {w_i:.1f}"
-        else:
-            ip, rel, sp, ipt = f"skipped (LMI {n} rows > {IP_MAX})", "-", "-", "-"
-        closed = r_s.extra.get("closed_form")
-        rows_tab.append([
-            f"{name} {act.__name__} {width}x{depth}", str(n), f"{r_s.value:.6g}",
-            f"{closed:.6g}" if closed else "-", ip, rel, f"{c_s:.2f} / {w_s:.2f}", ipt, sp,
-        ])
-        print(rows_tab[-1], flush=True)
-    rows_rand: list[list[str]] = []
-    grid = [(100, 10), (100, 20), (100, 50), (200, 10), (200, 20), (200, 50),
-            (1000, 10), (1000, 20), (1000, 50)]
+    for name, w, d, act in tab[: 2 if args.quick else None]:
+        small.append((f"{name} {act.__name__} {w}x{d}",
+                      lambda n=name, w=w, d=d, a=act: _tabular(n, w, d, a), LIMIT))
+    if not args.quick:
+        for depth in (2, 5, 10):
+            small.append((f"compare: random MLP {depth} layers x 80",
+                          lambda d=depth: _compare_mlp("random", d, 80), LIMIT))
+        for depth in (4, 7, 10):
+            small.append((f"compare: paper MLP{depth} (width 10, GP)",
+                          lambda d=depth: _compare_mlp("trained", d, 10), LIMIT))
+        small.append(("MNIST 784-256-10 (mnist5k, 100 Adam steps)", _mnist, LIMIT))
+    grid = [(w, d) for w in (100, 200, 1000) for d in (10, 20, 50, 100)]
+    grid.sort(key=lambda wd: wd[0] ** 3 * wd[1])  # long rows at the end
     if args.quick:
         grid = grid[:2]
-    for width, depth in grid:
-        net = _random_mlp(width, depth, seed=width + depth)
-        tl = 30.0 if width >= 1000 else 20.0
-        r_s, c_s, w_s = _timed(
-            lambda net=net, width=width, tl=tl: sdp.lipsdp(net, (width,), time_limit=tl)
-        )
-        e_v, e_c, e_w = _eclipse_fast(net)
-        closed = r_s.extra.get("closed_form")
-        rows_rand.append([
-            f"{width}x{depth}", f"{r_s.value:.6g}", f"{closed:.6g}" if closed else "-",
-            f"{e_v:.6g}" if e_v is not None else "not installed",
-            f"{r_s.value / e_v - 1:+.2e}" if e_v else "-",
-            f"{c_s:.1f} / {w_s:.1f}", f"{e_c:.2f} / {e_w:.2f}" if e_v is not None else "-",
-            str(r_s.iterations),
-        ])
-        print(rows_rand[-1], flush=True)
-    out = ["# LipSDP-neuron at scale (generated by benchmarks/sdp_scale.py)", "",
-           "Certified values (upper bounds on the l2 Lipschitz constant). Times: CPU / wall s.",
-           "", "## Tabular MLPs (scikit-learn data, 200 Adam steps)", "",
-           "| net | LMI rows | schur (certified) | closed form (certified) | CVXOPT (verified) "
-           "| schur/CVXOPT - 1 | schur s | CVXOPT s | speed-up (wall) |",
-           "|---|---|---|---|---|---|---|---|---|"]
-    out += ["| " + " | ".join(r) + " |" for r in rows_tab]
-    out += ["", "## Random ReLU MLPs (ECLipsE setting: spectral norms uniform in [0.4, 1.8])", "",
-            "| width x depth | schur (certified) | closed form (certified) | ECLipsE-Fast "
-            "(eclipse-nn, float) | schur/ECLipsE-Fast - 1 | schur s | ECLipsE-Fast s | LBFGS its |",
-            "|---|---|---|---|---|---|---|---|"]
-    out += ["| " + " | ".join(r) + " |" for r in rows_rand]
-    Path(__file__).with_name("results").joinpath("sdp_scale.md").write_text("\n".join(out) + "\n")
+    grid = [(w, d) for w, d in grid if (args.max_width is None or w <= args.max_width)
+            and (args.max_depth is None or d <= args.max_depth)]
+    big = [(f"random ReLU {w}x{d}", lambda w=w, d=d: (_random_mlp(w, d, w + d), None), LIMIT)
+           for w, d in grid]
+    pat = re.compile(args.only) if args.only else None
+    sections: list[list[list[str]]] = [[], []]
+    filtered = bool(args.only or args.max_width or args.max_depth or args.quick)
+    todo = sum(1 for g in (small, big) for n, _, _ in g if pat is None or pat.search(n))
+    # long rows at the end: the big-CVXOPT tabular rows and the wide random nets
+    jobs = [(0, j) for j in small if not _long(j[0])] + [(1, j) for j in big if not _long(j[0])]
+    jobs += [(0, j) for j in small if _long(j[0])] + [(1, j) for j in big if _long(j[0])]
+    for k, (name, make, limit) in jobs:
+        if pat is not None and not pat.search(name):
+            continue
+        net, data = make()
+        shape = (net[0].in_features,)
+        sections[k].append(_row(name, net, shape, data, limit))
+        print(" | ".join(sections[k][-1]), flush=True)
+        done = len(sections[0]) + len(sections[1])
+        _write(sections, filtered, done, todo)
+    _write(sections, filtered, todo, todo)
+    fails = [c for c in _CHECKS if c.startswith("FAIL")]
+    print("checks:", "all ok" if not fails else fails)
+
+
+def _long(name: str) -> bool:
+    """Rows run last: CVXOPT on 500+ rows, widths 1000, depth 100."""
+    return any(k in name for k in ("256x2", "128x8", "1000x", "x100"))
+
+
+def _commit() -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+                             text=True, cwd=Path(__file__).parent, check=False).stdout.strip()
+    except OSError:
+        out = ""
+    return out or "unknown"
+
+
+def _write(sections: list[list[list[str]]], filtered: bool, done: int, todo: int) -> None:
+    state = ("complete" if done == todo else
+             f"IN PROGRESS or STOPPED: {done} of {todo} rows (the rest not measured)")
+    fails = [c for c in _CHECKS if c.startswith("FAIL")]
+    out = [
+        "# LipSDP-neuron at scale (generated by benchmarks/sdp_scale.py)", "",
+        f"Run state: {state}. Code: commit {_commit()}.", "",
+        f"Command: `{COMMAND}{' ' + ' '.join(sys.argv[1:]) if sys.argv[1:] else ''}`; "
+        f"{platform.machine()} / Python {platform.python_version()}, torch {torch.__version__}, "
+        "1 thread on a 2-core machine shared with other jobs (wall times are noisy; CPU times "
+        "are time.process_time).", "",
+        "Upper bounds on the l2 Lipschitz constant. (cert.) = certified (float rounding "
+        "included); ECLipsE / ECLipsE-Fast (the eclipse-nn package) and CVXOPT raw are float "
+        "answers (estimates). Times: CPU / wall s. Speed-up: CVXOPT CPU s / schur CPU s. "
+        "Schur default: closed form, then the dense barrier-Newton interior point (LMIs up to "
+        f"1500 rows), then LBFGS if it stalls (time_limit {LIMIT:g} s, also SeqLip's and the "
+        "lower bound's), then the "
+        "Cholesky certificate.", "",
+        "Every certified number >= the best lower bound: "
+        + ("yes, in every row with a lower bound" if not fails else f"NO ({len(fails)} rows)")
+        + ".", "", "## Trained and compare.md MLPs", "",
+    ]
+    out += _table(sections[0])
+    out += ["", "## Random ReLU MLPs (ECLipsE setting: spectral norms uniform in [0.4, 1.8])",
+            ""]
+    out += _table(sections[1])
+    name = "sdp_scale.partial.md" if filtered else "sdp_scale.md"
+    Path(__file__).with_name("results").joinpath(name).write_text("\n".join(out) + "\n")
 
 
 if __name__ == "__main__":

@@ -182,3 +182,42 @@ def test_bad_arguments() -> None:
         lipsdp(net, (2,), variant="network")
     with pytest.raises(InvalidArgumentError):
         lipsdp(net, (2,), solver="MOSEK")
+
+
+def test_large_dense_chain_is_refused_before_it_is_built() -> None:
+    from lipbound.errors import UnsupportedModelError
+
+    net = nn.Sequential(nn.Linear(50, 40), nn.ReLU(), nn.Linear(40, 3)).double().eval()
+    with pytest.raises(UnsupportedModelError, match="max_dense_entries=1000"):
+        lipsdp(net, (50,), max_dense_entries=1000)
+    conv = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Flatten(),
+                         nn.Linear(8 * 16 * 16, 2)).eval()
+    with pytest.raises(UnsupportedModelError, match="dense weight matrix of"):
+        lipsdp(conv, (3, 16, 16), max_dense_entries=100_000)
+
+
+def test_certificate_that_cannot_fit_the_time_limit_is_refused() -> None:
+    from lipbound.errors import SolverError
+
+    # 14 * 3000^3 = 3.8e11 flops: longer than 1 ms on any machine
+    net = nn.Sequential(nn.Linear(8, 3000), nn.ReLU(), nn.Linear(3000, 2)).eval()
+    with pytest.raises(SolverError, match=r"time_limit=0\.001"):
+        lipsdp(net, (8,), time_limit=1e-3)
+    with pytest.raises(SolverError, match="time_limit"):
+        lipsdp(net, (8,), variant="fast", time_limit=1e-3)
+
+
+def test_estimate_default_runs_lipsdp_on_chains_and_skips_it_on_others(
+    residual_net: nn.Module,
+) -> None:
+    from lipbound.report import bound
+
+    net = _mlp([3, 8, 8, 2], seed=1).eval()
+    rep = bound(net, (3,), lower={"restarts": 2, "steps": 10}, seqlip={"mode": "greedy"})
+    run = {r.name: r for r in rep.runs}
+    assert "lipsdp" in run and run["lipsdp"].ok and run["lipsdp"].result is not None
+    assert run["lipsdp"].result.certified
+    assert rep.upper is not None and rep.upper <= run["autolip"].result.value  # type: ignore[union-attr]
+    rep2 = bound(residual_net, (2,), lower={"restarts": 2, "steps": 10})
+    run2 = {r.name: r for r in rep2.runs}
+    assert not run2["lipsdp"].ok and rep2.upper is not None  # refused, the others go on

@@ -14,6 +14,8 @@ import time
 from collections.abc import Callable
 from typing import IO, Protocol
 
+import torch
+
 from .errors import InvalidArgumentError
 
 __all__ = ["Progress", "ProgressArg", "make_progress"]
@@ -128,3 +130,14 @@ def make_progress(progress: ProgressArg, *, stream: IO[str] | None = None) -> _R
         f"progress must be True, False or a callable (stage: str, fraction: float); "
         f"got {progress!r}"
     )
+
+
+def flop_rate() -> float:
+    """float64 matrix-product flop/s of this machine per WALL second, measured now (three
+    384 x 384 products): the time models of the budgets use it (on a shared machine the
+    wall-clock rate changes from call to call, so callers measure once per call)."""
+    a = torch.randn(384, 384, dtype=torch.float64)
+    t0 = time.perf_counter()
+    for _ in range(3):
+        _ = a @ a
+    return 3 * 2 * 384**3 / max(time.perf_counter() - t0, 1e-6)

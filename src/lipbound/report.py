@@ -405,7 +405,7 @@ def bound(
     model: nn.Module,
     input_shape: Sequence[int] | int,
     *,
-    methods: Iterable[str] = ("lower", "autolip", "seqlip"),
+    methods: Iterable[str] = ("lower", "autolip", "seqlip", "lipsdp"),
     data: Any = None,
     norm: Any = 2,
     progress: ProgressArg = False,

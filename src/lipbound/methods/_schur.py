@@ -56,6 +56,24 @@ order of the inner products, so for blocked LAPACK / cuSOLVER factorisations), a
 factorisation with 1% slack for the rounding of these few scalar operations. The last block has
 ``A_{H+1} = r I``; ``r`` is raised until ``S_{H+1}`` passes. The bound is ``sqrt(r) C_K``
 (``C_K`` the exact power-of-two rescaling of the weights), rounded up.
+
+Block scaling. Before the splitting, the float blocks are multiplied by powers of two:
+``A_i <- d_i^2 A_i``, ``C_i <- d_{i-1} d_i C_i``, ``C_{H+1} <- d_H d_out W_K^T`` with ``d_i =
+2^k`` such that ``d_i^2 max diag(A_i)`` is near 1 and ``d_out^2 r`` near 1. This is the
+congruence ``D (-M_ext) D`` with ``D = blockdiag(d_0 I, ..., d_H I, d_out I)`` invertible, so it
+is PSD iff ``-M_ext`` is, and the output block becomes ``(d_out^2 r) I``: a verified ``r'`` there
+gives ``r = r' / d_out^2``. Multiplying a float by a power of two is exact unless the result is
+subnormal, where the error is at most ``2^-1075``; the smallest subnormal ``2^-1074`` is added to
+every entrywise error bound of a scaled block, which covers it (an overflow gives ``inf`` and the
+check fails). Without it, deep chains whose multipliers span ``1e10`` (ECLipsE's random nets,
+depth 50) mixed scales beyond the float64 margins and every ``r`` was refused.
+
+Optimiser. :func:`barrier_newton` minimises ``r`` over the same LMI by a barrier method on the
+dense extended matrix (exact gradient and Hessian of ``-log det`` through the rank-2 neuron
+terms; in power-of-two balanced coordinates), started at the closed form; it is used up to
+``ipm_max_rows`` rows and gives up when a centring does not converge; then LBFGS (below) over the
+smooth parametrisation. Whatever either returns is only an estimate until :func:`certify_schur`
+proves it.
 """
 
 from __future__ import annotations
@@ -67,6 +85,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
+from scipy.linalg import cho_solve, lapack
+from scipy.sparse.linalg import ArpackNoConvergence, eigsh
 
 from ..errors import InvalidArgumentError, NonFiniteError
 
@@ -81,6 +101,24 @@ __all__ = [
 
 _U = float(np.finfo(np.float64).eps) / 2
 _F64 = torch.float64
+
+
+_TINY = float(np.finfo(np.float64).smallest_subnormal)  # |fl(d x) - d x| for d = 2^k
+
+
+_TAU0 = 0.1  # start nearer the analytic centre (diabetes 64x4: 1.0 stalls, 0.1 converges)
+_MAX_CENTRING = 30  # Newton steps per centring before the barrier method gives up
+
+
+class _OutOfTime(Exception):
+    """Internal: the LBFGS closure ran past ``time_limit`` (caught in :func:`solve_schur`)."""
+
+
+def _pow2_inv_sqrt(x: float) -> float:
+    """A power of two ``d`` with ``d^2 x`` near 1 (1 for non-positive or non-finite ``x``)."""
+    if not (math.isfinite(x) and x > 0):
+        return 1.0
+    return float(2.0 ** (-round(math.log2(x) / 2)))
 
 
 def _gamma(k: int) -> float:
@@ -189,35 +227,64 @@ def schur_rho(
     return r, ts
 
 
+def _top_eig(G: torch.Tensor) -> torch.Tensor:
+    """``lambda_max`` of a symmetric ``G``: ``eigvalsh`` up to order 400, Lanczos (ARPACK,
+    relative tolerance 1e-12) beyond. Only used to CHOOSE multipliers (an estimate; the
+    certificate checks whatever comes out), so its accuracy only affects tightness."""
+    n = G.shape[0]
+    if n <= 400:
+        return torch.linalg.eigvalsh(G).max()
+    Gn = G.detach().cpu().numpy()
+    try:
+        val = float(eigsh(Gn, k=1, which="LA", tol=1e-12, v0=np.ones(n), ncv=24)[0][0])
+    except ArpackNoConvergence:
+        val = float(np.linalg.eigvalsh(Gn).max())
+    return torch.tensor(val, dtype=G.dtype, device=G.device)
+
+
 def closed_form_multipliers(
     Ws: Sequence[torch.Tensor], ranges: Sequence[tuple[float, float]]
 ) -> tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor], torch.Tensor]:
-    """Closed-form ``T_i = s_i I`` (docstring) as parameters ``(us, vs)``, the ``T_i`` and ``r``."""
+    """Closed-form ``T_i = s_i I`` (docstring) as parameters ``(us, vs)``, the ``T_i`` and ``r``.
+
+    One Cholesky, one triangular solve, one Gram matrix and one top eigenvalue per layer.
+    """
     dev = Ws[0].device
     P = torch.eye(Ws[0].shape[1], dtype=_F64, device=dev)
     us, vs, ts = [], [], []
     for i, (a, b) in enumerate(ranges):
         W = Ws[i]
         n = W.shape[0]
+        eye = torch.eye(n, dtype=_F64, device=dev)
         u = torch.zeros(n, dtype=_F64, device=dev)
         L = torch.linalg.cholesky(P)
         Y = torch.linalg.solve_triangular(L, W.T, upper=False)
-        k = torch.linalg.eigvalsh((Y.T @ Y + (Y.T @ Y).T) / 2).max().clamp_min(1e-300)
+        G = Y.T @ Y
+        G = (G + G.T) / 2
+        k = _top_eig(G).clamp_min(1e-300)
         den = (a + b) ** 2 + 4 * max(0.0, -a * b)
         s = 1.0 / (den * k) if den > 0 else 1.0 / k
-        P, t, g = _layer(P, W, a, b, u, None, None, s_fixed=s)
-        # the same point in the optimiser's parametrisation (g_max from the exact eigenvalue)
+        c = (a + b) ** 2
+        if a * b != 0:
+            Hm = torch.linalg.solve(eye + (2 * a * b) * s * G, G)
+            Hm = (Hm + Hm.T) / 2
+        else:
+            Hm = G
+        P = s * (2 * eye - c * s * Hm)
+        P = (P + P.T) / 2
+        # the same point in the optimiser's parametrisation (g_max = k)
         if b > a:
-            ratio = (s * (b - a) ** 2 * g / 2).clamp(1e-12, 1 - 1e-12)
+            ratio = (s * (b - a) ** 2 * k / 2).clamp(1e-12, 1 - 1e-12)
             v = torch.log(ratio) - torch.log1p(-ratio)
         else:
-            v = torch.log(s * g)
+            v = torch.log(s * k)
         us.append(u)
         vs.append(v.reshape(()))
-        ts.append(t)
+        ts.append(s * torch.ones(n, dtype=_F64, device=dev))
     L = torch.linalg.cholesky(P)
     Y = torch.linalg.solve_triangular(L, Ws[-1].T, upper=False)
-    r = torch.linalg.eigvalsh((Y.T @ Y + (Y.T @ Y).T) / 2).max()
+    K = Y.T @ Y
+    r = _top_eig((K + K.T) / 2)
     return us, vs, ts, r
 
 
@@ -308,6 +375,13 @@ def certify_schur(
     if any(bool((t < 0).any()) or not bool(torch.isfinite(t).all()) for t in ts):
         return SchurCertificate(None, "certificate failed: negative or non-finite multipliers")
     A, Aerr, C, Cerr = _blocks(Ws, ranges, ts)
+    # exact congruence D S D with D = blockdiag(d_i I), d_i powers of two (docstring)
+    ds = [_pow2_inv_sqrt(float(torch.diagonal(Ai).abs().max()) if Ai.numel() else 1.0) for Ai in A]
+    for i in range(H + 1):
+        A[i], Aerr[i] = A[i] * ds[i] ** 2, Aerr[i] * ds[i] ** 2 + _TINY
+    for i in range(H):
+        C[i], Cerr[i] = C[i] * (ds[i] * ds[i + 1]), Cerr[i] * (ds[i] * ds[i + 1]) + _TINY
+    C[H], Cerr[H] = C[H] * ds[H], Cerr[H] * ds[H] + _TINY
     top = A[0]
     err_top: torch.Tensor | None = Aerr[0]
     etas: list[float] = []
@@ -352,15 +426,244 @@ def certify_schur(
     K = Y.T @ Y
     r0 = float(torch.linalg.eigvalsh((K + K.T) / 2).max())
     r0 = max(r0, 1e-300)
+    # the output block scaled by d_out^2 too: r = r' / d_out^2 (both exact powers of two)
+    dout = _pow2_inv_sqrt(r0)
+    cH, eH = C[H] * dout, Cerr[H] * dout + _TINY
+    r0 = r0 * dout**2
     nout = K.shape[0]
     bump = 1e-12
     for _ in range(max_tries + 8):
         r = r0 * (1 + bump) + 1e-300
         bot = torch.full((nout,), r, dtype=_F64, device=K.device).diag()
-        if _psd_check(top, C[H], bot, err_top, Cerr[H], None):
-            return SchurCertificate(r, "verified", tuple(etas))
+        if _psd_check(top, cH, bot, err_top, eH, None):
+            rho = r / dout**2
+            if rho * dout**2 < r:  # subnormal quotient: round up
+                rho = float(np.nextafter(rho, math.inf))
+            return SchurCertificate(rho, "verified", tuple(etas))
         bump *= 8
     return SchurCertificate(None, "certificate failed: no output bound r passed the check")
+
+
+# ----------------------------------------------------------------------------------------------
+# optimisation: interior point (barrier + Newton) on the dense extended LMI
+
+
+class _Dense:
+    """The extended LMI ``S(T, r) = E_0 + sum_j T_j A_j + [[0, W_K^T], [W_K, r I]]`` as a dense
+    float64 matrix (numpy), with ``A_j = [w_j e_j] C_j [w_j e_j]^T`` for neuron ``j`` of hidden
+    layer ``i`` (``w_j`` = row ``j`` of ``W_i`` on block ``i - 1``, ``e_j`` its unit vector on
+    block ``i``, ``C_j = [[2 a b, -(a + b)], [-(a + b), 2]]``): the matrix of the module
+    docstring written as a sum over neurons."""
+
+    def __init__(self, Ws: Sequence[np.ndarray], ranges: Sequence[tuple[float, float]]) -> None:
+        self.Ws = [np.ascontiguousarray(W, dtype=np.float64) for W in Ws]
+        self.H = len(ranges)
+        dims = [self.Ws[0].shape[1]] + [W.shape[0] for W in self.Ws]
+        self.offs = np.concatenate([[0], np.cumsum(dims)]).astype(int)
+        self.m = int(self.offs[-1])
+        self.n0 = dims[0]
+        self.N = int(sum(dims[1:-1]))
+        self.ranges = list(ranges)
+        c11, c12 = [], []
+        for i, (a, b) in enumerate(ranges):
+            n = self.Ws[i].shape[0]
+            c11.append(np.full(n, 2 * a * b))
+            c12.append(np.full(n, -(a + b)))
+        self.c11 = np.concatenate(c11) if c11 else np.zeros(0)
+        self.c12 = np.concatenate(c12) if c12 else np.zeros(0)
+        self.c22 = np.full(self.N, 2.0)
+
+    def blk(self, i: int) -> slice:
+        return slice(int(self.offs[i]), int(self.offs[i + 1]))
+
+    def split(self, t: np.ndarray) -> list[np.ndarray]:
+        return [t[self.offs[i + 1] - self.n0 : self.offs[i + 2] - self.n0] for i in range(self.H)]
+
+    def matrix(self, t: np.ndarray, r: float) -> np.ndarray:
+        S = np.zeros((self.m, self.m))
+        b0 = self.blk(0)
+        S[b0, b0] = np.eye(self.n0)
+        for i, ((a, b), ti) in enumerate(zip(self.ranges, self.split(t))):
+            W = self.Ws[i]
+            p, q = self.blk(i), self.blk(i + 1)
+            if a * b != 0:
+                S[p, p] += (2 * a * b) * ((W.T * ti) @ W)
+            X = -(a + b) * (W.T * ti)
+            S[p, q] += X
+            S[q, p] += X.T
+            S[q, q] += np.diag(2 * ti)
+        p, q = self.blk(self.H), self.blk(self.H + 1)
+        S[p, q] = self.Ws[-1].T
+        S[q, p] = self.Ws[-1]
+        S[q, q] += r * np.eye(S[q, q].shape[0])
+        return S
+
+    def barrier(self, t: np.ndarray, r: float, tau: float) -> tuple[float, np.ndarray | None]:
+        """``tau r - log det S - sum log T`` (``inf`` outside the domain) and ``chol(S)``."""
+        if not (np.all(t > 0) and r > 0):
+            return math.inf, None
+        L, info = _lapack_potrf(self.matrix(t, r))
+        if info != 0:
+            return math.inf, None
+        return tau * r - 2 * float(np.log(np.diag(L)).sum()) - float(np.log(t).sum()), L
+
+    def newton_system(
+        self, t: np.ndarray, r: float, tau: float, L: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Gradient and Hessian of :meth:`barrier` in ``(T, r)`` (``d/dT_j -log det S =
+        -tr(R A_j)``, ``d^2 = tr(R A_j R A_l)``, ``R = S^{-1}``)."""
+        R = _lapack_potri(L)
+        n0, N, H = self.n0, self.N, self.H
+        Fe = R[:, n0 : n0 + N]
+        Fw = np.empty((self.m, N))
+        for i in range(H):
+            cols = slice(int(self.offs[i + 1]) - n0, int(self.offs[i + 2]) - n0)
+            Fw[:, cols] = R[:, self.blk(i)] @ self.Ws[i].T
+        Qww = np.empty((N, N))
+        Qwe = np.empty((N, N))
+        for i in range(H):
+            rows = slice(int(self.offs[i + 1]) - n0, int(self.offs[i + 2]) - n0)
+            Qww[rows] = self.Ws[i] @ Fw[self.blk(i)]
+            Qwe[rows] = self.Ws[i] @ Fe[self.blk(i)]
+        Qee = Fe[n0 : n0 + N]
+        Qew = Qwe.T
+        a1, a2, a3 = self.c11[:, None], self.c12[:, None], self.c22[:, None]
+        b1, b2, b3 = self.c11[None, :], self.c12[None, :], self.c22[None, :]
+        x11 = a1 * Qww + a2 * Qew
+        x12 = a1 * Qwe + a2 * Qee
+        x21 = a2 * Qww + a3 * Qew
+        x22 = a2 * Qwe + a3 * Qee
+        Hm = (x11 * b1 + x12 * b2) * Qww + (x11 * b2 + x12 * b3) * Qwe
+        Hm += (x21 * b1 + x22 * b2) * Qew + (x21 * b2 + x22 * b3) * Qee
+        g = -(self.c11 * np.diag(Qww) + 2 * self.c12 * np.diag(Qwe) + self.c22 * np.diag(Qee))
+        g -= 1.0 / t
+        Hm[np.diag_indices(N)] += 1.0 / t**2
+        o = self.blk(H + 1)
+        Roo = R[o, o]
+        Gw, Ge = Fw[o], Fe[o]
+        hjr = (
+            self.c11 * (Gw * Gw).sum(0) + 2 * self.c12 * (Gw * Ge).sum(0)
+            + self.c22 * (Ge * Ge).sum(0)
+        )
+        Hf = np.empty((N + 1, N + 1))
+        Hf[:N, :N] = (Hm + Hm.T) / 2
+        Hf[:N, N] = hjr
+        Hf[N, :N] = hjr
+        Hf[N, N] = float((Roo * Roo).sum())
+        gf = np.concatenate([g, [tau - float(np.trace(Roo))]])
+        return gf, Hf
+
+
+def _lapack_potrf(S: np.ndarray) -> tuple[np.ndarray, int]:
+    c, info = lapack.dpotrf(S, lower=1, clean=1, overwrite_a=1)
+    return c, int(info)
+
+
+def _lapack_potri(L: np.ndarray) -> np.ndarray:
+    inv, info = lapack.dpotri(L, lower=1)
+    if info != 0:
+        raise np.linalg.LinAlgError("dpotri failed")
+    inv = np.tril(inv)
+    return inv + np.tril(inv, -1).T
+
+
+def barrier_newton(
+    Ws: Sequence[np.ndarray],
+    ranges: Sequence[tuple[float, float]],
+    t0: np.ndarray,
+    r0: float,
+    *,
+    deadline: float = math.inf,
+    rel_gap: float = 1e-7,
+    mu: float = 4.0,
+    max_newton: int = 400,
+) -> tuple[np.ndarray, float, int, str]:
+    """Minimise ``r`` over ``S(T, r) >= 0, T >= 0`` by a barrier method (an estimate).
+
+    Central path of ``tau r - log det S(T, r) - sum_j log T_j`` (self-concordant, convex in
+    ``(T, r)``; its minimiser is ``nu / tau`` from optimal with ``nu = m + N``), each centring
+    by damped Newton steps with backtracking (every trial point checked for positive definiteness
+    by Cholesky), ``tau`` multiplied by ``mu`` until ``nu / tau <= rel_gap r``. Starts at
+    ``(t0, 2 r0)``, ``t0`` strictly feasible with output bound ``r0``. Returns the last
+    strictly feasible ``T``, its ``r``, the Newton steps and a status line. Nothing here is
+    certified: :func:`certify_schur` proves whatever ``T`` comes out.
+    """
+    # the same LMI in balanced coordinates (congruence by blockdiag(d_i I), d_0 = 1):
+    # W_i' = (d_{i-1} / d_i) W_i, T_i' = d_i^2 T_i, W_K' = d_H d_out W_K, r' = d_out^2 r, with
+    # d_i^2 ~ 1 / T_i(start) and d_out^2 ~ 1 / r0, so every block of S is of order one
+    t_in = np.asarray(t0, dtype=np.float64)
+    sizes = [W.shape[0] for W in Ws[:-1]]
+    parts = np.split(t_in, np.cumsum(sizes)[:-1]) if sizes else []
+    d = [1.0] + [_pow2_inv_sqrt(float(np.exp(np.log(p).mean()))) for p in parts]
+    dout = _pow2_inv_sqrt(r0)
+    Wb = [np.asarray(W) * (d[i] / d[i + 1]) for i, W in enumerate(Ws[:-1])]
+    Wb.append(np.asarray(Ws[-1]) * (d[-1] * dout))
+    sc = np.concatenate([np.full(n, d[i + 1] ** 2) for i, n in enumerate(sizes)]) if sizes else t_in
+    t_b, r_b, steps, status = _barrier_newton(
+        Wb, ranges, t_in * sc, r0 * dout**2, deadline=deadline, rel_gap=rel_gap, mu=mu,
+        max_newton=max_newton,
+    )
+    return t_b / sc, r_b / dout**2, steps, status
+
+
+def _barrier_newton(
+    Ws: Sequence[np.ndarray],
+    ranges: Sequence[tuple[float, float]],
+    t0: np.ndarray,
+    r0: float,
+    *,
+    deadline: float,
+    rel_gap: float,
+    mu: float,
+    max_newton: int,
+) -> tuple[np.ndarray, float, int, str]:
+    D = _Dense(Ws, ranges)
+    nu = D.m + D.N
+    t = np.asarray(t0, dtype=np.float64).copy()
+    r = 2.0 * r0 + 1e-300
+    tau = _TAU0 * nu / r
+    steps = 0
+    status = "converged"
+    f, L = D.barrier(t, r, tau)
+    if L is None:
+        return t, r0, 0, "start point not strictly feasible"
+    first = True
+    while True:
+        cap = 4 * _MAX_CENTRING if first else _MAX_CENTRING  # the start is far off centre
+        first = False
+        for inner in range(cap + 1):
+            if inner == cap:
+                return t, r, steps, f"stalled (no centring in {cap} Newton steps)"
+            if steps >= max_newton or time.perf_counter() > deadline:
+                return t, r, steps, "stopped (Newton steps or time)"
+            if L is None:
+                return t, r, steps, "left the domain"
+            g, Hm = D.newton_system(t, r, tau, L)
+            dsc = 1.0 / np.sqrt(np.maximum(np.diag(Hm), 1e-300))
+            Lh, info = _lapack_potrf(Hm * dsc[:, None] * dsc[None, :])
+            if info != 0:
+                return t, r, steps, "Newton system not positive definite"
+            dx = dsc * cho_solve((Lh, True), -g * dsc)
+            lam2 = float(-g @ dx)
+            steps += 1
+            if lam2 < 1e-9:
+                break
+            alpha = 1.0 if lam2 < 0.25 else 1.0 / (1.0 + math.sqrt(lam2))
+            for _ in range(30):
+                tn, rn = t + alpha * dx[:-1], r + alpha * float(dx[-1])
+                fn, Ln = D.barrier(tn, rn, tau)
+                if fn <= f - 0.25 * alpha * lam2:
+                    break
+                alpha *= 0.5
+            else:
+                return t, r, steps, "line search failed"
+            t, r, f, L = tn, rn, fn, Ln
+            if lam2 < 1e-6:
+                break
+        if nu / tau <= rel_gap * r:
+            return t, r, steps, status
+        tau *= mu
+        f, L = D.barrier(t, r, tau)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -376,12 +679,18 @@ def solve_schur(
     time_limit: float | None = 60.0,
     betas: Sequence[float] = (1e2, 1e3, 1e4, 1e5, 1e6),
     optimise: bool = True,
+    ipm_max_rows: int = 1500,
+    ipm_max_steps: int = 400,
 ) -> SchurSolution:
     """Certified LipSDP-neuron bound of a chain by Schur complements (module docstring).
 
-    Closed form first (certified), then LBFGS over the log-parametrised diagonal multipliers,
-    warm-started there, with continuation on the smoothing ``betas``; then the certificate.
-    Both numbers are returned; ``value`` may be ``None`` if the optimised multipliers fail it.
+    Closed form first (certified); then, when the extended LMI has at most ``ipm_max_rows``
+    rows, the dense barrier method :func:`barrier_newton` from there (at most
+    ``ipm_max_steps`` Newton steps); if it did not converge, or the LMI is larger, LBFGS over
+    the log-parametrised diagonal multipliers, warm-started at the closed form, with
+    continuation on the smoothing ``betas``. Every candidate goes through
+    :func:`certify_schur`; ``value`` is the smallest certified optimised bound (``None`` if
+    none passed), ``closed_form`` the closed form's.
     """
     t0 = time.perf_counter()
     dev = torch.device(device) if device is not None else torch.device("cpu")
@@ -419,9 +728,33 @@ def solve_schur(
     ts_o = ts_c
     raw = closed_raw
     t_opt = time.perf_counter()
-    if optimise and len(rng) > 0:
+    verify_before = seconds_verify
+    H = len(rng)
+    m_rows = Wp[0].shape[1] + sum(W.shape[0] for W in Wp)
+    cands: list[tuple[float, list[torch.Tensor], SchurCertificate]] = []
+    run_lbfgs = optimise and H > 0
+    if optimise and H > 0 and m_rows <= ipm_max_rows:
+        # at most half the time: LBFGS gets the rest if the barrier method stalls
+        deadline = math.inf if time_limit is None else t0 + 0.5 * time_limit
+        t_n, _, steps, status = barrier_newton(
+            [W.cpu().numpy() for W in Wp], rng, torch.cat(ts_c).cpu().numpy(), float(r_c),
+            deadline=deadline, max_newton=ipm_max_steps,
+        )
+        it += steps
+        sizes = [W.shape[0] for W in Wp[:-1]]
+        ts_n = [torch.as_tensor(x, device=dev) for x in np.split(t_n, np.cumsum(sizes)[:-1])]
+        tsv = time.perf_counter()
+        cert_n = certify_schur(Wp, rng, ts_n)
+        seconds_verify += time.perf_counter() - tsv
+        if cert_n.rho is not None:
+            cands.append((cert_n.rho, ts_n, cert_n))
+            raw = math.sqrt(cert_n.rho) * CK  # the float r(T) of the certificate's recursion
+        else:
+            notes.append(f"barrier method: {cert_n.why}")
+        notes.append(f"barrier method: {status} after {steps} Newton steps")
+        run_lbfgs = status != "converged" or cert_n.rho is None
+    if run_lbfgs:
         params = [p.clone().requires_grad_(True) for p in [*us, *vs]]
-        H = len(rng)
         best = float(r_c)
         best_params = [p.detach().clone() for p in params]
         for beta in betas:
@@ -439,6 +772,8 @@ def solve_schur(
             )
 
             def closure(opt: torch.optim.LBFGS = opt, beta: float = beta) -> torch.Tensor:
+                if time_limit is not None and time.perf_counter() - t0 > time_limit:
+                    raise _OutOfTime
                 opt.zero_grad()
                 r, _ = schur_rho(Wp, rng, params[:H], params[H:], beta)
                 loss = torch.log(r)
@@ -449,6 +784,13 @@ def solve_schur(
                 opt.step(closure)
             except torch.linalg.LinAlgError:
                 notes.append(f"LBFGS stage beta={beta:g} left the feasible set; kept the best")
+                break
+            except _OutOfTime:
+                notes.append(f"LBFGS stopped by time_limit={time_limit:g} s; kept the best")
+                with torch.no_grad():
+                    r_now, _ = schur_rho(Wp, rng, params[:H], params[H:], None)
+                if torch.isfinite(r_now) and float(r_now) < best:
+                    best_params = [p.detach().clone() for p in params]
                 break
             st = opt.state[opt._params[0]]
             it += int(st.get("n_iter", 0))
@@ -463,26 +805,33 @@ def solve_schur(
                         p.copy_(q)
         with torch.no_grad():
             r_o, ts_o = schur_rho(Wp, rng, best_params[:H], best_params[H:], None)
-        raw = math.sqrt(max(float(r_o), 0.0)) * CK
-    seconds_opt = time.perf_counter() - t_opt
-    tsv = time.perf_counter()
-    if ts_o is ts_c:
-        cert_o = cert_c
-    else:
-        cert_o = certify_schur(Wp, rng, [t.detach() for t in ts_o])
-    seconds_verify += time.perf_counter() - tsv
-    value = _to_bound(cert_o.rho, CK)
-    if cert_o.rho is None:
-        notes.append(f"optimised multipliers: {cert_o.why}")
+        raw_l = math.sqrt(max(float(r_o), 0.0)) * CK
+        tsv = time.perf_counter()
+        ts_o = [t.detach() for t in ts_o]
+        cert_o = certify_schur(Wp, rng, ts_o)
+        seconds_verify += time.perf_counter() - tsv
+        if cert_o.rho is not None:
+            if not cands or cert_o.rho < cands[0][0]:
+                raw = raw_l
+            cands.append((cert_o.rho, ts_o, cert_o))
+        else:
+            notes.append(f"LBFGS multipliers: {cert_o.why}")
+    seconds_opt = time.perf_counter() - t_opt - (seconds_verify - verify_before)
+    if (not optimise or H == 0) and cert_c.rho is not None:
+        cands.append((cert_c.rho, ts_c, cert_c))
+    best_c = min(cands, key=lambda c: c[0]) if cands else None
+    value = _to_bound(best_c[0], CK) if best_c else None
+    why = best_c[2].why if best_c else "certificate failed for every optimised candidate"
+    ts_best = best_c[1] if best_c else ts_c
     return SchurSolution(
         value=value,
         closed_form=closed,
         raw=raw,
         closed_raw=closed_raw,
-        multipliers=[t.detach() for t in ts_o],
+        multipliers=[t.detach() for t in ts_best],
         scale=CK,
         iterations=it,
-        why=cert_o.why,
+        why=why,
         seconds_opt=seconds_opt,
         seconds_verify=seconds_verify,
         notes=notes,

@@ -39,10 +39,13 @@ root rounded up). If no ``rho_v`` passes (``R`` not negative definite with margi
 is NOT certified and says so. The solver's own value is kept in ``raw`` (an estimate).
 
 Default solver (``solver="auto"`` with ``variant="neuron"``): :mod:`lipbound.methods._schur`,
-LipSDP-neuron by per-layer Schur complements (LBFGS over the multipliers, warm-started from a
-certified ECLipsE-Fast-type closed form, then a Cholesky-based float64 proof; no cvxpy needed).
-The result is ``min(closed form, optimised)``, both certified, so never looser than the
-closed form. The cvxpy solvers remain available by name.
+LipSDP-neuron by per-layer Schur complements (a dense barrier-Newton interior point for LMIs up
+to 1500 rows, else or if it stalls LBFGS over the multipliers, both started at a certified
+ECLipsE-Fast-type closed form, then a Cholesky-based float64 proof; no cvxpy needed). The
+result is ``min(closed form, optimised)``, both certified, so never looser than the closed
+form, which is also offered alone as ``variant="fast"`` (ECLipsE-Fast, Xu & Sivaranjani,
+NeurIPS 2024, in our derivation: see :mod:`lipbound.methods._schur`). The cvxpy solvers
+remain available by name.
 
 cvxpy is an optional dependency for ``solver="SCS" / "CLARABEL" / "CVXOPT"`` and
 ``variant="layer"``: ``pip install 'lipbound[sdp]'``.
@@ -58,6 +61,7 @@ cvxpy is an optional dependency for ``solver="SCS" / "CLARABEL" / "CVXOPT"`` and
 
 from __future__ import annotations
 
+import itertools
 import math
 import time
 from collections.abc import Sequence
@@ -66,6 +70,7 @@ from typing import Any
 import numpy as np
 from torch import nn
 
+from .._progress import flop_rate
 from .._validation import check_choice, check_input_shape, check_model, check_positive
 from ..errors import (
     InvalidArgumentError,
@@ -74,6 +79,7 @@ from ..errors import (
     UnsupportedModelError,
     UnsupportedNode,
 )
+from ..graph import capture, sequential_chain, simplify
 from ..results import SDPResult
 from ._schur import solve_schur
 
@@ -351,15 +357,20 @@ def lipsdp(
     margin: float = 1e-7,
     time_limit: float | None = None,
     solver_options: dict[str, Any] | None = None,
+    max_dense_entries: int = 10_000_000,
 ) -> SDPResult:
     """LipSDP upper bound on the l2 Lipschitz constant of an MLP, with verified certificate.
 
     Parameters
     ----------
-    variant:  ``"neuron"`` (one multiplier per neuron) or ``"layer"`` (one per layer).
+    variant:  ``"neuron"`` (one multiplier per neuron), ``"layer"`` (one per layer) or
+              ``"fast"``: the ECLipsE-Fast-type closed form of :mod:`lipbound.methods._schur`
+              (one multiplier per layer chosen in closed form, layer by layer; no solver, no
+              iteration; certified by the same Cholesky proof; never below ``"neuron"``).
     solver:   ``"auto"``: ``"schur"`` for the neuron variant (no cvxpy; ``solver_options``
-              may set ``device``, ``max_iter``, ``betas``, ``optimise``; ``time_limit``
-              bounds the optimisation, the certificate always runs); for the layer
+              may set ``device``, ``max_iter``, ``betas``, ``optimise``, ``ipm_max_rows``,
+              ``ipm_max_steps``; ``time_limit`` bounds the optimisation, 60 s when ``None``;
+              the certificate always runs); for the layer
               variant the cvxpy choice below. cvxpy choice: CVXOPT up to 250 rows for
               the neuron variant, 400 for the layer variant; SCS beyond; Clarabel only
               for tiny LMIs without CVXOPT; or by name:
@@ -370,6 +381,13 @@ def lipsdp(
     time_limit: seconds for the solver (passed to SCS / Clarabel; CVXOPT has no limit);
               ``None``: no limit.
     solver_options: passed to ``cvxpy.Problem.solve`` (e.g. ``{"eps": 1e-6}`` for SCS).
+    max_dense_entries: LipSDP works on the dense weight matrices of the chain; a chain with
+              a larger one (a convolution is as large as its dense matrix: 3x32x32 ->
+              16x32x32 has 5e7 entries; an MLP layer 1000 x 1000 has 1e6) is refused with
+              :class:`~lipbound.errors.UnsupportedModelError` before anything is built. With
+              the Schur solver and a ``time_limit``, a chain whose closed form and certificate
+              (about ``14 sum n_i^3`` flops, not interruptible) are predicted to take longer
+              is refused with :class:`~lipbound.errors.SolverError`.
 
     Returns an :class:`SDPResult`: ``value``/``upper`` the verified bound (``certified``), ``raw``
     the solver's value. Raises :class:`~lipbound.errors.MissingDependencyError` without cvxpy,
@@ -378,18 +396,45 @@ def lipsdp(
     t0 = time.perf_counter()
     model = check_model(model, require_eval=True)
     shape = check_input_shape(input_shape)
-    check_choice("variant", variant, ("neuron", "layer"))
+    check_choice("variant", variant, ("neuron", "layer", "fast"))
     check_choice("solver", solver, ("auto", "schur", "SCS", "CLARABEL", "CVXOPT"))
     check_positive("margin", margin, allow_zero=True)
     if time_limit is not None:
         check_positive("time_limit", time_limit)
+    check_positive("max_dense_entries", max_dense_entries)
+    widths = _chain_sizes(model, shape, max_dense_entries)
+    cube = sum(float(n) ** 3 for n in widths)
+    if time_limit is not None and (variant == "fast" or solver in ("auto", "schur")):
+        flops = 14.0 * cube
+        need = flops / flop_rate()
+        if need > time_limit:
+            raise SolverError(
+                f"lipsdp: the closed form and its certificate need about {need:.3g} s on this "
+                f"machine ({flops:.3g} flops), more than time_limit={time_limit:g}; raise "
+                "time_limit or use autolip/seqlip"
+            )
+    if variant == "fast":
+        if solver not in ("auto", "schur"):
+            raise InvalidArgumentError(
+                f"lipsdp(variant='fast') is the closed form (no SDP solver), got solver="
+                f"{solver!r}; use solver='auto'"
+            )
+        return _lipsdp_schur(model, shape, time_limit, {"optimise": False}, t0, method="fast")
     if solver == "schur" or (solver == "auto" and variant == "neuron"):
         if variant != "neuron":
             raise InvalidArgumentError(
                 f"lipsdp(solver='schur') solves variant='neuron' only, got variant={variant!r}; "
                 "use variant='neuron' or a cvxpy solver ('CVXOPT', 'SCS', 'CLARABEL')"
             )
-        return _lipsdp_schur(model, shape, time_limit, solver_options or {}, t0)
+        opts = dict(solver_options or {})
+        if time_limit is not None:
+            # the closed form, its certificate and the optimised point's (~10 sum n^3 more)
+            # are not interruptible: the optimiser gets what they leave
+            time_limit = time_limit - 24.0 * cube / flop_rate()
+            if time_limit <= 0:
+                opts["optimise"] = False
+                time_limit = None
+        return _lipsdp_schur(model, shape, time_limit, opts, t0)
     try:
         import cvxpy as cp
     except ImportError as exc:
@@ -496,22 +541,45 @@ def lipsdp(
     )
 
 
+def _chain_sizes(model: nn.Module, shape: tuple[int, ...], max_entries: int) -> list[int]:
+    """Widths of the chain's layers (input, hidden..., output) from the captured graph, without
+    building a dense matrix; refuses chains whose dense weights exceed ``max_entries``."""
+    chain = sequential_chain(simplify(capture(model, shape)))
+    lin = [nd for nd in chain if nd.kind == "linear"]
+    if not lin:
+        return []
+    sizes = [math.prod(lin[0].in_shapes[0])] + [math.prod(nd.out_shape) for nd in lin]
+    entries = [a * b for a, b in itertools.pairwise(sizes)]
+    big = max(range(len(entries)), key=entries.__getitem__)
+    if entries[big] > max_entries:
+        raise UnsupportedModelError(
+            [UnsupportedNode(lin[big].qualname, lin[big].op,
+                             f"dense weight matrix of {entries[big]} entries > "
+                             f"max_dense_entries={max_entries}")],
+            what="lipsdp() forms the dense weight matrices; raise max_dense_entries or use "
+            "autolip/seqlip for large (convolutional) models",
+        )
+    return sizes
+
+
 def _lipsdp_schur(
     model: nn.Module,
     shape: tuple[int, ...],
     time_limit: float | None,
     options: dict[str, Any],
     t0: float,
+    method: str = "neuron",
 ) -> SDPResult:
     """``lipsdp`` with the Schur-complement solver (``options`` go to ``solve_schur``)."""
     Ws, ranges = slope_ranges_of(model, shape)
-    allowed = {"device", "max_iter", "betas", "optimise"}
+    allowed = {"device", "max_iter", "betas", "optimise", "ipm_max_rows", "ipm_max_steps"}
     bad = sorted(set(options) - allowed)
     if bad:
         raise InvalidArgumentError(
             f"lipsdp(solver='schur'): unknown solver_options {bad}; allowed: {sorted(allowed)}"
         )
-    sol = solve_schur(Ws, ranges, time_limit=time_limit, **options)
+    sol = solve_schur(Ws, ranges, time_limit=60.0 if time_limit is None else time_limit,
+                      **options)
     cands = [v for v in (sol.value, sol.closed_form) if v is not None]
     notes = list(sol.notes)
     if cands:
@@ -529,7 +597,7 @@ def _lipsdp_schur(
     return SDPResult(
         value=value,
         certified=certified,
-        method="lipsdp-neuron",
+        method=f"lipsdp-{method}",
         norm="2",
         bound=bound,  # type: ignore[arg-type]
         upper=upper,
@@ -537,9 +605,10 @@ def _lipsdp_schur(
         seconds=time.perf_counter() - t0,
         notes=tuple(notes),
         raw=sol.raw,
-        variant="neuron",
-        solver="schur",
-        solver_status="optimal" if sol.value is not None else "closed_form_only",
+        variant=method,
+        solver="closed-form" if method == "fast" else "schur",
+        solver_status=("closed_form" if method == "fast" else
+                       "optimal" if sol.value is not None else "closed_form_only"),
         solve_seconds=sol.seconds_opt,
         verify_seconds=sol.seconds_verify,
         extra={

@@ -78,7 +78,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .._progress import ProgressArg, make_progress
+from .._progress import ProgressArg, flop_rate, make_progress
 from .._validation import check_choice, check_input_shape, check_model, check_norm, check_positive
 from ..errors import InvalidArgumentError, ZeroOperatorError
 from ..graph.modules import eval_weight
@@ -263,11 +263,7 @@ class _Clock:
         """float64 matmul flop/s per WALL second, measured once per call (on a shared
         machine the wall-clock rate changes from call to call)."""
         if self._rate is None:
-            a = torch.randn(384, 384, dtype=_F64)
-            t0 = time.perf_counter()
-            for _ in range(3):
-                _ = a @ a
-            self._rate = 3 * 2 * 384**3 / max(time.perf_counter() - t0, 1e-6)
+            self._rate = flop_rate()
         return self._rate
 
     def fits(self, m: int, n: int, p: int) -> bool:
