@@ -420,7 +420,9 @@ def bound(
     ----------
     methods:
         any of ``"lower"`` (:func:`lipbound.lower_bound`), ``"autolip"``, ``"seqlip"``,
-        ``"exact"`` (small ReLU nets), ``"lipsdp"`` (needs cvxpy); run in the given order.
+        ``"exact"`` (small ReLU nets), ``"lipsdp"`` (LipSDP-neuron on feed-forward chains by
+        the structured Schur solver, no extra dependency; refused quickly elsewhere); run in the
+        given order.
     data:
         optional data points ``(N, *input_shape)`` for the lower bound (the paper's data bound
         and starting points of the search).
