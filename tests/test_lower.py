@@ -354,3 +354,29 @@ def test_errors() -> None:
         bad.weight[0, 0] = float("nan")
     with pytest.raises(NonFiniteError):
         lower_bound(bad, (2,))
+
+
+class _DivByHardsigmoid(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.m = nn.Hardsigmoid()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return 7.5 / self.m(x)
+
+
+def test_regression_no_witness_where_the_output_is_infinite() -> None:
+    """Fuzz campaign witness class: a Jacobian witness at a point where hardsigmoid is 0 (the
+    output 7.5 / 0 is inf, the Jacobian 0 / 0): the value (9.2e7) was not reproducible (NaN).
+    A witness now needs finite outputs, and reproduces."""
+    r = lower_bound(_DivByHardsigmoid().eval(), (2, 4, 3), norm="2", restarts=4, steps=12,
+                    power_iterations=8, seed=3544)
+    w = r.witness
+    assert w is not None
+    assert bool(torch.isfinite(_DivByHardsigmoid()(w.x[None].float())).all())
+    if w.y is None:
+        assert w.direction is not None
+        got = jacobian_ratio(_DivByHardsigmoid().double(), w.x, w.direction)
+    else:
+        got = pair_ratio(_DivByHardsigmoid().double(), w.x, w.y)
+    assert math.isfinite(got) and got == pytest.approx(r.value, rel=1e-9)

@@ -442,7 +442,10 @@ class _Checker:
         den = float(_pnorm(x - y, norm)[0])
         if not den > 0:
             return 0.0
-        num = float(_pnorm(self.f(x) - self.f(y), norm)[0])
+        fx, fy = self.f(x), self.f(y)
+        if not (bool(torch.isfinite(fx).all()) and bool(torch.isfinite(fy).all())):
+            return self._ratio(math.inf)  # f is not a real function there: no witness
+        num = float(_pnorm(fx - fy, norm)[0])
         return self._ratio(num / den)
 
     @torch.no_grad()
@@ -455,6 +458,10 @@ class _Checker:
         den = float(_pnorm(v, norm)[0])
         if not den > 0:
             return 0.0, None
+        if not bool(torch.isfinite(self.f(x)).all()):
+            # an output is inf / NaN at x (7.5 / hardsigmoid(x) where it is 0): f is not
+            # differentiable there and the Jacobian's 0 / 0 entries are no witness
+            return self._ratio(math.inf), None
         if self.m <= _FULL_M:
             jac = _full_jacobian(self.f, x, self.m)
             return self._ratio(float(_pnorm((jac @ v[:, :, None])[:, :, 0], norm)[0]) / den), None
