@@ -529,9 +529,11 @@ def _run_one(
     shape: tuple[int, ...], p: str, data: Any, deadline: float, reporter: _Reporter,
     kwargs: dict[str, Any], runs: list[MethodRun], recoverable: tuple[type[BaseException], ...],
 ) -> BaseException | None:
-    """Run one method of :func:`estimate` and append its :class:`MethodRun` to ``runs``."""
-    """Run one method of :func:`estimate`; append its :class:`MethodRun` to ``runs`` and
-    return the recoverable error that stopped it (``None`` if none)."""
+    """Run one method of :func:`bound`; append its :class:`MethodRun` to ``runs`` and
+    return the recoverable error that stopped it (``None`` if none).
+
+    A method's share of the time left is divided by 1.1: each method keeps its own limit to
+    within 10%, so the shares overrun by at most the budget itself."""
     takes = TAKES.get(name, frozenset())
     if "norm" in takes:
         kwargs.setdefault("norm", p)
@@ -554,7 +556,7 @@ def _run_one(
                 "(raise time_limit or run fewer methods)"))
             return None
         w = _budget_weight(name)
-        kwargs["time_limit"] = left * w / sum(_budget_weight(n) for n in todo)
+        kwargs["time_limit"] = left * w / sum(_budget_weight(n) for n in todo) / 1.1
     reporter(f"{name}", 0.0)
     try:
         result = fn(model, shape, **kwargs)
