@@ -207,17 +207,21 @@ def test_certificate_that_cannot_fit_the_time_limit_is_refused() -> None:
         lipsdp(net, (8,), variant="fast", time_limit=1e-3)
 
 
-def test_estimate_default_runs_lipsdp_on_chains_and_skips_it_on_others(
+ALL = ("lower", "autolip", "seqlip", "lipsdp")
+
+
+def test_bound_runs_lipsdp_on_chains_and_skips_it_on_others(
     residual_net: nn.Module,
 ) -> None:
     from lipbound.report import bound
 
     net = _mlp([3, 8, 8, 2], seed=1).eval()
-    rep = bound(net, (3,), lower={"restarts": 2, "steps": 10}, seqlip={"mode": "greedy"})
+    rep = bound(net, (3,), methods=ALL, lower={"restarts": 2, "steps": 10},
+                seqlip={"mode": "greedy"})
     run = {r.name: r for r in rep.runs}
     assert "lipsdp" in run and run["lipsdp"].ok and run["lipsdp"].result is not None
     assert run["lipsdp"].result.certified
     assert rep.upper is not None and rep.upper <= run["autolip"].result.value  # type: ignore[union-attr]
-    rep2 = bound(residual_net, (2,), lower={"restarts": 2, "steps": 10})
+    rep2 = bound(residual_net, (2,), methods=ALL, lower={"restarts": 2, "steps": 10})
     run2 = {r.name: r for r in rep2.runs}
     assert not run2["lipsdp"].ok and rep2.upper is not None  # refused, the others go on
