@@ -12,6 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
+from _helpers import mlp as _mlp
 from lipbound.errors import InvalidArgumentError
 from lipbound.methods import sdp
 from lipbound.methods._schur import (
@@ -23,16 +24,6 @@ from lipbound.methods._schur import (
     solve_schur,
 )
 from lipbound.methods.exact import exact
-
-
-def _mlp(sizes: list[int], *, seed: int, act: type[nn.Module] = nn.ReLU) -> nn.Sequential:
-    torch.manual_seed(seed)
-    layers: list[nn.Module] = []
-    for i in range(len(sizes) - 1):
-        layers.append(nn.Linear(sizes[i], sizes[i + 1]))
-        if i < len(sizes) - 2:
-            layers.append(act())
-    return nn.Sequential(*layers).double().eval()
 
 
 def _random_deep(width: int, depth: int, seed: int) -> list[np.ndarray]:
