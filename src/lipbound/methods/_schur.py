@@ -164,6 +164,16 @@ def _lse_max(ev: torch.Tensor, beta: float) -> torch.Tensor:
     return m + torch.logsumexp(beta * (ev - m) / m, 0) * m / beta
 
 
+
+def _h_matrix(G: torch.Tensor, s: float | torch.Tensor, a: float, b: float,
+              eye: torch.Tensor) -> torch.Tensor:
+    """``(I + 2ab s G)^{-1} G``, symmetrised (``G`` itself when ``ab = 0``): the term of the
+    layer's Schur complement that both the closed form and the optimiser use."""
+    if a * b == 0:
+        return G
+    Hm = torch.linalg.solve(eye + (2 * a * b) * s * G, G)
+    return (Hm + Hm.T) / 2
+
 def _layer(
     P: torch.Tensor,
     W: torch.Tensor,
@@ -197,11 +207,7 @@ def _layer(
         else:
             s = torch.exp(v) / g
     c = (a + b) ** 2
-    if a * b != 0:
-        Hm = torch.linalg.solve(eye + (2 * a * b) * s * G, G)
-        Hm = (Hm + Hm.T) / 2
-    else:
-        Hm = G
+    Hm = _h_matrix(G, s, a, b, eye)
     Q = 2 * eye - c * s * Hm
     Pn = s * (sq[:, None] * Q * sq[None, :])
     return (Pn + Pn.T) / 2, s * d, g
@@ -265,11 +271,7 @@ def closed_form_multipliers(
         den = (a + b) ** 2 + 4 * max(0.0, -a * b)
         s = 1.0 / (den * k) if den > 0 else 1.0 / k
         c = (a + b) ** 2
-        if a * b != 0:
-            Hm = torch.linalg.solve(eye + (2 * a * b) * s * G, G)
-            Hm = (Hm + Hm.T) / 2
-        else:
-            Hm = G
+        Hm = _h_matrix(G, s, a, b, eye)
         P = s * (2 * eye - c * s * Hm)
         P = (P + P.T) / 2
         # the same point in the optimiser's parametrisation (g_max = k)
