@@ -380,3 +380,33 @@ def test_regression_no_witness_where_the_output_is_infinite() -> None:
     else:
         got = pair_ratio(_DivByHardsigmoid().double(), w.x, w.y)
     assert math.isfinite(got) and got == pytest.approx(r.value, rel=1e-9)
+
+
+class _SelfRatio(nn.Module):
+    """``h / h`` after a BatchNorm: 1 wherever ``h != 0``, so the true constant is 0 (the
+    fuzz campaign's minimised reproducer, seed 8691)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(8691)
+        self.bn = nn.BatchNorm2d(3, eps=0.001)
+        self.bn.running_mean.copy_(torch.randn(3))
+        self.bn.running_var.copy_(0.1 * torch.rand(3) + 1e-4)
+        self.bn.weight.data.copy_(3.0 * torch.randn(3))
+        self.bn.bias.data.copy_(torch.randn(3))
+        self.register_buffer("c", torch.randn(2, 3, 3, 3))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.bn(x)
+        return torch.divide(torch.true_divide(h, h).unsqueeze(1), self.c)
+
+
+@pytest.mark.parametrize("norm", ["1", "2", "inf"])
+def test_regression_jacobian_witness_of_rounding_noise(norm: str) -> None:
+    """Fuzz campaign witness class (87549c2): the float64 reverse-mode derivative of ``h / h``
+    is ``1/h - h/h^2``, rounding noise of ``1e-16 / h``; lower_bound l1 printed 1.2e-10 as a
+    Jacobian witness of a function whose true constant is 0. A Jacobian value must now be
+    confirmed by its secants (every secant of ``h / h`` is exactly 0)."""
+    r = lower_bound(_SelfRatio().eval(), (3, 3, 3), norm=norm, restarts=4, steps=12,
+                    power_iterations=8, seed=8691)
+    assert r.value == 0.0
