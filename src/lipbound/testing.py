@@ -2260,7 +2260,9 @@ def fuzz(
     time_limit: float | None = None, shrink: bool = True, focus: Sequence[Any] | None = None,
     coverage: bool = True,
 ) -> FuzzReport:
-    """Generate and check ``graphs`` programs (focus ops round-robin over every generator).
+    """Generate and check ``graphs`` programs (focus ops round-robin over every generator;
+    seeds ``seed * 1_000_003 + i`` for attempts ``i = 0, 1, ...``, a failed generation is
+    counted and replaced by the next attempt).
 
     ``lower_bound`` runs in one norm per graph (rotating); ``lipsdp`` every ``lipsdp_every``
     graphs (0: never) on the small ReLU-family chains ``exact`` accepts. ``focus`` restricts
@@ -2272,7 +2274,11 @@ def fuzz(
     gens = [_find_gen(f) for f in focus] if focus else _GENS
     shrunk: Counter[tuple[str, ...]] = Counter()
     t0 = time.perf_counter()
-    for i in range(graphs):
+    i = -1
+    # ``graphs`` programs are checked: a seed whose generation fails is replaced by the next
+    # one (at most ``graphs`` replacements, so a broken generator cannot loop forever)
+    while rep.graphs < graphs and i + 1 < 2 * graphs:
+        i += 1
         if time_limit is not None and time.perf_counter() - t0 > time_limit:
             break
         g = gens[(i + seed) % len(gens)]

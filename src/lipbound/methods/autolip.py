@@ -44,6 +44,7 @@ from ..graph.types import Node
 from ..results import LayerBound, LipschitzResult
 from ..rules import NodeConstant, RuleContext, get_rule, registered_keys
 from ..rules.linear import l1_linf_available
+from ..spectral import shared_casts
 
 __all__ = [
     "NodeConstant", "autolip", "clear_cache", "compose", "elasticities", "graph_constants",
@@ -152,7 +153,8 @@ def node_constants(
                 "the next call on this model)"
             )
         try:
-            c = node.meta["rule"].constant(node, quick if late else ctx)
+            with shared_casts():  # the node's parameters are cast to float64 once
+                c = node.meta["rule"].constant(node, quick if late else ctx)
         except UnsupportedModelError as exc:
             bad.extend(exc.nodes)
             continue
@@ -339,7 +341,8 @@ def autolip(
 
     ``tol`` / ``max_iter`` drive the power/Lanczos estimates used as factors when no
     certificate exists; a certified factor's estimate is only reported and computed to
-    ``max(tol, 1e-3)``. ``certify=False`` skips certificates (faster; estimates only).
+    ``max(tol, 1e-3)`` in at most 16 Lanczos steps (a lower estimate either way).
+    ``certify=False`` skips certificates (faster; estimates only).
 
     ``time_limit`` (seconds, default none): the clock is checked before each node (the capture
     and a node's certificate, once started, are not interrupted); the nodes started after it

@@ -13,8 +13,9 @@ a VJP w.r.t. the input only does not accumulate into any ``.grad`` either.
 
 from __future__ import annotations
 
+import contextlib
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -27,7 +28,7 @@ from ..errors import (
     ShapeError,
 )
 
-__all__ = ["Operator", "make_operator", "module_call", "op_device"]
+__all__ = ["Operator", "make_operator", "module_call", "op_device", "shared_casts"]
 
 # coefficients of the superposition check (arbitrary, not "nice" numbers)
 _ALPHA, _BETA = 0.7316, -1.2409
@@ -41,15 +42,68 @@ def op_device(op: Any) -> torch.device:
     return torch.device("cpu")
 
 
+# stack of active cast caches (see shared_casts): key (id, data_ptr, version, dtype)
+_CASTS: list[dict[tuple[Any, ...], tuple[torch.Tensor, torch.Tensor]]] = []
+
+
+@contextlib.contextmanager
+def shared_casts() -> Iterator[None]:
+    """Within this block, :func:`module_call` casts each parameter / buffer to a dtype once.
+
+    One node's certificate reads its layer several times (linearity check, structural and
+    dense certificates, estimate); a ``Linear(25088, 4096)`` cast to float64 is 800 MB, and
+    its four casts took longer than its certificate. The cache lives only for the block (a
+    cast is keyed by the tensor's identity, storage and in-place version counter, so a tensor
+    changed inside the block is cast again) and is dropped at its end.
+    """
+    _CASTS.append({})
+    try:
+        yield
+    finally:
+        _CASTS.pop()
+
+
+def output_shape(module: nn.Module, in_shape: tuple[int, ...]) -> tuple[int, ...]:
+    """``module``'s output shape (without the batch) on ``(1, *in_shape)`` inputs, from a
+    forward pass on the meta device (no arithmetic, no cast); in the module's own dtype
+    where an op has no meta kernel."""
+    dev, dt = torch.device("cpu"), torch.get_default_dtype()
+    for t in list(module.parameters()) + list(module.buffers()):
+        dev, dt = t.device, (t.dtype if t.is_floating_point() else dt)
+        break
+    try:
+        state = {name: t.detach().to("meta")
+                 for name, t in list(module.named_parameters()) + list(module.named_buffers())}
+        with torch.no_grad():
+            y = torch.func.functional_call(module, state, (torch.zeros((1, *in_shape),
+                                                                      dtype=dt, device="meta"),),
+                                           strict=False)
+    except (RuntimeError, NotImplementedError, TypeError, ValueError):
+        with torch.no_grad():
+            y = module_call(module, dt)(torch.zeros((1, *in_shape), dtype=dt, device=dev))
+    return tuple(y.shape[1:])
+
+
 def module_call(module: nn.Module, dtype: torch.dtype) -> Callable[[torch.Tensor], torch.Tensor]:
     """``x -> module(x)`` with detached parameters/buffers cast to ``dtype``.
 
     The module itself is left untouched (no cast, no ``.grad``, no ``requires_grad`` change).
     """
     state: dict[str, torch.Tensor] = {}
+    cache = _CASTS[-1] if _CASTS else None
     for name, t in list(module.named_parameters()) + list(module.named_buffers()):
         t = t.detach()
-        state[name] = t.to(dtype) if t.is_floating_point() else t
+        if not t.is_floating_point() or t.dtype == dtype:
+            state[name] = t
+            continue
+        if cache is None:
+            state[name] = t.to(dtype)
+            continue
+        key = (id(t), t.data_ptr(), t._version, dtype)
+        hit = cache.get(key)
+        if hit is None:
+            hit = cache[key] = (t, t.to(dtype))  # t kept alive: its id is not reused
+        state[name] = hit[1]
 
     def call(x: torch.Tensor) -> torch.Tensor:
         return torch.func.functional_call(module, state, (x,), strict=False)

@@ -40,7 +40,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import InvalidArgumentError
-from ._ops import module_call
+from ._ops import module_call, op_device, output_shape
 
 __all__ = [
     "ConvSpec",
@@ -108,12 +108,14 @@ def matrix_norm_upper(W: torch.Tensor, norm: str = "2") -> tuple[float, str]:
 
         ||W||_2 <= s + 8 m n u ||W||_F.
 
-    l2, larger matrices: with ``G = W W^T`` (the smaller side, ``p x p``) computed in float64,
-    ``|G_hat - G| <= gamma_q |W| |W|^T`` entrywise (``q`` the inner dimension), so
-    ``||G_hat - G||_2 <= 1.01 q u ||W||_F^2``; the symmetric eigensolver is backward stable
-    with ``||E||_2 <= 8 p^2 u ||G_hat||_F``. Hence
-
-        ||W||_2^2 = lambda_max(G) <= lambda_hat + 1.01 q u ||W||_F^2 + 8 p^2 u ||G_hat||_F.
+    l2, larger matrices: ``||W||_2^2 = lambda_max(G)`` with ``G = W W^T`` (the smaller side,
+    ``p x p``, inner dimension ``q``) computed in float64, and ``lambda_max`` certified as in
+    :func:`_gram_lambda_upper` (whose proof, written for complex matrices, holds verbatim for
+    real ones, with ``fro_up`` the computed ``||W||_F`` rounded up by ``(m n + 8) u``): a
+    Lanczos candidate ``c`` (64 steps, then 160) is proved by a successful Cholesky
+    factorisation of ``c I - G_hat``, giving ``lambda_max(G) <= c + e_D + 2 e_C + e_G``; if
+    both fail, the backward-stable ``eigvalsh`` bound (:func:`_lambda_max_upper`). One
+    Cholesky costs a quarter of a symmetric eigensolve. A non-finite ``G_hat`` gives ``inf``.
 
     l1 / l-inf: the largest column / row sum of ``|W|``; a float64 sum of ``q`` non-negative
     terms is at most ``(1 + q u)`` times too small, so it is inflated by ``(1 + 2 q u)``.
@@ -140,12 +142,12 @@ def matrix_norm_upper(W: torch.Tensor, norm: str = "2") -> tuple[float, str]:
         s = float(torch.linalg.svdvals(W)[0])
         return round_up(s + 8 * m * n * U * fro * 1.01), "dense SVD (float64) + margin"
     A = W if m <= n else W.T
-    p, q = A.shape
+    q = A.shape[1]
     G = A @ A.T
-    lam = float(torch.linalg.eigvalsh(G)[-1])
-    gf = float(torch.linalg.matrix_norm(G, "fro"))
-    lam_up = lam + 1.01 * q * U * fro * fro + 8 * p * p * U * gf
-    return round_up(math.sqrt(max(lam_up, 0.0))), "dense Gram eigvalsh (float64) + margin"
+    f2 = round_up(fro, (m * n + 8) * U) ** 2  # >= ||W||_F^2 (sum of m n squares, rounded)
+    lam_up = _lambda_max_upper(G[None], f2, 4.04 * (q + 4) * U * f2)
+    return (round_up(math.sqrt(lam_up)),
+            "dense Gram (float64), Lanczos candidate verified by Cholesky + margin")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -423,28 +425,8 @@ def _gram_lambda_upper(
     the Hermitian matrix ``H_G`` they see satisfies the same entrywise bound, hence
     ``lambda_max(G) <= lambda_max(H_G) + e_G``.
 
-    **Candidate.** ``c = max(floor, (1 + 4e-6) max_b ritz_b)`` with ``ritz_b`` a Lanczos
-    estimate of ``lambda_max(G_b)`` (:func:`_lanczos_ritz_max`; ``scale`` replaces the factor,
-    for tests only). It is only a guess: the next step proves or rejects it for each ``b``.
-
-    **Verification by Cholesky.** ``M_hat = fl(c I - H_G) = c I - H_G + D`` with ``D``
-    diagonal, ``|D_ii| <= u |c - G_hat_ii|``, so ``||D||_2 <= e_D := u (c + 2 fro_up^2)``
-    (``|G_hat_ii| <= (1 + e) ||A||_F^2``). If the floating-point Cholesky factorisation
-    of ``M_hat`` runs to completion (``cholesky_ex`` ``info == 0``), the computed factor
-    satisfies ``R^* R = M_hat + dM`` with ``|dM| <= gamma_{p+1} |R^*| |R|`` (Higham, Accuracy
-    and Stability, Thm 10.3; a factor 2 covers the blocked LAPACK variant), so
-    ``||dM||_2 <= ||dM||_F <= 2 gamma_{p+1} ||R||_F^2`` and ``||R||_F^2 = tr(M_hat + dM) <=
-    tr(M_hat) / (1 - 2 gamma_{p+1})``; ``tr(M_hat) <= p (c + e_D + e_G)`` (``G_ii >= 0``). Hence
-    ``e_C := 2.03 (p + 1) u p (c + e_D + e_G)`` (doubled below for slack) bounds ``||dM||_2``. As
-    ``R^* R`` is positive semidefinite, ``c I - H_G + D + dM >= 0``, i.e.
-
-        lambda_max(G_b) <= c + e_D + 2 e_C + e_G.
-
-    **Fallback.** For each ``b`` whose Cholesky fails, ``lambda_hat = max(eigvalsh(H_G))``
-    (backward stable: ``||E||_2 <= 8 p^2 u ||G_hat||_F``, as in :func:`matrix_norm_upper`,
-    ``||G_hat||_F <= 1.01 fro_up^2``), so ``lambda_max(G_b) <= lambda_hat + 8.08 p^2 u
-    fro_up^2 + e_G``. The result is the maximum of the applicable bounds, rounded up
-    (``inf`` if ``G_hat`` is not finite).
+    The bound is then :func:`_lambda_max_upper` of ``G_hat`` with ``f2 = fro_up^2`` and that
+    ``e_G``.
     """
     m, n = A.shape[-2:]
     if m <= n:
@@ -456,12 +438,71 @@ def _gram_lambda_upper(
     if not bool(torch.isfinite(G).all()):
         return math.inf  # non-finite symbol: no certificate (never a silently wrong one)
     f2 = fro_up * fro_up
-    e_G = 4.04 * (q + 4) * U * f2
-    ritz = _lanczos_ritz_max(G)
+    return _lambda_max_upper(G, f2, 4.04 * (q + 4) * U * f2, floor, scale)
+
+
+def _lambda_max_upper(
+    G: torch.Tensor, f2: float, e_G: float, floor: float = 0.0, scale: float | None = None,
+    steps: tuple[int, ...] = (64, 160),
+) -> float:
+    r"""Certified ``L >= max_b lambda_max(G[b])`` for ``(B, p, p)`` computed Gram matrices.
+
+    ``G_hat[b]`` is within ``e_G`` (in ``||.||_2``) of an exact Gram matrix ``G[b]`` (positive
+    semidefinite, ``G_ii >= 0``) with ``|G_hat_ii|, ||G_hat||_F <= 1.01 f2`` (the caller proves
+    both, e.g. :func:`_gram_lambda_upper`); the LAPACK routines below read only the lower
+    triangle (and the real part of the diagonal), and the Hermitian matrix ``H_G`` they see
+    satisfies the same bound, so ``lambda_max(G) <= lambda_max(H_G) + e_G``. ``floor > 0``
+    is the caller's candidate (a bound it already certified, or an estimate of the max): it
+    only replaces the first candidate below, the proof does not depend on it.
+
+    **Candidate.** ``c = floor`` if given, else ``(1 + 4e-6) max_b ritz_b`` with ``ritz_b`` a
+    Lanczos estimate of ``lambda_max(G_b)`` (:func:`_lanczos_ritz_max`; ``scale`` replaces
+    the factor, for tests only): with more than 4 matrices, 8 steps on each rank them and
+    ``steps[0]`` steps on the 4 largest give the estimate (each step reads every matrix once,
+    and only the largest matters), else ``steps[0]`` steps on each. It is only a guess: the
+    next step
+    proves or rejects it for each ``b``; the ``b`` rejected get a new candidate from
+    ``steps[0]``, then ``steps[1]``... steps on themselves (at least the previous one).
+
+    **Verification by Cholesky.** ``M_hat = fl(c I - H_G) = c I - H_G + D`` with ``D``
+    diagonal, ``|D_ii| <= u |c - G_hat_ii|``, so ``||D||_2 <= e_D := u (c + 2 f2)``
+    (``|G_hat_ii| <= 1.01 f2``). If the floating-point Cholesky factorisation
+    of ``M_hat`` runs to completion (``cholesky_ex`` ``info == 0``), the computed factor
+    satisfies ``R^* R = M_hat + dM`` with ``|dM| <= gamma_{p+1} |R^*| |R|`` (Higham, Accuracy
+    and Stability, Thm 10.3; a factor 2 covers the blocked LAPACK variant), so
+    ``||dM||_2 <= ||dM||_F <= 2 gamma_{p+1} ||R||_F^2`` and ``||R||_F^2 = tr(M_hat + dM) <=
+    tr(M_hat) / (1 - 2 gamma_{p+1})``; ``tr(M_hat) <= p (c + e_D + e_G)`` (``G_ii >= 0``). Hence
+    ``e_C := 2.03 (p + 1) u p (c + e_D + e_G)`` (doubled below for slack) bounds ``||dM||_2``. As
+    ``R^* R`` is positive semidefinite, ``c I - H_G + D + dM >= 0``, i.e.
+
+        lambda_max(G_b) <= c + e_D + 2 e_C + e_G.
+
+    **Fallback.** For each ``b`` whose Cholesky fails, ``lambda_hat = max(eigvalsh(H_G))``
+    (backward stable: ``||E||_2 <= 8 p^2 u ||G_hat||_F <= 8.08 p^2 u f2``), so
+    ``lambda_max(G_b) <= lambda_hat + 8.08 p^2 u f2 + e_G``. The result is the maximum of the applicable bounds, rounded up
+    (``inf`` if ``G_hat`` is not finite).
+    """
+    if not math.isfinite(float(G.sum().abs())):  # an inf or NaN entry makes the sum one
+        return math.inf  # non-finite Gram matrix: no certificate (never a silently wrong one)
     fac = (1.0 + 4e-6) if scale is None else scale
-    c = max(floor, round_up(float(ritz.max()) * fac))
+    if floor > 0:  # the caller's candidate (matrices above it are retried below)
+        c = floor
+    elif G.shape[0] > 4:
+        rough = _lanczos_ritz_max(G, 8)
+        top = torch.topk(rough, 4).indices
+        est = max(float(rough.max()), float(_lanczos_ritz_max(G[top], steps[0]).max()))
+        c = round_up(est * fac)
+    else:
+        c = round_up(float(_lanczos_ritz_max(G, steps[0]).max()) * fac)
     bounds = _chol_verify(G, torch.full((G.shape[0],), c, dtype=_F64, device=G.device),
                           f2, e_G)
+    for k in steps:
+        bad = torch.nonzero(~torch.isfinite(bounds)).flatten()
+        if not bad.numel():
+            break
+        c = max(c, round_up(float(_lanczos_ritz_max(G[bad], k).max()) * fac))
+        bounds[bad] = _chol_verify(G[bad], torch.full((bad.numel(),), c, dtype=_F64,
+                                                      device=G.device), f2, e_G)
     fin = torch.isfinite(bounds)
     bound = float(bounds[fin].max()) if bool(fin.any()) else 0.0
     bad = torch.nonzero(~fin).flatten()
@@ -541,9 +582,24 @@ def conv_fourier_upper(
     **Rounding.** ``K_hat(w)`` is evaluated as a sum of ``T`` complex products in float64: the
     error is at most ``(2 T + 16) u S`` in Frobenius norm, ``S = sum_t ||K_t||_F``; the SVD of
     each ``m x n`` symbol adds at most ``8 m n u ||K_hat(w)||_F <= 8 m n u S``. Both are added.
-    When ``min(m, n) >= 192`` the batched SVD is replaced by a cheaper Gram + Cholesky
-    certificate of ``max_w ||K_hat(w)||_2^2`` (proved in :func:`_gram_lambda_upper`); then
-    the bound is ``sqrt(that) + (2 T + 16) u S``.
+    When ``min(m, n) >= 192`` the batched SVD is replaced by a cheaper certificate of
+    ``max_w ||K_hat(w)||_2^2`` that never forms the symbol: ``G(w) = K_hat(w) K_hat(w)^*``
+    (or ``K_hat^* K_hat``, the smaller side, ``p x p``) is the trigonometric polynomial
+    ``sum_j C_j e^{-i <j, w>}`` of :func:`_gram_coefficients` (``J`` offsets ``j``, each
+    ``C_j`` a sum of products ``K_a K_b^T``), formed once (``T^2`` products of ``p x q``
+    blocks) and then evaluated at every frequency with ``J p^2`` operations instead of the
+    ``p^2 q`` of a product. *Rounding*: the angle ``theta = <j, w>``, ``w_t = 2 pi k_t / G_t``
+    computed as ``fl(fl(k_t / G_t) fl(2 pi))`` (within ``3.01 u |w_t| <= 18.92 u``) and a
+    ``D``-term dot product (``<= 1.01 D u 2 pi sum_t |j_t|``), is within ``(18.92 + 6.35 D)
+    u sum_t |j_t|`` of the exact one; ``cos`` / ``sin`` add ``2 u``: each exponential is within
+    ``eta u``, ``eta = (19 + 6.4 D) max_j sum_t |j_t| + 2``. Every entry of ``G`` is a sum of
+    products bounded entrywise by ``sum_{a, b} |K_a| |K_b|^T`` (Frobenius norm ``<= S^2``);
+    forming ``C_j`` (inner dimension ``q``, ``<= T`` pairs), the exponentials and the
+    ``J``-term sum give ``||G_hat - G||_F <= e_G := 2.02 (q + T + J + eta + 4) u S^2``
+    (complex entries: a factor ``sqrt 2``), as in :func:`conv_torus_upper`. Then
+    ``max_w lambda_max(G(w))`` is certified by :func:`_lambda_max_upper` (Lanczos candidate
+    proved by one Cholesky factorisation per frequency, ``f2 = 1.01 S^2``) and the bound is
+    its square root (rounded up).
 
     >>> conv = nn.Conv1d(1, 1, 3, padding=1, padding_mode="circular", bias=False)
     >>> with torch.no_grad():
@@ -587,27 +643,43 @@ def conv_fourier_upper(
         W = W[:1]
     P = torch.tensor(list(positions.keys()), dtype=_F64).reshape(T, D)
     nF = W.shape[0]
-    per = max(1, max_bytes // max(1, 16 * Keff.shape[1] * 3))
     m_, n_ = cout_g, cin_eff
     use_gram = min(m_, n_) >= _gram_min
-    sym_err = (2 * T + 16) * U * S_norm  # Frobenius error of each computed symbol
     best = 0.0  # SVD path: max sigma_hat; Gram path: certified bound on max lambda_max(G)
-    Kc = Keff.to(torch.complex128)
-    for a in range(0, nF, per):
-        ang = -2 * math.pi * (W[a : a + per] @ P.T)  # (f, T)
-        E = torch.polar(torch.ones_like(ang), ang)
-        Kh = (E @ Kc).reshape(-1, g, cout_g, cin_eff)
-        if use_gram:
-            fro_up = 1.01 * S_norm + sym_err  # >= ||K_hat(w)||_F for every computed symbol
-            best = max(best, _gram_lambda_upper(Kh.reshape(-1, m_, n_), fro_up, best,
-                                                _candidate_scale))
-        else:
-            s = torch.linalg.matrix_norm(Kh, ord=2)
-            best = max(best, float(s.max()))
     if use_gram:
+        left = m_ <= n_
+        p_, q_ = (m_, n_) if left else (n_, m_)
+        Cf, Of = _gram_coefficients(Keff4, P.to(torch.int64), left)
+        eta = (19.0 + 6.4 * D) * float(Of.abs().sum(dim=1).max()) + 2.0
+        e_G = 2.02 * (q_ + T + Cf.shape[0] + eta + 4) * U * S_norm * S_norm
+        per = max(1, max_bytes // (16 * g * p_ * p_ * 4 + 16 * Cf.shape[0]))
+
+        def gram_at(Wf: torch.Tensor) -> torch.Tensor:
+            ang = -((Wf * (2 * math.pi)) @ Of.T)  # (f, J)
+            return torch.complex(torch.cos(ang) @ Cf, torch.sin(ang) @ Cf).reshape(-1, p_, p_)
+
+        # first candidate: Lanczos at the 8 frequencies of largest tr G(w) (a cheap ranking:
+        # sum_j tr(C_j) cos <j, w>); every frequency is then verified against it, and those
+        # above it get their own candidates (_lambda_max_upper)
+        trC = Cf.reshape(-1, g, p_, p_).diagonal(dim1=-2, dim2=-1).sum(-1)  # (J, g)
+        trw = (torch.cos((W * (2 * math.pi)) @ Of.T) @ trC).amax(1)
+        top = torch.topk(trw, min(8, nF)).indices
+        fac = (1.0 + 4e-6) if _candidate_scale is None else _candidate_scale
+        best = round_up(float(_lanczos_ritz_max(gram_at(W[top]), 64).max()) * fac)
+        for a in range(0, nF, per):
+            best = max(best, _lambda_max_upper(gram_at(W[a : a + per]),
+                                               1.01 * S_norm * S_norm, e_G, best,
+                                               _candidate_scale))
         best = round_up(math.sqrt(max(best, 0.0)))
-        margin = sym_err
+        margin = 0.0
     else:
+        per = max(1, max_bytes // max(1, 16 * Keff.shape[1] * 3))
+        Kc = Keff.to(torch.complex128)
+        for a in range(0, nF, per):
+            ang = -2 * math.pi * (W[a : a + per] @ P.T)  # (f, T)
+            E = torch.polar(torch.ones_like(ang), ang)
+            s = torch.linalg.matrix_norm((E @ Kc).reshape(-1, g, cout_g, cin_eff), ord=2)
+            best = max(best, float(s.max()))
         margin = (2 * T + 16 + 8 * m_ * n_) * U * S_norm
     rep = math.prod(p.rep for p in plans)
     if rep > 1:
@@ -1023,13 +1095,18 @@ def _f64_fn(op: Any) -> Callable[[torch.Tensor], torch.Tensor]:
 
 
 def _device(op: Any) -> torch.device:
-    from ._ops import op_device
-
     return op_device(op)
 
 
 def dense_jacobian(op: Any, in_shape: tuple[int, ...]) -> torch.Tensor | None:
-    """The matrix ``J`` (``n_out x n_in``) of ``x -> op(x) - op(0)``, float64, or ``None``.
+    """The matrix ``J`` of :func:`_dense_jacobian` (its first item), or ``None``."""
+    jb = _dense_jacobian(op, in_shape)
+    return None if jb is None else jb[0]
+
+
+def _dense_jacobian(op: Any, in_shape: tuple[int, ...]
+                    ) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """``(J, op(0))``: ``J`` (``n_out x n_in``) the matrix of ``x -> op(x) - op(0)``, float64.
 
     Built from forward calls on the standard basis in chunks of ``c`` vectors, ``c`` sized so
     that a chunk (``c`` inputs of ``n_in`` and outputs of ``n_out`` float64 entries, times 4 for
@@ -1063,7 +1140,7 @@ def dense_jacobian(op: Any, in_shape: tuple[int, ...]) -> torch.Tensor | None:
             e[torch.arange(c), torch.arange(a, a + c)] = 1.0
             (g,) = torch.autograd.grad(y, x0, e)
             rows.append(g.reshape(c, -1).cpu())
-        return torch.cat(rows).contiguous()
+        return torch.cat(rows).contiguous(), b
     cols = []
     with torch.no_grad():
         for a in range(0, n_in, chunk):
@@ -1072,7 +1149,7 @@ def dense_jacobian(op: Any, in_shape: tuple[int, ...]) -> torch.Tensor | None:
             e[torch.arange(c), torch.arange(a, a + c)] = 1.0
             y = fn(e.reshape(c, *in_shape)) - b
             cols.append(y.reshape(c, -1).cpu())
-    return torch.cat(cols).T.contiguous()
+    return torch.cat(cols).T.contiguous(), b
 
 
 def dense_upper(op: Any, in_shape: tuple[int, ...], norm: str = "2") -> tuple[float, str] | None:
@@ -1088,12 +1165,10 @@ def dense_upper(op: Any, in_shape: tuple[int, ...], norm: str = "2") -> tuple[fl
     ||op(0)||``, added to :func:`matrix_norm_upper` of ``J_hat`` (l1 / l-inf likewise, with the
     matching ``sqrt(n)`` factor from ``||E||_1 <= sqrt(m) ||E||_F``).
     """
-    J = dense_jacobian(op, in_shape)
-    if J is None:
+    jb = _dense_jacobian(op, in_shape)
+    if jb is None:
         return None
-    fn = _f64_fn(op)
-    with torch.no_grad():
-        b = fn(torch.zeros((1, *in_shape), dtype=_F64, device=_device(op)))
+    J, b = jb
     n_out, n_in = J.shape
     fro = float(torch.linalg.matrix_norm(J, "fro"))
     err = 16 * (n_in + 1) * U * fro + 2 * U * math.sqrt(n_in) * float(b.norm())
@@ -1161,13 +1236,6 @@ def _schur_nonneg(op: nn.Module, in_shape: tuple[int, ...], norm: str) -> tuple[
     if norm == "1":
         return r_one, "average pool, abs column sums"
     return round_up(math.sqrt(r_inf * r_one)), "Schur test sqrt(||A||_1 ||A||_inf) (average pool)"
-
-
-def _shape_after(m: nn.Module, in_shape: tuple[int, ...]) -> tuple[int, ...]:
-    dev = _device(m)
-    with torch.no_grad():
-        y = module_call(m, _F64)(torch.zeros((1, *in_shape), dtype=_F64, device=dev))
-    return tuple(y.shape[1:])
 
 
 def _flatten_seq(m: nn.Module) -> list[nn.Module]:
@@ -1258,7 +1326,7 @@ def _sequential(seq: nn.Module, in_shape: tuple[int, ...], norm: str) -> tuple[f
     parts: list[_Part] = []
     shape = in_shape
     for m in mods:
-        out = _shape_after(m, shape)
+        out = output_shape(m, shape)
         parts.append((m, shape, out))
         shape = out
     parts = _fold_bn(parts)
@@ -1283,16 +1351,21 @@ def best_certificate(
 ) -> tuple[float, str] | None:
     """Best (smallest) applicable certificate for ``op`` on ``in_shape``, or ``None``."""
     cands: list[tuple[float, str]] = []
-    if isinstance(op, nn.Sequential):
-        c = _sequential(op, in_shape, norm)
+    dense = (math.prod(in_shape) * math.prod(out_shape) <= DENSE_LIMIT
+             and not isinstance(op, nn.Linear))  # a Linear's weight IS its dense matrix
+    if dense:
+        c = dense_upper(op, in_shape, norm)
         if c is not None:
             cands.append(c)
+    if isinstance(op, nn.Sequential):
+        # the product of the parts' norms is never below the norm of the composition, which
+        # the dense certificate bounds within its margin: only without it is it worth forming
+        if not cands:
+            c = _sequential(op, in_shape, norm)
+            if c is not None:
+                cands.append(c)
     elif isinstance(op, nn.Module):
         c = _single(op, in_shape, out_shape, norm)
-        if c is not None:
-            cands.append(c)
-    if math.prod(in_shape) * math.prod(out_shape) <= DENSE_LIMIT:
-        c = dense_upper(op, in_shape, norm)
         if c is not None:
             cands.append(c)
     if not cands:
