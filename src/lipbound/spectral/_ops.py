@@ -91,18 +91,18 @@ def module_call(module: nn.Module, dtype: torch.dtype) -> Callable[[torch.Tensor
     """
     state: dict[str, torch.Tensor] = {}
     cache = _CASTS[-1] if _CASTS else None
-    for name, t in list(module.named_parameters()) + list(module.named_buffers()):
-        t = t.detach()
+    for name, p in list(module.named_parameters()) + list(module.named_buffers()):
+        t = p.detach()
         if not t.is_floating_point() or t.dtype == dtype:
             state[name] = t
             continue
         if cache is None:
             state[name] = t.to(dtype)
             continue
-        key = (id(t), t.data_ptr(), t._version, dtype)
+        key = (id(p), p.data_ptr(), p._version, dtype)  # the module's own tensor, not a view
         hit = cache.get(key)
         if hit is None:
-            hit = cache[key] = (t, t.to(dtype))  # t kept alive: its id is not reused
+            hit = cache[key] = (p, t.to(dtype))  # p kept alive: its id is not reused
         state[name] = hit[1]
 
     def call(x: torch.Tensor) -> torch.Tensor:
