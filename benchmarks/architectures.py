@@ -1,14 +1,14 @@
-"""The common CNN families: AutoLip, SeqLip, lower_bound and estimate at 224x224 and 32x32.
+"""The common CNN families: AutoLip, SeqLip, lower_bound and bound at 224x224 and 32x32.
 
 For each family of :mod:`lipbound.zoo.cnn` (random seeded weights, random BatchNorm statistics,
 eval mode; built by ``lipbound.zoo.get(name)``), at each input size, ONE thread, each method in
 turn with its own freshly built copy of the model (so no method reuses another's AutoLip
-constants; in :func:`lipbound.estimate` autolip and seqlip share them):
+constants; in :func:`lipbound.bound` autolip and seqlip share them):
 
 * ``autolip``: ``lipbound.autolip(model, shape, time_limit=--autolip-limit)``;
 * ``seqlip``: ``lipbound.seqlip(model, shape, time_limit=--seqlip-limit)``;
 * ``lower_bound``: ``lipbound.lower_bound(model, shape, time_limit=--lower-limit)``;
-* ``estimate``: ``lipbound.estimate(model, shape, time_limit=--estimate-limit)`` (lower,
+* ``bound``: ``lipbound.bound(model, shape, time_limit=--bound-limit)`` (lower,
   autolip, seqlip sharing one budget; the value shown is the certified upper bound, or the
   lower bound when no upper method succeeded).
 
@@ -49,7 +49,7 @@ FAMILIES = [
     "densenet121", "shufflenet_v2_x1_0", "regnet_x_400mf", "googlenet", "squeezenet1_1",
     "efficientnet_b0",
 ]
-METHODS = ("autolip", "seqlip", "lower_bound", "estimate")
+METHODS = ("autolip", "seqlip", "lower_bound", "bound")
 
 
 def _status_kib(field: str) -> int | None:
@@ -109,7 +109,7 @@ def _cell(out: Any, method: str) -> tuple[str, str, str]:
         return "refused", "-", f"{type(out).__name__}: {_first_line(out)}"
     if method == "lower_bound":
         return f"{out.value:.5g}", "witness", str(getattr(out, "how", ""))[:60]
-    if method == "estimate":
+    if method == "bound":
         if out.upper is not None:
             lo = "-" if out.lower is None else f"{out.lower:.4g}"
             return (f"{out.upper:.5g}", "True",
@@ -130,7 +130,7 @@ def _call(method: str, model: nn.Module, shape: tuple[int, ...],
         return lambda: lipbound.seqlip(model, shape, time_limit=args.seqlip_limit)
     if method == "lower_bound":
         return lambda: lipbound.lower_bound(model, shape, time_limit=args.lower_limit)
-    return lambda: lipbound.estimate(model, shape, time_limit=args.estimate_limit)
+    return lambda: lipbound.bound(model, shape, time_limit=args.bound_limit)
 
 
 def main() -> None:
@@ -141,7 +141,7 @@ def main() -> None:
     ap.add_argument("--autolip-limit", type=float, default=120.0)
     ap.add_argument("--seqlip-limit", type=float, default=30.0)
     ap.add_argument("--lower-limit", type=float, default=15.0)
-    ap.add_argument("--estimate-limit", type=float, default=30.0)
+    ap.add_argument("--bound-limit", type=float, default=30.0)
     ap.add_argument("--out", default=str(Path(__file__).parent / "results/architectures.md"))
     args = ap.parse_args()
     torch.set_num_threads(1)
@@ -170,7 +170,7 @@ def main() -> None:
         "(`lipbound.zoo.get(name)`, random BatchNorm statistics), eval mode, input "
         "`(3, s, s)`; time limits: autolip "
         f"{args.autolip_limit:g} s, seqlip {args.seqlip_limit:g} s, lower_bound "
-        f"{args.lower_limit:g} s, estimate {args.estimate_limit:g} s. 'certified' is for upper "
+        f"{args.lower_limit:g} s, bound {args.bound_limit:g} s. 'certified' is for upper "
         "bounds; lower bounds are witnesses (realised values). Peak memory: "
         f"{meter.how}. torch {torch.__version__}, {platform.machine()}, "
         f"{torch.get_num_threads()} thread, {os.cpu_count()} CPU(s) on the machine, load "

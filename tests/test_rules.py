@@ -14,7 +14,7 @@ from torch import nn
 from lipbound.errors import InvalidArgumentError, UnsupportedModelError
 from lipbound.graph import capture, simplify
 from lipbound.methods.autolip import autolip, node_constants
-from lipbound.rules import get_rule, register_rule
+from lipbound.rules import _registry, get_rule, register_rule
 from lipbound.rules.activation import GELU_RANGE
 from lipbound.rules.pooling import adaptive_window_count, window_count
 from lipbound.rules.structural import log_softmax_constant
@@ -284,6 +284,18 @@ def test_scalar_ops_and_copies() -> None:
 
 # ---- registry ------------------------------------------------------------------------------
 def test_register_rule_for_custom_module_and_function() -> None:
+    """(The rules it registers are removed at the end: a registry left with these local
+    classes made test_every_registered_rule_has_a_generator fail when run after it.)"""
+    try:
+        _register_rule_for_custom_module_and_function()
+    finally:
+        for d in (_registry._MODULES, _registry._FUNCTIONS):
+            for k in [k for k in d if "test_register_rule" in getattr(k, "__qualname__", "")
+                      or "_register_rule_for" in getattr(k, "__qualname__", "")]:
+                d.pop(k)
+
+
+def _register_rule_for_custom_module_and_function() -> None:
     class Swish2(nn.Module):
         def forward(self, x: torch.Tensor) -> torch.Tensor:
             return x * torch.sigmoid(2 * x)  # a product: unsupported unless a rule is given

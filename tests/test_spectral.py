@@ -22,8 +22,8 @@ from lipbound.errors import (
     ShapeError,
     ZeroOperatorError,
 )
-from lipbound.spectral import certified_upper, spectral_norm, top_singular
-from lipbound.spectral import certify
+from lipbound.spectral import certified_upper, certify, shared_casts, spectral_norm, top_singular
+from lipbound.spectral._ops import _CASTS, module_call, output_shape
 from lipbound.spectral.certify import dense_jacobian, matrix_norm_upper
 
 SLACK = 1e-12
@@ -579,9 +579,6 @@ def test_shared_casts_cast_once_and_see_in_place_changes():
     """Inside ``shared_casts`` a parameter is cast to float64 once per version: a second call
     reuses the copy, an in-place change of the weight is seen (new version), and outside the
     block nothing is kept."""
-    from lipbound.spectral import shared_casts
-    from lipbound.spectral._ops import _CASTS, module_call, output_shape
-
     lin = nn.Linear(3, 2)
     x = torch.ones(1, 3, dtype=torch.float64)
     with shared_casts():

@@ -37,8 +37,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import UnsupportedModelError, UnsupportedNode
-from ..graph.modules import ChannelAffine, FoldedBatchNorm, materialize
+from ..graph.modules import FoldedBatchNorm, materialize
 from ..graph.types import Node
+from ..rules.linear import entrywise_map
 from .interval import REL64, TINY, Box
 
 __all__ = ["DENSE_ENTRIES", "LinearPart", "linear_parts"]
@@ -58,9 +59,6 @@ _NONNEG_FUNCTIONS = {
     F.avg_pool1d, F.avg_pool2d, F.avg_pool3d, F.adaptive_avg_pool1d, F.adaptive_avg_pool2d,
     F.adaptive_avg_pool3d, torch.sum, torch.mean, "sum", "mean",
 }
-_CONV = {nn.Conv1d: F.conv1d, nn.Conv2d: F.conv2d, nn.Conv3d: F.conv3d}
-_CONVT = {nn.ConvTranspose1d: F.conv_transpose1d, nn.ConvTranspose2d: F.conv_transpose2d,
-          nn.ConvTranspose3d: F.conv_transpose3d}
 
 
 def _vjp(fn: Map, y: torch.Tensor, in_shape: tuple[int, ...]) -> torch.Tensor:
@@ -121,41 +119,9 @@ class LinearPart:
 
 
 def _weight_maps(m: nn.Module) -> tuple[Map, Map | None] | None:
-    """``(|W| x, (W o W) x)`` for a plain weight layer, else ``None``."""
-    w = getattr(m, "weight", None)
-    if isinstance(m, nn.Linear) and isinstance(w, torch.Tensor):
-        wa, ws = w.detach().to(_F64).abs(), w.detach().to(_F64) ** 2
-        return (lambda x: F.linear(x, wa.to(x.device))), (lambda x: F.linear(x, ws.to(x.device)))
-    if type(m) in _CONV and isinstance(w, torch.Tensor) and isinstance(m, nn.modules.conv._ConvNd):
-        conv: nn.modules.conv._ConvNd = m
-        wa, ws = w.detach().to(_F64).abs(), w.detach().to(_F64) ** 2
-
-        def af(x: torch.Tensor, _w: torch.Tensor = wa) -> torch.Tensor:
-            return conv._conv_forward(x, _w.to(x.device), None)
-
-        def sf(x: torch.Tensor, _w: torch.Tensor = ws) -> torch.Tensor:
-            return conv._conv_forward(x, _w.to(x.device), None)
-
-        return af, (sf if conv.padding_mode == "zeros" else None)
-    if type(m) in _CONVT and isinstance(w, torch.Tensor):
-        ct: nn.modules.conv._ConvTransposeNd = m  # type: ignore[assignment]
-        f = _CONVT[type(ct)]
-        wa, ws = w.detach().to(_F64).abs(), w.detach().to(_F64) ** 2
-
-        def tf(x: torch.Tensor, _w: torch.Tensor) -> torch.Tensor:
-            return f(x, _w.to(x.device), None, ct.stride, ct.padding,  # type: ignore[arg-type]
-                     ct.output_padding, ct.groups, ct.dilation)
-
-        return (lambda x: tf(x, wa)), (lambda x: tf(x, ws))
-    if isinstance(m, ChannelAffine):
-        s: torch.Tensor = m.scale  # type: ignore[assignment]
-        sa, ss = s.detach().to(_F64).abs(), s.detach().to(_F64) ** 2
-
-        def bc(v: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-            return v.to(x.device).reshape(1, -1, *([1] * (x.dim() - 2)))
-
-        return (lambda x: x * bc(sa, x)), (lambda x: x * bc(ss, x))
-    return None
+    """``(|W| x, (W o W) x)`` for a plain weight layer (:func:`entrywise_map`), else ``None``."""
+    af = entrywise_map(m, 1)
+    return None if af is None else (af, entrywise_map(m, 2))
 
 
 def _part(node: Node) -> LinearPart:

@@ -86,6 +86,7 @@ __all__ = [
     "MERGED_KEY",
     "NormUnavailable",
     "abs_operator",
+    "entrywise_map",
     "check_batchnorm_stats",
     "l1_linf_available",
     "l1_linf_norm",
@@ -491,30 +492,57 @@ def _chain(
     return seq
 
 
+def entrywise_map(m: nn.Module, power: int = 1) -> Callable[[torch.Tensor], torch.Tensor] | None:
+    """``x -> B x`` (float64) for a weight layer, ``B`` entrywise ``|A|`` (``power=1``) or
+    ``A o A`` (``power=2``, the Hadamard square), or ``None`` for other modules.
+
+    ``Linear``, ``ChannelAffine``: the layer with ``|W|`` / ``W o W`` (exact). Zero-padded
+    ``Conv*`` / ``ConvTranspose*``: every entry of ``A`` is one kernel weight or 0 (distinct
+    taps read distinct inputs), so the conv with ``|K|`` / ``K o K`` is exact. Other padding
+    modes (``power=1`` only): ``A = C P`` with ``P`` the 0/1 copy matrix of the padding, and
+    ``|A| <= |C| P`` entrywise (taps meeting one input through the copies may cancel): the
+    conv with ``|K|`` on the padded input is an entrywise UPPER bound of ``|A|``, which is
+    all its users (l1 / l-inf norms, interval bounds) need; ``power=2`` gives ``None`` there.
+    """
+    if power not in (1, 2):
+        raise InvalidArgumentError(f"entrywise_map: power must be 1 or 2, got {power!r}")
+
+    def of(w: torch.Tensor) -> torch.Tensor:
+        w = w.detach().double()
+        return w.abs() if power == 1 else w * w
+
+    if isinstance(m, nn.Linear):
+        wl = of(m.weight)
+        return lambda x: F.linear(x, wl.to(x.device))
+    if type(m) in _CONV and isinstance(m, nn.modules.conv._ConvNd):
+        if power == 2 and m.padding_mode != "zeros":
+            return None
+        conv: Any = m
+        wc = of(m.weight)
+        return lambda x: conv._conv_forward(x, wc.to(x.device), None)
+    if type(m) in _CONVT and isinstance(m, nn.modules.conv._ConvTransposeNd):
+        wt, ct, convt = of(m.weight), m, _CONVT[type(m)]  # (ConvTranspose: zeros only)
+        return lambda x: convt(x, wt.to(x.device), None, ct.stride,
+                               ct.padding,  # type: ignore[arg-type]
+                               ct.output_padding, ct.groups, ct.dilation)
+    if isinstance(m, ChannelAffine):
+        sc = of(m.scale)  # type: ignore[arg-type]
+        return lambda x: x * sc.to(x.device).reshape(1, -1, *([1] * (x.dim() - 2)))
+    return None
+
+
 def _abs_module(module: nn.Module) -> Callable[[torch.Tensor], torch.Tensor] | None:
-    """``x -> |A| x`` (float64) for a plain linear module, or ``None``."""
+    """``x -> |A| x`` (float64, an entrywise upper bound, see :func:`entrywise_map`) for a
+    plain linear module, or ``None``."""
     m: Any = materialize(module)
     if isinstance(m, nn.Sequential):
         return _chain([_abs_module(p) for p in m])
-    if isinstance(m, nn.Linear):
-        w = m.weight.detach().double().abs()
-        return lambda x: F.linear(x, w)
-    if type(m) in _CONV and m.padding_mode == "zeros":
-        w = m.weight.detach().double().abs()
-        conv = _CONV[type(m)]
-        return lambda x: conv(x, w, None, m.stride, m.padding, m.dilation, m.groups)
-    if type(m) in _CONVT and m.padding_mode == "zeros":
-        w = m.weight.detach().double().abs()
-        convt = _CONVT[type(m)]
-        return lambda x: convt(
-            x, w, None, m.stride, m.padding, m.output_padding, m.groups, m.dilation
-        )
+    f = entrywise_map(m, 1)
+    if f is not None:
+        return f
     if isinstance(m, _POOL):
         pool = positive_pools(m)  # entries 1/|divisor| >= 0: |A| = A
         return lambda x: pool(x)
-    if isinstance(m, ChannelAffine):
-        s = m.scale.double().abs()  # type: ignore[operator]
-        return lambda x: x * s.reshape(1, -1, *([1] * (x.dim() - 2)))
     if isinstance(m, nn.Flatten | nn.Unflatten | nn.Identity):
         return lambda x: m(x)
     return None

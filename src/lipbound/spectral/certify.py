@@ -479,8 +479,8 @@ def _lambda_max_upper(
 
     **Fallback.** For each ``b`` whose Cholesky fails, ``lambda_hat = max(eigvalsh(H_G))``
     (backward stable: ``||E||_2 <= 8 p^2 u ||G_hat||_F <= 8.08 p^2 u f2``), so
-    ``lambda_max(G_b) <= lambda_hat + 8.08 p^2 u f2 + e_G``. The result is the maximum of the applicable bounds, rounded up
-    (``inf`` if ``G_hat`` is not finite).
+    ``lambda_max(G_b) <= lambda_hat + 8.08 p^2 u f2 + e_G``. The result is the maximum of the
+    applicable bounds, rounded up (``inf`` if ``G_hat`` is not finite).
     """
     if not math.isfinite(float(G.sum().abs())):  # an inf or NaN entry makes the sum one
         return math.inf  # non-finite Gram matrix: no certificate (never a silently wrong one)
