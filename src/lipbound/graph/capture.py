@@ -313,7 +313,14 @@ def _run_op(
         v = n.target(*args, **kwargs)  # type: ignore[operator]
     elif n.op == "call_method":
         self_obj, *rest = args
-        v = getattr(self_obj, str(n.target))(*rest, **kwargs)
+        name = str(n.target)
+        if name == "view" and not any(isinstance(a, torch.dtype) for a in rest) \
+                and "dtype" not in kwargs:
+            # a shape view is a reshape here (the graph is functional: nothing aliases). When
+            # simplify drops a ``.contiguous()`` (an identity), the merged node replays
+            # ``transpose -> view``, which torch refuses on the non-contiguous tensor
+            name = "reshape"
+        v = getattr(self_obj, name)(*rest, **kwargs)
     else:
         v = call_module(gm.get_submodule(str(n.target)), *args, **kwargs)
     return copy if copy is not None else v
