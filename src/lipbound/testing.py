@@ -2274,11 +2274,11 @@ def fuzz(
     gens = [_find_gen(f) for f in focus] if focus else _GENS
     shrunk: Counter[tuple[str, ...]] = Counter()
     t0 = time.perf_counter()
-    i = -1
     # ``graphs`` programs are checked: a seed whose generation fails is replaced by the next
     # one (at most ``graphs`` replacements, so a broken generator cannot loop forever)
-    while rep.graphs < graphs and i + 1 < 2 * graphs:
-        i += 1
+    for i in range(2 * graphs):
+        if rep.graphs >= graphs:
+            break
         if time_limit is not None and time.perf_counter() - t0 > time_limit:
             break
         g = gens[(i + seed) % len(gens)]

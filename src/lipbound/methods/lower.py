@@ -1086,8 +1086,6 @@ def _lower_bound(
     # ---- re-evaluate the candidates exactly (float64, one sample) and pick the best --------
     report("check", 0.0)
     check = _Checker(model, shape, device, dtype, m)
-    best: tuple[float, _Cand] | None = None
-    per_method: dict[str, float] = {}
     evaluated: list[tuple[float, _Cand]] = []
     jac_cands = [c for c in search.cands if c.y is None and c.v is not None][:2]
     for c in jac_cands:  # polish the best Jacobian witnesses (still realised values)
@@ -1099,7 +1097,7 @@ def _lower_bound(
             except _TORCH_FAILURES:
                 break
     for i, c in enumerate(search.cands):
-        if best is not None and time.perf_counter() > deadline:
+        if evaluated and time.perf_counter() > deadline:
             notes.append(f"{len(search.cands) - i} candidate witness(es) not re-checked "
                          "(time limit)")
             break
@@ -1112,20 +1110,15 @@ def _lower_bound(
                 c = _Cand(c.value, c.how, as_pair[0], as_pair[1], None)
         else:
             val = 0.0
-        per_method[c.how] = max(per_method.get(c.how, 0.0), val)
         evaluated.append((val, c))
-        if best is None or val > best[0]:
-            best = (val, c)
+    best: tuple[float, _Cand] | None = max(evaluated, key=lambda t: t[0]) if evaluated else None
     # a Jacobian value must be confirmed by its secants (see _Checker.confirm): the best is
     # checked, and a demoted one competes again as the pair it became, until the best is a
     # pair or a confirmed Jacobian value (each round is 8 float64 forward passes)
     demoted: list[float] = []
-    confirmed: set[int] = set()
-    while best is not None and best[1].y is None and best[1].v is not None \
-            and id(best[1]) not in confirmed:
+    while best is not None and best[1].y is None and best[1].v is not None:
         val_c, as_pair = check.confirm(best[1].x, best[1].v, best[0], p)
-        if as_pair is None:
-            confirmed.add(id(best[1]))
+        if as_pair is None:  # confirmed
             break
         demoted.append(best[0])
         pair_c = _Cand(val_c, best[1].how, as_pair[0], as_pair[1], None)
@@ -1135,9 +1128,9 @@ def _lower_bound(
         notes.append(f"{len(demoted)} Jacobian value(s) (largest {max(demoted):.6g}) not "
                      "confirmed by their secants (rounding in the derivative): replaced by "
                      "their best secant pairs")
-        per_method = {}
-        for v_, c_ in evaluated:
-            per_method[c_.how] = max(per_method.get(c_.how, 0.0), v_)
+    per_method: dict[str, float] = {}
+    for v_, c_ in evaluated:
+        per_method[c_.how] = max(per_method.get(c_.how, 0.0), v_)
     if best is None:  # nothing evaluated (time limit hit before any step)
         x0 = torch.zeros(n, dtype=check.dtype)
         v0 = torch.ones(n, dtype=check.dtype)

@@ -141,11 +141,8 @@ def matrix_norm_upper(W: torch.Tensor, norm: str = "2") -> tuple[float, str]:
     if min(m, n) <= 512:
         s = float(torch.linalg.svdvals(W)[0])
         return round_up(s + 8 * m * n * U * fro * 1.01), "dense SVD (float64) + margin"
-    A = W if m <= n else W.T
-    q = A.shape[1]
-    G = A @ A.T
-    f2 = round_up(fro, (m * n + 8) * U) ** 2  # >= ||W||_F^2 (sum of m n squares, rounded)
-    lam_up = _lambda_max_upper(G[None], f2, 4.04 * (q + 4) * U * f2)
+    # fro rounded up: >= ||W||_F (a sum of m n squares, then a square root)
+    lam_up = _gram_lambda_upper(W[None], round_up(fro, (m * n + 8) * U), 0.0)
     return (round_up(math.sqrt(lam_up)),
             "dense Gram (float64), Lanczos candidate verified by Cholesky + margin")
 
@@ -378,7 +375,7 @@ def _lanczos_ritz_max(G: torch.Tensor, k: int = 24) -> torch.Tensor:
     """Largest Ritz value of each Hermitian ``G[b]`` from ``k`` batched Lanczos steps.
 
     A heuristic *estimate* (a lower estimate of ``lambda_max`` when the basis is orthonormal)
-    used only to choose the candidate that :func:`_gram_lambda_upper` then *verifies*: nothing
+    used only to choose the candidate that :func:`_lambda_max_upper` then *verifies*: nothing
     here needs to be accurate for the certificate to be valid.
     """
     b, p, _ = G.shape
@@ -435,10 +432,15 @@ def _gram_lambda_upper(
     else:
         G = A.mH @ A
         q = m
-    if not bool(torch.isfinite(G).all()):
-        return math.inf  # non-finite symbol: no certificate (never a silently wrong one)
-    f2 = fro_up * fro_up
+    f2 = fro_up * fro_up  # (a non-finite G gets inf there: never a silently wrong bound)
     return _lambda_max_upper(G, f2, 4.04 * (q + 4) * U * f2, floor, scale)
+
+
+def _candidate(est: float, scale: float | None = None) -> float:
+    """A Cholesky candidate from a Lanczos estimate ``est`` of ``lambda_max``: ``est (1 + 4e-6)``
+    rounded up (``scale`` replaces the factor, for tests only). Only a guess: the Cholesky
+    test of :func:`_lambda_max_upper` proves or rejects it."""
+    return round_up(est * ((1.0 + 4e-6) if scale is None else scale))
 
 
 def _lambda_max_upper(
@@ -484,23 +486,22 @@ def _lambda_max_upper(
     """
     if not math.isfinite(float(G.sum().abs())):  # an inf or NaN entry makes the sum one
         return math.inf  # non-finite Gram matrix: no certificate (never a silently wrong one)
-    fac = (1.0 + 4e-6) if scale is None else scale
     if floor > 0:  # the caller's candidate (matrices above it are retried below)
         c = floor
     elif G.shape[0] > 4:
         rough = _lanczos_ritz_max(G, 8)
         top = torch.topk(rough, 4).indices
-        est = max(float(rough.max()), float(_lanczos_ritz_max(G[top], steps[0]).max()))
-        c = round_up(est * fac)
+        c = _candidate(max(float(rough.max()),
+                           float(_lanczos_ritz_max(G[top], steps[0]).max())), scale)
     else:
-        c = round_up(float(_lanczos_ritz_max(G, steps[0]).max()) * fac)
+        c = _candidate(float(_lanczos_ritz_max(G, steps[0]).max()), scale)
     bounds = _chol_verify(G, torch.full((G.shape[0],), c, dtype=_F64, device=G.device),
                           f2, e_G)
     for k in steps:
         bad = torch.nonzero(~torch.isfinite(bounds)).flatten()
         if not bad.numel():
             break
-        c = max(c, round_up(float(_lanczos_ritz_max(G[bad], k).max()) * fac))
+        c = max(c, _candidate(float(_lanczos_ritz_max(G[bad], k).max()), scale))
         bounds[bad] = _chol_verify(G[bad], torch.full((bad.numel(),), c, dtype=_F64,
                                                       device=G.device), f2, e_G)
     fin = torch.isfinite(bounds)
@@ -512,7 +513,7 @@ def _lambda_max_upper(
 
 
 def _chol_verify(G: torch.Tensor, c: torch.Tensor, f2: float, e_G: float) -> torch.Tensor:
-    r"""Per-matrix verification step of :func:`_gram_lambda_upper` (its proof).
+    r"""Per-matrix verification step of :func:`_lambda_max_upper` (its proof).
 
     ``G`` is ``(B, p, p)`` (the computed Gram matrices, within ``e_G`` of the exact ones in
     ``||.||_2``, with ``|G_ii|, ||G||_F <= f2``), ``c`` the ``(B,)`` candidate shifts. Returns
@@ -532,7 +533,7 @@ def _chol_verify(G: torch.Tensor, c: torch.Tensor, f2: float, e_G: float) -> tor
 
 def _eig_fallback(G: torch.Tensor, f2: float, e_G: float) -> torch.Tensor:
     """``(B,)`` bounds ``lambda_hat + 8.08 p^2 u f2 + e_G`` (the fallback of
-    :func:`_gram_lambda_upper`, backward-stable ``eigvalsh``)."""
+    :func:`_lambda_max_upper`, backward-stable ``eigvalsh``)."""
     p = G.shape[-1]
     lam = torch.linalg.eigvalsh(G)[:, -1]
     return lam.clamp_min(0.0) + 8.08 * p * p * U * f2 + e_G
@@ -655,8 +656,7 @@ def conv_fourier_upper(
         per = max(1, max_bytes // (16 * g * p_ * p_ * 4 + 16 * Cf.shape[0]))
 
         def gram_at(Wf: torch.Tensor) -> torch.Tensor:
-            ang = -((Wf * (2 * math.pi)) @ Of.T)  # (f, J)
-            return torch.complex(torch.cos(ang) @ Cf, torch.sin(ang) @ Cf).reshape(-1, p_, p_)
+            return _gram_symbol(Cf, Of, Wf * (2 * math.pi), p_)
 
         # first candidate: Lanczos at the 8 frequencies of largest tr G(w) (a cheap ranking:
         # sum_j tr(C_j) cos <j, w>); every frequency is then verified against it, and those
@@ -664,8 +664,8 @@ def conv_fourier_upper(
         trC = Cf.reshape(-1, g, p_, p_).diagonal(dim1=-2, dim2=-1).sum(-1)  # (J, g)
         trw = (torch.cos((W * (2 * math.pi)) @ Of.T) @ trC).amax(1)
         top = torch.topk(trw, min(8, nF)).indices
-        fac = (1.0 + 4e-6) if _candidate_scale is None else _candidate_scale
-        best = round_up(float(_lanczos_ritz_max(gram_at(W[top]), 64).max()) * fac)
+        best = _candidate(float(_lanczos_ritz_max(gram_at(W[top]), 64).max()),
+                          _candidate_scale)
         for a in range(0, nF, per):
             best = max(best, _lambda_max_upper(gram_at(W[a : a + per]),
                                                1.01 * S_norm * S_norm, e_G, best,
@@ -770,6 +770,14 @@ def _gram_coefficients(
     return C.reshape(len(offs), -1), O
 
 
+def _gram_symbol(Cf: torch.Tensor, Of: torch.Tensor, w: torch.Tensor, p: int) -> torch.Tensor:
+    """``G(w) = sum_j C_j e^{-i <j, w>}`` at the ``(F, D)`` frequencies ``w``: ``(F g, p, p)``
+    complex (``Cf``, ``Of`` from :func:`_gram_coefficients`; its rounding is bounded where it
+    is used, :func:`conv_fourier_upper` and :func:`conv_torus_upper`)."""
+    ang = -(w @ Of.T)  # (F, J)
+    return torch.complex(torch.cos(ang) @ Cf, torch.sin(ang) @ Cf).reshape(-1, p, p)
+
+
 def conv_torus_upper(
     spec: ConvSpec,
     *,
@@ -849,7 +857,7 @@ def conv_torus_upper(
     give ``||G_hat - G||_F <= e_G := 2.02 (q + T + J + eta + 4) u S^2`` (complex entries: a
     factor ``sqrt 2``); then each cell is verified by the Cholesky factorisation of ``c_b I -
     G_hat`` at the shift its target needs (:func:`_chol_verify`, proof in
-    :func:`_gram_lambda_upper`, ``f2 = 1.01 S^2``), or by ``eigvalsh``
+    :func:`_lambda_max_upper`, ``f2 = 1.01 S^2``), or by ``eigvalsh``
     (:func:`_eig_fallback`) for a cell left unrefined. ``cos X`` is evaluated from ``X (1 +
     1e-9) + 1e-12 sum n_t`` (centres computed in float64 still cover the half torus) and
     lowered by ``1e-15``; the final max (about 10 float operations on non-negative numbers per
@@ -921,9 +929,7 @@ def conv_torus_upper(
         return [cent[a : a + per] for a in range(0, cent.shape[0], per)]
 
     def gram(cent: torch.Tensor) -> torch.Tensor:
-        ang = -(full_w(cent) @ Of.T)
-        G = torch.complex(torch.cos(ang) @ Cf, torch.sin(ang) @ Cf)
-        return G.reshape(-1, p_, p_)
+        return _gram_symbol(Cf, Of, full_w(cent), p_)
 
     def lanczos_est(G: torch.Tensor, k: int) -> torch.Tensor:
         return _lanczos_ritz_max(G, k).reshape(-1, g).amax(1).clamp_min(0.0).sqrt()
@@ -1094,10 +1100,6 @@ def _f64_fn(op: Any) -> Callable[[torch.Tensor], torch.Tensor]:
     return module_call(op, _F64) if isinstance(op, nn.Module) else op
 
 
-def _device(op: Any) -> torch.device:
-    return op_device(op)
-
-
 def dense_jacobian(op: Any, in_shape: tuple[int, ...]) -> torch.Tensor | None:
     """The matrix ``J`` of :func:`_dense_jacobian` (its first item), or ``None``."""
     jb = _dense_jacobian(op, in_shape)
@@ -1114,7 +1116,7 @@ def _dense_jacobian(op: Any, in_shape: tuple[int, ...]
     in float64 or the matrix would exceed :data:`DENSE_LIMIT` entries.
     """
     fn = _f64_fn(op)
-    dev = _device(op)
+    dev = op_device(op)
     n_in = math.prod(in_shape)
     try:
         with torch.no_grad():
@@ -1224,7 +1226,7 @@ def _schur_nonneg(op: nn.Module, in_shape: tuple[int, ...], norm: str) -> tuple[
             f"pool); got {type(op).__name__}. Use dense_upper or conv certificates instead."
         )
     fn = module_call(op, _F64)
-    dev = _device(op)
+    dev = op_device(op)
     x = torch.ones((1, *in_shape), dtype=_F64, device=dev, requires_grad=True)
     y = fn(x)
     (col,) = torch.autograd.grad(y, x, torch.ones_like(y))
