@@ -186,6 +186,33 @@ def test_large_dense_bound_against_prescribed_singular_values(shape, top):
     assert matrix_norm_upper(W.float())[0] >= float(torch.linalg.svdvals(W.float().double())[0])
 
 
+@pytest.mark.parametrize("pool, shape", [
+    (nn.AdaptiveAvgPool2d(7), (16, 1, 1)),  # VGG's head at 32x32: replicate 49 times
+    (nn.AdaptiveAvgPool2d(3), (8, 5, 5)),  # overlapping adaptive windows
+    (nn.AvgPool2d(2), (4, 6, 6)),
+])
+def test_pooled_linear_head_sparse_route_matches_dense(pool, shape):
+    """A pool + Flatten + Linear head takes the sparse route (J = W P, P sparse): its matrix is
+    the dense route's, its certificate a true upper bound within 1e-9 of the SVD norm."""
+    k = math.prod(pool(torch.zeros(1, *shape)).shape)
+    op = nn.Sequential(pool, nn.Flatten(), nn.Linear(k, 20)).eval()
+    sp = certify._pooled_linear_jacobian(op, shape)
+    assert sp is not None
+    J, b, err = sp
+    J2 = dense_jacobian(op, shape)
+    assert torch.allclose(J, J2, rtol=0, atol=1e-14)
+    assert torch.equal(b, op[-1].bias.detach().double())
+    s = float(torch.linalg.svdvals(J2)[0])
+    ub, _ = certify.dense_upper(op, shape)
+    assert s <= ub <= s * (1 + 1e-9) and 0 < err < 1e-9 * s
+
+
+def test_pooled_linear_head_dense_prefix_takes_the_dense_route():
+    """A prefix that is not sparse (a conv mixes every entry) or not zero at 0 is refused."""
+    op = nn.Sequential(nn.Conv2d(2, 2, 3, padding=1), nn.Flatten(), nn.Linear(32, 4)).eval()
+    assert certify._pooled_linear_jacobian(op, (2, 4, 4)) is None
+
+
 def test_large_dense_bound_falls_back_to_eigvalsh(monkeypatch):
     """When no Lanczos candidate is proved (here: forced to 0), the eigvalsh fallback decides,
     still a true upper bound (and as tight as the Cholesky path)."""

@@ -37,6 +37,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from scipy.linalg import blas
 from torch import nn
 
 from ..errors import InvalidArgumentError
@@ -426,14 +427,26 @@ def _gram_lambda_upper(
     ``e_G``.
     """
     m, n = A.shape[-2:]
-    if m <= n:
-        G = A @ A.mH
-        q = n
-    else:
-        G = A.mH @ A
-        q = m
+    G = _gram(A)
+    q = max(m, n)
     f2 = fro_up * fro_up  # (a non-finite G gets inf there: never a silently wrong bound)
     return _lambda_max_upper(G, f2, 4.04 * (q + 4) * U * f2, floor, scale)
+
+
+def _gram(A: torch.Tensor) -> torch.Tensor:
+    """The Gram matrix of ``A`` (``(B, m, n)``) on its smaller side: ``A A^*`` or ``A^* A``.
+
+    A single real float64 matrix on the CPU goes through BLAS ``dsyrk`` (the lower triangle
+    only, mirrored: half the flops of a product, the same dot products, hence the same
+    entrywise error bound); anything else through a batched product.
+    """
+    m, n = A.shape[-2:]
+    if A.shape[0] == 1 and A.dtype == _F64 and A.device.type == "cpu":
+        a = A[0].contiguous().numpy().T  # Fortran-ordered view of A: no copy
+        # trans=1: a^T a = A A^T (m x m); trans=0: a a^T = A^T A (n x n)
+        low = torch.from_numpy(blas.dsyrk(1.0, a, trans=1 if m <= n else 0, lower=1))
+        return (torch.tril(low) + torch.tril(low, -1).mT)[None]
+    return A @ A.mH if m <= n else A.mH @ A
 
 
 def _candidate(est: float, scale: float | None = None) -> float:
@@ -1154,6 +1167,86 @@ def _dense_jacobian(op: Any, in_shape: tuple[int, ...]
     return torch.cat(cols).T.contiguous(), b
 
 
+#: the sparse route of :func:`_pooled_linear_jacobian` is taken while the prefix's Jacobian has
+#: at most this many non-zero entries (and at most 1/8 of its entries are non-zero)
+SPARSE_PREFIX_NNZ = 8_000_000
+
+
+def _pooled_linear_jacobian(op: Any, in_shape: tuple[int, ...]
+                            ) -> tuple[torch.Tensor, torch.Tensor, float] | None:
+    r"""``(J, op(0), err)`` for ``op = Sequential(prefix..., Linear)`` whose prefix is sparse.
+
+    The classifier heads of VGG / AlexNet at small inputs: ``AdaptiveAvgPool2d(7)`` replicates
+    a ``512 x 1 x 1`` map 49 times, ``Flatten``, then ``Linear(25088, 4096)``. The dense route
+    pushes every basis vector through the ``4096 x 25088`` product (``n_in`` times the layer's
+    flops); here the prefix's Jacobian ``P`` (``k x n_in``, a few non-zeros per column) is
+    built column by column in float64 and kept sparse, and ``J = W P`` is a sparse product
+    (``nnz(P) n_out`` flops), the float32 weight cast to float64 (exactly) in row blocks.
+
+    Taken only when the prefix maps ``0`` to exactly ``0`` (pools, reshapes, zero pads: no
+    bias to subtract), its output is the Linear's flat input, and ``P`` is sparse
+    (:data:`SPARSE_PREFIX_NNZ`); else ``None`` (the caller takes the dense route).
+
+    **Error.** ``P_hat`` is within ``16 (n_in + 1) u |P_hat|`` entrywise of the prefix's
+    matrix (the model :func:`dense_upper` assumes for compositions of linear layers), and each
+    entry of ``fl(W P_hat)`` is a sum of at most ``s`` products (``s`` the most non-zeros of a
+    column of ``P_hat``), within ``gamma_s (|W| |P_hat|)`` of ``W P_hat`` in any summation
+    order (Higham, Thm 3.1). Hence ``||J_hat - W P||_F <= err := 1.01 (16 (n_in + 1) + s + 1)
+    u || |W| |P_hat| ||_F``, the last norm computed by the same sparse product of absolute
+    values and rounded up; the bias ``op(0) = b`` of the Linear is not subtracted anywhere.
+    """
+    if not (isinstance(op, nn.Sequential) and len(op) > 1 and isinstance(op[-1], nn.Linear)):
+        return None
+    lin = op[-1]
+    pre = _f64_fn(op[:-1])
+    dev = op_device(op)
+    n_in = math.prod(in_shape)
+    try:
+        with torch.no_grad():
+            z = pre(torch.zeros((1, *in_shape), dtype=_F64, device=dev))
+    except (RuntimeError, ValueError, TypeError, IndexError):
+        return None
+    k = lin.in_features
+    if z.dtype != _F64 or z.shape != (1, k) or bool(z.any()):
+        return None
+    chunk = max(1, DENSE_CHUNK_BYTES // (4 * 8 * (n_in + k)))
+    idx, val = [], []
+    nnz = 0
+    with torch.no_grad():
+        for a in range(0, n_in, chunk):
+            c = min(chunk, n_in - a)
+            e = torch.zeros((c, n_in), dtype=_F64, device=dev)
+            e[torch.arange(c), torch.arange(a, a + c)] = 1.0
+            y = pre(e.reshape(c, *in_shape)).reshape(c, k)  # rows: columns of P
+            nz = torch.nonzero(y)
+            nnz += nz.shape[0]
+            if nnz > min(SPARSE_PREFIX_NNZ, n_in * k // 8):
+                return None
+            idx.append(nz + torch.tensor([a, 0], device=dev))
+            val.append(y[nz[:, 0], nz[:, 1]])
+    ij = torch.cat(idx).T
+    PT = torch.sparse_coo_tensor(ij, torch.cat(val), (n_in, k),
+                                 check_invariants=False).coalesce()  # P^T, valid by construction
+    s = int(torch.bincount(ij[0], minlength=n_in).max()) if nnz else 0
+    aPT = torch.sparse_coo_tensor(PT.indices(), PT.values().abs(), (n_in, k),
+                                  check_invariants=False)
+    w = lin.weight.detach()
+    n_out = int(w.shape[0])
+    rows = max(1, (1 << 26) // (8 * k))  # float64 row blocks of 64 MB
+    JT = torch.empty((n_in, n_out), dtype=_F64, device=dev)
+    mag2 = 0.0
+    with torch.no_grad():
+        for r in range(0, n_out, rows):
+            wb = w[r:r + rows].to(_F64)
+            JT[:, r:r + rows] = torch.sparse.mm(PT, wb.T)
+            mag2 += float(torch.sparse.mm(aPT, wb.abs().T).square().sum())
+    # op(0) = W 0 + bias, exactly
+    b = lin.bias.detach().to(_F64) if lin.bias is not None else z.new_zeros(n_out)
+    mag = round_up(math.sqrt(mag2), (n_in * n_out + 8) * U)
+    err = 1.01 * (16 * (n_in + 1) + s + 1) * U * mag
+    return JT.T.contiguous(), b, err
+
+
 def dense_upper(op: Any, in_shape: tuple[int, ...], norm: str = "2") -> tuple[float, str] | None:
     r"""Certificate from the dense Jacobian of a small op (``n_in n_out <= DENSE_LIMIT``).
 
@@ -1165,15 +1258,22 @@ def dense_upper(op: Any, in_shape: tuple[int, ...], norm: str = "2") -> tuple[fl
     ``16 n_in u`` times the matching entry of ``|J|`` (plus ``u |op(0)|`` for the bias
     subtraction), so ``||J_hat - J||_F <= 16 (n_in + 1) u ||J_hat||_F + 2 u sqrt(n_in)
     ||op(0)||``, added to :func:`matrix_norm_upper` of ``J_hat`` (l1 / l-inf likewise, with the
-    matching ``sqrt(n)`` factor from ``||E||_1 <= sqrt(m) ||E||_F``).
+    matching ``sqrt(n)`` factor from ``||E||_1 <= sqrt(m) ||E||_F``). A sparse prefix followed
+    by a Linear (a pooled classifier head) takes :func:`_pooled_linear_jacobian`'s route and
+    its error bound instead.
     """
-    jb = _dense_jacobian(op, in_shape)
-    if jb is None:
-        return None
-    J, b = jb
-    n_out, n_in = J.shape
-    fro = float(torch.linalg.matrix_norm(J, "fro"))
-    err = 16 * (n_in + 1) * U * fro + 2 * U * math.sqrt(n_in) * float(b.norm())
+    sp = _pooled_linear_jacobian(op, in_shape)
+    if sp is not None:
+        J, _, err = sp
+        n_out, n_in = J.shape
+    else:
+        jb = _dense_jacobian(op, in_shape)
+        if jb is None:
+            return None
+        J, b = jb
+        n_out, n_in = J.shape
+        fro = float(torch.linalg.matrix_norm(J, "fro"))
+        err = 16 * (n_in + 1) * U * fro + 2 * U * math.sqrt(n_in) * float(b.norm())
     if norm != "2":
         err *= math.sqrt(max(n_in, n_out))
     v, how = matrix_norm_upper(J, norm)
