@@ -487,3 +487,25 @@ def test_top_rows_large_is_an_orthogonal_compression() -> None:
     s_l, s_a = torch.linalg.svdvals(L)[:k], torch.linalg.svdvals(A)
     assert bool((s_a <= s_l * (1 + 1e-9)).all())  # interlacing of a compression
     assert float((s_a / s_l).min()) > 0.9  # and it keeps the top directions
+
+
+def test_regression_bound_starved_autolip_of_its_budget(monkeypatch: pytest.MonkeyPatch) -> None:
+    """bound()'s default order runs the lower bound first; AutoLip then got 1/4 weight, 3.3 s
+    of a 30 s budget, and refused on resnet18 at 32x32 (8 s alone): no upper bound at all.
+    Its share of what is left is now 2/3 (weight 2 against SeqLip's 1)."""
+    import lipbound.report as report
+
+    seen: dict[str, float] = {}
+    real = report.METHODS["autolip"]
+
+    def spy(model: nn.Module, shape: Any, **kw: Any) -> Any:
+        seen["limit"] = kw["time_limit"]
+        seen["left"] = deadline - time.perf_counter()
+        return real(model, shape, **kw)
+
+    monkeypatch.setitem(report.METHODS, "autolip", spy)
+    net = _mlp([4, 8, 8, 2], 0)
+    deadline = time.perf_counter() + 30.0
+    rep = bound(net, (4,), time_limit=30.0)
+    assert rep.upper is not None
+    assert seen["limit"] >= 0.6 * seen["left"] / 1.1, seen
