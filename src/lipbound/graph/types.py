@@ -27,6 +27,8 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
+from ..spectral.certify import dense_matrix
+
 __all__ = ["Node", "NodeKind", "OpGraph"]
 
 NodeKind = Literal["input", "linear", "activation", "op", "output"]
@@ -80,7 +82,8 @@ class Node:
         return lin
 
     def dense(self, dtype: torch.dtype = torch.float64) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(W, b)`` with ``fn(x).flatten() == W @ x.flatten() + b``, built column by column.
+        """``(W, b)`` with ``fn(x).flatten() == W @ x.flatten() + b``, by
+        :func:`lipbound.spectral.certify.dense_matrix` (the package's one dense builder).
 
         Computed in ``dtype`` (float64 by default): node functions built by
         :func:`lipbound.graph.capture` / :func:`lipbound.graph.simplify` cast the parameters
@@ -90,32 +93,14 @@ class Node:
         if self.kind != "linear":
             raise TypeError(f"{self.qualname} is not a linear node")
         (in_shape,) = self.in_shapes
-        n = 1
-        for d in in_shape:
-            n *= d
         ref = next(iter(_tensors(self.module)), None) if self.module is not None else None
         device = ref.device if ref is not None else torch.device("cpu")
-        with torch.no_grad():
-            eye = torch.eye(n, dtype=dtype, device=device).reshape(n, *in_shape)
-            zero = torch.zeros(1, *in_shape, dtype=dtype, device=device)
-            f = _cast_call(self.fn, dtype)
-            b = f(zero).reshape(-1)
-            W = (f(eye).reshape(n, -1) - b).T.contiguous()
-        return W, b
+        return dense_matrix(self.fn, tuple(in_shape), dtype=dtype, device=device)
 
 
 def _tensors(module: nn.Module) -> Iterator[torch.Tensor]:
     yield from module.parameters()
     yield from module.buffers()
-
-
-def _cast_call(fn: Callable[..., torch.Tensor], dtype: torch.dtype) -> Callable[..., torch.Tensor]:
-    """Call ``fn`` with inputs in ``dtype`` (captured node functions cast their parameters)."""
-
-    def g(*xs: torch.Tensor) -> torch.Tensor:
-        return fn(*xs)
-
-    return g
 
 
 @dataclass(eq=False)

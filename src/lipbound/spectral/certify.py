@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import itertools
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -51,6 +51,8 @@ __all__ = [
     "conv_l2_upper",
     "conv_spec",
     "conv_torus_upper",
+    "dense_upper",
+    "dense_matrix",
     "matrix_norm_upper",
     "pow2_split",
     "round_up",
@@ -1126,16 +1128,11 @@ def dense_jacobian(op: Any, in_shape: tuple[int, ...]) -> torch.Tensor | None:
 
 def _dense_jacobian(op: Any, in_shape: tuple[int, ...]
                     ) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """``(J, op(0))``: ``J`` (``n_out x n_in``) the matrix of ``x -> op(x) - op(0)``, float64.
-
-    Built from forward calls on the standard basis in chunks of ``c`` vectors, ``c`` sized so
-    that a chunk (``c`` inputs of ``n_in`` and outputs of ``n_out`` float64 entries, times 4 for
-    the op's intermediates) fits :data:`DENSE_CHUNK_BYTES`; ``None`` when ``op`` cannot run
-    in float64 or the matrix would exceed :data:`DENSE_LIMIT` entries.
-    """
+    """``(J, op(0))`` of :func:`dense_matrix` for ``op`` run in float64 on its own device;
+    ``None`` when ``op`` cannot run in float64 or ``J`` would exceed :data:`DENSE_LIMIT`
+    entries."""
     fn = _f64_fn(op)
     dev = op_device(op)
-    n_in = math.prod(in_shape)
     try:
         with torch.no_grad():
             b = fn(torch.zeros((1, *in_shape), dtype=_F64, device=dev))
@@ -1143,33 +1140,54 @@ def _dense_jacobian(op: Any, in_shape: tuple[int, ...]
         return None
     if not isinstance(b, torch.Tensor) or b.dtype != _F64:
         return None
-    n_out = b[0].numel()
-    if n_in * n_out > DENSE_LIMIT:
+    if math.prod(in_shape) * b[0].numel() > DENSE_LIMIT:
         return None
-    # one basis vector per column (forward calls) or, when the output is the smaller side,
-    # per row (vector-Jacobian products): n_in n_out work either way instead of n_in^2
-    chunk = max(1, DENSE_CHUNK_BYTES // (4 * 8 * (n_in + n_out)))
+    return dense_matrix(fn, in_shape, dtype=_F64, device=dev)
+
+
+def dense_matrix(
+    fn: Callable[[torch.Tensor], torch.Tensor], in_shape: Sequence[int], *,
+    dtype: torch.dtype = _F64, device: torch.device | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(J, fn(0))``: the matrix ``J`` (``n_out x n_in``) of the affine map ``fn`` (batched,
+    its parameters already in ``dtype``) minus its offset, on inputs of ``in_shape``, in
+    ``dtype``. The one dense-Jacobian builder of the package (graph nodes, certificates,
+    training-time checks).
+
+    Built from forward calls on the standard basis in chunks of ``c`` vectors, ``c`` sized so
+    that a chunk (``c`` inputs of ``n_in`` and outputs of ``n_out`` entries, times 4 for the
+    op's intermediates) fits :data:`DENSE_CHUNK_BYTES`: columns ``fn(e_j) - fn(0)`` or, when
+    the output is the smaller side, rows by vector-Jacobian products with the output basis
+    (the transposed linear layers, no bias subtracted), ``n_in n_out`` work either way.
+    """
+    n_in = math.prod(in_shape)
+    shp = tuple(in_shape)
+    with torch.no_grad():
+        b = fn(torch.zeros((1, *shp), dtype=dtype, device=device))
+    n_out = b[0].numel()
+    size = torch.finfo(dtype).bits // 8
+    chunk = max(1, DENSE_CHUNK_BYTES // (4 * size * (n_in + n_out)))
     if n_out < n_in:
         rows = []
         for a in range(0, n_out, chunk):
             c = min(chunk, n_out - a)
-            x0 = torch.zeros((c, *in_shape), dtype=_F64, device=dev, requires_grad=True)
+            x0 = torch.zeros((c, *shp), dtype=dtype, device=device, requires_grad=True)
             with torch.enable_grad():
                 y = fn(x0).reshape(c, -1)
-            e = torch.zeros((c, n_out), dtype=_F64, device=dev)
+            e = torch.zeros((c, n_out), dtype=dtype, device=device)
             e[torch.arange(c), torch.arange(a, a + c)] = 1.0
             (g,) = torch.autograd.grad(y, x0, e)
             rows.append(g.reshape(c, -1).cpu())
-        return torch.cat(rows).contiguous(), b
+        return torch.cat(rows).contiguous(), b.reshape(-1)
     cols = []
     with torch.no_grad():
         for a in range(0, n_in, chunk):
             c = min(chunk, n_in - a)
-            e = torch.zeros((c, n_in), dtype=_F64, device=dev)
+            e = torch.zeros((c, n_in), dtype=dtype, device=device)
             e[torch.arange(c), torch.arange(a, a + c)] = 1.0
-            y = fn(e.reshape(c, *in_shape)) - b
+            y = fn(e.reshape(c, *shp)) - b
             cols.append(y.reshape(c, -1).cpu())
-    return torch.cat(cols).T.contiguous(), b
+    return torch.cat(cols).T.contiguous(), b.reshape(-1)
 
 
 #: the sparse route of :func:`_pooled_linear_jacobian` is taken while the prefix's Jacobian has

@@ -14,26 +14,13 @@ converges to the top right-singular vector of ``A`` and ``||A v||`` (with ``||v|
 ``||A||_2`` FROM BELOW: ``||A v|| <= ||A||_2`` for every unit ``v``, so it is an estimate (and a
 valid lower bound), never a certificate.
 
-Certified upper bounds (:func:`certified_layer_norm`) come, in this order, from
-
-1. for Linear layers: the float64 SVD of ``W`` (the operator on ``(..., in_features)`` inputs is
-   ``I (x) W``, whose norm is ``||W||_2``), times ``1 + 1e-9`` for rounding;
-2. an exact dense float64 SVD of a convolution's matrix when it is small (``<= dense_limit``
-   entries, or any size for non-zero padding modes), times ``1 + 1e-9``;
-3. for larger zero-padded convolutions: a Fourier bound on the polyphase (space-to-depth)
-   form. Proof: pad the (zero-padded) input further with zeros to a grid whose length ``n'``
-   is a multiple of the stride ``s`` and large enough (an isometric embedding ``P``); a stride-``s``
-   cross-correlation on that grid equals a stride-1 multi-channel cross-correlation of the
-   space-to-depth rearrangement (a permutation, isometric) with a rearranged kernel ``K'``
-   (``c_in s^d`` input channels); on a grid of ``m >= n'/s + k' - 1`` points it coincides, at
-   every output we keep, with the circular one ``C``, whose norm is
-   ``max_w ||K'^(w)||_2`` over the DFT frequencies of the grid (block-diagonalisation by the
-   DFT). So ``A = S C T P`` with ``S`` a row selection (norm <= 1) and ``T, P`` isometries:
-   ``||A||_2 <= max_w ||K'^(w)||_2``. Computed in float64, times ``1 + 1e-9`` for rounding.
-   Groups: the kernel is block-diagonal over groups; the bound is the max over groups.
-
-The library's :func:`lipbound.spectral.certified_upper` is used instead when it is installed and
-succeeds (``prefer_library=True``); these fallbacks keep lipbound.train independent of it.
+Certified upper bounds (:func:`certified_layer_norm`) are the library's own, one certificate
+per operator kind, each proved in :mod:`lipbound.spectral.certify`: a Linear layer's
+:func:`~lipbound.spectral.certify.matrix_norm_upper` of ``W`` (the operator on
+``(..., in_features)`` inputs is ``I (x) W``, whose norm is ``||W||_2``); a small
+convolution's dense float64 matrix (:func:`~lipbound.spectral.certify.dense_upper`); a larger
+one's Fourier / torus certificate (:func:`~lipbound.spectral.certify.conv_l2_upper`, strides,
+dilation, groups and every padding mode), all with their float64 rounding margins.
 """
 
 from __future__ import annotations
@@ -46,14 +33,19 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..errors import InvalidArgumentError, LipboundError, UnsupportedModelError, UnsupportedNode
-from ..spectral import certified_upper
+from ..errors import InvalidArgumentError, UnsupportedModelError, UnsupportedNode
+from ..spectral.certify import (
+    ConvSpec,
+    conv_l2_upper,
+    dense_matrix,
+    dense_upper,
+    matrix_norm_upper,
+)
 
 __all__ = [
     "LAYER_TYPES",
     "certified_layer_norm",
     "dense_operator",
-    "fourier_conv_bound",
     "is_layer",
     "layer_map",
     "normalize",
@@ -63,7 +55,6 @@ __all__ = [
 ]
 
 LAYER_TYPES: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
-_ROUND = 1e-9  # relative safety margin for float64 rounding in certified values
 DENSE_LIMIT = 2_000_000  # entries of the dense operator matrix built for an exact SVD
 _CONV_FNS: dict[int, Callable[..., torch.Tensor]] = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 
@@ -194,99 +185,10 @@ def dense_operator(
     fn: Callable[[torch.Tensor], torch.Tensor], in_shape: Sequence[int], *,
     dtype: torch.dtype = torch.float64, device: torch.device | None = None,
 ) -> torch.Tensor:
-    """The matrix of the linear map ``fn`` (batched) on inputs of ``in_shape`` (column per basis
-    vector), shape ``(numel(out), numel(in))``. ``fn`` must already use ``dtype`` weights."""
-    n = math.prod(in_shape)
-    eye = torch.eye(n, dtype=dtype, device=device).reshape(n, *in_shape)
-    with torch.no_grad():
-        cols = fn(eye).reshape(n, -1)
-    return cols.T
-
-
-def _total_padding(spec: LayerSpec, ks: Sequence[int]) -> list[int]:
-    """Per-dim total zero padding the convolution applies to its input."""
-    if isinstance(spec.padding, str):
-        if spec.padding == "valid":
-            return [0] * spec.d
-        # "same": torch pads dilation * (k - 1) in total per dim (stride must be 1)
-        return [spec.dilation[i] * (int(ks[i]) - 1) for i in range(spec.d)]
-    return [2 * int(p) for p in spec.padding]
-
-
-def fourier_conv_bound(
-    module: nn.Module | LayerSpec, in_shape: Sequence[int], weight: torch.Tensor | None = None
-) -> float:
-    """Certified upper bound on the operator norm of a zero-padded convolution (see module doc).
-
-    >>> conv = nn.Conv2d(1, 1, 2, stride=2, bias=False)
-    >>> with torch.no_grad():
-    ...     _ = conv.weight.fill_(1.0)
-    >>> round(fourier_conv_bound(conv, (1, 4, 4)), 6)  # exact norm: 2 (disjoint 2x2 sums)
-    2.0
-    """
-    if isinstance(module, LayerSpec):
-        spec = module
-        if weight is None:
-            raise InvalidArgumentError("fourier_conv_bound(spec, ...) needs the weight")
-    else:
-        spec = spec_of(module)
-        weight = module.weight if weight is None else weight  # type: ignore[assignment]
-    if spec.kind != "conv":
-        raise InvalidArgumentError("fourier_conv_bound needs a convolution")
-    if spec.padding_mode != "zeros":
-        raise UnsupportedModelError(
-            [UnsupportedNode("conv", "Conv", f"padding_mode={spec.padding_mode!r}")],
-            what="the Fourier certificate covers zero padding only",
-        )
-    if weight is None:  # pragma: no cover - narrowed above
-        raise InvalidArgumentError("no weight")
-    w = weight.detach().to(torch.float64)
-    d = spec.d
-    spatial = [int(s) for s in in_shape[1:]]
-    if len(spatial) != d:
-        raise InvalidArgumentError(
-            f"input shape {tuple(in_shape)} does not fit a {d}-d convolution"
-        )
-    stride, dil, groups = list(spec.stride), list(spec.dilation), spec.groups
-    cout, cin_g = int(w.shape[0]), int(w.shape[1])
-    ks = [int(k) for k in w.shape[2:]]
-    tot_pad = _total_padding(spec, ks)
-    # dilate the kernel: taps at multiples of the dilation
-    span = [dil[i] * (ks[i] - 1) + 1 for i in range(d)]
-    wd = w.new_zeros(cout, cin_g, *span)
-    idx = (slice(None), slice(None), *[slice(None, None, dil[i]) for i in range(d)])
-    wd[idx] = w
-    # polyphase: kernel span padded to a multiple of the stride, then space-to-depth
-    kq = [-(-span[i] // stride[i]) for i in range(d)]  # k' per dim
-    wp = F.pad(wd, [p for i in reversed(range(d)) for p in (0, kq[i] * stride[i] - span[i])])
-    # wp[o, c, a_1 s_1 + r_1, ...] -> w'[o, (c, r_1, ..., r_d), a_1, ..., a_d]
-    shape = [cout, cin_g]
-    for i in range(d):
-        shape += [kq[i], stride[i]]
-    wp = wp.reshape(shape)
-    perm = [0, 1] + [3 + 2 * i for i in range(d)] + [2 + 2 * i for i in range(d)]
-    wp = wp.permute(perm).reshape(cout, cin_g * math.prod(stride), *kq)
-    # grid large enough that the circular correlation equals the linear one at kept outputs
-    grid = [-(-(spatial[i] + tot_pad[i]) // stride[i]) + kq[i] - 1 for i in range(d)]
-    kf = torch.fft.fftn(wp, s=grid, dim=list(range(2, 2 + d)))  # (cout, cin', *grid)
-    kf = kf.reshape(cout, kf.shape[1], -1).permute(2, 0, 1)  # (freqs, cout, cin')
-    out_g = cout // groups
-    best = 0.0
-    for g in range(groups):
-        blk = kf[:, g * out_g : (g + 1) * out_g, :]
-        best = max(best, float(torch.linalg.matrix_norm(blk, ord=2).max()))
-    return best * (1.0 + _ROUND)
-
-
-def _library_certified(module: nn.Module, in_shape: tuple[int, ...]) -> float | None:
-    try:
-        res = certified_upper(module, in_shape)
-    except LipboundError:
-        return None
-    if res is None:
-        return None
-    val = float(res[0])
-    return val if math.isfinite(val) else None
+    """The matrix of the linear map ``fn`` (batched) on inputs of ``in_shape``, shape
+    ``(numel(out), numel(in))``, by :func:`lipbound.spectral.certify.dense_matrix` (on the CPU).
+    ``fn`` must already use ``dtype`` weights."""
+    return dense_matrix(fn, in_shape, dtype=dtype, device=device)[0]
 
 
 def certified_layer_norm(
@@ -295,20 +197,19 @@ def certified_layer_norm(
     weight: torch.Tensor | None = None,
     *,
     dense_limit: int = DENSE_LIMIT,
-    prefer_library: bool = False,
 ) -> tuple[float, str]:
     """A certified upper bound on ``||A_W||_2`` (the true operator on ``in_shape``) and how.
 
-    ``weight`` defaults to the module's current (parametrised) weight. Methods, in order: the
-    library's certificate (if ``prefer_library``, a module is given and ``weight`` is None),
-    float64 SVD of ``W`` (Linear), dense float64 SVD (small convolutions), Fourier polyphase
-    bound (larger zero-padded convolutions). Each value is multiplied by ``1 + 1e-9`` for
-    float64 rounding.
+    ``weight`` defaults to the module's current (parametrised) weight. A Linear layer:
+    :func:`~lipbound.spectral.certify.matrix_norm_upper` of ``W``; a convolution whose matrix
+    has at most ``dense_limit`` entries: :func:`~lipbound.spectral.certify.dense_upper`; a
+    larger one: :func:`~lipbound.spectral.certify.conv_l2_upper` (see the module doc).
 
     >>> lin = nn.Linear(3, 2)
     >>> val, how = certified_layer_norm(lin, (3,))
-    >>> abs(val - float(torch.linalg.matrix_norm(lin.weight.detach().double(), 2))) < 1e-6, how
-    (True, 'svd(W)')
+    >>> w = float(torch.linalg.matrix_norm(lin.weight.detach().double(), 2))
+    >>> w <= val <= w * (1 + 1e-12), how
+    (True, 'dense SVD (float64) + margin')
     """
     in_shape = tuple(int(s) for s in in_shape)
     if isinstance(module, LayerSpec):
@@ -317,20 +218,40 @@ def certified_layer_norm(
             raise InvalidArgumentError("certified_layer_norm(spec, ...) needs the weight")
     else:
         spec = spec_of(module)
-        if prefer_library and weight is None:
-            lib = _library_certified(module, in_shape)
-            if lib is not None:
-                return lib, "lipbound.spectral.certified_upper"
         weight = module.weight if weight is None else weight  # type: ignore[assignment]
     if weight is None:  # pragma: no cover - narrowed above
         raise InvalidArgumentError("no weight")
     w = weight.detach().to(torch.float64)
     if spec.kind == "linear":
-        return float(torch.linalg.matrix_norm(w, ord=2)) * (1.0 + _ROUND), "svd(W)"
+        return matrix_norm_upper(w)
     fn = spec.map(w)
     with torch.no_grad():
-        out_numel = fn(torch.zeros(1, *in_shape, dtype=torch.float64, device=w.device)).numel()
-    if math.prod(in_shape) * out_numel <= dense_limit or spec.padding_mode != "zeros":
-        m = dense_operator(fn, in_shape, device=w.device)
-        return float(torch.linalg.matrix_norm(m, ord=2)) * (1.0 + _ROUND), "dense-svd"
-    return fourier_conv_bound(spec, in_shape, w), "fourier-polyphase"
+        out = tuple(spec.apply(torch.zeros(1, *in_shape, dtype=w.dtype, device="meta"),
+                               w.to("meta")).shape[1:])
+    if math.prod(in_shape) * math.prod(out) <= dense_limit:
+        c = dense_upper(fn, in_shape)
+        if c is not None:
+            return c
+    return conv_l2_upper(_conv_spec(spec, w, in_shape, out))
+
+
+def _conv_spec(spec: LayerSpec, w: torch.Tensor, in_shape: tuple[int, ...],
+               out_shape: tuple[int, ...]) -> ConvSpec:
+    """The :class:`~lipbound.spectral.certify.ConvSpec` of a conv layer with weight ``w``
+    (padding read from torch's reversed padding, as :func:`~lipbound.spectral.certify.conv_spec`
+    does for a module)."""
+    d = spec.d
+    rp = list(spec.rev_pad)
+    return ConvSpec(
+        weight=w.cpu(),
+        in_spatial=tuple(in_shape[1:]),
+        out_spatial=tuple(out_shape[1:]),
+        stride=tuple(spec.stride),
+        dilation=tuple(spec.dilation),
+        pad_lo=tuple(int(rp[2 * (d - 1 - i)]) for i in range(d)),
+        pad_hi=tuple(int(rp[2 * (d - 1 - i) + 1]) for i in range(d)),
+        groups=spec.groups,
+        mode=spec.padding_mode,
+    )
+
+
