@@ -18,7 +18,7 @@ from torch import nn
 from ..errors import NotSequentialError, UnsupportedNode
 from ..graph import capture, sequential_chain, simplify
 
-__all__ = ["dense_chain"]
+__all__ = ["dense_chain", "linear_matrix"]
 
 
 def _affine_parts(
@@ -49,6 +49,15 @@ def _affine_parts(
             [UnsupportedNode(where, "linear", "its Jacobian does not match its output size")]
         )
     return W, bb, out_shape
+
+
+def linear_matrix(node: Any) -> np.ndarray:
+    """The float64 matrix of a captured linear node's linear part (Linear, Conv*, BatchNorm,
+    average pooling, reshape, or a merged chain of these), by :func:`_affine_parts`: used by
+    :func:`lipbound.lipsdp` on the segments of non-sequential graphs (a float32 model's node
+    functions cast their parameters to the float64 input)."""
+    (in_shape,) = node.in_shapes
+    return _affine_parts(node.fn, tuple(in_shape), node.qualname)[0]
 
 
 def _chain_from_graph(model: nn.Module, input_shape: tuple[int, ...]) -> list[tuple[str, Any]]:

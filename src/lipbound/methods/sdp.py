@@ -65,6 +65,7 @@ import itertools
 import math
 import time
 from collections.abc import Sequence
+from dataclasses import replace
 from typing import Any
 
 import numpy as np
@@ -75,13 +76,18 @@ from .._validation import check_choice, check_input_shape, check_model, check_po
 from ..errors import (
     InvalidArgumentError,
     MissingDependencyError,
+    NotSequentialError,
     SolverError,
     UnsupportedModelError,
     UnsupportedNode,
 )
 from ..graph import capture, sequential_chain, simplify
-from ..results import SDPResult
+from ..results import LayerBound, SDPResult
+from ..spectral.certify import round_up
+from ._chain import linear_matrix
 from ._schur import solve_schur
+from .autolip import GRACE, compose, graph_constants
+from .seqlip import find_segments, seqlip
 
 __all__ = ["SDPResult", "analytic_multipliers", "lipsdp", "slope_ranges_of", "verify_lipsdp"]
 
@@ -358,6 +364,7 @@ def lipsdp(
     time_limit: float | None = None,
     solver_options: dict[str, Any] | None = None,
     max_dense_entries: int = 10_000_000,
+    seqlip_floor: bool = True,
 ) -> SDPResult:
     """LipSDP upper bound on the l2 Lipschitz constant of an MLP, with verified certificate.
 
@@ -402,30 +409,44 @@ def lipsdp(
     if time_limit is not None:
         check_positive("time_limit", time_limit)
     check_positive("max_dense_entries", max_dense_entries)
-    widths = _chain_sizes(model, shape, max_dense_entries)
+    if variant == "fast" and solver not in ("auto", "schur"):
+        raise InvalidArgumentError(
+            f"lipsdp(variant='fast') is the closed form (no SDP solver), got solver="
+            f"{solver!r}; use solver='auto'"
+        )
+    if solver == "schur" and variant != "neuron":
+        raise InvalidArgumentError(
+            f"lipsdp(solver='schur') solves variant='neuron' only, got variant={variant!r}; "
+            "use variant='neuron' or a cvxpy solver ('CVXOPT', 'SCS', 'CLARABEL')"
+        )
+    schur = variant == "fast" or (solver in ("auto", "schur") and variant == "neuron")
+    allowed = {"device", "max_iter", "betas", "optimise", "ipm_max_rows", "ipm_max_steps"}
+    bad = sorted(set(solver_options or {}) - allowed) if schur else []
+    if bad:
+        raise InvalidArgumentError(
+            f"lipsdp(solver='schur'): unknown solver_options {bad}; allowed: {sorted(allowed)}"
+        )
+    try:
+        widths = _chain_sizes(model, shape, max_dense_entries)
+    except (NotSequentialError, UnsupportedModelError) as exc:
+        if not schur:  # the cvxpy solvers and the layer variant: whole chains only
+            raise
+        return _lipsdp_composed(model, shape, variant, time_limit, dict(solver_options or {}),
+                                max_dense_entries, seqlip_floor, t0, _first_line(exc))
     cube = sum(float(n) ** 3 for n in widths)
-    if time_limit is not None and (variant == "fast" or solver in ("auto", "schur")):
+    if time_limit is not None and schur:
         flops = 14.0 * cube
         need = flops / flop_rate()
         if need > time_limit:
-            raise SolverError(
-                f"lipsdp: the closed form and its certificate need about {need:.3g} s on this "
-                f"machine ({flops:.3g} flops), more than time_limit={time_limit:g}; raise "
-                "time_limit or use autolip/seqlip"
+            return _lipsdp_composed(
+                model, shape, variant, time_limit, dict(solver_options or {}),
+                max_dense_entries, seqlip_floor, t0,
+                f"the closed form and its certificate on the whole chain need about {need:.3g} "
+                f"s on this machine ({flops:.3g} flops), more than time_limit={time_limit:g}",
             )
     if variant == "fast":
-        if solver not in ("auto", "schur"):
-            raise InvalidArgumentError(
-                f"lipsdp(variant='fast') is the closed form (no SDP solver), got solver="
-                f"{solver!r}; use solver='auto'"
-            )
         return _lipsdp_schur(model, shape, time_limit, {"optimise": False}, t0, method="fast")
-    if solver == "schur" or (solver == "auto" and variant == "neuron"):
-        if variant != "neuron":
-            raise InvalidArgumentError(
-                f"lipsdp(solver='schur') solves variant='neuron' only, got variant={variant!r}; "
-                "use variant='neuron' or a cvxpy solver ('CVXOPT', 'SCS', 'CLARABEL')"
-            )
+    if schur:
         opts = dict(solver_options or {})
         if time_limit is not None:
             # the closed form, its certificate and the optimised point's (~10 sum n^3 more)
@@ -572,12 +593,6 @@ def _lipsdp_schur(
 ) -> SDPResult:
     """``lipsdp`` with the Schur-complement solver (``options`` go to ``solve_schur``)."""
     Ws, ranges = slope_ranges_of(model, shape)
-    allowed = {"device", "max_iter", "betas", "optimise", "ipm_max_rows", "ipm_max_steps"}
-    bad = sorted(set(options) - allowed)
-    if bad:
-        raise InvalidArgumentError(
-            f"lipsdp(solver='schur'): unknown solver_options {bad}; allowed: {sorted(allowed)}"
-        )
     sol = solve_schur(Ws, ranges, time_limit=60.0 if time_limit is None else time_limit,
                       **options)
     cands = [v for v in (sol.value, sol.closed_form) if v is not None]
@@ -615,5 +630,267 @@ def _lipsdp_schur(
             "rho_scale": sol.scale,
             "closed_form": sol.closed_form,
             "closed_raw": sol.closed_raw,
+        },
+    )
+
+
+# ----------------------------------------------------------------------------------------------
+# composition with AutoLip (graphs that are not one dense chain)
+
+#: default seconds for the SDP chains of a composed call without ``time_limit`` (the Schur
+#: path's default optimisation time)
+_COMPOSED_LIMIT = 60.0
+#: float64 flops of the closed form and its certificate, per ``sum n_i^3`` of a chain's widths
+#: (not interruptible); the optimised point's certificate and one LBFGS evaluation (its
+#: eigendecompositions and their backward pass) cost about ``_OPT_FLOPS`` more
+_CERT_FLOPS = 14.0
+_OPT_FLOPS = 54.0
+#: share of what the AutoLip constants leave of a ``time_limit`` that the SDP chains get (the
+#: rest goes to the SeqLip floor)
+_SDP_SHARE = 0.7
+
+
+def _first_line(exc: Exception) -> str:
+    """A short reason: the first offending node of an :class:`UnsupportedModelError`, else the
+    first line of the message."""
+    if isinstance(exc, UnsupportedModelError) and exc.nodes:
+        n = exc.nodes[0]
+        more = f" and {len(exc.nodes) - 1} more" if len(exc.nodes) > 1 else ""
+        return f"{n.qualname} ({n.op}) {n.hint}{more}"
+    return str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+
+
+def _runs(seg: list[Any], max_entries: int) -> list[list[Any]]:
+    """The maximal sub-chains ``[linear, act, ..., linear]`` (two linear nodes at least) of a
+    SeqLip segment whose linear nodes all have dense matrices of at most ``max_entries``
+    entries (a larger one is cut out: AutoLip's constants stay on it)."""
+    out: list[list[Any]] = []
+    cur: list[Any] = []
+    for i, node in enumerate(seg[0::2]):
+        if math.prod(node.in_shapes[0]) * math.prod(node.out_shape) <= max_entries:
+            cur = cur + [seg[2 * i - 1], node] if cur else [node]
+        else:
+            if len(cur) >= 3:
+                out.append(cur)
+            cur = []
+    if len(cur) >= 3:
+        out.append(cur)
+    return out
+
+
+def _widths(run: list[Any]) -> list[int]:
+    lins = run[0::2]
+    return [math.prod(lins[0].in_shapes[0])] + [math.prod(n.out_shape) for n in lins]
+
+
+def _lipsdp_composed(
+    model: nn.Module,
+    shape: tuple[int, ...],
+    variant: str,
+    time_limit: float | None,
+    options: dict[str, Any],
+    max_entries: int,
+    floor: bool,
+    t0: float,
+    why: str,
+) -> SDPResult:
+    r"""LipSDP-neuron on the sequential segments of the graph, AutoLip's composition elsewhere.
+
+    The graph and AutoLip's per-node constants are :func:`~lipbound.methods.autolip.
+    graph_constants`' and the segments SeqLip's (:func:`~lipbound.methods.seqlip.find_segments`:
+    maximal chains ``linear, act, ..., linear`` whose inner nodes have one input and one user and
+    whose activations have a slope range from the rules). A segment is cut at linear nodes with
+    more than ``max_entries`` dense entries; each remaining run of two linear nodes or more gets
+    the certified Schur bound (:func:`~lipbound.methods._schur.solve_schur`: closed form,
+    optimised where ``variant="neuron"``) when its predicted cost fits the time left, else
+    keeps AutoLip's product.
+
+    Why it is an upper bound. A run is the map ``f_r = M_k o s_{k-1} o ... o s_1 o M_1`` of
+    affine ``M_i`` (biases included: they cancel in differences) and element-wise ``s_i`` with
+    derivative in ``[a_i, b_i]``, so the LipSDP certificate proves ``||f_r(x) - f_r(y)|| <= B_r
+    ||x - y||`` (see :mod:`lipbound.methods._schur`). Within a segment the runs and the cut-out
+    nodes are composed in sequence, so the segment is ``P``-Lipschitz with ``P`` the product of
+    the runs' ``B_r`` and the cut-out nodes' AutoLip constants; it is computed in float64 by at
+    most ``k`` multiplications of positive numbers (relative error below ``(k + 1) u``) and
+    rounded up by :func:`~lipbound.spectral.certify.round_up` with a relative margin
+    ``(2 k + 8) u``. The segment's bound is the smallest of ``P``, SeqLip's certified bound on
+    the same segment (``seqlip_floor``) and AutoLip's product: each is a valid Lipschitz bound of
+    the same map. As in SeqLip, it is then the constant of the segment's first linear node and
+    every other node of the segment gets 1: the inner nodes have a single input and a single
+    user, so AutoLip's recursion ``L_k = sum_j c_{k,j} L_{parent_j}`` gives at the segment's
+    last node ``L = bound * L_parent``, a valid bound of ``x ->`` that node's output, and the
+    composition over the rest of the graph is AutoLip's (valid for any valid node constants).
+    Finally the minimum with AutoLip's and SeqLip's whole-graph certified values is taken.
+    """
+    budget = _COMPOSED_LIMIT if time_limit is None else float(time_limit)
+    deadline = t0 + budget
+    graph, consts, reused = graph_constants(
+        model, shape, norm="2", tol=1e-6, max_iter=1000, deadline=deadline,
+        grace=GRACE * budget,
+    )
+    autolip_value = compose(graph, consts)
+    auto_certified = all(c.certified for c in consts.values())
+    slopes: dict[str, tuple[float, float] | None] = {
+        name: (c.slope_range if c.slope_range is not None else graph[name].slope_range)
+        for name, c in consts.items()
+    }
+    segments = find_segments(graph, slopes)
+    notes = [f"not one dense chain ({why}): LipSDP on the sequential segments, composed with "
+             "AutoLip's constants elsewhere"]
+    cut = sum(math.prod(n.in_shapes[0]) * math.prod(n.out_shape) > max_entries
+              for seg in segments for n in seg[0::2])
+    if cut:
+        notes.append(f"{cut} linear node(s) of the segments have dense matrices of more than "
+                     f"max_dense_entries={max_entries} entries: AutoLip's constants kept there; "
+                     "raise max_dense_entries to include them")
+    runs = [(k, run) for k, seg in enumerate(segments) for run in _runs(seg, max_entries)]
+    cubes = [sum(float(n) ** 3 for n in _widths(run)) for _, run in runs]
+    rate = flop_rate()
+    now = time.perf_counter()
+    if time_limit is None:
+        sdp_end = now + _COMPOSED_LIMIT
+    else:
+        sdp_end = now + max(deadline - now, 0.0) * (_SDP_SHARE if floor else 1.0)
+    run_bound: dict[str, float] = {}  # first node of a run -> its certified bound
+    run_raw: dict[str, float] = {}
+    rows: list[LayerBound] = []
+    skipped: list[str] = []
+    solve_s = verify_s = 0.0
+    iterations = 0
+    for j, (_, run) in enumerate(runs):
+        tr = time.perf_counter()
+        lins, acts = run[0::2], run[1::2]
+        name = f"{lins[0].qualname}..{lins[-1].qualname}"
+        share = max(sdp_end - tr, 0.0) * cubes[j] / max(sum(cubes[j:]), 1.0)
+        if _CERT_FLOPS * cubes[j] / rate > share:
+            skipped.append(name)
+            continue
+        optimise = variant == "neuron" and bool(options.get("optimise", True))
+        opt_time = share - (_CERT_FLOPS + _OPT_FLOPS) * cubes[j] / rate
+        if opt_time <= 0:
+            optimise = False
+        Ws = [linear_matrix(n) for n in lins]
+        ranges: list[tuple[float, float]] = []
+        for a_node in acts:
+            sr = slopes[a_node.name]
+            if sr is None:  # find_segments keeps only activations with a slope range
+                raise InvalidArgumentError(f"no slope range for {a_node.qualname}")
+            ranges.append((float(sr[0]), float(sr[1])))
+        sol = solve_schur(Ws, ranges, time_limit=max(opt_time, 1e-3),
+                          **{**options, "optimise": optimise})
+        solve_s += sol.seconds_opt
+        verify_s += sol.seconds_verify
+        iterations += sol.iterations
+        cands = [v for v in (sol.value, sol.closed_form) if v is not None]
+        auto_run = math.prod(consts[n.name].value for n in run)
+        if cands:
+            b = min(cands)
+            run_raw[lins[0].name] = sol.raw
+            if b < auto_run:
+                run_bound[lins[0].name] = b
+        rows.append(LayerBound(
+            name=name, op="sdp-chain", value=min(cands) if cands else sol.raw,
+            certified=bool(cands), seconds=time.perf_counter() - tr, estimate=sol.raw,
+            how=(f"lipsdp-{variant} on {len(lins)} layers (closed form {sol.closed_form}, "
+                 f"optimised {sol.value}; autolip {auto_run:.6g})"
+                 + ("" if cands else f"; {sol.why}: AutoLip kept")),
+        ))
+    if skipped:
+        notes.append(
+            f"time limit: {len(skipped)} chain(s) predicted not to end in the time left "
+            f"(first: {skipped[0]}) keep AutoLip's product; raise time_limit for a tighter bound"
+        )
+    seq_seg: dict[int, float] = {}
+    seq_value: float | None = None
+    if floor and segments:
+        left = None if time_limit is None else deadline - time.perf_counter()
+        if left is not None and left < 0.05 * budget:
+            notes.append("no time left for the SeqLip floor")
+        else:
+            try:
+                sres = seqlip(model, shape, time_limit=left)
+            except SolverError as exc:
+                notes.append(f"SeqLip floor skipped: {_first_line(exc)}")
+            else:
+                seg_rows = [r for r in sres.layers if r.op == "segment"]
+                names = [f"{s[0].qualname}..{s[-1].qualname}" for s in segments]
+                if sres.certified and [r.name for r in seg_rows] == names:
+                    seq_seg = {k: r.value for k, r in enumerate(seg_rows) if r.certified}
+                    seq_value = sres.upper
+    cert_consts = dict(consts)
+    est_consts = dict(consts)
+    for k, seg in enumerate(segments):
+        factors: list[float] = []
+        raw: list[float] = []
+        inner: set[str] = set()
+        for run in _runs(seg, max_entries):
+            inner.update(n.name for n in run[1:])
+        for n in seg:
+            if n.name in inner:
+                continue
+            factors.append(run_bound.get(n.name, consts[n.name].value))
+            raw.append(run_raw.get(n.name, consts[n.name].value))
+        sdp_seg = round_up(math.prod(factors), rel=(2 * len(factors) + 8) * _U)
+        auto_seg = math.prod(consts[n.name].value for n in seg)
+        cands = {"lipsdp": sdp_seg, "autolip": auto_seg}
+        if k in seq_seg:
+            cands["seqlip"] = seq_seg[k]
+        how = min(cands, key=lambda key: cands[key])
+        first = seg[0].name
+        if how != "autolip":
+            cert_consts[first] = replace(consts[first], constants=(cands[how],), how=how)
+            est_consts[first] = replace(consts[first],
+                                        constants=(min(math.prod(raw), cands[how]),), how=how)
+            for n in seg[1:]:
+                cert_consts[n.name] = replace(consts[n.name], constants=(1.0,), how="in segment")
+                est_consts[n.name] = cert_consts[n.name]
+        rows.append(LayerBound(
+            name=f"{seg[0].qualname}..{seg[-1].qualname}", op="segment", value=cands[how],
+            certified=all(consts[n.name].certified for n in seg), estimate=math.prod(raw),
+            how=f"{how} (" + ", ".join(f"{key} {v:.6g}" for key, v in cands.items()) + ")",
+        ))
+    in_seg = {n.name for seg in segments for n in seg}
+    for c in consts.values():
+        if c.name not in in_seg:
+            rows.append(LayerBound(name=c.qualname, op=c.op, value=c.value, certified=c.certified,
+                                   seconds=c.seconds, estimate=c.estimate,
+                                   how=f"autolip: {c.how}"))
+    value = min(compose(graph, cert_consts), autolip_value)
+    if seq_value is not None:
+        value = min(value, seq_value)
+    raw_value = min(compose(graph, est_consts), value)
+    if not segments:
+        notes.append("no sequential segment (linear, act, linear) found: the bound is AutoLip's")
+    if reused:
+        notes.append("graph and AutoLip constants reused from the previous call on this model")
+    if not auto_certified:
+        notes.append("some AutoLip factors are estimates (time limit), so the bound is NOT "
+                     "certified; raise time_limit")
+    return SDPResult(
+        value=float(value),
+        certified=auto_certified,
+        method=f"lipsdp-{variant}",
+        norm="2",
+        bound="upper" if auto_certified else "estimate",
+        upper=float(value) if auto_certified else None,
+        how="LipSDP-neuron on the sequential segments, AutoLip elsewhere",
+        layers=tuple(rows),
+        iterations=iterations,
+        seconds=time.perf_counter() - t0,
+        notes=tuple(notes),
+        raw=float(raw_value),
+        variant=variant,
+        solver="closed-form" if variant == "fast" else "schur",
+        solver_status="composed",
+        solve_seconds=solve_s,
+        verify_seconds=verify_s,
+        extra={
+            "graph": graph,
+            "composed": True,
+            "reason": why,
+            "segments": [[n.qualname for n in s] for s in segments],
+            "sdp_chains": [f"{r[0].qualname}..{r[-1].qualname}" for _, r in runs],
+            "autolip": autolip_value,
+            "seqlip": seq_value,
         },
     )
