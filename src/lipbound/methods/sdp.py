@@ -364,7 +364,6 @@ def lipsdp(
     time_limit: float | None = None,
     solver_options: dict[str, Any] | None = None,
     max_dense_entries: int = 10_000_000,
-    seqlip_floor: bool = True,
 ) -> SDPResult:
     """LipSDP upper bound on the l2 Lipschitz constant of an MLP, with verified certificate.
 
@@ -420,7 +419,8 @@ def lipsdp(
             "use variant='neuron' or a cvxpy solver ('CVXOPT', 'SCS', 'CLARABEL')"
         )
     schur = variant == "fast" or (solver in ("auto", "schur") and variant == "neuron")
-    allowed = {"device", "max_iter", "betas", "optimise", "ipm_max_rows", "ipm_max_steps"}
+    allowed = {"device", "max_iter", "betas", "optimise", "ipm_max_rows", "ipm_max_steps",
+               "seqlip_floor"}
     bad = sorted(set(solver_options or {}) - allowed) if schur else []
     if bad:
         raise InvalidArgumentError(
@@ -432,7 +432,7 @@ def lipsdp(
         if not schur:  # the cvxpy solvers and the layer variant: whole chains only
             raise
         return _lipsdp_composed(model, shape, variant, time_limit, dict(solver_options or {}),
-                                max_dense_entries, seqlip_floor, t0, _first_line(exc))
+                                max_dense_entries, t0, _first_line(exc))
     cube = sum(float(n) ** 3 for n in widths)
     if time_limit is not None and schur:
         flops = 14.0 * cube
@@ -440,7 +440,7 @@ def lipsdp(
         if need > time_limit:
             return _lipsdp_composed(
                 model, shape, variant, time_limit, dict(solver_options or {}),
-                max_dense_entries, seqlip_floor, t0,
+                max_dense_entries, t0,
                 f"the closed form and its certificate on the whole chain need about {need:.3g} "
                 f"s on this machine ({flops:.3g} flops), more than time_limit={time_limit:g}",
             )
@@ -448,6 +448,7 @@ def lipsdp(
         return _lipsdp_schur(model, shape, time_limit, {"optimise": False}, t0, method="fast")
     if schur:
         opts = dict(solver_options or {})
+        opts.pop("seqlip_floor", None)  # no floor on a whole chain: today's LipSDP value
         if time_limit is not None:
             # the closed form, its certificate and the optimised point's (~10 sum n^3 more)
             # are not interruptible: the optimiser gets what they leave
@@ -640,14 +641,17 @@ def _lipsdp_schur(
 #: default seconds for the SDP chains of a composed call without ``time_limit`` (the Schur
 #: path's default optimisation time)
 _COMPOSED_LIMIT = 60.0
-#: float64 flops of the closed form and its certificate, per ``sum n_i^3`` of a chain's widths
-#: (not interruptible); the optimised point's certificate and one LBFGS evaluation (its
-#: eigendecompositions and their backward pass) cost about ``_OPT_FLOPS`` more
-_CERT_FLOPS = 14.0
-_OPT_FLOPS = 54.0
-#: share of what the AutoLip constants leave of a ``time_limit`` that the SDP chains get (the
-#: rest goes to the SeqLip floor)
+#: float64 flops of the closed form and its certificate (not interruptible) per
+#: ``sum_i (n_{i-1} + n_i)^3`` over a chain's consecutive widths (the certificate factors the
+#: 2x2 blocks of that order, retrying with larger shifts): measured 6-7 on random MLPs of widths
+#: 400-1500 on one core, wall clock against :func:`~lipbound._progress.flop_rate`. The
+#: optimised point's certificate and one optimiser step cost about ``_OPT_FLOPS`` more.
+_CERT_FLOPS = 8.0
+_OPT_FLOPS = 12.0
+#: share of what the AutoLip constants leave of a ``time_limit`` that the SDP chains get; the
+#: SeqLip floor gets ``_FLOOR_SHARE`` of what they leave (SeqLip ran 20% past budgets of 1 s)
 _SDP_SHARE = 0.7
+_FLOOR_SHARE = 0.8
 
 
 def _first_line(exc: Exception) -> str:
@@ -668,7 +672,7 @@ def _runs(seg: list[Any], max_entries: int) -> list[list[Any]]:
     cur: list[Any] = []
     for i, node in enumerate(seg[0::2]):
         if math.prod(node.in_shapes[0]) * math.prod(node.out_shape) <= max_entries:
-            cur = cur + [seg[2 * i - 1], node] if cur else [node]
+            cur = [*cur, seg[2 * i - 1], node] if cur else [node]
         else:
             if len(cur) >= 3:
                 out.append(cur)
@@ -678,9 +682,11 @@ def _runs(seg: list[Any], max_entries: int) -> list[list[Any]]:
     return out
 
 
-def _widths(run: list[Any]) -> list[int]:
+def _cost_cube(run: list[Any]) -> float:
+    """``sum_i (n_{i-1} + n_i)^3`` over the run's consecutive widths (see ``_CERT_FLOPS``)."""
     lins = run[0::2]
-    return [math.prod(lins[0].in_shapes[0])] + [math.prod(n.out_shape) for n in lins]
+    w = [math.prod(lins[0].in_shapes[0])] + [math.prod(n.out_shape) for n in lins]
+    return float(sum((float(a) + float(b)) ** 3 for a, b in itertools.pairwise(w)))
 
 
 def _lipsdp_composed(
@@ -690,7 +696,6 @@ def _lipsdp_composed(
     time_limit: float | None,
     options: dict[str, Any],
     max_entries: int,
-    floor: bool,
     t0: float,
     why: str,
 ) -> SDPResult:
@@ -722,6 +727,7 @@ def _lipsdp_composed(
     composition over the rest of the graph is AutoLip's (valid for any valid node constants).
     Finally the minimum with AutoLip's and SeqLip's whole-graph certified values is taken.
     """
+    floor = bool(options.pop("seqlip_floor", True))
     budget = _COMPOSED_LIMIT if time_limit is None else float(time_limit)
     deadline = t0 + budget
     graph, consts, reused = graph_constants(
@@ -744,7 +750,7 @@ def _lipsdp_composed(
                      f"max_dense_entries={max_entries} entries: AutoLip's constants kept there; "
                      "raise max_dense_entries to include them")
     runs = [(k, run) for k, seg in enumerate(segments) for run in _runs(seg, max_entries)]
-    cubes = [sum(float(n) ** 3 for n in _widths(run)) for _, run in runs]
+    cubes = [_cost_cube(run) for _, run in runs]
     rate = flop_rate()
     now = time.perf_counter()
     if time_limit is None:
@@ -762,7 +768,7 @@ def _lipsdp_composed(
         lins, acts = run[0::2], run[1::2]
         name = f"{lins[0].qualname}..{lins[-1].qualname}"
         share = max(sdp_end - tr, 0.0) * cubes[j] / max(sum(cubes[j:]), 1.0)
-        if _CERT_FLOPS * cubes[j] / rate > share:
+        if time_limit is not None and _CERT_FLOPS * cubes[j] / rate > share:
             skipped.append(name)
             continue
         optimise = variant == "neuron" and bool(options.get("optimise", True))
@@ -803,7 +809,7 @@ def _lipsdp_composed(
     seq_seg: dict[int, float] = {}
     seq_value: float | None = None
     if floor and segments:
-        left = None if time_limit is None else deadline - time.perf_counter()
+        left = None if time_limit is None else _FLOOR_SHARE * (deadline - time.perf_counter())
         if left is not None and left < 0.05 * budget:
             notes.append("no time left for the SeqLip floor")
         else:
@@ -823,31 +829,35 @@ def _lipsdp_composed(
         factors: list[float] = []
         raw: list[float] = []
         inner: set[str] = set()
+        whole: dict[str, float] = {}  # first node of a run -> AutoLip's product over the run
         for run in _runs(seg, max_entries):
             inner.update(n.name for n in run[1:])
+            whole[run[0].name] = math.prod(consts[n.name].value for n in run)
         for n in seg:
             if n.name in inner:
                 continue
-            factors.append(run_bound.get(n.name, consts[n.name].value))
-            raw.append(run_raw.get(n.name, consts[n.name].value))
+            # a run without a certificate (skipped, or failed) keeps AutoLip's product
+            auto_n = whole.get(n.name, consts[n.name].value)
+            factors.append(run_bound.get(n.name, auto_n))
+            raw.append(run_raw.get(n.name, auto_n))
         sdp_seg = round_up(math.prod(factors), rel=(2 * len(factors) + 8) * _U)
         auto_seg = math.prod(consts[n.name].value for n in seg)
-        cands = {"lipsdp": sdp_seg, "autolip": auto_seg}
+        seg_c = {"lipsdp": sdp_seg, "autolip": auto_seg}
         if k in seq_seg:
-            cands["seqlip"] = seq_seg[k]
-        how = min(cands, key=lambda key: cands[key])
+            seg_c["seqlip"] = seq_seg[k]
+        how = min(seg_c, key=lambda key: seg_c[key])
         first = seg[0].name
         if how != "autolip":
-            cert_consts[first] = replace(consts[first], constants=(cands[how],), how=how)
+            cert_consts[first] = replace(consts[first], constants=(seg_c[how],), how=how)
             est_consts[first] = replace(consts[first],
-                                        constants=(min(math.prod(raw), cands[how]),), how=how)
+                                        constants=(min(math.prod(raw), seg_c[how]),), how=how)
             for n in seg[1:]:
                 cert_consts[n.name] = replace(consts[n.name], constants=(1.0,), how="in segment")
                 est_consts[n.name] = cert_consts[n.name]
         rows.append(LayerBound(
-            name=f"{seg[0].qualname}..{seg[-1].qualname}", op="segment", value=cands[how],
+            name=f"{seg[0].qualname}..{seg[-1].qualname}", op="segment", value=seg_c[how],
             certified=all(consts[n.name].certified for n in seg), estimate=math.prod(raw),
-            how=f"{how} (" + ", ".join(f"{key} {v:.6g}" for key, v in cands.items()) + ")",
+            how=f"{how} (" + ", ".join(f"{key} {v:.6g}" for key, v in seg_c.items()) + ")",
         ))
     in_seg = {n.name for seg in segments for n in seg}
     for c in consts.values():
