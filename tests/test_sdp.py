@@ -203,13 +203,12 @@ def test_large_dense_layer_keeps_autolip_and_is_never_built(
     built: list[int] = []
     real = sdp_mod.linear_matrix
     monkeypatch.setattr(sdp_mod, "linear_matrix", lambda n: built.append(1) or real(n))
-    r = lipsdp(net, (50,), max_dense_entries=1000, solver_options={"seqlip_floor": False})
+    r = lipsdp(net, (50,), max_dense_entries=1000)
     assert not built and r.certified and r.value == autolip(net, (50,)).value
     assert any("max_dense_entries=1000" in n for n in r.notes), r.notes
     conv = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Flatten(),
                          nn.Linear(8 * 16 * 16, 2)).eval()
-    r = lipsdp(conv, (3, 16, 16), max_dense_entries=100_000,
-               solver_options={"seqlip_floor": False})
+    r = lipsdp(conv, (3, 16, 16), max_dense_entries=100_000)
     assert not built and r.certified and r.extra["sdp_chains"] == []
 
 

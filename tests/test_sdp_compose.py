@@ -22,11 +22,9 @@ from lipbound.methods.autolip import autolip
 from lipbound.methods.exact import exact
 from lipbound.methods.lower import lower_bound
 from lipbound.methods.sdp import lipsdp, slope_ranges_of
-from lipbound.methods.seqlip import seqlip
 from lipbound.testing import generate, generators, realised_lipschitz
 
 UP = 1 + 1e-9  # float slack of a comparison between two certified values
-NOFLOOR = {"seqlip_floor": False}  # the composition without the SeqLip floor
 
 
 class _ResMLP(nn.Module):
@@ -76,15 +74,13 @@ def _cnn(seed: int, pool: nn.Module | None = None) -> nn.Module:
 
 def _checked(model: nn.Module, shape: tuple[int, ...], **kw: object) -> float:
     """``lipsdp(model)``, checked: composed, certified, between the witnessed lower bounds
-    (lower_bound and the adversarial realised search) and AutoLip / SeqLip."""
+    (lower_bound and the adversarial realised search) and AutoLip."""
     r = lipsdp(model, shape, **kw)  # type: ignore[arg-type]
     assert r.certified and r.solver_status == "composed" and r.upper == r.value
     lo = lower_bound(model, shape, restarts=2, steps=20).value
     real = realised_lipschitz(model, shape, norms=("2",), points=16, pair_chains=4)["2"].value
     assert r.value >= lo and r.value >= real, (r.value, lo, real)
     assert r.value <= autolip(model, shape).value * UP
-    if kw.get("solver_options") is not NOFLOOR:
-        assert r.value <= seqlip(model, shape).value * UP
     return r.value
 
 
@@ -93,11 +89,11 @@ def test_residual_mlp_is_certified_between_realised_and_autolip(act: type) -> No
     torch.manual_seed(1)
     net = _ResMLP(act=act).double().eval()
     v = _checked(net, (3,))
-    r = lipsdp(net, (3,), solver_options=NOFLOOR)
-    # every segment (stem..block, block inner chains, the head) got an SDP certificate, and it
-    # is a valid bound on its own, not only with the SeqLip floor
-    assert len(r.extra["sdp_chains"]) == 3 and r.value >= v
-    assert r.value < autolip(net, (3,)).value
+    r = lipsdp(net, (3,))
+    # every segment (the two blocks' inner chains, the head) got an SDP certificate
+    assert len(r.extra["sdp_chains"]) == 3
+    assert sum(row.op == "sdp-chain" and row.certified for row in r.layers) == 3
+    assert v < autolip(net, (3,)).value
 
 
 @pytest.mark.parametrize("pool", [None, nn.AvgPool2d(2)])
@@ -110,8 +106,8 @@ def test_tiny_cnn_dense_convolutions_beat_autolip(pool: nn.Module | None) -> Non
         real = realised_lipschitz(net, (1, 6, 6), norms=("2",), points=16)["2"].value
         assert r.value >= real
         return
-    v = _checked(net, (1, 6, 6), solver_options=NOFLOOR)
-    r = lipsdp(net, (1, 6, 6), solver_options=NOFLOOR)
+    v = _checked(net, (1, 6, 6))
+    r = lipsdp(net, (1, 6, 6))
     # the conv / BatchNorm chain before the max-pool is lowered to dense matrices
     assert r.extra["sdp_chains"] == ["0+1..3", "6+7..9"], r.extra["sdp_chains"]
     assert v < autolip(net, (1, 6, 6)).value
@@ -126,7 +122,7 @@ def test_branches_are_above_the_exact_constant_of_each_branch() -> None:
         assert ex.certified and v >= ex.value * (1 - 1e-9), (v, ex.value)
     # sqrt(L1^2 + L2^2) bounds the concatenation: with each chain's own LipSDP bound
     l1, l2 = lipsdp(net.f1, (2,)).value, lipsdp(net.f2, (2,)).value
-    composed = lipsdp(net, (2,), solver_options=NOFLOOR).value
+    composed = lipsdp(net, (2,)).value
     assert composed <= math.hypot(l1, l2) * (1 + 1e-6)
 
 
@@ -144,7 +140,7 @@ def test_mlp_keeps_todays_whole_chain_value(sizes: list[int], act: type) -> None
 
 def test_every_fuzz_model_autolip_accepts_gets_a_bound_no_looser_than_autolip() -> None:
     ran = composed = 0
-    for gen in generators()[::3]:
+    for gen in generators()[::4]:
         prog = generate(0, focus=gen)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -158,7 +154,7 @@ def test_every_fuzz_model_autolip_accepts_gets_a_bound_no_looser_than_autolip() 
         composed += r.solver_status == "composed"
         assert r.certified == a.certified, gen.name
         assert r.value <= a.value * UP, (gen.name, r.value, a.value)
-    assert ran >= 80 and composed >= 60, (ran, composed)
+    assert ran >= 60 and composed >= 45, (ran, composed)
 
 
 def test_one_time_limit_for_the_whole_call() -> None:
@@ -167,11 +163,11 @@ def test_one_time_limit_for_the_whole_call() -> None:
     with torch.no_grad():
         net.head[2].weight.mul_(10.0)  # a chain left to AutoLip must keep ALL its factors
     lipsdp(_ResMLP().double().eval(), (3,))  # warm-up (torch.fx, LAPACK)
-    for budget in (1.0, 3.0):
+    for budget in (1.5,):
         t0 = time.perf_counter()
         r = lipsdp(net, (8,), time_limit=budget)
         took = time.perf_counter() - t0
-        assert took <= 1.1 * budget + 0.3, (budget, took)
+        assert took <= 1.1 * budget + 0.5, (budget, took)  # 0.5 s: test_budgets' SLACK
         assert r.value <= autolip(net, (8,)).value * UP
         lo = lower_bound(net, (8,), restarts=1, steps=10).value
         assert r.value >= lo, (r.value, lo)
@@ -180,8 +176,8 @@ def test_one_time_limit_for_the_whole_call() -> None:
 def test_float32_model_and_linear_matrices_of_segments() -> None:
     torch.manual_seed(4)
     net = _ResMLP().eval()  # float32: the node functions cast to the float64 inputs
-    r = lipsdp(net, (3,), solver_options=NOFLOOR)
-    r64 = lipsdp(copy.deepcopy(net).double(), (3,), solver_options=NOFLOOR)
+    r = lipsdp(net, (3,))
+    r64 = lipsdp(copy.deepcopy(net).double(), (3,))
     assert r.certified and r.value == r64.value
     stem = next(n for n in r.extra["graph"] if n.qualname == "stem")
     W = sdp_mod.linear_matrix(stem)
@@ -214,7 +210,7 @@ def test_chains_predicted_too_slow_keep_every_autolip_factor(
     with torch.no_grad():
         net.head[2].weight.mul_(10.0)  # the factors after a chain's first node matter
     monkeypatch.setattr(sdp_mod, "_CERT_FLOPS", 1e300)  # no chain fits any time limit
-    r = lipsdp(net, (3,), time_limit=30.0, solver_options=NOFLOOR)
+    r = lipsdp(net, (3,), time_limit=30.0)
     assert r.certified and r.extra["sdp_chains"] and not any(
         row.op == "sdp-chain" for row in r.layers)
     assert r.value == autolip(net, (3,)).value

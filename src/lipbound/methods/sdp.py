@@ -47,6 +47,17 @@ form, which is also offered alone as ``variant="fast"`` (ECLipsE-Fast, Xu & Siva
 NeurIPS 2024, in our derivation: see :mod:`lipbound.methods._schur`). The cvxpy solvers
 remain available by name.
 
+Graphs that are not one dense chain (residual adds, concatenations, max-pooling, activations
+without a slope range, a layer above ``max_dense_entries``, a chain whose certificate cannot fit
+``time_limit``): with the Schur solver or ``variant="fast"``, LipSDP runs on SeqLip's sequential
+segments (:func:`lipbound.methods._chain.find_segments`) and AutoLip's composition
+(:func:`lipbound.methods.autolip.compose`) covers the rest, each segment taking the smaller of
+its LipSDP and AutoLip certified bounds (proof in :func:`_lipsdp_composed`); so the result is
+never above AutoLip's. It is not compared with SeqLip's segment bounds (a method module may not
+import a sibling: :func:`lipbound.bound` takes the minimum over the methods it runs). The
+cvxpy solvers and
+``variant="layer"`` still need one chain (:class:`~lipbound.errors.NotSequentialError`).
+
 cvxpy is an optional dependency for ``solver="SCS" / "CLARABEL" / "CVXOPT"`` and
 ``variant="layer"``: ``pip install 'lipbound[sdp]'``.
 
@@ -84,10 +95,9 @@ from ..errors import (
 from ..graph import capture, sequential_chain, simplify
 from ..results import LayerBound, SDPResult
 from ..spectral.certify import round_up
-from ._chain import linear_matrix
+from ._chain import find_segments, linear_matrix
 from ._schur import solve_schur
 from .autolip import GRACE, compose, graph_constants
-from .seqlip import find_segments, seqlip
 
 __all__ = ["SDPResult", "analytic_multipliers", "lipsdp", "slope_ranges_of", "verify_lipsdp"]
 
@@ -365,7 +375,9 @@ def lipsdp(
     solver_options: dict[str, Any] | None = None,
     max_dense_entries: int = 10_000_000,
 ) -> SDPResult:
-    """LipSDP upper bound on the l2 Lipschitz constant of an MLP, with verified certificate.
+    """LipSDP upper bound on the l2 Lipschitz constant, with verified certificate: of a whole
+    dense chain (an MLP, a CNN whose dense matrices fit), or composed with AutoLip over the
+    non-sequential parts of any graph AutoLip accepts (module docstring).
 
     Parameters
     ----------
@@ -375,8 +387,8 @@ def lipsdp(
               iteration; certified by the same Cholesky proof; never below ``"neuron"``).
     solver:   ``"auto"``: ``"schur"`` for the neuron variant (no cvxpy; ``solver_options``
               may set ``device``, ``max_iter``, ``betas``, ``optimise``, ``ipm_max_rows``,
-              ``ipm_max_steps``; ``time_limit`` bounds the optimisation, 60 s when ``None``;
-              the certificate always runs); for the layer
+              ``ipm_max_steps``; ``time_limit`` bounds
+              the optimisation, 60 s when ``None``; the certificate always runs); for the layer
               variant the cvxpy choice below. cvxpy choice: CVXOPT up to 250 rows for
               the neuron variant, 400 for the layer variant; SCS beyond; Clarabel only
               for tiny LMIs without CVXOPT; or by name:
@@ -385,19 +397,27 @@ def lipsdp(
               certificate survives the verification; retried with 100x margin if it fails
               and time is left.
     time_limit: seconds for the solver (passed to SCS / Clarabel; CVXOPT has no limit);
-              ``None``: no limit.
+              ``None``: no limit. On a composed graph ONE overall budget for the call: the
+              AutoLip constants, then the chains (each started only when its closed form and
+              certificate are predicted to fit its share, else AutoLip's product is kept,
+              with a note).
     solver_options: passed to ``cvxpy.Problem.solve`` (e.g. ``{"eps": 1e-6}`` for SCS).
-    max_dense_entries: LipSDP works on the dense weight matrices of the chain; a chain with
-              a larger one (a convolution is as large as its dense matrix: 3x32x32 ->
-              16x32x32 has 5e7 entries; an MLP layer 1000 x 1000 has 1e6) is refused with
-              :class:`~lipbound.errors.UnsupportedModelError` before anything is built. With
-              the Schur solver and a ``time_limit``, a chain whose closed form and certificate
-              (about ``14 sum n_i^3`` flops, not interruptible) are predicted to take longer
-              is refused with :class:`~lipbound.errors.SolverError`.
+    max_dense_entries: LipSDP works on the dense weight matrices of the chain (convolutions,
+              BatchNorm, average pooling included: a convolution is as large as its dense
+              matrix, 3x32x32 -> 16x32x32 has 5e7 entries; mnist_cnn5's largest has 7.4e6; an
+              MLP layer 1000 x 1000 has 1e6). A larger layer is never built: the cvxpy solvers
+              refuse the chain with :class:`~lipbound.errors.UnsupportedModelError`; the Schur
+              path cuts the chain there and keeps AutoLip's constant on that layer (composed,
+              with a note). With the Schur solver and a ``time_limit``, a whole chain whose
+              closed form and certificate (about ``14 sum n_i^3`` flops, not interruptible)
+              are predicted to take longer goes to the composed path as well.
 
     Returns an :class:`SDPResult`: ``value``/``upper`` the verified bound (``certified``), ``raw``
-    the solver's value. Raises :class:`~lipbound.errors.MissingDependencyError` without cvxpy,
-    :class:`~lipbound.errors.NotSequentialError` for non-chain models.
+    the solver's value; on a composed graph ``solver_status="composed"``, ``layers`` one row per
+    LipSDP chain (``op="sdp-chain"``) and per segment, ``extra["segments"]`` /
+    ``extra["sdp_chains"]``. Raises :class:`~lipbound.errors.MissingDependencyError` without
+    cvxpy, :class:`~lipbound.errors.NotSequentialError` for non-chain models with the cvxpy
+    solvers or ``variant="layer"``.
     """
     t0 = time.perf_counter()
     model = check_model(model, require_eval=True)
@@ -419,8 +439,7 @@ def lipsdp(
             "use variant='neuron' or a cvxpy solver ('CVXOPT', 'SCS', 'CLARABEL')"
         )
     schur = variant == "fast" or (solver in ("auto", "schur") and variant == "neuron")
-    allowed = {"device", "max_iter", "betas", "optimise", "ipm_max_rows", "ipm_max_steps",
-               "seqlip_floor"}
+    allowed = {"device", "max_iter", "betas", "optimise", "ipm_max_rows", "ipm_max_steps"}
     bad = sorted(set(solver_options or {}) - allowed) if schur else []
     if bad:
         raise InvalidArgumentError(
@@ -448,7 +467,6 @@ def lipsdp(
         return _lipsdp_schur(model, shape, time_limit, {"optimise": False}, t0, method="fast")
     if schur:
         opts = dict(solver_options or {})
-        opts.pop("seqlip_floor", None)  # no floor on a whole chain: today's LipSDP value
         if time_limit is not None:
             # the closed form, its certificate and the optimised point's (~10 sum n^3 more)
             # are not interruptible: the optimiser gets what they leave
@@ -648,10 +666,6 @@ _COMPOSED_LIMIT = 60.0
 #: optimised point's certificate and one optimiser step cost about ``_OPT_FLOPS`` more.
 _CERT_FLOPS = 8.0
 _OPT_FLOPS = 12.0
-#: share of what the AutoLip constants leave of a ``time_limit`` that the SDP chains get; the
-#: SeqLip floor gets ``_FLOOR_SHARE`` of what they leave (SeqLip ran 20% past budgets of 1 s)
-_SDP_SHARE = 0.7
-_FLOOR_SHARE = 0.8
 
 
 def _first_line(exc: Exception) -> str:
@@ -702,7 +716,7 @@ def _lipsdp_composed(
     r"""LipSDP-neuron on the sequential segments of the graph, AutoLip's composition elsewhere.
 
     The graph and AutoLip's per-node constants are :func:`~lipbound.methods.autolip.
-    graph_constants`' and the segments SeqLip's (:func:`~lipbound.methods.seqlip.find_segments`:
+    graph_constants`' and the segments SeqLip's (:func:`~lipbound.methods._chain.find_segments`:
     maximal chains ``linear, act, ..., linear`` whose inner nodes have one input and one user and
     whose activations have a slope range from the rules). A segment is cut at linear nodes with
     more than ``max_entries`` dense entries; each remaining run of two linear nodes or more gets
@@ -718,16 +732,15 @@ def _lipsdp_composed(
     the runs' ``B_r`` and the cut-out nodes' AutoLip constants; it is computed in float64 by at
     most ``k`` multiplications of positive numbers (relative error below ``(k + 1) u``) and
     rounded up by :func:`~lipbound.spectral.certify.round_up` with a relative margin
-    ``(2 k + 8) u``. The segment's bound is the smallest of ``P``, SeqLip's certified bound on
-    the same segment (``seqlip_floor``) and AutoLip's product: each is a valid Lipschitz bound of
-    the same map. As in SeqLip, it is then the constant of the segment's first linear node and
-    every other node of the segment gets 1: the inner nodes have a single input and a single
-    user, so AutoLip's recursion ``L_k = sum_j c_{k,j} L_{parent_j}`` gives at the segment's
-    last node ``L = bound * L_parent``, a valid bound of ``x ->`` that node's output, and the
+    ``(2 k + 8) u``. The segment's bound is the smaller of ``P`` and AutoLip's product: both
+    are valid Lipschitz bounds of the same map. As in SeqLip, it is then the constant of the
+    segment's first linear node and every other node of the segment gets 1: the inner nodes
+    have a single input and a single user, so AutoLip's recursion
+    ``L_k = sum_j c_{k,j} L_{parent_j}`` gives at the segment's last node
+    ``L = bound * L_parent``, a valid bound of ``x ->`` that node's output, and the
     composition over the rest of the graph is AutoLip's (valid for any valid node constants).
-    Finally the minimum with AutoLip's and SeqLip's whole-graph certified values is taken.
+    Finally the minimum with AutoLip's whole-graph value is taken.
     """
-    floor = bool(options.pop("seqlip_floor", True))
     budget = _COMPOSED_LIMIT if time_limit is None else float(time_limit)
     deadline = t0 + budget
     graph, consts, reused = graph_constants(
@@ -756,7 +769,7 @@ def _lipsdp_composed(
     if time_limit is None:
         sdp_end = now + _COMPOSED_LIMIT
     else:
-        sdp_end = now + max(deadline - now, 0.0) * (_SDP_SHARE if floor else 1.0)
+        sdp_end = deadline
     run_bound: dict[str, float] = {}  # first node of a run -> its certified bound
     run_raw: dict[str, float] = {}
     rows: list[LayerBound] = []
@@ -806,26 +819,9 @@ def _lipsdp_composed(
             f"time limit: {len(skipped)} chain(s) predicted not to end in the time left "
             f"(first: {skipped[0]}) keep AutoLip's product; raise time_limit for a tighter bound"
         )
-    seq_seg: dict[int, float] = {}
-    seq_value: float | None = None
-    if floor and segments:
-        left = None if time_limit is None else _FLOOR_SHARE * (deadline - time.perf_counter())
-        if left is not None and left < 0.05 * budget:
-            notes.append("no time left for the SeqLip floor")
-        else:
-            try:
-                sres = seqlip(model, shape, time_limit=left)
-            except SolverError as exc:
-                notes.append(f"SeqLip floor skipped: {_first_line(exc)}")
-            else:
-                seg_rows = [r for r in sres.layers if r.op == "segment"]
-                names = [f"{s[0].qualname}..{s[-1].qualname}" for s in segments]
-                if sres.certified and [r.name for r in seg_rows] == names:
-                    seq_seg = {k: r.value for k, r in enumerate(seg_rows) if r.certified}
-                    seq_value = sres.upper
     cert_consts = dict(consts)
     est_consts = dict(consts)
-    for k, seg in enumerate(segments):
+    for seg in segments:
         factors: list[float] = []
         raw: list[float] = []
         inner: set[str] = set()
@@ -843,8 +839,6 @@ def _lipsdp_composed(
         sdp_seg = round_up(math.prod(factors), rel=(2 * len(factors) + 8) * _U)
         auto_seg = math.prod(consts[n.name].value for n in seg)
         seg_c = {"lipsdp": sdp_seg, "autolip": auto_seg}
-        if k in seq_seg:
-            seg_c["seqlip"] = seq_seg[k]
         how = min(seg_c, key=lambda key: seg_c[key])
         first = seg[0].name
         if how != "autolip":
@@ -866,8 +860,6 @@ def _lipsdp_composed(
                                    seconds=c.seconds, estimate=c.estimate,
                                    how=f"autolip: {c.how}"))
     value = min(compose(graph, cert_consts), autolip_value)
-    if seq_value is not None:
-        value = min(value, seq_value)
     raw_value = min(compose(graph, est_consts), value)
     if not segments:
         notes.append("no sequential segment (linear, act, linear) found: the bound is AutoLip's")
@@ -901,6 +893,5 @@ def _lipsdp_composed(
             "segments": [[n.qualname for n in s] for s in segments],
             "sdp_chains": [f"{r[0].qualname}..{r[-1].qualname}" for _, r in runs],
             "autolip": autolip_value,
-            "seqlip": seq_value,
         },
     )
