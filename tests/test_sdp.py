@@ -171,9 +171,15 @@ def test_missing_cvxpy_raises(monkeypatch: pytest.MonkeyPatch) -> None:
         lipsdp(_mlp([2, 3, 1], seed=0), (2,), solver="CVXOPT")
 
 
-def test_residual_model_is_rejected(residual_net: nn.Module) -> None:
+def test_residual_model_is_composed_by_the_schur_path_only(residual_net: nn.Module) -> None:
+    # the Schur / closed-form path composes with AutoLip (tests/test_sdp_compose.py); the cvxpy
+    # solvers and the layer variant still need one chain
+    r = lipsdp(residual_net, (2,))
+    assert r.certified and r.solver_status == "composed"
     with pytest.raises(NotSequentialError):
-        lipsdp(residual_net, (2,))
+        lipsdp(residual_net, (2,), solver="CVXOPT")
+    with pytest.raises(NotSequentialError):
+        lipsdp(residual_net, (2,), variant="layer")
 
 
 def test_bad_arguments() -> None:
@@ -184,33 +190,48 @@ def test_bad_arguments() -> None:
         lipsdp(net, (2,), solver="MOSEK")
 
 
-def test_large_dense_chain_is_refused_before_it_is_built() -> None:
+def test_large_dense_layer_keeps_autolip_and_is_never_built(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     from lipbound.errors import UnsupportedModelError
+    from lipbound.methods.autolip import autolip
 
     net = nn.Sequential(nn.Linear(50, 40), nn.ReLU(), nn.Linear(40, 3)).double().eval()
     with pytest.raises(UnsupportedModelError, match="max_dense_entries=1000"):
-        lipsdp(net, (50,), max_dense_entries=1000)
+        lipsdp(net, (50,), max_dense_entries=1000, solver="CVXOPT")  # cvxpy: one dense chain
+
+    built: list[int] = []
+    real = sdp_mod.linear_matrix
+    monkeypatch.setattr(sdp_mod, "linear_matrix", lambda n: built.append(1) or real(n))
+    r = lipsdp(net, (50,), max_dense_entries=1000)
+    assert not built and r.certified and r.value == autolip(net, (50,)).value
+    assert any("max_dense_entries=1000" in n for n in r.notes), r.notes
     conv = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Flatten(),
                          nn.Linear(8 * 16 * 16, 2)).eval()
-    with pytest.raises(UnsupportedModelError, match="dense weight matrix of"):
-        lipsdp(conv, (3, 16, 16), max_dense_entries=100_000)
+    r = lipsdp(conv, (3, 16, 16), max_dense_entries=100_000)
+    assert not built and r.certified and r.extra["sdp_chains"] == []
 
 
-def test_certificate_that_cannot_fit_the_time_limit_is_refused() -> None:
+def test_certificate_that_cannot_fit_the_time_limit_falls_back() -> None:
     from lipbound.errors import SolverError
 
     # 14 * 3000^3 = 3.8e11 flops: longer than 1 ms on any machine
     net = nn.Sequential(nn.Linear(8, 3000), nn.ReLU(), nn.Linear(3000, 2)).eval()
-    with pytest.raises(SolverError, match=r"time_limit=0\.001"):
+    # the whole-chain certificate cannot fit: the composed path keeps AutoLip's product, whose
+    # constants cannot fit 1 ms either
+    with pytest.raises(SolverError, match="raise time_limit"):
         lipsdp(net, (8,), time_limit=1e-3)
     with pytest.raises(SolverError, match="time_limit"):
         lipsdp(net, (8,), variant="fast", time_limit=1e-3)
+    r = lipsdp(net, (8,), time_limit=2.0)
+    assert r.certified and r.solver_status == "composed"
+    assert any("time_limit=2" in n for n in r.notes), r.notes
 
 
 ALL = ("lower", "autolip", "seqlip", "lipsdp")
 
 
-def test_bound_runs_lipsdp_on_chains_and_skips_it_on_others(
+def test_bound_runs_lipsdp_on_chains_and_composed_on_others(
     residual_net: nn.Module,
 ) -> None:
     from lipbound.report import bound
@@ -224,4 +245,6 @@ def test_bound_runs_lipsdp_on_chains_and_skips_it_on_others(
     assert rep.upper is not None and rep.upper <= run["autolip"].result.value  # type: ignore[union-attr]
     rep2 = bound(residual_net, (2,), methods=ALL, lower={"restarts": 2, "steps": 10})
     run2 = {r.name: r for r in rep2.runs}
-    assert not run2["lipsdp"].ok and rep2.upper is not None  # refused, the others go on
+    # composed with AutoLip on non-chains (it ran before as a refusal)
+    assert run2["lipsdp"].ok and rep2.upper is not None
+    assert run2["lipsdp"].result.upper >= rep2.lower  # type: ignore[union-attr,operator]

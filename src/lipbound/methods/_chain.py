@@ -1,4 +1,5 @@
-"""A sequential network as a chain of dense float64 affine maps and activations.
+"""A sequential network as a chain of dense float64 affine maps and activations, and the
+sequential segments of any graph (:func:`find_segments`, shared by SeqLip and LipSDP).
 
 Shared by :func:`lipbound.exact` (branch and bound on the chain) and :func:`lipbound.lipsdp`
 (the LMIs are written on the chain's matrices): the network is captured by
@@ -18,7 +19,7 @@ from torch import nn
 from ..errors import NotSequentialError, UnsupportedNode
 from ..graph import capture, sequential_chain, simplify
 
-__all__ = ["dense_chain"]
+__all__ = ["dense_chain", "find_segments", "linear_matrix"]
 
 
 def _affine_parts(
@@ -49,6 +50,15 @@ def _affine_parts(
             [UnsupportedNode(where, "linear", "its Jacobian does not match its output size")]
         )
     return W, bb, out_shape
+
+
+def linear_matrix(node: Any) -> np.ndarray:
+    """The float64 matrix of a captured linear node's linear part (Linear, Conv*, BatchNorm,
+    average pooling, reshape, or a merged chain of these), by :func:`_affine_parts`: used by
+    :func:`lipbound.lipsdp` on the segments of non-sequential graphs (a float32 model's node
+    functions cast their parameters to the float64 input)."""
+    (in_shape,) = node.in_shapes
+    return _affine_parts(node.fn, tuple(in_shape), node.qualname)[0]
 
 
 def _chain_from_graph(model: nn.Module, input_shape: tuple[int, ...]) -> list[tuple[str, Any]]:
@@ -123,3 +133,39 @@ def dense_chain(
     """
     items = _raw_chain(model, input_shape)
     return _merge_items(items, int(np.prod(input_shape)))
+
+
+def find_segments(graph: Any, slopes: dict[str, tuple[float, float] | None]) -> list[list[Any]]:
+    """Maximal chains ``[linear, act, linear, ..., linear]`` (at least two linear nodes) in which
+    every node but the last has exactly one user (the next node), every node but the first has
+    exactly one input (the previous node) and every activation has a known slope range.
+
+    >>> from lipbound.graph import capture, simplify
+    >>> net = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2))
+    >>> g = simplify(capture(net, (3,)))
+    >>> [[n.kind for n in s] for s in find_segments(g, {n.name: n.slope_range for n in g})]
+    [['linear', 'activation', 'linear']]
+    """
+    used: set[str] = set()
+    segs: list[list[Any]] = []
+    for node in graph:
+        if node.kind != "linear" or node.name in used:
+            continue
+        seg = [node]
+        cur = node
+        while True:
+            users = graph.users(cur.name)
+            if len(users) != 1 or users[0].kind != "activation":
+                break
+            act = users[0]
+            if act.inputs != (cur.name,) or slopes.get(act.name) is None:
+                break
+            nxt = graph.users(act.name)
+            if len(nxt) != 1 or nxt[0].kind != "linear" or nxt[0].inputs != (act.name,):
+                break
+            seg.extend([act, nxt[0]])
+            cur = nxt[0]
+        if len(seg) >= 3:
+            used.update(n.name for n in seg)
+            segs.append(seg)
+    return segs

@@ -47,6 +47,17 @@ form, which is also offered alone as ``variant="fast"`` (ECLipsE-Fast, Xu & Siva
 NeurIPS 2024, in our derivation: see :mod:`lipbound.methods._schur`). The cvxpy solvers
 remain available by name.
 
+Graphs that are not one dense chain (residual adds, concatenations, max-pooling, activations
+without a slope range, a layer above ``max_dense_entries``, a chain whose certificate cannot fit
+``time_limit``): with the Schur solver or ``variant="fast"``, LipSDP runs on SeqLip's sequential
+segments (:func:`lipbound.methods._chain.find_segments`) and AutoLip's composition
+(:func:`lipbound.methods.autolip.compose`) covers the rest, each segment taking the smaller of
+its LipSDP and AutoLip certified bounds (proof in :func:`_lipsdp_composed`); so the result is
+never above AutoLip's. It is not compared with SeqLip's segment bounds (a method module may not
+import a sibling: :func:`lipbound.bound` takes the minimum over the methods it runs). The
+cvxpy solvers and
+``variant="layer"`` still need one chain (:class:`~lipbound.errors.NotSequentialError`).
+
 cvxpy is an optional dependency for ``solver="SCS" / "CLARABEL" / "CVXOPT"`` and
 ``variant="layer"``: ``pip install 'lipbound[sdp]'``.
 
@@ -65,6 +76,7 @@ import itertools
 import math
 import time
 from collections.abc import Sequence
+from dataclasses import replace
 from typing import Any
 
 import numpy as np
@@ -75,13 +87,17 @@ from .._validation import check_choice, check_input_shape, check_model, check_po
 from ..errors import (
     InvalidArgumentError,
     MissingDependencyError,
+    NotSequentialError,
     SolverError,
     UnsupportedModelError,
     UnsupportedNode,
 )
 from ..graph import capture, sequential_chain, simplify
-from ..results import SDPResult
+from ..results import LayerBound, SDPResult
+from ..spectral.certify import round_up
+from ._chain import find_segments, linear_matrix
 from ._schur import solve_schur
+from .autolip import GRACE, compose, graph_constants
 
 __all__ = ["SDPResult", "analytic_multipliers", "lipsdp", "slope_ranges_of", "verify_lipsdp"]
 
@@ -359,7 +375,9 @@ def lipsdp(
     solver_options: dict[str, Any] | None = None,
     max_dense_entries: int = 10_000_000,
 ) -> SDPResult:
-    """LipSDP upper bound on the l2 Lipschitz constant of an MLP, with verified certificate.
+    """LipSDP upper bound on the l2 Lipschitz constant, with verified certificate: of a whole
+    dense chain (an MLP, a CNN whose dense matrices fit), or composed with AutoLip over the
+    non-sequential parts of any graph AutoLip accepts (module docstring).
 
     Parameters
     ----------
@@ -369,8 +387,8 @@ def lipsdp(
               iteration; certified by the same Cholesky proof; never below ``"neuron"``).
     solver:   ``"auto"``: ``"schur"`` for the neuron variant (no cvxpy; ``solver_options``
               may set ``device``, ``max_iter``, ``betas``, ``optimise``, ``ipm_max_rows``,
-              ``ipm_max_steps``; ``time_limit`` bounds the optimisation, 60 s when ``None``;
-              the certificate always runs); for the layer
+              ``ipm_max_steps``; ``time_limit`` bounds
+              the optimisation, 60 s when ``None``; the certificate always runs); for the layer
               variant the cvxpy choice below. cvxpy choice: CVXOPT up to 250 rows for
               the neuron variant, 400 for the layer variant; SCS beyond; Clarabel only
               for tiny LMIs without CVXOPT; or by name:
@@ -379,19 +397,27 @@ def lipsdp(
               certificate survives the verification; retried with 100x margin if it fails
               and time is left.
     time_limit: seconds for the solver (passed to SCS / Clarabel; CVXOPT has no limit);
-              ``None``: no limit.
+              ``None``: no limit. On a composed graph ONE overall budget for the call: the
+              AutoLip constants, then the chains (each started only when its closed form and
+              certificate are predicted to fit its share, else AutoLip's product is kept,
+              with a note).
     solver_options: passed to ``cvxpy.Problem.solve`` (e.g. ``{"eps": 1e-6}`` for SCS).
-    max_dense_entries: LipSDP works on the dense weight matrices of the chain; a chain with
-              a larger one (a convolution is as large as its dense matrix: 3x32x32 ->
-              16x32x32 has 5e7 entries; an MLP layer 1000 x 1000 has 1e6) is refused with
-              :class:`~lipbound.errors.UnsupportedModelError` before anything is built. With
-              the Schur solver and a ``time_limit``, a chain whose closed form and certificate
-              (about ``14 sum n_i^3`` flops, not interruptible) are predicted to take longer
-              is refused with :class:`~lipbound.errors.SolverError`.
+    max_dense_entries: LipSDP works on the dense weight matrices of the chain (convolutions,
+              BatchNorm, average pooling included: a convolution is as large as its dense
+              matrix, 3x32x32 -> 16x32x32 has 5e7 entries; mnist_cnn5's largest has 7.4e6; an
+              MLP layer 1000 x 1000 has 1e6). A larger layer is never built: the cvxpy solvers
+              refuse the chain with :class:`~lipbound.errors.UnsupportedModelError`; the Schur
+              path cuts the chain there and keeps AutoLip's constant on that layer (composed,
+              with a note). With the Schur solver and a ``time_limit``, a whole chain whose
+              closed form and certificate (about ``14 sum n_i^3`` flops, not interruptible)
+              are predicted to take longer goes to the composed path as well.
 
     Returns an :class:`SDPResult`: ``value``/``upper`` the verified bound (``certified``), ``raw``
-    the solver's value. Raises :class:`~lipbound.errors.MissingDependencyError` without cvxpy,
-    :class:`~lipbound.errors.NotSequentialError` for non-chain models.
+    the solver's value; on a composed graph ``solver_status="composed"``, ``layers`` one row per
+    LipSDP chain (``op="sdp-chain"``) and per segment, ``extra["segments"]`` /
+    ``extra["sdp_chains"]``. Raises :class:`~lipbound.errors.MissingDependencyError` without
+    cvxpy, :class:`~lipbound.errors.NotSequentialError` for non-chain models with the cvxpy
+    solvers or ``variant="layer"``.
     """
     t0 = time.perf_counter()
     model = check_model(model, require_eval=True)
@@ -402,30 +428,44 @@ def lipsdp(
     if time_limit is not None:
         check_positive("time_limit", time_limit)
     check_positive("max_dense_entries", max_dense_entries)
-    widths = _chain_sizes(model, shape, max_dense_entries)
+    if variant == "fast" and solver not in ("auto", "schur"):
+        raise InvalidArgumentError(
+            f"lipsdp(variant='fast') is the closed form (no SDP solver), got solver="
+            f"{solver!r}; use solver='auto'"
+        )
+    if solver == "schur" and variant != "neuron":
+        raise InvalidArgumentError(
+            f"lipsdp(solver='schur') solves variant='neuron' only, got variant={variant!r}; "
+            "use variant='neuron' or a cvxpy solver ('CVXOPT', 'SCS', 'CLARABEL')"
+        )
+    schur = variant == "fast" or (solver in ("auto", "schur") and variant == "neuron")
+    allowed = {"device", "max_iter", "betas", "optimise", "ipm_max_rows", "ipm_max_steps"}
+    bad = sorted(set(solver_options or {}) - allowed) if schur else []
+    if bad:
+        raise InvalidArgumentError(
+            f"lipsdp(solver='schur'): unknown solver_options {bad}; allowed: {sorted(allowed)}"
+        )
+    try:
+        widths = _chain_sizes(model, shape, max_dense_entries)
+    except (NotSequentialError, UnsupportedModelError) as exc:
+        if not schur:  # the cvxpy solvers and the layer variant: whole chains only
+            raise
+        return _lipsdp_composed(model, shape, variant, time_limit, dict(solver_options or {}),
+                                max_dense_entries, t0, _first_line(exc))
     cube = sum(float(n) ** 3 for n in widths)
-    if time_limit is not None and (variant == "fast" or solver in ("auto", "schur")):
+    if time_limit is not None and schur:
         flops = 14.0 * cube
         need = flops / flop_rate()
         if need > time_limit:
-            raise SolverError(
-                f"lipsdp: the closed form and its certificate need about {need:.3g} s on this "
-                f"machine ({flops:.3g} flops), more than time_limit={time_limit:g}; raise "
-                "time_limit or use autolip/seqlip"
+            return _lipsdp_composed(
+                model, shape, variant, time_limit, dict(solver_options or {}),
+                max_dense_entries, t0,
+                f"the closed form and its certificate on the whole chain need about {need:.3g} "
+                f"s on this machine ({flops:.3g} flops), more than time_limit={time_limit:g}",
             )
     if variant == "fast":
-        if solver not in ("auto", "schur"):
-            raise InvalidArgumentError(
-                f"lipsdp(variant='fast') is the closed form (no SDP solver), got solver="
-                f"{solver!r}; use solver='auto'"
-            )
         return _lipsdp_schur(model, shape, time_limit, {"optimise": False}, t0, method="fast")
-    if solver == "schur" or (solver == "auto" and variant == "neuron"):
-        if variant != "neuron":
-            raise InvalidArgumentError(
-                f"lipsdp(solver='schur') solves variant='neuron' only, got variant={variant!r}; "
-                "use variant='neuron' or a cvxpy solver ('CVXOPT', 'SCS', 'CLARABEL')"
-            )
+    if schur:
         opts = dict(solver_options or {})
         if time_limit is not None:
             # the closed form, its certificate and the optimised point's (~10 sum n^3 more)
@@ -572,12 +612,6 @@ def _lipsdp_schur(
 ) -> SDPResult:
     """``lipsdp`` with the Schur-complement solver (``options`` go to ``solve_schur``)."""
     Ws, ranges = slope_ranges_of(model, shape)
-    allowed = {"device", "max_iter", "betas", "optimise", "ipm_max_rows", "ipm_max_steps"}
-    bad = sorted(set(options) - allowed)
-    if bad:
-        raise InvalidArgumentError(
-            f"lipsdp(solver='schur'): unknown solver_options {bad}; allowed: {sorted(allowed)}"
-        )
     sol = solve_schur(Ws, ranges, time_limit=60.0 if time_limit is None else time_limit,
                       **options)
     cands = [v for v in (sol.value, sol.closed_form) if v is not None]
@@ -615,5 +649,249 @@ def _lipsdp_schur(
             "rho_scale": sol.scale,
             "closed_form": sol.closed_form,
             "closed_raw": sol.closed_raw,
+        },
+    )
+
+
+# ----------------------------------------------------------------------------------------------
+# composition with AutoLip (graphs that are not one dense chain)
+
+#: default seconds for the SDP chains of a composed call without ``time_limit`` (the Schur
+#: path's default optimisation time)
+_COMPOSED_LIMIT = 60.0
+#: float64 flops of the closed form and its certificate (not interruptible) per
+#: ``sum_i (n_{i-1} + n_i)^3`` over a chain's consecutive widths (the certificate factors the
+#: 2x2 blocks of that order, retrying with larger shifts): measured 6-7 on random MLPs of widths
+#: 400-1500 on one core, wall clock against :func:`~lipbound._progress.flop_rate`. The
+#: optimised point's certificate and one optimiser step cost about ``_OPT_FLOPS`` more.
+_CERT_FLOPS = 8.0
+_OPT_FLOPS = 12.0
+
+
+def _first_line(exc: Exception) -> str:
+    """A short reason: the first offending node of an :class:`UnsupportedModelError`, else the
+    first line of the message."""
+    if isinstance(exc, UnsupportedModelError) and exc.nodes:
+        n = exc.nodes[0]
+        more = f" and {len(exc.nodes) - 1} more" if len(exc.nodes) > 1 else ""
+        return f"{n.qualname} ({n.op}) {n.hint}{more}"
+    return str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+
+
+def _runs(seg: list[Any], max_entries: int) -> list[list[Any]]:
+    """The maximal sub-chains ``[linear, act, ..., linear]`` (two linear nodes at least) of a
+    SeqLip segment whose linear nodes all have dense matrices of at most ``max_entries``
+    entries (a larger one is cut out: AutoLip's constants stay on it)."""
+    out: list[list[Any]] = []
+    cur: list[Any] = []
+    for i, node in enumerate(seg[0::2]):
+        if math.prod(node.in_shapes[0]) * math.prod(node.out_shape) <= max_entries:
+            cur = [*cur, seg[2 * i - 1], node] if cur else [node]
+        else:
+            if len(cur) >= 3:
+                out.append(cur)
+            cur = []
+    if len(cur) >= 3:
+        out.append(cur)
+    return out
+
+
+def _cost_cube(run: list[Any]) -> float:
+    """``sum_i (n_{i-1} + n_i)^3`` over the run's consecutive widths (see ``_CERT_FLOPS``)."""
+    lins = run[0::2]
+    w = [math.prod(lins[0].in_shapes[0])] + [math.prod(n.out_shape) for n in lins]
+    return float(sum((float(a) + float(b)) ** 3 for a, b in itertools.pairwise(w)))
+
+
+def _lipsdp_composed(
+    model: nn.Module,
+    shape: tuple[int, ...],
+    variant: str,
+    time_limit: float | None,
+    options: dict[str, Any],
+    max_entries: int,
+    t0: float,
+    why: str,
+) -> SDPResult:
+    r"""LipSDP-neuron on the sequential segments of the graph, AutoLip's composition elsewhere.
+
+    The graph and AutoLip's per-node constants are :func:`~lipbound.methods.autolip.
+    graph_constants`' and the segments SeqLip's (:func:`~lipbound.methods._chain.find_segments`:
+    maximal chains ``linear, act, ..., linear`` whose inner nodes have one input and one user and
+    whose activations have a slope range from the rules). A segment is cut at linear nodes with
+    more than ``max_entries`` dense entries; each remaining run of two linear nodes or more gets
+    the certified Schur bound (:func:`~lipbound.methods._schur.solve_schur`: closed form,
+    optimised where ``variant="neuron"``) when its predicted cost fits the time left, else
+    keeps AutoLip's product.
+
+    Why it is an upper bound. A run is the map ``f_r = M_k o s_{k-1} o ... o s_1 o M_1`` of
+    affine ``M_i`` (biases included: they cancel in differences) and element-wise ``s_i`` with
+    derivative in ``[a_i, b_i]``, so the LipSDP certificate proves ``||f_r(x) - f_r(y)|| <= B_r
+    ||x - y||`` (see :mod:`lipbound.methods._schur`). Within a segment the runs and the cut-out
+    nodes are composed in sequence, so the segment is ``P``-Lipschitz with ``P`` the product of
+    the runs' ``B_r`` and the cut-out nodes' AutoLip constants; it is computed in float64 by at
+    most ``k`` multiplications of positive numbers (relative error below ``(k + 1) u``) and
+    rounded up by :func:`~lipbound.spectral.certify.round_up` with a relative margin
+    ``(2 k + 8) u``. The segment's bound is the smaller of ``P`` and AutoLip's product: both
+    are valid Lipschitz bounds of the same map. As in SeqLip, it is then the constant of the
+    segment's first linear node and every other node of the segment gets 1: the inner nodes
+    have a single input and a single user, so AutoLip's recursion
+    ``L_k = sum_j c_{k,j} L_{parent_j}`` gives at the segment's last node
+    ``L = bound * L_parent``, a valid bound of ``x ->`` that node's output, and the
+    composition over the rest of the graph is AutoLip's (valid for any valid node constants).
+    Finally the minimum with AutoLip's whole-graph value is taken.
+    """
+    budget = _COMPOSED_LIMIT if time_limit is None else float(time_limit)
+    deadline = t0 + budget
+    graph, consts, reused = graph_constants(
+        model, shape, norm="2", tol=1e-6, max_iter=1000, deadline=deadline,
+        grace=GRACE * budget,
+    )
+    autolip_value = compose(graph, consts)
+    auto_certified = all(c.certified for c in consts.values())
+    slopes: dict[str, tuple[float, float] | None] = {
+        name: (c.slope_range if c.slope_range is not None else graph[name].slope_range)
+        for name, c in consts.items()
+    }
+    segments = find_segments(graph, slopes)
+    notes = [f"not one dense chain ({why}): LipSDP on the sequential segments, composed with "
+             "AutoLip's constants elsewhere"]
+    cut = sum(math.prod(n.in_shapes[0]) * math.prod(n.out_shape) > max_entries
+              for seg in segments for n in seg[0::2])
+    if cut:
+        notes.append(f"{cut} linear node(s) of the segments have dense matrices of more than "
+                     f"max_dense_entries={max_entries} entries: AutoLip's constants kept there; "
+                     "raise max_dense_entries to include them")
+    runs = [(k, run) for k, seg in enumerate(segments) for run in _runs(seg, max_entries)]
+    cubes = [_cost_cube(run) for _, run in runs]
+    rate = flop_rate()
+    now = time.perf_counter()
+    if time_limit is None:
+        sdp_end = now + _COMPOSED_LIMIT
+    else:
+        sdp_end = deadline
+    run_bound: dict[str, float] = {}  # first node of a run -> its certified bound
+    run_raw: dict[str, float] = {}
+    rows: list[LayerBound] = []
+    skipped: list[str] = []
+    solve_s = verify_s = 0.0
+    iterations = 0
+    for j, (_, run) in enumerate(runs):
+        tr = time.perf_counter()
+        lins, acts = run[0::2], run[1::2]
+        name = f"{lins[0].qualname}..{lins[-1].qualname}"
+        share = max(sdp_end - tr, 0.0) * cubes[j] / max(sum(cubes[j:]), 1.0)
+        if time_limit is not None and _CERT_FLOPS * cubes[j] / rate > share:
+            skipped.append(name)
+            continue
+        optimise = variant == "neuron" and bool(options.get("optimise", True))
+        opt_time = share - (_CERT_FLOPS + _OPT_FLOPS) * cubes[j] / rate
+        if opt_time <= 0:
+            optimise = False
+        Ws = [linear_matrix(n) for n in lins]
+        ranges: list[tuple[float, float]] = []
+        for a_node in acts:
+            sr = slopes[a_node.name]
+            if sr is None:  # find_segments keeps only activations with a slope range
+                raise InvalidArgumentError(f"no slope range for {a_node.qualname}")
+            ranges.append((float(sr[0]), float(sr[1])))
+        sol = solve_schur(Ws, ranges, time_limit=max(opt_time, 1e-3),
+                          **{**options, "optimise": optimise})
+        solve_s += sol.seconds_opt
+        verify_s += sol.seconds_verify
+        iterations += sol.iterations
+        cands = [v for v in (sol.value, sol.closed_form) if v is not None]
+        auto_run = math.prod(consts[n.name].value for n in run)
+        if cands:
+            b = min(cands)
+            run_raw[lins[0].name] = sol.raw
+            if b < auto_run:
+                run_bound[lins[0].name] = b
+        rows.append(LayerBound(
+            name=name, op="sdp-chain", value=min(cands) if cands else sol.raw,
+            certified=bool(cands), seconds=time.perf_counter() - tr, estimate=sol.raw,
+            how=(f"lipsdp-{variant} on {len(lins)} layers (closed form {sol.closed_form}, "
+                 f"optimised {sol.value}; autolip {auto_run:.6g})"
+                 + ("" if cands else f"; {sol.why}: AutoLip kept")),
+        ))
+    if skipped:
+        notes.append(
+            f"time limit: {len(skipped)} chain(s) predicted not to end in the time left "
+            f"(first: {skipped[0]}) keep AutoLip's product; raise time_limit for a tighter bound"
+        )
+    cert_consts = dict(consts)
+    est_consts = dict(consts)
+    for seg in segments:
+        factors: list[float] = []
+        raw: list[float] = []
+        inner: set[str] = set()
+        whole: dict[str, float] = {}  # first node of a run -> AutoLip's product over the run
+        for run in _runs(seg, max_entries):
+            inner.update(n.name for n in run[1:])
+            whole[run[0].name] = math.prod(consts[n.name].value for n in run)
+        for n in seg:
+            if n.name in inner:
+                continue
+            # a run without a certificate (skipped, or failed) keeps AutoLip's product
+            auto_n = whole.get(n.name, consts[n.name].value)
+            factors.append(run_bound.get(n.name, auto_n))
+            raw.append(run_raw.get(n.name, auto_n))
+        sdp_seg = round_up(math.prod(factors), rel=(2 * len(factors) + 8) * _U)
+        auto_seg = math.prod(consts[n.name].value for n in seg)
+        seg_c = {"lipsdp": sdp_seg, "autolip": auto_seg}
+        how = min(seg_c, key=lambda key: seg_c[key])
+        first = seg[0].name
+        if how != "autolip":
+            cert_consts[first] = replace(consts[first], constants=(seg_c[how],), how=how)
+            est_consts[first] = replace(consts[first],
+                                        constants=(min(math.prod(raw), seg_c[how]),), how=how)
+            for n in seg[1:]:
+                cert_consts[n.name] = replace(consts[n.name], constants=(1.0,), how="in segment")
+                est_consts[n.name] = cert_consts[n.name]
+        rows.append(LayerBound(
+            name=f"{seg[0].qualname}..{seg[-1].qualname}", op="segment", value=seg_c[how],
+            certified=all(consts[n.name].certified for n in seg), estimate=math.prod(raw),
+            how=f"{how} (" + ", ".join(f"{key} {v:.6g}" for key, v in seg_c.items()) + ")",
+        ))
+    in_seg = {n.name for seg in segments for n in seg}
+    for c in consts.values():
+        if c.name not in in_seg:
+            rows.append(LayerBound(name=c.qualname, op=c.op, value=c.value, certified=c.certified,
+                                   seconds=c.seconds, estimate=c.estimate,
+                                   how=f"autolip: {c.how}"))
+    value = min(compose(graph, cert_consts), autolip_value)
+    raw_value = min(compose(graph, est_consts), value)
+    if not segments:
+        notes.append("no sequential segment (linear, act, linear) found: the bound is AutoLip's")
+    if reused:
+        notes.append("graph and AutoLip constants reused from the previous call on this model")
+    if not auto_certified:
+        notes.append("some AutoLip factors are estimates (time limit), so the bound is NOT "
+                     "certified; raise time_limit")
+    return SDPResult(
+        value=float(value),
+        certified=auto_certified,
+        method=f"lipsdp-{variant}",
+        norm="2",
+        bound="upper" if auto_certified else "estimate",
+        upper=float(value) if auto_certified else None,
+        how="LipSDP-neuron on the sequential segments, AutoLip elsewhere",
+        layers=tuple(rows),
+        iterations=iterations,
+        seconds=time.perf_counter() - t0,
+        notes=tuple(notes),
+        raw=float(raw_value),
+        variant=variant,
+        solver="closed-form" if variant == "fast" else "schur",
+        solver_status="composed",
+        solve_seconds=solve_s,
+        verify_seconds=verify_s,
+        extra={
+            "graph": graph,
+            "composed": True,
+            "reason": why,
+            "segments": [[n.qualname for n in s] for s in segments],
+            "sdp_chains": [f"{r[0].qualname}..{r[-1].qualname}" for _, r in runs],
+            "autolip": autolip_value,
         },
     )

@@ -84,6 +84,7 @@ from ..errors import InvalidArgumentError, ZeroOperatorError
 from ..graph.modules import eval_weight
 from ..results import LayerBound, SeqLipResult
 from ..spectral.certify import pow2_split
+from ._chain import find_segments
 from ._pairs import (
     ROUNDING_MARGIN,
     pair_certified,
@@ -105,42 +106,6 @@ _UP = 1.0 + ROUNDING_MARGIN
 # --------------------------------------------------------------------------------------------
 # segments
 # --------------------------------------------------------------------------------------------
-def find_segments(graph: Any, slopes: dict[str, tuple[float, float] | None]) -> list[list[Any]]:
-    """Maximal chains ``[linear, act, linear, ..., linear]`` (at least two linear nodes) in which
-    every node but the last has exactly one user (the next node), every node but the first has
-    exactly one input (the previous node) and every activation has a known slope range.
-
-    >>> from lipbound.graph import capture, simplify
-    >>> net = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2))
-    >>> g = simplify(capture(net, (3,)))
-    >>> [[n.kind for n in s] for s in find_segments(g, {n.name: n.slope_range for n in g})]
-    [['linear', 'activation', 'linear']]
-    """
-    used: set[str] = set()
-    segs: list[list[Any]] = []
-    for node in graph:
-        if node.kind != "linear" or node.name in used:
-            continue
-        seg = [node]
-        cur = node
-        while True:
-            users = graph.users(cur.name)
-            if len(users) != 1 or users[0].kind != "activation":
-                break
-            act = users[0]
-            if act.inputs != (cur.name,) or slopes.get(act.name) is None:
-                break
-            nxt = graph.users(act.name)
-            if len(nxt) != 1 or nxt[0].kind != "linear" or nxt[0].inputs != (act.name,):
-                break
-            seg.extend([act, nxt[0]])
-            cur = nxt[0]
-        if len(seg) >= 3:
-            used.update(n.name for n in seg)
-            segs.append(seg)
-    return segs
-
-
 # --------------------------------------------------------------------------------------------
 # circular-embedding certificate for stride-1 conv pairs
 # --------------------------------------------------------------------------------------------
