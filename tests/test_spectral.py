@@ -643,3 +643,18 @@ def test_shared_casts_cast_once_and_see_in_place_changes():
     assert not _CASTS
     conv = nn.Conv2d(3, 5, 3, stride=2, padding=1)
     assert output_shape(conv, (3, 9, 9)) == (5, 5, 5)
+
+
+@pytest.mark.parametrize("n_out", [5, 2])  # columns by forward mode / rows by reverse mode
+def test_regression_dense_matrix_exact_offset_with_huge_bias(n_out):
+    """Columns as differences fn(e_j) - fn(0) cancel a bias of 1e16 against weights of 1e4
+    (the chain matrices of exact/lipsdp came out wrong); exact_offset=True builds them without
+    any difference, to the last bit here."""
+    torch.manual_seed(0)
+    lin = nn.Linear(3, n_out).double()
+    with torch.no_grad():
+        lin.bias.fill_(1e16)
+        lin.weight.mul_(1e4)
+    J, b = certify.dense_matrix(lin, (3,), exact_offset=True)
+    assert torch.equal(J, lin.weight.detach())
+    assert torch.equal(b, lin.bias.detach())

@@ -18,6 +18,7 @@ from torch import nn
 
 from ..errors import NotSequentialError, UnsupportedNode
 from ..graph import capture, sequential_chain, simplify
+from ..spectral.certify import dense_matrix
 
 __all__ = ["dense_chain", "find_segments", "linear_matrix"]
 
@@ -25,26 +26,16 @@ __all__ = ["dense_chain", "find_segments", "linear_matrix"]
 def _affine_parts(
     fn: Any, in_shape: tuple[int, ...], where: str
 ) -> tuple[np.ndarray, np.ndarray, tuple[int, ...]]:
-    """``(W, b, out_shape)`` of an affine map in float64: ``b = fn(0)``, ``W`` its Jacobian.
-
-    ``W`` comes from reverse-mode autodiff (one backward pass per output, through the layer's
-    own linear operation), not from the differences ``fn(e_j) - fn(0)``: these cancel the bias
-    and lose ``log2(|b| / |W|)`` bits of every entry (``|b| = 1e16, |W| = 1e4`` left 4 correct
-    digits), so a chain whose biases dwarf its weights (any depth-``d`` net with biases scaled
-    by ``c^k`` and weights by ``c``, for ``c`` large) came out wrong.
-    """
-    n = int(np.prod(in_shape))
-    zero = torch.zeros(1, *in_shape, dtype=torch.float64)
+    """``(W, b, out_shape)`` of an affine map in float64: ``b = fn(0)``, ``W`` its Jacobian, by
+    :func:`lipbound.spectral.certify.dense_matrix` with ``exact_offset=True`` (no difference
+    ``fn(e_j) - fn(0)``, which cancels the bias: a chain whose biases dwarf its weights, any
+    depth-``d`` net with biases scaled by ``c^k`` and weights by ``c`` for ``c`` large, came
+    out wrong)."""
     with torch.no_grad():
-        b = fn(zero)
-    out_shape = tuple(b.shape[1:])
-
-    def flat(v: torch.Tensor) -> torch.Tensor:
-        return fn(v.reshape(1, *in_shape)).reshape(-1)
-
-    J = torch.autograd.functional.jacobian(flat, torch.zeros(n, dtype=torch.float64))
-    W = J.detach().reshape(-1, n).to(torch.float64).cpu().numpy().copy()
-    bb = b.detach().reshape(-1).to(torch.float64).cpu().numpy().copy()
+        out_shape = tuple(fn(torch.zeros(1, *in_shape, dtype=torch.float64)).shape[1:])
+    J, b = dense_matrix(fn, in_shape, dtype=torch.float64, exact_offset=True)
+    W = J.numpy().copy()
+    bb = b.detach().cpu().numpy().copy()
     if W.shape[0] != bb.size:  # pragma: no cover - an affine map has one Jacobian row per output
         raise NotSequentialError(
             [UnsupportedNode(where, "linear", "its Jacobian does not match its output size")]
@@ -69,7 +60,7 @@ def _chain_from_graph(model: nn.Module, input_shape: tuple[int, ...]) -> list[tu
     items: list[tuple[str, Any]] = []
     for node in nodes:
         if node.kind == "linear":
-            # not node.dense(): it differences fn(e_j) - fn(0), see _affine_parts
+            # exact offsets (no difference fn(e_j) - fn(0)), see _affine_parts
             (in_shape,) = node.in_shapes
             W, b, _ = _affine_parts(node.fn, tuple(in_shape), node.qualname)
             items.append(("lin", (node.qualname, W, b)))

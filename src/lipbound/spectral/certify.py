@@ -1147,7 +1147,7 @@ def _dense_jacobian(op: Any, in_shape: tuple[int, ...]
 
 def dense_matrix(
     fn: Callable[[torch.Tensor], torch.Tensor], in_shape: Sequence[int], *,
-    dtype: torch.dtype = _F64, device: torch.device | None = None,
+    dtype: torch.dtype = _F64, device: torch.device | None = None, exact_offset: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(J, fn(0))``: the matrix ``J`` (``n_out x n_in``) of the affine map ``fn`` (batched,
     its parameters already in ``dtype``) minus its offset, on inputs of ``in_shape``, in
@@ -1159,6 +1159,12 @@ def dense_matrix(
     op's intermediates) fits :data:`DENSE_CHUNK_BYTES`: columns ``fn(e_j) - fn(0)`` or, when
     the output is the smaller side, rows by vector-Jacobian products with the output basis
     (the transposed linear layers, no bias subtracted), ``n_in n_out`` work either way.
+
+    ``exact_offset=True``: no column is a difference either (``fn(e_j) - fn(0)`` cancels the
+    bias and loses ``log2(|b| / |W|)`` bits of every entry: ``|b| = 1e16, |W| = 1e4`` left 4
+    correct digits): columns by forward-mode products ``J e_j`` (``torch.func.jvp``), or rows
+    by vector-Jacobian products where an op has no forward-mode formula. (The certificates
+    keep the cheaper differences and bound their cancellation, :func:`dense_upper`.)
     """
     n_in = math.prod(in_shape)
     shp = tuple(in_shape)
@@ -1167,7 +1173,12 @@ def dense_matrix(
     n_out = b[0].numel()
     size = torch.finfo(dtype).bits // 8
     chunk = max(1, DENSE_CHUNK_BYTES // (4 * size * (n_in + n_out)))
-    if n_out < n_in:
+    if exact_offset and n_out >= n_in:
+        try:
+            return _jvp_columns(fn, shp, n_in, chunk, dtype, device), b.reshape(-1)
+        except (RuntimeError, NotImplementedError):
+            pass  # no forward-mode formula for some op: rows by vector-Jacobian products
+    if n_out < n_in or exact_offset:
         rows = []
         for a in range(0, n_out, chunk):
             c = min(chunk, n_out - a)
@@ -1188,6 +1199,21 @@ def dense_matrix(
             y = fn(e.reshape(c, *shp)) - b
             cols.append(y.reshape(c, -1).cpu())
     return torch.cat(cols).T.contiguous(), b.reshape(-1)
+
+
+def _jvp_columns(fn: Callable[[torch.Tensor], torch.Tensor], shp: tuple[int, ...], n_in: int,
+                 chunk: int, dtype: torch.dtype, device: torch.device | None) -> torch.Tensor:
+    """The columns ``J e_j`` of :func:`dense_matrix` by forward-mode products, chunked."""
+    cols = []
+    for a in range(0, n_in, chunk):
+        c = min(chunk, n_in - a)
+        e = torch.zeros((c, n_in), dtype=dtype, device=device)
+        e[torch.arange(c), torch.arange(a, a + c)] = 1.0
+        x0 = torch.zeros((c, *shp), dtype=dtype, device=device)
+        out = torch.func.jvp(fn, (x0,), (e.reshape(c, *shp),))
+        y = out[1]
+        cols.append(y.detach().reshape(c, -1).cpu())
+    return torch.cat(cols).T.contiguous()
 
 
 #: the sparse route of :func:`_pooled_linear_jacobian` is taken while the prefix's Jacobian has
