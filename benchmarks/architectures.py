@@ -10,7 +10,7 @@ constants; in :func:`lipbound.bound` autolip and seqlip share them):
 * ``lower_bound``: ``lipbound.lower_bound(model, shape, time_limit=--lower-limit)``;
 * ``bound``: ``lipbound.bound(model, shape, time_limit=--bound-limit)`` (lower,
   autolip, seqlip sharing one budget; the value shown is the certified upper bound, or the
-  lower bound when no upper method succeeded).
+  lower bound when no upper method gave a certified bound).
 
 Columns: the value (or the refusal: nets with squeeze-excitation multiply two functions of the
 input and have no global constant, so the upper methods refuse them: the expected outcome),
@@ -115,8 +115,11 @@ def _cell(out: Any, method: str) -> tuple[str, str, str]:
             return (f"{out.upper:.5g}", "True",
                     f"upper by {out.upper_method}; lower {lo} by {out.lower_method}")
         if out.lower is not None:
-            errs = "; ".join(f"{r.name}: {r.error_type}" for r in out.runs if r.error)
-            return f"{out.lower:.5g}", "witness", f"no upper method succeeded ({errs})"
+            why = [f"{r.name}: {r.error_type}" if r.error else f"{r.name}: not certified"
+                   for r in out.runs if r.name != "lower"
+                   and (r.error or (r.result is not None and not r.result.certified))]
+            return (f"{out.lower:.5g}", "witness",
+                    f"no certified upper bound ({'; '.join(why)})")
         return "-", "-", "no result"
     notes = [n for n in out.notes if not n.startswith("largest factors")]
     return f"{out.value:.5g}", str(bool(out.certified)), (notes[0][:120] if notes else "")
