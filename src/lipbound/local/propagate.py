@@ -160,7 +160,6 @@ def forward_boxes(graph: OpGraph, x: torch.Tensor, radius: float, norm: str,
     if use_tan and radius > 0:
         point = forward_boxes(graph, x, 0.0, norm, ops)
     n_in = math.prod(graph.input_shape)
-    needs = {p for nd in graph if nd.kind in ("activation", "op") for p in nd.inputs}
     c0 = x.detach().to(_F64)
     affine = {graph.input.name}
     boxes: dict[str, Box] = {}
@@ -198,7 +197,7 @@ def forward_boxes(graph: OpGraph, x: torch.Tensor, radius: float, norm: str,
         t_node = tan.get(node.name)
         if node.kind == "linear" and node.inputs[0] in affine:
             affine.add(node.name)  # an affine map of the input: its box is exact already
-        elif point is not None and node.name in needs and t_node is not None:
+        elif point is not None and t_node is not None:
             boxes[node.name] = _refine(boxes[node.name], point[node.name], t_node,
                                        float(radius), norm)
         if node.kind == "linear":
@@ -221,10 +220,13 @@ def _linear_backward(node: Node, adj: Box) -> Box:
 
 def backward_rows(graph: OpGraph, boxes: dict[str, Box], rows: torch.Tensor,
                   ops: dict[str, LocalOp] | None = None,
-                  check: Callable[[], None] | None = None, *, start: str | None = None) -> Box:
+                  check: Callable[[], None] | None = None, *, start: str | None = None,
+                  record: dict[str, Box] | None = None) -> Box:
     """Box of ``w^T M`` (shape ``(B, R, *input_shape)``) for rows ``w`` of shape
     ``(B, R, *output_shape)`` over the secant matrices ``M`` of the ball (of the model's
-    output, or of node ``start``'s value)."""
+    output, or of node ``start``'s value). ``record``, if given, receives every node's
+    complete adjoint box (rows ``w^T M_{out <- node}`` of the secant from that node's value to
+    the output, the sum over all its users), keyed by node name."""
     ops = check_graph(graph) if ops is None else ops
     nodes = list(graph)
     out = graph.output
@@ -239,6 +241,8 @@ def backward_rows(graph: OpGraph, boxes: dict[str, Box], rows: torch.Tensor,
         if check is not None:
             check()
         a = adj.pop(node.name)
+        if record is not None:
+            record[node.name] = a
         if node.kind == "linear":
             grads: list[Box | None] = [_linear_backward(node, a)]
         else:

@@ -100,7 +100,7 @@ from .interval import (
     sum_to,
 )
 
-__all__ = ["LocalOp", "ball_factor", "local_op", "op_name", "slope_box"]
+__all__ = ["MULTI", "LocalOp", "ball_factor", "local_op", "op_name", "slope_box"]
 
 _F64 = torch.float64
 _R2 = math.sqrt(2.0)

@@ -85,6 +85,7 @@ from ..local.propagate import (
     linear_norms,
 )
 from ..local.rules import LocalOp
+from ..local.telescope import Pass, telescoped_norms
 from ..results import LocalResult
 from .autolip import compose, node_constants
 
@@ -127,12 +128,29 @@ def _uppers(graph: OpGraph, ops: dict[str, LocalOp], x: torch.Tensor, *, radius:
         boxes = forward_boxes(graph, xb, radius, n, ops, refine=opts.refine, tangents=tans)
         rows = torch.eye(K, dtype=_F64, device=xb.device).reshape(K, *out_shape)
         rows = rows.unsqueeze(0).expand(xb.shape[0], *rows.shape)
-        J = intersect_rows(backward_rows(graph, boxes, rows, ops),
-                           tans.get(graph.output.name), rows)
+        out_tan = tans.get(graph.output.name)
+        adj: dict[str, Box] | None = None if out_tan is None else {}
+        J = intersect_rows(backward_rows(graph, boxes, rows, ops, record=adj), out_tan, rows)
         Jb, rho = backward_rows_ball(graph, boxes, rows, ops, n, lin)
-        uppers.append(torch.minimum(interval_norms(J, n), interval_norms(Jb, n, rho)))
+        up = torch.minimum(interval_norms(J, n), interval_norms(Jb, n, rho))
+        if adj is not None and out_tan is not None:
+            up = torch.minimum(up, _telescoped(graph, ops, xb, n, rows, opts,
+                                               ball=Pass(boxes, tans, adj)))
+        uppers.append(up)
         opts.say(f"local_bound: {min(s + chunk, x.shape[0])}/{x.shape[0]} samples")
     return torch.cat(uppers)
+
+
+def _telescoped(graph: OpGraph, ops: dict[str, LocalOp], xb: torch.Tensor, n: str,
+                rows: torch.Tensor, opts: LocalOptions, *, ball: Pass) -> torch.Tensor:
+    """The telescoped bound (:mod:`lipbound.local.telescope`): the radius-0 pass (boxes,
+    tangents, recorded adjoints) beside the ball's."""
+    tans0: dict[str, Box | None] = {}
+    boxes0 = forward_boxes(graph, xb, 0.0, n, ops, refine=opts.refine, tangents=tans0)
+    adj0: dict[str, Box] = {}
+    rows0 = intersect_rows(backward_rows(graph, boxes0, rows, ops, record=adj0),
+                           tans0.get(graph.output.name), rows)
+    return telescoped_norms(graph, ops, n, ball, Pass(boxes0, tans0, adj0), rows0)
 
 
 def _witnesses(model: nn.Module, x: torch.Tensor, *, radius: float, n: str, chunk: int,
