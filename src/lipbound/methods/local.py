@@ -76,12 +76,13 @@ from ..local.bounds import (
     interval_norms,
     witness,
 )
-from ..local.interval import Box
+from ..local.interval import Box, precision
 from ..local.propagate import (
     backward_rows,
     backward_rows_ball,
     check_graph,
     forward_boxes,
+    largest_value,
     linear_norms,
 )
 from ..local.rules import LocalOp
@@ -206,8 +207,9 @@ def local_bound(
     if not opts.use_global:
         glob, note = None, "global cap not used"
     chunk = chunk_size(graph, K, batch_size, opts.max_memory)
-    interval = _uppers(graph, ops, x, radius=float(radius), n=n, lin=lin, chunk=chunk,
-                       opts=opts)
+    with precision(largest_value(graph)):
+        interval = _uppers(graph, ops, x, radius=float(radius), n=n, lin=lin, chunk=chunk,
+                           opts=opts)
     upper = interval if glob is None else torch.clamp(interval, max=glob)
     low: tuple[float, ...] | None = None
     hows: list[str] = []
