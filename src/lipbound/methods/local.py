@@ -32,7 +32,16 @@ Upper bound (certified). On lipbound's own graph (:func:`lipbound.graph.capture`
    entry-wise and ``||A||_2 <= || |A| ||_2 <= ||B||_2`` for ``0 <= |A| <= B``), and in l-inf
    ``max_i sum_j (|M_c| + M_r)_{ij}``. For a ReLU net at a point whose neurons are all stable
    over the ball, ``M_r = 0`` and the bound is the exact local Jacobian norm.
-4. the result is capped by the global certified AutoLip bound when one exists (a local
+4. when the forward tangent boxes fit ``options.refine``, also the telescoped bound
+   (:mod:`lipbound.local.telescope`): ``||J(x)||`` plus one term per non-linear node ``j``,
+   ``sup ||A_j Delta_j U_j||`` (or ``sup ||P_j Delta_j V_j||``), ``Delta_j`` the deviation of
+   the node's secant from its Jacobian at ``x`` and one of the two other factors a point
+   Jacobian, so the interval wrapping enters at one factor only and the bound tends to
+   ``||J(x)||`` as the radius shrinks (1.02 ``||J(x)||`` at ``r = 1e-4`` on the 1-block
+   TinyViT of ``benchmarks/local.py``, where step 3 gave 3.5); the rounding pads are those of
+   the graph's largest tensor (:func:`lipbound.local.interval.precision`). The smallest of
+   the bounds is kept;
+5. the result is capped by the global certified AutoLip bound when one exists (a local
    constant is never above the global one).
 
 A remark on the diagonal-slope composition ``|| W2 diag(s) W1 ||`` (``s`` the per-neuron max
@@ -51,8 +60,11 @@ a float64 copy of the model; the best realised value is returned. A Jacobian wit
 bound because its point lies in the open ball.
 
 Limits: CROWN-style backward relaxations of the intermediate bounds are not implemented (so
-large radii give loose intervals, hence bounds that fall back to the global one); max-pool,
-``scaled_dot_product_attention`` and ``nn.MultiheadAttention`` have no local rule yet.
+large radii give loose intervals, hence bounds that fall back to the global one). On deeper
+transformers the value boxes themselves wrap: the second block of a 2-block TinyViT sees
+boxes ``1e4 r`` wide where the values move by ``30 r``, so its bounds are tight only up to
+``r ~ 1e-6`` (untrained: ``1e-5``). Max-pool and ``nn.MultiheadAttention`` have no local rule
+yet.
 """
 
 from __future__ import annotations
