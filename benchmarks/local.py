@@ -14,7 +14,7 @@ Sections of the generated ``benchmarks/results/local.md`` (written by this scrip
 2. auto_LiRPA (CROWN): detected at run time; when it cannot be imported, the reason.
 3. A small ViT (:func:`lipbound.zoo.transformers.tiny_vit`: patch embedding, LayerNorm,
    2-head softmax attention, GELU MLP, 2 blocks) trained briefly on scikit-learn's 8x8 digits:
-   AutoLip's refusal, then :func:`lipbound.local_bound` at radii 1e-3 .. 1e-1 on ``--vit-n``
+   AutoLip's refusal, then :func:`lipbound.local_bound` at radii 1e-5 .. 1e-1 on ``--vit-n``
    test images with the witnessed lower bound beside the certified upper bound.
 
 Run (about 10 minutes with the defaults on one core):
@@ -53,7 +53,7 @@ from lipbound.zoo.transformers import tiny_vit
 
 L2_RADII = [0.1, 0.25, 0.5, 1.0, 1.58]
 LINF_RADII = [(1, 255), (2, 255), (4, 255), (8, 255)]
-VIT_RADII = [1e-3, 3e-3, 1e-2, 3e-2, 1e-1]
+VIT_RADII = [1e-5, 1e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1]
 
 
 def say(msg: str) -> None:

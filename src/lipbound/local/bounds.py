@@ -16,7 +16,7 @@ from ..errors import InvalidArgumentError, ShapeError
 from ..graph import OpGraph
 from ..rules import ROUND_REL, NodeConstant
 from ..spectral.certify import matrix_norm_upper, round_up
-from .interval import REL64, Box, from_bounds
+from .interval import Box, from_bounds, rel64
 from .propagate import largest_value
 
 __all__ = ["LocalOptions", "certified_linear", "check_inputs", "chunk_size", "intersect_rows",
@@ -107,14 +107,14 @@ def interval_norms(J: Box, norm: str, rho: torch.Tensor | None = None) -> torch.
     for b in range(Mc.shape[0]):
         A = Mc[b].abs() + Mr[b]
         if norm == "inf":
-            rows = A.sum(dim=1) * (1 + 2 * REL64)
+            rows = A.sum(dim=1) * (1 + 2 * rel64())
             if rho is not None:
                 rows = rows + rho[b]
             out.append(round_up(float(rows.max()), ROUND_REL))
             continue
         v1 = matrix_norm_upper(A, "2")[0]
         v2 = matrix_norm_upper(Mc[b], "2")[0] + matrix_norm_upper(Mr[b], "2")[0]
-        extra = 0.0 if rho is None else float(rho[b].norm()) * (1 + REL64)
+        extra = 0.0 if rho is None else float(rho[b].norm()) * (1 + rel64())
         out.append(round_up(min(v1, v2) + extra, ROUND_REL))
     return torch.tensor(out, dtype=_F64)
 
@@ -130,7 +130,7 @@ def intersect_rows(J: Box, tangent: Box | None, rows: torch.Tensor) -> Box:
     Tc = tangent.c.reshape(B, tangent.c.shape[1], -1)  # (B, n_in, K)
     Tr = tangent.r.reshape(Tc.shape)
     c = w @ Tc.transpose(1, 2)
-    r = w.abs() @ Tr.transpose(1, 2) + REL64 * (w.abs() @ (Tc.abs() + Tr).transpose(1, 2))
+    r = w.abs() @ Tr.transpose(1, 2) + rel64() * (w.abs() @ (Tc.abs() + Tr).transpose(1, 2))
     lo = torch.maximum(J.lo, (c - r).reshape(J.c.shape))
     hi = torch.minimum(J.hi, (c + r).reshape(J.c.shape))
     return from_bounds(torch.minimum(lo, hi), torch.maximum(lo, hi))

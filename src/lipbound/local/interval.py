@@ -18,6 +18,19 @@ terms as the node's input has entries; :func:`lipbound.local.propagate.check_gra
 graphs with a tensor of ``2^22`` entries or more per sample. ``TINY = 2^-1000`` covers
 underflow of products of tiny entries (absolute error below ``2^-1074`` each).
 
+The same argument with the graph's own largest per-sample tensor, ``n_max`` entries, instead
+of ``2^22`` gives the sharper pad :func:`rel_for` ``(n_max) = 2^-k``, the largest power of two
+with ``(n_max + 2) u64 <= 2^-k / 2`` (never above :data:`REL64`): every reduction of the graph
+has at most ``n_max`` terms (a node's reductions run over its input's entries, the norms and
+products of :mod:`lipbound.local.bounds` and :mod:`lipbound.local.telescope` over one node's
+or the input's or the output's entries). :func:`rel64` is the pad in force: :data:`REL64`, or
+``rel_for(n_max)`` inside a ``with precision(n_max):`` block (:func:`lipbound.local_bound`
+and :func:`lipbound.certify` open one for their graph). Why it matters: the pads are
+amplified like any interval width (the wrapping factor of the graph); on a 2-block TinyViT a
+radius-0 pass with ``2^-30`` pads ends with an output box of radius 1.4 (entries of size 5),
+and the rows of ``J(x)`` cannot be enclosed; with ``2^-42`` (``n_max = 512``) the bound at
+radius ``1e-6`` goes from 130 to 1.02 times ``||J(x)||``.
+
 This pad concerns the float64 evaluation of the exact function (parameters as stored). The
 rounding of the op's own constants in the model's float32 execution is covered, as for every
 certified constant of the package, by the registry's :data:`~lipbound.rules._registry.ROUND_REL`
@@ -26,12 +39,16 @@ applied to the final local constants (:mod:`lipbound.methods.local`).
 
 from __future__ import annotations
 
+import math
+from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass
 
 import torch
 
 __all__ = ["Box", "MAX_ENTRIES", "REL64", "TINY", "from_bounds", "iadd", "imatmul", "imul",
-           "pad", "point"]
+           "pad", "point", "precision", "rel64", "rel_for"]
 
 #: Relative outward pad of every interval operation (module docstring).
 REL64 = 2.0**-30
@@ -39,6 +56,31 @@ REL64 = 2.0**-30
 MAX_ENTRIES = 2**22
 TINY = 2.0**-1000
 _F64 = torch.float64
+_U64 = 2.0**-53
+_REL: ContextVar[float] = ContextVar("lipbound_local_rel64", default=REL64)
+
+
+def rel_for(entries: int) -> float:
+    """The pad ``2^-k`` proven for graphs whose tensors have at most ``entries`` entries per
+    sample (module docstring): ``(entries + 2) u64 <= 2^-k / 2``, and at most :data:`REL64`."""
+    k = 52 - math.ceil(math.log2(max(int(entries), 1) + 2))
+    return min(REL64, 2.0**-k)
+
+
+def rel64() -> float:
+    """The relative pad in force (:data:`REL64` outside a :func:`precision` block)."""
+    return _REL.get()
+
+
+@contextmanager
+def precision(entries: int) -> Iterator[None]:
+    """Within the block, :func:`rel64` is ``rel_for(entries)``: use it only for a graph whose
+    per-sample tensors all have at most ``entries`` entries."""
+    token = _REL.set(rel_for(entries))
+    try:
+        yield
+    finally:
+        _REL.reset(token)
 
 
 @dataclass(frozen=True)
@@ -69,9 +111,9 @@ class Box:
 
 
 def pad(c: torch.Tensor, r: torch.Tensor, mag: torch.Tensor | None = None) -> Box:
-    """The box ``(c, r + REL64 * mag + TINY)`` (``mag`` defaults to ``|c| + r``)."""
+    """The box ``(c, r + rel64() * mag + TINY)`` (``mag`` defaults to ``|c| + r``)."""
     m = c.abs() + r if mag is None else mag
-    return Box(c, r + REL64 * m + TINY)
+    return Box(c, r + rel64() * m + TINY)
 
 
 def point(t: torch.Tensor) -> Box:

@@ -40,7 +40,7 @@ from ..errors import UnsupportedModelError, UnsupportedNode
 from ..graph.modules import FoldedBatchNorm, materialize
 from ..graph.types import Node
 from ..rules.linear import entrywise_map
-from .interval import REL64, TINY, Box
+from .interval import TINY, Box, rel64
 
 __all__ = ["DENSE_ENTRIES", "LinearPart", "linear_parts"]
 
@@ -97,15 +97,15 @@ class LinearPart:
     def forward(self, box: Box) -> Box:
         with torch.no_grad():
             c = self.fn(box.c)
-            r = self.abs_fwd(box.r + REL64 * (box.c.abs() + box.r))
-            return Box(c, r + REL64 * self.bias(c) + TINY)
+            r = self.abs_fwd(box.r + rel64() * (box.c.abs() + box.r))
+            return Box(c, r + rel64() * self.bias(c) + TINY)
 
     def tangent(self, t: Box) -> Box:
         """Box of ``W t`` for columns ``t`` in ``t`` (shape ``(N, *in)``; no bias)."""
         with torch.no_grad():
             c = self.fn(t.c) - self.fn(torch.zeros_like(t.c[:1]))
-            r = self.abs_fwd(t.r + REL64 * (t.c.abs() + t.r))
-            return Box(c, r + 2 * REL64 * self.bias(c) + TINY)
+            r = self.abs_fwd(t.r + rel64() * (t.c.abs() + t.r))
+            return Box(c, r + 2 * rel64() * self.bias(c) + TINY)
 
     def lin_t(self, y: torch.Tensor) -> torch.Tensor:
         return _vjp(self.fn, y, self.in_shape)
@@ -114,7 +114,7 @@ class LinearPart:
         """Adjoint box ``W^T a`` for rows ``a`` in ``adj`` (shape ``(N, *out)``)."""
         c = self.lin_t(adj.c)
         with torch.no_grad():
-            r = self.abs_t(adj.r + REL64 * (adj.c.abs() + adj.r))
+            r = self.abs_t(adj.r + rel64() * (adj.c.abs() + adj.r))
         return Box(c, r + TINY)
 
 

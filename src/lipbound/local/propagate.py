@@ -39,7 +39,7 @@ from ..graph import OpGraph
 from ..graph.types import Node
 from ..rules import RuleContext
 from ..rules.linear import l1_linf_available
-from .interval import MAX_ENTRIES, REL64, TINY, Box, from_bounds, iadd, pad
+from .interval import MAX_ENTRIES, TINY, Box, from_bounds, iadd, pad, rel64
 from .linear import linear_parts
 from .rules import LocalOp, ball_factor, local_op, slope_box
 
@@ -88,7 +88,7 @@ def _linear_forward(node: Node, box: Box, state: tuple[torch.Tensor, bool] | Non
         with torch.no_grad():
             c = part.fn(box.c)
             rad = part.abs_fwd(box.r)
-            err = REL64 * (part.abs_fwd(box.mag) + part.bias(c)) + TINY
+            err = rel64() * (part.abs_fwd(box.mag) + part.bias(c)) + TINY
             if state is not None:
                 rn, disjoint = state
                 if part.one_per_row:
@@ -101,8 +101,8 @@ def _linear_forward(node: Node, box: Box, state: tuple[torch.Tensor, bool] | Non
                     rn = part.abs_fwd(rn)
                     disjoint = False
                 state = (rn, disjoint)
-                rad = torch.minimum(rad, radius * rn * (1 + REL64))
-            box = Box(c, rad * (1 + REL64) + err)
+                rad = torch.minimum(rad, radius * rn * (1 + rel64()))
+            box = Box(c, rad * (1 + rel64()) + err)
     return box, state
 
 
@@ -111,7 +111,7 @@ def _row_dual_norms(J: Box, norm: str) -> torch.Tensor:
     l-inf ball (Hoelder), rounded up."""
     a = (J.c.abs() + J.r).reshape(J.c.shape[0], J.c.shape[1], -1)
     v = a.norm(dim=-1) if norm == "2" else a.sum(dim=-1)
-    return v * (1 + REL64) + TINY
+    return v * (1 + rel64()) + TINY
 
 
 def _linear_tangent(node: Node, t: Box) -> Box:
@@ -128,7 +128,7 @@ def _refine(ibp: Box, point: Box, tan: Box, radius: float, norm: str) -> Box:
     ``v(x)`` enclosed by ``point``; ``||.||_*`` the dual norm of the ball's."""
     a = tan.c.abs() + tan.r
     dual = a.norm(dim=1) if norm == "2" else a.sum(dim=1)
-    rad = radius * dual * (1 + REL64) + point.r + TINY
+    rad = radius * dual * (1 + rel64()) + point.r + TINY
     lo = torch.maximum(ibp.lo, point.c - rad)
     hi = torch.minimum(ibp.hi, point.c + rad)
     return from_bounds(torch.minimum(lo, hi), torch.maximum(lo, hi))
@@ -160,7 +160,6 @@ def forward_boxes(graph: OpGraph, x: torch.Tensor, radius: float, norm: str,
     if use_tan and radius > 0:
         point = forward_boxes(graph, x, 0.0, norm, ops)
     n_in = math.prod(graph.input_shape)
-    needs = {p for nd in graph if nd.kind in ("activation", "op") for p in nd.inputs}
     c0 = x.detach().to(_F64)
     affine = {graph.input.name}
     boxes: dict[str, Box] = {}
@@ -198,7 +197,7 @@ def forward_boxes(graph: OpGraph, x: torch.Tensor, radius: float, norm: str,
         t_node = tan.get(node.name)
         if node.kind == "linear" and node.inputs[0] in affine:
             affine.add(node.name)  # an affine map of the input: its box is exact already
-        elif point is not None and node.name in needs and t_node is not None:
+        elif point is not None and t_node is not None:
             boxes[node.name] = _refine(boxes[node.name], point[node.name], t_node,
                                        float(radius), norm)
         if node.kind == "linear":
@@ -221,10 +220,13 @@ def _linear_backward(node: Node, adj: Box) -> Box:
 
 def backward_rows(graph: OpGraph, boxes: dict[str, Box], rows: torch.Tensor,
                   ops: dict[str, LocalOp] | None = None,
-                  check: Callable[[], None] | None = None, *, start: str | None = None) -> Box:
+                  check: Callable[[], None] | None = None, *, start: str | None = None,
+                  record: dict[str, Box] | None = None) -> Box:
     """Box of ``w^T M`` (shape ``(B, R, *input_shape)``) for rows ``w`` of shape
     ``(B, R, *output_shape)`` over the secant matrices ``M`` of the ball (of the model's
-    output, or of node ``start``'s value)."""
+    output, or of node ``start``'s value). ``record``, if given, receives every node's
+    complete adjoint box (rows ``w^T M_{out <- node}`` of the secant from that node's value to
+    the output, the sum over all its users), keyed by node name."""
     ops = check_graph(graph) if ops is None else ops
     nodes = list(graph)
     out = graph.output
@@ -239,6 +241,8 @@ def backward_rows(graph: OpGraph, boxes: dict[str, Box], rows: torch.Tensor,
         if check is not None:
             check()
         a = adj.pop(node.name)
+        if record is not None:
+            record[node.name] = a
         if node.kind == "linear":
             grads: list[Box | None] = [_linear_backward(node, a)]
         else:
@@ -309,7 +313,7 @@ def backward_rows_ball(graph: OpGraph, boxes: dict[str, Box], rows: torch.Tensor
     adj: dict[str, tuple[Box, torch.Tensor]] = {
         graph.output.inputs[0]: (Box(r0, torch.zeros_like(r0)),
                                  torch.zeros((B, R), dtype=_F64, device=r0.device))}
-    up = 1 + REL64
+    up = 1 + rel64()
     for node in reversed(nodes):
         if node.kind in ("output", "input") or node.name not in adj:
             continue

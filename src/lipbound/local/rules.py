@@ -87,7 +87,6 @@ from ..graph.types import Node
 from ..rules import arg, batched_dim, is_tensor_arg
 from ..rules.activation import softplus_jump
 from .interval import (
-    REL64,
     TINY,
     Box,
     from_bounds,
@@ -97,10 +96,11 @@ from .interval import (
     isum,
     pad,
     point,
+    rel64,
     sum_to,
 )
 
-__all__ = ["LocalOp", "ball_factor", "local_op", "op_name", "slope_box"]
+__all__ = ["MULTI", "LocalOp", "ball_factor", "local_op", "op_name", "slope_box"]
 
 _F64 = torch.float64
 _R2 = math.sqrt(2.0)
@@ -136,7 +136,7 @@ def op_name(node: Node) -> str:
 
 
 def _widen(lo: torch.Tensor, hi: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    return lo - REL64 * lo.abs() - TINY, hi + REL64 * hi.abs() + TINY
+    return lo - rel64() * lo.abs() - TINY, hi + rel64() * hi.abs() + TINY
 
 
 def _refuse(node: Node, why: str) -> LocalDomainError:
@@ -703,10 +703,10 @@ def _norm_stats(node: Node, box: Box) -> _NormStats:
         pz = Box(c, r)
     nc = pc.norm(dim=-1, keepdim=True)
     nr = r.norm(dim=-1, keepdim=True)
-    lo_n = (nc - nr).clamp_min(0.0) * (1 - REL64)
-    hi_n = (nc + nr) * (1 + REL64)
-    s_lo = torch.sqrt(lo_n * lo_n / n + eps) * (1 - REL64)
-    s_hi = torch.sqrt(hi_n * hi_n / n + eps) * (1 + REL64)
+    lo_n = (nc - nr).clamp_min(0.0) * (1 - rel64())
+    hi_n = (nc + nr) * (1 + rel64())
+    s_lo = torch.sqrt(lo_n * lo_n / n + eps) * (1 - rel64())
+    s_hi = torch.sqrt(hi_n * hi_n / n + eps) * (1 + rel64())
     if not bool((s_lo > 0).all()):
         raise _refuse(node, "its variance can reach 0 over the ball (and eps = 0): no local "
                       "constant. Use a smaller radius")
@@ -747,12 +747,12 @@ def _norm_backward(node: Node, boxes: Sequence[Box], adj: Box) -> list[Box | Non
         g = imul(g, point(st.gamma))
     xh = st.xhat.unsqueeze(1)
     m2 = isum(imul(g, xh), -1, keepdim=True)
-    m2 = Box(m2.c / n, m2.r / n + REL64 * m2.mag / n)
+    m2 = Box(m2.c / n, m2.r / n + rel64() * m2.mag / n)
     t = imul(xh, m2)
     h = pad(g.c - t.c, g.r + t.r)
     if centre:
         m1 = isum(g, -1, keepdim=True)
-        h = pad(h.c - m1.c / n, h.r + m1.r / n + REL64 * m1.mag / n)
+        h = pad(h.c - m1.c / n, h.r + m1.r / n + rel64() * m1.mag / n)
     out = imul(h, st.inv_sigma.unsqueeze(1))
     return [out.reshape(B, R, *node.in_shapes[0])]
 
@@ -769,12 +769,12 @@ def _norm_tangent(node: Node, boxes: Sequence[Box], tans: Sequence[Box | None]) 
     t = t0.reshape(B, R, -1, n)
     xh = st.xhat.unsqueeze(1)
     m2 = isum(imul(t, xh), -1, keepdim=True)
-    m2 = Box(m2.c / n, m2.r / n + REL64 * m2.mag / n)
+    m2 = Box(m2.c / n, m2.r / n + rel64() * m2.mag / n)
     u = imul(xh, m2)
     h = pad(t.c - u.c, t.r + u.r)
     if centre:
         m1 = isum(t, -1, keepdim=True)
-        h = pad(h.c - m1.c / n, h.r + m1.r / n + REL64 * m1.mag / n)
+        h = pad(h.c - m1.c / n, h.r + m1.r / n + rel64() * m1.mag / n)
     out = imul(h, st.inv_sigma.unsqueeze(1))
     if st.gamma is not None:
         out = imul(out, point(st.gamma))
@@ -909,12 +909,12 @@ def ball_factor(node: Node, boxes: Sequence[Box], norm: str) -> torch.Tensor | N
     if name in ("softmax", "Softmax"):
         p = _softmax_box(node, boxes[0])
         top = (2 * p.hi.reshape(B, -1).amax(dim=1)).clamp(max=0.5)
-        return top * (1 + REL64)
+        return top * (1 + rel64())
     if name in ("LayerNorm", "layer_norm", "RMSNorm", "rms_norm") and norm == "2":
         st = _norm_stats(node, boxes[0])
         inv = st.inv_sigma.hi.reshape(B, -1).amax(dim=1)
         g = 1.0 if st.gamma is None else float(st.gamma.abs().max())
-        return inv * g * (1 + REL64)
+        return inv * g * (1 + rel64())
     return None
 
 

@@ -53,13 +53,14 @@ from ..local.bounds import (
     chunk_size,
     intersect_rows,
 )
-from ..local.interval import Box
+from ..local.interval import Box, precision
 from ..local.linear import linear_parts
 from ..local.propagate import (
     backward_rows,
     backward_rows_ball,
     check_graph,
     forward_boxes,
+    largest_value,
     linear_norms,
 )
 from ..local.rules import LocalOp
@@ -276,12 +277,13 @@ def certify(
     y = _labels(labels, x.shape[0], plan.k)
     chunk = chunk_size(plan.graph, plan.k - 1, batch_size, opts.max_memory)
     margins, bounds = [], []
-    for s in range(0, x.shape[0], chunk):
-        m, L = _chunk(plan, x[s:s + chunk], y[s:s + chunk], radius=float(radius), n=n,
-                      method=method, opts=opts)
-        margins.append(m)
-        bounds.append(L)
-        opts.say(f"certify: {min(s + chunk, x.shape[0])}/{x.shape[0]} samples")
+    with precision(largest_value(plan.graph)):  # the graph's own rounding pad
+        for s in range(0, x.shape[0], chunk):
+            m, L = _chunk(plan, x[s:s + chunk], y[s:s + chunk], radius=float(radius), n=n,
+                          method=method, opts=opts)
+            margins.append(m)
+            bounds.append(L)
+            opts.say(f"certify: {min(s + chunk, x.shape[0])}/{x.shape[0]} samples")
     return _result(torch.cat(margins), torch.cat(bounds), y, plan, radius=float(radius), n=n,
                    method=method, times=(time.perf_counter() - t0, time.process_time() - c0))
 

@@ -32,7 +32,16 @@ Upper bound (certified). On lipbound's own graph (:func:`lipbound.graph.capture`
    entry-wise and ``||A||_2 <= || |A| ||_2 <= ||B||_2`` for ``0 <= |A| <= B``), and in l-inf
    ``max_i sum_j (|M_c| + M_r)_{ij}``. For a ReLU net at a point whose neurons are all stable
    over the ball, ``M_r = 0`` and the bound is the exact local Jacobian norm.
-4. the result is capped by the global certified AutoLip bound when one exists (a local
+4. when the forward tangent boxes fit ``options.refine``, also the telescoped bound
+   (:mod:`lipbound.local.telescope`): ``||J(x)||`` plus one term per non-linear node ``j``,
+   ``sup ||A_j Delta_j U_j||`` (or ``sup ||P_j Delta_j V_j||``), ``Delta_j`` the deviation of
+   the node's secant from its Jacobian at ``x`` and one of the two other factors a point
+   Jacobian, so the interval wrapping enters at one factor only and the bound tends to
+   ``||J(x)||`` as the radius shrinks (1.02 ``||J(x)||`` at ``r = 1e-4`` on the 1-block
+   TinyViT of ``benchmarks/local.py``, where step 3 gave 3.5); the rounding pads are those of
+   the graph's largest tensor (:func:`lipbound.local.interval.precision`). The smallest of
+   the bounds is kept;
+5. the result is capped by the global certified AutoLip bound when one exists (a local
    constant is never above the global one).
 
 A remark on the diagonal-slope composition ``|| W2 diag(s) W1 ||`` (``s`` the per-neuron max
@@ -51,8 +60,11 @@ a float64 copy of the model; the best realised value is returned. A Jacobian wit
 bound because its point lies in the open ball.
 
 Limits: CROWN-style backward relaxations of the intermediate bounds are not implemented (so
-large radii give loose intervals, hence bounds that fall back to the global one); max-pool,
-``scaled_dot_product_attention`` and ``nn.MultiheadAttention`` have no local rule yet.
+large radii give loose intervals, hence bounds that fall back to the global one). On deeper
+transformers the value boxes themselves wrap: the second block of a 2-block TinyViT sees
+boxes ``1e4 r`` wide where the values move by ``30 r``, so its bounds are tight only up to
+``r ~ 1e-6`` (untrained: ``1e-5``). Max-pool and ``nn.MultiheadAttention`` have no local rule
+yet.
 """
 
 from __future__ import annotations
@@ -76,15 +88,17 @@ from ..local.bounds import (
     interval_norms,
     witness,
 )
-from ..local.interval import Box
+from ..local.interval import Box, precision
 from ..local.propagate import (
     backward_rows,
     backward_rows_ball,
     check_graph,
     forward_boxes,
+    largest_value,
     linear_norms,
 )
 from ..local.rules import LocalOp
+from ..local.telescope import Pass, telescoped_norms
 from ..results import LocalResult
 from .autolip import compose, node_constants
 
@@ -127,12 +141,29 @@ def _uppers(graph: OpGraph, ops: dict[str, LocalOp], x: torch.Tensor, *, radius:
         boxes = forward_boxes(graph, xb, radius, n, ops, refine=opts.refine, tangents=tans)
         rows = torch.eye(K, dtype=_F64, device=xb.device).reshape(K, *out_shape)
         rows = rows.unsqueeze(0).expand(xb.shape[0], *rows.shape)
-        J = intersect_rows(backward_rows(graph, boxes, rows, ops),
-                           tans.get(graph.output.name), rows)
+        out_tan = tans.get(graph.output.name)
+        adj: dict[str, Box] | None = None if out_tan is None else {}
+        J = intersect_rows(backward_rows(graph, boxes, rows, ops, record=adj), out_tan, rows)
         Jb, rho = backward_rows_ball(graph, boxes, rows, ops, n, lin)
-        uppers.append(torch.minimum(interval_norms(J, n), interval_norms(Jb, n, rho)))
+        up = torch.minimum(interval_norms(J, n), interval_norms(Jb, n, rho))
+        if adj is not None and out_tan is not None:
+            up = torch.minimum(up, _telescoped(graph, ops, xb, n, rows, opts,
+                                               ball=Pass(boxes, tans, adj)))
+        uppers.append(up)
         opts.say(f"local_bound: {min(s + chunk, x.shape[0])}/{x.shape[0]} samples")
     return torch.cat(uppers)
+
+
+def _telescoped(graph: OpGraph, ops: dict[str, LocalOp], xb: torch.Tensor, n: str,
+                rows: torch.Tensor, opts: LocalOptions, *, ball: Pass) -> torch.Tensor:
+    """The telescoped bound (:mod:`lipbound.local.telescope`): the radius-0 pass (boxes,
+    tangents, recorded adjoints) beside the ball's."""
+    tans0: dict[str, Box | None] = {}
+    boxes0 = forward_boxes(graph, xb, 0.0, n, ops, refine=opts.refine, tangents=tans0)
+    adj0: dict[str, Box] = {}
+    rows0 = intersect_rows(backward_rows(graph, boxes0, rows, ops, record=adj0),
+                           tans0.get(graph.output.name), rows)
+    return telescoped_norms(graph, ops, n, ball, Pass(boxes0, tans0, adj0), rows0)
 
 
 def _witnesses(model: nn.Module, x: torch.Tensor, *, radius: float, n: str, chunk: int,
@@ -188,8 +219,9 @@ def local_bound(
     if not opts.use_global:
         glob, note = None, "global cap not used"
     chunk = chunk_size(graph, K, batch_size, opts.max_memory)
-    interval = _uppers(graph, ops, x, radius=float(radius), n=n, lin=lin, chunk=chunk,
-                       opts=opts)
+    with precision(largest_value(graph)):
+        interval = _uppers(graph, ops, x, radius=float(radius), n=n, lin=lin, chunk=chunk,
+                           opts=opts)
     upper = interval if glob is None else torch.clamp(interval, max=glob)
     low: tuple[float, ...] | None = None
     hows: list[str] = []
