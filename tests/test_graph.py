@@ -192,7 +192,7 @@ def test_tuple_ops_and_shape_queries() -> None:
     g = capture(Split(), (4,))
     x = torch.randn(3, 4)
     torch.testing.assert_close(run_graph(g, x), Split()(x))
-    assert all(n.meta.get("unsupported") is None for n in g if n.kind not in ("input", "output"))
+    assert all(n.unsupported is None for n in g if n.kind not in ("input", "output"))
 
 
 def test_capture_errors() -> None:

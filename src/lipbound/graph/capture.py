@@ -68,7 +68,7 @@ from ..errors import (
     UnsupportedNode,
 )
 from .modules import WEIGHT_HOOKS, eval_mode
-from .types import Node, OpGraph
+from .types import Call, Node, OpGraph
 
 __all__ = ["capture", "TensorArg", "call_module_as", "eval_module_call"]
 
@@ -89,7 +89,7 @@ _DROPOUT_TYPES = (
 
 
 class TensorArg:
-    """Placeholder for a tensor argument in ``Node.meta["args"]`` (``name`` = parent node)."""
+    """Placeholder for a tensor argument in ``Node.call.args`` (``name`` = parent node)."""
 
     __slots__ = ("name",)
 
@@ -969,9 +969,9 @@ def capture(model: nn.Module, input_shape: Any, *, batch_size: int = 2) -> OpGra
 
     Node order is topological; node names are torch.fx names; every node has a batched ``fn``
     reproducing it from its parents' tensors, ``in_shapes``/``out_shape`` without the batch
-    dimension, ``meta["key"]`` (module class, function or method name used to find its rule),
-    ``meta["args"]``/``meta["kwargs"]`` (the call's arguments with tensors replaced by
-    :class:`TensorArg`), ``meta["rule"]`` (the rule or ``None``) and ``meta["unsupported"]``
+    dimension, ``call.key`` (module class, function or method name used to find its rule),
+    ``call.args``/``call.kwargs`` (the call's arguments with tensors replaced by
+    :class:`TensorArg`), ``rule`` (the rule or ``None``) and ``unsupported``
     (why no rule covers it, or ``None``). ``kind`` comes from the rule (``"op"`` if none).
 
     >>> import torch
@@ -1129,7 +1129,7 @@ def _build(
     inp = placeholders[0]
     nodes[inp.name] = Node(
         name=inp.name, qualname="input", op="input", kind="input", inputs=(),
-        in_shapes=(), out_shape=shape, fn=_identity, meta={"key": None},
+        in_shapes=(), out_shape=shape, fn=_identity, call=Call(),
     )
     for n in fx_nodes:
         if n.name not in live or n.op == "placeholder":
@@ -1160,20 +1160,22 @@ def _build(
         def conv(a: torch.fx.Node) -> Any:
             return TensorArg(a.name) if graph_node(a) else values.get(a.name)
 
-        meta: dict[str, Any] = {
-            "key": _key(op_node, gm),
-            "target": op_node.target,
-            "fx_op": op_node.op,
-            "args": torch.fx.node.map_arg(op_node.args, conv),
-            "kwargs": torch.fx.node.map_arg(op_node.kwargs, conv),
-            "getitem": getitem,
-            "module_path": _module_path(op_node),
-            "batch_mixing": _mixes_batch(values[n.name], batch),
-        }
-        if module is not None and meta["key"] is nn.Identity and is_eval_identity(module):
+        key = _key(op_node, gm)
+        checked: bool | None = None
+        if module is not None and key is nn.Identity and is_eval_identity(module):
             # a module declared the identity in eval: its output must be its input here
-            meta["identity_checked"] = len(ins) == 1 and torch.equal(values[n.name],
-                                                                     values[ins[0]])
+            checked = len(ins) == 1 and torch.equal(values[n.name], values[ins[0]])
+        call = Call(
+            key=key,
+            target=op_node.target,
+            fx_op=op_node.op,
+            args=tuple(torch.fx.node.map_arg(op_node.args, conv)),
+            kwargs=dict(torch.fx.node.map_arg(op_node.kwargs, conv)),
+            getitem=getitem,
+            module_path=_module_path(op_node),
+            batch_mixing=_mixes_batch(values[n.name], batch),
+            identity_checked=checked,
+        )
         nodes[n.name] = Node(
             name=n.name,
             qualname=qual,
@@ -1184,12 +1186,12 @@ def _build(
             out_shape=shapes[n.name],
             fn=_Replay(gm, n, ins, value_dep, shapes),
             module=module,
-            meta=meta,
+            call=call,
         )
     nodes["output"] = Node(
         name="output", qualname="output", op="output", kind="output", inputs=(result.name,),
         in_shapes=(shapes[result.name],), out_shape=shapes[result.name], fn=_identity,
-        meta={"key": None},
+        call=Call(),
     )
     for node in nodes.values():
         if node.kind not in ("input", "output"):

@@ -8,7 +8,7 @@
 3. A linear node whose single parent is a linear node used by nobody else is merged with it:
    the merged node's ``module`` is an ``nn.Sequential`` of the parts (a reshape/flatten or other
    function part is wrapped in :class:`~lipbound.graph.modules.FnModule`), ``parts`` lists the
-   qualnames and ``meta["part_nodes"]`` the original nodes. Since ``||A B|| <= ||A|| ||B||``,
+   qualnames and ``part_nodes`` the original nodes. Since ``||A B|| <= ||A|| ||B||``,
    measuring the product is never looser than multiplying the parts' norms.
 
 The result is a new :class:`OpGraph`; the input graph is not modified.
@@ -25,7 +25,7 @@ from torch import nn
 
 from .capture import call_module_as
 from .modules import EvalBatchNorm, FnModule, FoldedBatchNorm
-from .types import Node, OpGraph
+from .types import Call, Node, OpGraph
 
 __all__ = ["simplify"]
 
@@ -36,10 +36,10 @@ _FOLDABLE = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 def _plain_module_call(node: Node) -> bool:
     return (
         node.module is not None
-        and node.meta.get("fx_op") == "call_module"
-        and node.meta.get("getitem") is None
-        and not node.meta.get("kwargs")
-        and len(node.meta.get("args") or ()) == 1
+        and node.call.fx_op == "call_module"
+        and node.call.getitem is None
+        and not node.call.kwargs
+        and len(node.call.args) == 1
     )
 
 
@@ -50,11 +50,11 @@ _ADAPTIVE = (
 
 
 def _is_identity(node: Node) -> bool:
-    rule = node.meta.get("rule")
+    rule = node.rule
     if (
         isinstance(node.module, _ADAPTIVE)
         and _plain_module_call(node)
-        and not node.meta.get("unsupported")
+        and not node.unsupported
         and len(node.inputs) == 1
         and tuple(node.in_shapes[0]) == tuple(node.out_shape)
     ):
@@ -96,7 +96,7 @@ def _module_fn(module: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
 
 
 def _parts(node: Node) -> list[Node]:
-    return list(node.meta.get("part_nodes") or [node])
+    return list(node.part_nodes or (node,))
 
 
 def _merged(first: Node, second: Node, name: str) -> Node:
@@ -123,7 +123,8 @@ def _merged(first: Node, second: Node, name: str) -> Node:
         fn=_module_fn(seq),
         module=seq,
         parts=tuple(p.qualname for p in parts),
-        meta={"key": MERGED_KEY, "part_nodes": parts, "fx_op": "merged"},
+        call=Call(key=MERGED_KEY, fx_op="merged"),
+        part_nodes=tuple(parts),
     )
     classify(node)
     return node
@@ -144,11 +145,11 @@ def _folded(lin: Node, bn: Node) -> Node:
         fn=_module_fn(mod),
         module=mod,
         parts=(lin.qualname, bn.qualname),
-        meta={"key": FoldedBatchNorm, "fx_op": "call_module", "args": (None,), "kwargs": {},
-              "folded": (lin, bn)},
+        call=Call(key=FoldedBatchNorm, fx_op="call_module", args=(None,)),
+        folded=(lin, bn),
     )
     classify(node)
-    node.meta["part_nodes"] = [node]
+    node.part_nodes = (node,)
     return node
 
 
@@ -167,7 +168,7 @@ def simplify(graph: OpGraph, *, merge: bool = True, fold_batchnorm: bool = True)
      ('output', 'output')]
     """
     nodes: dict[str, Node] = {
-        k: dataclasses.replace(n, meta=dict(n.meta)) for k, n in graph.nodes.items()
+        k: dataclasses.replace(n, cache={}) for k, n in graph.nodes.items()
     }
 
     def users(name: str) -> list[Node]:

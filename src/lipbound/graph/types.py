@@ -29,9 +29,40 @@ from torch import nn
 
 from ..spectral.certify import dense_matrix
 
-__all__ = ["Node", "NodeKind", "OpGraph"]
+__all__ = ["Call", "Node", "NodeKind", "OpGraph"]
 
 NodeKind = Literal["input", "linear", "activation", "op", "output"]
+
+
+@dataclass(frozen=True)
+class Call:
+    """How a captured node was called, read from the torch.fx graph (what rules look at).
+
+    Attributes
+    ----------
+    key:       what its rule is registered under: the module class, the function, or the
+               method name (``"view"``); ``"__merged_linear__"`` / ``FoldedBatchNorm`` for
+               nodes made by :func:`lipbound.graph.simplify`; ``None`` for input and output.
+    target:    the fx target (module path, function or method name).
+    fx_op:     the fx opcode (``"call_module"``, ``"call_function"``, ``"call_method"``;
+               ``"merged"`` for merged linear nodes).
+    args / kwargs: the call's arguments, tensors replaced by ``TensorArg`` placeholders.
+    getitem:   the index when the node is an item of a multi-output call, else ``None``.
+    module_path: the path of the module the call sits in (``"layer1.0"``).
+    batch_mixing: the output of one sample depends on other samples (checked on the trace).
+    identity_checked: for modules that declare themselves the identity in eval mode, whether
+               the traced output equalled the input (``None``: not such a module).
+    """
+
+    key: Any = None
+    target: Any = None
+    fx_op: str = "call_module"
+    args: tuple[Any, ...] = ()
+    kwargs: dict[str, Any] = field(default_factory=dict)
+    getitem: Any = None
+    module_path: str = ""
+    batch_mixing: bool = False
+    identity_checked: bool | None = None
 
 
 @dataclass(eq=False)
@@ -53,7 +84,14 @@ class Node:
                nodes an ``nn.Sequential`` of the parts (BatchNorm already folded).
     parts:     qualnames of the original nodes merged into this one.
     slope_range: for activations, ``(a, b)`` with ``a <= f'(t) <= b`` everywhere.
-    meta:      free-form extras (e.g. the original fx target).
+    call:      how it was called (:class:`Call`).
+    rule:      the rule that covers it (set by :func:`lipbound.rules.classify`), or ``None``.
+    unsupported: ``None`` when a rule covers it, else the reason (and what to do).
+    part_nodes: for merged linear nodes the original nodes, in order (a folded BatchNorm node:
+               itself); empty for others.
+    folded:    for a Linear/Conv with its BatchNorm folded in, the two original nodes.
+    cache:     memo of values derived from the node by a consumer (keyed by that consumer;
+               never a fact about the node that another module reads).
     """
 
     name: str
@@ -67,7 +105,12 @@ class Node:
     module: nn.Module | None = None
     parts: tuple[str, ...] = ()
     slope_range: tuple[float, float] | None = None
-    meta: dict[str, Any] = field(default_factory=dict)
+    call: Call = field(default_factory=Call)
+    rule: Any = None
+    unsupported: str | None = None
+    part_nodes: tuple[Node, ...] = ()
+    folded: tuple[Node, Node] | None = None
+    cache: dict[str, Any] = field(default_factory=dict)
 
     # ---- helpers for linear nodes -------------------------------------------------------
     def linear_fn(self) -> Callable[[torch.Tensor], torch.Tensor]:

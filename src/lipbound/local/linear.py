@@ -1,7 +1,7 @@
 r"""Affine nodes in interval form: ``W c + b +- |W| r`` forward, ``W^T a +- |W|^T s`` backward.
 
 A captured ``"linear"`` node (possibly a merged chain, :func:`lipbound.graph.simplify`) is
-applied part by part (``meta["part_nodes"]``; one part for an unmerged node). Each part ``P``
+applied part by part (``part_nodes``; one part for an unmerged node). Each part ``P``
 (matrix ``W``, bias ``b``) needs four batched maps: ``P`` itself (the node's ``fn``, float64),
 its transpose ``W^T`` (autograd through ``fn``: the gradient of an affine map is ``W^T``),
 ``|W|`` and ``|W|^T``, and, for the l2 row norms of the first layers, ``W o W`` (entry-wise
@@ -128,9 +128,9 @@ def _part(node: Node) -> LinearPart:
     fn = node.fn
     in_shape = tuple(node.in_shapes[0])
     n_in, n_out = math.prod(in_shape), math.prod(node.out_shape)
-    rule = node.meta.get("rule")
+    rule = node.rule
     rname = getattr(rule, "name", "")
-    key = node.meta.get("key")
+    key = node.call.key
     mod = node.module
     if mod is not None and not isinstance(mod, nn.Sequential):
         m = materialize(mod.materialize() if isinstance(mod, FoldedBatchNorm) else mod)
@@ -202,10 +202,10 @@ def _in(key: object, table: set[object]) -> bool:
 
 def linear_parts(node: Node) -> list[LinearPart]:
     """The parts of a (merged) linear node, in application order, with their interval maps."""
-    cached = node.meta.get("_local_parts")
+    cached = node.cache.get("local_parts")
     if cached is not None:
         return list(cached)
-    parts = node.meta.get("part_nodes") or [node]
+    parts = node.part_nodes or (node,)
     out = [_part(p) for p in parts]
-    node.meta["_local_parts"] = tuple(out)
+    node.cache["local_parts"] = tuple(out)
     return out

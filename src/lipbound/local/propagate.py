@@ -264,12 +264,12 @@ def linear_norms(graph: OpGraph, norm: str) -> dict[str, float]:
     ctx = RuleContext(norm=norm)
     out: dict[str, float] = {}
     for node in graph:
-        if node.kind != "linear" or node.meta.get("rule") is None:
+        if node.kind != "linear" or node.rule is None:
             continue
         if norm != "2" and l1_linf_available(node) is not None:
             continue
         try:
-            c = node.meta["rule"].constant(node, ctx)
+            c = node.rule.constant(node, ctx)
         except LipboundError:
             continue
         if c.certified and c.constants:

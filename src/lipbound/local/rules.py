@@ -127,7 +127,7 @@ class LocalDomainError(UnsupportedModelError):
 
 def op_name(node: Node) -> str:
     """The op's canonical name: a method name, a function's ``__name__`` or a class name."""
-    key = node.meta.get("key")
+    key = node.call.key
     if isinstance(key, str):
         return key.rstrip("_") if key.endswith("_") and not key.startswith("_") else key
     if isinstance(key, type):
@@ -227,7 +227,7 @@ def _softplus_slopes(node: Node, lo: torch.Tensor, hi: torch.Tensor
 
 
 def _clamp_bounds(node: Node) -> tuple[float, float] | None:
-    name = getattr(node.meta.get("rule"), "name", "")
+    name = getattr(node.rule, "name", "")
     if name == "relu6":
         return 0.0, 6.0
     if name == "hardtanh":
@@ -245,7 +245,7 @@ _MONOTONE = {"relu", "relu6", "hardtanh", "clamp", "sigmoid", "tanh", "softsign"
 def slope_box(node: Node, box: Box) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-entry slope range ``[q_lo, q_hi]`` of an activation node over ``box``."""
     lo, hi = box.lo, box.hi
-    name = getattr(node.meta.get("rule"), "name", "")
+    name = getattr(node.rule, "name", "")
     g = node.slope_range or (-math.inf, math.inf)
     out: tuple[torch.Tensor, torch.Tensor] | None = None
     if name == "relu":
@@ -274,7 +274,7 @@ def slope_box(node: Node, box: Box) -> tuple[torch.Tensor, torch.Tensor]:
 
 def _act_forward(node: Node, boxes: Sequence[Box]) -> Box:
     (b,) = boxes
-    name = getattr(node.meta.get("rule"), "name", "")
+    name = getattr(node.rule, "name", "")
     with torch.no_grad():
         if name in _MONOTONE or (name == "leaky_relu" and float(
                 _p(node, "negative_slope", 1, 0.01)) >= 0) or (name == "elu" and float(
@@ -312,8 +312,8 @@ ACTIVATION = LocalOp("activation (local slopes)", _act_forward, _act_backward, _
 def _operands(node: Node, boxes: Sequence[Box], n: int) -> list[tuple[Box, int | None]]:
     """The first ``n`` call arguments as boxes, with the index of the input they come from
     (``None`` for constants)."""
-    args = list(node.meta.get("args") or ())
-    kwargs = node.meta.get("kwargs") or {}
+    args = list(node.call.args)
+    kwargs = node.call.kwargs
     names = ["input", "other"]
     vals = [args[i] if i < len(args) else kwargs.get(names[i]) for i in range(n)]
     out: list[tuple[Box, int | None]] = []
@@ -469,7 +469,7 @@ def _unary(node: Node) -> tuple[Callable[[torch.Tensor], torch.Tensor],
                                 Callable[[torch.Tensor], torch.Tensor], str]:
     """``(g, g', domain)``: domain ``"all"``, ``"pos"`` (lo > 0) or ``"nonzero"``."""
     name = op_name(node)
-    if name != "pow" and node.meta.get("key") is not operator.pow:
+    if name != "pow" and node.call.key is not operator.pow:
         return _UNARY_FNS[name]
     p = _pow_exponent(node)
     if p == 2:
@@ -796,12 +796,12 @@ def _slot_fn(node: Node, i: int) -> Callable[[torch.Tensor], torch.Tensor]:
 
 def _signs(node: Node, i: int, device: torch.device) -> torch.Tensor:
     key = f"_local_sign_{i}"
-    s = node.meta.get(key)
+    s = node.cache.get(key)
     if s is None or s.device != device:
         with torch.no_grad():
             s = torch.sign(_slot_fn(node, i)(
                 torch.ones((1, *node.in_shapes[i]), dtype=_F64, device=device)))
-        node.meta[key] = s
+        node.cache[key] = s
     return s
 
 
@@ -941,10 +941,10 @@ def local_op(node: Node) -> LocalOp | str:
     """The local rule of a non-linear node, or the reason there is none."""
     if node.kind == "activation":
         return ACTIVATION
-    rname = getattr(node.meta.get("rule"), "name", "")
-    if rname in _MULTI_RULES and node.meta.get("unsupported") is None:
+    rname = getattr(node.rule, "name", "")
+    if rname in _MULTI_RULES and node.unsupported is None:
         return MULTI
-    name = "pow" if node.meta.get("key") is operator.pow else op_name(node)
+    name = "pow" if node.call.key is operator.pow else op_name(node)
     if name not in _TABLE:
         return _NO_RULE
     return _why_not(node, name) or _TABLE[name]

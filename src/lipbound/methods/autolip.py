@@ -66,8 +66,8 @@ def _covered_nodes(graph: OpGraph, n: str) -> list[Node]:
     for node in graph:
         if node.kind in ("input", "output"):
             continue
-        reason = node.meta.get("unsupported")
-        rule = node.meta.get("rule")
+        reason = node.unsupported
+        rule = node.rule
         if reason is None and rule is None:
             reason = "no rule attached (was the graph built by lipbound.graph.capture?)"
         if reason is None and rule is not None and n not in rule.norms:
@@ -154,7 +154,7 @@ def node_constants(
             )
         try:
             with shared_casts():  # the node's parameters are cast to float64 once
-                c = node.meta["rule"].constant(node, quick if late else ctx)
+                c = node.rule.constant(node, quick if late else ctx)
         except UnsupportedModelError as exc:
             bad.extend(exc.nodes)
             continue

@@ -78,9 +78,9 @@ for _k in [nn.Hardshrink, F.hardshrink, nn.Threshold, F.threshold, torch.sign, "
 
 
 def classify(node: Node) -> None:
-    """Attach ``meta["rule"]``, ``kind``, ``slope_range`` and ``meta["unsupported"]`` to a node.
+    """Attach ``rule``, ``kind``, ``slope_range`` and ``unsupported`` to a node.
 
-    ``meta["unsupported"]`` is ``None`` when a rule covers the node, else the reason and what
+    ``unsupported`` is ``None`` when a rule covers the node, else the reason and what
     to do. Linear and activation nodes must have exactly one tensor input. An element-wise op
     whose constant operand broadcasts its input to more entries (``torch.maximum(x, c)`` with
     ``c`` larger than ``x``) copies entries, so its Jacobian is not diagonal: it is an ``"op"``
@@ -88,23 +88,23 @@ def classify(node: Node) -> None:
     is widened by the registry's rounding margin (:func:`~lipbound.rules._registry.widen_range`).
     """
     rule = lookup(node)
-    node.meta["rule"] = rule
+    node.rule = rule
     node.slope_range = None
     if rule is None:
         node.kind = "op"
-        node.meta["unsupported"] = hint_for(node.meta.get("key")) or _NO_RULE
+        node.unsupported = hint_for(node.call.key) or _NO_RULE
         return
     kind = rule.kind_for(node)
     reason = rule.check(node) if rule.check is not None else None
     if reason is None and kind in ("linear", "activation") and len(node.inputs) != 1:
         reason = f"a {kind} op must have one input that depends on the model input"
-    if reason is None and node.meta.get("batch_mixing"):
+    if reason is None and node.call.batch_mixing:
         reason = "mixes the samples of a batch (acts on the batch dimension)"
     if kind == "activation" and node.in_shapes and numel(node.in_shapes[0]) != numel(
         node.out_shape
     ):
         kind = "op"  # broadcast by a constant operand: copies entries, not diagonal
-    node.meta["unsupported"] = reason
+    node.unsupported = reason
     node.kind = kind if reason is None else "op"  # type: ignore[assignment]
     if reason is None and kind == "activation" and rule.slope_range is not None:
         node.slope_range = widen_range(rule.slope_range(node))

@@ -281,7 +281,7 @@ def register_rule(
     tensor-method name (``"gelu"``), or a list of those. ``rule`` is either a number (the
     constant w.r.t. every input, in every norm of ``norms``) or a callable
     ``rule(node, ctx) -> float | list[float] | NodeConstant`` where ``node`` is the captured
-    :class:`lipbound.graph.Node` (``node.module`` is the module called, ``node.meta["args"]``
+    :class:`lipbound.graph.Node` (``node.module`` is the module called, ``node.call.args``
     the call's arguments) and ``ctx`` a :class:`RuleContext` (``ctx.norm`` in ``"1"``, ``"2"``,
     ``"inf"``). ``kind="activation"`` needs ``slope_range=(a, b)`` with ``a <= f' <= b``.
     ``certified`` says whether you vouch for the constant (it is reported as certified).
@@ -395,7 +395,7 @@ def get_rule(key: RuleKey) -> Rule | None:
 
 def lookup(node: Node) -> Rule | None:
     """The rule for a captured node (by module type, function or method name)."""
-    key = node.meta.get("key")
+    key = node.call.key
     if key is None:
         return None
     return get_rule(key)

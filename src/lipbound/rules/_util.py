@@ -50,10 +50,10 @@ def arg(node: Node, pos: int, name: str, default: Any = None) -> Any:
     Positions follow the functional form: ``pos=0`` is the input tensor for functions and
     methods alike (``x.view(...)`` is recorded as ``view(x, ...)``).
     """
-    kw = node.meta.get("kwargs") or {}
+    kw = node.call.kwargs
     if name in kw:
         return kw[name]
-    args = node.meta.get("args") or ()
+    args = node.call.args
     if pos < len(args):
         return args[pos]
     return default

@@ -228,7 +228,7 @@ def _fixed(a: float, b: float) -> Callable[[Node], tuple[float, float]]:
 
 
 def _activation_rule(node: Node, ctx: RuleContext) -> NodeConstant:
-    rule = node.meta.get("rule")
+    rule = node.rule
     r = node.slope_range
     if r is None and rule is not None and rule.slope_range is not None:
         r = rule.slope_range(node)

@@ -199,7 +199,7 @@ def check_batchnorm_stats(node: Node) -> None:
         if bn.running_var is not None:
             items.append((where, bn.running_var, bn.running_mean, float(bn.eps), bn.weight,
                           bn.bias))
-    if node.meta.get("key") is F.batch_norm:
+    if node.call.key is F.batch_norm:
         var, mean = arg(node, 2, "running_var"), arg(node, 1, "running_mean")
         if isinstance(var, torch.Tensor):
             items.append((node.qualname, var, mean, float(arg(node, 7, "eps", 1e-5)),
@@ -250,14 +250,14 @@ def pool_module(node: Node) -> nn.Module | None:
     function exactly (``torch.equal``), else ``None`` (the node is then measured generically).
     """
     try:
-        entry = _FN_POOLS.get(node.meta.get("key"))
+        entry = _FN_POOLS.get(node.call.key)
     except TypeError:  # an unhashable key
         return None
-    if entry is None or len(node.inputs) != 1 or node.meta.get("getitem") is not None:
+    if entry is None or len(node.inputs) != 1 or node.call.getitem is not None:
         return None
     cls, names = entry
-    args = tuple(node.meta.get("args") or ())
-    kwargs = dict(node.meta.get("kwargs") or {})
+    args = tuple(node.call.args)
+    kwargs = dict(node.call.kwargs)
     if not args or not is_tensor_arg(args[0]) or len(args) - 1 > len(names):
         return None
     params = dict(zip(names, args[1:]))
@@ -284,9 +284,9 @@ _SUM_KEYS: tuple[Any, ...] = (torch.sum, "sum")
 
 def _reduction_dims(node: Node) -> tuple[int, ...] | None:
     """The ``dim`` argument of a one-input sum / mean call, as a tuple of ints (else ``None``)."""
-    key = node.meta.get("key")
+    key = node.call.key
     if (key not in _MEAN_KEYS and key not in _SUM_KEYS) or len(node.inputs) != 1 \
-            or node.meta.get("getitem") is not None or not is_tensor_arg(arg(node, 0, "input")):
+            or node.call.getitem is not None or not is_tensor_arg(arg(node, 0, "input")):
         return None
     dim = arg(node, 1, "dim")
     dims = (dim,) if isinstance(dim, int) else tuple(dim) if isinstance(dim, (list, tuple)) else ()
@@ -334,7 +334,7 @@ def _reduction_rule(node: Node, ctx: RuleContext) -> NodeConstant:
     k = reduction_size(node)
     if k is None:
         return _linear_rule(node, ctx)
-    mean = node.meta.get("key") in _MEAN_KEYS
+    mean = node.call.key in _MEAN_KEYS
     w = 1.0 / k if mean else 1.0
     v = {"2": math.sqrt(k) * w, "inf": k * w, "1": w}[ctx.norm]
     what = "mean" if mean else "sum"
@@ -347,12 +347,12 @@ def _spectral_operand(node: Node) -> Any:
     m = node.module
     plain_call = (
         m is not None
-        and node.meta.get("fx_op", "call_module") == "call_module"
-        and node.meta.get("getitem") is None
-        and not node.meta.get("kwargs")
-        and len(node.meta.get("args") or (None,)) == 1
+        and node.call.fx_op == "call_module"
+        and node.call.getitem is None
+        and not node.call.kwargs
+        and len(node.call.args or (None,)) == 1
     )
-    if (plain_call or node.meta.get("key") == MERGED_KEY) and m is not None:
+    if (plain_call or node.call.key == MERGED_KEY) and m is not None:
         return positive_pools(materialize(m))
     pool = pool_module(node)
     if pool is not None:
@@ -371,7 +371,7 @@ def _bn_of(node: Node) -> nn.Module | None:
 
 def _is_isometry(node: Node) -> bool:
     """A bijective rearrangement of entries (flatten, view, permute...): a permutation matrix."""
-    rule = node.meta.get("rule")
+    rule = node.rule
     meta = rule.meta if rule is not None else {}
     same = numel(node.in_shapes[0]) == numel(node.out_shape) if node.in_shapes else False
     return same and (bool(meta.get("bijective")) or bool(meta.get("identity")))
@@ -382,7 +382,7 @@ def core_parts(node: Node) -> list[Node]:
 
     For permutation matrices ``P, Q``: ``||P A Q|| = ||A||`` in l1, l2 and l-inf.
     """
-    parts = list(node.meta.get("part_nodes") or [node])
+    parts = list(node.part_nodes or (node,))
     while parts and _is_isometry(parts[0]):
         parts.pop(0)
     while parts and _is_isometry(parts[-1]):
@@ -394,12 +394,12 @@ def linear_constant(node: Node, ctx: RuleContext) -> NodeConstant:
     """Constant of a linear node in ``ctx.norm`` (see the module docstring)."""
     t0 = time.perf_counter()
     check_batchnorm_stats(node)
-    if len(node.meta.get("part_nodes") or ()) > 1:
+    if len(node.part_nodes) > 1:
         core = core_parts(node)
         if not core:
             return NodeConstant(constants=(1.0,), certified=True, how="rearranges entries")
         if len(core) == 1:
-            c = core[0].meta["rule"].constant(core[0], ctx)
+            c = core[0].rule.constant(core[0], ctx)
             return replace(c, how=c.how + " (end reshapes are isometries)",
                            seconds=time.perf_counter() - t0)
     if ctx.norm != "2":
@@ -423,7 +423,7 @@ def linear_constant(node: Node, ctx: RuleContext) -> NodeConstant:
     op = _spectral_operand(node)
     in_shape = tuple(node.in_shapes[0])
     cert = certified(op, in_shape, tuple(node.out_shape)) if ctx.certify else None
-    parts = node.meta.get("part_nodes") or ()
+    parts = node.part_nodes
     if cert is None and ctx.certify and len(parts) > 1:
         cert = parts_product(parts, ctx)  # ||A_k ... A_1|| <= prod ||A_i||
     try:
@@ -464,8 +464,8 @@ def parts_product(parts: Any, ctx: RuleContext) -> tuple[float, str] | None:
     """
     prod, names = 1.0, []
     for p in parts:
-        rule = p.meta.get("rule")
-        if rule is None or p.meta.get("unsupported"):
+        rule = p.rule
+        if rule is None or p.unsupported:
             return None
         c = rule.constant(p, ctx)
         if not c.certified:
@@ -554,10 +554,10 @@ def abs_operator(node: Node) -> Callable[[torch.Tensor], torch.Tensor] | None:
     For a merged node, the composition of the parts' ``|A_i|`` (an entry-wise upper bound).
     ``None`` when no cheap form is known.
     """
-    parts = node.meta.get("part_nodes") or ()
+    parts = node.part_nodes
     if len(parts) > 1:
         return _chain([abs_operator(p) for p in parts])
-    rule = node.meta.get("rule")
+    rule = node.rule
     meta = rule.meta if rule is not None else {}
     if meta.get("identity"):
         return lambda x: x
@@ -581,8 +581,8 @@ def abs_operator(node: Node) -> Callable[[torch.Tensor], torch.Tensor] | None:
 
 def _abs_other(node: Node) -> Callable[[torch.Tensor], torch.Tensor] | None:
     """:func:`abs_operator` of a module call, a sum / mean reduction or a functional pool."""
-    if node.module is not None and node.meta.get("fx_op", "call_module") == "call_module":
-        if node.meta.get("getitem") is None and not node.meta.get("kwargs"):
+    if node.module is not None and node.call.fx_op == "call_module":
+        if node.call.getitem is None and not node.call.kwargs:
             return _abs_module(node.module)
     if reduction_size(node) is not None:  # entries w >= 0: |A| = A
         return node.linear_fn()
@@ -614,11 +614,11 @@ def _device(node: Node) -> torch.device:
 
 def l1_linf_available(node: Node) -> str | None:
     """``None`` when :func:`l1_linf_norm` can handle ``node``, else the reason."""
-    if len(node.meta.get("part_nodes") or ()) > 1:
+    if len(node.part_nodes) > 1:
         core = core_parts(node)
         if len(core) <= 1:
             return None if not core else l1_linf_available(core[0])
-    rule = node.meta.get("rule")
+    rule = node.rule
     # (the registry gates every rule's constant; __wrapped__ is the rule's own function)
     own = getattr(rule.constant, "__wrapped__", None) if rule is not None else None
     if rule is not None and own is not _linear_rule:
@@ -636,7 +636,7 @@ def l1_linf_norm(node: Node, norm: str) -> tuple[float, str]:
     in_shape = tuple(node.in_shapes[0])
     f = abs_operator(node)
     how = "max row/col sum of |A| (exact)"
-    if f is None or (node.meta.get("part_nodes") and len(node.meta["part_nodes"]) > 1):
+    if f is None or (node.part_nodes and len(node.part_nodes) > 1):
         how = "row/col sums of |A_k|...|A_1| (certified upper bound)"
     if f is None:
         if numel(in_shape) > DENSE_LIMIT:
@@ -670,7 +670,7 @@ def _linear_rule(node: Node, ctx: RuleContext) -> NodeConstant:
 
 
 def _single_input(node: Node) -> str | None:
-    if node.meta.get("key") is F.batch_norm:
+    if node.call.key is F.batch_norm:
         training = arg(node, 5, "training", False)
         if training is not False or is_tensor_arg(arg(node, 3, "running_mean")):
             return "batch_norm in training mode normalises with batch statistics"

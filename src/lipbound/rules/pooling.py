@@ -141,7 +141,7 @@ def _tup(v: Any, n: int) -> tuple[int, ...]:
 
 
 def _dims(node: Node) -> int:
-    key = node.meta.get("key")
+    key = node.call.key
     return _MAX.get(key) or _ADAPTIVE.get(key) or 2
 
 
@@ -168,7 +168,7 @@ def max_count(node: Node) -> int:
     """``max_j c_j`` for a (adaptive) max-pool node."""
     nd = _dims(node)
     spatial = tuple(node.in_shapes[0])[-nd:]
-    key = node.meta.get("key")
+    key = node.call.key
     m = node.module
     if key in _ADAPTIVE:
         size = m.output_size if m is not None else arg(node, 1, "output_size")
@@ -188,10 +188,10 @@ def _rule(node: Node, ctx: RuleContext) -> NodeConstant:
 
 
 def _check(node: Node) -> str | None:
-    gi = node.meta.get("getitem")
+    gi = node.call.getitem
     if gi not in (None, 0):
         return "max-pool indices are piecewise constant integers (not Lipschitz)"
-    if node.meta.get("key") in _MAX and node.in_shapes:
+    if node.call.key in _MAX and node.in_shapes:
         for dim, q in enumerate(_pool_params(node)):
             if padding_only_windows(*q):
                 L, k, s, p, d, c = q

@@ -130,7 +130,7 @@ def is_eval_identity(module: nn.Module) -> bool:
 
 
 def _eval_identity_check(node: Node) -> str | None:
-    if node.meta.get("identity_checked") is False:  # set by capture for the modules above
+    if node.call.identity_checked is False:  # set by capture for the modules above
         return (
             "declared the identity in eval mode (lipbound.rules.structural."
             "EVAL_IDENTITY_MODULES), but its output differed from its input on the capture "
@@ -178,7 +178,7 @@ LOG_SOFTMAX_OPS: list[Any] = [nn.LogSoftmax, F.log_softmax, torch.log_softmax, "
 # ---- checks -------------------------------------------------------------------------------
 def _getitem_check(node: Node) -> str | None:
     """Basic indexing (ints, slices, None, Ellipsis) only; tuple producers via ``[i]``."""
-    if node.meta.get("key") is operator.getitem:
+    if node.call.key is operator.getitem:
         idx = arg(node, 1, "idx")
         items = idx if isinstance(idx, tuple) else (idx,)
         for it in items:
@@ -193,7 +193,7 @@ def _getitem_check(node: Node) -> str | None:
                 "is not 1-Lipschitz in general"
             )
         return None
-    if node.meta.get("getitem") is None and node.meta.get("key") in (
+    if node.call.getitem is None and node.call.key in (
         torch.chunk, torch.split, torch.unbind, torch.tensor_split,
         "chunk", "split", "unbind", "tensor_split",
     ):
@@ -202,7 +202,7 @@ def _getitem_check(node: Node) -> str | None:
 
 
 def _pad_check(node: Node) -> str | None:
-    if node.meta.get("key") is F.pad:
+    if node.call.key is F.pad:
         mode = arg(node, 2, "mode", "constant")
         if mode != "constant":
             return (
@@ -259,13 +259,13 @@ def operand_coefficients(node: Node) -> tuple[float, ...]:
     ``max(1, |alpha|)``.
     """
     a = abs(float(arg(node, 2, "alpha", 1)))
-    c_in, c_other = (a, 1.0) if node.meta.get("key") is torch.rsub else (1.0, a)
+    c_in, c_other = (a, 1.0) if node.call.key is torch.rsub else (1.0, a)
     role = {0: c_in, 1: c_other, "input": c_in, "other": c_other}
     found: list[float | None] = []
-    for i, v in enumerate(node.meta.get("args") or ()):
+    for i, v in enumerate(node.call.args):
         if is_tensor_arg(v):
             found.append(role.get(i))
-    for k, v in (node.meta.get("kwargs") or {}).items():
+    for k, v in (node.call.kwargs).items():
         if is_tensor_arg(v):
             found.append(role.get(k))
     if len(found) == len(node.inputs) and all(c is not None for c in found):
@@ -353,7 +353,7 @@ def _log_softmax_rule(node: Node, ctx: RuleContext) -> NodeConstant:
 
 
 def _reduce_max_check(node: Node) -> str | None:
-    gi = node.meta.get("getitem")
+    gi = node.call.getitem
     if gi is not None and gi != 0:
         return "the argmax/argmin indices are piecewise constant integers (not Lipschitz)"
     if len(node.inputs) >= 2:

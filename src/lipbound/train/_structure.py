@@ -329,8 +329,8 @@ def _graph_plan(model: nn.Module, input_shape: tuple[int, ...]) -> Plan:
                                   call=len(found) - 1, in_shape=tuple(node.in_shapes[0]),
                                   out_shape=tuple(node.out_shape)))
             continue
-        why = node.meta.get("unsupported")
-        rule = node.meta.get("rule")
+        why = node.unsupported
+        rule = node.rule
         if why or rule is None:
             bad.append(UnsupportedNode(node.qualname, node.op, str(why or "no Lipschitz rule")))
             continue
