@@ -509,3 +509,34 @@ def test_regression_bound_starved_autolip_of_its_budget(monkeypatch: pytest.Monk
     rep = bound(net, (4,), time_limit=30.0)
     assert rep.upper is not None
     assert seen["limit"] >= 0.6 * seen["left"] / 1.1, seen
+
+
+def test_conv_pair_cost_flags_vgg11_block_at_224() -> None:
+    """VGG-11's 256-channel conv pair at 56x56 (seqlip(time_limit=30) ran 208 s there with an
+    11.7 GB peak): its symbols are predicted far above CONV_PAIR_BYTES; a small pair is not."""
+    from lipbound.methods import seqlip as sq
+
+    big = nn.Conv2d(256, 256, 3, padding=1)
+    flops, nbytes = sq.conv_pair_cost(big, big, (56, 56))
+    assert nbytes > 8 * sq.CONV_PAIR_BYTES and flops > 1e11
+    small = nn.Conv2d(4, 4, 3, padding=1)
+    assert sq.conv_pair_cost(small, small, (8, 8))[1] < sq.CONV_PAIR_BYTES
+
+
+def test_regression_seqlip_conv_pair_over_memory_cap_keeps_autolip(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A conv two-layer block whose symbols exceed the cap is not started (it was, whatever
+    its size): the block keeps AutoLip's factors, certified, and a note names the cap."""
+    from lipbound.methods import seqlip as sq
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(),
+                        nn.Conv2d(4, 3, 3, padding=1)).eval()
+    full = seqlip(net, (3, 8, 8), dense_limit=1, time_limit=20)
+    monkeypatch.setattr(sq, "CONV_PAIR_BYTES", 1)
+    capped = seqlip(net, (3, 8, 8), dense_limit=1, time_limit=20)
+    assert capped.certified and capped.upper is not None and full.upper is not None
+    assert any("CONV_PAIR_BYTES" in n for n in capped.notes), capped.notes
+    assert full.upper <= capped.upper * (1 + 1e-12)
+    x = torch.randn(3, 8, 8, generator=torch.Generator().manual_seed(0))
+    assert _jac_norm(net, x, "2") <= capped.upper * (1 + 1e-9)

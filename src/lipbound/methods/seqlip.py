@@ -95,7 +95,7 @@ from ._pairs import (
 from .autolip import GRACE, compose, graph_constants
 
 __all__ = [
-    "SeqLipResult", "seqlip", "find_segments", "conv_pair_bound",
+    "SeqLipResult", "seqlip", "find_segments", "conv_pair_bound", "conv_pair_cost",
     "pair_certified", "pair_exact", "pair_greedy",  # the pair maths, public through seqlip
 ]
 
@@ -139,6 +139,32 @@ def _max_norm_c(X: torch.Tensor) -> float:
     the top eigenvalue of the Hermitian Gram matrix of the smaller side."""
     G = X.mH @ X if X.shape[-1] <= X.shape[-2] else X @ X.mH
     return float(torch.linalg.eigvalsh(G)[..., -1].clamp_min(0).max().sqrt())
+
+
+#: most bytes the symbols of one :func:`conv_pair_bound` may take (VGG-11's 256-channel pair at
+#: 56x56 needed 3 x 3.5 GB and 200 s: past it the pair keeps AutoLip's factors)
+CONV_PAIR_BYTES = 1 << 30
+
+
+def conv_pair_cost(first: nn.Conv2d, second: nn.Conv2d, in_hw: tuple[int, int]
+                   ) -> tuple[float, float]:
+    """``(flops, bytes)`` predicted for :func:`conv_pair_bound`: the three symbols and the
+    Gram matrices on the ``N0 x N1`` grid (complex128), their product (8 real flops per
+    complex multiply-add) and the batched Hermitian eigensolves of the Gram matrices."""
+    H, W = in_hw
+    kB, pB = first.kernel_size, first.padding
+    kA, pA = second.kernel_size, second.padding
+    H1 = H + 2 * int(pB[0]) - int(kB[0]) + 1
+    W1 = W + 2 * int(pB[1]) - int(kB[1]) + 1
+    N = (max(H + 2 * int(pB[0]), H1 + 2 * int(pA[0]), int(kA[0]), int(kB[0]))
+         * max(W + 2 * int(pB[1]), W1 + 2 * int(pA[1]), int(kA[1]), int(kB[1])))
+    co, cm, ci = second.out_channels, first.out_channels, first.in_channels
+    grams = [(co, ci), (co, cm), (cm, ci)]
+    flops = 8.0 * N * co * cm * ci + sum(
+        8.0 * N * min(a, b) ** 2 * max(a, b) + 4 * _EIGH_FLOPS * N * min(a, b) ** 3
+        for a, b in grams)
+    nbytes = 16.0 * N * (co * cm + cm * ci + co * ci + max(min(a, b) ** 2 for a, b in grams))
+    return flops, nbytes
 
 
 def conv_pair_bound(
@@ -537,6 +563,7 @@ def _seqlip(
     raw_est: list[float] = []
     in_segment: set[str] = set()
     skipped = 0
+    too_big = 0  # conv pair blocks whose symbols exceed CONV_PAIR_BYTES
     for seg in segments:
         ts = time.perf_counter()
         lins = seg[0::2]
@@ -640,6 +667,14 @@ def _seqlip(
                 c1, c2 = _plain_conv2d(lins[i]), _plain_conv2d(lins[i + 1])
                 if c1 is not None and c2 is not None and len(lins[i].in_shapes[0]) == 3:
                     hw = lins[i].in_shapes[0][1:]
+                    flops, nbytes = conv_pair_cost(c1[0], c2[0], (hw[0], hw[1]))
+                    if nbytes > CONV_PAIR_BYTES:
+                        too_big += 1
+                        continue
+                    if not clock.affords(flops):  # not interruptible once started
+                        clock.late_units += 1
+                        clock.late_blocks += 1
+                        continue
                     block_pairs[i] = conv_pair_bound(
                         c1[0], c2[0], (hw[0], hw[1]), act_slopes[i], weights=(c1[1], c2[1])
                     )[0]
@@ -703,6 +738,12 @@ def _seqlip(
             "there, still certified); raise time_limit for a tighter bound"
         )
         all_pairs_exact = False
+    if too_big:
+        notes.append(
+            f"{too_big} conv two-layer block(s) kept AutoLip's factors: their Fourier symbols "
+            f"need more than CONV_PAIR_BYTES={CONV_PAIR_BYTES} bytes (still certified)"
+        )
+        all_pairs_exact = False
     if late_nodes:
         notes.append(
             f"time limit of {deadline0 - t_start:g} s reached while computing the AutoLip "
@@ -756,7 +797,7 @@ def _operator_estimate(
     iterative singular triplets are both approximations)."""
     from ..spectral import top_singular
 
-    trip = []
+    trip: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
     # predicted seconds of a layer's triplets: those of the previous layer, and at least the
     # time of the layer's AutoLip constant (a power/Lanczos estimate on the same operator)
     last = 0.0
@@ -767,10 +808,24 @@ def _operator_estimate(
                 clock.next("pairs")
             return 1.0, []
         kk = min(k, _numel(n.in_shapes[0]), _numel(n.out_shape))
+        # iterations that fit this layer's share of the time left: one forward + adjoint pass
+        # of the layer each, timed here (Lanczos is not interruptible; a block of 8 triplets
+        # of a 256-channel conv at 56x56 ran 360 iterations, 61 s of a 30 s budget)
+        lin = n.linear_fn()
+        dev = next((t.device for t in (n.module.parameters() if n.module is not None else ())),
+                   torch.device("cpu"))
+        probe = torch.randn((1, *n.in_shapes[0]),
+                            generator=torch.Generator().manual_seed(0)).to(dev)
+        t_mv = time.perf_counter()
+        with torch.no_grad():
+            lin(probe)
+        t_mv = 2.5 * (time.perf_counter() - t_mv) + 1e-6
+        share = (clock.deadline - time.perf_counter()) / (len(lins) - len(trip))
+        iters = int(min(max_iter, max(kk + 2, share / t_mv)))
         try:
             r = top_singular(
-                n.linear_fn(), n.in_shapes[0], kk, tol=max(tol, 1e-4), certify=False,
-                check_linear=False,
+                lin, n.in_shapes[0], kk, tol=max(tol, 1e-4), certify=False,
+                check_linear=False, max_iter=iters,
             )
         except ZeroOperatorError:
             # a zero layer (a zero-initialised residual branch): the segment through it is
