@@ -20,7 +20,7 @@ from ..errors import NotSequentialError, UnsupportedNode
 from ..graph import capture, sequential_chain, simplify
 from ..spectral.certify import dense_matrix
 
-__all__ = ["dense_chain", "find_segments", "linear_matrix"]
+__all__ = ["constant_segments", "dense_chain", "find_segments", "linear_matrix"]
 
 
 def _affine_parts(
@@ -160,3 +160,15 @@ def find_segments(graph: Any, slopes: dict[str, tuple[float, float] | None]) -> 
             used.update(n.name for n in seg)
             segs.append(seg)
     return segs
+
+
+def constant_segments(
+    graph: Any, consts: dict[str, Any]
+) -> tuple[dict[str, tuple[float, float] | None], list[list[Any]]]:
+    """``(slopes, segments)``: each node's slope range (its AutoLip constant's, else the
+    node's own) and :func:`find_segments` on them, as SeqLip and LipSDP both read them."""
+    slopes: dict[str, tuple[float, float] | None] = {
+        name: (c.slope_range if c.slope_range is not None else graph[name].slope_range)
+        for name, c in consts.items()
+    }
+    return slopes, find_segments(graph, slopes)

@@ -95,7 +95,7 @@ from ..errors import (
 from ..graph import capture, sequential_chain, simplify
 from ..results import LayerBound, SDPResult
 from ..spectral.certify import round_up
-from ._chain import find_segments, linear_matrix
+from ._chain import constant_segments, linear_matrix
 from ._schur import solve_schur
 from .autolip import GRACE, compose, graph_constants
 
@@ -749,11 +749,7 @@ def _lipsdp_composed(
     )
     autolip_value = compose(graph, consts)
     auto_certified = all(c.certified for c in consts.values())
-    slopes: dict[str, tuple[float, float] | None] = {
-        name: (c.slope_range if c.slope_range is not None else graph[name].slope_range)
-        for name, c in consts.items()
-    }
-    segments = find_segments(graph, slopes)
+    slopes, segments = constant_segments(graph, consts)
     notes = [f"not one dense chain ({why}): LipSDP on the sequential segments, composed with "
              "AutoLip's constants elsewhere"]
     cut = sum(math.prod(n.in_shapes[0]) * math.prod(n.out_shape) > max_entries

@@ -84,7 +84,7 @@ from ..errors import InvalidArgumentError, ZeroOperatorError
 from ..graph.modules import eval_weight
 from ..results import LayerBound, SeqLipResult
 from ..spectral.certify import pow2_split
-from ._chain import find_segments
+from ._chain import constant_segments, find_segments
 from ._pairs import (
     ROUNDING_MARGIN,
     pair_certified,
@@ -146,18 +146,28 @@ def _max_norm_c(X: torch.Tensor) -> float:
 CONV_PAIR_BYTES = 1 << 30
 
 
+def _pair_grid(first: nn.Conv2d, second: nn.Conv2d, in_hw: tuple[int, int]) -> tuple[int, int]:
+    """The circular grid ``(N0, N1)`` on which :func:`conv_pair_bound` embeds the pair: large
+    enough for the padded input of ``first`` and the padded output of ``first`` read by
+    ``second`` (proof in the module docstring)."""
+    H, W = in_hw
+    kB = [int(v) for v in first.kernel_size]
+    pB = [int(v) for v in first.padding]
+    kA = [int(v) for v in second.kernel_size]
+    pA = [int(v) for v in second.padding]
+    H1 = H + 2 * pB[0] - kB[0] + 1
+    W1 = W + 2 * pB[1] - kB[1] + 1
+    return (max(H + 2 * pB[0], H1 + 2 * pA[0], kA[0], kB[0]),
+            max(W + 2 * pB[1], W1 + 2 * pA[1], kA[1], kB[1]))
+
+
 def conv_pair_cost(first: nn.Conv2d, second: nn.Conv2d, in_hw: tuple[int, int]
                    ) -> tuple[float, float]:
     """``(flops, bytes)`` predicted for :func:`conv_pair_bound`: the three symbols and the
     Gram matrices on the ``N0 x N1`` grid (complex128), their product (8 real flops per
     complex multiply-add) and the batched Hermitian eigensolves of the Gram matrices."""
-    H, W = in_hw
-    kB, pB = first.kernel_size, first.padding
-    kA, pA = second.kernel_size, second.padding
-    H1 = H + 2 * int(pB[0]) - int(kB[0]) + 1
-    W1 = W + 2 * int(pB[1]) - int(kB[1]) + 1
-    N = (max(H + 2 * int(pB[0]), H1 + 2 * int(pA[0]), int(kA[0]), int(kB[0]))
-         * max(W + 2 * int(pB[1]), W1 + 2 * int(pA[1]), int(kA[1]), int(kB[1])))
+    N0, N1 = _pair_grid(first, second, in_hw)
+    N = N0 * N1
     co, cm, ci = second.out_channels, first.out_channels, first.in_channels
     grams = [(co, ci), (co, cm), (cm, ci)]
     flops = 8.0 * N * co * cm * ci + sum(
@@ -188,15 +198,7 @@ def conv_pair_bound(
     """
     a, b = float(slopes[0]), float(slopes[1])
     a2, b2 = min(a, 0.0), max(b, 0.0)
-    H, W = in_hw
-    kB = [int(v) for v in first.kernel_size]
-    pB = [int(v) for v in first.padding]
-    kA = [int(v) for v in second.kernel_size]
-    pA = [int(v) for v in second.padding]
-    H1 = H + 2 * pB[0] - kB[0] + 1
-    W1 = W + 2 * pB[1] - kB[1] + 1
-    N0 = max(H + 2 * pB[0], H1 + 2 * pA[0], kA[0], kB[0])
-    N1 = max(W + 2 * pB[1], W1 + 2 * pA[1], kA[1], kB[1])
+    N0, N1 = _pair_grid(first, second, in_hw)
     with torch.no_grad():
         wB0, wA0 = (first.weight, second.weight) if weights is None else weights
         wA = wA0.detach().to(_F64)  # (cout, cmid, kh, kw)
@@ -523,11 +525,7 @@ def _seqlip(
     late_nodes = [c.qualname for c in consts.values() if c.how.startswith("time limit: ")]
     autolip_value = compose(graph, consts)
     auto_certified = all(c.certified for c in consts.values())
-    slopes: dict[str, tuple[float, float] | None] = {
-        name: (c.slope_range if c.slope_range is not None else graph[name].slope_range)
-        for name, c in consts.items()
-    }
-    segments = find_segments(graph, slopes)
+    slopes, segments = constant_segments(graph, consts)
     n_units = sum(2 * (len(seg[0::2]) - 1) for seg in segments)  # pairs + two-layer blocks
     if time_limit is None:
         time_limit = _default_limit(segments)

@@ -1185,20 +1185,24 @@ def dense_matrix(
             x0 = torch.zeros((c, *shp), dtype=dtype, device=device, requires_grad=True)
             with torch.enable_grad():
                 y = fn(x0).reshape(c, -1)
-            e = torch.zeros((c, n_out), dtype=dtype, device=device)
-            e[torch.arange(c), torch.arange(a, a + c)] = 1.0
-            (g,) = torch.autograd.grad(y, x0, e)
+            (g,) = torch.autograd.grad(y, x0, _basis(a, c, n_out, dtype, device))
             rows.append(g.reshape(c, -1).cpu())
         return torch.cat(rows).contiguous(), b.reshape(-1)
     cols = []
     with torch.no_grad():
         for a in range(0, n_in, chunk):
             c = min(chunk, n_in - a)
-            e = torch.zeros((c, n_in), dtype=dtype, device=device)
-            e[torch.arange(c), torch.arange(a, a + c)] = 1.0
-            y = fn(e.reshape(c, *shp)) - b
+            y = fn(_basis(a, c, n_in, dtype, device).reshape(c, *shp)) - b
             cols.append(y.reshape(c, -1).cpu())
     return torch.cat(cols).T.contiguous(), b.reshape(-1)
+
+
+def _basis(a: int, c: int, n: int, dtype: torch.dtype, device: torch.device | None
+           ) -> torch.Tensor:
+    """The standard basis vectors ``e_a, ..., e_{a+c-1}`` of length ``n``, as ``(c, n)``."""
+    e = torch.zeros((c, n), dtype=dtype, device=device)
+    e[torch.arange(c), torch.arange(a, a + c)] = 1.0
+    return e
 
 
 def _jvp_columns(fn: Callable[[torch.Tensor], torch.Tensor], shp: tuple[int, ...], n_in: int,
@@ -1207,11 +1211,8 @@ def _jvp_columns(fn: Callable[[torch.Tensor], torch.Tensor], shp: tuple[int, ...
     cols = []
     for a in range(0, n_in, chunk):
         c = min(chunk, n_in - a)
-        e = torch.zeros((c, n_in), dtype=dtype, device=device)
-        e[torch.arange(c), torch.arange(a, a + c)] = 1.0
-        x0 = torch.zeros((c, *shp), dtype=dtype, device=device)
-        out = torch.func.jvp(fn, (x0,), (e.reshape(c, *shp),))
-        y = out[1]
+        e = _basis(a, c, n_in, dtype, device).reshape(c, *shp)
+        y = torch.func.jvp(fn, (torch.zeros_like(e),), (e,))[1]
         cols.append(y.detach().reshape(c, -1).cpu())
     return torch.cat(cols).T.contiguous()
 
@@ -1264,9 +1265,8 @@ def _pooled_linear_jacobian(op: Any, in_shape: tuple[int, ...]
     with torch.no_grad():
         for a in range(0, n_in, chunk):
             c = min(chunk, n_in - a)
-            e = torch.zeros((c, n_in), dtype=_F64, device=dev)
-            e[torch.arange(c), torch.arange(a, a + c)] = 1.0
-            y = pre(e.reshape(c, *in_shape)).reshape(c, k)  # rows: columns of P
+            e = _basis(a, c, n_in, _F64, dev).reshape(c, *in_shape)
+            y = pre(e).reshape(c, k)  # rows: columns of P
             nz = torch.nonzero(y)
             nnz += nz.shape[0]
             if nnz > min(SPARSE_PREFIX_NNZ, n_in * k // 8):
@@ -1471,16 +1471,21 @@ def _fold_bn(parts: list[_Part]) -> list[_Part]:
     return out
 
 
-def _sequential(seq: nn.Module, in_shape: tuple[int, ...], norm: str) -> tuple[float, str] | None:
-    """Product of certified parts (``||A_n ... A_1|| <= prod ||A_i||``, submultiplicativity)."""
-    mods = _flatten_seq(seq)
+def _folded_parts(mods: list[nn.Module], in_shape: tuple[int, ...]) -> list[_Part]:
+    """``mods`` applied in order from ``in_shape``, each with its in/out shapes, BatchNorm
+    folded into its neighbouring conv (:func:`_fold_bn`)."""
     parts: list[_Part] = []
     shape = in_shape
     for m in mods:
         out = output_shape(m, shape)
         parts.append((m, shape, out))
         shape = out
-    parts = _fold_bn(parts)
+    return _fold_bn(parts)
+
+
+def _sequential(seq: nn.Module, in_shape: tuple[int, ...], norm: str) -> tuple[float, str] | None:
+    """Product of certified parts (``||A_n ... A_1|| <= prod ||A_i||``, submultiplicativity)."""
+    parts = _folded_parts(_flatten_seq(seq), in_shape)
     total = 1.0
     hows = []
     for p, ins, outs in parts:
@@ -1512,13 +1517,7 @@ def _pointwise_conv(op: Any, in_shape: tuple[int, ...]) -> ConvSpec | None:
     mods = _flatten_seq(op) if isinstance(op, nn.Sequential) else [op]
     if len(mods) > 2 or not any(isinstance(m, nn.modules.conv._ConvNd) for m in mods):
         return None
-    parts: list[_Part] = []
-    shape = in_shape
-    for m in mods:
-        out = output_shape(m, shape)
-        parts.append((m, shape, out))
-        shape = out
-    folded = _fold_bn(parts)
+    folded = _folded_parts(mods, in_shape)
     if len(folded) != 1 or not isinstance(folded[0][0], ConvSpec):
         return None
     spec = folded[0][0]
