@@ -334,27 +334,28 @@ def test_telescoped_bound_covers_every_realised_jacobian_and_ratio(
     assert bool((real <= tel * (1 + 1e-9) + 1e-12).all()), (real, tel)
 
 
+def _check_vit_upper(*, depth: int, radius: float, low: float, high: float) -> None:
+    """On the untrained TinyViT of ``depth`` blocks and 3 random images: ``low ||J(x)|| <=
+    upper <= high ||J(x)||`` for the l2 local bound at ``radius``."""
+    vit = tiny_vit(seed=0, depth=depth).eval()
+    x = torch.rand(3, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    res = lipbound.local_bound(vit, x, radius, options=NOCAP, lower=False)
+    exact = _opnorm(_jac(vit, x), "2")
+    for u, e in zip(res.upper, exact.tolist()):
+        assert e * low <= u <= high * e
+
+
 def test_regression_vit_local_bound_tends_to_jacobian_norm() -> None:
     """1-block TinyViT (8x8 digits-sized, untrained): at l2 radius 1e-4 the certified upper is
     within 5% of ||J(x)|| (1.008 now; the interval secant Jacobian alone gave 3.6 times
     ||J(x)||: its width compounds through |W| and the attention's products, diagnosis in
     lipbound.local.telescope)."""
-    vit = tiny_vit(seed=0, depth=1).eval()
-    x = torch.rand(3, 1, 8, 8, generator=torch.Generator().manual_seed(0))
-    res = lipbound.local_bound(vit, x, 1e-4, options=NOCAP, lower=False)
-    exact = _opnorm(_jac(vit, x), "2")
-    for u, e in zip(res.upper, exact.tolist()):
-        assert e * (1 - 1e-9) <= u <= 1.05 * e
+    _check_vit_upper(depth=1, radius=1e-4, low=1 - 1e-9, high=1.05)
 
 
 def test_regression_vit_local_bound_at_radius_1e_3_is_within_twice_the_jacobian_norm() -> None:
     """The same TinyViT at radius 1e-3: upper <= 2 ||J(x)|| (was 34 times; now 1.26)."""
-    vit = tiny_vit(seed=0, depth=1).eval()
-    x = torch.rand(3, 1, 8, 8, generator=torch.Generator().manual_seed(0))
-    res = lipbound.local_bound(vit, x, 1e-3, options=NOCAP, lower=False)
-    exact = _opnorm(_jac(vit, x), "2")
-    for u, e in zip(res.upper, exact.tolist()):
-        assert e <= u <= 2.0 * e
+    _check_vit_upper(depth=1, radius=1e-3, low=1.0, high=2.0)
 
 
 def test_rounding_pad_is_proven_for_the_graphs_largest_tensor_and_scoped() -> None:
@@ -375,9 +376,4 @@ def test_regression_two_block_vit_local_bound_tends_to_jacobian_norm() -> None:
     """2-block TinyViT (untrained) at l2 radius 1e-5: upper <= 1.1 ||J(x)|| (1.05 now; it was
     275 times: the 2^-30 rounding pads and the ball's widths were both amplified by the
     interval wrapping of two blocks, see lipbound.local.interval and .telescope)."""
-    vit = tiny_vit(seed=0, depth=2).eval()
-    x = torch.rand(3, 1, 8, 8, generator=torch.Generator().manual_seed(0))
-    res = lipbound.local_bound(vit, x, 1e-5, options=NOCAP, lower=False)
-    exact = _opnorm(_jac(vit, x), "2")
-    for u, e in zip(res.upper, exact.tolist()):
-        assert e * (1 - 1e-9) <= u <= 1.1 * e
+    _check_vit_upper(depth=2, radius=1e-5, low=1 - 1e-9, high=1.1)
