@@ -14,11 +14,15 @@ layers only (``train`` only what :data:`ALLOWED_EXTRA` lists). The declared orde
 - ``rules``: the registry and the per-op rules;
 - ``graph``: capture, simplify and the sequential chain, which consult the rules registry while
   tracing (leaf modules, rule keys, classification), so they sit ABOVE ``rules``;
-- ``methods``: the bounds; inside it the private helpers (``_pairs``, ``_schur``, ``_chain``),
+- ``analysis``: :class:`lipbound.analysis.Analysis`, the model captured and simplified once,
+  its per-node constants (``analysis.constants``: the one place rules are asked), the
+  sequential segments and the dense chain (``analysis.chains``);
+- ``methods``: the bounds; inside it the private helpers (``_pairs``, ``_schur``),
   then ``autolip`` (the composition others build on), then the other methods, which do not
   import each other;
-- ``report`` (``estimate``) beside ``train``; ``train`` uses only ``spectral``, ``graph.model``,
-  ``rules``, ``graph`` and ``base``: not the pair maths of ``methods._pairs`` (it needs none);
+- ``report`` (``bound``) beside ``train``; ``train`` uses only ``spectral``, ``graph.model``,
+  ``rules``, ``graph``, ``analysis`` and ``base``: not the pair maths of ``methods._pairs``
+  (it needs none);
 - ``functional`` and ``zoo``, then the package ``__init__``, ``testing``, and ``cli`` (with its
   loader ``_io``) at the top.
 
@@ -52,6 +56,7 @@ LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("rules", ("lipbound.rules",)),
     ("graph", ("lipbound.graph",)),
     ("local", ("lipbound.local",)),  # interval bounds / local rules (issue #18)
+    ("analysis", ("lipbound.analysis",)),  # the graph analysed once: constants, chains
     ("methods", ("lipbound.methods",)),
     ("report", ("lipbound.report",)),
     ("train", ("lipbound.train",)),
@@ -63,15 +68,15 @@ LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
 )
 # units whose imports are restricted to a list instead of "every lower layer"
 ALLOWED_EXTRA: dict[str, frozenset[str]] = {
-    "train": frozenset({"base", "spectral", "graph.model", "rules", "graph"}),
-    "report": frozenset({"base", "spectral", "graph.model", "rules", "graph", "methods"}),
+    "train": frozenset({"base", "spectral", "graph.model", "rules", "graph", "analysis"}),
+    "report": frozenset({"base", "spectral", "graph.model", "rules", "graph", "analysis",
+                         "methods"}),
 }
 # inside methods: rank of each module (a module may import strictly lower ranks only)
 METHODS_RANK: dict[str, int] = {
     "lipbound.methods": 0,
     "lipbound.methods._pairs": 0,
     "lipbound.methods._schur": 0,
-    "lipbound.methods._chain": 0,
     "lipbound.methods.autolip": 1,
 }
 METHODS_TOP = 2  # every other module of lipbound.methods

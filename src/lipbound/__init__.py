@@ -3,7 +3,8 @@ networks (AutoLip, SeqLip, exact, LipSDP), operator norms through autodiff, and 
 regularisation of training.
 
 Public entry points all take ``(model, input_shape, ...)``, ``input_shape`` being the shape of
-ONE sample without the batch dimension; options come after ``*``.
+ONE sample without the batch dimension; options come after ``*``. ``model`` may also be a
+:class:`~lipbound.analysis.Analysis` (the model captured once; ``input_shape`` then omitted).
 
 Attributes are imported lazily so ``import lipbound`` stays cheap.
 """
@@ -45,6 +46,7 @@ _LAZY: dict[str, str] = {
     "spectral_norm": "lipbound.spectral",
     "top_singular": "lipbound.spectral",
     "certified_upper": "lipbound.spectral",
+    "Analysis": "lipbound.analysis",
     "autolip": "lipbound.methods.autolip",
     "seqlip": "lipbound.methods.seqlip",
     "lower_bound": "lipbound.methods.lower",
@@ -105,6 +107,7 @@ def __dir__() -> list[str]:
 
 
 if TYPE_CHECKING:  # pragma: no cover
+    from .analysis import Analysis as Analysis
     from .graph import capture as capture
     from .graph import sequential_chain as sequential_chain
     from .graph import simplify as simplify

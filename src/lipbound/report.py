@@ -36,8 +36,9 @@ from typing import Any
 from torch import nn
 
 from ._progress import Progress, ProgressArg, _Reporter, make_progress
-from ._validation import check_input_shape, check_model, check_norm
+from ._validation import check_norm
 from ._version import __version__
+from .analysis import Analysis, analysis_of
 from .errors import (
     InvalidArgumentError,
     MissingDependencyError,
@@ -402,8 +403,8 @@ def _check_options(name: str, fn: Callable[..., Any], options: Mapping[str, Any]
 
 
 def bound(
-    model: nn.Module,
-    input_shape: Sequence[int] | int,
+    model: nn.Module | Analysis,
+    input_shape: Sequence[int] | int | None = None,
     *,
     methods: Iterable[str] = ("lower", "autolip", "seqlip"),
     data: Any = None,
@@ -457,8 +458,8 @@ def bound(
     contradicted the rule that an "estimate" is a number without a proof.)
     """
     t0 = time.perf_counter()
-    model = check_model(model, require_eval=True)
-    shape = check_input_shape(input_shape)
+    an, _ = analysis_of(model, input_shape)  # captured once (on first use), for every method
+    model, shape = an.model, an.input_shape
     p = check_norm(norm)
     names = (methods,) if isinstance(methods, str) else tuple(methods)
     if not names:
@@ -505,7 +506,7 @@ def bound(
     reporter = make_progress(progress)
     try:
         for i, name in enumerate(names):
-            err = _run_one(name, fns[name], names[i:], model, shape, p, data, deadline,
+            err = _run_one(name, fns[name], names[i:], an, p, data, deadline,
                            reporter, dict(method_options.get(name, {})), runs, recoverable)
             if first_upper_error is None and name in _UPPER_METHODS and err is not None:
                 first_upper_error = err
@@ -529,8 +530,8 @@ def _budget_weight(name: str) -> float:
 
 
 def _run_one(
-    name: str, fn: Callable[..., LipschitzResult], todo: Sequence[str], model: nn.Module,
-    shape: tuple[int, ...], p: str, data: Any, deadline: float, reporter: _Reporter,
+    name: str, fn: Callable[..., LipschitzResult], todo: Sequence[str], an: Analysis,
+    p: str, data: Any, deadline: float, reporter: _Reporter,
     kwargs: dict[str, Any], runs: list[MethodRun], recoverable: tuple[type[BaseException], ...],
 ) -> BaseException | None:
     """Run one method of :func:`bound`; append its :class:`MethodRun` to ``runs`` and
@@ -563,7 +564,7 @@ def _run_one(
         kwargs["time_limit"] = left * w / sum(_budget_weight(n) for n in todo) / 1.1
     reporter(f"{name}", 0.0)
     try:
-        result = fn(model, shape, **kwargs)
+        result = fn(an, an.input_shape, **kwargs)
     except recoverable as e:
         runs.append(MethodRun(name=name, result=None, error=str(e),
                               error_type=type(e).__name__,

@@ -26,236 +26,45 @@ factors of a sequential segment (first linear node: the segment's bound, the oth
 
 from __future__ import annotations
 
-import itertools
 import math
 import time
-import weakref
 from collections.abc import Mapping
 from dataclasses import replace
 from typing import Any
 
-import torch
 from torch import nn
 
-from .._validation import check_input_shape, check_model, check_norm, check_positive
-from ..errors import SolverError, UnsupportedModelError, UnsupportedNode
-from ..graph import OpGraph, capture, simplify
-from ..graph.types import Node
+from .._validation import check_norm, check_positive
+from ..analysis import Analysis, analysis_of, clear_cache, node_constants
+from ..graph import OpGraph
 from ..results import LayerBound, LipschitzResult
-from ..rules import NodeConstant, RuleContext, get_rule, registered_keys
-from ..rules.linear import l1_linf_available
-from ..spectral import shared_casts
+from ..rules import NodeConstant
 
 __all__ = [
     "NodeConstant", "autolip", "clear_cache", "compose", "elasticities", "graph_constants",
     "node_bounds", "node_constants",
 ]
 
-#: Power iterations / relative tolerance of the quick estimates used past a deadline.
-QUICK_ITER = 10
-QUICK_TOL = 1e-2
 #: Share of a time limit the quick estimates may run past it before the call gives up.
 GRACE = 0.05
 
 
-def _covered_nodes(graph: OpGraph, n: str) -> list[Node]:
-    """The operation nodes of ``graph``, or ONE :class:`UnsupportedModelError` listing every node
-    without an l``n`` rule."""
-    bad: list[UnsupportedNode] = []
-    todo = []
-    for node in graph:
-        if node.kind in ("input", "output"):
-            continue
-        reason = node.unsupported
-        rule = node.rule
-        if reason is None and rule is None:
-            reason = "no rule attached (was the graph built by lipbound.graph.capture?)"
-        if reason is None and rule is not None and n not in rule.norms:
-            reason = f"its rule has no l{n} constant (only {', '.join(rule.norms)})"
-        if reason is None and n != "2" and node.kind == "linear":
-            reason = l1_linf_available(node)
-        if reason is not None:
-            bad.append(UnsupportedNode(node.qualname, node.op, reason))
-        else:
-            todo.append(node)
-    if bad:
-        raise UnsupportedModelError(bad)
-    return todo
-
-
-def node_constants(
-    graph: OpGraph,
-    *,
-    norm: Any = "2",
-    tol: float = 1e-6,
-    max_iter: int = 1000,
-    certify: bool = True,
-    deadline: float | None = None,
-    grace: float = 0.0,
-    done: dict[str, NodeConstant] | None = None,
-) -> dict[str, NodeConstant]:
-    """Per-node constants (w.r.t. each input) of every operation node of ``graph``.
-
-    Keys are node names (``input``/``output`` nodes have none). Every node without a rule for
-    ``norm`` is collected over the whole graph and reported in ONE
-    :class:`~lipbound.errors.UnsupportedModelError`.
-
-    ``deadline`` (absolute ``time.perf_counter()``): the clock is checked before each node (a
-    rule, once started, runs to its end; a node is predicted to take as long as the last one
-    with the same op and shapes, else as the slowest linear node so far); every node that
-    would end past it gets the QUICK estimate
-    instead: the rule with ``certify=False``, at most :data:`QUICK_ITER` power iterations to a
-    relative tolerance :data:`QUICK_TOL` (closed-form rules, BatchNorm and activations stay
-    certified, they cost nothing). Such factors have ``certified=False`` and ``how`` starting
-    with ``"time limit: "``; the composed value is then an estimate. A linear node still to
-    do at ``deadline + grace`` raises :class:`~lipbound.errors.SolverError` naming
-    ``time_limit``.
-
-    ``done``: constants already computed for the nodes of this very graph, with these options
-    (used as they are); every constant computed in full is added to it as soon as it is known,
-    so a caller keeps that work when the call stops on the deadline.
-
-    >>> import torch
-    >>> from torch import nn
-    >>> from lipbound.graph import capture, simplify
-    >>> g = simplify(capture(nn.Sequential(nn.Linear(3, 3), nn.Sigmoid()), (3,)))
-    >>> round(node_constants(g)["_1"].constants[0], 6)  # 1/4, rounded up by the float margin
-    0.25
-    """
-    n = check_norm(norm, method="autolip")
-    ctx = RuleContext(norm=n, tol=float(tol), max_iter=int(max_iter), certify=bool(certify))
-    todo = _covered_nodes(graph, n)
-    bad: list[UnsupportedNode] = []
-    out: dict[str, NodeConstant] = {}
-    if done is None:
-        done = {}
-    quick = replace(ctx, certify=False, tol=max(ctx.tol, QUICK_TOL),
-                    max_iter=min(ctx.max_iter, QUICK_ITER))
-    seen: dict[tuple[Any, ...], float] = {}  # seconds of the last node of each signature
-    slowest = 0.0  # seconds of the slowest linear node so far
-    start = time.perf_counter()
-    for i, node in enumerate(todo):
-        if node.name in done:
-            out[node.name] = done[node.name]
-            continue
-        t0 = time.perf_counter()
-        sig = (node.op, node.in_shapes, node.out_shape)
-        # a node is started only when it is predicted to end in time: as long as the last node
-        # with the same op and shapes (repeated blocks), else as the slowest linear node so far
-        guess = seen.get(sig, slowest if node.kind == "linear" else 0.0)
-        late = deadline is not None and t0 + guess >= deadline
-        if late and deadline is not None and t0 >= deadline + grace and node.kind == "linear":
-            left = sum(n.name not in done for n in todo[i:])
-            raise SolverError(
-                f"time limit reached: {left} of {len(todo)} nodes still had no constant "
-                f"{t0 - start:.3g} s into the AutoLip constants (not even quick estimates fit); "
-                "raise time_limit or leave it None (the constants computed so far are kept for "
-                "the next call on this model)"
-            )
-        try:
-            with shared_casts():  # the node's parameters are cast to float64 once
-                c = node.rule.constant(node, quick if late else ctx)
-        except UnsupportedModelError as exc:
-            bad.extend(exc.nodes)
-            continue
-        if not late:
-            seen[sig] = time.perf_counter() - t0
-            if node.kind == "linear":
-                slowest = max(slowest, seen[sig])
-        if late and not c.certified:
-            c = replace(c, how="time limit: " + c.how)
-        if len(c.constants) != len(node.inputs):
-            c = replace(c, constants=(c.value,) * len(node.inputs))
-        out[node.name] = replace(
-            c,
-            name=node.name,
-            qualname=node.qualname,
-            op=node.op,
-            seconds=time.perf_counter() - t0,
-            slope_range=c.slope_range if c.slope_range is not None else node.slope_range,
-        )
-        if not late:
-            done[node.name] = out[node.name]
-    if bad:
-        raise UnsupportedModelError(bad)
-    return out
-
-
-# the last (graph, constants) computed, reused by the next call on the same unchanged model
-# with the same options (estimate() runs autolip then seqlip: one capture, one set of
-# certificates): (model weak reference, (options, fingerprint), graph, constants computed in
-# full so far: all of them unless a deadline cut the call)
-_LAST: list[tuple[Any, tuple[Any, ...], OpGraph, dict[str, NodeConstant]]] = []
-
-
-def _fingerprint(model: nn.Module) -> tuple[Any, ...]:
-    """Everything the captured graph and its constants depend on that can change between
-    calls: the module structure and hyper-parameters (``repr``), every parameter / buffer
-    (identity, storage, in-place version counter, shape, dtype, device), each module's mode,
-    hooks and instance attributes (see :func:`_attr_state`), and the registered rules.
-    Not tracked: state outside the modules (globals) that ``forward`` reads."""
-    tensors = tuple(
-        (name, id(t), t.data_ptr(), t._version, tuple(t.shape), t.dtype, t.device)
-        for name, t in itertools.chain(model.named_parameters(remove_duplicate=False),
-                                       model.named_buffers(remove_duplicate=False))
-        if t is not None
-    )
-    mods = tuple(
-        (id(m), type(m), m.training, len(m._forward_hooks), len(m._forward_pre_hooks),
-         tuple(_attr_state(v) for v in m.__dict__.items()))
-        for m in model.modules()
-    )
-    rules = tuple((repr(k), id(get_rule(k))) for k in registered_keys())
-    return repr(model), tensors, mods, rules
-
-
-def _attr_state(item: tuple[str, Any]) -> tuple[str, Any]:
-    """A comparable snapshot of one instance attribute of a module (``forward`` overrides,
-    scalars a custom ``forward`` may read, plain tensor attributes, lists...)."""
-    k, v = item
-    if k in ("_parameters", "_buffers", "_modules") or k.endswith("_hooks"):
-        return k, None  # tracked above
-    if isinstance(v, torch.Tensor):
-        return k, (id(v), v.data_ptr(), v._version, tuple(v.shape), v.dtype)
-    if v is None or isinstance(v, (bool, int, float, complex, str, bytes)):
-        return k, v
-    if isinstance(v, (tuple, list, dict, set, frozenset)):
-        return k, (type(v), repr(v))
-    return k, (type(v), id(v))
-
-
-def clear_cache() -> None:
-    """Forget the graph and constants kept by :func:`graph_constants` (e.g. after changing
-    state a model's ``forward`` reads from outside its modules, which is not tracked)."""
-    _LAST.clear()
-
-
 def graph_constants(
-    model: nn.Module, shape: tuple[int, ...], *, norm: str, tol: float, max_iter: int,
+    model: nn.Module | Analysis, shape: Any, *, norm: str, tol: float, max_iter: int,
     certify: bool = True, deadline: float | None = None, grace: float = 0.0,
 ) -> tuple[OpGraph, dict[str, NodeConstant], bool]:
-    """``(graph, node_constants(graph), reused)`` for ``simplify(capture(model, shape))``.
-
-    The graph and every constant computed in full are kept (one model, by weak reference) and
-    used again (``reused=True``) when the model, its parameters and buffers (storage and
-    in-place version counters), modes, hooks, the registered rules, ``shape`` and the options
-    are all unchanged; anything else recomputes (:func:`clear_cache` forgets it). After a
-    call cut by its deadline (quick estimates, or the :class:`~lipbound.errors.SolverError` of
-    :func:`node_constants`) the next call computes only the constants still missing.
-    ``deadline`` and ``grace`` are passed to :func:`node_constants`.
+    """``(graph, constants, reused)``: the simplified graph of ``model`` at ``shape`` and its
+    per-node constants, through its :class:`~lipbound.analysis.Analysis`
+    (:func:`~lipbound.analysis.analysis_of`: an analysis given as ``model``, or the one of the
+    previous call on the same unchanged model). ``reused`` is True when that analysis already
+    had constants for these options (all of them, or those a deadline left: the rest are
+    computed now). ``deadline`` and ``grace`` are :func:`~lipbound.analysis.node_constants`'.
     """
-    key = (shape, norm, float(tol), int(max_iter), bool(certify))
-    fp = _fingerprint(model)
-    if _LAST and _LAST[0][0]() is model and _LAST[0][1] == (key, fp):
-        _, _, graph, done = _LAST[0]
-        reused = True
-    else:
-        _LAST.clear()
-        graph, done, reused = simplify(capture(model, shape)), {}, False
-        _LAST.append((weakref.ref(model), (key, fp), graph, done))
-    consts = node_constants(graph, norm=norm, tol=tol, max_iter=max_iter, certify=certify,
-                            deadline=deadline, grace=grace, done=done)
-    return graph, consts, reused
+    an, _ = analysis_of(model, shape)
+    reused = an.has_constants(norm=norm, tol=tol, max_iter=max_iter, certify=certify)
+    consts = an.constants(norm=norm, tol=tol, max_iter=max_iter, certify=certify,
+                          deadline=deadline, grace=grace)
+    return an.graph, consts, reused
 
 
 def node_bounds(graph: OpGraph, constants: Mapping[str, NodeConstant]) -> dict[str, float]:
@@ -319,8 +128,8 @@ def elasticities(graph: OpGraph, constants: Mapping[str, NodeConstant]) -> dict[
 
 
 def autolip(
-    model: nn.Module,
-    input_shape: Any,
+    model: nn.Module | Analysis,
+    input_shape: Any = None,
     *,
     norm: Any = 2,
     tol: float = 1e-6,
@@ -351,8 +160,10 @@ def autolip(
     even those do not fit in 5% more, :class:`~lipbound.errors.SolverError` names
     ``time_limit`` (the constants computed are kept: the next call on the same model goes on
     from there).
-    ``extra["reused"]`` says whether the graph and constants of the previous call on the same
-    unchanged model were reused (:func:`graph_constants`).
+    ``extra["reused"]`` says whether the constants were already in the model's
+    :class:`~lipbound.analysis.Analysis` (given as ``model``, or the previous call's on the same
+    unchanged model; :func:`graph_constants`). ``model`` may be an
+    :class:`~lipbound.analysis.Analysis` (``input_shape`` then omitted).
 
     >>> import torch
     >>> from torch import nn
@@ -368,8 +179,7 @@ def autolip(
     True
     """
     t0 = time.perf_counter()
-    model = check_model(model, require_eval=True)
-    shape = check_input_shape(input_shape)
+    an, _ = analysis_of(model, input_shape)
     n = check_norm(norm, method="autolip")
     check_positive("tol", tol)
     check_positive("max_iter", max_iter, integer=True)
@@ -377,7 +187,7 @@ def autolip(
         check_positive("time_limit", time_limit)
     deadline = None if time_limit is None else t0 + float(time_limit)
     graph, constants, reused = graph_constants(
-        model, shape, norm=n, tol=tol, max_iter=max_iter, certify=certify, deadline=deadline,
+        an, None, norm=n, tol=tol, max_iter=max_iter, certify=certify, deadline=deadline,
         grace=0.0 if time_limit is None else GRACE * float(time_limit),
     )
     bounds = node_bounds(graph, constants)

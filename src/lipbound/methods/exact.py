@@ -98,10 +98,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from .._validation import check_input_shape, check_model, check_norm, check_positive
+from .._validation import check_norm, check_positive
+from ..analysis import Analysis, analysis_of
 from ..errors import NonFiniteError, UnsupportedModelError, UnsupportedNode
 from ..results import ExactResult, Witness
-from ._chain import dense_chain
 
 __all__ = [
     "ExactResult",
@@ -191,17 +191,19 @@ def _activation_slopes(fn: Any, where: str) -> tuple[float, float]:
 
 
 def piecewise_linear_chain(
-    model: nn.Module, input_shape: Sequence[int] | int
+    model: nn.Module | Analysis, input_shape: Sequence[int] | int | None = None
 ) -> PiecewiseLinearChain:
     """Dense float64 chain of ``model`` (ReLU / leaky-ReLU activations only).
 
-    Uses ``lipbound.graph`` (``capture`` -> ``simplify`` -> ``sequential_chain``), so
-    ``F.relu`` models, convolutions (as dense matrices) and merged layers work. Raises
+    Read from the model's :class:`~lipbound.analysis.Analysis` (its float64
+    :meth:`~lipbound.analysis.Analysis.dense_chain`: ``capture`` -> ``simplify`` ->
+    ``sequential_chain``), so ``F.relu`` models, convolutions (as dense matrices) and merged
+    layers work. Raises
     :class:`NotSequentialError` for other graphs and :class:`UnsupportedModelError` for
     non-piecewise-linear activations.
     """
-    shape = check_input_shape(input_shape)
-    Ws, bs, acts, names = dense_chain(model, shape)
+    an, _ = analysis_of(model, input_shape)
+    Ws, bs, acts, names = an.dense_chain()
     slopes: list[tuple[float, float]] = []
     for name, a in acts:
         fn = a.fn if hasattr(a, "fn") and not isinstance(a, nn.Module) else a
@@ -1039,8 +1041,8 @@ def _autograd_norm(
 
 
 def exact(
-    model: nn.Module,
-    input_shape: Sequence[int] | int,
+    model: nn.Module | Analysis,
+    input_shape: Sequence[int] | int | None = None,
     *,
     norm: int | float | str = 2,
     time_limit: float = 60.0,
@@ -1072,15 +1074,15 @@ def exact(
     ``lps_solved``, ``witness``).
     """
     t0 = time.perf_counter()
-    model = check_model(model, require_eval=True)
-    shape = check_input_shape(input_shape)
+    an, _ = analysis_of(model, input_shape)
+    model, shape = an.model, an.input_shape
     nrm = check_norm(norm, method="exact")
     check_positive("time_limit", time_limit)
     check_positive("region_tol", region_tol)
     check_positive("n_samples", n_samples, integer=True)
     check_positive("enum_limit", enum_limit, integer=True, allow_zero=True)
     check_positive("pair_enum_limit", pair_enum_limit, integer=True, allow_zero=True)
-    ch, scale_exp = normalise_chain(piecewise_linear_chain(model, shape))
+    ch, scale_exp = normalise_chain(piecewise_linear_chain(an))
     out = _branch_and_bound(
         ch,
         nrm,

@@ -87,11 +87,10 @@ from torch import nn
 from .._progress import ProgressArg, make_progress
 from .._validation import (
     check_choice,
-    check_input_shape,
-    check_model,
     check_norm,
     check_positive,
 )
+from ..analysis import Analysis, analysis_of
 from ..errors import InvalidArgumentError, LipboundError, NonFiniteError, ShapeError
 from ..results import LowerBoundResult, Witness
 
@@ -861,8 +860,8 @@ _TORCH_FAILURES = (RuntimeError, NotImplementedError, TypeError, ValueError, Ind
 
 
 def lower_bound(
-    model: nn.Module,
-    input_shape: Sequence[int] | int,
+    model: nn.Module | Analysis,
+    input_shape: Sequence[int] | int | None = None,
     *,
     data: Any = None,
     norm: Any = 2,
@@ -937,8 +936,8 @@ def lower_bound(
         others go on and a note says so.
     """
     t_start = time.perf_counter()
-    model = check_model(model, require_eval=True)
-    shape = check_input_shape(input_shape)
+    an, _ = analysis_of(model, input_shape)  # no capture: the search needs only the model
+    model, shape = an.model, an.input_shape
     p = check_norm(norm, method="lower_bound")
     methods = tuple(methods)
     if not methods:

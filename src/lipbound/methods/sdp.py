@@ -83,7 +83,8 @@ import numpy as np
 from torch import nn
 
 from .._progress import flop_rate
-from .._validation import check_choice, check_input_shape, check_model, check_positive
+from .._validation import check_choice, check_positive
+from ..analysis import Analysis, analysis_of, constant_segments, linear_matrix
 from ..errors import (
     InvalidArgumentError,
     MissingDependencyError,
@@ -92,10 +93,9 @@ from ..errors import (
     UnsupportedModelError,
     UnsupportedNode,
 )
-from ..graph import capture, sequential_chain, simplify
+from ..graph import sequential_chain
 from ..results import LayerBound, SDPResult
 from ..spectral.certify import round_up
-from ._chain import constant_segments, linear_matrix
 from ._schur import solve_schur
 from .autolip import GRACE, compose, graph_constants
 
@@ -139,13 +139,12 @@ def _slope_range(name: str, act: Any) -> tuple[float, float]:
 
 
 def slope_ranges_of(
-    model: nn.Module, input_shape: Sequence[int] | int
+    model: nn.Module | Analysis, input_shape: Sequence[int] | int | None = None
 ) -> tuple[list[np.ndarray], list[tuple[float, float]]]:
-    """Dense float64 weights ``[W_1..W_K]`` and slope ranges ``[(a_i, b_i)]`` of an MLP."""
-    from ._chain import dense_chain
-
-    shape = check_input_shape(input_shape)
-    Ws, _, acts, _ = dense_chain(model, shape)
+    """Dense float64 weights ``[W_1..W_K]`` and slope ranges ``[(a_i, b_i)]`` of an MLP
+    (:meth:`lipbound.analysis.Analysis.dense_chain`)."""
+    an, _ = analysis_of(model, input_shape)
+    Ws, _, acts, _ = an.dense_chain()
     return Ws, [_slope_range(name, a) for name, a in acts]
 
 
@@ -365,8 +364,8 @@ def _solve(
 
 
 def lipsdp(
-    model: nn.Module,
-    input_shape: Sequence[int] | int,
+    model: nn.Module | Analysis,
+    input_shape: Sequence[int] | int | None = None,
     *,
     variant: str = "neuron",
     solver: str = "auto",
@@ -420,8 +419,8 @@ def lipsdp(
     solvers or ``variant="layer"``.
     """
     t0 = time.perf_counter()
-    model = check_model(model, require_eval=True)
-    shape = check_input_shape(input_shape)
+    model, _ = analysis_of(model, input_shape)
+    shape = model.input_shape
     check_choice("variant", variant, ("neuron", "layer", "fast"))
     check_choice("solver", solver, ("auto", "schur", "SCS", "CLARABEL", "CVXOPT"))
     check_positive("margin", margin, allow_zero=True)
@@ -581,10 +580,10 @@ def lipsdp(
     )
 
 
-def _chain_sizes(model: nn.Module, shape: tuple[int, ...], max_entries: int) -> list[int]:
+def _chain_sizes(model: Analysis, shape: tuple[int, ...], max_entries: int) -> list[int]:
     """Widths of the chain's layers (input, hidden..., output) from the captured graph, without
     building a dense matrix; refuses chains whose dense weights exceed ``max_entries``."""
-    chain = sequential_chain(simplify(capture(model, shape)))
+    chain = sequential_chain(analysis_of(model, shape)[0].graph)
     lin = [nd for nd in chain if nd.kind == "linear"]
     if not lin:
         return []
@@ -603,7 +602,7 @@ def _chain_sizes(model: nn.Module, shape: tuple[int, ...], max_entries: int) -> 
 
 
 def _lipsdp_schur(
-    model: nn.Module,
+    model: nn.Module | Analysis,
     shape: tuple[int, ...],
     time_limit: float | None,
     options: dict[str, Any],
@@ -704,7 +703,7 @@ def _cost_cube(run: list[Any]) -> float:
 
 
 def _lipsdp_composed(
-    model: nn.Module,
+    model: nn.Module | Analysis,
     shape: tuple[int, ...],
     variant: str,
     time_limit: float | None,

@@ -79,12 +79,13 @@ import torch
 from torch import nn
 
 from .._progress import ProgressArg, flop_rate, make_progress
-from .._validation import check_choice, check_input_shape, check_model, check_norm, check_positive
+from .._validation import check_choice, check_norm, check_positive
+from ..analysis import Analysis, analysis_of, find_segments
 from ..errors import InvalidArgumentError, ZeroOperatorError
 from ..graph.modules import eval_weight
 from ..results import LayerBound, SeqLipResult
+from ..spectral import top_singular
 from ..spectral.certify import pow2_split
-from ._chain import constant_segments, find_segments
 from ._pairs import (
     ROUNDING_MARGIN,
     pair_certified,
@@ -314,19 +315,19 @@ def _certified_pair(
 
 
 def _solve_pair(
-    name: str, L: torch.Tensor, R: torch.Tensor, slopes: tuple[float, float], *, mode: str,
-    max_exact_width: int, deadline: float | None, k: int, restarts: int, seed: int,
-    L_sorted: bool = False, R_sorted: bool = False,
+    name: str, L: torch.Tensor, R: torch.Tensor, slopes: tuple[float, float], *, o: _Options,
+    deadline: float | None, L_sorted: bool = False, R_sorted: bool = False,
 ) -> _Pair:
     """One pair within ``deadline`` (absolute ``time.perf_counter()``; ``None`` in ``"exact"``
     mode: exact means exact). Every part stops at its share of the time, and what it returns
     stays valid: branch and bound gives its certified interval, greedy its best realised
     pattern, the relaxations their smallest evaluated bound."""
     t0 = time.perf_counter()
+    mode, k = o.mode, o.k
     n = L.shape[1]
     norms = None
     span = 0.0 if deadline is None else max(deadline - t0, 0.0)
-    if mode == "exact" or (mode == "auto" and n <= max_exact_width):
+    if mode == "exact" or (mode == "auto" and n <= o.max_exact_width):
         pb = pair_exact(L, R, slopes=slopes,
                         deadline=None if mode == "exact" or deadline is None
                         else t0 + 0.8 * span)
@@ -338,7 +339,7 @@ def _solve_pair(
     # value); the pattern found is then evaluated on the full pair (a realised value)
     Lk = L[:k] if L_sorted else _top_rows(L, k)
     Rk = R[:, :k] if R_sorted else _top_rows(R.T, k).T
-    g = pair_greedy(Lk, Rk, slopes=slopes, restarts=restarts, seed=seed,
+    g = pair_greedy(Lk, Rk, slopes=slopes, restarts=o.restarts, seed=o.seed,
                     deadline=None if deadline is None else t0 + 0.4 * span)
     lower = pair_value(L, R, g.pattern, slopes=slopes)
     up = _certified_pair(L, R, slopes, norms=norms, deadline=deadline)
@@ -433,9 +434,9 @@ def _dp_blocks(
     return best[K], how[K]
 
 
-def seqlip(
-    model: nn.Module,
-    input_shape: Any,
+def seqlip(  # noqa: PLR0913 - the public entry point: one keyword option per knob
+    model: nn.Module | Analysis,
+    input_shape: Any = None,
     *,
     mode: str = "auto",
     norm: Any = 2,
@@ -491,8 +492,7 @@ def seqlip(
     True
     """
     t_start = time.perf_counter()
-    model = check_model(model, require_eval=True)
-    shape = check_input_shape(input_shape)
+    an, _ = analysis_of(model, input_shape)
     nrm = check_norm(norm, allowed=("2",), method="seqlip")
     check_choice("mode", mode, ("auto", "exact", "greedy"))
     check_positive("k", k, integer=True)
@@ -503,298 +503,358 @@ def seqlip(
     check_positive("restarts", restarts, integer=True, allow_zero=True)
     report = make_progress(progress)
     try:
-        return _seqlip(model, shape, nrm, mode, k, max_exact_width, time_limit, dense_limit,
-                       restarts, seed, tol, max_iter, report, t_start)
+        opts = _Options(mode=mode, k=k, max_exact_width=max_exact_width, dense_limit=dense_limit,
+                        restarts=restarts, seed=seed, tol=tol, max_iter=max_iter)
+        return _seqlip(an, nrm, time_limit, opts, report, t_start)
     finally:
         report.close()
 
 
+@dataclass(frozen=True)
+class _Options:
+    """The pair options of one :func:`seqlip` call."""
+
+    mode: str
+    k: int
+    max_exact_width: int
+    dense_limit: int
+    restarts: int
+    seed: int
+    tol: float
+    max_iter: int
+
+
+@dataclass
+class _Work:
+    """What a segment's pairs and two-layer blocks produced (see :func:`_segment`)."""
+
+    pairs: list[_Pair]
+    blocks: list[float | None]
+    estimate: float  # the product of the pair values (the paper's SeqLip estimate)
+    skipped: int = 0  # pairs left to AutoLip's factors by the time limit
+    too_big: int = 0  # conv blocks whose symbols exceed CONV_PAIR_BYTES
+    svd_chain: float | None = None  # product of the certified pair factors, when all exist
+
+
+@dataclass
+class _Segment:
+    """One segment's outcome: its certified factor and estimates, and its table rows."""
+
+    upper: float
+    estimate: float  # min(estimate of the pairs, upper)
+    raw: float  # estimate of the pairs, uncapped
+    truncated: float  # greedy values of the top-k truncated pairs (the paper's number)
+    exact: bool
+    work: _Work
+    rows: list[LayerBound]
+
+
 def _seqlip(
-    model: nn.Module, shape: tuple[int, ...], nrm: str, mode: str, k: int,
-    max_exact_width: int, time_limit: float | None, dense_limit: int, restarts: int,
-    seed: int, tol: float, max_iter: int, report: Any, t_start: float,
+    an: Analysis, nrm: str, time_limit: float | None, o: _Options, report: Any, t_start: float,
 ) -> SeqLipResult:
+    """validate (widths for ``mode="exact"``) -> build (AutoLip's constants, the segments) ->
+    solve (each segment, :func:`_segment`) -> assemble (:func:`_assemble`)."""
     report("capture + autolip constants", 0.0)
     # a given time_limit is shared with the AutoLip constants; the default one (sized from the
     # segments) is for the pairs: the constants, SeqLip's certified floor, get up to its cap
     deadline0 = t_start + (_DEFAULT_CAP if time_limit is None else float(time_limit))
     graph, consts, reused = graph_constants(
-        model, shape, norm=nrm, tol=tol, max_iter=max_iter, deadline=deadline0,
+        an, None, norm=nrm, tol=o.tol, max_iter=o.max_iter, deadline=deadline0,
         grace=GRACE * (deadline0 - t_start),
     )
-    late_nodes = [c.qualname for c in consts.values() if c.how.startswith("time limit: ")]
-    autolip_value = compose(graph, consts)
-    auto_certified = all(c.certified for c in consts.values())
-    slopes, segments = constant_segments(graph, consts)
+    slopes, segments = an.segments(consts)
+    if o.mode == "exact":
+        _check_exact_widths(segments, o.max_exact_width)
     n_units = sum(2 * (len(seg[0::2]) - 1) for seg in segments)  # pairs + two-layer blocks
-    if time_limit is None:
-        time_limit = _default_limit(segments)
-    deadline = t_start + float(time_limit)
-    clock = _Clock(deadline, n_units, report)
+    limit = _default_limit(segments) if time_limit is None else float(time_limit)
+    clock = _Clock(t_start + limit, n_units, report)
+    done = [(seg, _segment(seg, consts, slopes, clock, o)) for seg in segments]
+    late = [c.qualname for c in consts.values() if c.how.startswith("time limit: ")]
+    notes = _notes(done, clock, limit=limit, late=late, const_limit=deadline0 - t_start,
+                   reused=reused, consts=consts)
+    cut = bool(clock.late_units or any(s.work.skipped or s.work.too_big for _, s in done))
+    if o.mode == "greedy":
+        notes.append("value is the greedy SeqLip ESTIMATE; upper is the certificate")
+    elif cut or not all(s.exact for _, s in done):
+        notes.append("some pairs were not solved exactly: their certified relaxation is used")
+    return _assemble(graph, consts, done, notes, mode=o.mode, nrm=nrm, reused=reused,
+                     t_start=t_start)
 
-    if mode == "exact":
-        wide = [
-            (act.qualname, _numel(act.out_shape))
-            for seg in segments for act in seg[1::2]
-            if _numel(act.out_shape) > max_exact_width
-        ]
-        if wide:
-            raise InvalidArgumentError(
-                "mode='exact' enumerates 2^n activation patterns per layer; these layers are "
-                f"wider than max_exact_width={max_exact_width}: "
-                + ", ".join(f"{q} ({n})" for q, n in wide)
-                + ". Use mode='auto' (exact where feasible, certified bounds elsewhere) or "
-                "raise max_exact_width."
+
+def _check_exact_widths(segments: list[list[Any]], max_exact_width: int) -> None:
+    wide = [(act.qualname, _numel(act.out_shape)) for seg in segments for act in seg[1::2]
+            if _numel(act.out_shape) > max_exact_width]
+    if wide:
+        raise InvalidArgumentError(
+            "mode='exact' enumerates 2^n activation patterns per layer; these layers are "
+            f"wider than max_exact_width={max_exact_width}: "
+            + ", ".join(f"{q} ({n})" for q, n in wide)
+            + ". Use mode='auto' (exact where feasible, certified bounds elsewhere) or "
+            "raise max_exact_width."
+        )
+
+
+def _segment(
+    seg: list[Any], consts: dict[str, Any], slopes: dict[str, tuple[float, float] | None],
+    clock: _Clock, o: _Options,
+) -> _Segment:
+    """The certified factor of one segment: the smallest of AutoLip's product, the product
+    of certified pair factors (``"svd-chain"``) and the dynamic programme over two-layer
+    blocks; dense segments get the exact / greedy pairs, operator ones the top-``k`` pair
+    estimate and the Fourier two-layer blocks."""
+    ts = time.perf_counter()
+    lins, acts = seg[0::2], seg[1::2]
+    act_slopes: list[tuple[float, float]] = []
+    for a_node in acts:
+        sr = slopes[a_node.name]
+        if sr is None:  # find_segments only keeps activations with a slope range
+            raise InvalidArgumentError(f"no slope range for {a_node.qualname}")
+        act_slopes.append((float(sr[0]), float(sr[1])))
+    act_c = [consts[a.name].value for a in acts]
+    norms = [consts[n.name].value for n in lins]
+    autolip_seg = math.prod(norms) * math.prod(act_c)
+    if all(_numel(n.in_shapes[0]) * _numel(n.out_shape) <= o.dense_limit for n in lins):
+        work = _dense_work(lins, act_slopes, norms, autolip_seg, clock, o)
+    else:
+        work = _operator_work(lins, act_slopes, norms, autolip_seg,
+                              seconds=[consts[n.name].seconds for n in lins], clock=clock, o=o)
+    cands: dict[str, float] = {"autolip": autolip_seg}
+    if work.svd_chain is not None:
+        cands["svd-chain"] = work.svd_chain
+    if any(b is not None for b in work.blocks):
+        dp, cut = _dp_blocks(norms, act_c, work.blocks)
+        cands[f"blocks[{cut}]"] = dp
+    how = min(cands, key=lambda key: cands[key])
+    upper = min(cands[how] if how == "autolip" else cands[how] * _UP, autolip_seg)
+    pairs = work.pairs
+    truncated = (math.prod(p.truncated if p.truncated is not None else p.lower for p in pairs)
+                 if len(pairs) == len(lins) - 1 else autolip_seg)
+    estimate = min(work.estimate, upper)
+    rows = [LayerBound(name=p.name, op="pair", value=p.upper if p.upper is not None else p.lower,
+                       certified=p.upper is not None, seconds=p.seconds, estimate=p.lower,
+                       how=p.how) for p in pairs]
+    rows.append(LayerBound(
+        name=f"{lins[0].qualname}..{lins[-1].qualname}", op="segment", value=upper,
+        certified=how == "svd-chain" or all(consts[n.name].certified for n in seg),
+        seconds=time.perf_counter() - ts, estimate=estimate,
+        how=f"{how} (autolip {autolip_seg:.4g})",
+    ))
+    return _Segment(upper=upper, estimate=estimate, raw=work.estimate, truncated=truncated,
+                    exact=all(p.exact for p in pairs), work=work, rows=rows)
+
+
+def _dense_work(
+    lins: list[Any], act_slopes: list[tuple[float, float]], norms: list[float],
+    autolip_seg: float, clock: _Clock, o: _Options,
+) -> _Work:
+    """Pairs and two-layer blocks of a segment small enough for dense matrices."""
+    K = len(lins)
+    blocks: list[float | None] = [None] * (K - 1)
+    acc: list[tuple[torch.Tensor, float]] = []
+    for n_lin in lins:  # column by column through the layer: check the clock between
+        if o.mode != "exact" and time.perf_counter() >= clock.deadline:
+            break
+        # scaled by an even power of two (exact): every pair factor is homogeneous of degree
+        # 1 in L and in R, and the middle split W = P Q puts the square root of the scale,
+        # again a power of two, on each side. It keeps L D R in range: weights ~1e-150
+        # underflowed to a "certified" 0, ~1e30 overflow float32
+        acc.append(pow2_split(_dense_matrix(n_lin), even=True))
+    if len(acc) < K:  # no time left for the dense matrices: AutoLip for this segment
+        for stage in ("blocks", "pairs") * (K - 1):
+            clock.next(stage)
+        return _Work([], blocks, autolip_seg, skipped=K - 1)
+    Ws, fs = zip(*acc)
+    # middle layers: W = P Q with P = U S^{1/2}, Q = S^{1/2} V^T; the first and last layers
+    # enter as W_1 (= U_1 S_1 up to the orthogonal V_1^T, which drops out) and W_K
+    # (= S_K V_K^T up to U_K). Two-layer blocks first: the cheapest strong certificate.
+    for i in range(K - 1):
+        end = clock.next("blocks")
+        if K >= 3 and end is not None and clock.fits(
+                Ws[i + 1].shape[0], Ws[i].shape[0], Ws[i].shape[1]):
+            blocks[i] = fs[i + 1] * fs[i] * _certified_pair(
+                Ws[i + 1], Ws[i], act_slopes[i],
+                norms=(norms[i + 1] / fs[i + 1], norms[i] / fs[i]), deadline=end,
             )
-
-    cert_consts = dict(consts)
-    est_consts = {
-        name: replace(c, constants=tuple(
-            c.estimate if c.estimate is not None else ci for ci in c.constants))
-        for name, c in consts.items()
-    }
-    raw_consts = dict(est_consts)
-    trunc_consts = dict(est_consts)
-    rows: list[LayerBound] = []
-    notes: list[str] = []
-    all_pairs_exact = True
-    raw_est: list[float] = []
-    in_segment: set[str] = set()
+    # eigendecompositions of the middle layers' Gram matrices (~12 s^3 flops each)
+    eig_flops = sum(_EIGH_FLOPS * min(Ws[i].shape) ** 3
+                    + 2.0 * Ws[i].numel() * min(Ws[i].shape) for i in range(1, K - 1))
+    split = ({i: _split_sqrt(Ws[i]) for i in range(1, K - 1)}
+             if o.mode == "exact" or clock.affords(eig_flops) else {})
+    pairs: list[_Pair] = []
     skipped = 0
-    too_big = 0  # conv pair blocks whose symbols exceed CONV_PAIR_BYTES
-    for seg in segments:
-        ts = time.perf_counter()
-        lins = seg[0::2]
-        acts = seg[1::2]
-        in_segment.update(n.name for n in seg)
-        seg_name = f"{lins[0].qualname}..{lins[-1].qualname}"
-        act_slopes: list[tuple[float, float]] = []
-        for a_node in acts:
-            sr = slopes[a_node.name]
-            if sr is None:  # find_segments only keeps activations with a slope range
-                raise InvalidArgumentError(f"no slope range for {a_node.qualname}")
-            act_slopes.append((float(sr[0]), float(sr[1])))
-        act_c = [consts[a.name].value for a in acts]
-        norms = [consts[n.name].value for n in lins]
-        autolip_seg = math.prod(norms) * math.prod(act_c)
-        dense = all(_numel(n.in_shapes[0]) * _numel(n.out_shape) <= dense_limit for n in lins)
-        pairs: list[_Pair] = []
-        cands: dict[str, float] = {"autolip": autolip_seg}
-        block_pairs: list[float | None] = [None] * (len(lins) - 1)
-        dense_parts: list[tuple[torch.Tensor, float]] | None = None
-        if dense:  # no time left for the dense matrices: AutoLip for this segment
-            acc: list[tuple[torch.Tensor, float]] = []
-            for n_lin in lins:  # column by column through the layer: check the clock between
-                if mode != "exact" and time.perf_counter() >= deadline:
-                    break
-                # scaled by an even power of two (exact): every pair factor is homogeneous of
-                # degree 1 in L and in R, and the middle split W = P Q puts the square root of
-                # the scale, again a power of two, on each side. It keeps L D R in range:
-                # weights ~1e-150 underflowed to a "certified" 0, ~1e30 overflow float32
-                acc.append(pow2_split(_dense_matrix(n_lin), even=True))
-            dense_parts = acc if len(acc) == len(lins) else None
-        if dense and dense_parts is None:
-            for stage in ("blocks", "pairs") * (len(lins) - 1):
-                clock.next(stage)
-            skipped += len(lins) - 1
-            estimate_seg = autolip_seg
-        elif dense and dense_parts is not None:
-            Ws, fs = zip(*dense_parts)
-            K = len(lins)
-            # middle layers: W = P Q with P = U S^{1/2}, Q = S^{1/2} V^T; the first and last
-            # layers enter as W_1 (= U_1 S_1 up to the orthogonal V_1^T, which drops out) and
-            # W_K (= S_K V_K^T up to U_K)
-            # two-layer blocks first: the cheapest strong certificate (no SVD needed)
-            for i in range(K - 1):
-                end = clock.next("blocks")
-                if K >= 3 and end is not None and clock.fits(
-                        Ws[i + 1].shape[0], Ws[i].shape[0], Ws[i].shape[1]):
-                    block_pairs[i] = fs[i + 1] * fs[i] * _certified_pair(
-                        Ws[i + 1], Ws[i], act_slopes[i],
-                        norms=(norms[i + 1] / fs[i + 1], norms[i] / fs[i]), deadline=end,
-                    )
-            # eigendecompositions of the middle layers' Gram matrices (~12 s^3 flops each)
-            eig_flops = sum(_EIGH_FLOPS * min(Ws[i].shape) ** 3
-                            + 2.0 * Ws[i].numel() * min(Ws[i].shape) for i in range(1, K - 1))
-            split = ({i: _split_sqrt(Ws[i]) for i in range(1, K - 1)}
-                     if mode == "exact" or clock.affords(eig_flops) else {})
-            for i in range(K - 1):
-                pair_name = f"{lins[i].qualname}->{lins[i + 1].qualname}"
-                end = clock.next("pairs")
-                if (end is None or len(split) < K - 2) and mode != "exact":
-                    skipped += 1
-                    continue
-                R = Ws[0] if i == 0 else split[i][0]
-                L = Ws[K - 1] if i + 1 == K - 1 else split[i + 1][1]
-                if mode != "exact" and not clock.fits(L.shape[0], L.shape[1], R.shape[1]):
-                    skipped += 1  # its dense products would end past the deadline
-                    continue
-                fR = fs[0] if i == 0 else math.sqrt(fs[i])
-                fL = fs[K - 1] if i + 1 == K - 1 else math.sqrt(fs[i + 1])
-                pairs.append(_rescale_pair(_solve_pair(
-                    pair_name, L, R, act_slopes[i],
-                    mode=mode, max_exact_width=max_exact_width,
-                    deadline=None if mode == "exact" else end, k=k,
-                    restarts=restarts, seed=seed, L_sorted=i + 1 < K - 1, R_sorted=i > 0,
-                ), fL * fR))
-            if len(pairs) == K - 1 and all(p.upper is not None for p in pairs):
-                cands["svd-chain"] = math.prod(
-                    float(p.upper) for p in pairs if p.upper is not None
-                )
-            estimate_seg = (math.prod(p.lower for p in pairs) if len(pairs) == K - 1
-                            else autolip_seg)
-        else:
-            estimate_seg, pairs = _operator_estimate(
-                lins, act_slopes, k=min(k, 8), restarts=restarts, seed=seed,
-                tol=tol, max_iter=max_iter, clock=clock,
-                seconds=[consts[n.name].seconds for n in lins],
-            )
-            if len(pairs) < len(lins) - 1:
-                skipped += len(lins) - 1 - len(pairs)
-                estimate_seg = autolip_seg
-            last_block = 0.0  # the previous block's seconds: the prediction for the next
-            for i in range(len(lins) - 1):
-                t_block = time.perf_counter()
-                end = clock.next("blocks")
-                if end is None:
-                    continue
-                if t_block + last_block >= deadline:  # predicted to end past the deadline
-                    clock.late_units += 1
-                    clock.late_blocks += 1
-                    continue
-                c1, c2 = _plain_conv2d(lins[i]), _plain_conv2d(lins[i + 1])
-                if c1 is not None and c2 is not None and len(lins[i].in_shapes[0]) == 3:
-                    hw = lins[i].in_shapes[0][1:]
-                    flops, nbytes = conv_pair_cost(c1[0], c2[0], (hw[0], hw[1]))
-                    if nbytes > CONV_PAIR_BYTES:
-                        too_big += 1
-                        continue
-                    if not clock.affords(flops):  # not interruptible once started
-                        clock.late_units += 1
-                        clock.late_blocks += 1
-                        continue
-                    block_pairs[i] = conv_pair_bound(
-                        c1[0], c2[0], (hw[0], hw[1]), act_slopes[i], weights=(c1[1], c2[1])
-                    )[0]
-                elif _numel(lins[i].in_shapes[0]) * _numel(lins[i].out_shape) <= dense_limit \
-                        and _numel(lins[i + 1].in_shapes[0]) * _numel(lins[i + 1].out_shape) \
-                        <= dense_limit:
-                    W1, f1 = pow2_split(_dense_matrix(lins[i]), even=True)
-                    W2, f2 = pow2_split(_dense_matrix(lins[i + 1]), even=True)
-                    block_pairs[i] = f1 * f2 * _certified_pair(
-                        W2, W1, act_slopes[i], norms=(norms[i + 1] / f2, norms[i] / f1),
-                        deadline=end,
-                    )
-                last_block = time.perf_counter() - t_block
-        if any(b is not None for b in block_pairs):
-            dp, cut = _dp_blocks(norms, act_c, block_pairs)
-            cands[f"blocks[{cut}]"] = dp
-        how = min(cands, key=lambda key: cands[key])
-        seg_upper = cands[how] if how == "autolip" else cands[how] * _UP
-        seg_upper = min(seg_upper, autolip_seg)
-        if not all(p.exact for p in pairs):
-            all_pairs_exact = False
-        raw_est.append(estimate_seg)
-        trunc_seg = (math.prod(p.truncated if p.truncated is not None else p.lower for p in pairs)
-                     if len(pairs) == len(lins) - 1 else autolip_seg)
-        seg_est = min(estimate_seg, seg_upper)
-        for p in pairs:
-            rows.append(LayerBound(
-                name=p.name, op="pair", value=p.upper if p.upper is not None else p.lower,
-                certified=p.upper is not None, seconds=p.seconds, estimate=p.lower, how=p.how,
-            ))
-        seg_cert = how == "svd-chain" or all(consts[n.name].certified for n in seg)
-        rows.append(LayerBound(
-            name=seg_name, op="segment", value=seg_upper, certified=seg_cert,
-            seconds=time.perf_counter() - ts, estimate=seg_est,
-            how=f"{how} (autolip {autolip_seg:.4g})",
-        ))
-        first = lins[0].name
-        cert_consts[first] = replace(consts[first], constants=(seg_upper,), how="seqlip")
-        est_consts[first] = replace(est_consts[first], constants=(seg_est,), how="seqlip")
-        raw_consts[first] = replace(est_consts[first], constants=(estimate_seg,), how="seqlip")
-        trunc_consts[first] = replace(est_consts[first], constants=(trunc_seg,), how="seqlip")
-        for n in seg[1:]:
-            cert_consts[n.name] = replace(consts[n.name], constants=(1.0,), how="in segment")
-            est_consts[n.name] = replace(est_consts[n.name], constants=(1.0,), how="in segment")
-            raw_consts[n.name] = est_consts[n.name]
-            trunc_consts[n.name] = est_consts[n.name]
-    for name, c in consts.items():
-        if name not in in_segment:
-            rows.append(LayerBound(
-                name=c.qualname, op=c.op, value=c.value, certified=c.certified,
-                seconds=c.seconds, estimate=c.estimate, how=f"autolip: {c.how}",
-            ))
-    upper = min(compose(graph, cert_consts), autolip_value)
-    estimate = compose(graph, est_consts)
-    if not segments:
+    for i in range(K - 1):
+        end = clock.next("pairs")
+        if (end is None or len(split) < K - 2) and o.mode != "exact":
+            skipped += 1
+            continue
+        R = Ws[0] if i == 0 else split[i][0]
+        L = Ws[K - 1] if i + 1 == K - 1 else split[i + 1][1]
+        if o.mode != "exact" and not clock.fits(L.shape[0], L.shape[1], R.shape[1]):
+            skipped += 1  # its dense products would end past the deadline
+            continue
+        fR = fs[0] if i == 0 else math.sqrt(fs[i])
+        fL = fs[K - 1] if i + 1 == K - 1 else math.sqrt(fs[i + 1])
+        pairs.append(_rescale_pair(_solve_pair(
+            f"{lins[i].qualname}->{lins[i + 1].qualname}", L, R, act_slopes[i],
+            o=o, deadline=None if o.mode == "exact" else end,
+            L_sorted=i + 1 < K - 1, R_sorted=i > 0,
+        ), fL * fR))
+    complete = len(pairs) == K - 1
+    svd = (math.prod(float(p.upper) for p in pairs if p.upper is not None)
+           if complete and all(p.upper is not None for p in pairs) else None)
+    estimate = math.prod(p.lower for p in pairs) if complete else autolip_seg
+    return _Work(pairs, blocks, estimate, skipped=skipped, svd_chain=svd)
+
+
+def _operator_work(
+    lins: list[Any], act_slopes: list[tuple[float, float]], norms: list[float],
+    autolip_seg: float, *, seconds: list[float], clock: _Clock, o: _Options,
+) -> _Work:
+    """A segment too large for dense matrices: the top-``k`` pair estimate, and certified
+    two-layer blocks (Fourier for plain convolutions, dense for small layers)."""
+    estimate, pairs = _operator_estimate(lins, act_slopes, o=o, clock=clock, seconds=seconds)
+    work = _Work(pairs, [None] * (len(lins) - 1), estimate)
+    if len(pairs) < len(lins) - 1:
+        work.skipped = len(lins) - 1 - len(pairs)
+        work.estimate = autolip_seg
+    last_block = 0.0  # the previous block's seconds: the prediction for the next
+    for i in range(len(lins) - 1):
+        t_block = time.perf_counter()
+        end = clock.next("blocks")
+        if end is None:
+            continue
+        if t_block + last_block >= clock.deadline:  # predicted to end past the deadline
+            clock.late_units += 1
+            clock.late_blocks += 1
+            continue
+        blk, ran = _operator_block(lins[i], lins[i + 1], act_slopes[i],
+                                   (norms[i], norms[i + 1]), end=end, clock=clock, o=o,
+                                   work=work)
+        work.blocks[i] = blk
+        if ran:  # a block refused before it started predicts nothing
+            last_block = time.perf_counter() - t_block
+    return work
+
+
+def _operator_block(
+    first: Any, second: Any, slope: tuple[float, float], norms: tuple[float, float], *,
+    end: float, clock: _Clock, o: _Options, work: _Work,
+) -> tuple[float | None, bool]:
+    """``(factor, ran)``: the certified factor of one two-layer block of an operator segment,
+    or ``None``; ``ran`` is False when it was refused before starting (too big, or predicted
+    past the deadline: counted on ``work`` / ``clock``)."""
+    c1, c2 = _plain_conv2d(first), _plain_conv2d(second)
+    if c1 is not None and c2 is not None and len(first.in_shapes[0]) == 3:
+        hw = first.in_shapes[0][1:]
+        flops, nbytes = conv_pair_cost(c1[0], c2[0], (hw[0], hw[1]))
+        if nbytes > CONV_PAIR_BYTES:
+            work.too_big += 1
+            return None, False
+        if not clock.affords(flops):  # not interruptible once started
+            clock.late_units += 1
+            clock.late_blocks += 1
+            return None, False
+        return conv_pair_bound(c1[0], c2[0], (hw[0], hw[1]), slope,
+                               weights=(c1[1], c2[1]))[0], True
+    if max(_numel(n.in_shapes[0]) * _numel(n.out_shape) for n in (first, second)) \
+            <= o.dense_limit:
+        W1, f1 = pow2_split(_dense_matrix(first), even=True)
+        W2, f2 = pow2_split(_dense_matrix(second), even=True)
+        return f1 * f2 * _certified_pair(W2, W1, slope, norms=(norms[1] / f2, norms[0] / f1),
+                                         deadline=end), True
+    return None, True
+
+
+def _notes(
+    done: list[tuple[list[Any], _Segment]], clock: _Clock, *, limit: float, late: list[str],
+    const_limit: float, reused: bool, consts: dict[str, Any],
+) -> list[str]:
+    """The notes of a :func:`seqlip` result (time limits, skipped blocks, reuse)."""
+    notes: list[str] = []
+    if not done:
         notes.append("no sequential segment (linear, act, linear) found: SeqLip = AutoLip")
+    skipped = sum(s.work.skipped for _, s in done)
     if skipped or clock.late_units:
         notes.append(
-            f"time limit of {time_limit:g} s reached: {skipped} pair(s) and "
+            f"time limit of {limit:g} s reached: {skipped} pair(s) and "
             f"{clock.late_blocks} two-layer block(s) skipped (AutoLip's factors used "
             "there, still certified); raise time_limit for a tighter bound"
         )
-        all_pairs_exact = False
+    too_big = sum(s.work.too_big for _, s in done)
     if too_big:
         notes.append(
             f"{too_big} conv two-layer block(s) kept AutoLip's factors: their Fourier symbols "
             f"need more than CONV_PAIR_BYTES={CONV_PAIR_BYTES} bytes (still certified)"
         )
-        all_pairs_exact = False
-    if late_nodes:
+    if late:
         notes.append(
-            f"time limit of {deadline0 - t_start:g} s reached while computing the AutoLip "
-            "constants: "
-            f"{len(late_nodes)} node(s) got a quick estimate (first: {late_nodes[0]}) and every "
+            f"time limit of {const_limit:g} s reached while computing the AutoLip constants: "
+            f"{len(late)} node(s) got a quick estimate (first: {late[0]}) and every "
             "pair was skipped; raise time_limit for a certified bound"
         )
     if reused:
         notes.append("graph and AutoLip constants reused from the previous call on this model")
-    if not auto_certified:
+    if not all(c.certified for c in consts.values()):
         notes.append("some AutoLip factors are estimates, so the bound is not certified")
-    exact_all = mode != "greedy" and all_pairs_exact
-    if mode == "greedy":
-        value, certified = estimate, False
-        notes.append("value is the greedy SeqLip ESTIMATE; upper is the certificate")
-    else:
-        value, certified = upper, auto_certified
-        if not exact_all:
-            notes.append("some pairs were not solved exactly: their certified relaxation is used")
+    return notes
+
+
+def _assemble(
+    graph: Any, consts: dict[str, Any], done: list[tuple[list[Any], _Segment]],
+    notes: list[str], *, mode: str, nrm: str, reused: bool, t_start: float,
+) -> SeqLipResult:
+    """The :class:`SeqLipResult`: each segment's factor becomes the constant of its first
+    linear node (the others 1) and AutoLip composes the graph (see the module docstring)."""
+    est = {name: replace(c, constants=tuple(c.estimate if c.estimate is not None else ci
+                                            for ci in c.constants))
+           for name, c in consts.items()}
+    tables = {"cert": dict(consts), "est": dict(est), "raw": dict(est), "trunc": dict(est)}
+    rows: list[LayerBound] = []
+    for seg, s in done:
+        rows.extend(s.rows)
+        first = seg[0].name
+        for key, base, v in (("cert", consts, s.upper), ("est", est, s.estimate),
+                             ("raw", est, s.raw), ("trunc", est, s.truncated)):
+            tables[key][first] = replace(base[first], constants=(v,), how="seqlip")
+        for n in seg[1:]:
+            tables["cert"][n.name] = replace(consts[n.name], constants=(1.0,), how="in segment")
+            one = replace(est[n.name], constants=(1.0,), how="in segment")
+            tables["est"][n.name] = tables["raw"][n.name] = tables["trunc"][n.name] = one
+    in_segment = {n.name for seg, _ in done for n in seg}
+    rows.extend(LayerBound(name=c.qualname, op=c.op, value=c.value, certified=c.certified,
+                           seconds=c.seconds, estimate=c.estimate, how=f"autolip: {c.how}")
+                for name, c in consts.items() if name not in in_segment)
+    autolip_value = compose(graph, consts)
+    auto_certified = all(c.certified for c in consts.values())
+    upper = min(compose(graph, tables["cert"]), autolip_value)
+    estimate = compose(graph, tables["est"])
+    value, certified = (estimate, False) if mode == "greedy" else (upper, auto_certified)
     return SeqLipResult(
-        value=float(value),
-        certified=bool(certified),
-        method=f"seqlip[{mode}]",
-        norm=nrm,
+        value=float(value), certified=bool(certified), method=f"seqlip[{mode}]", norm=nrm,
         bound="estimate" if mode == "greedy" else "upper",
-        upper=float(upper) if auto_certified else None,
-        layers=tuple(rows),
-        seconds=time.perf_counter() - t_start,
-        notes=tuple(notes),
+        upper=float(upper) if auto_certified else None, layers=tuple(rows),
+        seconds=time.perf_counter() - t_start, notes=tuple(notes),
         extra={
             "graph": graph,
-            "segments": [[n.qualname for n in s] for s in segments],
-            "segment_pair_products": raw_est,
-            "estimate_uncapped": compose(graph, raw_consts),
-            "estimate_truncated": compose(graph, trunc_consts),
+            "segments": [[n.qualname for n in s] for s, _ in done],
+            "segment_pair_products": [s.raw for _, s in done],
+            "estimate_uncapped": compose(graph, tables["raw"]),
+            "estimate_truncated": compose(graph, tables["trunc"]),
             "reused": reused,
         },
-        how=f"SeqLip ({mode})",
-        estimate=float(estimate),
-        autolip=float(autolip_value),
-        segments=len(segments),
+        how=f"SeqLip ({mode})", estimate=float(estimate), autolip=float(autolip_value),
+        segments=len(done),
     )
 
 
 def _operator_estimate(
-    lins: list[Any], act_slopes: list[tuple[float, float]], *, k: int, restarts: int,
-    seed: int, tol: float, max_iter: int, clock: _Clock, seconds: Sequence[float],
+    lins: list[Any], act_slopes: list[tuple[float, float]], *, o: _Options, clock: _Clock,
+    seconds: Sequence[float],
 ) -> tuple[float, list[_Pair]]:
     """Greedy SeqLip on the top-``k`` singular triplets of each operator (the paper's truncated
     Greedy SeqLip for convolutions): an ESTIMATE, not a certificate (the truncation and the
     iterative singular triplets are both approximations)."""
-    from ..spectral import top_singular
-
+    k = min(o.k, 8)
     trip: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
     # predicted seconds of a layer's triplets: those of the previous layer, and at least the
     # time of the layer's AutoLip constant (a power/Lanczos estimate on the same operator)
@@ -819,10 +879,10 @@ def _operator_estimate(
             lin(probe)
         t_mv = 2.5 * (time.perf_counter() - t_mv) + 1e-6
         share = (clock.deadline - time.perf_counter()) / (len(lins) - len(trip))
-        iters = int(min(max_iter, max(kk + 2, share / t_mv)))
+        iters = int(min(o.max_iter, max(kk + 2, share / t_mv)))
         try:
             r = top_singular(
-                lin, n.in_shapes[0], kk, tol=max(tol, 1e-4), certify=False,
+                lin, n.in_shapes[0], kk, tol=max(o.tol, 1e-4), certify=False,
                 check_linear=False, max_iter=iters,
             )
         except ZeroOperatorError:
@@ -856,7 +916,8 @@ def _operator_estimate(
         St_j = S_j if i + 1 == K - 1 else S_j.sqrt()
         L = St_j[:, None] * V_j.T
         R = U_i * St_i[None, :]
-        g = pair_greedy(L, R, slopes=act_slopes[i], restarts=restarts, seed=seed, deadline=end)
+        g = pair_greedy(L, R, slopes=act_slopes[i], restarts=o.restarts, seed=o.seed,
+                        deadline=end)
         est *= g.value
         pairs.append(_Pair(
             f"{lins[i].qualname}->{lins[i + 1].qualname}", g.value, None, False,

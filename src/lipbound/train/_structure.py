@@ -9,9 +9,9 @@ Three sources, best first:
                   rule says) and, for activations, its slope range. This is how AutoLip sees the
                   model.
 ``"sequential"``  an ``nn.Sequential`` (nested allowed) of Linear/Conv layers, Flatten/Identity/
-                  Dropout and element-wise activations with known slope ranges (ReLU, LeakyReLU,
-                  ReLU6, Hardtanh, Tanh, Sigmoid, Softplus): a chain whose structure is known
-                  exactly.
+                  Dropout and element-wise activations whose rules give a slope range (the
+                  same ranges as AutoLip's, read from the captured graph): a chain whose
+                  structure is known exactly.
 ``"hooks"``       forward hooks on a dummy batch: the layer calls in call order (reused modules
                   included), but NOT the ops between them; the plan is then the chain of the
                   calls with every other op assumed 1-Lipschitz (``exact=False``).
@@ -32,26 +32,13 @@ from torch import nn
 
 from ..errors import InvalidArgumentError, UnsupportedModelError, UnsupportedNode
 from ..graph import capture
-from ..rules import RuleContext, widen_range
+from ..rules import RuleContext
 from ._power import is_layer
 
 __all__ = ["LayerCall", "Plan", "PlanNode", "build_plan", "find_calls_hooks", "linear_groups"]
 
 _SOURCES = ("auto", "graph", "sequential", "hooks")
 
-# element-wise activations of the "sequential" fallback: slope range of the derivative
-_ACT_SLOPES: dict[type[nn.Module], Callable[[nn.Module], tuple[float, float]]] = {
-    nn.ReLU: lambda m: widen_range((0.0, 1.0)),
-    nn.ReLU6: lambda m: widen_range((0.0, 1.0)),
-    nn.Hardtanh: lambda m: widen_range((0.0, 1.0)),
-    nn.Tanh: lambda m: widen_range((0.0, 1.0)),
-    nn.Sigmoid: lambda m: widen_range((0.0, 0.25)),
-    nn.Softplus: lambda m: widen_range((0.0, 1.0)),
-    nn.LeakyReLU: lambda m: widen_range((
-        min(float(getattr(m, "negative_slope", 0.01)), 1.0),
-        max(float(getattr(m, "negative_slope", 0.01)), 1.0),
-    )),
-}
 _IDENTITY_TYPES = (nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d)
 
 
@@ -254,13 +241,21 @@ def _flatten_sequential(model: nn.Module) -> list[nn.Module] | None:
     return out
 
 
+def _activation_slopes(model: nn.Module, input_shape: tuple[int, ...]) -> dict[int, Any]:
+    """``id(module) -> slope range`` of the activation modules the model calls, as the rules
+    give them (:func:`lipbound.graph.capture` classifies every node: one slope table)."""
+    return {id(n.module): n.slope_range for n in capture(model, input_shape)
+            if n.kind == "activation" and n.module is not None and n.slope_range is not None}
+
+
 def _sequential_plan(model: nn.Module, input_shape: tuple[int, ...]) -> Plan | None:
     mods = _flatten_sequential(model)
     if mods is None:
         return None
+    slopes = _activation_slopes(model, input_shape)
     for m in mods:
         if not (is_layer(m) or isinstance(m, (nn.Flatten, *_IDENTITY_TYPES))
-                or type(m) in _ACT_SLOPES):
+                or id(m) in slopes):
             return None
     # shapes of every module's input/output via hooks
     shapes: list[tuple[tuple[int, ...], tuple[int, ...]]] = []
@@ -296,7 +291,7 @@ def _sequential_plan(model: nn.Module, input_shape: tuple[int, ...]) -> Plan | N
             node = PlanNode(name, "linear", (prev,), f"{i} (Flatten)", constants=(1.0,),
                             fn=m, in_shape=ish, out_shape=osh, module=m)
         else:
-            slope = _ACT_SLOPES[type(m)](m)
+            slope = slopes[id(m)]
             c0 = max(abs(slope[0]), abs(slope[1]))
             node = PlanNode(name, "activation", (prev,), f"{i} ({type(m).__name__})",
                             constants=(c0,), slope=slope, in_shape=ish, out_shape=osh)
@@ -379,7 +374,8 @@ def build_plan(model: nn.Module, input_shape: tuple[int, ...], source: str = "au
             return plan
         raise InvalidArgumentError(
             "structure='sequential' needs an nn.Sequential of Linear/Conv layers, Flatten, "
-            "Identity/Dropout and ReLU/LeakyReLU/ReLU6/Hardtanh/Tanh/Sigmoid/Softplus"
+            "Identity/Dropout and activations whose rule has a slope range (ReLU, LeakyReLU, "
+            "Tanh, Sigmoid, GELU...); use structure='graph' for other models"
         )
     return _hooks_plan(model, input_shape)
 

@@ -1,26 +1,24 @@
-"""A sequential network as a chain of dense float64 affine maps and activations, and the
+"""Chains of a captured graph: the dense float64 chain of a sequential network, and the
 sequential segments of any graph (:func:`find_segments`, shared by SeqLip and LipSDP).
 
-Shared by :func:`lipbound.exact` (branch and bound on the chain) and :func:`lipbound.lipsdp`
-(the LMIs are written on the chain's matrices): the network is captured by
-:func:`lipbound.graph.capture`, simplified, read as a chain by
-:func:`lipbound.graph.sequential_chain`, and each linear node becomes ``(W, b)`` in float64.
+The dense chain serves :func:`lipbound.exact` (branch and bound on the chain) and
+:func:`lipbound.lipsdp` (the LMIs are written on the chain's matrices): the simplified graph is
+read as a chain by :func:`lipbound.graph.sequential_chain` and each linear node becomes
+``(W, b)`` in float64 (:meth:`lipbound.analysis.Analysis.dense_chain` caches it).
 """
 
 from __future__ import annotations
 
-import copy
 from typing import Any
 
 import numpy as np
 import torch
-from torch import nn
 
 from ..errors import NotSequentialError, UnsupportedNode
-from ..graph import capture, sequential_chain, simplify
+from ..graph import OpGraph, sequential_chain
 from ..spectral.certify import dense_matrix
 
-__all__ = ["constant_segments", "dense_chain", "find_segments", "linear_matrix"]
+__all__ = ["chain_items", "constant_segments", "find_segments", "linear_matrix", "merged_chain"]
 
 
 def _affine_parts(
@@ -52,13 +50,12 @@ def linear_matrix(node: Any) -> np.ndarray:
     return _affine_parts(node.fn, tuple(in_shape), node.qualname)[0]
 
 
-def _chain_from_graph(model: nn.Module, input_shape: tuple[int, ...]) -> list[tuple[str, Any]]:
-    """The chain's items through :func:`~lipbound.graph.sequential_chain` (raises
+def chain_items(graph: OpGraph) -> list[tuple[str, Any]]:
+    """The chain's items ``("lin", (name, W, b))`` / ``("act", (name, node))`` of a simplified
+    graph, through :func:`~lipbound.graph.sequential_chain` (raises
     :class:`NotSequentialError` for other graphs)."""
-    g = simplify(capture(model, input_shape))
-    nodes = sequential_chain(g)
     items: list[tuple[str, Any]] = []
-    for node in nodes:
+    for node in sequential_chain(graph):
         if node.kind == "linear":
             # exact offsets (no difference fn(e_j) - fn(0)), see _affine_parts
             (in_shape,) = node.in_shapes
@@ -71,11 +68,6 @@ def _chain_from_graph(model: nn.Module, input_shape: tuple[int, ...]) -> list[tu
                 [UnsupportedNode(node.qualname, node.op, "not linear or activation")]
             )
     return items
-
-
-def _raw_chain(model: nn.Module, input_shape: tuple[int, ...]) -> list[tuple[str, Any]]:
-    m64 = copy.deepcopy(model).to(torch.float64).eval()
-    return _chain_from_graph(m64, input_shape)
 
 
 def _merge_items(
@@ -113,17 +105,18 @@ def _merge_items(
     return Ws, bs, acts, names
 
 
-def dense_chain(
-    model: nn.Module, input_shape: tuple[int, ...]
+def merged_chain(
+    graph: OpGraph, in_dim: int
 ) -> tuple[list[np.ndarray], list[np.ndarray], list[tuple[str, Any]], list[str]]:
-    """``(weights, biases, activations, names)`` of a sequential model in float64.
+    """``(weights, biases, activations, names)`` of a sequential graph in float64.
 
     ``activations[i] = (name, obj)`` with ``obj`` the activation's graph ``Node``; consecutive
     linear maps are merged, and identity maps inserted so that the chain alternates linear /
-    activation and ends with a linear map.
+    activation and ends with a linear map. Call it on the graph of a float64 copy of the model
+    (:meth:`lipbound.analysis.Analysis.dense_chain` does): BatchNorm folding then adds no
+    float32 rounding to the matrices.
     """
-    items = _raw_chain(model, input_shape)
-    return _merge_items(items, int(np.prod(input_shape)))
+    return _merge_items(chain_items(graph), in_dim)
 
 
 def find_segments(graph: Any, slopes: dict[str, tuple[float, float] | None]) -> list[list[Any]]:
@@ -131,6 +124,7 @@ def find_segments(graph: Any, slopes: dict[str, tuple[float, float] | None]) -> 
     every node but the last has exactly one user (the next node), every node but the first has
     exactly one input (the previous node) and every activation has a known slope range.
 
+    >>> from torch import nn
     >>> from lipbound.graph import capture, simplify
     >>> net = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2))
     >>> g = simplify(capture(net, (3,)))
