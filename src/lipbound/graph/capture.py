@@ -1048,67 +1048,78 @@ def _propagate(prop: _Prop, model: nn.Module, sample: torch.Tensor, shape: tuple
         ) from exc
 
 
-def _build(
-    model: nn.Module,
-    gm: torch.fx.GraphModule,
-    values: dict[str, Any],
-    shape: tuple[int, ...],
-    batch: int,
-) -> OpGraph:
-    from ..rules import classify
-    from ..rules.structural import is_eval_identity
+class _Trace:
+    """The value-dependent tensor nodes of a traced graph and the wiring between them: a
+    node's inputs are the value-dependent tensors it reads, through non-tensor
+    intermediaries (tuples, getitem, shape arithmetic on values), which :meth:`parents`
+    also returns (``via``)."""
 
-    fx_nodes = list(gm.graph.nodes)
+    def __init__(self, fx_nodes: list[torch.fx.Node], values: dict[str, Any]) -> None:
+        self.value_dep: set[str] = set()
+        for n in fx_nodes:
+            if n.op == "placeholder":
+                self.value_dep.add(n.name)
+            elif n.op in ("call_function", "call_method", "call_module"):
+                if not _is_shape_query(n) and any(a.name in self.value_dep
+                                                  for a in n.all_input_nodes):
+                    self.value_dep.add(n.name)
+        self.is_tensor = {n.name: isinstance(values.get(n.name), torch.Tensor) for n in fx_nodes}
+        self.values = values
+
+    def graph_node(self, n: torch.fx.Node) -> bool:
+        return n.name in self.value_dep and self.is_tensor[n.name]
+
+    def _collect(self, n: torch.fx.Node, out: list[str], via: list[torch.fx.Node]) -> None:
+        for a in _flat_nodes((n.args, n.kwargs)):
+            if a.name not in self.value_dep:
+                continue
+            if self.graph_node(a):
+                out.append(a.name)
+            elif not _is_shape_query(a):
+                via.append(a)
+                self._collect(a, out, via)
+
+    def parents(self, n: torch.fx.Node) -> tuple[tuple[str, ...], list[torch.fx.Node]]:
+        """``(inputs, via)``: the value-dependent tensor nodes feeding ``n``, and the
+        non-tensor nodes in between."""
+        found: list[str] = []
+        through: list[torch.fx.Node] = []
+        self._collect(n, found, through)
+        return tuple(found), through
+
+    def conv(self, a: torch.fx.Node) -> Any:
+        """An fx argument as a node's call argument: a graph tensor by name, else its value."""
+        return TensorArg(a.name) if self.graph_node(a) else self.values.get(a.name)
+
+
+def _io_nodes(fx_nodes: list[torch.fx.Node], tr: _Trace) -> tuple[torch.fx.Node, torch.fx.Node]:
+    """``(input placeholder, output value)`` of a traced graph, or the error that says why the
+    model is not a function of one tensor to one tensor."""
     placeholders = [n for n in fx_nodes if n.op == "placeholder"]
     placeholders = placeholders[:1] + [p for p in placeholders[1:] if p.users]
     if len(placeholders) != 1:
         raise InvalidArgumentError(
             f"expected a model with one input tensor; the traced graph has {len(placeholders)}"
         )
-    value_dep: set[str] = set()
-    for n in fx_nodes:
-        if n.op == "placeholder":
-            value_dep.add(n.name)
-        elif n.op in ("call_function", "call_method", "call_module"):
-            if not _is_shape_query(n) and any(a.name in value_dep for a in n.all_input_nodes):
-                value_dep.add(n.name)
-    is_tensor = {n.name: isinstance(values.get(n.name), torch.Tensor) for n in fx_nodes}
-    shapes = {k: _strip(v.shape) for k, v in values.items() if isinstance(v, torch.Tensor)}
-    by_name = {n.name: n for n in fx_nodes}
-
-    def graph_node(n: torch.fx.Node) -> bool:
-        return n.name in value_dep and is_tensor[n.name]
-
-    def collect(n: torch.fx.Node, out: list[str], via: list[torch.fx.Node]) -> None:
-        """Value-dependent tensor nodes feeding ``n`` (through non-tensor intermediaries)."""
-        for a in _flat_nodes((n.args, n.kwargs)):
-            if a.name not in value_dep:
-                continue
-            if graph_node(a):
-                out.append(a.name)
-            elif not _is_shape_query(a):
-                via.append(a)
-                collect(a, out, via)
-
     out_fx = next(n for n in fx_nodes if n.op == "output")
     result = out_fx.args[0]
     if isinstance(result, (tuple, list)) and len(result) == 1:  # torch.export's flat outputs
         result = result[0]
-    if not isinstance(result, torch.fx.Node) or not graph_node(result):
+    if not isinstance(result, torch.fx.Node) or not tr.graph_node(result):
         raise InvalidArgumentError(
             "the model must return one tensor that depends on its input; got "
-            f"{type(values.get(getattr(result, 'name', ''), result)).__name__}. Wrap it so that "
-            "forward returns a single tensor."
+            f"{type(tr.values.get(getattr(result, 'name', ''), result)).__name__}. Wrap it so "
+            "that forward returns a single tensor."
         )
+    return placeholders[0], result
 
-    # keep only nodes the output depends on
-    parents_of: dict[str, tuple[tuple[str, ...], list[torch.fx.Node]]] = {}
-    for n in fx_nodes:
-        if graph_node(n) and n.op != "placeholder":
-            found: list[str] = []
-            through: list[torch.fx.Node] = []
-            collect(n, found, through)
-            parents_of[n.name] = (tuple(found), through)
+
+def _live(
+    fx_nodes: list[torch.fx.Node], tr: _Trace, result: torch.fx.Node
+) -> tuple[set[str], dict[str, tuple[tuple[str, ...], list[torch.fx.Node]]]]:
+    """``(live, parents)``: the nodes the output depends on, and every node's parents."""
+    parents_of = {n.name: tr.parents(n) for n in fx_nodes
+                  if tr.graph_node(n) and n.op != "placeholder"}
     live: set[str] = set()
     stack = [result.name]
     while stack:
@@ -1118,76 +1129,84 @@ def _build(
         live.add(k)
         if k in parents_of:
             stack.extend(parents_of[k][0])
+    return live, parents_of
 
+
+def _op_node(
+    gm: torch.fx.GraphModule, n: torch.fx.Node,
+    parents: tuple[tuple[str, ...], list[torch.fx.Node]], tr: _Trace, *,
+    shapes: dict[str, tuple[int, ...]], qual: str, batch: int,
+) -> Node:
+    """The :class:`Node` of one live fx node (a getitem on a tuple-valued producer becomes
+    the producer's op with its index)."""
+    from ..rules.structural import is_eval_identity
+
+    ins, via = parents
+    op_node, getitem = n, None
+    if n.op == "call_function" and n.target is operator.getitem and via:
+        op_node = via[0]  # a getitem on a tuple-valued producer (chunk, split, max(dim)...)
+        getitem = n.args[1]
+    module = gm.get_submodule(str(op_node.target)) if op_node.op == "call_module" else None
+    op = _op_name(op_node, gm) + ("" if getitem is None else f"[{getitem}]")
+    if n.op != "call_module" and op_node.op == "call_module":
+        qual = f"{op_node.target}[{getitem}]"
+    elif n.op != "call_module":
+        path = _module_path(op_node)
+        qual = f"{path + '.' if path else ''}{n.name} ({_pretty_target(op_node)})"
+    key = _key(op_node, gm)
+    checked: bool | None = None
+    if module is not None and key is nn.Identity and is_eval_identity(module):
+        # a module declared the identity in eval: its output must be its input here
+        checked = len(ins) == 1 and torch.equal(tr.values[n.name], tr.values[ins[0]])
+    call = Call(
+        key=key, target=op_node.target, fx_op=op_node.op,
+        args=tuple(torch.fx.node.map_arg(op_node.args, tr.conv)),
+        kwargs=dict(torch.fx.node.map_arg(op_node.kwargs, tr.conv)),
+        getitem=getitem, module_path=_module_path(op_node),
+        batch_mixing=_mixes_batch(tr.values[n.name], batch), identity_checked=checked,
+    )
+    return Node(
+        name=n.name, qualname=qual, op=op, kind="op", inputs=ins,
+        in_shapes=tuple(shapes[i] for i in ins), out_shape=shapes[n.name],
+        fn=_Replay(gm, n, ins, tr.value_dep, shapes), module=module, call=call,
+    )
+
+
+def _build(
+    model: nn.Module,
+    gm: torch.fx.GraphModule,
+    values: dict[str, Any],
+    shape: tuple[int, ...],
+    batch: int,
+) -> OpGraph:
+    """The :class:`OpGraph` of a traced model: validate (one input, one tensor output) ->
+    keep the nodes the output depends on -> one typed, classified node each."""
+    from ..rules import classify
+
+    fx_nodes = list(gm.graph.nodes)
+    tr = _Trace(fx_nodes, values)
+    inp, result = _io_nodes(fx_nodes, tr)
+    live, parents_of = _live(fx_nodes, tr, result)
+    shapes = {k: _strip(v.shape) for k, v in values.items() if isinstance(v, torch.Tensor)}
     calls: dict[str, int] = {}
     for n in fx_nodes:
         if n.op == "call_module" and n.name in live:
             calls[str(n.target)] = calls.get(str(n.target), 0) + 1
     seen: dict[str, int] = {}
-
-    nodes: dict[str, Node] = {}
-    inp = placeholders[0]
-    nodes[inp.name] = Node(
+    nodes: dict[str, Node] = {inp.name: Node(
         name=inp.name, qualname="input", op="input", kind="input", inputs=(),
         in_shapes=(), out_shape=shape, fn=_identity, call=Call(),
-    )
+    )}
     for n in fx_nodes:
         if n.name not in live or n.op == "placeholder":
             continue
-        ins, via_ = parents_of[n.name]
-        via = list(via_)
-        module: nn.Module | None = None
-        op_node = n
-        getitem: Any = None
-        if n.op == "call_function" and n.target is operator.getitem and via:
-            op_node = via[0]  # a getitem on a tuple-valued producer (chunk, split, max(dim)...)
-            getitem = n.args[1]
-        if op_node.op == "call_module":
-            module = gm.get_submodule(str(op_node.target))
-        op = _op_name(op_node, gm)
-        if getitem is not None:
-            op = f"{op}[{getitem}]"
-        if n.op == "call_module":
+        qual = ""
+        if n.op == "call_module":  # a module called several times: one node per call
             t = str(n.target)
             seen[t] = seen.get(t, 0) + 1
             qual = t if calls[t] == 1 else f"{t} (call {seen[t]})"
-        elif op_node.op == "call_module":
-            qual = f"{op_node.target}[{getitem}]"
-        else:
-            path = _module_path(op_node)
-            qual = f"{path + '.' if path else ''}{n.name} ({_pretty_target(op_node)})"
-
-        def conv(a: torch.fx.Node) -> Any:
-            return TensorArg(a.name) if graph_node(a) else values.get(a.name)
-
-        key = _key(op_node, gm)
-        checked: bool | None = None
-        if module is not None and key is nn.Identity and is_eval_identity(module):
-            # a module declared the identity in eval: its output must be its input here
-            checked = len(ins) == 1 and torch.equal(values[n.name], values[ins[0]])
-        call = Call(
-            key=key,
-            target=op_node.target,
-            fx_op=op_node.op,
-            args=tuple(torch.fx.node.map_arg(op_node.args, conv)),
-            kwargs=dict(torch.fx.node.map_arg(op_node.kwargs, conv)),
-            getitem=getitem,
-            module_path=_module_path(op_node),
-            batch_mixing=_mixes_batch(values[n.name], batch),
-            identity_checked=checked,
-        )
-        nodes[n.name] = Node(
-            name=n.name,
-            qualname=qual,
-            op=op,
-            kind="op",
-            inputs=ins,
-            in_shapes=tuple(shapes[i] for i in ins),
-            out_shape=shapes[n.name],
-            fn=_Replay(gm, n, ins, value_dep, shapes),
-            module=module,
-            call=call,
-        )
+        nodes[n.name] = _op_node(gm, n, parents_of[n.name], tr, shapes=shapes, qual=qual,
+                                 batch=batch)
     nodes["output"] = Node(
         name="output", qualname="output", op="output", kind="output", inputs=(result.name,),
         in_shapes=(shapes[result.name],), out_shape=shapes[result.name], fn=_identity,
@@ -1196,7 +1215,6 @@ def _build(
     for node in nodes.values():
         if node.kind not in ("input", "output"):
             classify(node)
-    del by_name
     return OpGraph(nodes=nodes, input_shape=shape, model=model)
 
 
