@@ -747,41 +747,228 @@ def _ranges_for(bnd: _Bounds, h: int, sig: np.ndarray, n: int) -> tuple[np.ndarr
     return lo, hi
 
 
-def _branch_and_bound(
-    ch: PiecewiseLinearChain,
-    norm: str,
-    *,
-    time_limit: float,
-    region_tol: float,
-    n_samples: int,
-    enum_limit: int,
-    pair_enum_limit: int,
-    seed: int,
-    use_box: bool | None,
-    t0: float,
-) -> dict[str, Any]:
-    n0 = ch.in_dim
-    H = len(ch.weights) - 1
-    if H == 0:
-        J = ch.weights[0]
-        return dict(
-            lower=_mat_norm(J, norm),
-            upper=_mat_norm(J, norm),
-            finished=True,
-            x=np.zeros(n0),
-            regions=1,
-            lps=0,
-            nodes=0,
-            notes=["the network is affine: one region"],
-        )
-    bnd = _Bounds(ch, norm, pair_enum_limit, enum_limit)
-    nb = _NodeBound(ch, bnd, region_tol)
-    lp = _LP(n0)
+#: one child of a split: (slope, constraint row, its offset, witness x, its slack, samples
+#: inside, their slacks, witness verified)
+_Child = tuple[float, Any, float, np.ndarray, float, np.ndarray, np.ndarray, bool]
 
-    # random samples: a first incumbent and cheap feasibility witnesses, drawn at the scales
-    # where neurons can change sign: a neuron of layer i with |z_i(0)| = rho keeps its sign on
-    # the ball ||x|| < rho / prod_{j<=i} ||W_j|| (z_i is that Lipschitz), so those distances
-    # (relative, like everything here) are the natural radii; 1 when every bias is 0
+
+@dataclass(frozen=True)
+class _BnbOptions:
+    """The search options of one :func:`exact` call (see its parameters)."""
+
+    time_limit: float
+    region_tol: float
+    n_samples: int
+    enum_limit: int
+    pair_enum_limit: int
+    seed: int
+    use_box: bool | None
+
+
+class _Search:
+    """The branch and bound of :func:`_branch_and_bound` (see the module docstring): a heap of
+    :class:`_Node` sub-trees, largest certified bound first; each step fixes the sign of one
+    neuron (:meth:`_split`) and pushes the children whose bound beats the incumbent
+    (:meth:`_expand`), or scores a full region's Jacobian."""
+
+    def __init__(self, ch: PiecewiseLinearChain, norm: str, o: _BnbOptions, t0: float) -> None:
+        self.ch, self.norm, self.H = ch, norm, len(ch.weights) - 1
+        self.time_limit, self.tol, self.t0 = o.time_limit, o.region_tol, t0
+        self.use_box = 2 * ch.in_dim <= max(ch.widths) if o.use_box is None else o.use_box
+        self.nb = _NodeBound(ch, _Bounds(ch, norm, o.pair_enum_limit, o.enum_limit),
+                             o.region_tol)
+        self.lp = _LP(ch.in_dim)
+        # rounding of a slack G x + g (unit rows, n0 terms): at most (n0 + 2) eps (|G||x| + |g|)
+        self.gam = (ch.in_dim + 2) * 2.0**-52
+        # rounding of A_h = W_h D A_{h-1} ... (every inner dimension once): below
+        # gam_A |W||D|...|W|
+        self.gam_A = (ch.in_dim + sum(ch.widths) + 2) * 2.0**-52
+        self.heap: list[tuple[float, int, int, _Node]] = []
+        self.counter = itertools.count()
+        self.incumbent = 0.0
+        self.best_x = np.zeros(ch.in_dim)
+        self.best_pattern: tuple[np.ndarray, ...] = ()
+        self.regions = self.nodes = 0
+        self.unverified = 0  # leaves kept only because no LP proved them thin
+        self.unverified_max = 0.0  # the largest ||J|| among them: part of the upper bound only
+        self.timed_out = False
+        self.X = np.zeros((0, ch.in_dim))
+        self.Xabs = self.X
+
+    def out_of_time(self) -> bool:
+        return time.perf_counter() - self.t0 > self.time_limit
+
+    def push(self, child: _Node) -> None:
+        # largest bound first; ties broken deepest first
+        heapq.heappush(self.heap, (-child.bound, -child.depth, next(self.counter), child))
+
+    def start(self, X: np.ndarray, incumbent: float, best_x: np.ndarray) -> None:
+        """The root region (every input) with the samples ``X`` as feasibility witnesses."""
+        self.X, self.Xabs = X, np.abs(X)
+        self.incumbent, self.best_x = incumbent, best_x
+        A0, c0 = self.ch.weights[0], self.ch.biases[0]
+        n0 = self.ch.in_dim
+        root = _Node(0, 0, A0, c0, np.zeros(0), np.zeros((0, n0)), np.zeros(0), np.zeros(n0),
+                     math.inf, np.arange(X.shape[0]), np.full(X.shape[0], np.inf), None,
+                     self.nb(0, A0, c0, np.zeros(0), None), 0, ok=True, Aabs=np.abs(A0))
+        self.heap = [(-root.bound, 0, next(self.counter), root)]
+
+    def run(self) -> None:
+        while self.heap:
+            negb, _, _, node = heapq.heappop(self.heap)
+            if -negb <= self.incumbent:
+                self.heap.clear()
+                return
+            if self.out_of_time():
+                heapq.heappush(self.heap, (negb, 0, next(self.counter), node))
+                self.timed_out = True
+                return
+            self.nodes += 1
+            children, implied = self._split(node)
+            if self.timed_out:
+                heapq.heappush(self.heap, (negb, 0, next(self.counter), node))
+                return
+            for child in children:
+                self._expand(node, child, implied)
+
+    def _split(self, node: _Node) -> tuple[list[_Child], bool]:
+        """The children of fixing neuron ``node.m`` of layer ``node.h``, and whether the
+        single child's constraint holds on the whole region (a zero row, or the box)."""
+        k = node.m
+        a = node.A[k]
+        off = float(node.c[k])
+        an = float(np.linalg.norm(a))
+        q, p = self.ch.slopes[node.h]
+        # a row within its own rounding error of 0 is 0: z_k = off on the whole region (the
+        # error of each entry of A = W D A_prev is below (n + 2) eps (|W||D||A_prev|)_kj)
+        aabs = np.abs(a) if node.Aabs is None else node.Aabs[k]
+        if an <= self.gam_A * float(np.linalg.norm(aabs)):
+            return [(p if off >= 0 else q, None, 0.0, node.x, node.r, node.samples,
+                     node.sslack, node.ok)], True
+        nrow, noff = a / an, off / an
+        sides = [(1.0, p), (-1.0, q)]
+        implied = False
+        if node.box is not None:
+            bc = (node.box[0] + node.box[1]) / 2
+            br = (node.box[1] - node.box[0]) / 2
+            zc = float(nrow @ bc + noff)
+            zr = float(np.abs(nrow) @ br)
+            zr += self.gam * (float(np.abs(nrow) @ np.abs(bc)) + abs(noff) + zr)
+            if zc - zr > self.tol:
+                sides, implied = [(1.0, p)], True
+            elif zc + zr < -self.tol:
+                sides, implied = [(-1.0, q)], True
+        gam = self.gam
+        proj = (self.X[node.samples] @ nrow + noff,  # the samples' and the witness's slacks
+                gam * (self.Xabs[node.samples] @ np.abs(nrow) + abs(noff)),
+                float(node.x @ nrow + noff),
+                gam * (float(np.abs(node.x) @ np.abs(nrow)) + abs(noff)))
+        children: list[_Child] = []
+        for s, slope in sides:
+            child = self._side(node, nrow, noff, s, slope, proj=proj, single=len(sides) == 1)
+            if self.timed_out:
+                break
+            if child is not None:
+                children.append(child)
+        return children, implied
+
+    def _side(self, node: _Node, nrow: np.ndarray, noff: float, s: float, slope: float, *,
+              proj: tuple[np.ndarray, np.ndarray, float, float], single: bool) -> _Child | None:
+        """One side ``s (nrow . x + noff) > 0`` of a split with a witness inside it (the
+        parent's, a sample, or the Chebyshev centre of an LP), or ``None`` when it is empty
+        (no ball of radius > region_tol inside) or the time is up (``timed_out`` set)."""
+        gam, tol = self.gam, self.tol
+        sv, serr, wv, werr = proj
+        sl = np.minimum(node.sslack, s * sv - serr)
+        keep = sl > tol
+        sidx, sslk = node.samples[keep], sl[keep]
+        row = (slope, s * nrow, s * noff)
+        if node.ok and s * wv - werr > tol:
+            return (*row, node.x, min(node.r, s * wv - werr), sidx, sslk, True)
+        if sidx.size:
+            j = int(np.argmax(sslk))
+            return (*row, self.X[sidx[j]], float(sslk[j]), sidx, sslk, True)
+        if single:
+            # the box proves this side holds on the whole region: the region is the parent's,
+            # with the parent's witness (verified or not)
+            return (*row, node.x, node.r, sidx, sslk, node.ok)
+        if self.out_of_time():
+            self.timed_out = True
+            return None
+        G = np.vstack([node.G, s * nrow])
+        g = np.append(node.g, s * noff)
+        st, xl, t_lp = self.lp.chebyshev(G, g)
+        if st == "ok" and xl is not None and t_lp <= tol:
+            return None  # HiGHS: no ball of radius > region_tol inside; skipped
+        if st == "ok" and xl is not None:
+            sla = G @ xl + g - gam * (np.abs(G) @ np.abs(xl) + np.abs(g))
+            rr = float(np.min(sla))
+            if rr > tol:
+                return (*row, xl, rr, sidx, sslk, True)
+            # the LP says non-empty, its centre does not verify: keep
+            return (*row, xl, -math.inf, sidx, sslk, False)
+        # no claim from the solver: the side may be non-empty, keep it
+        return (*row, node.x, -math.inf, sidx, sslk, False)
+
+    def _box(self, box: Any, G: np.ndarray, g: np.ndarray) -> Any:
+        nbx = self.lp.box(G, g)
+        if nbx is None:
+            return box
+        return nbx if box is None else _intersect(box, nbx)
+
+    def _expand(self, node: _Node, child: _Child, implied: bool) -> None:
+        """Push a child's sub-tree (next neuron, or the next layer's first), or score a full
+        region: its Jacobian norm is the new incumbent when its witness is verified."""
+        slope, row, roff, wx, wr, sidx, sslk, wok = child
+        k = node.m
+        sig = np.append(node.sig, slope)
+        if implied:
+            # the box (or a zero row) proves the sign on the whole region: no new constraint
+            G, g = node.G, node.g
+        else:
+            G, g = np.vstack([node.G, row]), np.append(node.g, roff)
+        if k + 1 < node.A.shape[0]:
+            box = node.box
+            if (self.use_box and not implied and (k + 1) % _BOX_EVERY == 0 and G.shape[0] > 0
+                    and not self.out_of_time()):
+                box = self._box(box, G, g)
+            bd = self.nb(node.h, node.A, node.c, sig, box)
+            if bd > self.incumbent:
+                self.push(_Node(node.h, k + 1, node.A, node.c, sig, G, g, wx, wr, sidx, sslk,
+                                box, bd, node.depth + 1, node.pattern, wok, node.Aabs))
+            return
+        pattern = (*node.pattern, sig)
+        if node.h == self.H - 1:
+            self.regions += 1
+            v = _mat_norm(self.ch.weights[-1] @ (sig[:, None] * node.A), self.norm)
+            if not wok:
+                self.unverified += 1
+                self.unverified_max = max(self.unverified_max, v)
+            elif v > self.incumbent:
+                self.incumbent = v
+                self.best_x = np.array(wx, dtype=np.float64)
+                self.best_pattern = pattern
+            return
+        A2, c2, Aabs2 = _child_layer_state(self.ch, node, sig)
+        box = node.box
+        if self.use_box and G.shape[0] > 0 and not self.out_of_time():
+            box = self._box(box, G, g)
+        bd = self.nb(node.h + 1, A2, c2, np.zeros(0), box)
+        if bd > self.incumbent:
+            self.push(_Node(node.h + 1, 0, A2, c2, np.zeros(0), G, g, wx, wr, sidx, sslk, box,
+                            bd, node.depth + 1, pattern, wok, Aabs2))
+
+
+def _samples(
+    ch: PiecewiseLinearChain, norm: str, n_samples: int, seed: int
+) -> tuple[np.ndarray, float, np.ndarray]:
+    """``(X, incumbent, best_x)``: random samples, a first incumbent and its point.
+
+    The samples are cheap feasibility witnesses, drawn at the scales where neurons can change
+    sign: a neuron of layer i with |z_i(0)| = rho keeps its sign on the ball
+    ||x|| < rho / prod_{j<=i} ||W_j|| (z_i is that Lipschitz), so those distances (relative,
+    like everything here) are the natural radii; 1 when every bias is 0."""
+    n0 = ch.in_dim
     rng = np.random.default_rng(seed)
     X0 = np.zeros((1, n0))
     pre0, _ = ch.forward_patterns(X0)
@@ -805,8 +992,8 @@ def _branch_and_bound(
     pre, Jac = ch.forward_patterns(X)
     sample_vals = _batch_norm(Jac, norm)
     # a sample with every pre-activation non-zero lies in the interior of a full-dimensional
-    # region, where f is differentiable: its Jacobian norm is a realised (certified) lower bound.
-    # "Non-zero" is relative: |z| above 1e-9 times the layer's largest |z| at that sample.
+    # region, where f is differentiable: its Jacobian norm is a realised (certified) lower
+    # bound. "Non-zero" is relative: |z| above 1e-9 times the layer's largest |z| at that sample.
     inside = np.ones(X.shape[0], dtype=bool)
     for z in pre:
         az = np.abs(z)
@@ -814,215 +1001,43 @@ def _branch_and_bound(
     vals = np.where(inside, sample_vals, -np.inf)
     best_i = int(np.argmax(vals))
     incumbent = float(vals[best_i]) if inside[best_i] else 0.0
-    best_x = X[best_i].copy()
-    sample_best = incumbent
-    if use_box is None:
-        use_box = 2 * n0 <= max(ch.widths)
-    # rounding of a slack G x + g (unit rows, n0 terms): at most (n0 + 2) eps (|G||x| + |g|)
-    gam = (n0 + 2) * 2.0**-52
-    # rounding of A_h = W_h D A_{h-1} ... (every inner dimension once): below gam_A |W||D|...|W|
-    gam_A = (n0 + sum(ch.widths) + 2) * 2.0**-52
-    Xabs = np.abs(X)
+    return X, incumbent, X[best_i].copy()
 
-    counter = itertools.count()
-    A0, c0 = ch.weights[0], ch.biases[0]
-    root = _Node(
-        0,
-        0,
-        A0,
-        c0,
-        np.zeros(0),
-        np.zeros((0, n0)),
-        np.zeros(0),
-        np.zeros(n0),
-        math.inf,
-        np.arange(X.shape[0]),
-        np.full(X.shape[0], np.inf),
-        None,
-        nb(0, A0, c0, np.zeros(0), None),
-        0,
-        ok=True,
-        Aabs=np.abs(A0),
-    )
-    heap: list[tuple[float, int, int, _Node]] = [(-root.bound, 0, next(counter), root)]
-    regions = 0
-    unverified = 0  # leaves kept only because no LP proved them thin
-    unverified_max = 0.0  # the largest ||J|| among them: part of the upper bound only
-    nodes = 0
-    best_pattern: tuple[np.ndarray, ...] = ()
-    timed_out = False
 
-    def out_of_time() -> bool:
-        return time.perf_counter() - t0 > time_limit
-
-    def push(child: _Node) -> None:
-        # largest bound first; ties broken deepest first
-        heapq.heappush(heap, (-child.bound, -child.depth, next(counter), child))
-
-    while heap:
-        negb, _, _, node = heapq.heappop(heap)
-        if -negb <= incumbent:
-            heap.clear()
-            break
-        if out_of_time():
-            heapq.heappush(heap, (negb, 0, next(counter), node))
-            timed_out = True
-            break
-        nodes += 1
-        k = node.m
-        a = node.A[k]
-        off = float(node.c[k])
-        an = float(np.linalg.norm(a))
-        q, p = ch.slopes[node.h]
-        # a row within its own rounding error of 0 is 0: z_k = off on the whole region (the
-        # error of each entry of A = W D A_prev is below (n + 2) eps (|W||D||A_prev|)_kj)
-        aabs = np.abs(a) if node.Aabs is None else node.Aabs[k]
-        zero_row = an <= gam_A * float(np.linalg.norm(aabs))
-        Child = tuple[float, Any, float, np.ndarray, float, np.ndarray, np.ndarray, bool]
-        children: list[Child] = []
-        implied = False  # True when the single child's constraint holds on the whole region
-        if zero_row:
-            implied = True
-            children.append(
-                (
-                    p if off >= 0 else q,
-                    None,
-                    0.0,
-                    node.x,
-                    node.r,
-                    node.samples,
-                    node.sslack,
-                    node.ok,
-                )
-            )
-        else:
-            nrow = a / an
-            noff = off / an
-            sides = [(1.0, p), (-1.0, q)]
-            if node.box is not None:
-                bc = (node.box[0] + node.box[1]) / 2
-                br = (node.box[1] - node.box[0]) / 2
-                zc = float(nrow @ bc + noff)
-                zr = float(np.abs(nrow) @ br)
-                zr += gam * (float(np.abs(nrow) @ np.abs(bc)) + abs(noff) + zr)
-                if zc - zr > region_tol:
-                    sides = [(1.0, p)]
-                    implied = True
-                elif zc + zr < -region_tol:
-                    sides = [(-1.0, q)]
-                    implied = True
-            sv = X[node.samples] @ nrow + noff
-            serr = gam * (Xabs[node.samples] @ np.abs(nrow) + abs(noff))
-            wv = float(node.x @ nrow + noff)
-            werr = gam * (float(np.abs(node.x) @ np.abs(nrow)) + abs(noff))
-            for s, slope in sides:
-                sl = np.minimum(node.sslack, s * sv - serr)
-                keep = sl > region_tol
-                sidx, sslk = node.samples[keep], sl[keep]
-                wx: np.ndarray | None = None
-                wr = 0.0
-                wok = True
-                if node.ok and s * wv - werr > region_tol:
-                    wx, wr = node.x, min(node.r, s * wv - werr)
-                elif sidx.size:
-                    j = int(np.argmax(sslk))
-                    wx, wr = X[sidx[j]], float(sslk[j])
-                elif len(sides) == 1:
-                    # the box proves this side holds on the whole region: the region is the
-                    # parent's, with the parent's witness (verified or not)
-                    wx, wr, wok = node.x, node.r, node.ok
-                else:
-                    if out_of_time():
-                        timed_out = True
-                        break
-                    G = np.vstack([node.G, s * nrow])
-                    g = np.append(node.g, s * noff)
-                    st, xl, t_lp = lp.chebyshev(G, g)
-                    if st == "ok" and xl is not None and t_lp <= region_tol:
-                        pass  # HiGHS: no ball of radius > region_tol inside; skipped
-                    elif st == "ok" and xl is not None:
-                        sla = G @ xl + g - gam * (np.abs(G) @ np.abs(xl) + np.abs(g))
-                        rr = float(np.min(sla))
-                        if rr > region_tol:
-                            wx, wr = xl, rr
-                        else:  # the LP says non-empty, its centre does not verify: keep
-                            wx, wr, wok = xl, -math.inf, False
-                    else:  # no claim from the solver: the side may be non-empty, keep it
-                        wx, wr, wok = node.x, -math.inf, False
-                if wx is not None:
-                    children.append((slope, s * nrow, s * noff, wx, wr, sidx, sslk, wok))
-            if timed_out:
-                heapq.heappush(heap, (negb, 0, next(counter), node))
-                break
-        nh = node.A.shape[0]
-        for slope, row, roff, wx, wr, sidx, sslk, wok in children:
-            sig = np.append(node.sig, slope)
-            if implied:
-                # the box (or a zero row) proves the sign on the whole region: no new constraint
-                G, g = node.G, node.g
-            else:
-                G = np.vstack([node.G, row])
-                g = np.append(node.g, roff)
-            if k + 1 < nh:
-                box = node.box
-                if (
-                    use_box
-                    and not implied
-                    and (k + 1) % _BOX_EVERY == 0
-                    and G.shape[0] > 0
-                    and not out_of_time()
-                ):
-                    nbx = lp.box(G, g)
-                    if nbx is not None:
-                        box = nbx if box is None else _intersect(box, nbx)
-                bd = nb(node.h, node.A, node.c, sig, box)
-                if bd > incumbent:
-                    push(_Node(node.h, k + 1, node.A, node.c, sig, G, g, wx, wr, sidx, sslk,
-                               box, bd, node.depth + 1, node.pattern, wok, node.Aabs))
-                continue
-            pattern = (*node.pattern, sig)
-            if node.h == H - 1:
-                regions += 1
-                J = ch.weights[-1] @ (sig[:, None] * node.A)
-                v = _mat_norm(J, norm)
-                if not wok:
-                    unverified += 1
-                    unverified_max = max(unverified_max, v)
-                elif v > incumbent:
-                    incumbent = v
-                    best_x = np.array(wx, dtype=np.float64)
-                    best_pattern = pattern
-                continue
-            A2, c2, Aabs2 = _child_layer_state(ch, node, sig)
-            box = node.box
-            if use_box and G.shape[0] > 0 and not out_of_time():
-                nbx = lp.box(G, g)
-                if nbx is not None:
-                    box = nbx if box is None else _intersect(box, nbx)
-            bd = nb(node.h + 1, A2, c2, np.zeros(0), box)
-            if bd > incumbent:
-                push(_Node(node.h + 1, 0, A2, c2, np.zeros(0), G, g, wx, wr, sidx, sslk, box, bd,
-                           node.depth + 1, pattern, wok, Aabs2))
-
-    open_bound = max((-e[0] for e in heap), default=0.0)
-    upper = max(incumbent, open_bound, unverified_max * _INFLATE)
+def _branch_and_bound(
+    ch: PiecewiseLinearChain, norm: str, o: _BnbOptions, *, t0: float
+) -> dict[str, Any]:
+    """validate (an affine net is one region) -> sample (first incumbent) -> search
+    (:class:`_Search`) -> assemble the certified interval."""
+    n0 = ch.in_dim
+    if len(ch.weights) == 1:
+        J = ch.weights[0]
+        return dict(lower=_mat_norm(J, norm), upper=_mat_norm(J, norm), finished=True,
+                    x=np.zeros(n0), regions=1, lps=0, nodes=0,
+                    notes=["the network is affine: one region"])
+    search = _Search(ch, norm, o, t0)
+    X, incumbent, best_x = _samples(ch, norm, o.n_samples, o.seed)
+    search.start(X, incumbent, best_x)
+    search.run()
+    open_bound = max((-e[0] for e in search.heap), default=0.0)
+    upper = max(search.incumbent, open_bound, search.unverified_max * _INFLATE)
     # finished: every sub-tree was explored or pruned, and no region that the LPs could not
     # decide carries a larger norm than the best verified one
-    finished = not timed_out and unverified_max <= incumbent
+    finished = not search.timed_out and search.unverified_max <= search.incumbent
     return dict(
-        lower=incumbent,
-        upper=upper if not finished else incumbent,
+        lower=search.incumbent,
+        upper=upper if not finished else search.incumbent,
         finished=finished,
-        timed_out=timed_out,
-        x=best_x,
-        regions=regions,
-        lps=lp.count,
-        nodes=nodes,
-        pattern=best_pattern,
+        timed_out=search.timed_out,
+        x=search.best_x,
+        regions=search.regions,
+        lps=search.lp.count,
+        nodes=search.nodes,
+        pattern=search.best_pattern,
         notes=[],
-        sample_best=sample_best,
-        unverified=unverified,
-        unverified_max=unverified_max,
+        sample_best=incumbent,
+        unverified=search.unverified,
+        unverified_max=search.unverified_max,
     )
 
 
@@ -1040,7 +1055,7 @@ def _autograd_norm(
     return _mat_norm(J.detach().numpy(), norm)
 
 
-def exact(
+def exact(  # noqa: PLR0913 - the public entry point: one keyword option per knob
     model: nn.Module | Analysis,
     input_shape: Sequence[int] | int | None = None,
     *,
@@ -1083,18 +1098,10 @@ def exact(
     check_positive("enum_limit", enum_limit, integer=True, allow_zero=True)
     check_positive("pair_enum_limit", pair_enum_limit, integer=True, allow_zero=True)
     ch, scale_exp = normalise_chain(piecewise_linear_chain(an))
-    out = _branch_and_bound(
-        ch,
-        nrm,
-        time_limit=float(time_limit),
-        region_tol=float(region_tol),
-        n_samples=n_samples,
-        enum_limit=enum_limit,
-        pair_enum_limit=pair_enum_limit,
-        seed=seed,
-        use_box=use_box,
-        t0=t0,
-    )
+    opts = _BnbOptions(time_limit=float(time_limit), region_tol=float(region_tol),
+                       n_samples=n_samples, enum_limit=enum_limit,
+                       pair_enum_limit=pair_enum_limit, seed=seed, use_box=use_box)
+    out = _branch_and_bound(ch, nrm, opts, t0=t0)
     notes: list[str] = list(out["notes"])
     # back to the model's scale: times 2^E, exact unless the result is subnormal (then the
     # upper bound is rounded up, the lower one down); beyond float64 -> NonFiniteError
