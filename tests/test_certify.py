@@ -52,8 +52,8 @@ def test_linear_model_agrees_with_brute_force(norm: str, method: str) -> None:
         res = lipbound.certify(lin, x, y, eps, norm=norm, method=method)
         brute = _brute_linear(lin, x, y, eps, norm)
         # only points within a relative 1e-5 of the threshold may differ (rounding margins)
-        differ = [i for i in range(200) if res.certified[i] != brute[i]]
-        assert all(not res.certified[i] for i in differ)
+        differ = [i for i in range(200) if res.robust[i] != brute[i]]
+        assert all(not res.robust[i] for i in differ)
         assert len(differ) <= 2
         assert 0 < res.certified_accuracy <= 1
 
@@ -67,7 +67,7 @@ def test_ties_and_misclassified_points_are_never_certified() -> None:
     y = torch.tensor([0, 1, 0])  # ties (classes 0 and 1 equal), then a misclassified point
     for method in ("local", "global"):
         res = lipbound.certify(lin, x, y, 0.0, method=method)
-        assert res.certified == (False, False, False)
+        assert res.robust == (False, False, False)
         assert res.correct == (False, False, False)
         assert res.margin[0] <= 0 and res.margin[2] < 0
         assert res.certified_accuracy == 0.0
@@ -114,9 +114,9 @@ def test_certified_points_survive_an_attack_and_local_dominates_global(
     glo = lipbound.certify(net, x, y, eps, norm=norm, method="global")
     broken = _attack(net, x, y, eps, norm)
     for i in range(60):
-        assert not (loc.certified[i] and bool(broken[i]))
-        assert not (glo.certified[i] and bool(broken[i]))
-        assert loc.certified[i] or not glo.certified[i]  # local constants <= global ones
+        assert not (loc.robust[i] and bool(broken[i]))
+        assert not (glo.robust[i] and bool(broken[i]))
+        assert loc.robust[i] or not glo.robust[i]  # local constants <= global ones
         assert loc.constant[i] > 0
 
 
@@ -150,9 +150,23 @@ def test_result_json_and_repr() -> None:
     res = lipbound.certify(net, x, net(x).argmax(1), 0.05, norm="inf", batch_size=2)
     assert isinstance(res, lipbound.CertifyResult)
     d = json.loads(json.dumps(res.to_dict()))
-    assert d["norm"] == "inf" and len(d["certified"]) == 5
+    assert d["norm"] == "inf" and len(d["robust"]) == 5
     assert res.value == res.certified_accuracy
     assert "certified accuracy" in repr(res)
+    assert d["status"] == res.status == "certified accuracy" and d["how"].startswith("local")
+
+
+def test_regression_certify_result_certified_meant_per_sample_flags() -> None:
+    """``CertifyResult.certified`` held per-sample robustness flags while ``certified`` means
+    "the value is proven" in every other result; the flags are ``robust`` now and the old
+    name warns for one release."""
+    torch.manual_seed(7)
+    net = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 3)).eval()
+    x = torch.randn(4, 3)
+    res = lipbound.certify(net, x, net(x).argmax(1), 0.01)
+    with pytest.warns(DeprecationWarning, match="CertifyResult.robust"):
+        old = res.certified
+    assert old == res.robust and len(res.robust) == 4
 
 
 # ---- CLI --------------------------------------------------------------------------------------
@@ -183,7 +197,7 @@ def test_cli_certify_table_json_and_errors(tmp_path: Path,
     assert res.returncode == 0, res.stderr
     d = json.loads(res.stdout)
     want = lipbound.certify(net, x, y, 0.05, norm="inf", method="global")
-    assert d["certified"] == list(want.certified)
+    assert d["robust"] == list(want.robust)
     bad = tmp_path / "bad.pt"
     torch.save({"inputs": x}, bad)
     res = _run("certify", str(model_path), "--data", str(bad), "--radius", "0.05")

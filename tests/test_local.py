@@ -295,7 +295,9 @@ def test_result_vocabulary_and_json() -> None:
     res = lipbound.local_bound(_mlp(nn.Tanh).eval(), torch.randn(3, 5), 0.05, batch_size=2)
     assert isinstance(res, lipbound.LocalResult)
     assert len(res) == 3 and res.value == res.upper and res.certified
+    assert res.status == "certified upper bound" and res.how.startswith("interval secant")
     d = json.loads(json.dumps(res.to_dict()))
+    assert d["status"] == res.status and d["how"] == res.how
     assert d["norm"] == "2" and d["radius"] == 0.05 and len(d["lower"]) == 3
     assert "LocalResult" in repr(res)
 

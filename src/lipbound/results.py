@@ -417,7 +417,9 @@ class LocalResult:
     lower bound found inside that ball (``None`` when no witness search ran); ``value`` the
     headline per sample (``upper``); ``certified`` whether every ``upper`` is proven. ``extra``
     holds the per-sample parts (``"interval"``: the interval-Jacobian bound, ``"global"``: the
-    global certified bound that capped it, if any) and the witnesses.
+    global certified bound that capped it, if any) and the witnesses' kinds (``"lower_how"``).
+    ``how`` says which bound made ``upper``; ``status`` is derived from ``certified`` as in
+    every result.
     """
 
     upper: tuple[float, ...]
@@ -427,6 +429,7 @@ class LocalResult:
     method: str
     norm: str
     radius: float
+    how: str = ""
     seconds: float = 0.0
     cpu_seconds: float = 0.0
     notes: tuple[str, ...] = ()
@@ -435,6 +438,11 @@ class LocalResult:
     def __len__(self) -> int:
         return len(self.upper)
 
+    @property
+    def status(self) -> str:
+        """``"certified upper bound"`` per sample, or ``"estimate (not certified)"``."""
+        return "certified upper bound" if self.certified else "estimate (not certified)"
+
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready dict (floats, strings, lists only)."""
         return {
@@ -442,6 +450,8 @@ class LocalResult:
             "norm": self.norm,
             "radius": self.radius,
             "certified": self.certified,
+            "status": self.status,
+            "how": self.how,
             "upper": list(self.upper),
             "lower": None if self.lower is None else list(self.lower),
             "value": list(self.value),
@@ -468,15 +478,20 @@ class CertifyResult:
     """Certified robustness of a batch at one radius.
 
     Per sample: ``correct`` (the prediction is the label, with a strictly positive margin
-    proven in float64 interval arithmetic), ``certified`` (every point of the ball around the
-    sample keeps the label: ``margin_j > radius * L_j`` for all ``j != y``), ``margin`` (a
+    proven in float64 interval arithmetic), ``robust`` (proven robust: every point of the ball
+    around the sample keeps the label, ``margin_j > radius * L_j`` for all ``j != y``; called
+    ``certified`` before 0.3, a name that means "the value is proven" in every other result:
+    ``.certified`` still returns these flags for one release, with a ``DeprecationWarning``),
+    ``margin`` (a
     proven lower bound on ``min_j f_y(x) - f_j(x)``; ``<= 0`` for ties and misclassified
     points), ``constant`` (the constant ``L_j`` of the pair ``y, j`` that decided, i.e. the
     smallest ``margin_j - radius L_j``), ``runner_up`` (that ``j``). ``certified_accuracy`` is
-    the fraction certified, ``accuracy`` the fraction correct.
+    the fraction proven robust (``value``, the headline), ``accuracy`` the fraction correct;
+    ``how`` says which constants were used. Every ``robust`` flag is a proof, so ``status`` is
+    always ``"certified accuracy"``.
     """
 
-    certified: tuple[bool, ...]
+    robust: tuple[bool, ...]
     correct: tuple[bool, ...]
     margin: tuple[float, ...]
     constant: tuple[float, ...]
@@ -486,6 +501,7 @@ class CertifyResult:
     method: str
     norm: str
     radius: float
+    how: str = ""
     seconds: float = 0.0
     cpu_seconds: float = 0.0
     notes: tuple[str, ...] = ()
@@ -496,8 +512,18 @@ class CertifyResult:
         """The headline: the certified accuracy."""
         return self.certified_accuracy
 
+    @property
+    def status(self) -> str:
+        return "certified accuracy"
+
+    @property
+    def certified(self) -> tuple[bool, ...]:
+        """Deprecated name of :attr:`robust` (the per-sample flags)."""
+        _deprecated("CertifyResult.certified", "CertifyResult.robust")
+        return self.robust
+
     def __len__(self) -> int:
-        return len(self.certified)
+        return len(self.robust)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready dict (floats, strings, lists only)."""
@@ -507,7 +533,9 @@ class CertifyResult:
             "radius": self.radius,
             "certified_accuracy": self.certified_accuracy,
             "accuracy": self.accuracy,
-            "certified": list(self.certified),
+            "status": self.status,
+            "how": self.how,
+            "robust": list(self.robust),
             "correct": list(self.correct),
             "margin": list(self.margin),
             "constant": list(self.constant),
@@ -518,14 +546,14 @@ class CertifyResult:
         }
 
     def table(self) -> str:
-        rows = [[i, self.correct[i], self.certified[i], self.margin[i], self.constant[i],
-                 self.runner_up[i]] for i in range(len(self.certified))]
-        return format_table(["sample", "correct", "certified", "margin", "L (pair)", "vs"],
+        rows = [[i, self.correct[i], self.robust[i], self.margin[i], self.constant[i],
+                 self.runner_up[i]] for i in range(len(self.robust))]
+        return format_table(["sample", "correct", "robust (proven)", "margin", "L (pair)", "vs"],
                             rows)
 
     def __repr__(self) -> str:
         head = (f"CertifyResult(method={self.method!r}, norm=l{self.norm}, "
                 f"radius={fmt_float(self.radius)}, certified accuracy="
                 f"{self.certified_accuracy:.4f}, accuracy={self.accuracy:.4f}, "
-                f"samples={len(self.certified)}, seconds={self.seconds:.3g})")
+                f"samples={len(self.robust)}, seconds={self.seconds:.3g})")
         return "\n".join([head, *(f"note: {n}" for n in self.notes)])

@@ -262,7 +262,7 @@ def certify(
     >>> with torch.no_grad():
     ...     _ = lin.weight.copy_(torch.tensor([[1.0, 0.0], [0.0, 1.0]]))
     >>> r = certify(lin, torch.tensor([[1.0, 0.0]]), torch.tensor([0]), 0.75, method="global")
-    >>> r.certified, round(r.margin[0], 6), round(r.constant[0], 5)  # 1 < 0.75 sqrt 2
+    >>> r.robust, round(r.margin[0], 6), round(r.constant[0], 5)  # 1 < 0.75 sqrt 2
     ((False,), 1.0, 1.41421)
     """
     t0, c0 = time.perf_counter(), time.process_time()
@@ -299,7 +299,7 @@ def _result(M: torch.Tensor, L: torch.Tensor, y: torch.Tensor, plan: _Plan, *, r
     rows_i = torch.arange(M.shape[0])
     N = M.shape[0]
     return CertifyResult(
-        certified=tuple(bool(v) for v in certified),
+        robust=tuple(bool(v) for v in certified),
         correct=tuple(bool(v) for v in correct),
         margin=tuple(float(v) for v in M.min(dim=1).values),
         constant=tuple(float(v) for v in L[rows_i, worst]),
@@ -307,6 +307,9 @@ def _result(M: torch.Tensor, L: torch.Tensor, y: torch.Tensor, plan: _Plan, *, r
         certified_accuracy=float(certified.sum()) / N,
         accuracy=float(correct.sum()) / N,
         method=method,
+        how=("local constants of the logit differences over each ball (interval secant rows)"
+             if method == "local" else
+             "global constants of the logit differences (AutoLip's certified node constants)"),
         norm=n,
         radius=radius,
         seconds=times[0],

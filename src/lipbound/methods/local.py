@@ -238,6 +238,8 @@ def local_bound(
         value=ups,
         certified=True,
         method="local (interval secant Jacobian)",
+        how="interval secant Jacobian on the ball" + ("" if glob is None else
+                                                       ", capped by the global certified bound"),
         norm=n,
         radius=float(radius),
         seconds=time.perf_counter() - t0,
