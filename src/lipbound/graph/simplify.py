@@ -170,56 +170,61 @@ def simplify(graph: OpGraph, *, merge: bool = True, fold_batchnorm: bool = True)
     nodes: dict[str, Node] = {
         k: dataclasses.replace(n, cache={}) for k, n in graph.nodes.items()
     }
+    nodes = _drop_identities(nodes)
+    if fold_batchnorm:
+        nodes = _fold_batchnorms(nodes)
+    if merge:
+        nodes = _merge_linear_chains(nodes)
+    return OpGraph(nodes=nodes, input_shape=graph.input_shape, model=graph.model)
 
-    def users(name: str) -> list[Node]:
-        return [n for n in nodes.values() if name in n.inputs]
 
-    def rewire(old: str, new: str) -> None:
-        for n in nodes.values():
-            if old in n.inputs:
-                n.inputs = tuple(new if i == old else i for i in n.inputs)
-
-    # 1. identities
+def _drop_identities(nodes: dict[str, Node]) -> dict[str, Node]:
+    """1. identities: every user of an identity node reads its input instead."""
     for name in list(nodes):
         n = nodes[name]
         if _is_identity(n):
-            rewire(name, n.inputs[0])
+            for m in nodes.values():
+                if name in m.inputs:
+                    m.inputs = tuple(n.inputs[0] if i == name else i for i in m.inputs)
             del nodes[name]
+    return nodes
 
-    # 2. fold BatchNorm into a preceding Linear/Conv used only by it
-    if fold_batchnorm:
-        for name in list(nodes):
-            n = nodes.get(name)  # type: ignore[assignment]
-            if n is None or not _is_bn(n):
-                continue
-            parent = nodes[n.inputs[0]]
-            if (
-                parent.kind == "linear"
-                and isinstance(parent.module, _FOLDABLE)
-                and _plain_module_call(parent)
-                and getattr(parent.module, "padding_mode", "zeros") == "zeros"
-                and len(users(parent.name)) == 1
-                and _channels_match(parent.module, n.module, tuple(parent.out_shape))
-            ):
-                new = _folded(parent, n)
-                nodes = _replace_pair(nodes, parent.name, name, new)
 
-    # 3. merge chains of linear nodes
-    if merge:  # one pass in topological order: a parent is already merged with its own chain
-        n_users: dict[str, int] = dict.fromkeys(nodes, 0)
-        for n in nodes.values():
-            for i in n.inputs:
-                n_users[i] += 1
-        for name in list(nodes):
-            n = nodes[name]
-            if n.kind != "linear" or len(n.inputs) != 1:
-                continue
-            parent = nodes[n.inputs[0]]
-            if parent.kind != "linear" or n_users[parent.name] != 1:
-                continue
-            new = _merged(parent, n, name)
-            nodes = _replace_pair(nodes, parent.name, name, new)
-    return OpGraph(nodes=nodes, input_shape=graph.input_shape, model=graph.model)
+def _fold_batchnorms(nodes: dict[str, Node]) -> dict[str, Node]:
+    """2. fold BatchNorm into a preceding Linear/Conv used only by it."""
+    for name in list(nodes):
+        n = nodes.get(name)
+        if n is None or not _is_bn(n):
+            continue
+        parent = nodes[n.inputs[0]]
+        if (
+            parent.kind == "linear"
+            and isinstance(parent.module, _FOLDABLE)
+            and _plain_module_call(parent)
+            and getattr(parent.module, "padding_mode", "zeros") == "zeros"
+            and sum(parent.name in m.inputs for m in nodes.values()) == 1
+            and _channels_match(parent.module, n.module, tuple(parent.out_shape))
+        ):
+            nodes = _replace_pair(nodes, parent.name, name, _folded(parent, n))
+    return nodes
+
+
+def _merge_linear_chains(nodes: dict[str, Node]) -> dict[str, Node]:
+    """3. merge chains of linear nodes: one pass in topological order (a parent is already
+    merged with its own chain)."""
+    n_users: dict[str, int] = dict.fromkeys(nodes, 0)
+    for n in nodes.values():
+        for i in n.inputs:
+            n_users[i] += 1
+    for name in list(nodes):
+        n = nodes[name]
+        if n.kind != "linear" or len(n.inputs) != 1:
+            continue
+        parent = nodes[n.inputs[0]]
+        if parent.kind != "linear" or n_users[parent.name] != 1:
+            continue
+        nodes = _replace_pair(nodes, parent.name, name, _merged(parent, n, name))
+    return nodes
 
 
 def _channels_match(lin: Any, bn: Any, out_shape: tuple[int, ...] = ()) -> bool:
