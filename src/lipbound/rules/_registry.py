@@ -308,38 +308,14 @@ def register_rule(
     keys: list[Any] = list(op_type) if isinstance(op_type, (list, tuple)) else [op_type]
 
     def decorate(fn: RuleFn | float) -> Any:
-        if isinstance(fn, (int, float)) and not isinstance(fn, bool):
-            value = float(fn)
-            if not math.isfinite(value) or value < 0:
-                raise InvalidArgumentError(f"constant must be finite and >= 0; got {value}")
-
-            def const_rule(node: Node, ctx: RuleContext, _v: float = value) -> float:
-                return _v
-
-            core: RuleFn = const_rule
-            label = f"user constant {value:g}"
-        elif callable(fn):
-            core = fn
-            label = f"user rule {getattr(fn, '__name__', 'rule')}"
-        else:
-            raise InvalidArgumentError(f"rule must be a number or a callable; got {fn!r}")
+        core, label = _core_rule(fn)
+        sr = _slope_fn(slope_range)
 
         def wrapped(node: Node, ctx: RuleContext) -> NodeConstant:
             out = _as_constant(core(node, ctx), node, certified, label)
             if out.slope_range is None and sr is not None:
                 out = _with_slope(out, sr(node))
             return out
-
-        sr: SlopeFn | None
-        if slope_range is None or callable(slope_range):
-            sr = slope_range
-        else:
-            a, b = (float(slope_range[0]), float(slope_range[1]))
-            if a > b:
-                raise InvalidArgumentError(f"slope_range must have a <= b; got {slope_range}")
-
-            def sr(node: Node, _r: tuple[float, float] = (a, b)) -> tuple[float, float]:
-                return _r
 
         for key in keys:
             label_name = name or getattr(key, "__name__", str(key))
@@ -360,6 +336,36 @@ def register_rule(
     if rule is None:
         return decorate
     return decorate(rule)
+
+
+def _core_rule(fn: RuleFn | float) -> tuple[RuleFn, str]:
+    """A user rule as a callable, and its label: a number is the constant of every node."""
+    if isinstance(fn, (int, float)) and not isinstance(fn, bool):
+        value = float(fn)
+        if not math.isfinite(value) or value < 0:
+            raise InvalidArgumentError(f"constant must be finite and >= 0; got {value}")
+
+        def const_rule(node: Node, ctx: RuleContext, _v: float = value) -> float:
+            return _v
+
+        return const_rule, f"user constant {value:g}"
+    if callable(fn):
+        return fn, f"user rule {getattr(fn, '__name__', 'rule')}"
+    raise InvalidArgumentError(f"rule must be a number or a callable; got {fn!r}")
+
+
+def _slope_fn(slope_range: tuple[float, float] | SlopeFn | None) -> SlopeFn | None:
+    """A user's slope range as a function of the node (a fixed ``(a, b)`` checked)."""
+    if slope_range is None or callable(slope_range):
+        return slope_range
+    a, b = (float(slope_range[0]), float(slope_range[1]))
+    if a > b:
+        raise InvalidArgumentError(f"slope_range must have a <= b; got {slope_range}")
+
+    def sr(node: Node, _r: tuple[float, float] = (a, b)) -> tuple[float, float]:
+        return _r
+
+    return sr
 
 
 def _with_slope(c: NodeConstant, sr: tuple[float, float]) -> NodeConstant:
