@@ -504,15 +504,18 @@ def bound(
         recoverable = (*recoverable, InvalidArgumentError)
     first_upper_error: BaseException | None = None
     reporter = make_progress(progress)
+    ctx = _Context(an=an, norm=p, data=data, deadline=deadline, reporter=reporter,
+                   recoverable=recoverable)
     try:
         for i, name in enumerate(names):
-            err = _run_one(name, fns[name], names[i:], an, p, data, deadline,
-                           reporter, dict(method_options.get(name, {})), runs, recoverable)
+            err = _run_one(ctx, name, fns[name], names[i:], dict(method_options.get(name, {})),
+                           runs)
             if first_upper_error is None and name in _UPPER_METHODS and err is not None:
                 first_upper_error = err
     finally:
         reporter.close()
-    return _assemble(runs, names, p, shape, t0, model_name, first_upper_error, time_limit)
+    return _assemble(runs, names, norm=p, shape=shape, t0=t0, model_name=model_name,
+                     first_upper_error=first_upper_error, time_limit=time_limit)
 
 
 def estimate(model: nn.Module, input_shape: Sequence[int] | int, **kwargs: Any) -> Report:
@@ -529,16 +532,28 @@ def _budget_weight(name: str) -> float:
     return 2.0 if name == "autolip" else 1.0
 
 
+@dataclass(frozen=True)
+class _Context:
+    """What every method run of one :func:`bound` call shares."""
+
+    an: Analysis
+    norm: str
+    data: Any
+    deadline: float
+    reporter: _Reporter
+    recoverable: tuple[type[BaseException], ...]
+
+
 def _run_one(
-    name: str, fn: Callable[..., LipschitzResult], todo: Sequence[str], an: Analysis,
-    p: str, data: Any, deadline: float, reporter: _Reporter,
-    kwargs: dict[str, Any], runs: list[MethodRun], recoverable: tuple[type[BaseException], ...],
+    ctx: _Context, name: str, fn: Callable[..., LipschitzResult], todo: Sequence[str],
+    kwargs: dict[str, Any], runs: list[MethodRun],
 ) -> BaseException | None:
     """Run one method of :func:`bound`; append its :class:`MethodRun` to ``runs`` and
     return the recoverable error that stopped it (``None`` if none).
 
     A method's share of the time left is divided by 1.1: each method keeps its own limit to
     within 10%, so the shares overrun by at most the budget itself."""
+    p, reporter, deadline, an = ctx.norm, ctx.reporter, ctx.deadline, ctx.an
     takes = TAKES.get(name, frozenset())
     if "norm" in takes:
         kwargs.setdefault("norm", p)
@@ -547,8 +562,8 @@ def _run_one(
                               error=f"{name} supports the l2 norm only (asked: l{p})",
                               error_type="InvalidArgumentError"))
         return None
-    if name == "lower" and data is not None:
-        kwargs.setdefault("data", data)
+    if name == "lower" and ctx.data is not None:
+        kwargs.setdefault("data", ctx.data)
     if reporter.active and "progress" in takes:
         kwargs.setdefault("progress", reporter.sub(f"{name}: "))
     t1 = time.perf_counter()
@@ -565,7 +580,7 @@ def _run_one(
     reporter(f"{name}", 0.0)
     try:
         result = fn(an, an.input_shape, **kwargs)
-    except recoverable as e:
+    except ctx.recoverable as e:
         runs.append(MethodRun(name=name, result=None, error=str(e),
                               error_type=type(e).__name__,
                               seconds=time.perf_counter() - t1))
@@ -575,8 +590,9 @@ def _run_one(
 
 
 def _assemble(
-    runs: list[MethodRun], names: Sequence[str], p: str, shape: tuple[int, ...], t0: float,
-    model_name: str, first_upper_error: BaseException | None, time_limit: float | None,
+    runs: list[MethodRun], names: Sequence[str], *, norm: str, shape: tuple[int, ...],
+    t0: float, model_name: str, first_upper_error: BaseException | None,
+    time_limit: float | None,
 ) -> Report:
     """The :class:`Report` of :func:`estimate` from its runs."""
     uppers = [(r.upper, r.name) for r in runs if r.upper is not None]
@@ -608,7 +624,7 @@ def _assemble(
         notes.append(f"time limit {time_limit:g} s shared by the methods")
     return Report(
         runs=tuple(runs),
-        norm=p,
+        norm=norm,
         input_shape=shape,
         upper=None if up is None else up[0],
         upper_method=None if up is None else up[1],
