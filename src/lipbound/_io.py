@@ -425,6 +425,20 @@ def check_pt2_archive(data: bytes, path: Path) -> None:
     payloads, duplicate names. (Node targets are checked after loading, by
     :func:`_check_graph_targets`.)
     """
+    zf, rel = _pt2_entries(data, path)
+    allowed = _pt2_allowed(zf, rel, path)
+    for r in sorted(rel):
+        if r not in allowed and not (r.startswith("extra/") and len(r) > len("extra/")):
+            raise _unsafe(path, f"it holds the entry {r!r}, which lipbound does not load "
+                                "(pickled data, AOTInductor code or an unknown payload)")
+    if "data/sample_inputs/model.pt" in rel:
+        _pt2_check_samples(zf, rel["data/sample_inputs/model.pt"], path)
+    _pt2_check_program(zf, rel["models/model.json"], path)
+
+
+def _pt2_entries(data: bytes, path: Path) -> tuple[zipfile.ZipFile, dict[str, str]]:
+    """The archive and its entries by path under the one root folder, after the layout checks
+    (a zip, no duplicate names, one root, ``archive_format: pt2``, one program ``model``)."""
     try:
         zf = zipfile.ZipFile(io.BytesIO(data))
         names = zf.namelist()
@@ -446,6 +460,12 @@ def check_pt2_archive(data: bytes, path: Path) -> None:
               if r.startswith("models/") and r.endswith(".json")]
     if models != ["model"]:
         raise _unsafe(path, f"it holds the programs {models}; expected one, 'model'")
+    return zf, rel
+
+
+def _pt2_allowed(zf: zipfile.ZipFile, rel: dict[str, str], path: Path) -> set[str]:
+    """The entries lipbound loads: the fixed ones and the raw tensor files the weights and
+    constants configs name (each config refusing pickled payloads)."""
     allowed = set(_PT2_FIXED) | {"models/model.json", "data/sample_inputs/model.pt",
                                  "data/weights/model_weights_config.json",
                                  "data/constants/model_constants_config.json"}
@@ -459,22 +479,25 @@ def check_pt2_archive(data: bytes, path: Path) -> None:
     allowed |= {"data/constants/" + f for f in _payload_files(
         zf.read(rel["data/constants/model_constants_config.json"]), "the constants config",
         path, "tensor_")}
-    for r in sorted(rel):
-        if r not in allowed and not (r.startswith("extra/") and len(r) > len("extra/")):
-            raise _unsafe(path, f"it holds the entry {r!r}, which lipbound does not load "
-                                "(pickled data, AOTInductor code or an unknown payload)")
-    if "data/sample_inputs/model.pt" in rel:
-        try:
-            sample = torch.load(io.BytesIO(zf.read(rel["data/sample_inputs/model.pt"])),
-                                map_location="cpu", weights_only=True)
-        except Exception as e:
-            raise _unsafe(path, "its sample inputs do not load with torch.load(weights_only="
-                                f"True) ({_line(e)[:120]}), so torch would unpickle them "
-                                "with weights_only=False") from e
-        if not isinstance(sample, (tuple, dict)):
-            raise _unsafe(path, f"its sample inputs are a {type(sample).__name__}, not a tuple")
+    return allowed
+
+
+def _pt2_check_samples(zf: zipfile.ZipFile, entry: str, path: Path) -> None:
+    """The sample inputs must load with ``weights_only=True`` (else torch unpickles them)."""
     try:
-        program = json.loads(zf.read(rel["models/model.json"]))
+        sample = torch.load(io.BytesIO(zf.read(entry)), map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise _unsafe(path, "its sample inputs do not load with torch.load(weights_only="
+                            f"True) ({_line(e)[:120]}), so torch would unpickle them "
+                            "with weights_only=False") from e
+    if not isinstance(sample, (tuple, dict)):
+        raise _unsafe(path, f"its sample inputs are a {type(sample).__name__}, not a tuple")
+
+
+def _pt2_check_program(zf: zipfile.ZipFile, entry: str, path: Path) -> None:
+    """``models/model.json``: JSON, no ``guards_code``, every ``expr_str`` checked."""
+    try:
+        program = json.loads(zf.read(entry))
     except Exception as e:
         raise ModelLoadError(f"cannot read torch.export archive {path}: models/model.json is "
                              f"not JSON ({_line(e)})") from e
