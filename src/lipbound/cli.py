@@ -39,7 +39,24 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
-from .errors import LipboundError
+from ._io import (
+    ModelLoadError,
+    UsageError,
+    _existing,
+    _safe_torch_load,
+    load_data,
+    load_model,
+    parse_shape,
+)
+from ._version import __version__
+from .errors import LipboundError, MissingDependencyError
+from .local.bounds import LocalOptions
+from .methods.certify import certify
+from .report import METHODS, bound, plot_report
+from .results import format_table
+from .zoo.data import synthetic_gp
+from .zoo.models import ZOO, paper_mlp
+from .zoo.training import fit, mse
 
 __all__ = ["main"]
 
@@ -50,13 +67,11 @@ class _Parser(argparse.ArgumentParser):
     """ArgumentParser whose errors are one line (raised as UsageError, exit code 2)."""
 
     def error(self, message: str) -> NoReturn:
-        from ._io import UsageError
 
         raise UsageError(f"{message} (see: {self.prog} --help)")
 
 
 def _build_parser() -> _Parser:
-    from ._version import __version__
 
     parser = _Parser(
         prog="lipbound",
@@ -156,8 +171,6 @@ def _search_options(p: argparse.ArgumentParser) -> None:
 
 
 def _methods(values: Sequence[str] | None) -> tuple[str, ...]:
-    from ._io import UsageError
-    from .report import METHODS
 
     if not values:
         return _DEFAULT_METHODS
@@ -171,7 +184,6 @@ def _methods(values: Sequence[str] | None) -> tuple[str, ...]:
 
 
 def _options(args: argparse.Namespace, methods: Sequence[str]) -> dict[str, dict[str, Any]]:
-    from ._io import UsageError
 
     opts: dict[str, dict[str, Any]] = {}
     lower: dict[str, Any] = {"seed": args.seed}
@@ -199,7 +211,6 @@ def _check_output(path: str, option: str) -> None:
     """Fail fast (UsageError, exit 2) on an output path that cannot be written, before any
     model is loaded or bound computed: a writable existing folder, not itself a folder, a
     writable file if it exists, a format matplotlib writes, matplotlib installed."""
-    from ._io import UsageError
 
     p = Path(path)
     parent = p.parent if str(p.parent) else Path(".")
@@ -213,7 +224,6 @@ def _check_output(path: str, option: str) -> None:
         raise UsageError(f"{option} {path}: unknown image format {p.suffix or '(none)'!r}; "
                          f"use one of {', '.join(_PLOT_FORMATS[:4])}")
     if importlib.util.find_spec("matplotlib") is None:
-        from .errors import MissingDependencyError
 
         raise MissingDependencyError("matplotlib", "plot", f"{option}")
 
@@ -263,7 +273,6 @@ def _say_notes(notes: Sequence[str]) -> None:
 
 def _emit(report: Any, args: argparse.Namespace) -> None:
     if args.plot:
-        from .report import plot_report
 
         plot_report(report, args.plot)
         if not args.quiet:
@@ -277,8 +286,6 @@ def _emit(report: Any, args: argparse.Namespace) -> None:
 
 
 def _cmd_estimate(args: argparse.Namespace) -> int:
-    from ._io import UsageError, load_data, load_model, parse_shape
-    from .report import bound
 
     methods = _methods(args.method)
     opts: dict[str, Any] = _options(args, methods)
@@ -304,17 +311,12 @@ def _cmd_estimate(args: argparse.Namespace) -> int:
 def _cmd_demo(args: argparse.Namespace) -> int:
     import torch
 
-    from .report import bound
-    from .zoo.data import synthetic_gp
-    from .zoo.models import paper_mlp
-    from .zoo.training import fit, mse
 
     def say(msg: str) -> None:
         if not args.quiet:
             print(msg, file=sys.stderr, flush=True)
 
     if args.epochs <= 0:
-        from ._io import UsageError
 
         raise UsageError(f"--epochs must be > 0; got {args.epochs}")
     if args.plot:
@@ -349,7 +351,6 @@ def _load_labelled(path: str) -> tuple[Any, Any]:
     """``(inputs, labels)`` from a ``.pt`` dict (weights_only) or a ``.npz`` (no pickle)."""
     import torch
 
-    from ._io import ModelLoadError, UsageError, _existing, _safe_torch_load
 
     p = _existing(path, "data")
     if p.suffix == ".npz":
@@ -374,10 +375,6 @@ def _load_labelled(path: str) -> tuple[Any, Any]:
 
 
 def _cmd_certify(args: argparse.Namespace) -> int:
-    from ._io import UsageError, load_model, parse_shape
-    from .local.bounds import LocalOptions
-    from .methods.certify import certify
-    from .results import format_table
 
     if not args.radius >= 0 or args.radius == float("inf"):
         raise UsageError(f"--radius must be a finite number >= 0; got {args.radius}")
@@ -418,13 +415,11 @@ def _cmd_certify(args: argparse.Namespace) -> int:
 
 
 def _cmd_zoo(args: argparse.Namespace) -> int:
-    from .zoo.models import ZOO
 
     if args.json:
         print(json.dumps({k: {"input_shape": list(v.input_shape), "description": v.description}
                           for k, v in ZOO.items()}, indent=2))
         return 0
-    from .results import format_table
 
     rows = [[k, ",".join(map(str, v.input_shape)), v.description] for k, v in ZOO.items()]
     print(format_table(["name", "input shape", "description"], rows))
@@ -438,29 +433,33 @@ def _one_line(e: BaseException) -> str:
     return lines[0] + ("" if len(lines) == 1 else " " + " ".join(lines[1:]))
 
 
+def _run(argv: list[str], debug: bool) -> int:
+    """Parse ``argv`` and run its command (:func:`main` turns errors into exit codes)."""
+    parser = _build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help(sys.stderr)
+        return 2
+    handler = {"estimate": _cmd_estimate, "demo": _cmd_demo, "zoo": _cmd_zoo,
+               "certify": _cmd_certify}[args.command]
+    try:
+        with _quiet(debug):
+            return handler(args)
+    except SystemExit as e:  # from user code (a factory, a forward): never a silent exit
+        if debug:
+            traceback.print_exc()
+        print(f"lipbound: error: the model's code called sys.exit({e.code!r}) "
+              "(SystemExit); lipbound stopped", file=sys.stderr)
+        return 1
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``lipbound`` console script; returns the exit code."""
-    from ._io import UsageError
 
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv
     try:
-        parser = _build_parser()
-        args = parser.parse_args(argv)
-        if args.command is None:
-            parser.print_help(sys.stderr)
-            return 2
-        handler = {"estimate": _cmd_estimate, "demo": _cmd_demo, "zoo": _cmd_zoo,
-                   "certify": _cmd_certify}[args.command]
-        try:
-            with _quiet(debug):
-                return handler(args)
-        except SystemExit as e:  # from user code (a factory, a forward): never a silent exit
-            if debug:
-                traceback.print_exc()
-            print(f"lipbound: error: the model's code called sys.exit({e.code!r}) "
-                  "(SystemExit); lipbound stopped", file=sys.stderr)
-            return 1
+        return _run(argv, debug)
     except UsageError as e:
         if debug:
             traceback.print_exc()

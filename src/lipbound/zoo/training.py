@@ -21,7 +21,7 @@ from .._validation import check_choice, check_positive
 __all__ = ["accuracy", "fit", "mse"]
 
 
-def fit(
+def fit(  # noqa: PLR0913 - the training loop's knobs, all keyword options with defaults
     model: nn.Module,
     x: torch.Tensor,
     y: torch.Tensor,
