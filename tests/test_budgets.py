@@ -473,7 +473,7 @@ def test_regression_plot_cuts_labels_and_names_seqlip_when_absent(
 def test_top_rows_large_is_an_orthogonal_compression() -> None:
     # seqlip(resnet18 @ 32, time_limit=60) took 194 s: two full eigh of 4096 x 4096 Gram
     # matrices for the greedy top-k rows of one pair, work no clock check could interrupt
-    from lipbound.methods.seqlip import _TOP_ROWS_EIGH, _top_rows
+    from lipbound.methods._segment import _TOP_ROWS_EIGH, _top_rows
 
     gen = torch.Generator().manual_seed(0)
     m, n, k = _TOP_ROWS_EIGH + 232, _TOP_ROWS_EIGH + 132, 40
@@ -527,7 +527,7 @@ def test_regression_seqlip_conv_pair_over_memory_cap_keeps_autolip(
         monkeypatch: pytest.MonkeyPatch) -> None:
     """A conv two-layer block whose symbols exceed the cap is not started (it was, whatever
     its size): the block keeps AutoLip's factors, certified, and a note names the cap."""
-    from lipbound.methods import seqlip as sq
+    from lipbound.methods import _segment as sq
 
     torch.manual_seed(0)
     net = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(),

@@ -17,7 +17,8 @@ layers only (``train`` only what :data:`ALLOWED_EXTRA` lists). The declared orde
 - ``analysis``: :class:`lipbound.analysis.Analysis`, the model captured and simplified once,
   its per-node constants (``analysis.constants``: the one place rules are asked), the
   sequential segments and the dense chain (``analysis.chains``);
-- ``methods``: the bounds; inside it the private helpers (``_pairs``, ``_schur``),
+- ``methods``: the bounds; inside it the private helpers (``_pairs``, ``_schur``; then ``_segment``,
+  SeqLip on one segment, shared by seqlip and lipsdp),
   then ``autolip`` (the composition others build on), then the other methods, which do not
   import each other;
 - ``report`` (``bound``) beside ``train``; ``train`` uses only ``spectral``, ``graph.model``,
@@ -78,6 +79,7 @@ METHODS_RANK: dict[str, int] = {
     "lipbound.methods._pairs": 0,
     "lipbound.methods._schur": 0,
     "lipbound.methods.autolip": 1,
+    "lipbound.methods._segment": 1,  # SeqLip on one segment: seqlip and lipsdp share it
 }
 METHODS_TOP = 2  # every other module of lipbound.methods
 
