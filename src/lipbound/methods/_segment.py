@@ -34,7 +34,7 @@ from ._pairs import (
     pair_value,
 )
 
-__all__ = ["CONV_PAIR_BYTES", "conv_pair_bound", "conv_pair_cost"]
+__all__ = ["CONV_PAIR_BYTES", "DEFAULTS", "conv_pair_bound", "conv_pair_cost", "segment_upper"]
 
 _F64 = torch.float64
 _UP = 1.0 + ROUNDING_MARGIN
@@ -377,6 +377,11 @@ class _Options:
     max_iter: int
 
 
+#: :func:`lipbound.seqlip`'s default pair options (its signature reads them from here).
+DEFAULTS = _Options(mode="auto", k=200, max_exact_width=32, dense_limit=30_000_000, restarts=8,
+                    seed=0, tol=1e-6, max_iter=1000)
+
+
 @dataclass
 class _Work:
     """What a segment's pairs and two-layer blocks produced (see :func:`_segment`)."""
@@ -650,3 +655,16 @@ def _operator_estimate(
             f"greedy top-{len(S_i)} (truncated estimate, {g.how})", time.perf_counter() - t0,
         ))
     return est, pairs
+
+
+def segment_upper(
+    seg: list[Any], consts: dict[str, Any], slopes: dict[str, tuple[float, float] | None], *,
+    deadline: float, mode: str = "auto",
+) -> float:
+    """SeqLip's certified factor of one segment (:func:`_segment` with the default options of
+    :func:`lipbound.seqlip`), within ``deadline``: what the work started before it finds
+    (AutoLip's product when nothing fits). A valid Lipschitz bound of the segment's map, as
+    every candidate of :func:`_segment` is."""
+    units = 2 * (len(seg[0::2]) - 1)
+    clock = _Clock(deadline, units, lambda stage, fraction: None)
+    return _segment(seg, consts, slopes, clock, replace(DEFAULTS, mode=mode)).upper

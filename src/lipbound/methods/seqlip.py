@@ -83,6 +83,7 @@ from ..results import LayerBound, SeqLipResult
 from ._pairs import pair_certified, pair_exact, pair_greedy
 from ._segment import (
     CONV_PAIR_BYTES,
+    DEFAULTS,
     _Clock,
     _numel,
     _Options,
@@ -113,14 +114,14 @@ def seqlip(  # noqa: PLR0913 - the public entry point: one keyword option per kn
     *,
     mode: str = "auto",
     norm: Any = 2,
-    k: int = 200,
-    max_exact_width: int = 32,
+    k: int = DEFAULTS.k,
+    max_exact_width: int = DEFAULTS.max_exact_width,
     time_limit: float | None = None,
-    dense_limit: int = 30_000_000,
-    restarts: int = 8,
+    dense_limit: int = DEFAULTS.dense_limit,
+    restarts: int = DEFAULTS.restarts,
     seed: int = 0,
-    tol: float = 1e-6,
-    max_iter: int = 1000,
+    tol: float = DEFAULTS.tol,
+    max_iter: int = DEFAULTS.max_iter,
     progress: ProgressArg = False,
 ) -> SeqLipResult:
     """SeqLip bound of ``model`` (l2), with AutoLip on everything that is not a sequential segment.
