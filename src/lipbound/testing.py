@@ -2004,14 +2004,12 @@ def check_model(
         if r is not None:
             results.append(("seqlip", "2", r.upper, r))
     small = math.prod(shape) <= exact_max_inputs
-    exact_ok = False
     if "exact" in methods and small:
         for p in norms:
             r = run("exact", p, functools.partial(_exact_at, model, shape, p, seed))
             if r is not None:
-                exact_ok = True
                 results.append(("exact", p, r.upper if r.certified else None, r))
-    if "lipsdp" in methods and "2" in norms and (exact_ok or "exact" not in methods):
+    if "lipsdp" in methods and "2" in norms:  # any graph: composed with AutoLip off chains
         r = run("lipsdp", "2", lambda: lipbound.lipsdp(model, shape, time_limit=5.0))
         if r is not None:
             results.append(("lipsdp", "2", r.upper if r.certified else None, r))
@@ -2265,7 +2263,8 @@ def fuzz(
     counted and replaced by the next attempt).
 
     ``lower_bound`` runs in one norm per graph (rotating); ``lipsdp`` every ``lipsdp_every``
-    graphs (0: never) on the small ReLU-family chains ``exact`` accepts. ``focus`` restricts
+    graphs (0: never), on any graph (LipSDP on the segments and residual blocks, AutoLip
+    elsewhere). ``focus`` restricts
     the focus ops (generators, their names or rule keys); ``coverage=False`` skips listing the
     registered keys without a generator; ``shrink`` minimises one reproducer per class.
     """
