@@ -43,7 +43,8 @@ def test_methods_give_the_same_numbers_through_an_analysis() -> None:
     net = _mlp(1)
     an = Analysis(net, (3,))
     for fn, kw in ((lipbound.autolip, {}), (lipbound.seqlip, {}), (lipbound.exact, {}),
-                   (lipbound.lipsdp, {}), (lipbound.lower_bound, {"seed": 3})):
+                   (lipbound.lipsdp, {}),
+                   (lipbound.lower_bound, {"seed": 3, "time_limit": None})):
         clear_cache()
         direct = fn(net, (3,), **kw)
         via = fn(an, **kw)
@@ -103,7 +104,7 @@ def test_analysis_checks_the_model_at_once() -> None:
 
 def test_lower_bound_alone_never_captures(captures: list[tuple[int, ...]]) -> None:
     an = Analysis(_mlp(7), (3,))
-    lipbound.lower_bound(an, seed=0)
+    lipbound.lower_bound(an, seed=0, time_limit=None)
     assert captures == []
 
 
@@ -138,3 +139,24 @@ def test_regression_sequential_structure_had_its_own_slope_table() -> None:
     pen = lipbound.LipschitzPenalty(net, (3,), structure="sequential")
     assert pen.plan.source == "sequential"
     assert torch.isfinite(pen().detach())
+
+
+def test_regression_capture_left_tensor_constants_on_the_model() -> None:
+    """torch.fx stores the tensor constants a forward creates (``w[:, 0]`` of a buffer) on the
+    traced root, the user's model: capture left ``_tensor_constant0`` there, so the model's
+    fingerprint changed and ``lipsdp`` (which reads its Analysis twice) refused it as stale."""
+
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.register_buffer("w", torch.randn(4, 3))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return torch.tanh(x @ self.w[:, :2] + self.w[0, :2])
+
+    net = Net().eval()
+    before = set(vars(net))
+    an = Analysis(net, (4,))
+    lipbound.autolip(an)
+    assert set(vars(net)) == before and an.is_current()
+    assert lipbound.lipsdp(an).upper is not None

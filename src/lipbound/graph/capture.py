@@ -824,13 +824,20 @@ def _trace(model: nn.Module) -> torch.fx.GraphModule:
     if tracer.is_leaf_module(model, ""):
         model = _Root(model)
     concrete = _forward_defaults(model)
+    before = set(vars(model))
     try:
-        graph = tracer.trace(model, concrete_args=concrete or None)
-    except Exception as exc:  # torch.fx raises many types (TraceError, TypeError...)
-        raise InvalidArgumentError(_trace_failure(model, exc)) from exc
-    if concrete:
-        _drop_defaulted_inputs(graph)
-    return torch.fx.GraphModule(tracer.root, graph)
+        try:
+            graph = tracer.trace(model, concrete_args=concrete or None)
+        except Exception as exc:  # torch.fx raises many types (TraceError, TypeError...)
+            raise InvalidArgumentError(_trace_failure(model, exc)) from exc
+        if concrete:
+            _drop_defaulted_inputs(graph)
+        return torch.fx.GraphModule(tracer.root, graph)  # copies the attributes it reads
+    finally:
+        # torch.fx stores the tensor constants it meets on the root module: the user's model
+        # would leave capture with new attributes (and a changed fingerprint)
+        for k in [k for k in vars(model) if k not in before and k.startswith("_tensor_const")]:
+            del vars(model)[k]
 
 
 def _first_line(exc: BaseException, limit: int = 160) -> str:
