@@ -98,7 +98,7 @@ from ..local.propagate import (
     linear_norms,
 )
 from ..local.rules import LocalOp
-from ..local.telescope import Pass, telescoped_norms
+from ..local.telescope import Pass, point_pass, telescoped_norms
 from ..results import LocalResult
 from .autolip import compose, node_constants
 
@@ -130,15 +130,18 @@ def _global(graph: OpGraph, norm: str) -> tuple[float | None, str, dict[str, flo
 
 
 def _uppers(graph: OpGraph, ops: dict[str, LocalOp], x: torch.Tensor, *, radius: float, n: str,
-            lin: dict[str, float], chunk: int, opts: LocalOptions) -> torch.Tensor:
-    """The interval / ball bounds of every sample (the smaller of the two), chunk by chunk."""
+            lin: dict[str, float], chunk: int, opts: LocalOptions, notes: list[str]
+            ) -> torch.Tensor:
+    """The interval / ball / telescoped bounds of every sample (the smallest), chunk by chunk;
+    ``notes`` receives the nodes left at their IBP boxes."""
     out_shape = tuple(graph[graph.output.inputs[0]].out_shape)
     K = math.prod(out_shape)
     uppers: list[torch.Tensor] = []
     for s in range(0, x.shape[0], chunk):
         xb = x[s:s + chunk]
         tans: dict[str, Box | None] = {}
-        boxes = forward_boxes(graph, xb, radius, n, ops, refine=opts.refine, tangents=tans)
+        boxes = forward_boxes(graph, xb, radius, n, ops, refine=opts.refine, tangents=tans,
+                              crown=opts.crown, max_memory=opts.max_memory, notes=notes)
         rows = torch.eye(K, dtype=_F64, device=xb.device).reshape(K, *out_shape)
         rows = rows.unsqueeze(0).expand(xb.shape[0], *rows.shape)
         out_tan = tans.get(graph.output.name)
@@ -156,14 +159,10 @@ def _uppers(graph: OpGraph, ops: dict[str, LocalOp], x: torch.Tensor, *, radius:
 
 def _telescoped(graph: OpGraph, ops: dict[str, LocalOp], xb: torch.Tensor, n: str,
                 rows: torch.Tensor, opts: LocalOptions, *, ball: Pass) -> torch.Tensor:
-    """The telescoped bound (:mod:`lipbound.local.telescope`): the radius-0 pass (boxes,
-    tangents, recorded adjoints) beside the ball's."""
-    tans0: dict[str, Box | None] = {}
-    boxes0 = forward_boxes(graph, xb, 0.0, n, ops, refine=opts.refine, tangents=tans0)
-    adj0: dict[str, Box] = {}
-    rows0 = intersect_rows(backward_rows(graph, boxes0, rows, ops, record=adj0),
-                           tans0.get(graph.output.name), rows)
-    return telescoped_norms(graph, ops, n, ball, Pass(boxes0, tans0, adj0), rows0)
+    """The telescoped bound (:mod:`lipbound.local.telescope`): the radius-0 pass beside the
+    ball's."""
+    point, rows0 = point_pass(graph, ops, xb, n, rows, opts.refine)
+    return telescoped_norms(graph, ops, n, ball, point, rows0)
 
 
 def _witnesses(model: nn.Module, x: torch.Tensor, *, radius: float, n: str, chunk: int,
@@ -219,9 +218,10 @@ def local_bound(
     if not opts.use_global:
         glob, note = None, "global cap not used"
     chunk = chunk_size(graph, K, batch_size, opts.max_memory)
+    ibp_notes: list[str] = []
     with precision(largest_value(graph)):
         interval = _uppers(graph, ops, x, radius=float(radius), n=n, lin=lin, chunk=chunk,
-                           opts=opts)
+                           opts=opts, notes=ibp_notes)
     upper = interval if glob is None else torch.clamp(interval, max=glob)
     low: tuple[float, ...] | None = None
     hows: list[str] = []
@@ -242,7 +242,7 @@ def local_bound(
         radius=float(radius),
         seconds=time.perf_counter() - t0,
         cpu_seconds=time.process_time() - c0,
-        notes=(note,),
+        notes=(note, *dict.fromkeys(ibp_notes)),
         extra={"interval": tuple(float(v) for v in interval), "global": glob,
                "lower_how": tuple(hows), "graph": graph},
     )
