@@ -34,7 +34,8 @@ class LocalOptions:
     and mean-value refinement when the graph's tangents have at most that many entries per
     sample (``0``: none); ``crown``: CROWN-style back-substituted bounds for the values read
     by non-linear rules that need at most that many rows per sample (``0``: plain IBP; the
-    others keep their IBP box, with a note); ``use_global``: cap by AutoLip's certified bound when it exists;
+    others keep their IBP box, with a note); ``use_global``: cap by AutoLip's certified bound
+    when it exists;
     ``steps`` / ``restarts`` / ``seed``: the witness search (pair ascent in the ball);
     ``progress``: called with one line per chunk.
     """

@@ -79,13 +79,24 @@ from .interval import TINY, Box, from_bounds, point, rel64
 from .linear import linear_backward, linear_parts
 from .rules import MULTI, LocalOp, leaky_slope, slope_box
 
-__all__ = ["CrownState", "crown_box", "relaxation", "targets"]
+__all__ = ["CrownBudget", "CrownState", "crown_box", "relaxation", "targets", "tighten"]
 
 _F64 = torch.float64
 #: Sub-intervals of the generic (non-ReLU) relaxation.
 SUBINTERVALS = 8
 #: bytes per float64 entry of a row coefficient, times the tensors alive in one step.
 _LIVE = 8 * 6
+
+
+@dataclass
+class CrownBudget:
+    """How much CROWN a forward pass may do: at most ``rows`` back-substituted rows per sample
+    and node, in chunks of at most ``max_memory`` bytes; ``notes`` receives a line for each
+    node left at its IBP box."""
+
+    rows: int
+    max_memory: int = 1 << 30
+    notes: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -97,13 +108,20 @@ class CrownState:
     ops: dict[str, LocalOp]
     radius: float
     norm: str
-    rows: int
-    max_memory: int
+    budget: CrownBudget
     relu_only: dict[str, bool]
+    order: dict[str, int]
     relax: dict[str, tuple[torch.Tensor, ...] | None] = field(default_factory=dict)
     consts: dict[str, Box] = field(default_factory=dict)
-    notes: list[str] = field(default_factory=list)
-    order: dict[str, int] = field(default_factory=dict)
+
+    @classmethod
+    def make(cls, graph: OpGraph, ops: dict[str, LocalOp], radius: float, norm: str,
+             budget: CrownBudget | None) -> CrownState | None:
+        """The state of one forward pass (``None``: no CROWN, or radius 0)."""
+        if budget is None or budget.rows <= 0 or radius <= 0:
+            return None
+        return cls(graph, ops, float(radius), norm, budget, targets(graph, ops),
+                   {n.name: i for i, n in enumerate(graph)})
 
 
 def targets(graph: OpGraph, ops: dict[str, LocalOp]) -> dict[str, bool]:
@@ -299,6 +317,15 @@ def _selection(st: CrownState, node: Node, box: Box) -> torch.Tensor:
     return torch.arange(math.prod(node.out_shape), device=box.c.device)
 
 
+def tighten(st: CrownState | None, node: Node, boxes: dict[str, Box], exact: set[str]) -> Box:
+    """``boxes[node.name]``, tightened by :func:`crown_box` when ``node`` is a target and its
+    box is not exact already (``exact``: the affine maps of the input)."""
+    if st is None or node.name not in st.relu_only or node.name in exact:
+        return boxes[node.name]
+    with torch.no_grad():
+        return crown_box(st, node, boxes)
+
+
 def crown_box(st: CrownState, node: Node, boxes: dict[str, Box]) -> Box:
     """The node's box ``boxes[node.name]`` tightened by back-substitution (module docstring),
     entry by entry never wider; unchanged (with a note) when its rows exceed the budget."""
@@ -306,14 +333,14 @@ def crown_box(st: CrownState, node: Node, boxes: dict[str, Box]) -> Box:
     sel = _selection(st, node, box)
     if sel.numel() == 0:
         return box
-    if 2 * sel.numel() > st.rows:
-        st.notes.append(f"{node.qualname}: IBP box kept ({2 * sel.numel()} CROWN rows above "
-                        f"the budget of {st.rows})")
+    if 2 * sel.numel() > st.budget.rows:
+        st.budget.notes.append(f"{node.qualname}: IBP box kept ({2 * sel.numel()} CROWN rows "
+                               f"above the budget of {st.budget.rows})")
         return box
     B, shape = box.c.shape[0], tuple(node.out_shape)
     n = math.prod(shape)
     upstream = max(math.prod(m.out_shape) for m in list(st.graph)[: st.order[node.name] + 1])
-    chunk = max(1, min(sel.numel(), st.max_memory // max(1, 2 * B * upstream * _LIVE)))
+    chunk = max(1, min(sel.numel(), st.budget.max_memory // max(1, 2 * B * upstream * _LIVE)))
     lo, hi = box.lo.reshape(B, n).clone(), box.hi.reshape(B, n).clone()
     for s in range(0, sel.numel(), chunk):
         idx = sel[s:s + chunk]

@@ -39,7 +39,7 @@ from ..graph import OpGraph
 from ..graph.types import Node
 from ..rules import RuleContext
 from ..rules.linear import l1_linf_available
-from .crown import CrownState, crown_box, targets
+from .crown import CrownBudget, CrownState, tighten
 from .interval import MAX_ENTRIES, TINY, Box, from_bounds, iadd, pad, rel64
 from .linear import linear_backward, linear_parts
 from .rules import LocalOp, ball_factor, local_op, slope_box
@@ -142,9 +142,8 @@ def tangent_entries(graph: OpGraph) -> int:
 
 def forward_boxes(graph: OpGraph, x: torch.Tensor, radius: float, norm: str,
                   ops: dict[str, LocalOp] | None = None, *, refine: int = 0,
-                  tangents: dict[str, Box | None] | None = None, crown: int = 0,
-                  max_memory: int = 1 << 30, notes: list[str] | None = None
-                  ) -> dict[str, Box]:
+                  tangents: dict[str, Box | None] | None = None,
+                  crown: CrownBudget | None = None) -> dict[str, Box]:
     """Boxes of every node's value over the ball of ``radius`` around each row of ``x``
     (``x``: ``(B, *input_shape)``); see the module docstring.
 
@@ -157,17 +156,14 @@ def forward_boxes(graph: OpGraph, x: torch.Tensor, radius: float, norm: str,
     over the ball, hence their intersection. ``tangents``, if given, receives the tangent
     boxes (``None`` for nodes that do not depend on the input).
 
-    ``crown > 0``: the values read by non-linear rules are tightened by back-substituted
-    linear relaxations (:mod:`lipbound.local.crown`) when they need at most ``crown`` rows per
-    sample, in chunks of at most ``max_memory`` bytes; ``notes``, if given, receives a line
-    for each node left at its IBP box."""
+    ``crown``: the values read by non-linear rules are also tightened by back-substituted
+    linear relaxations (:mod:`lipbound.local.crown`) within the budget; its ``notes`` receive
+    the nodes left at their IBP boxes."""
     ops = check_graph(graph) if ops is None else ops
     point: dict[str, Box] | None = None
     tan: dict[str, Box | None] = {} if tangents is None else tangents
     use_tan = refine > 0 and tangent_entries(graph) <= refine
-    cst = CrownState(graph, ops, float(radius), norm, crown, max_memory, targets(graph, ops),
-                     order={n.name: i for i, n in enumerate(graph)}) if (
-        crown > 0 and radius > 0) else None
+    cst = CrownState.make(graph, ops, float(radius), norm, crown)
     if use_tan and radius > 0:
         point = forward_boxes(graph, x, 0.0, norm, ops)
     n_in = math.prod(graph.input_shape)
@@ -211,9 +207,7 @@ def forward_boxes(graph: OpGraph, x: torch.Tensor, radius: float, norm: str,
         elif point is not None and t_node is not None:
             boxes[node.name] = _refine(boxes[node.name], point[node.name], t_node,
                                        float(radius), norm)
-        if cst is not None and node.name in cst.relu_only and node.name not in affine:
-            with torch.no_grad():
-                boxes[node.name] = crown_box(cst, node, boxes)
+        boxes[node.name] = tighten(cst, node, boxes, affine)
         if node.kind == "linear":
             continue
         if not bool(torch.isfinite(boxes[node.name].r).all()):
@@ -221,8 +215,6 @@ def forward_boxes(graph: OpGraph, x: torch.Tensor, radius: float, norm: str,
                 [UnsupportedNode(node.qualname, node.op, "its interval bound over the ball is "
                                  "not finite (overflow); use a smaller radius")],
                 what="no local Lipschitz bound over this ball")
-    if notes is not None and cst is not None:
-        notes.extend(cst.notes)
     return boxes
 
 

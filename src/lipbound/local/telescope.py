@@ -63,7 +63,7 @@ from ..graph import OpGraph
 from ..graph.types import Node
 from ..rules import ROUND_REL
 from ..spectral.certify import round_up
-from .bounds import interval_norms, intersect_rows
+from .bounds import intersect_rows, interval_norms
 from .interval import Box, iadd, imatmul, pad
 from .propagate import backward_rows, forward_boxes
 from .rules import MULTI, LocalOp

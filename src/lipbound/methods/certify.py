@@ -53,6 +53,7 @@ from ..local.bounds import (
     chunk_size,
     intersect_rows,
 )
+from ..local.crown import CrownBudget
 from ..local.interval import Box, precision
 from ..local.linear import linear_parts
 from ..local.propagate import (
@@ -237,8 +238,9 @@ def _local_rows(plan: _Plan, ops: dict[str, LocalOp], xb: torch.Tensor, yb: torc
     :func:`lipbound.local_bound` (each is a bound on ``sup ||w^T M||_*``)."""
     graph = plan.graph
     tans: dict[str, Box | None] = {}
+    budget = CrownBudget(opts.crown, opts.max_memory, plan.notes)
     boxes = forward_boxes(graph, xb, radius, n, ops, refine=opts.refine, tangents=tans,
-                          crown=opts.crown, max_memory=opts.max_memory, notes=plan.notes)
+                          crown=budget)
     rows = _diff_rows(plan.k, yb).reshape(xb.shape[0], plan.k - 1, *plan.out_shape)
     out_tan = tans.get(graph.output.name)
     adj: dict[str, Box] | None = None if out_tan is None else {}

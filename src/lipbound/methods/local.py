@@ -88,6 +88,7 @@ from ..local.bounds import (
     interval_norms,
     witness,
 )
+from ..local.crown import CrownBudget
 from ..local.interval import Box, precision
 from ..local.propagate import (
     backward_rows,
@@ -130,10 +131,11 @@ def _global(graph: OpGraph, norm: str) -> tuple[float | None, str, dict[str, flo
 
 
 def _uppers(graph: OpGraph, ops: dict[str, LocalOp], x: torch.Tensor, *, radius: float, n: str,
-            lin: dict[str, float], chunk: int, opts: LocalOptions, notes: list[str]
-            ) -> torch.Tensor:
-    """The interval / ball / telescoped bounds of every sample (the smallest), chunk by chunk;
-    ``notes`` receives the nodes left at their IBP boxes."""
+            lin: dict[str, float], chunk: int, opts: LocalOptions
+            ) -> tuple[torch.Tensor, list[str]]:
+    """The interval / ball / telescoped bounds of every sample (the smallest), chunk by chunk,
+    and the notes of the nodes left at their IBP boxes."""
+    budget = CrownBudget(opts.crown, opts.max_memory)
     out_shape = tuple(graph[graph.output.inputs[0]].out_shape)
     K = math.prod(out_shape)
     uppers: list[torch.Tensor] = []
@@ -141,7 +143,7 @@ def _uppers(graph: OpGraph, ops: dict[str, LocalOp], x: torch.Tensor, *, radius:
         xb = x[s:s + chunk]
         tans: dict[str, Box | None] = {}
         boxes = forward_boxes(graph, xb, radius, n, ops, refine=opts.refine, tangents=tans,
-                              crown=opts.crown, max_memory=opts.max_memory, notes=notes)
+                              crown=budget)
         rows = torch.eye(K, dtype=_F64, device=xb.device).reshape(K, *out_shape)
         rows = rows.unsqueeze(0).expand(xb.shape[0], *rows.shape)
         out_tan = tans.get(graph.output.name)
@@ -154,7 +156,7 @@ def _uppers(graph: OpGraph, ops: dict[str, LocalOp], x: torch.Tensor, *, radius:
                                                ball=Pass(boxes, tans, adj)))
         uppers.append(up)
         opts.say(f"local_bound: {min(s + chunk, x.shape[0])}/{x.shape[0]} samples")
-    return torch.cat(uppers)
+    return torch.cat(uppers), budget.notes
 
 
 def _telescoped(graph: OpGraph, ops: dict[str, LocalOp], xb: torch.Tensor, n: str,
@@ -218,10 +220,9 @@ def local_bound(
     if not opts.use_global:
         glob, note = None, "global cap not used"
     chunk = chunk_size(graph, K, batch_size, opts.max_memory)
-    ibp_notes: list[str] = []
     with precision(largest_value(graph)):
-        interval = _uppers(graph, ops, x, radius=float(radius), n=n, lin=lin, chunk=chunk,
-                           opts=opts, notes=ibp_notes)
+        interval, ibp_notes = _uppers(graph, ops, x, radius=float(radius), n=n, lin=lin,
+                                      chunk=chunk, opts=opts)
     upper = interval if glob is None else torch.clamp(interval, max=glob)
     low: tuple[float, ...] | None = None
     hows: list[str] = []
