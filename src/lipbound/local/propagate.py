@@ -13,8 +13,9 @@ Two passes over the :class:`~lipbound.graph.OpGraph` of :func:`lipbound.graph.ca
     from the input), with row norms propagated part by part: ``sqrt((W o W)(rho^2))`` while
     the rows of the map so far have disjoint supports (the input and its permutations /
     selections), ``|W| rho`` afterwards (triangle inequality), and the entry-wise minimum of
-    both enclosures is kept. No CROWN-style backward relaxation is applied to intermediate
-    bounds (plain IBP): the bounds are sound but loosen quickly with depth and radius.
+    both enclosures is kept. With a ``crown`` budget, the values read by non-linear rules
+    are then tightened by back-substituted linear relaxations (:mod:`lipbound.local.crown`,
+    never looser than IBP); otherwise the bounds loosen quickly with depth and radius.
 
 :func:`backward_rows`
     for rows ``w`` (e.g. the identity of the output, or class differences ``e_y - e_j``),

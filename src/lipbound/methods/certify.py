@@ -18,8 +18,12 @@ certifies ``x``. ``L_j`` is the constant of ``x -> w^T f(x)`` with the differenc
   from ``w`` over the ball (:func:`lipbound.local.propagate.backward_rows`), so
   ``L_j = || |m_c| + m_r ||_2`` (l2) or ``sum |m_c| + m_r`` (l-inf); with the ball variant
   (:func:`~lipbound.local.propagate.backward_rows_ball`, rows ``c + b + d``,
-  ``||d||_* <= rho``) ``L_j = || |c| + r ||_* + rho``; the smaller of the two, capped by the
-  global one below when it exists (each is valid, hence their minimum);
+  ``||d||_* <= rho``) ``L_j = || |c| + r ||_* + rho``; and, when the forward tangents fit
+  ``options.refine``, the telescoped bound of :mod:`lipbound.local.telescope` for the one-row
+  matrix ``w^T M`` (a one-row matrix's l2 / l-inf operator norm is its row's l2 / l1 norm);
+  the smallest, capped by the global one below when it exists (each is valid, hence their
+  minimum). The boxes are those of :func:`lipbound.local_bound` (CROWN within
+  ``options.crown``);
 * ``method="global"``: AutoLip's per-node certified constants (:func:`~lipbound.methods.
   autolip.node_constants`) composed up to the input of the last affine node ``W`` (bound
   ``L_h``), times the exact ``||W^T w||_2`` (l2) or ``||W^T w||_1`` (l-inf) of that node's

@@ -12,8 +12,10 @@ Upper bound (certified). On lipbound's own graph (:func:`lipbound.graph.capture`
 
 1. interval bounds of every intermediate value over the ball
    (:func:`lipbound.local.propagate.forward_boxes`: IBP with the centre/radius form
-   ``W c +- |W| r`` for linear nodes and exact l2 row norms for the first affine layers;
-   no CROWN-style tightening);
+   ``W c +- |W| r`` for linear nodes and exact l2 row norms for the first affine layers,
+   and, for the values read by non-linear rules, CROWN-style back-substituted linear
+   relaxations within ``options.crown`` rows (:mod:`lipbound.local.crown`), intersected
+   with IBP);
 2. from them, each node's local *secant* matrices: per-neuron slope ranges of activations (a
    stable ReLU has slope exactly 0 or 1), and the local rules for products, matmul of two
    inputs, division, exp/log/sqrt/pow, softmax, LayerNorm/RMSNorm
@@ -59,8 +61,10 @@ or the attaining sign vector in l-inf) at ``x`` and at the ascent's end points, 
 a float64 copy of the model; the best realised value is returned. A Jacobian witness is a lower
 bound because its point lies in the open ball.
 
-Limits: CROWN-style backward relaxations of the intermediate bounds are not implemented (so
-large radii give loose intervals, hence bounds that fall back to the global one). On deeper
+Limits: the CROWN back-substitution stops at products, softmax, LayerNorm and the other
+non-activation rules (their own boxes are its inputs), so transformers still wrap at large
+radii, and a ReLU CNN's bound still falls back to the global one once most neurons are
+unstable. On deeper
 transformers the value boxes themselves wrap: the second block of a 2-block TinyViT sees
 boxes ``1e4 r`` wide where the values move by ``30 r``, so its bounds are tight only up to
 ``r ~ 1e-6`` (untrained: ``1e-5``). Max-pool and ``nn.MultiheadAttention`` have no local rule
