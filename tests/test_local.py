@@ -16,6 +16,7 @@ from lipbound.errors import LipboundError, ShapeError, UnsupportedModelError
 from lipbound.graph import capture, simplify
 from lipbound.local import Box, backward_rows, forward_boxes
 from lipbound.local.bounds import LocalOptions, intersect_rows
+from lipbound.local.crown import CrownBudget
 from lipbound.local.interval import REL64, precision, rel64, rel_for
 from lipbound.local.propagate import backward_rows_ball, check_graph, largest_value, linear_norms
 from lipbound.local.telescope import Pass, telescoped_norms
@@ -98,6 +99,7 @@ def _vit() -> nn.Module:
 
 ARCHS = {
     "relu": lambda: _mlp(nn.ReLU),
+    "leaky_relu": lambda: _mlp(nn.LeakyReLU),
     "tanh": lambda: _mlp(nn.Tanh),
     "sigmoid": lambda: _mlp(nn.Sigmoid),
     "gelu": lambda: _mlp(nn.GELU),
@@ -197,9 +199,9 @@ def test_local_upper_bounds_every_realised_ratio_in_the_ball(arch: str, seed: in
 @settings(max_examples=10, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(arch=st.sampled_from(sorted(ARCHS)), seed=st.integers(0, 10_000),
        log_r=st.floats(-3.0, 0.5), norm=st.sampled_from(["2", "inf"]),
-       refine=st.sampled_from([0, 1 << 19]))
+       refine=st.sampled_from([0, 1 << 19]), crown=st.sampled_from([0, 1 << 13]))
 def test_interval_boxes_contain_every_value_and_jacobian_in_the_ball(
-        arch: str, seed: int, log_r: float, norm: str, refine: int) -> None:
+        arch: str, seed: int, log_r: float, norm: str, refine: int, crown: int) -> None:
     torch.manual_seed(seed)
     net = ARCHS[arch]().eval().double()
     d = DIMS.get(arch, 5)
@@ -207,7 +209,8 @@ def test_interval_boxes_contain_every_value_and_jacobian_in_the_ball(
     radius = 10.0 ** log_r
     g = simplify(capture(net, (d,)))
     tans: dict[str, Box | None] = {}
-    boxes = forward_boxes(g, x, radius, norm, refine=refine, tangents=tans)
+    boxes = forward_boxes(g, x, radius, norm, refine=refine, tangents=tans,
+                          crown=CrownBudget(crown))
     out = boxes[g.output.name]
     k = out.c.shape[1]
     J = backward_rows(g, boxes, torch.eye(k, dtype=F64).expand(2, k, k))

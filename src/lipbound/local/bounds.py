@@ -32,13 +32,17 @@ class LocalOptions:
     ``max_memory``: bytes of adjoints per chunk (the chunk shrinks below ``batch_size`` to fit;
     an error names the numbers when one sample does not fit); ``refine``: forward tangent boxes
     and mean-value refinement when the graph's tangents have at most that many entries per
-    sample (``0``: plain IBP); ``use_global``: cap by AutoLip's certified bound when it exists;
+    sample (``0``: none); ``crown``: CROWN-style back-substituted bounds for the values read
+    by non-linear rules that need at most that many rows per sample (``0``: plain IBP; the
+    others keep their IBP box, with a note); ``use_global``: cap by AutoLip's certified bound
+    when it exists;
     ``steps`` / ``restarts`` / ``seed``: the witness search (pair ascent in the ball);
     ``progress``: called with one line per chunk.
     """
 
     max_memory: int = 1 << 30
     refine: int = 1 << 19
+    crown: int = 1 << 13
     use_global: bool = True
     steps: int = 30
     restarts: int = 2
@@ -48,6 +52,7 @@ class LocalOptions:
     def check(self) -> LocalOptions:
         check_positive("max_memory", self.max_memory, integer=True)
         check_positive("refine", self.refine, integer=True, allow_zero=True)
+        check_positive("crown", self.crown, integer=True, allow_zero=True)
         check_positive("steps", self.steps, integer=True, allow_zero=True)
         check_positive("restarts", self.restarts, integer=True, allow_zero=True)
         return self

@@ -42,7 +42,7 @@ from ..graph.types import Node
 from ..rules.linear import entrywise_map
 from .interval import TINY, Box, rel64
 
-__all__ = ["DENSE_ENTRIES", "LinearPart", "linear_parts"]
+__all__ = ["DENSE_ENTRIES", "LinearPart", "linear_backward", "linear_parts"]
 
 #: Largest dense matrix (entries) built for a linear op without a structured ``|W|``.
 DENSE_ENTRIES = 1 << 22
@@ -209,3 +209,13 @@ def linear_parts(node: Node) -> list[LinearPart]:
     out = [_part(p) for p in parts]
     node.cache["local_parts"] = tuple(out)
     return out
+
+
+def linear_backward(node: Node, adj: Box) -> Box:
+    """Adjoint box ``W^T a`` of a (merged) linear node for rows ``a`` in ``adj``
+    (``(B, R, *out)``), part by part from the last."""
+    B, R = adj.c.shape[:2]
+    box = Box(adj.c.reshape(B * R, *adj.c.shape[2:]), adj.r.reshape(B * R, *adj.c.shape[2:]))
+    for part in reversed(linear_parts(node)):
+        box = part.backward(box)
+    return Box(box.c.reshape(B, R, *box.c.shape[1:]), box.r.reshape(B, R, *box.c.shape[1:]))

@@ -13,8 +13,9 @@ Two passes over the :class:`~lipbound.graph.OpGraph` of :func:`lipbound.graph.ca
     from the input), with row norms propagated part by part: ``sqrt((W o W)(rho^2))`` while
     the rows of the map so far have disjoint supports (the input and its permutations /
     selections), ``|W| rho`` afterwards (triangle inequality), and the entry-wise minimum of
-    both enclosures is kept. No CROWN-style backward relaxation is applied to intermediate
-    bounds (plain IBP): the bounds are sound but loosen quickly with depth and radius.
+    both enclosures is kept. With a ``crown`` budget, the values read by non-linear rules
+    are then tightened by back-substituted linear relaxations (:mod:`lipbound.local.crown`,
+    never looser than IBP); otherwise the bounds loosen quickly with depth and radius.
 
 :func:`backward_rows`
     for rows ``w`` (e.g. the identity of the output, or class differences ``e_y - e_j``),
@@ -39,8 +40,9 @@ from ..graph import OpGraph
 from ..graph.types import Node
 from ..rules import RuleContext
 from ..rules.linear import l1_linf_available
+from .crown import CrownBudget, CrownState, tighten
 from .interval import MAX_ENTRIES, TINY, Box, from_bounds, iadd, pad, rel64
-from .linear import linear_parts
+from .linear import linear_backward, linear_parts
 from .rules import LocalOp, ball_factor, local_op, slope_box
 
 __all__ = ["backward_rows", "backward_rows_ball", "check_graph", "forward_boxes", "largest_value",
@@ -141,7 +143,8 @@ def tangent_entries(graph: OpGraph) -> int:
 
 def forward_boxes(graph: OpGraph, x: torch.Tensor, radius: float, norm: str,
                   ops: dict[str, LocalOp] | None = None, *, refine: int = 0,
-                  tangents: dict[str, Box | None] | None = None) -> dict[str, Box]:
+                  tangents: dict[str, Box | None] | None = None,
+                  crown: CrownBudget | None = None) -> dict[str, Box]:
     """Boxes of every node's value over the ball of ``radius`` around each row of ``x``
     (``x``: ``(B, *input_shape)``); see the module docstring.
 
@@ -152,11 +155,16 @@ def forward_boxes(graph: OpGraph, x: torch.Tensor, radius: float, norm: str,
     point pass), which is O(radius) where IBP's wrapping grows geometrically with depth (a
     2-block ViT at radius 1e-6: output box radius 9.7 by IBP). Both boxes contain every value
     over the ball, hence their intersection. ``tangents``, if given, receives the tangent
-    boxes (``None`` for nodes that do not depend on the input)."""
+    boxes (``None`` for nodes that do not depend on the input).
+
+    ``crown``: the values read by non-linear rules are also tightened by back-substituted
+    linear relaxations (:mod:`lipbound.local.crown`) within the budget; its ``notes`` receive
+    the nodes left at their IBP boxes."""
     ops = check_graph(graph) if ops is None else ops
     point: dict[str, Box] | None = None
     tan: dict[str, Box | None] = {} if tangents is None else tangents
     use_tan = refine > 0 and tangent_entries(graph) <= refine
+    cst = CrownState.make(graph, ops, float(radius), norm, crown)
     if use_tan and radius > 0:
         point = forward_boxes(graph, x, 0.0, norm, ops)
     n_in = math.prod(graph.input_shape)
@@ -200,6 +208,7 @@ def forward_boxes(graph: OpGraph, x: torch.Tensor, radius: float, norm: str,
         elif point is not None and t_node is not None:
             boxes[node.name] = _refine(boxes[node.name], point[node.name], t_node,
                                        float(radius), norm)
+        boxes[node.name] = tighten(cst, node, boxes, affine)
         if node.kind == "linear":
             continue
         if not bool(torch.isfinite(boxes[node.name].r).all()):
@@ -208,14 +217,6 @@ def forward_boxes(graph: OpGraph, x: torch.Tensor, radius: float, norm: str,
                                  "not finite (overflow); use a smaller radius")],
                 what="no local Lipschitz bound over this ball")
     return boxes
-
-
-def _linear_backward(node: Node, adj: Box) -> Box:
-    B, R = adj.c.shape[:2]
-    box = Box(adj.c.reshape(B * R, *adj.c.shape[2:]), adj.r.reshape(B * R, *adj.c.shape[2:]))
-    for part in reversed(linear_parts(node)):
-        box = part.backward(box)
-    return Box(box.c.reshape(B, R, *box.c.shape[1:]), box.r.reshape(B, R, *box.c.shape[1:]))
 
 
 def backward_rows(graph: OpGraph, boxes: dict[str, Box], rows: torch.Tensor,
@@ -244,7 +245,7 @@ def backward_rows(graph: OpGraph, boxes: dict[str, Box], rows: torch.Tensor,
         if record is not None:
             record[node.name] = a
         if node.kind == "linear":
-            grads: list[Box | None] = [_linear_backward(node, a)]
+            grads: list[Box | None] = [linear_backward(node, a)]
         else:
             grads = ops[node.name].backward(node, [boxes[p] for p in node.inputs], a)
         for p, g in zip(node.inputs, grads):
@@ -320,7 +321,7 @@ def backward_rows_ball(graph: OpGraph, boxes: dict[str, Box], rows: torch.Tensor
         a, rho = adj.pop(node.name)
         grads: list[tuple[Box, torch.Tensor] | None]
         if node.kind == "linear" and node.name in lin:
-            grads = [(_linear_backward(node, a), rho * lin[node.name] * up)]
+            grads = [(linear_backward(node, a), rho * lin[node.name] * up)]
         elif node.kind == "activation":
             qlo, qhi = slope_box(node, boxes[node.inputs[0]])
             q = from_bounds(qlo, qhi).unsqueeze(1)
@@ -336,7 +337,7 @@ def backward_rows_ball(graph: OpGraph, boxes: dict[str, Box], rows: torch.Tensor
         else:
             full = _to_box(a, rho)
             if node.kind == "linear":
-                gl: list[Box | None] = [_linear_backward(node, full)]
+                gl: list[Box | None] = [linear_backward(node, full)]
             else:
                 gl = ops[node.name].backward(node, [boxes[p] for p in node.inputs], full)
             grads = [None if g is None else (g, torch.zeros_like(rho)) for g in gl]

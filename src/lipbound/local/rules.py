@@ -100,7 +100,8 @@ from .interval import (
     sum_to,
 )
 
-__all__ = ["MULTI", "LocalOp", "ball_factor", "local_op", "op_name", "slope_box"]
+__all__ = ["MULTI", "LocalOp", "ball_factor", "leaky_slope", "local_op", "op_name",
+           "slope_box"]
 
 _F64 = torch.float64
 _R2 = math.sqrt(2.0)
@@ -151,6 +152,11 @@ def _p(node: Node, attr: str, pos: int, default: Any) -> Any:
     if node.module is not None:
         return getattr(node.module, attr, default)
     return arg(node, pos, attr, default)
+
+
+def leaky_slope(node: Node) -> float:
+    """The negative slope of a LeakyReLU node (module attribute or call argument)."""
+    return float(_p(node, "negative_slope", 1, 0.01))
 
 
 def _kinks(lo: torch.Tensor, hi: torch.Tensor, a: float, b: float,
@@ -255,8 +261,7 @@ def slope_box(node: Node, box: Box) -> tuple[torch.Tensor, torch.Tensor]:
         if kb is not None and kb[0] < kb[1]:
             out = _kinks(lo, hi, kb[0], kb[1], 1.0, 0.0)
     elif name == "leaky_relu":
-        s = float(_p(node, "negative_slope", 1, 0.01))
-        out = _kinks(lo, hi, 0.0, math.inf, 1.0, s)
+        out = _kinks(lo, hi, 0.0, math.inf, 1.0, leaky_slope(node))
     elif name == "sigmoid":
         out = _unimodal(_dsig, lo, hi)
     elif name == "tanh":
@@ -276,10 +281,9 @@ def _act_forward(node: Node, boxes: Sequence[Box]) -> Box:
     (b,) = boxes
     name = getattr(node.rule, "name", "")
     with torch.no_grad():
-        if name in _MONOTONE or (name == "leaky_relu" and float(
-                _p(node, "negative_slope", 1, 0.01)) >= 0) or (name == "elu" and float(
-                _p(node, "alpha", 1, 1.0)) >= 0) or (name == "softplus" and float(
-                _p(node, "beta", 1, 1.0)) > 0):
+        if name in _MONOTONE or (name == "leaky_relu" and leaky_slope(node) >= 0) or (
+                name == "elu" and float(_p(node, "alpha", 1, 1.0)) >= 0) or (
+                name == "softplus" and float(_p(node, "beta", 1, 1.0)) > 0):
             lo, hi = node.fn(b.lo), node.fn(b.hi)
             if name == "softplus":  # the switch to x at beta x = threshold jumps down by J
                 hi = hi + softplus_jump(float(_p(node, "beta", 1, 1.0)),

@@ -63,11 +63,12 @@ from ..graph import OpGraph
 from ..graph.types import Node
 from ..rules import ROUND_REL
 from ..spectral.certify import round_up
-from .bounds import interval_norms
+from .bounds import intersect_rows, interval_norms
 from .interval import Box, iadd, imatmul, pad
+from .propagate import backward_rows, forward_boxes
 from .rules import MULTI, LocalOp
 
-__all__ = ["Pass", "telescoped_norms"]
+__all__ = ["Pass", "point_pass", "telescoped_norms", "telescoped_rows"]
 
 
 def _sub(a: Box, b: Box) -> Box:
@@ -181,3 +182,32 @@ def telescoped_norms(graph: OpGraph, ops: dict[str, LocalOp], norm: str, ball: P
                                      [ball.tans.get(p) for p in node.inputs])
     best = base + torch.minimum(up, down)
     return torch.tensor([round_up(float(v), ROUND_REL) for v in best], dtype=base.dtype)
+
+
+def point_pass(graph: OpGraph, ops: dict[str, LocalOp], x: torch.Tensor, norm: str,
+               rows: torch.Tensor, refine: int) -> tuple[Pass, Box]:
+    """The radius-0 pass (boxes, tangents, recorded adjoints) and the box of the rows
+    ``w^T J(x)`` that :func:`telescoped_norms` needs beside the ball's pass."""
+    tans0: dict[str, Box | None] = {}
+    boxes0 = forward_boxes(graph, x, 0.0, norm, ops, refine=refine, tangents=tans0)
+    adj0: dict[str, Box] = {}
+    rows0 = intersect_rows(backward_rows(graph, boxes0, rows, ops, record=adj0),
+                           tans0.get(graph.output.name), rows)
+    return Pass(boxes0, tans0, adj0), rows0
+
+
+def _row(p: Pass, j: int) -> Pass:
+    return Pass(p.boxes, p.tans, {k: Box(a.c[:, j:j + 1], a.r[:, j:j + 1])
+                                  for k, a in p.adj.items()})
+
+
+def telescoped_rows(graph: OpGraph, ops: dict[str, LocalOp], norm: str, ball: Pass,
+                    point: Pass, point_rows: Box) -> torch.Tensor:
+    """``(B, R)``: the telescoped bound of each row ``w_j`` alone, i.e. of ``sup
+    ||w_j^T M||_*`` (a one-row matrix's norm is its row's dual norm: l2, or the l1 row sum
+    in l-inf), from the passes of all rows (the adjoints are per row)."""
+    R = point_rows.c.shape[1]
+    cols = [telescoped_norms(graph, ops, norm, _row(ball, j), _row(point, j),
+                             Box(point_rows.c[:, j:j + 1], point_rows.r[:, j:j + 1]))
+            for j in range(R)]
+    return torch.stack(cols, dim=1)

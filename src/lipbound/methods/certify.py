@@ -18,8 +18,12 @@ certifies ``x``. ``L_j`` is the constant of ``x -> w^T f(x)`` with the differenc
   from ``w`` over the ball (:func:`lipbound.local.propagate.backward_rows`), so
   ``L_j = || |m_c| + m_r ||_2`` (l2) or ``sum |m_c| + m_r`` (l-inf); with the ball variant
   (:func:`~lipbound.local.propagate.backward_rows_ball`, rows ``c + b + d``,
-  ``||d||_* <= rho``) ``L_j = || |c| + r ||_* + rho``; the smaller of the two, capped by the
-  global one below when it exists (each is valid, hence their minimum);
+  ``||d||_* <= rho``) ``L_j = || |c| + r ||_* + rho``; and, when the forward tangents fit
+  ``options.refine``, the telescoped bound of :mod:`lipbound.local.telescope` for the one-row
+  matrix ``w^T M`` (a one-row matrix's l2 / l-inf operator norm is its row's l2 / l1 norm);
+  the smallest, capped by the global one below when it exists (each is valid, hence their
+  minimum). The boxes are those of :func:`lipbound.local_bound` (CROWN within
+  ``options.crown``);
 * ``method="global"``: AutoLip's per-node certified constants (:func:`~lipbound.methods.
   autolip.node_constants`) composed up to the input of the last affine node ``W`` (bound
   ``L_h``), times the exact ``||W^T w||_2`` (l2) or ``||W^T w||_1`` (l-inf) of that node's
@@ -53,6 +57,7 @@ from ..local.bounds import (
     chunk_size,
     intersect_rows,
 )
+from ..local.crown import CrownBudget
 from ..local.interval import Box, precision
 from ..local.linear import linear_parts
 from ..local.propagate import (
@@ -64,6 +69,7 @@ from ..local.propagate import (
     linear_norms,
 )
 from ..local.rules import LocalOp
+from ..local.telescope import Pass, point_pass, telescoped_rows
 from ..results import CertifyResult
 from ..rules import ROUND_REL, NodeConstant
 from ..spectral.certify import round_up
@@ -222,17 +228,34 @@ def _chunk(plan: _Plan, xb: torch.Tensor, yb: torch.Tensor, *, radius: float, n:
         m = _margins(Box(out, ROUND_REL * out.abs() + 1e-300), yb, k)
     L_g = plan.G[yb[:, None], _others(k, yb)] if plan.G is not None else None
     if method == "local" and ops is not None:
-        tans: dict[str, Box | None] = {}
-        boxes = forward_boxes(graph, xb, radius, n, ops, refine=opts.refine, tangents=tans)
-        rows = _diff_rows(k, yb).reshape(xb.shape[0], k - 1, *plan.out_shape)
-        J = intersect_rows(backward_rows(graph, boxes, rows, ops),
-                           tans.get(graph.output.name), rows)
-        Jb, rho = backward_rows_ball(graph, boxes, rows, ops, n, plan.lin)
-        L = torch.minimum(row_norms(J, n), row_norms(Jb, n) + rho * (1 + ROUND_REL))
+        L = _local_rows(plan, ops, xb, yb, radius=radius, n=n, opts=opts)
         return m, (L if L_g is None else torch.minimum(L, L_g))
     if L_g is None:  # pragma: no cover - refused by _plan
         raise UnsupportedModelError([], what="certify(method='global'): no global constants")
     return m, L_g
+
+
+def _local_rows(plan: _Plan, ops: dict[str, LocalOp], xb: torch.Tensor, yb: torch.Tensor, *,
+                radius: float, n: str, opts: LocalOptions) -> torch.Tensor:
+    """Local pair constants ``(B, k - 1)``: per row the smallest of the interval, ball and
+    (when the tangents fit ``opts.refine``) telescoped bounds, as in
+    :func:`lipbound.local_bound` (each is a bound on ``sup ||w^T M||_*``)."""
+    graph = plan.graph
+    tans: dict[str, Box | None] = {}
+    budget = CrownBudget(opts.crown, opts.max_memory, plan.notes)
+    boxes = forward_boxes(graph, xb, radius, n, ops, refine=opts.refine, tangents=tans,
+                          crown=budget)
+    rows = _diff_rows(plan.k, yb).reshape(xb.shape[0], plan.k - 1, *plan.out_shape)
+    out_tan = tans.get(graph.output.name)
+    adj: dict[str, Box] | None = None if out_tan is None else {}
+    J = intersect_rows(backward_rows(graph, boxes, rows, ops, record=adj), out_tan, rows)
+    Jb, rho = backward_rows_ball(graph, boxes, rows, ops, n, plan.lin)
+    L = torch.minimum(row_norms(J, n), row_norms(Jb, n) + rho * (1 + ROUND_REL))
+    if adj is not None:
+        point, rows0 = point_pass(graph, ops, xb, n, rows, opts.refine)
+        L = torch.minimum(L, telescoped_rows(graph, ops, n, Pass(boxes, tans, adj), point,
+                                             rows0))
+    return L
 
 
 def certify(
@@ -314,7 +337,7 @@ def _result(M: torch.Tensor, L: torch.Tensor, y: torch.Tensor, plan: _Plan, *, r
         radius=radius,
         seconds=times[0],
         cpu_seconds=times[1],
-        notes=tuple(plan.notes),
+        notes=tuple(dict.fromkeys(plan.notes)),
         extra={"margins": M, "constants": L},
     )
 

@@ -12,8 +12,10 @@ Upper bound (certified). On lipbound's own graph (:func:`lipbound.graph.capture`
 
 1. interval bounds of every intermediate value over the ball
    (:func:`lipbound.local.propagate.forward_boxes`: IBP with the centre/radius form
-   ``W c +- |W| r`` for linear nodes and exact l2 row norms for the first affine layers;
-   no CROWN-style tightening);
+   ``W c +- |W| r`` for linear nodes and exact l2 row norms for the first affine layers,
+   and, for the values read by non-linear rules, CROWN-style back-substituted linear
+   relaxations within ``options.crown`` rows (:mod:`lipbound.local.crown`), intersected
+   with IBP);
 2. from them, each node's local *secant* matrices: per-neuron slope ranges of activations (a
    stable ReLU has slope exactly 0 or 1), and the local rules for products, matmul of two
    inputs, division, exp/log/sqrt/pow, softmax, LayerNorm/RMSNorm
@@ -59,8 +61,10 @@ or the attaining sign vector in l-inf) at ``x`` and at the ascent's end points, 
 a float64 copy of the model; the best realised value is returned. A Jacobian witness is a lower
 bound because its point lies in the open ball.
 
-Limits: CROWN-style backward relaxations of the intermediate bounds are not implemented (so
-large radii give loose intervals, hence bounds that fall back to the global one). On deeper
+Limits: the CROWN back-substitution stops at products, softmax, LayerNorm and the other
+non-activation rules (their own boxes are its inputs), so transformers still wrap at large
+radii, and a ReLU CNN's bound still falls back to the global one once most neurons are
+unstable. On deeper
 transformers the value boxes themselves wrap: the second block of a 2-block TinyViT sees
 boxes ``1e4 r`` wide where the values move by ``30 r``, so its bounds are tight only up to
 ``r ~ 1e-6`` (untrained: ``1e-5``). Max-pool and ``nn.MultiheadAttention`` have no local rule
@@ -88,6 +92,7 @@ from ..local.bounds import (
     interval_norms,
     witness,
 )
+from ..local.crown import CrownBudget
 from ..local.interval import Box, precision
 from ..local.propagate import (
     backward_rows,
@@ -98,7 +103,7 @@ from ..local.propagate import (
     linear_norms,
 )
 from ..local.rules import LocalOp
-from ..local.telescope import Pass, telescoped_norms
+from ..local.telescope import Pass, point_pass, telescoped_norms
 from ..results import LocalResult
 from .autolip import compose, node_constants
 
@@ -130,15 +135,19 @@ def _global(graph: OpGraph, norm: str) -> tuple[float | None, str, dict[str, flo
 
 
 def _uppers(graph: OpGraph, ops: dict[str, LocalOp], x: torch.Tensor, *, radius: float, n: str,
-            lin: dict[str, float], chunk: int, opts: LocalOptions) -> torch.Tensor:
-    """The interval / ball bounds of every sample (the smaller of the two), chunk by chunk."""
+            lin: dict[str, float], chunk: int, opts: LocalOptions
+            ) -> tuple[torch.Tensor, list[str]]:
+    """The interval / ball / telescoped bounds of every sample (the smallest), chunk by chunk,
+    and the notes of the nodes left at their IBP boxes."""
+    budget = CrownBudget(opts.crown, opts.max_memory)
     out_shape = tuple(graph[graph.output.inputs[0]].out_shape)
     K = math.prod(out_shape)
     uppers: list[torch.Tensor] = []
     for s in range(0, x.shape[0], chunk):
         xb = x[s:s + chunk]
         tans: dict[str, Box | None] = {}
-        boxes = forward_boxes(graph, xb, radius, n, ops, refine=opts.refine, tangents=tans)
+        boxes = forward_boxes(graph, xb, radius, n, ops, refine=opts.refine, tangents=tans,
+                              crown=budget)
         rows = torch.eye(K, dtype=_F64, device=xb.device).reshape(K, *out_shape)
         rows = rows.unsqueeze(0).expand(xb.shape[0], *rows.shape)
         out_tan = tans.get(graph.output.name)
@@ -151,19 +160,15 @@ def _uppers(graph: OpGraph, ops: dict[str, LocalOp], x: torch.Tensor, *, radius:
                                                ball=Pass(boxes, tans, adj)))
         uppers.append(up)
         opts.say(f"local_bound: {min(s + chunk, x.shape[0])}/{x.shape[0]} samples")
-    return torch.cat(uppers)
+    return torch.cat(uppers), budget.notes
 
 
 def _telescoped(graph: OpGraph, ops: dict[str, LocalOp], xb: torch.Tensor, n: str,
                 rows: torch.Tensor, opts: LocalOptions, *, ball: Pass) -> torch.Tensor:
-    """The telescoped bound (:mod:`lipbound.local.telescope`): the radius-0 pass (boxes,
-    tangents, recorded adjoints) beside the ball's."""
-    tans0: dict[str, Box | None] = {}
-    boxes0 = forward_boxes(graph, xb, 0.0, n, ops, refine=opts.refine, tangents=tans0)
-    adj0: dict[str, Box] = {}
-    rows0 = intersect_rows(backward_rows(graph, boxes0, rows, ops, record=adj0),
-                           tans0.get(graph.output.name), rows)
-    return telescoped_norms(graph, ops, n, ball, Pass(boxes0, tans0, adj0), rows0)
+    """The telescoped bound (:mod:`lipbound.local.telescope`): the radius-0 pass beside the
+    ball's."""
+    point, rows0 = point_pass(graph, ops, xb, n, rows, opts.refine)
+    return telescoped_norms(graph, ops, n, ball, point, rows0)
 
 
 def _witnesses(model: nn.Module, x: torch.Tensor, *, radius: float, n: str, chunk: int,
@@ -220,8 +225,8 @@ def local_bound(
         glob, note = None, "global cap not used"
     chunk = chunk_size(graph, K, batch_size, opts.max_memory)
     with precision(largest_value(graph)):
-        interval = _uppers(graph, ops, x, radius=float(radius), n=n, lin=lin, chunk=chunk,
-                           opts=opts)
+        interval, ibp_notes = _uppers(graph, ops, x, radius=float(radius), n=n, lin=lin,
+                                      chunk=chunk, opts=opts)
     upper = interval if glob is None else torch.clamp(interval, max=glob)
     low: tuple[float, ...] | None = None
     hows: list[str] = []
@@ -244,7 +249,7 @@ def local_bound(
         radius=float(radius),
         seconds=time.perf_counter() - t0,
         cpu_seconds=time.process_time() - c0,
-        notes=(note,),
+        notes=(note, *dict.fromkeys(ibp_notes)),
         extra={"interval": tuple(float(v) for v in interval), "global": glob,
                "lower_how": tuple(hows), "graph": graph},
     )
