@@ -72,6 +72,7 @@ METHODS_RANK: dict[str, int] = {
     "lipbound.methods._pairs": 0,
     "lipbound.methods._schur": 0,
     "lipbound.methods._chain": 0,
+    "lipbound.methods._residual": 1,  # the residual-block LMI, built on _schur's certificate
     "lipbound.methods.autolip": 1,
 }
 METHODS_TOP = 2  # every other module of lipbound.methods
