@@ -78,6 +78,7 @@ METHODS_RANK: dict[str, int] = {
     "lipbound.methods": 0,
     "lipbound.methods._pairs": 0,
     "lipbound.methods._schur": 0,
+    "lipbound.methods._residual": 1,  # the residual-block LMI, built on _schur's certificate
     "lipbound.methods.autolip": 1,
     "lipbound.methods._segment": 1,  # SeqLip on one segment: seqlip and lipsdp share it
 }

@@ -457,8 +457,11 @@ class _Dense:
     block ``i``, ``C_j = [[2 a b, -(a + b)], [-(a + b), 2]]``): the matrix of the module
     docstring written as a sum over neurons."""
 
-    def __init__(self, Ws: Sequence[np.ndarray], ranges: Sequence[tuple[float, float]]) -> None:
+    def __init__(self, Ws: Sequence[np.ndarray], ranges: Sequence[tuple[float, float]],
+                 shortcut: np.ndarray | None = None) -> None:
         self.Ws = [np.ascontiguousarray(W, dtype=np.float64) for W in Ws]
+        # a residual block's linear shortcut: the output couples to block 0 as well
+        self.shortcut = None if shortcut is None else np.asarray(shortcut, dtype=np.float64)
         self.H = len(ranges)
         dims = [self.Ws[0].shape[1]] + [W.shape[0] for W in self.Ws]
         self.offs = np.concatenate([[0], np.cumsum(dims)]).astype(int)
@@ -497,6 +500,10 @@ class _Dense:
         p, q = self.blk(self.H), self.blk(self.H + 1)
         S[p, q] = self.Ws[-1].T
         S[q, p] = self.Ws[-1]
+        if self.shortcut is not None:
+            b0 = self.blk(0)
+            S[b0, q] += self.shortcut.T
+            S[q, b0] += self.shortcut
         S[q, q] += r * np.eye(S[q, q].shape[0])
         return S
 
@@ -579,8 +586,13 @@ def barrier_newton(
     rel_gap: float = 1e-7,
     mu: float = 4.0,
     max_newton: int = 400,
+    shortcut: np.ndarray | None = None,
 ) -> tuple[np.ndarray, float, int, str]:
     """Minimise ``r`` over ``S(T, r) >= 0, T >= 0`` by a barrier method (an estimate).
+
+    ``shortcut``: the matrix ``S`` of a residual block ``y = S x + W_K phi(...)`` (its output
+    block couples to the input block too: :mod:`lipbound.methods._residual`); the gradient and
+    Hessian are unchanged, as the coupling does not depend on ``(T, r)``.
 
     Central path of ``tau r - log det S(T, r) - sum_j log T_j`` (self-concordant, convex in
     ``(T, r)``; its minimiser is ``nu / tau`` from optimal with ``nu = m + N``), each centring
@@ -600,10 +612,11 @@ def barrier_newton(
     dout = _pow2_inv_sqrt(r0)
     Wb = [np.asarray(W) * (d[i] / d[i + 1]) for i, W in enumerate(Ws[:-1])]
     Wb.append(np.asarray(Ws[-1]) * (d[-1] * dout))
+    Sb = None if shortcut is None else np.asarray(shortcut) * dout  # d_0 = 1
     sc = np.concatenate([np.full(n, d[i + 1] ** 2) for i, n in enumerate(sizes)]) if sizes else t_in
     t_b, r_b, steps, status = _barrier_newton(
         Wb, ranges, t_in * sc, r0 * dout**2, deadline=deadline, rel_gap=rel_gap, mu=mu,
-        max_newton=max_newton,
+        max_newton=max_newton, shortcut=Sb,
     )
     return t_b / sc, r_b / dout**2, steps, status
 
@@ -618,8 +631,9 @@ def _barrier_newton(
     rel_gap: float,
     mu: float,
     max_newton: int,
+    shortcut: np.ndarray | None = None,
 ) -> tuple[np.ndarray, float, int, str]:
-    D = _Dense(Ws, ranges)
+    D = _Dense(Ws, ranges, shortcut)
     nu = D.m + D.N
     t = np.asarray(t0, dtype=np.float64).copy()
     r = 2.0 * r0 + 1e-300

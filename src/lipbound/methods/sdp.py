@@ -50,7 +50,7 @@ remain available by name.
 Graphs that are not one dense chain (residual adds, concatenations, max-pooling, activations
 without a slope range, a layer above ``max_dense_entries``, a chain whose certificate cannot fit
 ``time_limit``): with the Schur solver or ``variant="fast"``, LipSDP runs on SeqLip's sequential
-segments (:func:`lipbound.methods._chain.find_segments`) and AutoLip's composition
+segments (:func:`lipbound.analysis.find_segments`) and AutoLip's composition
 (:func:`lipbound.methods.autolip.compose`) covers the rest, each segment taking the smaller of
 its LipSDP and AutoLip certified bounds (proof in :func:`_lipsdp_composed`); so the result is
 never above AutoLip's. It is not compared with SeqLip's segment bounds (a method module may not
@@ -96,6 +96,7 @@ from ..errors import (
 from ..graph import sequential_chain
 from ..results import LayerBound, SDPResult
 from ..spectral.certify import round_up
+from ._residual import solve_residual
 from ._schur import solve_schur
 from .autolip import GRACE, compose, graph_constants
 
@@ -702,6 +703,127 @@ def _cost_cube(run: list[Any]) -> float:
     return float(sum((float(a) + float(b)) ** 3 for a, b in itertools.pairwise(w)))
 
 
+#: the dense barrier method runs on residual-block LMIs of at most this many rows (as the
+#: Schur solver's ``ipm_max_rows``); larger blocks get the closed form's certificate only
+_BLOCK_IPM_ROWS = 1500
+#: a certified residual block: (add node, index of its skip input, branch segment, linear
+#: shortcut node or None, the block's certified bound)
+_Block = tuple[Any, int, list[Any], Any, float]
+
+
+def _residual_blocks(graph: Any, segments: list[list[Any]]) -> list[tuple[Any, int, list[Any],
+                                                                          Any | None]]:
+    """``(add, skip, segment, shortcut)`` for every plain ``add`` node ``y = u + v`` (two
+    inputs of its output's shape, no ``alpha``) of which one input is the last node of a
+    segment whose first node reads only ``p``, and the other (index ``skip``) is ``p`` itself
+    (``shortcut=None``) or a linear node reading only ``p`` whose only user is the add.
+    (Inside a segment every node but the first has one input, so the branch is a function of
+    ``p`` alone.)"""
+    ends = {seg[-1].name: seg for seg in segments}
+    out = []
+    for node in graph:
+        if (node.op != "add" or len(node.inputs) != 2 or node.call.kwargs
+                or len(node.call.args) != 2
+                or any(tuple(s) != tuple(node.out_shape) for s in node.in_shapes)):
+            continue
+        for j in (0, 1):
+            seg = ends.get(node.inputs[1 - j])
+            if seg is None or len(seg[0].inputs) != 1:
+                continue
+            p, q = seg[0].inputs[0], node.inputs[j]
+            if q == p:
+                out.append((node, j, seg, None))
+                break
+            qn = graph[q]
+            if (qn.kind == "linear" and qn.inputs == (p,)
+                    and [u.name for u in graph.users(q)] == [node.name]):
+                out.append((node, j, seg, qn))
+                break
+    return out
+
+
+def _block_bounds(
+    graph: Any, slopes: dict[str, tuple[float, float] | None], segments: list[list[Any]],
+    max_entries: int, end: float,
+) -> tuple[list[_Block], list[LayerBound], list[str]]:
+    r"""Certified LipSDP bounds of the residual blocks ``y = S p + g(p)`` of the graph
+    (:func:`_residual_blocks`, :mod:`lipbound.methods._residual`): ``(add, skip, shortcut,
+    bound)`` per certified block, the table rows and the names of the blocks skipped (dense
+    LMI above ``max_entries`` entries, or predicted past ``end``)."""
+    found: list[_Block] = []
+    rows: list[LayerBound] = []
+    skipped: list[str] = []
+    rate = flop_rate()
+    for add, skip, seg, sc in _residual_blocks(graph, segments):
+        tr = time.perf_counter()
+        lins = seg[0::2]
+        m = (math.prod(lins[0].in_shapes[0]) + sum(math.prod(n.out_shape) for n in lins[:-1])
+             + math.prod(add.out_shape))
+        name = f"{add.qualname} ({lins[0].qualname}..{lins[-1].qualname})"
+        big = any(math.prod(n.in_shapes[0]) * math.prod(n.out_shape) > max_entries
+                  for n in [*lins, *([sc] if sc is not None else [])])
+        if big or m * m > max_entries or _CERT_FLOPS * float(m) ** 3 / rate > end - tr:
+            skipped.append(name)
+            continue
+        optimise = (m <= _BLOCK_IPM_ROWS
+                    and (_CERT_FLOPS + _OPT_FLOPS) * float(m) ** 3 / rate < end - tr)
+        Ws = [linear_matrix(n) for n in lins]
+        S = np.eye(Ws[0].shape[1]) if sc is None else linear_matrix(sc)
+        ranges = [slopes[a.name] for a in seg[1::2]]
+        sol = solve_residual(S, Ws, [r for r in ranges if r is not None],
+                             time_limit=max(end - tr, 1e-3), optimise=optimise)
+        if sol.value is not None:
+            found.append((add, skip, seg, sc, sol.value))
+        rows.append(LayerBound(
+            name=name, op="sdp-residual", value=sol.value if sol.value is not None else sol.raw,
+            certified=sol.value is not None, seconds=time.perf_counter() - tr, estimate=sol.raw,
+            how=(f"lipsdp-neuron on the residual block, {m} LMI rows (closed form "
+                 f"{sol.closed_form}, optimised {sol.value}); " + "; ".join(sol.notes)),
+        ))
+    return found, rows, skipped
+
+
+def _use_blocks(
+    consts: dict[str, Any], blocks: list[_Block], *tables: dict[str, Any],
+) -> int:
+    r"""Put each residual block's bound into the node constants ``tables`` (in place) where it
+    is below the composition's local factor there; returns how many were used.
+
+    Proof. At the add node ``y = theta_q + theta_e`` AutoLip's recursion reads ``L_add =
+    c_q L_q + c_e L_e`` (``c`` the add's constants: 1 and its rounding margin). Here the branch
+    ``theta_e = g(theta_p)`` is a function of ``theta_p`` alone (its segment's first node
+    reads only ``p``, the inner nodes have one input), and ``theta_q = S theta_p`` (``q = p``:
+    ``S = I``; else the linear node ``q`` reading only ``p``, whose only user is the add), so
+    ``theta_add = h(theta_p)`` with ``h(x) = S x + g(x)``, and ``||h(x) - h(x')|| <= B ||x -
+    x'||`` with the block's certified LipSDP bound ``B`` (:mod:`lipbound.methods._residual`).
+    Hence ``L_add = c B L_p`` with ``c = max(c_q, c_e)`` (the rule's margin for the float sum)
+    bounds ``x -> theta_add``. Written as node constants: ``c_e <- 0`` at the add; for ``q =
+    p``, ``c_q <- fl(c B)`` rounded up (:func:`~lipbound.spectral.certify.round_up`, relative
+    ``4 u``); for a linear ``q``, its constant ``<- B`` and ``c_q <- c`` (then ``L_q = B L_p``
+    is read by the add only). The branch's nodes keep their constants, so any other user of
+    them is composed as before. Every constant is non-negative, so the composition is monotone
+    in each of them: using the block only where ``c B`` is below the local factor it replaces
+    (``c_q c'_q + c_e P``, ``c'_q`` the shortcut's constant or 1 and ``P`` the branch's factor
+    in the table) can only lower the output bound, which stays valid.
+    """
+    used = 0
+    for add, skip, seg, sc, bound in blocks:
+        c = max(consts[add.name].constants)
+        new = round_up(c * bound, rel=4 * _U)
+        for tab in tables:
+            cq = tab[add.name].constants[skip] * (tab[sc.name].value if sc is not None else 1.0)
+            branch = tab[add.name].constants[1 - skip] * math.prod(tab[n.name].value for n in seg)
+            if new >= cq + branch:
+                continue
+            cs = [0.0, 0.0]
+            cs[skip] = new if sc is None else c
+            tab[add.name] = replace(tab[add.name], constants=tuple(cs), how="residual block")
+            if sc is not None:
+                tab[sc.name] = replace(tab[sc.name], constants=(bound,), how="residual block")
+            used += tab is tables[0]
+    return used
+
+
 def _lipsdp_composed(
     model: nn.Module | Analysis,
     shape: tuple[int, ...],
@@ -715,7 +837,7 @@ def _lipsdp_composed(
     r"""LipSDP-neuron on the sequential segments of the graph, AutoLip's composition elsewhere.
 
     The graph and AutoLip's per-node constants are :func:`~lipbound.methods.autolip.
-    graph_constants`' and the segments SeqLip's (:func:`~lipbound.methods._chain.find_segments`:
+    graph_constants`' and the segments SeqLip's (:func:`~lipbound.analysis.find_segments`:
     maximal chains ``linear, act, ..., linear`` whose inner nodes have one input and one user and
     whose activations have a slope range from the rules). A segment is cut at linear nodes with
     more than ``max_entries`` dense entries; each remaining run of two linear nodes or more gets
@@ -765,6 +887,9 @@ def _lipsdp_composed(
         sdp_end = now + _COMPOSED_LIMIT
     else:
         sdp_end = deadline
+    # the residual blocks first, in at most half of the SDP time when chains follow
+    blocks, block_rows, block_skipped = _block_bounds(
+        graph, slopes, segments, max_entries, now + (sdp_end - now) * (0.5 if runs else 1.0))
     run_bound: dict[str, float] = {}  # first node of a run -> its certified bound
     run_raw: dict[str, float] = {}
     rows: list[LayerBound] = []
@@ -848,6 +973,14 @@ def _lipsdp_composed(
             certified=all(consts[n.name].certified for n in seg), estimate=math.prod(raw),
             how=f"{how} (" + ", ".join(f"{key} {v:.6g}" for key, v in seg_c.items()) + ")",
         ))
+    rows.extend(block_rows)
+    used = _use_blocks(consts, blocks, cert_consts, est_consts)
+    if block_rows or block_skipped:
+        notes.append(f"residual blocks: {len(block_rows)} got a LipSDP-neuron LMI of their own "
+                     f"({len(blocks)} certified, {used} below the composition and used)"
+                     + (f"; {len(block_skipped)} skipped (dense LMI above max_dense_entries="
+                        f"{max_entries} entries or predicted past the time left; first: "
+                        f"{block_skipped[0]}): composed there" if block_skipped else ""))
     in_seg = {n.name for seg in segments for n in seg}
     for c in consts.values():
         if c.name not in in_seg:
