@@ -94,6 +94,7 @@ from .._validation import (
 )
 from ..errors import InvalidArgumentError, LipboundError, NonFiniteError, ShapeError
 from ..results import LowerBoundResult, Witness
+from ._pairs import StepClock
 
 __all__ = [
     "DEFAULT_METHODS", "LOWER_METHODS", "lower_bound", "pair_ratio", "jacobian_ratio",
@@ -309,42 +310,6 @@ class _JacAt:
         with torch.enable_grad():
             (r,) = torch.autograd.grad(self.out, self.x, u, retain_graph=True, allow_unused=True)
         return torch.zeros_like(self.x) if r is None else r.detach()
-
-
-class StepClock:
-    """Wall-clock costs of the steps of a loop, to decide whether the next one fits.
-
-    The prediction for a kind of step is the largest of its last :attr:`KEEP` measured costs
-    (a loaded machine slows steps down: the slowest recent one is the safe guess), or
-    ``guess`` when none was measured yet; :meth:`fits` says whether a step started now would
-    end by ``end``. A step that does not fit is not started, so a time limit is overshot by
-    at most the error of the prediction, not by a whole step.
-    """
-
-    KEEP = 3
-
-    def __init__(self) -> None:
-        self.costs: dict[str, list[float]] = {}
-        self.t0: dict[str, float] = {}
-
-    def start(self, kind: str) -> None:
-        self.t0[kind] = time.perf_counter()
-
-    def stop(self, kind: str) -> float:
-        """Records the cost of the step of ``kind`` started last; returns it."""
-        cost = time.perf_counter() - self.t0.pop(kind)
-        self.record(kind, cost)
-        return cost
-
-    def record(self, kind: str, cost: float) -> None:
-        self.costs[kind] = (self.costs.get(kind, []) + [max(cost, 0.0)])[-self.KEEP:]
-
-    def predict(self, kind: str, guess: float = 0.0) -> float:
-        c = self.costs.get(kind)
-        return max(c) if c else guess
-
-    def fits(self, kind: str, end: float, factor: float = 1.0, guess: float = 0.0) -> bool:
-        return time.perf_counter() + factor * self.predict(kind, guess) <= end
 
 
 def _fd_step(x: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -785,11 +750,11 @@ class _Search:
             self.evaluations += 2 * x.shape[0]
             return _pnorm(self.f(a) - self.f(b), self.norm) / (d * s[:, 0]), a, b
 
-        kept = True  # the last pairs evaluated are among the candidates
+        unkept: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
         for t in range(steps):
             if self.out_of_time():
-                if not kept:  # cut between two of the every-10-steps records: keep them
-                    self.add(r.detach(), "pairs", a.detach(), y=b.detach())
+                if unkept is not None:  # cut between two every-10-steps records: keep them
+                    self.add(unkept[0], "pairs", unkept[1], y=unkept[2])
                 break
             d = d_hi * (d_lo / d_hi) ** fr
             lr_t = lr * (0.05 + 0.95 * (1 - fr))
@@ -828,9 +793,10 @@ class _Search:
                         u /= _pnorm(u, self.norm)[:, None].clamp_min(1e-30)
             fr = self.frac((t + 1) / max(steps - 1, 1))
             last = t == steps - 1 or fr >= 1.0
-            kept = t % 10 == 9 or last or (free and t % 10 == 0)
-            if kept:
-                self.add(r.detach(), "pairs", a.detach(), y=b.detach())
+            unkept = (r.detach(), a.detach(), b.detach())
+            if t % 10 == 9 or last or (free and t % 10 == 0):
+                self.add(unkept[0], "pairs", unkept[1], y=unkept[2])
+                unkept = None
             if last:
                 break
         # Jacobian norm at the end points of the ascent (the pairs localise a high-slope region)
@@ -1216,7 +1182,10 @@ def _lower_bound(
             evaluated = [(v_, c_) for v_, c_ in evaluated if c_.y is not None]
             best = max(evaluated, key=lambda t: t[0])
             break
-        val_c, as_pair = check.confirm(best[1].x, best[1].v, best[0], p, more)
+        cand = best[1]
+        if cand.v is None:
+            break
+        val_c, as_pair = check.confirm(cand.x, cand.v, best[0], p, more)
         if as_pair is None:  # confirmed
             break
         demoted.append(best[0])

@@ -1201,7 +1201,7 @@ def _conv_matrix(spec: ConvSpec) -> torch.Tensor:
             ok = (ok[:, None] & ((pos[i] >= 0) & (pos[i] < spec.in_spatial[i]))[None]
                   ).reshape(-1)
         o_v, i_v = o_flat[ok].reshape(1, 1, 1, -1), i_flat[ok].reshape(1, 1, 1, -1)
-        vals = K[(slice(None), slice(None)) + tap].reshape(g, cout_g, cin_g, 1)
+        vals = K[(slice(None),) * 2 + tap].reshape(g, cout_g, cin_g, 1)
         J[rows, o_v, cols, i_v] = vals.expand(-1, -1, -1, o_v.shape[-1])
     return J.reshape(cout * n_o, -1)
 
