@@ -8,7 +8,9 @@ Notation: ``u = 2^-53`` (float64 unit roundoff).
 Certificates (l2), each proved in the docstring of the function that computes it:
 
 * **dense matrices** (``nn.Linear``; any small op via its Jacobian): SVD with a backward-error
-  margin, :func:`matrix_norm_upper`.
+  margin, or ``eigvalsh`` / a Cholesky-verified Lanczos candidate of the Gram matrix,
+  :func:`matrix_norm_upper`. A small zero-padded conv's matrix is written from its kernel
+  (exact, :func:`_conv_matrix`) rather than from float64 convolutions of basis vectors.
 * **convolutions** (``Conv1d/2d/3d``, any stride, dilation, groups, padding mode;
   ``ConvTranspose*`` as adjoints; ``AvgPool*`` as constant-kernel convs): the largest singular
   value of the Fourier symbol of a circular convolution that contains the layer,
