@@ -18,6 +18,7 @@ from torch import nn
 
 from lipbound.cli import main
 from lipbound.errors import SolverError
+from lipbound.methods._pairs import StepClock, dual_bound
 from lipbound.methods.autolip import (
     autolip,
     clear_cache,
@@ -540,3 +541,36 @@ def test_regression_seqlip_conv_pair_over_memory_cap_keeps_autolip(
     assert full.upper <= capped.upper * (1 + 1e-12)
     x = torch.randn(3, 8, 8, generator=torch.Generator().manual_seed(0))
     assert _jac_norm(net, x, "2") <= capped.upper * (1 + 1e-9)
+
+
+def test_regression_lower_bound_starts_a_step_that_ends_past_its_stage(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """vgg11 at 32 ran 18.4 s on a 15 s limit: a pair step started just before the end ran
+    past it. A step whose predicted cost (injected here: 1e6 s) does not fit is not started."""
+    net = _conv_net()
+    real = StepClock.predict
+
+    def slow_pairs(self: StepClock, kind: str, guess: float = 0.0) -> float:
+        return 1e6 if kind == "pairs" else real(self, kind, guess)
+
+    monkeypatch.setattr(StepClock, "predict", slow_pairs)
+    res = lower_bound(net, (3, 32, 32), restarts=4, steps=50, samples=0, methods=("pairs",),
+                      time_limit=1000.0)
+    assert res.extra["evaluations"] <= 4 * 8  # no pair step (2 passes x 4 chains each) ran
+    assert any("time limit" in n for n in res.notes)
+
+
+def test_regression_pair_dual_bound_starts_no_eigensolve_past_the_deadline() -> None:
+    """seqlip ran 38 s on a 30 s limit on vgg16_bn: a pair certificate's eigensolves (~1 s)
+    started before the deadline. A step predicted to end past it is not started."""
+    gen = torch.Generator().manual_seed(0)
+    L = torch.randn(30, 20, dtype=torch.float64, generator=gen)
+    R = torch.randn(20, 30, dtype=torch.float64, generator=gen)
+    C = torch.zeros(30, 30, dtype=torch.float64)
+    far = time.perf_counter() + 1000.0
+    assert dual_bound(C, L, R, steps=5, deadline=far, step_guess=1e6) == math.inf
+    assert math.isfinite(dual_bound(C, L, R, steps=5, deadline=far))
+    slow = StepClock()
+    slow.record("step", 1e6)
+    assert not slow.fits("step", far)

@@ -81,6 +81,7 @@ from ..errors import InvalidArgumentError
 
 __all__ = [
     "ROUNDING_MARGIN",
+    "StepClock",
     "PairBound",
     "GreedyResult",
     "CertifiedBound",
@@ -238,12 +239,54 @@ class _Adam:
                 p.sub_(self.lr * mh / (vh.sqrt() + 1e-12))
 
 
+class StepClock:
+    """Wall-clock costs of the steps of a loop, to decide whether the next one fits.
+
+    The prediction for a kind of step is the largest of its last :attr:`KEEP` measured costs
+    (a loaded machine slows steps down: the slowest recent one is the safe guess), or
+    ``guess`` when none was measured yet; :meth:`fits` says whether a step started now would
+    end by ``end``. A step that does not fit is not started, so a time limit is overshot by
+    at most the error of the prediction, not by a whole step.
+    """
+
+    KEEP = 3
+
+    def __init__(self) -> None:
+        self.costs: dict[str, list[float]] = {}
+        self.t0: dict[str, float] = {}
+
+    def start(self, kind: str) -> None:
+        self.t0[kind] = time.perf_counter()
+
+    def stop(self, kind: str) -> float:
+        """Records the cost of the step of ``kind`` started last; returns it."""
+        cost = time.perf_counter() - self.t0.pop(kind)
+        self.record(kind, cost)
+        return cost
+
+    def record(self, kind: str, cost: float) -> None:
+        self.costs[kind] = [*self.costs.get(kind, []), max(cost, 0.0)][-self.KEEP:]
+
+    def predict(self, kind: str, guess: float = 0.0) -> float:
+        c = self.costs.get(kind)
+        return max(c) if c else guess
+
+    def fits(self, kind: str, end: float, factor: float = 1.0, guess: float = 0.0) -> bool:
+        return time.perf_counter() + factor * self.predict(kind, guess) <= end
+
+
 def _late(deadline: float | None) -> bool:
     """Whether the absolute ``time.perf_counter()`` deadline has passed (``None``: never).
 
     Every loop of this module checks it: each iterate of the optimised bounds is itself a valid
     bound and each greedy value a realised one, so stopping early only costs tightness."""
     return deadline is not None and time.perf_counter() > deadline
+
+
+def _fits(deadline: float | None, cost: float) -> bool:
+    """Whether a step predicted to take ``cost`` seconds, started now, ends by ``deadline``
+    (``None``: always): a step that would not is skipped, each part being optional."""
+    return deadline is None or time.perf_counter() + cost <= deadline
 
 
 def _check_slopes(slopes: tuple[float, float]) -> tuple[float, float]:
@@ -289,10 +332,12 @@ def pair_value(
 # certified bounds
 # --------------------------------------------------------------------------------------------
 def scaled_product_bound(L: torch.Tensor, R: torch.Tensor, *, steps: int = 30,
-                         deadline: float | None = None) -> float:
+                         deadline: float | None = None, step_guess: float = 0.0) -> float:
     """``min_w ||L diag(w)|| ||diag(w)^{-1} R||`` approximately minimised over ``w > 0``
     (rule (W)); the returned number is evaluated exactly at the final ``w``, so it is a valid
     bound on ``max ||L E R||`` over diagonal ``E`` with ``|E| <= I`` whatever the optimiser did.
+    A step predicted (its slowest measured one, ``step_guess`` before the first) to end past
+    ``deadline`` is not started.
 
     >>> L = torch.tensor([[1.0, 0.0]], dtype=torch.float64)
     >>> R = torch.tensor([[1.0], [100.0]], dtype=torch.float64)
@@ -325,9 +370,11 @@ def scaled_product_bound(L: torch.Tensor, R: torch.Tensor, *, steps: int = 30,
     if steps > 0 and L.shape[1] > 1:
         t = t0.clone().requires_grad_(True)
         opt = _Adam([t], lr=0.1)
+        clock = StepClock()
         for _ in range(steps):
-            if _late(deadline):
+            if not _fits(deadline, clock.predict("step", step_guess)):
                 break
+            clock.start("step")
             opt.zero_grad()
             w = t.exp()
             obj = torch.log(torch.linalg.matrix_norm(L * w[None, :], ord=2)) + torch.log(
@@ -335,6 +382,7 @@ def scaled_product_bound(L: torch.Tensor, R: torch.Tensor, *, steps: int = 30,
             )
             obj.backward()
             opt.step()
+            clock.stop("step")
         with torch.no_grad():
             best = min(best, value(t.detach()))
     return best
@@ -463,11 +511,13 @@ def dual_bound_at(
 
 def dual_bound(
     C: torch.Tensor, L: torch.Tensor, R: torch.Tensor, *, steps: int = 100,
-    deadline: float | None = None,
+    deadline: float | None = None, step_guess: float = 0.0,
 ) -> float:
     """Rule (D) for one problem ``max_sigma ||C + L diag(sigma) R||``, with ``t`` and ``mu``
     optimised by Adam on ``log t`` and ``mu`` (any iterate is a valid bound; the smallest
-    evaluated one is returned). See :func:`dual_bound_batch` for the proof.
+    evaluated one is returned). See :func:`dual_bound_batch` for the proof. After the first
+    step, a step predicted (its slowest measured one) to end past ``deadline`` is not started
+    (the first one neither when ``step_guess`` says so: then the result is ``inf``).
 
     >>> L = torch.eye(3, dtype=torch.float64); R = torch.eye(3, dtype=torch.float64)
     >>> round(dual_bound(torch.zeros(3, 3, dtype=torch.float64), L, R), 4)   # exact: 1
@@ -485,14 +535,17 @@ def dual_bound(
     mu = torch.zeros((), dtype=_F64, requires_grad=True)
     opt = _Adam([s, mu], lr=0.05)
     best = math.inf
-    for i in range(max(steps, 1)):
-        if i > 0 and _late(deadline):
+    clock = StepClock()
+    for _ in range(max(steps, 1)):
+        if not _fits(deadline, clock.predict("step", step_guess)):
             break
+        clock.start("step")
         lam = _dual_lam(L, R, H, s.exp(), mu)
         best = min(best, float(lam.detach()))
         opt.zero_grad()
         lam.backward()
         opt.step()
+        clock.stop("step")
     # re-evaluate the best parameters without autograd is unnecessary: each evaluated lam is a
     # valid bound computed from explicit (t, mu); return the smallest.
     return best
@@ -572,7 +625,10 @@ def pair_certified(
 
     ``norms`` may pass known upper bounds of ``(||L||, ||R||)`` (e.g. from SVDs) to skip their
     computation. ``deadline`` (absolute ``time.perf_counter()``) stops the optional parts
-    (scaled, dual, bnb) early or skips them: the minimum of what was computed is returned.
+    (scaled, dual, bnb) early or skips them: each one (and each step of the optimised ones)
+    starts only if its predicted cost ends by the deadline, the prediction scaling the measured
+    time of the reduction and norms (:func:`_dense_rate`, seconds per cubed size) to the
+    part's dense eigensolves. The minimum of what was computed is returned.
 
     >>> L = torch.tensor([[1.0, 1.0]], dtype=torch.float64)
     >>> R = torch.tensor([[1.0], [-1.0]], dtype=torch.float64)
@@ -589,21 +645,27 @@ def pair_certified(
         )
     a, b = _check_slopes(slopes)
     c = max(abs(a), abs(b))
+    t_dense = time.perf_counter()
     Lr, Rr = reduce_pair(L0, R0)
     nL, nR = (_norm(Lr), _norm(Rr)) if norms is None else (float(norms[0]), float(norms[1]))
+    rate = _dense_rate(time.perf_counter() - t_dense, L0, R0, Lr, Rr, norms is None)
     parts: dict[str, float] = {"product": c * nL * nR}
     La, Ra = L0.abs(), R0.abs()
     if _abs_norm_lower(La, Ra) < nL * nR:  # else (A) cannot beat (P): skip its big product
         parts["abs"] = c * _norm(La @ Ra)
-    if scaled_steps >= 0 and not _late(deadline):
-        parts["scaled"] = c * scaled_product_bound(Lr, Rr, steps=scaled_steps, deadline=deadline)
+    sides = min(Lr.shape) ** 3 + min(Rr.shape) ** 3  # the sizes of the norms of a scaled step
+    if scaled_steps >= 0 and _fits(deadline, rate * sides):
+        parts["scaled"] = c * scaled_product_bound(Lr, Rr, steps=scaled_steps, deadline=deadline,
+                                                   step_guess=2 * rate * sides)
     inner = min(parts.values()) / c if c > 0 else 0.0
     parts["half"] = abs(a + b) / 2 * _norm(Lr @ Rr) + (b - a) / 2 * inner
-    if dual_steps > 0 and Lr.shape[0] + Rr.shape[1] <= dual_max_size and not _late(deadline):
+    mp3 = (Lr.shape[0] + Rr.shape[1]) ** 3  # one eigensolve of rule (D)'s matrix
+    if dual_steps > 0 and Lr.shape[0] + Rr.shape[1] <= dual_max_size \
+            and _fits(deadline, 2 * rate * mp3):
         parts["dual"] = dual_bound(a * (Lr @ Rr), (b - a) * Lr, Rr, steps=dual_steps,
-                                   deadline=deadline)
+                                   deadline=deadline, step_guess=2 * rate * mp3)
     if sigma is not None and Lr.shape[0] + Rr.shape[1] <= dual_at_max_size \
-            and not _late(deadline):
+            and _fits(deadline, rate * (mp3 + min(Lr.shape[0], Rr.shape[1]) ** 3)):
         sig = torch.as_tensor(sigma, dtype=_F64).reshape(-1)
         parts["dual@greedy"] = dual_bound_at(a * (Lr @ Rr), (b - a) * Lr, Rr, sig)
     if bnb_seconds > 0 and not _late(deadline):
@@ -613,6 +675,18 @@ def pair_certified(
     return CertifiedBound(
         value=parts[how], how=how, parts=parts, seconds=time.perf_counter() - t0
     )
+
+
+def _dense_rate(seconds: float, L0: torch.Tensor, R0: torch.Tensor, Lr: torch.Tensor,
+                Rr: torch.Tensor, norms: bool) -> float:
+    """Measured seconds per cubed size of the dense eigensolves of :func:`reduce_pair` (``n^3``
+    for each side it reduced) and, when ``norms``, of the two norms (``min(shape)^3`` each);
+    ``0`` (nothing predicted) when there were none."""
+    n = L0.shape[1]
+    work = n**3 * ((L0.shape[0] > n) + (R0.shape[1] > n))
+    if norms:
+        work += min(Lr.shape) ** 3 + min(Rr.shape) ** 3
+    return seconds / work if work > 0 else 0.0
 
 
 # --------------------------------------------------------------------------------------------

@@ -93,6 +93,7 @@ from .._validation import (
 from ..analysis import Analysis, analysis_of
 from ..errors import InvalidArgumentError, LipboundError, NonFiniteError, ShapeError
 from ..results import LowerBoundResult, Witness
+from ._pairs import StepClock
 
 __all__ = [
     "DEFAULT_METHODS", "LOWER_METHODS", "lower_bound", "pair_ratio", "jacobian_ratio",
@@ -323,13 +324,16 @@ def _power(f: _Fn, x: torch.Tensor, v: torch.Tensor, iters: int, tol: float = 0.
     """Batched power iteration on ``J^T J``: returns ``(sigma, v)`` with ``sigma = ||J v||``.
 
     Every ``sigma`` is ``||J v|| / ||v|| <= ||J||_2`` (a lower estimate, converging from below);
-    it stops early at ``deadline`` (``time.perf_counter()`` clock), every iterate being valid.
-    Products through plain autograd (``torch.func`` imports ``torch._dynamo``: seconds).
+    it stops early when the next iteration, predicted to cost as much as the slowest one so
+    far, would end past ``deadline`` (``time.perf_counter()`` clock), every iterate being
+    valid. Products through plain autograd (``torch.func`` imports ``torch._dynamo``: seconds).
     """
     op = _JacAt(f, x)
     v = v / _pnorm(v, "2")[:, None].clamp_min(1e-300)
     sigma = torch.zeros(x.shape[0], dtype=x.dtype, device=x.device)
+    clock = StepClock()
     for _ in range(max(iters, 1)):
+        clock.start("iteration")
         jv = op.jv(v)
         prev, sigma = sigma, _pnorm(jv, "2")
         if tol > 0 and bool(((sigma - prev).abs() <= tol * sigma).all()):
@@ -337,7 +341,9 @@ def _power(f: _Fn, x: torch.Tensor, v: torch.Tensor, iters: int, tol: float = 0.
         w = op.jtu(jv)
         nw = _pnorm(w, "2")[:, None]
         v = torch.where(nw > 0, w / nw.clamp_min(1e-300), v)
-        if time.perf_counter() > deadline:
+        clock.stop("iteration")
+        # the last product below costs about half an iteration
+        if not clock.fits("iteration", deadline, 1.5):
             break
     # sigma must belong to the returned v: one last product
     return _pnorm(op.jv(v), "2"), v
@@ -423,11 +429,12 @@ class _Checker:
         except Exception:
             pass
         self.f = _batched(self.model, shape)
-        if m is None:
-            with torch.no_grad():
-                m = int(self.f(torch.zeros(1, math.prod(shape), device=device,
-                                           dtype=self.dtype)).shape[1])
-        self.m = m
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            out = self.f(torch.zeros(1, math.prod(shape), device=device, dtype=self.dtype))
+        #: wall seconds of one forward pass of one sample (the unit of the check's costs)
+        self.forward_seconds = time.perf_counter() - t0
+        self.m = int(out.shape[1]) if m is None else m
 
     def cast(self, t: torch.Tensor) -> torch.Tensor:
         return t.detach().to(device=self.device, dtype=self.dtype).reshape(1, -1)
@@ -476,7 +483,8 @@ class _Checker:
         return self.pair(a, b, norm), (a, b)
 
     @torch.no_grad()
-    def confirm(self, x: torch.Tensor, v: torch.Tensor, val: float, norm: str
+    def confirm(self, x: torch.Tensor, v: torch.Tensor, val: float, norm: str,
+                more: Callable[[], bool] | None = None,
                 ) -> tuple[float, tuple[torch.Tensor, torch.Tensor] | None]:
         """Checks a Jacobian witness's ``val`` against the secants ``x -+ h v`` it predicts.
 
@@ -487,13 +495,16 @@ class _Checker:
         ``f``) at one of the steps ``h0 * (1e2, 1, 1e-2, 1e-4)`` (``h0`` from
         :func:`_fd_step`) reaches ``(1 - 1e-3) val``; otherwise the witness becomes the best
         such pair and its own ratio is the value. Returns ``(val, None)`` or
-        ``(ratio, (a, b))``."""
+        ``(ratio, (a, b))``. ``more()`` (when given) is asked before every secant but the
+        first: ``False`` stops there, the value unconfirmed (so demoted to its best pair)."""
         xs, vs = self.cast(x), self.cast(v)
         if not val > 0:
             return val, None
         h0 = _fd_step(xs, vs)
         best: tuple[float, tuple[torch.Tensor, torch.Tensor] | None] = (0.0, None)
         for c in (1e2, 1.0, 1e-2, 1e-4):
+            if best[1] is not None and more is not None and not more():
+                break
             a, b = (xs - c * h0 * vs)[0], (xs + c * h0 * vs)[0]
             r = self.pair(a, b, norm)
             if r >= (1 - 1e-3) * val:
@@ -591,6 +602,8 @@ class _Search:
         self.stage = "search"
         self.stage_end = deadline
         self.stage_start = time.perf_counter()
+        self.clock = StepClock()  # the measured cost of a step of each stage
+        self._last: float | None = None  # when the current stage's last step started
         # Jacobian norms are cheap only for l2 (power method) or a small output (full J)
         self.jac_ok = norm == "2" or m <= _FULL_M
 
@@ -598,8 +611,13 @@ class _Search:
         return torch.randn(*shape, generator=self.gen, dtype=self.dtype).to(self.device)
 
     def begin(self, stage: str, end: float) -> None:
-        self.stage, self.stage_start, self.stage_end = stage, time.perf_counter(), end
+        self.stage = stage
+        self.window(end)
         self.report(stage, 0.0)
+
+    def window(self, end: float) -> None:
+        """The current stage's steps run from now until ``end``."""
+        self.stage_start, self.stage_end, self._last = time.perf_counter(), end, None
 
     def frac(self, done: float) -> float:
         """The schedule position: the larger of the work done and the stage time spent."""
@@ -613,10 +631,16 @@ class _Search:
         return f
 
     def out_of_time(self) -> bool:
+        """Called before each step of a stage: whether the step should not start (the time
+        is up, or the step, predicted to cost as much as the slowest of the stage's last
+        measured steps (:class:`StepClock`), would end past the stage's end)."""
         now = time.perf_counter()
+        if self._last is not None:  # the previous step of this stage ended now
+            self.clock.record(self.stage, now - self._last)
+        self._last = now
         if now > self.deadline:
             self.timed_out = True
-        if self.timed_out or now > self.stage_end:
+        if self.timed_out or now + self.clock.predict(self.stage) > self.stage_end:
             self.cut = True
             return True
         return False
@@ -725,8 +749,11 @@ class _Search:
             self.evaluations += 2 * x.shape[0]
             return _pnorm(self.f(a) - self.f(b), self.norm) / (d * s[:, 0]), a, b
 
+        unkept: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
         for t in range(steps):
             if self.out_of_time():
+                if unkept is not None:  # cut between two every-10-steps records: keep them
+                    self.add(unkept[0], "pairs", unkept[1], y=unkept[2])
                 break
             d = d_hi * (d_lo / d_hi) ** fr
             lr_t = lr * (0.05 + 0.95 * (1 - fr))
@@ -765,16 +792,22 @@ class _Search:
                         u /= _pnorm(u, self.norm)[:, None].clamp_min(1e-30)
             fr = self.frac((t + 1) / max(steps - 1, 1))
             last = t == steps - 1 or fr >= 1.0
+            unkept = (r.detach(), a.detach(), b.detach())
             if t % 10 == 9 or last or (free and t % 10 == 0):
-                self.add(r.detach(), "pairs", a.detach(), y=b.detach())
+                self.add(unkept[0], "pairs", unkept[1], y=unkept[2])
+                unkept = None
             if last:
                 break
         # Jacobian norm at the end points of the ascent (the pairs localise a high-slope region)
-        if self.jac_ok and time.perf_counter() < self.deadline:
+        self._last = None
+        if self.jac_ok and self.clock.fits("end jac", self.deadline,
+                                           guess=self.clock.predict("pairs")):
             with torch.no_grad():
                 xe = (s * z).detach()
                 ve = u.detach() if self.norm == "2" else None
+            self.clock.start("end jac")
             sv, v = self.jac(xe, ve)
+            self.clock.stop("end jac")
             self.add(sv, "pairs", xe, v=v)
 
     def fd_direction(self, x: torch.Tensor) -> torch.Tensor | None:
@@ -854,6 +887,9 @@ class _Adam:
 DEFAULT_TIME_LIMIT = 60.0
 #: fraction of the budget kept for the float64 re-evaluation of the witnesses
 _CHECK_SHARE = 0.12
+#: float64 forward passes of one sample the check reserves at least (the best witness, its
+#: secant, one more): a slow model gets a larger reserve than its share
+_CHECK_PASSES = 6
 #: relative time shares of the search stages (renormalised over the stages that run)
 _STAGE_WEIGHT = {"data": 0.15, "sample": 0.25, "pairs": 0.35, "annealing": 0.25}
 _TORCH_FAILURES = (RuntimeError, NotImplementedError, TypeError, ValueError, IndexError)
@@ -968,6 +1004,36 @@ def lower_bound(
         report.close()
 
 
+def _recheck(cands: list[_Cand], check: _Checker, p: str, clock: StepClock, deadline: float,
+             notes: list[str], report: Any) -> list[tuple[float, _Cand]]:
+    """``(exact value, candidate)`` of the candidates re-checked in float64, best first: the
+    first always, each next one only if its step (predicted by ``clock``: a pair costs two
+    forward passes, a Jacobian about three, until measured) ends by ``deadline``."""
+    evaluated: list[tuple[float, _Cand]] = []
+    skipped = 0
+    fwd = check.forward_seconds
+    for i, c in enumerate(cands):
+        kind = "pair" if c.y is not None else "jac"
+        if evaluated and not clock.fits(kind, deadline, guess=(2 if c.y is not None else 3) * fwd):
+            skipped += 1
+            continue
+        report("check", i / max(len(cands), 1))
+        clock.start(kind)
+        if c.y is not None:
+            val = check.pair(c.x, c.y, p)
+        elif c.v is not None:
+            val, as_pair = check.jac(c.x, c.v, p)
+            if as_pair is not None:  # no exact jvp here: the witness is the pair itself
+                c = _Cand(c.value, c.how, as_pair[0], as_pair[1], None)
+        else:
+            val = 0.0
+        clock.stop(kind)
+        evaluated.append((val, c))
+    if skipped:
+        notes.append(f"{skipped} candidate witness(es) not re-checked (time limit)")
+    return evaluated
+
+
 def _lower_bound(
     model: nn.Module, shape: tuple[int, ...], p: str, methods: tuple[str, ...], data: Any,
     restarts: int | None, steps: int, samples: int | None, batch_size: int,
@@ -986,7 +1052,13 @@ def _lower_bound(
             scale = 1.0
     lr_ = 0.05 if lr is None else float(lr) / scale
     deadline = math.inf if time_limit is None else t_start + float(time_limit)
-    search_end = math.inf if time_limit is None else t_start + (1 - _CHECK_SHARE) * time_limit
+    # the float64 checker first: its forward pass prices the check, whose reserve is the
+    # larger of its share and a few such passes (the best witness and its secant), capped
+    check = _Checker(model, shape, device, dtype, m)
+    reserve = 0.0 if time_limit is None else min(
+        max(_CHECK_SHARE * time_limit, _CHECK_PASSES * check.forward_seconds),
+        0.5 * time_limit)
+    search_end = deadline - reserve
 
     f = _batched(model, shape)
     gen = torch.Generator().manual_seed(seed)
@@ -1062,8 +1134,7 @@ def _lower_bound(
                 for b in range(n_batches):
                     # each batch of chains gets its share of the stage's time left
                     now = time.perf_counter()
-                    search.stage_start = now
-                    search.stage_end = now + max(end - now, 0.0) / (n_batches - b)
+                    search.window(now + max(end - now, 0.0) / (n_batches - b))
                     k = min(batch_size, restarts - b * batch_size)
                     x0, s0 = starts(k, b * batch_size)
                     if stage == "pairs":
@@ -1084,39 +1155,36 @@ def _lower_bound(
 
     # ---- re-evaluate the candidates exactly (float64, one sample) and pick the best --------
     report("check", 0.0)
-    check = _Checker(model, shape, device, dtype, m)
-    evaluated: list[tuple[float, _Cand]] = []
+    clock = StepClock()  # costs of the check's steps ("pair": 2 passes, "jac": about 3)
+    fwd = check.forward_seconds
     jac_cands = [c for c in search.cands if c.y is None and c.v is not None][:2]
     for c in jac_cands:  # polish the best Jacobian witnesses (still realised values)
-        if time.perf_counter() > deadline - 0.5 * _CHECK_SHARE * (deadline - t_start):
+        if time.perf_counter() > deadline - 0.5 * reserve:
             break
         if c.v is not None:
             try:
-                c.v = check.polish(c.x, c.v, p, 3 * power_iterations, deadline)
+                c.v = check.polish(c.x, c.v, p, 3 * power_iterations, deadline - 0.5 * reserve)
             except _TORCH_FAILURES:
                 break
-    for i, c in enumerate(search.cands):
-        if evaluated and time.perf_counter() > deadline:
-            notes.append(f"{len(search.cands) - i} candidate witness(es) not re-checked "
-                         "(time limit)")
-            break
-        report("check", i / max(len(search.cands), 1))
-        if c.y is not None:
-            val = check.pair(c.x, c.y, p)
-        elif c.v is not None:
-            val, as_pair = check.jac(c.x, c.v, p)
-            if as_pair is not None:  # no exact jvp here: the witness is the pair itself
-                c = _Cand(c.value, c.how, as_pair[0], as_pair[1], None)
-        else:
-            val = 0.0
-        evaluated.append((val, c))
+    evaluated = _recheck(search.cands, check, p, clock, deadline, notes, report)
     best: tuple[float, _Cand] | None = max(evaluated, key=lambda t: t[0]) if evaluated else None
     # a Jacobian value must be confirmed by its secants (see _Checker.confirm): the best is
     # checked, and a demoted one competes again as the pair it became, until the best is a
     # pair or a confirmed Jacobian value (each round is 8 float64 forward passes)
     demoted: list[float] = []
+
+    def more() -> bool:  # another secant (a pair: two passes) fits before the deadline
+        return clock.fits("pair", deadline, guess=2 * fwd)
+
     while best is not None and best[1].y is None and best[1].v is not None:
-        val_c, as_pair = check.confirm(best[1].x, best[1].v, best[0], p)
+        if demoted and not more():  # no time to confirm more: the pairs only compete
+            evaluated = [(v_, c_) for v_, c_ in evaluated if c_.y is not None]
+            best = max(evaluated, key=lambda t: t[0])
+            break
+        cand = best[1]
+        if cand.v is None:
+            break
+        val_c, as_pair = check.confirm(cand.x, cand.v, best[0], p, more)
         if as_pair is None:  # confirmed
             break
         demoted.append(best[0])

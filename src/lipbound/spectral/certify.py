@@ -8,7 +8,9 @@ Notation: ``u = 2^-53`` (float64 unit roundoff).
 Certificates (l2), each proved in the docstring of the function that computes it:
 
 * **dense matrices** (``nn.Linear``; any small op via its Jacobian): SVD with a backward-error
-  margin, :func:`matrix_norm_upper`.
+  margin, or ``eigvalsh`` / a Cholesky-verified Lanczos candidate of the Gram matrix,
+  :func:`matrix_norm_upper`. A small zero-padded conv's matrix is written from its kernel
+  (exact, :func:`_conv_matrix`) rather than from float64 convolutions of basis vectors.
 * **convolutions** (``Conv1d/2d/3d``, any stride, dilation, groups, padding mode;
   ``ConvTranspose*`` as adjoints; ``AvgPool*`` as constant-kernel convs): the largest singular
   value of the Fourier symbol of a circular convolution that contains the layer,
@@ -60,6 +62,9 @@ __all__ = [
 
 U = 2.0**-53  # float64 unit roundoff
 DENSE_LIMIT = 4_000_000  # largest n_in * n_out for which a Jacobian is built densely
+#: :func:`matrix_norm_upper` takes an SVD (or, for a wide / tall matrix, ``eigvalsh`` of its
+#: Gram matrix) while the smaller side has at most this many entries, Lanczos + Cholesky beyond
+SVD_MAX = 512
 #: Memory budget (bytes) of one chunk of basis vectors pushed through the op by
 #: :func:`dense_jacobian`: the chunk holds ``c`` inputs and outputs (float64), with a factor 4
 #: for the op's intermediate values. A Linear(49152, 10) asked for 19 GB when the chunk size
@@ -111,14 +116,17 @@ def matrix_norm_upper(W: torch.Tensor, norm: str = "2") -> tuple[float, str]:
 
         ||W||_2 <= s + 8 m n u ||W||_F.
 
-    l2, larger matrices: ``||W||_2^2 = lambda_max(G)`` with ``G = W W^T`` (the smaller side,
+    l2, other matrices: ``||W||_2^2 = lambda_max(G)`` with ``G = W W^T`` (the smaller side,
     ``p x p``, inner dimension ``q``) computed in float64, and ``lambda_max`` certified as in
     :func:`_gram_lambda_upper` (whose proof, written for complex matrices, holds verbatim for
-    real ones, with ``fro_up`` the computed ``||W||_F`` rounded up by ``(m n + 8) u``): a
-    Lanczos candidate ``c`` (64 steps, then 160) is proved by a successful Cholesky
-    factorisation of ``c I - G_hat``, giving ``lambda_max(G) <= c + e_D + 2 e_C + e_G``; if
-    both fail, the backward-stable ``eigvalsh`` bound (:func:`_lambda_max_upper`). One
-    Cholesky costs a quarter of a symmetric eigensolve. A non-finite ``G_hat`` gives ``inf``.
+    real ones, with ``fro_up`` the computed ``||W||_F`` rounded up by ``(m n + 8) u``). For
+    ``p > 512``: a Lanczos candidate ``c`` (64 steps, then 160) is proved by a successful
+    Cholesky factorisation of ``c I - G_hat``, giving ``lambda_max(G) <= c + e_D + 2 e_C +
+    e_G``; if both fail, the backward-stable ``eigvalsh`` bound (:func:`_lambda_max_upper`).
+    One Cholesky costs a quarter of a symmetric eigensolve. For ``p <= 512`` and ``q >= 2 p``
+    (a wide or tall matrix, whose SVD costs ``~4 q p^2`` against the ``q p^2`` of the Gram
+    matrix): that ``eigvalsh`` bound directly, ``lambda_hat + 8.08 p^2 u f2 + e_G`` (margins
+    of the same order as the SVD's, ~1e-9 relative). A non-finite ``G_hat`` gives ``inf``.
 
     l1 / l-inf: the largest column / row sum of ``|W|``; a float64 sum of ``q`` non-negative
     terms is at most ``(1 + q u)`` times too small, so it is inflated by ``(1 + 2 q u)``.
@@ -141,13 +149,17 @@ def matrix_norm_upper(W: torch.Tensor, norm: str = "2") -> tuple[float, str]:
         q = m if norm == "1" else n
         return round_up(float(sums.max()), 2 * q * U + 8 * U), f"dense l{norm} (abs sums)"
     fro = float(torch.linalg.matrix_norm(W, "fro"))
-    if min(m, n) <= 512:
+    p, q = min(m, n), max(m, n)
+    if p <= SVD_MAX and q < 2 * p:
         s = float(torch.linalg.svdvals(W)[0])
         return round_up(s + 8 * m * n * U * fro * 1.01), "dense SVD (float64) + margin"
     # fro rounded up: >= ||W||_F (a sum of m n squares, then a square root)
-    lam_up = _gram_lambda_upper(W[None], round_up(fro, (m * n + 8) * U), 0.0)
+    direct = p <= SVD_MAX  # small Gram matrix: eigvalsh, no Lanczos / Cholesky candidate
+    lam_up = _gram_lambda_upper(W[None], round_up(fro, (m * n + 8) * U), 0.0, direct=direct)
     return (round_up(math.sqrt(lam_up)),
-            "dense Gram (float64), Lanczos candidate verified by Cholesky + margin")
+            "dense Gram (float64), " + ("eigvalsh" if direct
+                                        else "Lanczos candidate verified by Cholesky")
+            + " + margin")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -408,7 +420,8 @@ def _lanczos_ritz_max(G: torch.Tensor, k: int = 24) -> torch.Tensor:
 
 
 def _gram_lambda_upper(
-    A: torch.Tensor, fro_up: float, floor: float, scale: float | None = None
+    A: torch.Tensor, fro_up: float, floor: float, scale: float | None = None, *,
+    direct: bool = False,
 ) -> float:
     r"""Certified ``L >= max_b lambda_max(A[b]^* A[b])`` for computed complex matrices ``A[b]``.
 
@@ -426,28 +439,32 @@ def _gram_lambda_upper(
     ``lambda_max(G) <= lambda_max(H_G) + e_G``.
 
     The bound is then :func:`_lambda_max_upper` of ``G_hat`` with ``f2 = fro_up^2`` and that
-    ``e_G``.
+    ``e_G`` (``direct``: its ``eigvalsh`` bound alone).
     """
     m, n = A.shape[-2:]
     G = _gram(A)
     q = max(m, n)
     f2 = fro_up * fro_up  # (a non-finite G gets inf there: never a silently wrong bound)
-    return _lambda_max_upper(G, f2, 4.04 * (q + 4) * U * f2, floor, scale)
+    return _lambda_max_upper(G, f2, 4.04 * (q + 4) * U * f2, floor, scale, direct=direct)
 
 
 def _gram(A: torch.Tensor) -> torch.Tensor:
     """The Gram matrix of ``A`` (``(B, m, n)``) on its smaller side: ``A A^*`` or ``A^* A``.
 
     A single real float64 matrix on the CPU goes through BLAS ``dsyrk`` (the lower triangle
-    only, mirrored: half the flops of a product, the same dot products, hence the same
-    entrywise error bound); anything else through a batched product.
+    only, mirrored as ``L + L^T`` with the doubled diagonal halved, both exact in binary
+    (an overflow there gives ``inf``, which every caller turns into an infinite bound): half
+    the flops of a product, the same dot products, hence the same entrywise error bound);
+    anything else through a batched product.
     """
     m, n = A.shape[-2:]
     if A.shape[0] == 1 and A.dtype == _F64 and A.device.type == "cpu":
         a = A[0].contiguous().numpy().T  # Fortran-ordered view of A: no copy
         # trans=1: a^T a = A A^T (m x m); trans=0: a a^T = A^T A (n x n)
-        low = torch.from_numpy(blas.dsyrk(1.0, a, trans=1 if m <= n else 0, lower=1))
-        return (torch.tril(low) + torch.tril(low, -1).mT)[None]
+        low = torch.from_numpy(blas.dsyrk(1.0, a, trans=1 if m <= n else 0, lower=1)).tril_()
+        G = low + low.mT  # the diagonal doubled, then halved: both exact in binary
+        G.diagonal().mul_(0.5)
+        return G[None]
     return A @ A.mH if m <= n else A.mH @ A
 
 
@@ -460,7 +477,7 @@ def _candidate(est: float, scale: float | None = None) -> float:
 
 def _lambda_max_upper(
     G: torch.Tensor, f2: float, e_G: float, floor: float = 0.0, scale: float | None = None,
-    steps: tuple[int, ...] = (64, 160),
+    steps: tuple[int, ...] = (64, 160), *, direct: bool = False,
 ) -> float:
     r"""Certified ``L >= max_b lambda_max(G[b])`` for ``(B, p, p)`` computed Gram matrices.
 
@@ -497,10 +514,13 @@ def _lambda_max_upper(
     **Fallback.** For each ``b`` whose Cholesky fails, ``lambda_hat = max(eigvalsh(H_G))``
     (backward stable: ``||E||_2 <= 8 p^2 u ||G_hat||_F <= 8.08 p^2 u f2``), so
     ``lambda_max(G_b) <= lambda_hat + 8.08 p^2 u f2 + e_G``. The result is the maximum of the
-    applicable bounds, rounded up (``inf`` if ``G_hat`` is not finite).
+    applicable bounds, rounded up (``inf`` if ``G_hat`` is not finite). ``direct=True`` skips
+    the candidates: the fallback bound for every ``b`` (cheaper for small ``p``).
     """
     if not math.isfinite(float(G.sum().abs())):  # an inf or NaN entry makes the sum one
         return math.inf  # non-finite Gram matrix: no certificate (never a silently wrong one)
+    if direct:
+        return round_up(float(_eig_fallback(G, f2, e_G).max()))
     if floor > 0:  # the caller's candidate (matrices above it are retried below)
         c = floor
     elif G.shape[0] > 4:
@@ -1142,7 +1162,50 @@ def _dense_jacobian(op: Any, in_shape: tuple[int, ...]
         return None
     if math.prod(in_shape) * b[0].numel() > DENSE_LIMIT:
         return None
+    spec = (conv_spec(op, in_shape, tuple(b.shape[1:]))
+            if isinstance(op, nn.modules.conv._ConvNd) else None)
+    if spec is not None and spec.mode == "zeros":
+        J = _conv_matrix(spec)
+        return (J.T.contiguous() if spec.adjoint else J), b.reshape(-1).cpu()
     return dense_matrix(fn, in_shape, dtype=_F64, device=dev)
+
+
+def _conv_matrix(spec: ConvSpec) -> torch.Tensor:
+    r"""The matrix (``n_out x n_in``, float64, CPU) of a zero-padded convolution, written
+    directly from its kernel: entry ``(o, i; c, i s + t d - lo)`` is ``K[o, c, t]`` for every
+    tap ``t`` whose read position lies in the input (groups: block diagonal). Distinct taps
+    read distinct positions of one output (``d >= 1``), so every entry is one kernel weight
+    (float32 weights are exact in float64) or zero: the matrix is exact, without the
+    ``n_in`` float64 convolutions of the basis vectors that :func:`dense_matrix` would run
+    (ResNet-50's 3x3 convs at 2x2 maps: 0.9 s each). For a ConvTranspose (``adjoint``) it is
+    the matrix of the conv whose adjoint the layer is.
+    """
+    K = spec.weight.detach().to(_F64).cpu()
+    g, D = spec.groups, spec.dims
+    cout, cin_g = K.shape[0], K.shape[1]
+    cout_g = cout // g
+    n_o, n_i = math.prod(spec.out_spatial), math.prod(spec.in_spatial)
+    J = torch.zeros((cout, n_o, cin_g * g, n_i), dtype=_F64)
+    rows = torch.arange(cout).reshape(g, cout_g, 1, 1)
+    cols = (torch.arange(cin_g).reshape(1, 1, cin_g, 1)
+            + cin_g * torch.arange(g).reshape(g, 1, 1, 1))
+    grids = [torch.arange(h) for h in spec.out_spatial]
+    for tap in itertools.product(*[range(k) for k in K.shape[2:]]):
+        # per dim: the read position of every output, and whether it lies in the input
+        pos = [grids[i] * spec.stride[i] + tap[i] * spec.dilation[i] - spec.pad_lo[i]
+               for i in range(D)]
+        o_flat = torch.zeros(1, dtype=torch.int64)
+        i_flat = torch.zeros(1, dtype=torch.int64)
+        ok = torch.ones(1, dtype=torch.bool)
+        for i in range(D):
+            o_flat = (o_flat[:, None] * spec.out_spatial[i] + grids[i][None]).reshape(-1)
+            i_flat = (i_flat[:, None] * spec.in_spatial[i] + pos[i][None]).reshape(-1)
+            ok = (ok[:, None] & ((pos[i] >= 0) & (pos[i] < spec.in_spatial[i]))[None]
+                  ).reshape(-1)
+        o_v, i_v = o_flat[ok].reshape(1, 1, 1, -1), i_flat[ok].reshape(1, 1, 1, -1)
+        vals = K[(slice(None),) * 2 + tap].reshape(g, cout_g, cin_g, 1)
+        J[rows, o_v, cols, i_v] = vals.expand(-1, -1, -1, o_v.shape[-1])
+    return J.reshape(cout * n_o, -1)
 
 
 def dense_matrix(
