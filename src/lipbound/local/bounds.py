@@ -33,8 +33,10 @@ class LocalOptions:
     an error names the numbers when one sample does not fit); ``refine``: forward tangent boxes
     and mean-value refinement when the graph's tangents have at most that many entries per
     sample (``0``: none); ``crown``: CROWN-style back-substituted bounds for the values read
-    by non-linear rules that need at most that many rows per sample (``0``: plain IBP; the
-    others keep their IBP box, with a note); ``use_global``: cap by AutoLip's certified bound
+    by non-linear rules that need at most that many rows per sample (``0``, the default: plain
+    IBP, fast; e.g. ``1 << 13``: much tighter boxes, above all at l-inf radii, at tens of times
+    the cost per image, see the CHANGELOG; the nodes above the budget keep their IBP box, with
+    a note); ``use_global``: cap by AutoLip's certified bound
     when it exists;
     ``steps`` / ``restarts`` / ``seed``: the witness search (pair ascent in the ball);
     ``progress``: called with one line per chunk.
@@ -42,7 +44,7 @@ class LocalOptions:
 
     max_memory: int = 1 << 30
     refine: int = 1 << 19
-    crown: int = 1 << 13
+    crown: int = 0
     use_global: bool = True
     steps: int = 30
     restarts: int = 2

@@ -659,12 +659,14 @@ def _operator_estimate(
 
 def segment_upper(
     seg: list[Any], consts: dict[str, Any], slopes: dict[str, tuple[float, float] | None], *,
-    deadline: float, mode: str = "auto",
+    deadline: float, mode: str = "auto", dense_limit: int = DEFAULTS.dense_limit,
 ) -> float:
     """SeqLip's certified factor of one segment (:func:`_segment` with the default options of
     :func:`lipbound.seqlip`), within ``deadline``: what the work started before it finds
     (AutoLip's product when nothing fits). A valid Lipschitz bound of the segment's map, as
-    every candidate of :func:`_segment` is."""
+    every candidate of :func:`_segment` is. No dense matrix of more than ``dense_limit``
+    entries is built."""
     units = 2 * (len(seg[0::2]) - 1)
     clock = _Clock(deadline, units, lambda stage, fraction: None)
-    return _segment(seg, consts, slopes, clock, replace(DEFAULTS, mode=mode)).upper
+    o = replace(DEFAULTS, mode=mode, dense_limit=int(dense_limit))
+    return _segment(seg, consts, slopes, clock, o).upper
