@@ -50,3 +50,21 @@ def opnorm(J: np.ndarray, norm: str) -> float:
     if norm == "inf":
         return float(np.abs(J).sum(axis=1).max())
     return float(np.abs(J).sum(axis=0).max())
+
+
+class ResMLP(nn.Module):
+    """``x -> head(stem(x) + B_1(.) + ... B_k(.))``, residual blocks ``B_i = W_2 act(W_1 .)``
+    (``act`` ReLU by default), a Linear stem and a Linear-Tanh-Linear head."""
+
+    def __init__(self, d: int = 3, width: int = 6, blocks: int = 2, act: type = nn.ReLU) -> None:
+        super().__init__()
+        self.stem = nn.Linear(d, width)
+        self.act = act()
+        self.inner = nn.ModuleList(nn.Linear(width, width) for _ in range(2 * blocks))
+        self.head = nn.Sequential(nn.Linear(width, width), nn.Tanh(), nn.Linear(width, 2))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.stem(x)
+        for i in range(0, len(self.inner), 2):
+            x = x + self.inner[i + 1](self.act(self.inner[i](x)))
+        return self.head(x)

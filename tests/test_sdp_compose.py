@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from _helpers import ResMLP as _ResMLP
 from _helpers import mlp as _mlp
 from lipbound.errors import LipboundError
 from lipbound.methods import sdp as sdp_mod
@@ -25,23 +26,6 @@ from lipbound.methods.sdp import lipsdp, slope_ranges_of
 from lipbound.testing import generate, generators, realised_lipschitz
 
 UP = 1 + 1e-9  # float slack of a comparison between two certified values
-
-
-class _ResMLP(nn.Module):
-    """``x -> head(x + B_k(... x + B_1(x)))``, ``B_i = W_2 relu(W_1 .)``; ReLU stem and head."""
-
-    def __init__(self, d: int = 3, width: int = 6, blocks: int = 2, act: type = nn.ReLU) -> None:
-        super().__init__()
-        self.stem = nn.Linear(d, width)
-        self.act = act()
-        self.inner = nn.ModuleList(nn.Linear(width, width) for _ in range(2 * blocks))
-        self.head = nn.Sequential(nn.Linear(width, width), nn.Tanh(), nn.Linear(width, 2))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.stem(x)
-        for i in range(0, len(self.inner), 2):
-            x = x + self.inner[i + 1](self.act(self.inner[i](x)))
-        return self.head(x)
 
 
 class _Branches(nn.Module):

@@ -14,6 +14,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
+from _helpers import ResMLP
 from lipbound.methods import _residual
 from lipbound.methods import sdp as sdp_mod
 from lipbound.methods._residual import certify_residual, scaled_block, solve_residual
@@ -124,27 +125,11 @@ def test_certificate_fails_on_multipliers_perturbed_to_infeasibility() -> None:
     assert neg.rho is None
 
 
-class _ResMLP(nn.Module):
-    """``x -> head(x + B_k(... x + B_1(x)))``, ``B_i = W_2 relu(W_1 .)`` (as test_sdp_compose)."""
-
-    def __init__(self, d: int = 3, width: int = 6, blocks: int = 3) -> None:
-        super().__init__()
-        self.stem = nn.Linear(d, width)
-        self.inner = nn.ModuleList(nn.Linear(width, width) for _ in range(2 * blocks))
-        self.head = nn.Sequential(nn.Linear(width, width), nn.Tanh(), nn.Linear(width, 2))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.stem(x)
-        for i in range(0, len(self.inner), 2):
-            x = x + self.inner[i + 1](torch.relu(self.inner[i](x)))
-        return self.head(x)
-
-
 def test_residual_mlp_lipsdp_is_below_the_segment_composition() -> None:
     """Regression: the composed lipsdp multiplied (1 + bound of the branch) over the blocks
     (1.0867 on test_sdp_compose's net, above SeqLip's 1.0866); each block now has its LMI."""
     torch.manual_seed(1)
-    net = _ResMLP().double().eval()
+    net = ResMLP(blocks=3).double().eval()
     r = lipsdp(net, (3,))
     assert r.certified
     branch = [lipsdp(nn.Sequential(net.inner[i], nn.ReLU(), net.inner[i + 1]), (6,)).value
@@ -161,7 +146,7 @@ def test_failed_block_certificates_fall_back_to_the_composition(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     torch.manual_seed(2)
-    net = _ResMLP().double().eval()
+    net = ResMLP(blocks=3).double().eval()
     with monkeypatch.context() as m:
         m.setattr(sdp_mod, "_residual_blocks", lambda graph, segments: [])
         base = lipsdp(net, (3,)).value
@@ -175,7 +160,7 @@ def test_failed_block_certificates_fall_back_to_the_composition(
 
 def test_blocks_above_max_dense_entries_are_skipped_with_a_note() -> None:
     torch.manual_seed(3)
-    net = _ResMLP().double().eval()
+    net = ResMLP(blocks=3).double().eval()
     r = lipsdp(net, (3,), max_dense_entries=100)  # the blocks' LMIs have 18^2 = 324 entries
     assert not any(row.op == "sdp-residual" for row in r.layers)
     assert any("3 skipped" in n for n in r.notes), r.notes

@@ -48,13 +48,19 @@ from .._validation import check_input_shape, check_model, check_norm
 from ..errors import InvalidArgumentError
 from ..graph import OpGraph, capture, simplify
 from ..rules import NodeConstant, get_rule, registered_keys
-from .chains import constant_segments, find_segments, linear_matrix, merged_chain
+from .chains import (
+    constant_segments,
+    find_segments,
+    linear_matrix,
+    merged_chain,
+    segment_slopes,
+)
 from .constants import QUICK_ITER, QUICK_TOL, node_constants
 
 __all__ = [
     "QUICK_ITER", "QUICK_TOL", "Analysis", "DenseChain", "analyse", "analysis_of",
     "clear_cache", "constant_segments", "find_segments", "fingerprint", "linear_matrix",
-    "node_constants",
+    "node_constants", "segment_slopes",
 ]
 
 #: ``(weights, biases, activations, names)`` of a sequential network in float64

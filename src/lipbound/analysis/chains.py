@@ -14,11 +14,12 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..errors import NotSequentialError, UnsupportedNode
+from ..errors import InvalidArgumentError, NotSequentialError, UnsupportedNode
 from ..graph import OpGraph, sequential_chain
 from ..spectral.certify import dense_matrix
 
-__all__ = ["chain_items", "constant_segments", "find_segments", "linear_matrix", "merged_chain"]
+__all__ = ["chain_items", "constant_segments", "find_segments", "linear_matrix", "merged_chain",
+           "segment_slopes"]
 
 
 def _affine_parts(
@@ -166,3 +167,18 @@ def constant_segments(
         for name, c in consts.items()
     }
     return slopes, find_segments(graph, slopes)
+
+
+def segment_slopes(
+    seg: list[Any], slopes: dict[str, tuple[float, float] | None]
+) -> list[tuple[float, float]]:
+    """The slope ranges ``[(a_i, b_i)]`` of a segment's activations (``seg[1::2]``), as
+    floats. :func:`find_segments` keeps only activations with a range; another one is an
+    :class:`~lipbound.errors.InvalidArgumentError` naming it."""
+    out: list[tuple[float, float]] = []
+    for a_node in seg[1::2]:
+        sr = slopes.get(a_node.name)
+        if sr is None:
+            raise InvalidArgumentError(f"no slope range for {a_node.qualname}")
+        out.append((float(sr[0]), float(sr[1])))
+    return out

@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from .._progress import flop_rate
+from ..analysis import segment_slopes
 from ..errors import InvalidArgumentError, ZeroOperatorError
 from ..graph.modules import eval_weight
 from ..results import LayerBound
@@ -417,12 +418,7 @@ def _segment(
     estimate and the Fourier two-layer blocks."""
     ts = time.perf_counter()
     lins, acts = seg[0::2], seg[1::2]
-    act_slopes: list[tuple[float, float]] = []
-    for a_node in acts:
-        sr = slopes[a_node.name]
-        if sr is None:  # find_segments only keeps activations with a slope range
-            raise InvalidArgumentError(f"no slope range for {a_node.qualname}")
-        act_slopes.append((float(sr[0]), float(sr[1])))
+    act_slopes = segment_slopes(seg, slopes)
     act_c = [consts[a.name].value for a in acts]
     norms = [consts[n.name].value for n in lins]
     autolip_seg = math.prod(norms) * math.prod(act_c)

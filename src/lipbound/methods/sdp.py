@@ -84,7 +84,7 @@ from torch import nn
 
 from .._progress import flop_rate
 from .._validation import check_choice, check_positive
-from ..analysis import Analysis, analysis_of, constant_segments, linear_matrix
+from ..analysis import Analysis, analysis_of, constant_segments, linear_matrix, segment_slopes
 from ..errors import (
     InvalidArgumentError,
     MissingDependencyError,
@@ -770,8 +770,7 @@ def _block_bounds(
                     and (_CERT_FLOPS + _OPT_FLOPS) * float(m) ** 3 / rate < end - tr)
         Ws = [linear_matrix(n) for n in lins]
         S = np.eye(Ws[0].shape[1]) if sc is None else linear_matrix(sc)
-        ranges = [slopes[a.name] for a in seg[1::2]]
-        sol = solve_residual(S, Ws, [r for r in ranges if r is not None],
+        sol = solve_residual(S, Ws, segment_slopes(seg, slopes),
                              time_limit=max(end - tr, 1e-3), optimise=optimise)
         if sol.value is not None:
             found.append((add, skip, seg, sc, sol.value))
@@ -899,7 +898,7 @@ def _lipsdp_composed(
     iterations = 0
     for j, (_, run) in enumerate(runs):
         tr = time.perf_counter()
-        lins, acts = run[0::2], run[1::2]
+        lins = run[0::2]
         name = f"{lins[0].qualname}..{lins[-1].qualname}"
         share = max(sdp_end - tr, 0.0) * cubes[j] / max(sum(cubes[j:]), 1.0)
         if time_limit is not None and _CERT_FLOPS * cubes[j] / rate > share:
@@ -910,12 +909,7 @@ def _lipsdp_composed(
         if opt_time <= 0:
             optimise = False
         Ws = [linear_matrix(n) for n in lins]
-        ranges: list[tuple[float, float]] = []
-        for a_node in acts:
-            sr = slopes[a_node.name]
-            if sr is None:  # find_segments keeps only activations with a slope range
-                raise InvalidArgumentError(f"no slope range for {a_node.qualname}")
-            ranges.append((float(sr[0]), float(sr[1])))
+        ranges = segment_slopes(run, slopes)
         sol = solve_schur(Ws, ranges, time_limit=max(opt_time, 1e-3),
                           **{**options, "optimise": optimise})
         solve_s += sol.seconds_opt
