@@ -208,69 +208,91 @@ def conv_spec(
     ``count_include_pad`` holds (or padding is 0) and no window is truncated by ``ceil_mode``.
     """
     if isinstance(module, nn.modules.conv._ConvTransposeNd):
-        d = module.weight.dim() - 2
-        if len(in_shape) != d + 1 or len(out_shape) != d + 1 or module.padding_mode != "zeros":
-            return None
-        pad = _tuple(module.padding, d)
-        return ConvSpec(
-            weight=module.weight.detach().to(_F64),
-            in_spatial=tuple(out_shape[1:]),
-            out_spatial=tuple(in_shape[1:]),
-            stride=_tuple(module.stride, d),
-            dilation=_tuple(module.dilation, d),
-            pad_lo=pad,
-            pad_hi=pad,
-            groups=module.groups,
-            mode="zeros",
-            adjoint=True,
-        )
+        return _transpose_spec(module, in_shape, out_shape)
     if isinstance(module, nn.modules.conv._ConvNd):
-        d = module.weight.dim() - 2
-        if len(in_shape) != d + 1 or len(out_shape) != d + 1:
-            return None
-        rp = list(module._reversed_padding_repeated_twice)
-        lo = tuple(int(rp[2 * (d - 1 - i)]) for i in range(d))
-        hi = tuple(int(rp[2 * (d - 1 - i) + 1]) for i in range(d))
-        return ConvSpec(
-            weight=module.weight.detach().to(_F64),
-            in_spatial=tuple(in_shape[1:]),
-            out_spatial=tuple(out_shape[1:]),
-            stride=_tuple(module.stride, d),
-            dilation=_tuple(module.dilation, d),
-            pad_lo=lo,
-            pad_hi=hi,
-            groups=module.groups,
-            mode=module.padding_mode,
-        )
-    pools = (nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d)
-    if isinstance(module, pools):
-        d = {nn.AvgPool1d: 1, nn.AvgPool2d: 2, nn.AvgPool3d: 3}[type(module)]
-        if len(in_shape) != d + 1 or len(out_shape) != d + 1:
-            return None
-        k = _tuple(module.kernel_size, d)
-        s = _tuple(module.stride if module.stride is not None else module.kernel_size, d)
-        p = _tuple(module.padding, d)
-        if any(pi > 0 for pi in p) and not module.count_include_pad:
-            return None
-        # the windows must all lie within the zero-padded input (no ceil_mode truncation)
-        for i in range(d):
-            full = (in_shape[1 + i] + 2 * p[i] - k[i]) // s[i] + 1
-            if out_shape[1 + i] != full:
-                return None
-        div = getattr(module, "divisor_override", None) or math.prod(k)
-        w = torch.full((1, 1, *k), 1.0 / div, dtype=_F64)
-        return ConvSpec(
-            weight=w,
-            in_spatial=tuple(in_shape[1:]),
-            out_spatial=tuple(out_shape[1:]),
-            stride=s,
-            dilation=(1,) * d,
-            pad_lo=p,
-            pad_hi=p,
-            groups=1,
-            mode="zeros",
-        )
+        return _conv_nd_spec(module, in_shape, out_shape)
+    if isinstance(module, (nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d)):
+        return _avgpool_spec(module, in_shape, out_shape)
     return None
+
+
+def _transpose_spec(
+    module: nn.modules.conv._ConvTransposeNd, in_shape: tuple[int, ...],
+    out_shape: tuple[int, ...],
+) -> ConvSpec | None:
+    """A ConvTranspose as the adjoint of the conv from its output shape to its input's."""
+    d = module.weight.dim() - 2
+    if len(in_shape) != d + 1 or len(out_shape) != d + 1 or module.padding_mode != "zeros":
+        return None
+    pad = _tuple(module.padding, d)
+    return ConvSpec(
+        weight=module.weight.detach().to(_F64),
+        in_spatial=tuple(out_shape[1:]),
+        out_spatial=tuple(in_shape[1:]),
+        stride=_tuple(module.stride, d),
+        dilation=_tuple(module.dilation, d),
+        pad_lo=pad,
+        pad_hi=pad,
+        groups=module.groups,
+        mode="zeros",
+        adjoint=True,
+    )
+
+
+def _conv_nd_spec(
+    module: nn.modules.conv._ConvNd, in_shape: tuple[int, ...], out_shape: tuple[int, ...]
+) -> ConvSpec | None:
+    """A Conv1d/2d/3d with its padding (per side, from torch's reversed padding)."""
+    d = module.weight.dim() - 2
+    if len(in_shape) != d + 1 or len(out_shape) != d + 1:
+        return None
+    rp = list(module._reversed_padding_repeated_twice)
+    lo = tuple(int(rp[2 * (d - 1 - i)]) for i in range(d))
+    hi = tuple(int(rp[2 * (d - 1 - i) + 1]) for i in range(d))
+    return ConvSpec(
+        weight=module.weight.detach().to(_F64),
+        in_spatial=tuple(in_shape[1:]),
+        out_spatial=tuple(out_shape[1:]),
+        stride=_tuple(module.stride, d),
+        dilation=_tuple(module.dilation, d),
+        pad_lo=lo,
+        pad_hi=hi,
+        groups=module.groups,
+        mode=module.padding_mode,
+    )
+
+
+def _avgpool_spec(
+    module: nn.Module, in_shape: tuple[int, ...], out_shape: tuple[int, ...]
+) -> ConvSpec | None:
+    """An AvgPool as a one-channel conv with the constant kernel ``1 / divisor`` (see
+    :func:`conv_spec` for when)."""
+    d = {nn.AvgPool1d: 1, nn.AvgPool2d: 2, nn.AvgPool3d: 3}[type(module)]
+    if len(in_shape) != d + 1 or len(out_shape) != d + 1:
+        return None
+    k = _tuple(module.kernel_size, d)
+    s = _tuple(module.stride if module.stride is not None else module.kernel_size, d)
+    p = _tuple(module.padding, d)
+    if any(pi > 0 for pi in p) and not module.count_include_pad:
+        return None
+    # the windows must all lie within the zero-padded input (no ceil_mode truncation)
+    for i in range(d):
+        full = (in_shape[1 + i] + 2 * p[i] - k[i]) // s[i] + 1
+        if out_shape[1 + i] != full:
+            return None
+    div = getattr(module, "divisor_override", None) or math.prod(k)
+    w = torch.full((1, 1, *k), 1.0 / div, dtype=_F64)
+    return ConvSpec(
+        weight=w,
+        in_spatial=tuple(in_shape[1:]),
+        out_spatial=tuple(out_shape[1:]),
+        stride=s,
+        dilation=(1,) * d,
+        pad_lo=p,
+        pad_hi=p,
+        groups=1,
+        mode="zeros",
+    )
 
 
 def _pad_copy_counts(spatial: tuple[int, ...], pads: list[int], mode: str) -> torch.Tensor:
@@ -296,7 +318,10 @@ class _DimPlan:
     exact: bool
 
 
-def _dim_plan(mode: str, H: int, k: int, s: int, d: int, lo: int, hi: int, Ho: int) -> _DimPlan:
+def _dim_plan(
+    mode: str, H: int, k: int, s: int, d: int, lo: int, *, hi: int, Ho: int
+) -> _DimPlan:
+    """The circulant plan of one dim (grid, phases, tap positions, output repetition)."""
     if mode == "circular":
         ms = [(t * d - lo) % H for t in range(k)]
         if H % s == 0:
@@ -343,8 +368,8 @@ def _fourier_plans(spec: ConvSpec) -> tuple[list[_DimPlan], float]:
     pad_norm, spatial, lo, hi, mode = _padding_reduction(spec)
     ks = tuple(spec.weight.shape[2:])
     plans = [
-        _dim_plan(mode, spatial[i], ks[i], spec.stride[i], spec.dilation[i], lo[i], hi[i],
-                  spec.out_spatial[i])
+        _dim_plan(mode, spatial[i], ks[i], spec.stride[i], spec.dilation[i], lo[i], hi=hi[i],
+                  Ho=spec.out_spatial[i])
         for i in range(spec.dims)
     ]
     return plans, pad_norm
@@ -758,7 +783,7 @@ def _torus_layout(
         k, s, d = ks[i], spec.stride[i], spec.dilation[i]
         if mode == "circular":
             H = spatial[i]
-            rep *= _dim_plan(mode, H, k, s, d, lo[i], hi[i], spec.out_spatial[i]).rep
+            rep *= _dim_plan(mode, H, k, s, d, lo[i], hi=hi[i], Ho=spec.out_spatial[i]).rep
             m = [t * d - lo[i] for t in range(k)]
             if H % s:  # the stride-1 circulant on the grid H, read at i s
                 phases.append(1)
@@ -917,159 +942,242 @@ def conv_torus_upper(
         b, how = conv_torus_upper(replace(spec, weight=Ks), tol=tol, max_points=max_points,
                                   max_bytes=max_bytes, _gram_min=_gram_min)
         return b * f, how
-    K = spec.weight.to(_F64)
-    dev = K.device
-    g, D = spec.groups, spec.dims
-    phases, phase, pos, rep, pad_norm = _torus_layout(spec)
-    Keff, pos_list = _effective_kernel(K, g, phases, phase, pos)
-    T, _, m, n = Keff.shape
-    P = torch.tensor(pos_list, dtype=torch.int64).reshape(T, D)
-    P = P - P.min(dim=0).values
-    for i in range(D):
-        r = math.gcd(*[int(v) for v in P[:, i]])
-        if r > 1:
-            P[:, i] //= r
-    deg = [int(v) for v in P.max(dim=0).values]
-    act = [i for i in range(D) if deg[i] > 0]
-    da = len(act)
-    S = float(sum(float(torch.linalg.vector_norm(K[(slice(None),) * 2 + tap]))
-                  for tap in itertools.product(*[range(k) for k in K.shape[2:]])))
-    sum_n = sum(deg)
-    eta = 8.08 * D * sum_n + 2
-    N = [max(2, math.ceil(math.pi * deg[i] * da / (2 * _TORUS_X0))) for i in act]
+    tor = _Torus.build(spec, tol=tol, max_bytes=max_bytes, gram_min=_gram_min)
+    best, L, n_pts = tor.refine(max_points)
+    return tor.assemble(best, L, n_pts)
 
-    def cos_level(level: int) -> float:
-        X = sum(math.pi * deg[i] / (2 * N[a] * 2.0**level) for a, i in enumerate(act))
-        return math.cos(X * (1 + 1e-9) + 1e-12 * sum_n) * (1 - 1e-15)
 
-    cos_tab = torch.tensor([cos_level(lv) for lv in range(_TORUS_MAX_LEVEL + 1)], dtype=_F64,
-                           device=dev)
+_EMPTY = torch.zeros(0, dtype=_F64)
 
-    def full_w(cent: torch.Tensor) -> torch.Tensor:
-        w = torch.zeros((cent.shape[0], D), dtype=_F64, device=dev)
-        if da:
-            w[:, act] = cent
+
+@dataclass
+class _Torus:
+    """The state of one :func:`conv_torus_upper` run (its proof and rounding are there):
+    the reduced polyphase symbol, the degrees and initial cell counts, and the per-cell
+    evaluators of the SVD path (small channels) or the Gram path (large)."""
+
+    spec: ConvSpec
+    tol: float
+    g: int
+    D: int
+    m: int
+    n: int
+    T: int
+    deg: list[int]
+    act: list[int]
+    N: list[int]
+    phases: list[int]
+    rep: int
+    pad_norm: float
+    cos_tab: torch.Tensor
+    use_gram: bool
+    per: int
+    Pf: torch.Tensor
+    Kc: torch.Tensor
+    svd_mar: float = 0.0
+    Cf: torch.Tensor = _EMPTY  # Gram coefficients and offsets (the Gram path only)
+    Of: torch.Tensor = _EMPTY
+    p_: int = 0
+    e_G: float = 0.0
+    f2: float = 0.0
+
+    @property
+    def dev(self) -> torch.device:
+        return self.Pf.device
+
+    @property
+    def da(self) -> int:
+        return len(self.act)
+
+    @classmethod
+    def build(cls, spec: ConvSpec, *, tol: float, max_bytes: int, gram_min: int) -> _Torus:
+        """Layout, reductions (positions shifted to 0 and divided by their gcd), degrees,
+        initial cell counts ``N_t``, the ``cos X`` table per level and the rounding margins."""
+        K = spec.weight.to(_F64)
+        dev = K.device
+        g, D = spec.groups, spec.dims
+        phases, phase, pos, rep, pad_norm = _torus_layout(spec)
+        Keff, pos_list = _effective_kernel(K, g, phases, phase, pos)
+        T, _, m, n = Keff.shape
+        P = torch.tensor(pos_list, dtype=torch.int64).reshape(T, D)
+        P = P - P.min(dim=0).values
+        for i in range(D):
+            r = math.gcd(*[int(v) for v in P[:, i]])
+            if r > 1:
+                P[:, i] //= r
+        deg = [int(v) for v in P.max(dim=0).values]
+        act = [i for i in range(D) if deg[i] > 0]
+        da = len(act)
+        S = float(sum(float(torch.linalg.vector_norm(K[(slice(None),) * 2 + tap]))
+                      for tap in itertools.product(*[range(k) for k in K.shape[2:]])))
+        sum_n = sum(deg)
+        eta = 8.08 * D * sum_n + 2
+        N = [max(2, math.ceil(math.pi * deg[i] * da / (2 * _TORUS_X0))) for i in act]
+
+        def cos_level(level: int) -> float:
+            X = sum(math.pi * deg[i] / (2 * N[a] * 2.0**level) for a, i in enumerate(act))
+            return math.cos(X * (1 + 1e-9) + 1e-12 * sum_n) * (1 - 1e-15)
+
+        cos_tab = torch.tensor([cos_level(lv) for lv in range(_TORUS_MAX_LEVEL + 1)],
+                               dtype=_F64, device=dev)
+        use_gram = min(m, n) >= gram_min
+        Pf = P.to(device=dev, dtype=_F64)
+        Kc = Keff.reshape(T, -1).to(torch.complex128)
+        tor = cls(spec=spec, tol=tol, g=g, D=D, m=m, n=n, T=T, deg=deg, act=act, N=N,
+                  phases=phases, rep=rep, pad_norm=pad_norm, cos_tab=cos_tab,
+                  use_gram=use_gram, per=1, Pf=Pf, Kc=Kc)
+        if use_gram:
+            left = m <= n
+            p_, q_ = (m, n) if left else (n, m)
+            Cf, Of = _gram_coefficients(Keff, P.to(dev), left)
+            tor.Cf, tor.Of, tor.p_ = Cf, Of, p_
+            tor.e_G = 2.02 * (q_ + T + Cf.shape[0] + eta + 4) * U * S * S
+            tor.f2 = 1.01 * S * S
+            tor.per = max(1, max_bytes // (16 * g * p_ * p_ * 4 + 16 * Cf.shape[0]))
+        else:
+            tor.svd_mar = (8 * m * n * 1.01 + 2 * T + 16 + eta) * U * S
+            tor.per = max(1, max_bytes // (16 * Kc.shape[1] * 3))
+        return tor
+
+    def full_w(self, cent: torch.Tensor) -> torch.Tensor:
+        w = torch.zeros((cent.shape[0], self.D), dtype=_F64, device=self.dev)
+        if self.da:
+            w[:, self.act] = cent
         return w
 
-    use_gram = min(m, n) >= _gram_min
-    Pf = P.to(device=dev, dtype=_F64)
-    Kc = Keff.reshape(T, -1).to(torch.complex128)
-    if use_gram:
-        left = m <= n
-        p_, q_ = (m, n) if left else (n, m)
-        Cf, Of = _gram_coefficients(Keff, P.to(dev), left)
-        e_G = 2.02 * (q_ + T + Cf.shape[0] + eta + 4) * U * S * S
-        f2 = 1.01 * S * S
-        per = max(1, max_bytes // (16 * g * p_ * p_ * 4 + 16 * Cf.shape[0]))
-    else:
-        svd_mar = (8 * m * n * 1.01 + 2 * T + 16 + eta) * U * S
-        per = max(1, max_bytes // (16 * Kc.shape[1] * 3))
+    def chunks(self, cent: torch.Tensor) -> list[torch.Tensor]:
+        return [cent[a : a + self.per] for a in range(0, cent.shape[0], self.per)]
 
-    def chunks(cent: torch.Tensor) -> list[torch.Tensor]:
-        return [cent[a : a + per] for a in range(0, cent.shape[0], per)]
+    def gram(self, cent: torch.Tensor) -> torch.Tensor:
+        return _gram_symbol(self.Cf, self.Of, self.full_w(cent), self.p_)
 
-    def gram(cent: torch.Tensor) -> torch.Tensor:
-        return _gram_symbol(Cf, Of, full_w(cent), p_)
+    def lanczos_est(self, G: torch.Tensor, k: int) -> torch.Tensor:
+        return _lanczos_ritz_max(G, k).reshape(-1, self.g).amax(1).clamp_min(0.0).sqrt()
 
-    def lanczos_est(G: torch.Tensor, k: int) -> torch.Tensor:
-        return _lanczos_ritz_max(G, k).reshape(-1, g).amax(1).clamp_min(0.0).sqrt()
-
-    def improve(cent: torch.Tensor, est: torch.Tensor, L: float) -> float:
+    def improve(self, cent: torch.Tensor, est: torch.Tensor, L: float) -> float:
         """A sharper estimate of the max (48 Lanczos steps at the 4 best cells)."""
         idx = torch.topk(est, min(4, est.numel())).indices
-        return max(L, float(lanczos_est(gram(cent[idx]), 48).max()))
+        return max(L, float(self.lanczos_est(self.gram(cent[idx]), 48).max()))
 
-    def evaluate(cent: torch.Tensor, lev: torch.Tensor, L: float, two_pass: bool
+    def _gram_bounds(self, G: torch.Tensor, cs: torch.Tensor, L: float) -> torch.Tensor:
+        """Certified cell bounds from the Cholesky test at the targets ``(1 + tol) L cos X``
+        (``inf`` where it fails)."""
+        p_, f2, e_G = self.p_, self.f2, self.e_G
+        c0 = (L * (1 + self.tol) * cs) ** 2
+        e0 = U * (c0 + 2 * f2) * (1 + 4.06 * (p_ + 1) * p_) \
+            + 4.07 * (p_ + 1) * U * p_ * (c0 + e_G) + e_G
+        lam = _chol_verify(G, (c0 - e0).repeat_interleave(self.g), f2, e_G)
+        return lam.reshape(-1, self.g).amax(1).sqrt() / cs
+
+    def _svd_norms(self, c: torch.Tensor) -> torch.Tensor:
+        """``||K_hat(c)||_2`` per cell centre (the SVD path)."""
+        ang = -(self.full_w(c) @ self.Pf.T)
+        E = torch.polar(torch.ones_like(ang), ang)
+        return torch.linalg.matrix_norm((E @ self.Kc).reshape(-1, self.g, self.m, self.n),
+                                        ord=2).amax(1)
+
+    def evaluate(self, cent: torch.Tensor, lev: torch.Tensor, L: float, two_pass: bool
                  ) -> tuple[torch.Tensor, torch.Tensor, float]:
         """``(bounds, estimates, L)`` of the cells: each bound is certified; on the Gram path
         it is ``inf`` where the Cholesky test at the cell's target ``(1 + tol) L cos X``
         failed. ``two_pass``: estimate every cell (and sharpen ``L``) before testing any."""
-        if use_gram and two_pass:
-            est = torch.cat([lanczos_est(gram(c), 12) for c in chunks(cent)])
-            L = improve(cent, est, max(L, float(est.max())))
+        if self.use_gram and two_pass:
+            est = torch.cat([self.lanczos_est(self.gram(c), 12) for c in self.chunks(cent)])
+            L = self.improve(cent, est, max(L, float(est.max())))
         bs, ests = [], []
-        for a in range(0, cent.shape[0], per):
-            c, cs = cent[a : a + per], cos_tab[lev[a : a + per]]
-            if use_gram:
-                G = gram(c)
+        for a in range(0, cent.shape[0], self.per):
+            c, cs = cent[a : a + self.per], self.cos_tab[lev[a : a + self.per]]
+            if self.use_gram:
+                G = self.gram(c)
                 if not two_pass:
-                    ests.append(lanczos_est(G, 12))
+                    ests.append(self.lanczos_est(G, 12))
                     L = max(L, float(ests[-1].max()))
-                c0 = (L * (1 + tol) * cs) ** 2
-                e0 = U * (c0 + 2 * f2) * (1 + 4.06 * (p_ + 1) * p_) \
-                    + 4.07 * (p_ + 1) * U * p_ * (c0 + e_G) + e_G
-                lam = _chol_verify(G, (c0 - e0).repeat_interleave(g), f2, e_G)
-                bs.append(lam.reshape(-1, g).amax(1).sqrt() / cs)
+                bs.append(self._gram_bounds(G, cs, L))
             else:
-                ang = -(full_w(c) @ Pf.T)
-                E = torch.polar(torch.ones_like(ang), ang)
-                sv = torch.linalg.matrix_norm((E @ Kc).reshape(-1, g, m, n), ord=2).amax(1)
+                sv = self._svd_norms(c)
                 ests.append(sv)
                 L = max(L, float(sv.max()))
-                bs.append((sv + svd_mar) / cs)
-        if use_gram and not two_pass:
+                bs.append((sv + self.svd_mar) / cs)
+        if self.use_gram and not two_pass:
             est = torch.cat(ests)
-            L = improve(cent, est, L)
-        elif not use_gram:
+            L = self.improve(cent, est, L)
+        elif not self.use_gram:
             est = torch.cat(ests)
         return torch.cat(bs), est, L
 
-    def fallback(cent: torch.Tensor, lev: torch.Tensor) -> float:
+    def fallback(self, cent: torch.Tensor, lev: torch.Tensor) -> float:
         """Certified bound of cells left unrefined (Gram path: eigvalsh)."""
         out = 0.0
-        for a in range(0, cent.shape[0], per):
-            lam = _eig_fallback(gram(cent[a : a + per]), f2, e_G).reshape(-1, g).amax(1)
-            out = max(out, float((lam.sqrt() / cos_tab[lev[a : a + per]]).max()))
+        for a in range(0, cent.shape[0], self.per):
+            lam = _eig_fallback(self.gram(cent[a : a + self.per]), self.f2,
+                                self.e_G).reshape(-1, self.g).amax(1)
+            out = max(out, float((lam.sqrt() / self.cos_tab[lev[a : a + self.per]]).max()))
         return out
 
-    # initial cells: full circle on active coordinates but the last, half circle on the last
-    axes = [torch.arange(N[a] if a + 1 < da else N[a] // 2 + 1, dtype=_F64, device=dev)
-            * (2 * math.pi / N[a]) for a in range(da)]
-    cent = (torch.cartesian_prod(*axes).reshape(-1, da) if da
-            else torch.zeros((1, 0), dtype=_F64, device=dev))
-    lev = torch.zeros(cent.shape[0], dtype=torch.int64, device=dev)
-    n_pts = cent.shape[0]
-    cb, est, L = evaluate(cent, lev, 0.0, True)
-    best = 0.0
-    # children of a cell: the 2^da quarter (octant) cells, centres c +- h_t / 2
-    signs = torch.zeros((1, da), dtype=_F64, device=dev)
-    if da:
-        signs = torch.cartesian_prod(
-            *[torch.tensor([-1.0, 1.0], dtype=_F64, device=dev)] * da).reshape(-1, da)
-    Nt = torch.tensor(N, dtype=_F64, device=dev)
-    while True:
-        ok = cb <= L * (1 + tol) * (1 + 1e-9)
-        if bool(ok.any()):
-            best = max(best, float(cb[ok].max()))
-        bad = torch.nonzero(~ok).flatten()
-        if not bad.numel():
-            break
-        room = (max_points - n_pts) // signs.shape[0] if da else 0
-        order = bad[torch.argsort(est[bad], descending=True)]
-        can = order[lev[order] < _TORUS_MAX_LEVEL][: max(0, room)]
-        keep = torch.ones(cent.shape[0], dtype=torch.bool, device=dev)
-        keep[can] = False
-        rest = torch.nonzero(~ok & keep).flatten()
-        if rest.numel():  # left as they are: their own certified bounds
-            best = max(best, fallback(cent[rest], lev[rest]) if use_gram
-                       else float(cb[rest].max()))
-        if not can.numel():
-            break
-        pl = lev[can] + 1
-        half = math.pi / (Nt * 2.0 ** pl.to(_F64).unsqueeze(1))  # (r, da): children's h_t
-        cent = (cent[can].unsqueeze(1) + signs.unsqueeze(0) * half.unsqueeze(1)).reshape(-1, da)
-        lev = pl.repeat_interleave(signs.shape[0])
-        n_pts += cent.shape[0]
-        cb, est, L = evaluate(cent, lev, L, False)
-    bound = round_up(best * pad_norm * math.sqrt(rep), 64 * U)
-    how = (
-        f"torus sup (degree {'x'.join(map(str, deg))}, {n_pts} symbols, "
-        f"{bound / max(L * pad_norm * math.sqrt(rep), 1e-300):.6f} x the largest sample"
-        + (f", polyphase {math.prod(phases)}" if math.prod(phases) > 1 else "")
-        + (f", x copy norm {pad_norm * math.sqrt(rep):.4g}" if pad_norm * rep != 1.0 else "")
-        + ")"
-    )
-    return bound, how
+    def initial_cells(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Full circle on active coordinates but the last, half circle on the last."""
+        da, N, dev = self.da, self.N, self.dev
+        axes = [torch.arange(N[a] if a + 1 < da else N[a] // 2 + 1, dtype=_F64, device=dev)
+                * (2 * math.pi / N[a]) for a in range(da)]
+        cent = (torch.cartesian_prod(*axes).reshape(-1, da) if da
+                else torch.zeros((1, 0), dtype=_F64, device=dev))
+        return cent, torch.zeros(cent.shape[0], dtype=torch.int64, device=dev)
+
+    def refine(self, max_points: int) -> tuple[float, float, int]:
+        """``(best, L, symbols)``: split the cells whose bound exceeds ``(1 + tol) L`` until
+        none does, ``max_points`` is reached or a cell is at the last level; ``best`` is the
+        max of every final cell's certified bound."""
+        da, dev = self.da, self.dev
+        cent, lev = self.initial_cells()
+        n_pts = cent.shape[0]
+        cb, est, L = self.evaluate(cent, lev, 0.0, True)
+        best = 0.0
+        # children of a cell: the 2^da quarter (octant) cells, centres c +- h_t / 2
+        signs = torch.zeros((1, da), dtype=_F64, device=dev)
+        if da:
+            signs = torch.cartesian_prod(
+                *[torch.tensor([-1.0, 1.0], dtype=_F64, device=dev)] * da).reshape(-1, da)
+        Nt = torch.tensor(self.N, dtype=_F64, device=dev)
+        while True:
+            ok = cb <= L * (1 + self.tol) * (1 + 1e-9)
+            if bool(ok.any()):
+                best = max(best, float(cb[ok].max()))
+            bad = torch.nonzero(~ok).flatten()
+            if not bad.numel():
+                break
+            room = (max_points - n_pts) // signs.shape[0] if da else 0
+            order = bad[torch.argsort(est[bad], descending=True)]
+            can = order[lev[order] < _TORUS_MAX_LEVEL][: max(0, room)]
+            keep = torch.ones(cent.shape[0], dtype=torch.bool, device=dev)
+            keep[can] = False
+            rest = torch.nonzero(~ok & keep).flatten()
+            if rest.numel():  # left as they are: their own certified bounds
+                best = max(best, self.fallback(cent[rest], lev[rest]) if self.use_gram
+                           else float(cb[rest].max()))
+            if not can.numel():
+                break
+            pl = lev[can] + 1
+            half = math.pi / (Nt * 2.0 ** pl.to(_F64).unsqueeze(1))  # (r, da): children's h_t
+            cent = (cent[can].unsqueeze(1)
+                    + signs.unsqueeze(0) * half.unsqueeze(1)).reshape(-1, da)
+            lev = pl.repeat_interleave(signs.shape[0])
+            n_pts += cent.shape[0]
+            cb, est, L = self.evaluate(cent, lev, L, False)
+        return best, L, n_pts
+
+    def assemble(self, best: float, L: float, n_pts: int) -> tuple[float, str]:
+        """The bound (times the padding's copy norm, rounded up) and its description."""
+        pad_norm, rep, phases = self.pad_norm, self.rep, self.phases
+        bound = round_up(best * pad_norm * math.sqrt(rep), 64 * U)
+        how = (
+            f"torus sup (degree {'x'.join(map(str, self.deg))}, {n_pts} symbols, "
+            f"{bound / max(L * pad_norm * math.sqrt(rep), 1e-300):.6f} x the largest sample"
+            + (f", polyphase {math.prod(phases)}" if math.prod(phases) > 1 else "")
+            + (f", x copy norm {pad_norm * math.sqrt(rep):.4g}" if pad_norm * rep != 1.0
+               else "")
+            + ")"
+        )
+        return bound, how
 
 
 def conv_l2_upper(spec: ConvSpec) -> tuple[float, str]:
