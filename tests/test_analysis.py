@@ -160,3 +160,46 @@ def test_regression_capture_left_tensor_constants_on_the_model() -> None:
     lipbound.autolip(an)
     assert set(vars(net)) == before and an.is_current()
     assert lipbound.lipsdp(an).upper is not None
+
+
+def test_local_methods_give_the_same_numbers_through_an_analysis() -> None:
+    net = _mlp(10)
+    x = torch.randn(3, 3, generator=torch.Generator().manual_seed(0))
+    y = net(x).argmax(1)
+    an = Analysis(net, (3,))
+    for norm in (2, "inf"):
+        clear_cache()
+        direct = lipbound.local_bound(net, x, 0.05, norm=norm, lower=False)
+        via = lipbound.local_bound(an, x, 0.05, norm=norm, lower=False)
+        assert via.upper == direct.upper
+        clear_cache()
+        c_direct = lipbound.certify(net, x, y, 0.05, norm=norm)
+        c_via = lipbound.certify(an, x, y, 0.05, norm=norm)
+        assert (c_via.robust, c_via.constant) == (c_direct.robust, c_direct.constant)
+    assert an.has_constants(norm=2) and an.has_constants(norm="inf")  # autolip's, shared
+
+
+def test_local_methods_reuse_the_analysis(captures: list[tuple[int, ...]]) -> None:
+    """local_bound and certify capture nothing given an analysis, and a module's second call
+    reuses the first's analysis (graph and AutoLip constants) as every global method does."""
+    net = _mlp(11)
+    x = torch.randn(2, 3, generator=torch.Generator().manual_seed(1))
+    an = Analysis(net, (3,))
+    lipbound.local_bound(an, x, 0.1, lower=False)
+    lipbound.certify(an, x, torch.tensor([0, 1]), 0.1)
+    assert captures == [(3,)]  # the analysis's own, once
+    lipbound.local_bound(net, x, 0.1, lower=False)
+    lipbound.certify(net, x, torch.tensor([0, 1]), 0.1)
+    lipbound.autolip(net, (3,))
+    assert captures == [(3,), (3,)]
+
+
+def test_local_methods_refuse_a_stale_or_misshapen_analysis() -> None:
+    net = _mlp(12)
+    an = Analysis(net, (3,))
+    with pytest.raises(InvalidArgumentError, match=r"input_shape \(4,\) differs"):
+        lipbound.local_bound(an, torch.zeros(1, 4), 0.1)
+    with torch.no_grad():
+        net[0].weight.mul_(2.0)
+    with pytest.raises(InvalidArgumentError, match="changed since this Analysis was built"):
+        lipbound.certify(an, torch.zeros(1, 3), torch.tensor([0]), 0.1)

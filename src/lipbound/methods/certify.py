@@ -47,9 +47,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from .._validation import check_choice, check_model, check_norm, check_positive
+from .._validation import check_choice, check_norm, check_positive
+from ..analysis import Analysis, analysis_of
 from ..errors import InvalidArgumentError, ShapeError, UnsupportedModelError
-from ..graph import OpGraph, capture, simplify
+from ..graph import OpGraph
 from ..local.bounds import (
     LocalOptions,
     certified_linear,
@@ -185,14 +186,15 @@ class _Plan:
     out_shape: tuple[int, ...]
 
 
-def _plan(model: nn.Module, x: torch.Tensor, n: str, method: str) -> _Plan:
-    graph = simplify(capture(model, tuple(x.shape[1:])))
+def _plan(model: nn.Module | Analysis, x: torch.Tensor, n: str, method: str) -> _Plan:
+    an, _ = analysis_of(model, tuple(x.shape[1:]))
+    graph = an.graph
     out_shape = tuple(graph[graph.output.inputs[0]].out_shape)
     k = math.prod(out_shape)
     if k < 2:
         raise ShapeError(f"certify needs a classifier with >= 2 outputs; the model has {k}")
     try:
-        cs: dict[str, NodeConstant] | None = node_constants(graph, norm=n)
+        cs: dict[str, NodeConstant] | None = an.constants(norm=n)
     except UnsupportedModelError as exc:
         cs = None
         G, note = None, f"no global constants (autolip refuses: {str(exc).splitlines()[0]})"
@@ -259,7 +261,7 @@ def _local_rows(plan: _Plan, ops: dict[str, LocalOp], xb: torch.Tensor, yb: torc
 
 
 def certify(
-    model: nn.Module,
+    model: nn.Module | Analysis,
     inputs: torch.Tensor,
     labels: Any,
     radius: float,
@@ -277,7 +279,9 @@ def certify(
     proof. ``batch_size`` samples at once (fewer if ``options.max_memory`` requires);
     ``options`` (:class:`~lipbound.local.bounds.LocalOptions`): refinement, memory, progress.
     Returns a :class:`~lipbound.results.CertifyResult` (per-sample certified, margin, the
-    constant that decided, and the certified accuracy).
+    constant that decided, and the certified accuracy). ``model`` may be a
+    :class:`~lipbound.analysis.Analysis` built at the shape of one sample (graph and AutoLip
+    constants reused, as in :func:`lipbound.local_bound`).
 
     >>> import torch
     >>> from torch import nn
@@ -290,7 +294,6 @@ def certify(
     """
     t0, c0 = time.perf_counter(), time.process_time()
     opts = (options or LocalOptions()).check()
-    model = check_model(model, require_eval=True)
     n = check_norm(norm, allowed=("2", "inf"), method="certify")
     check_choice("method", method, ("local", "global"))
     x = check_inputs(inputs)

@@ -80,9 +80,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from .._validation import check_model, check_norm, check_positive
+from .._validation import check_norm, check_positive
+from ..analysis import Analysis, analysis_of
 from ..errors import LipboundError, UnsupportedModelError
-from ..graph import OpGraph, capture, simplify
+from ..graph import OpGraph
 from ..local.bounds import (
     LocalOptions,
     certified_linear,
@@ -105,24 +106,29 @@ from ..local.propagate import (
 from ..local.rules import LocalOp
 from ..local.telescope import Pass, point_pass, telescoped_norms
 from ..results import LocalResult
-from .autolip import compose, node_constants
+from .autolip import compose
 
 __all__ = ["local_bound", "prepare"]
 
 _F64 = torch.float64
 
 
-def prepare(model: nn.Module, inputs: torch.Tensor) -> tuple[OpGraph, dict[str, LocalOp]]:
-    """The simplified graph of ``model`` on one sample of ``inputs`` and its local rules."""
-    graph = simplify(capture(model, tuple(inputs.shape[1:])))
-    return graph, check_graph(graph)
+def prepare(model: nn.Module | Analysis, inputs: torch.Tensor
+            ) -> tuple[Analysis, dict[str, LocalOp]]:
+    """The analysis of ``model`` at the shape of one sample of ``inputs`` (an
+    :class:`~lipbound.analysis.Analysis` given as ``model`` is checked and used; a module
+    reuses the previous call's analysis when unchanged) and the local rules of its graph."""
+    an, _ = analysis_of(model, tuple(inputs.shape[1:]))
+    return an, check_graph(an.graph)
 
 
-def _global(graph: OpGraph, norm: str) -> tuple[float | None, str, dict[str, float]]:
+def _global(an: Analysis, norm: str) -> tuple[float | None, str, dict[str, float]]:
     """AutoLip's certified bound of the graph (``None`` if refused or estimated), a note, and
-    the certified linear-node constants (for the ball variant)."""
+    the certified linear-node constants (for the ball variant); the constants are the
+    analysis's (computed once per norm, shared with autolip and certify)."""
+    graph = an.graph
     try:
-        cs = node_constants(graph, norm=norm)
+        cs = an.constants(norm=norm)
     except UnsupportedModelError as exc:
         first = str(exc).splitlines()[0]
         return None, f"no global bound to cap with (autolip refuses: {first})", linear_norms(
@@ -183,7 +189,7 @@ def _witnesses(model: nn.Module, x: torch.Tensor, *, radius: float, n: str, chun
 
 
 def local_bound(
-    model: nn.Module,
+    model: nn.Module | Analysis,
     inputs: torch.Tensor,
     radius: float,
     *,
@@ -194,7 +200,10 @@ def local_bound(
 ) -> LocalResult:
     """Certified upper and witnessed lower bounds of the local Lipschitz constant.
 
-    ``inputs`` is a batch ``(N, *input_shape)``; ``radius`` the ball radius in ``norm``
+    ``model`` is a module in eval mode or a :class:`~lipbound.analysis.Analysis` built at the
+    shape of one sample (its graph and AutoLip constants are then reused; a module reuses the
+    previous call's analysis when unchanged). ``inputs`` is a batch ``(N, *input_shape)``;
+    ``radius`` the ball radius in ``norm``
     (2 or ``"inf"``; the same norm on the output). Returns a :class:`LocalResult` with one
     ``upper`` (certified) and ``lower`` (witness, when ``lower=True``) per sample; see the
     module docstring for the method and its proof. ``batch_size`` samples are bounded at
@@ -213,14 +222,14 @@ def local_bound(
     """
     t0, c0 = time.perf_counter(), time.process_time()
     opts = (options or LocalOptions()).check()
-    model = check_model(model, require_eval=True)
     n = check_norm(norm, allowed=("2", "inf"), method="local_bound")
     x = check_inputs(inputs)
     check_positive("radius", radius)
     check_positive("batch_size", batch_size, integer=True)
-    graph, ops = prepare(model, x)
+    an, ops = prepare(model, x)
+    graph = an.graph
     K = math.prod(graph[graph.output.inputs[0]].out_shape)
-    glob, note, lin = _global(graph, n)
+    glob, note, lin = _global(an, n)
     if not opts.use_global:
         glob, note = None, "global cap not used"
     chunk = chunk_size(graph, K, batch_size, opts.max_memory)
@@ -231,7 +240,7 @@ def local_bound(
     low: tuple[float, ...] | None = None
     hows: list[str] = []
     if lower:
-        low, hows = _witnesses(model, x, radius=float(radius), n=n, chunk=chunk, opts=opts)
+        low, hows = _witnesses(an.model, x, radius=float(radius), n=n, chunk=chunk, opts=opts)
         if any(lo > up for lo, up in zip(low, upper.tolist())):  # pragma: no cover - a bug
             raise LipboundError(
                 "a witnessed lower bound exceeds the certified upper bound: please report "
