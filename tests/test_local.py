@@ -305,6 +305,38 @@ def test_result_vocabulary_and_json() -> None:
     assert "LocalResult" in repr(res)
 
 
+@pytest.mark.parametrize("norm", ["2", "inf"])
+def test_witnesses_reproduce_the_lower_bounds_inside_the_balls(norm: str) -> None:
+    """Every ``lower[i]`` comes with a typed witness: a pair of points of the ball whose ratio
+    is the value, or a point of the ball and a direction whose Jacobian ratio is."""
+    torch.manual_seed(5)
+    net = _mlp(nn.Tanh).eval()
+    x, radius = torch.randn(4, 5), 0.2
+    res = lipbound.local_bound(net, x, radius, norm=norm)
+    assert res.witness is not None and res.lower is not None and len(res.witness) == 4
+    m64 = net.double()
+    p = 2 if norm == "2" else math.inf
+    for i, (w, low) in enumerate(zip(res.witness, res.lower)):
+        assert w is not None and w.x.dtype == F64 and w.x.shape == x[i].shape
+        assert float(torch.linalg.vector_norm(w.x - x[i].double(), p)) <= radius * (1 + 1e-9)
+        if w.kind == "pair":
+            assert w.y is not None
+            assert float(torch.linalg.vector_norm(w.y - x[i].double(), p)) <= radius * (1 + 1e-9)
+            with torch.no_grad():
+                num = torch.linalg.vector_norm(m64(w.x[None]) - m64(w.y[None]), p)
+            ratio = float(num / torch.linalg.vector_norm(w.x - w.y, p))
+        else:
+            assert w.kind == "jacobian" and w.direction is not None
+            jv = torch.func.jvp(lambda z: m64(z[None])[0], (w.x,), (w.direction,))[1].detach()
+            ratio = float(torch.linalg.vector_norm(jv, p)
+                          / torch.linalg.vector_norm(w.direction, p))
+        assert ratio == pytest.approx(low, rel=1e-9)
+        assert low <= res.upper[i]
+    d = json.loads(json.dumps(res.to_dict()))
+    assert len(d["witness"]) == 4 and d["witness"][0]["kind"] in ("pair", "jacobian")
+    assert lipbound.local_bound(net, x, radius, lower=False).witness is None
+
+
 # ---- telescoped (second-order) bound --------------------------------------------------------
 def _telescoped(net: nn.Module, x: torch.Tensor, radius: float, norm: str) -> torch.Tensor:
     """:func:`telescoped_norms` alone (not mixed with the other bounds) on the graph of net."""

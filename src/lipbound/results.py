@@ -418,13 +418,16 @@ class LocalResult:
     headline per sample (``upper``); ``certified`` whether every ``upper`` is proven. ``extra``
     holds the per-sample parts (``"interval"``: the interval-Jacobian bound, ``"global"``: the
     global certified bound that capped it, if any) and the witnesses' kinds (``"lower_how"``).
-    ``how`` says which bound made ``upper``; ``status`` is derived from ``certified`` as in
-    every result.
+    ``witness[i]`` is the :class:`Witness` that reproduces ``lower[i]`` (a pair of points of
+    the ball, or a point of the ball and a direction; ``None`` where the search found nothing
+    above 0, or when no search ran). ``how`` says which bound made ``upper``; ``status`` is
+    derived from ``certified`` as in every result.
     """
 
     upper: tuple[float, ...]
     lower: tuple[float, ...] | None
     value: tuple[float, ...]
+    witness: tuple[Witness | None, ...] | None = None
     certified: bool
     method: str
     norm: str
@@ -454,6 +457,8 @@ class LocalResult:
             "how": self.how,
             "upper": list(self.upper),
             "lower": None if self.lower is None else list(self.lower),
+            "witness": None if self.witness is None else [
+                None if w is None else w.to_dict() for w in self.witness],
             "value": list(self.value),
             "seconds": self.seconds,
             "cpu_seconds": self.cpu_seconds,

@@ -14,6 +14,7 @@ from torch import nn
 from .._validation import check_positive
 from ..errors import InvalidArgumentError, ShapeError
 from ..graph import OpGraph
+from ..results import Witness
 from ..rules import ROUND_REL, NodeConstant
 from ..spectral.certify import matrix_norm_upper, round_up
 from .interval import Box, from_bounds, rel64
@@ -166,11 +167,11 @@ def _pnorm(t: torch.Tensor, norm: str) -> torch.Tensor:
 
 
 def _jacobian_norms(f: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, m: int,
-                    norm: str) -> torch.Tensor:
+                    norm: str) -> tuple[torch.Tensor, torch.Tensor]:
     """Realised ``||J v|| / ||v||`` per row of ``x`` with ``v`` attaining ``||J||``: the top
     right singular vector (l2) or the sign vector of the largest row (l-inf); ``J`` from ``m``
     vector-Jacobian products. The value is computed from ``v``, so it is realised whatever the
-    accuracy of the SVD."""
+    accuracy of the SVD. Returns ``(values, v)``."""
     z = x.detach().clone().requires_grad_(True)
     with torch.enable_grad():
         out = f(z)
@@ -179,17 +180,21 @@ def _jacobian_norms(f: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, 
     J = torch.stack(rows, dim=1).detach().to(_F64)  # (B, m, n)
     if norm == "2":
         v = torch.linalg.svd(J, full_matrices=False)[2][:, 0, :]
-        return (J @ v[:, :, None])[:, :, 0].norm(dim=1) / v.norm(dim=1).clamp_min(1e-300)
+        return (J @ v[:, :, None])[:, :, 0].norm(dim=1) / v.norm(dim=1).clamp_min(1e-300), v
     row_sums = J.abs().sum(dim=2)
     i = row_sums.argmax(dim=1)
     v = torch.sign(J[torch.arange(J.shape[0]), i])
     v = torch.where(v == 0, torch.ones_like(v), v)
-    return (J @ v[:, :, None])[:, :, 0].abs().amax(dim=1)
+    return (J @ v[:, :, None])[:, :, 0].abs().amax(dim=1), v
 
 
 def witness(model: nn.Module, x: torch.Tensor, radius: float, norm: str, *, steps: int = 30,
-            restarts: int = 2, seed: int = 0) -> tuple[torch.Tensor, list[str]]:
-    """Witnessed lower bounds inside each ball (module docstring): ``(values, hows)``."""
+            restarts: int = 2, seed: int = 0
+            ) -> tuple[torch.Tensor, list[str], list[Witness | None]]:
+    """Witnessed lower bounds inside each ball (module docstring): ``(values, hows,
+    witnesses)``, each :class:`~lipbound.results.Witness` (float64, shaped like one sample)
+    reproducing its value: a pair ``x, y`` in the ball or a point ``x`` and a direction
+    (``None`` where nothing above 0 was found)."""
     m64, dt = _model64(model)
     shape = tuple(x.shape[1:])
     B = x.shape[0]
@@ -203,6 +208,7 @@ def witness(model: nn.Module, x: torch.Tensor, radius: float, norm: str, *, step
         m_out = f(xf[:1]).shape[1]
     best = torch.zeros(B, dtype=_F64)
     how = ["none"] * B
+    wit: list[Witness | None] = [None] * B
     pts = [xf]
     g = torch.Generator().manual_seed(seed)
     for _ in range(max(0, restarts)):
@@ -232,17 +238,25 @@ def witness(model: nn.Module, x: torch.Tensor, radius: float, norm: str, *, step
                 if float(ratio[i]) > float(best[i]):
                     best[i] = ratio[i]
                     how[i] = "pair ratio in the ball"
+                    wit[i] = Witness(kind="pair", x=_sample(u[i], shape), y=_sample(v[i], shape))
         pts.extend([u, v])
     if m_out <= 64:
         for p in pts:
             try:
-                vals = _jacobian_norms(f, p.detach(), m_out, norm)
+                vals, dirs = _jacobian_norms(f, p.detach(), m_out, norm)
             except RuntimeError:  # pragma: no cover - ops without a backward
                 continue
             for i in range(B):
                 if float(vals[i]) > float(best[i]):
                     best[i] = vals[i]
                     how[i] = "Jacobian norm in the ball"
-    return best, how
+                    wit[i] = Witness(kind="jacobian", x=_sample(p[i], shape),
+                                     direction=_sample(dirs[i], shape))
+    return best, how, wit
+
+
+def _sample(t: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
+    """One flat row as a float64 tensor shaped like a sample (detached, on the CPU)."""
+    return t.detach().to(_F64).reshape(shape).cpu()
 
 

@@ -105,7 +105,7 @@ from ..local.propagate import (
 )
 from ..local.rules import LocalOp
 from ..local.telescope import Pass, point_pass, telescoped_norms
-from ..results import LocalResult
+from ..results import LocalResult, Witness
 from .autolip import compose
 
 __all__ = ["local_bound", "prepare"]
@@ -178,14 +178,15 @@ def _telescoped(graph: OpGraph, ops: dict[str, LocalOp], xb: torch.Tensor, n: st
 
 
 def _witnesses(model: nn.Module, x: torch.Tensor, *, radius: float, n: str, chunk: int,
-               opts: LocalOptions) -> tuple[tuple[float, ...], list[str]]:
-    vals, hows = [], []
+               opts: LocalOptions) -> tuple[tuple[float, ...], list[str], list[Witness | None]]:
+    vals, hows, wits = [], [], []
     for s in range(0, x.shape[0], chunk):
-        v, h = witness(model, x[s:s + chunk], radius, n, steps=opts.steps,
-                       restarts=opts.restarts, seed=opts.seed)
+        v, h, w = witness(model, x[s:s + chunk], radius, n, steps=opts.steps,
+                          restarts=opts.restarts, seed=opts.seed)
         vals.append(v)
         hows.extend(h)
-    return tuple(float(v) for v in torch.cat(vals)), hows
+        wits.extend(w)
+    return tuple(float(v) for v in torch.cat(vals)), hows, wits
 
 
 def local_bound(
@@ -239,16 +240,19 @@ def local_bound(
     upper = interval if glob is None else torch.clamp(interval, max=glob)
     low: tuple[float, ...] | None = None
     hows: list[str] = []
+    wits: tuple[Witness | None, ...] | None = None
     if lower:
-        low, hows = _witnesses(an.model, x, radius=float(radius), n=n, chunk=chunk, opts=opts)
+        low, hows, wl = _witnesses(an.model, x, radius=float(radius), n=n, chunk=chunk, opts=opts)
         if any(lo > up for lo, up in zip(low, upper.tolist())):  # pragma: no cover - a bug
             raise LipboundError(
                 "a witnessed lower bound exceeds the certified upper bound: please report "
                 "this model (it is a soundness bug)")
+        wits = tuple(wl)
     ups = tuple(float(u) for u in upper)
     return LocalResult(
         upper=ups,
         lower=low,
+        witness=wits,
         value=ups,
         certified=True,
         method="local (interval secant Jacobian)",
