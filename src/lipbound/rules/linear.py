@@ -409,17 +409,29 @@ def linear_constant(node: Node, ctx: RuleContext) -> NodeConstant:
         )
     bn = _bn_of(node)
     if bn is not None or isinstance(node.module, ChannelAffine):
-        if bn is not None:
-            with torch.no_grad():
-                s, _ = bn_scale_shift(_as64(bn))
-        else:
-            mod: Any = node.module
-            s = mod.scale.double()
-        v = float(s.abs().max())  # float64: the registry's rounding margin covers it
-        return NodeConstant(
-            constants=(v,), certified=True, how="diagonal: max |gamma|/sqrt(var+eps)",
-            estimate=v, seconds=time.perf_counter() - t0,
-        )
+        return _diagonal_constant(node, bn, t0)
+    return _spectral_constant(node, ctx, t0)
+
+
+def _diagonal_constant(node: Node, bn: nn.Module | None, t0: float) -> NodeConstant:
+    """The l2 constant of an eval BatchNorm ``bn`` or of ``node``'s ChannelAffine (when ``bn``
+    is None): a diagonal map, whose norm is its largest ``|scale_c|`` (exact)."""
+    if bn is not None:
+        with torch.no_grad():
+            s, _ = bn_scale_shift(_as64(bn))
+    else:
+        mod: Any = node.module
+        s = mod.scale.double()
+    v = float(s.abs().max())  # float64: the registry's rounding margin covers it
+    return NodeConstant(
+        constants=(v,), certified=True, how="diagonal: max |gamma|/sqrt(var+eps)",
+        estimate=v, seconds=time.perf_counter() - t0,
+    )
+
+
+def _spectral_constant(node: Node, ctx: RuleContext, t0: float) -> NodeConstant:
+    """The l2 constant of a linear node: its certificate (or the parts' product) when there is
+    one, with the spectral estimate reported next to it, else the estimate (uncertified)."""
     op = _spectral_operand(node)
     in_shape = tuple(node.in_shapes[0])
     cert = certified(op, in_shape, tuple(node.out_shape)) if ctx.certify else None

@@ -105,7 +105,7 @@ def _default_dtype(op: Any, tol: float) -> torch.dtype:
     return torch.float64
 
 
-def spectral_norm(
+def spectral_norm(  # noqa: PLR0913 - the public entry point: one keyword option per knob
     op: Any,
     input_shape: Any,
     *,

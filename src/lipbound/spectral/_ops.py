@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import math
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -147,6 +148,7 @@ class Operator:
         in_shape: tuple[int, ...],
         out_shape: tuple[int, ...],
         bias: torch.Tensor,
+        *,
         dtype: torch.dtype,
         device: torch.device,
         source: Any,
@@ -300,6 +302,46 @@ def make_operator(
     plain function) is returned with ``zero = True`` (norm estimate 0, a valid estimate from
     below; the certificates, computed separately from the weights, bound the true norm).
     """
+    _check_op(op)
+    device = op_device(op)
+    fn: Callable[[torch.Tensor], torch.Tensor]
+    if isinstance(op, nn.Module):
+        fn = module_call(op, dtype)
+    else:
+        fn = op
+    dtype, bias = _bias(op, fn, input_shape, dtype, device)
+    out_shape = tuple(bias.shape[1:])
+    if not bool(torch.isfinite(bias).all()):
+        _widen_or_raise(
+            op, dtype,
+            "op(0) contains NaN or inf: the op's weights or bias are not finite. "
+            "Check the weights you loaded.",
+        )
+        return _widened(op, input_shape, check_linear, seed)
+    A = Operator(fn, input_shape, out_shape, bias, dtype=dtype, device=device, source=op)
+    if len(out_shape) == 0 or A.n_out == 0:
+        raise ShapeError(f"op maps input_shape={input_shape} to an empty output {out_shape}")
+
+    with torch.no_grad():
+        probe = _probe(A, seed)
+        if probe is None:  # not finite on the probe inputs, in a dtype that can be widened
+            return _widened(op, input_shape, check_linear, seed)
+    eps = torch.finfo(dtype).eps
+    if max(probe.n1, probe.n2) <= 64 * eps * probe.nb:
+        if _can_widen(op, dtype):
+            return _widened(op, input_shape, check_linear, seed)
+        A.zero = True
+        return A
+    A.scale = _power_of_two_scale(probe)
+    if check_linear:
+        _check_per_sample(A, probe)
+        _check_superposition(probe, dtype)
+    return A
+
+
+def _check_op(op: Any) -> None:
+    """Refuse a non-callable ``op``, a module with non-finite weights, and one whose training
+    mode (BatchNorm, Dropout) makes it non-linear per sample."""
     if not callable(op):
         raise InvalidArgumentError(
             f"op must be a callable (an nn.Module or a function on a batched tensor); got "
@@ -315,12 +357,17 @@ def make_operator(
                 f"op is not a fixed linear map: {bad} uses batch statistics or randomness. "
                 "Call op.eval() first."
             )
-    device = op_device(op)
-    fn: Callable[[torch.Tensor], torch.Tensor]
-    if isinstance(op, nn.Module):
-        fn = module_call(op, dtype)
-    else:
-        fn = op
+
+
+def _bias(
+    op: Any,
+    fn: Callable[[torch.Tensor], torch.Tensor],
+    input_shape: tuple[int, ...],
+    dtype: torch.dtype,
+    device: torch.device,
+) -> tuple[torch.dtype, torch.Tensor]:
+    """``(dtype, op(0))``: the working dtype (``dtype``, or the one the op computes in) and the
+    op's (detached) output at ``0`` in it."""
     zero = torch.zeros((1, *input_shape), dtype=dtype, device=device)
     try:
         bias = _call(fn, zero, input_shape)
@@ -332,7 +379,6 @@ def make_operator(
         zero = zero.to(dtype)
         bias = _call(fn, zero, input_shape)
     bias = bias.detach()
-    out_shape = tuple(bias.shape[1:])
     if bias.dtype != dtype:
         # the op computes in its own dtype (e.g. a function casting to float32): follow it
         dtype = bias.dtype
@@ -342,76 +388,101 @@ def make_operator(
             raise InvalidArgumentError(
                 f"op returned {bias.dtype} for a {dtype} input; it must compute in one dtype"
             )
-    if not bool(torch.isfinite(bias).all()):
-        if _can_widen(op, dtype):
-            return make_operator(op, input_shape, dtype=torch.float64,
-                                 check_linear=check_linear, seed=seed)
-        raise NonFiniteError(
-            "op(0) contains NaN or inf: the op's weights or bias are not finite. "
-            "Check the weights you loaded."
-        )
-    A = Operator(fn, input_shape, out_shape, bias, dtype, device, op)
-    if len(out_shape) == 0 or A.n_out == 0:
-        raise ShapeError(f"op maps input_shape={input_shape} to an empty output {out_shape}")
+    return dtype, bias
 
+
+def _widen_or_raise(op: Any, dtype: torch.dtype, message: str) -> None:
+    """Return when ``op`` can be re-evaluated in float64 (see :func:`_can_widen`), else raise
+    :class:`NonFiniteError` with ``message``."""
+    if not _can_widen(op, dtype):
+        raise NonFiniteError(message)
+
+
+def _widened(op: Any, input_shape: tuple[int, ...], check_linear: bool, seed: int) -> Operator:
+    """:func:`make_operator` of ``op`` re-evaluated in float64."""
+    return make_operator(op, input_shape, dtype=torch.float64, check_linear=check_linear,
+                         seed=seed)
+
+
+@dataclass(frozen=True)
+class _Probe:
+    """The probe of :func:`make_operator`: two random inputs ``x``, the outputs ``out`` on
+    ``x[0], x[1], a x[0] + b x[1]``, their linear parts ``ax = out - op(0)`` in float64, and
+    the norms ``nb = ||op(0)||``, ``n1, n2 = ||A x[0]||, ||A x[1]||``."""
+
+    x: torch.Tensor
+    out: torch.Tensor
+    ax: torch.Tensor
+    nb: float
+    n1: float
+    n2: float
+
+
+def _probe(A: Operator, seed: int) -> _Probe | None:
+    """Evaluate ``A``'s op on the probe inputs (called under ``torch.no_grad``); ``None`` when
+    an output is not finite and the op can be re-evaluated in float64 (else
+    :class:`NonFiniteError`); :class:`ShapeError` when the output shape follows the batch."""
+    input_shape, dtype, bias = A.in_shape, A.dtype, A.bias
     gen = torch.Generator().manual_seed(seed + 7919)
     # the check's inputs are drawn in the working dtype (half the cost of A.randn's float64
     # draw for float32; they only feed the checks, never an estimate)
     draw = torch.float32 if dtype == torch.float32 else torch.float64
-    x = torch.randn((2, *input_shape), generator=gen, dtype=draw).to(device=device, dtype=dtype)
+    x = torch.randn((2, *input_shape), generator=gen, dtype=draw).to(device=A.device, dtype=dtype)
     xy = torch.cat([x, (_ALPHA * x[0] + _BETA * x[1]).unsqueeze(0)])
-    with torch.no_grad():
-        out = _call(fn, xy, input_shape)
-        if out.shape[1:] != bias.shape[1:]:
-            raise ShapeError(
-                f"op's output shape depends on the batch size ({tuple(out.shape)} vs "
-                f"{tuple(bias.shape)}); it must map (B, *input_shape) to (B, *output_shape)"
-            )
-        if not bool(torch.isfinite(out).all()):
-            if _can_widen(op, dtype):
-                return make_operator(op, input_shape, dtype=torch.float64,
-                                     check_linear=check_linear, seed=seed)
-            raise NonFiniteError(
-                "op returned NaN or inf on random inputs: its weights are not finite or it "
-                "overflows. Check the weights."
-            )
-        ax = (out - bias).reshape(3, -1).to(torch.float64)
-    eps = torch.finfo(dtype).eps
+    out = _call(A.fn, xy, input_shape)
+    if out.shape[1:] != bias.shape[1:]:
+        raise ShapeError(
+            f"op's output shape depends on the batch size ({tuple(out.shape)} vs "
+            f"{tuple(bias.shape)}); it must map (B, *input_shape) to (B, *output_shape)"
+        )
+    if not bool(torch.isfinite(out).all()):
+        _widen_or_raise(
+            A.source, dtype,
+            "op returned NaN or inf on random inputs: its weights are not finite or it "
+            "overflows. Check the weights.",
+        )
+        return None
+    ax = (out - bias).reshape(3, -1).to(torch.float64)
     nb = float(bias.to(torch.float64).norm())
     n1, n2 = float(ax[0].norm()), float(ax[1].norm())
-    if max(n1, n2) <= 64 * eps * nb:
-        if _can_widen(op, dtype):
-            return make_operator(op, input_shape, dtype=torch.float64,
-                                 check_linear=check_linear, seed=seed)
-        A.zero = True
-        return A
-    # a power of two bringing the probe's gain ||A x|| / ||x|| to [1/2, 2): exact scaling
-    xn = float(x.to(torch.float64).reshape(2, -1).norm(dim=1).min())
-    gain = max(n1, n2) / xn if xn > 0 else 1.0
+    return _Probe(x, out, ax, nb, n1, n2)
+
+
+def _power_of_two_scale(p: _Probe) -> float:
+    """A power of two bringing the probe's gain ``||A x|| / ||x||`` to ``[1/2, 2)`` when it is
+    outside ``[2^-16, 2^16]`` (exact scaling), else 1."""
+    xn = float(p.x.to(torch.float64).reshape(2, -1).norm(dim=1).min())
+    gain = max(p.n1, p.n2) / xn if xn > 0 else 1.0
     if math.isfinite(gain) and gain > 0 and not 2.0**-16 <= gain <= 2.0**16:
-        A.scale = math.ldexp(1.0, max(-1000, min(1000, -round(math.log2(gain)))))
-    if check_linear:
-        # per-sample: the op must not mix the samples of a batch
-        with torch.no_grad():
-            single = _call(fn, x[:1], input_shape)
-        d = float((single - out[:1]).to(torch.float64).norm())
-        if not d <= _tol(dtype) * (float(single.to(torch.float64).norm()) + nb + 1e-300):
-            raise NonLinearOperatorError(
-                "op mixes the samples of a batch (its output for a sample depends on the other "
-                "samples): it is not a per-sample linear map. Call op.eval() (BatchNorm) or "
-                "make it act on each sample independently."
-            )
-    if check_linear:
-        lhs = ax[2]
-        rhs = _ALPHA * ax[0] + _BETA * ax[1]
-        scale = float(lhs.norm()) + abs(_ALPHA) * n1 + abs(_BETA) * n2 + 4 * nb
-        err = float((lhs - rhs).norm())
-        if not err <= _tol(dtype) * scale:
-            raise NonLinearOperatorError(
-                f"op is not affine: the superposition check op(a x + b y) - op(0) = "
-                f"a (op(x) - op(0)) + b (op(y) - op(0)) fails with relative error "
-                f"{err / max(scale, 1e-300):.3g} (tolerance {_tol(dtype):g}). spectral_norm "
-                "needs a linear or affine op (Linear, Conv, AvgPool, eval BatchNorm...); for a "
-                "network with activations use lipbound.autolip / lipbound.lower_bound."
-            )
-    return A
+        return math.ldexp(1.0, max(-1000, min(1000, -round(math.log2(gain)))))
+    return 1.0
+
+
+def _check_per_sample(A: Operator, p: _Probe) -> None:
+    """Per-sample: the op must not mix the samples of a batch (its output on ``x[0]`` alone
+    is its output on ``x[0]`` in the probe's batch)."""
+    with torch.no_grad():
+        single = _call(A.fn, p.x[:1], A.in_shape)
+    d = float((single - p.out[:1]).to(torch.float64).norm())
+    if not d <= _tol(A.dtype) * (float(single.to(torch.float64).norm()) + p.nb + 1e-300):
+        raise NonLinearOperatorError(
+            "op mixes the samples of a batch (its output for a sample depends on the other "
+            "samples): it is not a per-sample linear map. Call op.eval() (BatchNorm) or "
+            "make it act on each sample independently."
+        )
+
+
+def _check_superposition(p: _Probe, dtype: torch.dtype) -> None:
+    """The superposition check ``A (a x + b y) = a A x + b A y`` on the probe."""
+    lhs = p.ax[2]
+    rhs = _ALPHA * p.ax[0] + _BETA * p.ax[1]
+    scale = float(lhs.norm()) + abs(_ALPHA) * p.n1 + abs(_BETA) * p.n2 + 4 * p.nb
+    err = float((lhs - rhs).norm())
+    if not err <= _tol(dtype) * scale:
+        raise NonLinearOperatorError(
+            f"op is not affine: the superposition check op(a x + b y) - op(0) = "
+            f"a (op(x) - op(0)) + b (op(y) - op(0)) fails with relative error "
+            f"{err / max(scale, 1e-300):.3g} (tolerance {_tol(dtype):g}). spectral_norm "
+            "needs a linear or affine op (Linear, Conv, AvgPool, eval BatchNorm...); for a "
+            "network with activations use lipbound.autolip / lipbound.lower_bound."
+        )

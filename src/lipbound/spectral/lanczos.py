@@ -48,6 +48,7 @@ Like the power method, the final value ``||A y_1||`` (``||y_1|| = 1``) never exc
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -59,7 +60,7 @@ from .power import Triplets, _orth_rows, finish, norm64, vnorm
 __all__ = ["lanczos", "arpack"]
 
 
-def lanczos(
+def lanczos(  # noqa: PLR0913 - the module's entry point: one keyword option per knob
     A: Operator,
     k: int,
     tol: float,
@@ -82,173 +83,262 @@ def lanczos(
     ``full_reorth`` re-orthogonalises every new vector against the whole basis (default:
     partial re-orthogonalisation, see the module docstring).
     """
-    n = A.n_in
-    m = min(basis or max(2 * k + 10, 24), n)
-    p = min(keep or max(k + 3, m // 6), m - 1) if m > 1 else 0
-    dt = A.dtype
-    dev = A.device
-    eps = torch.finfo(dt).eps
+    s = _start(A, k, gen, basis, keep, v0)
+    converged = False
+    while s.steps < max_iter:
+        r, beta = _extend(s, full_reorth)
+        s.since += 1
+        j = s.j
+        must = j == s.m or j == s.n or s.steps >= max_iter
+        must = must or beta <= 32 * s.eps * max(s.top, 1e-300)
+        if not (must or (j >= k and s.since >= s.every)):
+            s.q, s.placed = _next_vector(r, beta, s.Q, j)
+            continue
+        s.since = 0
+        _rayleigh_ritz(s)
+        if _stop(s, tol, beta):
+            converged = True
+            break
+        if j == s.n:  # the basis spans the whole space: Ritz pairs are exact
+            converged = True
+            break
+        if beta <= 32 * s.eps * max(s.top, 1e-300):
+            # invariant subspace: continue with a fresh random direction
+            r, beta = _fresh_direction(s, gen)
+            if beta == 0.0:
+                converged = True
+                break
+        s.q, s.placed = _next_vector(r, beta, s.Q, j)
+        if j == s.m:  # thick restart: keep the top p Ritz vectors
+            _thick_restart(s)
+    V = _t(s.S64[:, :k], s.Q).T @ s.Q[: s.j]
+    if k > 1:
+        V = _orth_rows(V)
+    return finish(A, V, converged, s.steps)  # finish scales the rows to unit norm
+
+
+@dataclass
+class _Krylov:
+    """The state of one :func:`lanczos` run: sizes, the basis ``Q`` (rows ``0..j-1``), the
+    Rayleigh-Ritz matrix, the orthogonality estimates and the stopping rules' memory."""
+
+    A: Operator
+    k: int
+    n: int  # the operator's input size
+    m: int  # the largest basis size
+    p: int  # Ritz vectors kept at a thick restart
+    eps: float
     # rows >= j are never read, so the buffer needs no zero fill. The small matrices (H, the
     # orthogonality estimates, the Ritz coordinates) live in float64 NumPy: per-step torch
     # calls on them would cost more than the arithmetic.
-    Q = torch.empty((m, n), dtype=dt, device=dev)
-    Hm = np.zeros((m, m))
-    q = A.randn(1, gen).reshape(-1) if v0 is None else v0.to(dt).reshape(-1).clone()
-    q = q / vnorm(q)
-    placed = False  # whether q already sits in row j of Q
-    j = 0
-    steps = 0
-    converged = False
-    theta = np.zeros(0)
-    S64 = np.zeros((0, 0))
-    hist: list[list[float]] = []  # top-k Ritz singular values after each check
-    # Rayleigh-Ritz (an eigh of the j x j matrix) every step for small k, every k // 10 steps
-    # for large k (where it would dominate the cost), and always before a restart
-    every = 1 if k <= 10 else k // 10
-    since = 0
-    top = 0.0
-    kappa = 1.0
-    kg = k + 1  # one guard Ritz value: stops only once the next one has settled too
+    Q: torch.Tensor
+    Hm: np.ndarray
     # partial re-orthogonalisation (Simon 1984): Om holds estimates of the inner products
     # q_i . q_k, propagated by the omega-recurrence; a full pass runs only when one exceeds
     # delta = eps^(3/4), on the step after, on the step before a restart, and on every step
     # with full_reorth=True
-    Om = np.zeros((m + 1, m + 1))
-    delta = eps**0.75
-    again = False  # a full pass is due on this step (the one after an omega-triggered pass)
-    pk = 0  # kept Ritz vectors (rows 0..pk-1 of Q), part of every local step
-    while steps < max_iter:
-        if not placed:
-            Q[j] = q
-        Om[j, j] = 1.0
-        Bq = A.gram(q.reshape(1, *A.in_shape)).reshape(-1)
-        steps += 1
-        j += 1
-        # new column h = Q B q_j of the Rayleigh-Ritz matrix H = Q B Q^T. Local Lanczos step
-        # against q_j, q_{j-1} and the kept Ritz vectors (in exact arithmetic the only
-        # non-zero entries; the kept vectors are included on every step since their Krylov
-        # relation only holds to the basis' orthogonality level), in one pass (a second one
-        # cost 6% of the benchmark's time for no change in accuracy or in the number of full
-        # passes); the new vector's inner products with these are then at Paige's level
-        # eps ||B|| / beta. H keeps these entries only: the coefficients of a full pass are
-        # rounding-level and are left out, as in Simon's scheme. (Leaving the kept vectors
-        # out after the first post-restart step, to the omega estimates alone, saved 4% on the
-        # benchmark but ran away in the benchmark's float64 reference run on resnet18.conv1:
-        # after ~700 steps the Ritz values grew far above ||B||. Do not.)
-        lo = max(0, j - 2)
-        blocks = [(0, j)] if lo <= pk else [(0, pk), (lo, j)]
-        h = np.zeros(j)
-        # r is updated in place (an out-of-place addmv costs one more pass over the vector,
-        # +35% per update at n = 2e5); Bq is a fresh product, copied only if it shares Q's
-        # storage
-        r = Bq if Bq.untyped_storage().data_ptr() != Q.untyped_storage().data_ptr() else Bq.clone()
-        for a, b in blocks:
-            Qb = Q[a:b]
-            cb = Qb @ r
-            r.addmv_(Qb.T, cb, alpha=-1.0)
-            h[a:b] = cb.tolist()
+    Om: np.ndarray
+    delta: float
+    # Rayleigh-Ritz (an eigh of the j x j matrix) every step for small k, every k // 10 steps
+    # for large k (where it would dominate the cost), and always before a restart
+    every: int
+    q: torch.Tensor  # the next basis vector
+    placed: bool = False  # whether q already sits in row j of Q
+    j: int = 0
+    steps: int = 0
+    theta: np.ndarray = field(default_factory=lambda: np.zeros(0))
+    S64: np.ndarray = field(default_factory=lambda: np.zeros((0, 0)))
+    hist: list[list[float]] = field(default_factory=list)  # top k + 1 Ritz singular values
+    since: int = 0
+    top: float = 0.0
+    kappa: float = 1.0
+    again: bool = False  # a full pass is due on this step (the one after an omega-triggered pass)
+    pk: int = 0  # kept Ritz vectors (rows 0..pk-1 of Q), part of every local step
+
+
+def _start(A: Operator, k: int, gen: torch.Generator, basis: int | None, keep: int | None,
+           v0: torch.Tensor | None) -> _Krylov:
+    """The state before the first step: sizes, empty matrices, the unit start vector."""
+    n = A.n_in
+    m = min(basis or max(2 * k + 10, 24), n)
+    p = min(keep or max(k + 3, m // 6), m - 1) if m > 1 else 0
+    dt = A.dtype
+    eps = torch.finfo(dt).eps
+    Q = torch.empty((m, n), dtype=dt, device=A.device)
+    Hm = np.zeros((m, m))
+    q = A.randn(1, gen).reshape(-1) if v0 is None else v0.to(dt).reshape(-1).clone()
+    q = q / vnorm(q)
+    return _Krylov(A=A, k=k, n=n, m=m, p=p, eps=eps, Q=Q, Hm=Hm, Om=np.zeros((m + 1, m + 1)),
+                   delta=eps**0.75, every=1 if k <= 10 else k // 10, q=q)
+
+
+def _extend(s: _Krylov, full_reorth: bool) -> tuple[torch.Tensor, float]:
+    """One Lanczos step: ``B q_j`` orthogonalised locally (and against the whole basis when
+    due), the new column of ``H`` and row of the omega estimates; returns the residual ``r``
+    and its norm ``beta``."""
+    Q = s.Q
+    if not s.placed:
+        Q[s.j] = s.q
+    s.Om[s.j, s.j] = 1.0
+    Bq = s.A.gram(s.q.reshape(1, *s.A.in_shape)).reshape(-1)
+    s.steps += 1
+    s.j += 1
+    j = s.j
+    # new column h = Q B q_j of the Rayleigh-Ritz matrix H = Q B Q^T. Local Lanczos step
+    # against q_j, q_{j-1} and the kept Ritz vectors (in exact arithmetic the only
+    # non-zero entries; the kept vectors are included on every step since their Krylov
+    # relation only holds to the basis' orthogonality level), in one pass (a second one
+    # cost 6% of the benchmark's time for no change in accuracy or in the number of full
+    # passes); the new vector's inner products with these are then at Paige's level
+    # eps ||B|| / beta. H keeps these entries only: the coefficients of a full pass are
+    # rounding-level and are left out, as in Simon's scheme. (Leaving the kept vectors
+    # out after the first post-restart step, to the omega estimates alone, saved 4% on the
+    # benchmark but ran away in the benchmark's float64 reference run on resnet18.conv1:
+    # after ~700 steps the Ritz values grew far above ||B||. Do not.)
+    lo = max(0, j - 2)
+    r, h = _local_step(Q, Bq, j, s.pk, lo)
+    beta = vnorm(r)
+    s.Hm[:j, j - 1] = h
+    s.Hm[j - 1, :j] = h
+    w = _omega(s, h, beta, lo)
+    by_omega = float(np.abs(w).max()) > s.delta
+    if full_reorth or s.again or j == s.m or by_omega:
+        # full classical Gram-Schmidt pass, a second one only when the first cancelled
+        # (DGKS); one asked for by the estimates is repeated on the next step
+        s.again = by_omega and not s.again and j < s.m
+        r, beta = _full_pass(r, Q[:j], beta)
+        w = np.full(j, s.eps)
+    s.Om[j, :j] = w
+    s.Om[:j, j] = w
+    return r, beta
+
+
+def _local_step(Q: torch.Tensor, Bq: torch.Tensor, j: int, pk: int, lo: int
+                ) -> tuple[torch.Tensor, np.ndarray]:
+    """``(r, h)``: ``Bq`` minus its components on rows ``0..pk-1`` and ``lo..j-1`` of ``Q``
+    (one classical Gram-Schmidt pass), and those components (zero elsewhere)."""
+    blocks = [(0, j)] if lo <= pk else [(0, pk), (lo, j)]
+    h = np.zeros(j)
+    # r is updated in place (an out-of-place addmv costs one more pass over the vector,
+    # +35% per update at n = 2e5); Bq is a fresh product, copied only if it shares Q's
+    # storage
+    r = Bq if Bq.untyped_storage().data_ptr() != Q.untyped_storage().data_ptr() else Bq.clone()
+    for a, b in blocks:
+        Qb = Q[a:b]
+        cb = Qb @ r
+        r.addmv_(Qb.T, cb, alpha=-1.0)
+        h[a:b] = cb.tolist()
+    return r, h
+
+
+def _omega(s: _Krylov, h: np.ndarray, beta: float, lo: int) -> np.ndarray:
+    """Estimates of the inner products of the new vector ``r / beta`` with rows ``0..j-1`` of
+    the basis, by the omega-recurrence."""
+    j, pk, eps = s.j, s.pk, s.eps
+    # omega-recurrence: from B q_i = sum_l H_li q_l + (rounding) for i < j and
+    # beta q_new = B q_j - sum_l H_lj q_l, q_i . q_new ~= (H Om - Om H)[i, j] / beta, plus
+    # a rounding term of size eps ||B|| / beta (||B|| ~ max(top, ||B q_j||))
+    if beta > 0:
+        nb = max(s.top, math.sqrt(float(h @ h) + beta * beta))
+        w = (s.Hm[:j, :j] @ s.Om[:j, j - 1] - s.Om[:j, :j] @ h) / beta
+        w += np.where(w >= 0, 1.0, -1.0) * (2 * eps * nb / beta)
+        w[:pk] = eps * nb / beta
+        w[lo:j] = eps * nb / beta
+    else:
+        w = np.full(j, eps)
+    return w
+
+
+def _full_pass(r: torch.Tensor, Qj: torch.Tensor, beta: float) -> tuple[torch.Tensor, float]:
+    """``r`` (of norm ``beta``) orthogonalised against every row of ``Qj`` by classical
+    Gram-Schmidt, with a second pass when the first cancelled (DGKS); and its norm."""
+    before = beta
+    r = _project_out(r, Qj)
+    beta = vnorm(r)
+    if beta < 0.7 * before:
+        r = _project_out(r, Qj)
         beta = vnorm(r)
-        Hm[:j, j - 1] = h
-        Hm[j - 1, :j] = h
-        # omega-recurrence: from B q_i = sum_l H_li q_l + (rounding) for i < j and
-        # beta q_new = B q_j - sum_l H_lj q_l, q_i . q_new ~= (H Om - Om H)[i, j] / beta, plus
-        # a rounding term of size eps ||B|| / beta (||B|| ~ max(top, ||B q_j||))
-        if beta > 0:
-            nb = max(top, math.sqrt(float(h @ h) + beta * beta))
-            w = (Hm[:j, :j] @ Om[:j, j - 1] - Om[:j, :j] @ h) / beta
-            w += np.where(w >= 0, 1.0, -1.0) * (2 * eps * nb / beta)
-            w[:pk] = eps * nb / beta
-            w[lo:j] = eps * nb / beta
-        else:
-            w = np.full(j, eps)
-        by_omega = float(np.abs(w).max()) > delta
-        if full_reorth or again or j == m or by_omega:
-            # full classical Gram-Schmidt pass, a second one only when the first cancelled
-            # (DGKS); one asked for by the estimates is repeated on the next step
-            again = by_omega and not again and j < m
-            before = beta
-            r = _project_out(r, Q[:j])
-            beta = vnorm(r)
-            if beta < 0.7 * before:
-                r = _project_out(r, Q[:j])
-                beta = vnorm(r)
-            w = np.full(j, eps)
-        Om[j, :j] = w
-        Om[:j, j] = w
-        since += 1
-        must = j == m or j == n or steps >= max_iter or beta <= 32 * eps * max(top, 1e-300)
-        if not (must or (j >= k and since >= every)):
-            q, placed = _next_vector(r, beta, Q, j)
-            continue
-        since = 0
-        th, Sv = np.linalg.eigh(Hm[:j, :j])
-        theta = th[::-1].copy()
-        S64 = Sv[:, ::-1].copy()
-        top = float(theta[0])
-        if j >= kg:
-            hist.append(np.sqrt(np.clip(theta[:kg], 0, None)).tolist())
-            if j > kg and _extrapolated_small(hist, kg, tol):
-                converged = True
-                break
-            # cheap residuals from the Krylov relation B Q^T = Q^T H + r e_j^T, confirmed by
-            # the exact residuals (one product per pair) before stopping. Rounding makes the
-            # exact residual larger than the cheap one; after a failed confirmation the cheap
-            # ones are scaled by the ratio seen (kappa), so that products are not spent on
-            # checks bound to fail
-            cheap = (kappa * beta * np.abs(S64[j - 1, :k])).tolist()
-            if _small(cheap, theta, k, tol, eps, top):
-                Y = _t(S64[:, :k], Q).T @ Q[:j]
-                BY = A.gram(Y.reshape(k, *A.in_shape)).reshape(k, -1)
-                steps += k
-                res = norm64(BY - _t(theta[:k, None], Q) * Y, dim=1).tolist()
-                if _small(res, theta, k, tol, eps, top):
-                    converged = True
-                    break
-                kappa = max([kappa] + [kappa * e / max(c, 1e-300) for e, c in zip(res, cheap)])
-        if j == n:  # the basis spans the whole space: Ritz pairs are exact
-            converged = True
-            break
-        if beta <= 32 * eps * max(top, 1e-300):
-            # invariant subspace: continue with a fresh random direction
-            r = _project_out(_project_out(A.randn(1, gen).reshape(-1), Q[:j]), Q[:j])
-            beta = vnorm(r)
-            if beta == 0.0:
-                converged = True
-                break
-            Om[j, :j] = eps
-            Om[:j, j] = eps
-        q, placed = _next_vector(r, beta, Q, j)
-        if j == m:  # thick restart: keep the top p Ritz vectors
-            Q[:p] = _t(S64[:, :p], Q).T @ Q[:j]
-            Hp = S64[:, :p].T @ Hm[:j, :j] @ S64[:, :p]
-            Hp = 0.5 * (Hp + Hp.T)
-            # the kept vectors are orthonormal up to the basis' loss of orthogonality: measure
-            # it (p x p Gram matrix, E = G - I) and apply one Loewdin step Y <- (I - E/2) Y,
-            # which leaves O(|E|^2); the projected matrix follows: Hp <- (I - E/2) Hp (I - E/2)
-            E = (Q[:p] @ Q[:p].T).double().cpu().numpy() - np.eye(p)
-            if float(np.abs(E).max()) > 10 * eps:
-                T = np.eye(p) - 0.5 * E
-                Q[:p] = _t(T, Q) @ Q[:p]
-                Hp = T @ Hp @ T.T
-                Hp = 0.5 * (Hp + Hp.T)
-                E = (Q[:p] @ Q[:p].T).double().cpu().numpy() - np.eye(p)
-            Hm[:] = 0.0
-            Hm[:p, :p] = Hp
-            Om[:] = 0.0
-            Om[:p, :p] = E + np.eye(p)
-            # q was fully re-orthogonalised against the whole basis (j == m forces it)
-            Om[p, :p] = eps
-            Om[:p, p] = eps
-            pk = p
-            j = p
-            # the kept basis IS the top-p Ritz vectors: in case the loop ends before the next
-            # Rayleigh-Ritz step, the Ritz coordinates are the identity
-            theta = theta[:p]
-            S64 = np.eye(p)
-    V = _t(S64[:, :k], Q).T @ Q[:j]
-    if k > 1:
-        V = _orth_rows(V)
-    return finish(A, V, converged, steps)  # finish scales the rows to unit norm
+    return r, beta
+
+
+def _rayleigh_ritz(s: _Krylov) -> None:
+    """The Ritz values ``theta`` (descending) and coordinates ``S64`` of ``H``, and ``top``."""
+    th, Sv = np.linalg.eigh(s.Hm[: s.j, : s.j])
+    s.theta = th[::-1].copy()
+    s.S64 = Sv[:, ::-1].copy()
+    s.top = float(s.theta[0])
+
+
+def _stop(s: _Krylov, tol: float, beta: float) -> bool:
+    """Whether the wanted Ritz pairs have converged (rules (2) and (1) of the module
+    docstring); ``beta`` is the last residual's norm."""
+    k, j = s.k, s.j
+    kg = k + 1  # one guard Ritz value: stops only once the next one has settled too
+    if j < kg:
+        return False
+    s.hist.append(np.sqrt(np.clip(s.theta[:kg], 0, None)).tolist())
+    if j > kg and _extrapolated_small(s.hist, kg, tol):
+        return True
+    # cheap residuals from the Krylov relation B Q^T = Q^T H + r e_j^T, confirmed by
+    # the exact residuals (one product per pair) before stopping. Rounding makes the
+    # exact residual larger than the cheap one; after a failed confirmation the cheap
+    # ones are scaled by the ratio seen (kappa), so that products are not spent on
+    # checks bound to fail
+    cheap = (s.kappa * beta * np.abs(s.S64[j - 1, :k])).tolist()
+    if not _small(cheap, s.theta, k, tol, s.eps, s.top):
+        return False
+    Q = s.Q
+    Y = _t(s.S64[:, :k], Q).T @ Q[:j]
+    BY = s.A.gram(Y.reshape(k, *s.A.in_shape)).reshape(k, -1)
+    s.steps += k
+    res = norm64(BY - _t(s.theta[:k, None], Q) * Y, dim=1).tolist()
+    if _small(res, s.theta, k, tol, s.eps, s.top):
+        return True
+    s.kappa = max([s.kappa] + [s.kappa * e / max(c, 1e-300) for e, c in zip(res, cheap)])
+    return False
+
+
+def _fresh_direction(s: _Krylov, gen: torch.Generator) -> tuple[torch.Tensor, float]:
+    """A random vector orthogonalised (twice) against the basis, and its norm, to continue
+    from an invariant subspace."""
+    j, Qj = s.j, s.Q[: s.j]
+    r = _project_out(_project_out(s.A.randn(1, gen).reshape(-1), Qj), Qj)
+    beta = vnorm(r)
+    s.Om[j, :j] = s.eps
+    s.Om[:j, j] = s.eps
+    return r, beta
+
+
+def _thick_restart(s: _Krylov) -> None:
+    """Keep the top ``p`` Ritz vectors as the new basis (Wu & Simon 2000), re-orthonormalised
+    by one Loewdin step, with their projected matrix and orthogonality estimates."""
+    p, j, eps, Q = s.p, s.j, s.eps, s.Q
+    Q[:p] = _t(s.S64[:, :p], Q).T @ Q[:j]
+    Hp = s.S64[:, :p].T @ s.Hm[:j, :j] @ s.S64[:, :p]
+    Hp = 0.5 * (Hp + Hp.T)
+    # the kept vectors are orthonormal up to the basis' loss of orthogonality: measure
+    # it (p x p Gram matrix, E = G - I) and apply one Loewdin step Y <- (I - E/2) Y,
+    # which leaves O(|E|^2); the projected matrix follows: Hp <- (I - E/2) Hp (I - E/2)
+    E = (Q[:p] @ Q[:p].T).double().cpu().numpy() - np.eye(p)
+    if float(np.abs(E).max()) > 10 * eps:
+        T = np.eye(p) - 0.5 * E
+        Q[:p] = _t(T, Q) @ Q[:p]
+        Hp = T @ Hp @ T.T
+        Hp = 0.5 * (Hp + Hp.T)
+        E = (Q[:p] @ Q[:p].T).double().cpu().numpy() - np.eye(p)
+    s.Hm[:] = 0.0
+    s.Hm[:p, :p] = Hp
+    s.Om[:] = 0.0
+    s.Om[:p, :p] = E + np.eye(p)
+    # q was fully re-orthogonalised against the whole basis (j == m forces it)
+    s.Om[p, :p] = eps
+    s.Om[:p, p] = eps
+    s.pk = p
+    s.j = p
+    # the kept basis IS the top-p Ritz vectors: in case the loop ends before the next
+    # Rayleigh-Ritz step, the Ritz coordinates are the identity
+    s.theta = s.theta[:p]
+    s.S64 = np.eye(p)
 
 
 def _next_vector(r: torch.Tensor, beta: float, Q: torch.Tensor, j: int
