@@ -658,3 +658,20 @@ def test_regression_dense_matrix_exact_offset_with_huge_bias(n_out):
     J, b = certify.dense_matrix(lin, (3,), exact_offset=True)
     assert torch.equal(J, lin.weight.detach())
     assert torch.equal(b, lin.bias.detach())
+
+
+@pytest.mark.parametrize("method", ["lanczos", "power"])
+def test_regression_weights_near_1e300_escaped_as_linalg_error(method):
+    """The probe's ``||A x||`` of float64 weights near 1e300 overflowed in its sum of squares:
+    the gain was inf, the operator stayed unscaled, and Lanczos's Gram products overflowed into
+    numpy's ``LinAlgError`` (the power method raised ``NonFiniteError``). The gain now comes
+    from an overflow-free norm, so the exact power-of-two scaling applies and both give the
+    norm."""
+    torch.manual_seed(0)
+    m = nn.Linear(6, 4).double()
+    with torch.no_grad():
+        m.weight.mul_(1e300)
+    truth = float(torch.linalg.matrix_norm(m.weight.detach() * 1e-300, 2)) * 1e300
+    r = spectral_norm(m, (6,), method=method)
+    assert r.value == pytest.approx(truth, rel=1e-5)
+    assert r.upper is not None and r.upper >= truth

@@ -39,9 +39,6 @@ The constant of an affine map ``x -> A x + b`` is the operator norm of ``A`` in 
   estimate is 0 when the power/Lanczos estimate finds the map zero (in float32 a layer of
   weights ~1e-150 underflows to zero there, while its float64 certificate stays positive).
 
-If :mod:`lipbound.spectral` is not importable, a fallback is used: a dense SVD in float64 for
-maps with at most 4096 inputs (certified, relative margin 1e-9) and otherwise power iteration
-(estimate only).
 """
 
 from __future__ import annotations
@@ -63,7 +60,6 @@ from ..errors import (
     NonFiniteError,
     UnsupportedModelError,
     UnsupportedNode,
-    ZeroOperatorError,
 )
 from ..graph.modules import (
     ChannelAffine,
@@ -141,15 +137,6 @@ def certified(op: Any, in_shape: tuple[int, ...], out_shape: tuple[int, ...]
     operand, without its linearity check (the graph already knows the node is affine: the
     check pushed full-size float64 maps through every layer, 11 s of VGG-16 at 224)."""
     return best_certificate(op, in_shape, out_shape, "2")
-
-
-class _Res:
-    def __init__(self, value: float, upper: float | None, how: str) -> None:
-        self.value = value
-        self.upper = upper
-        self.certified = upper is not None
-        self.certificate = how if upper is not None else ""
-        self.method = how
 
 
 _AVG = (nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d)
@@ -438,24 +425,19 @@ def _spectral_constant(node: Node, ctx: RuleContext, t0: float) -> NodeConstant:
     parts = node.part_nodes
     if cert is None and ctx.certify and len(parts) > 1:
         cert = parts_product(parts, ctx)  # ||A_k ... A_1|| <= prod ||A_i||
-    try:
-        if cert is not None:
-            # the factor is the certificate; the estimate is only reported, to a looser tolerance
-            res = spectral(
-                op, in_shape, replace(ctx, tol=max(ctx.tol, ESTIMATE_TOL), certify=False,
-                                      max_iter=min(ctx.max_iter, ESTIMATE_ITER)),
-                dtype=torch.float32,  # float32 rounding (~1e-7) is far below that tolerance
-            )
-        else:
-            res = spectral(op, in_shape, replace(ctx, certify=False))
-    except ZeroOperatorError:  # zero on its sample vectors: 0 is a valid estimate from below
-        res = _Res(0.0, None, "estimate: zero on random inputs")
+    if cert is not None:
+        # the factor is the certificate; the estimate is only reported, to a looser tolerance
+        res = spectral(
+            op, in_shape, replace(ctx, tol=max(ctx.tol, ESTIMATE_TOL), certify=False,
+                                  max_iter=min(ctx.max_iter, ESTIMATE_ITER)),
+            dtype=torch.float32,  # float32 rounding (~1e-7) is far below that tolerance
+        )
+    else:  # an estimate only (spectral_norm gives 0 for a map it finds zero)
+        res = spectral(op, in_shape, replace(ctx, certify=False))
     est = float(res.value)
     upper: float | None = None
     if cert is not None:
         upper, how = max(float(cert[0]), est), cert[1]
-    elif res.upper is not None:  # (fallback path only)
-        upper, how = float(res.upper), res.certificate
     else:
         how = res.method or "estimate"
     value = upper if upper is not None else est

@@ -444,8 +444,19 @@ def _probe(A: Operator, seed: int) -> _Probe | None:
         return None
     ax = (out - bias).reshape(3, -1).to(torch.float64)
     nb = float(bias.to(torch.float64).norm())
-    n1, n2 = float(ax[0].norm()), float(ax[1].norm())
+    n1, n2 = _scaled_norm(ax[0]), _scaled_norm(ax[1])
     return _Probe(x, out, ax, nb, n1, n2)
+
+
+def _scaled_norm(t: torch.Tensor) -> float:
+    """``||t||_2`` of a finite float64 vector without overflow (it may still be inf when the
+    norm itself exceeds the float64 range): ``m ||t / m||`` with ``m = max |t|``. A plain
+    ``norm`` of entries near 1e155 overflows in its sum of squares, which left the probe's gain
+    infinite, the operator unscaled and Lanczos's Gram products overflowing."""
+    m = float(t.abs().max()) if t.numel() else 0.0
+    if m == 0.0 or not math.isfinite(m):
+        return m
+    return m * float((t / m).norm())
 
 
 def _power_of_two_scale(p: _Probe) -> float:
