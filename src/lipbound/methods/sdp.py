@@ -106,26 +106,9 @@ __all__ = ["SDPResult", "analytic_multipliers", "lipsdp", "slope_ranges_of", "ve
 _U = float(np.finfo(np.float64).eps) / 2  # unit roundoff
 
 
-_MODULE_SLOPES: dict[type, tuple[float, float]] = {
-    nn.ReLU: (0.0, 1.0),
-    nn.Tanh: (0.0, 1.0),
-    nn.Sigmoid: (0.0, 0.25),
-    nn.Softplus: (0.0, 1.0),
-    nn.ReLU6: (0.0, 1.0),
-    nn.Hardtanh: (0.0, 1.0),
-}
-
-
 def _slope_range(name: str, act: Any) -> tuple[float, float]:
+    """The checked slope range of a chain's activation (its graph node's, from the rules)."""
     sr = getattr(act, "slope_range", None)
-    if sr is None and isinstance(act, nn.Module):
-        if isinstance(act, nn.LeakyReLU):
-            s = float(act.negative_slope)
-            sr = (min(s, 1.0), max(s, 1.0))
-        elif isinstance(act, nn.ELU) and float(act.alpha) <= 1.0:
-            sr = (0.0, 1.0)
-        else:
-            sr = _MODULE_SLOPES.get(type(act))
     if sr is None:
         raise UnsupportedModelError(
             [UnsupportedNode(name, type(act).__name__, "no known slope range [a, b] for LipSDP")],
