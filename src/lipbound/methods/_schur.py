@@ -111,7 +111,7 @@ _MAX_CENTRING = 30  # Newton steps per centring before the barrier method gives 
 
 
 class _OutOfTime(Exception):
-    """Internal: the LBFGS closure ran past ``time_limit`` (caught in :func:`solve_schur`)."""
+    """Internal: the LBFGS closure ran past ``time_limit`` (caught in :func:`_lbfgs_beta`)."""
 
 
 def _pow2_inv_sqrt(x: float) -> float:
@@ -181,6 +181,7 @@ def _layer(
     b: float,
     u: torch.Tensor,
     v: torch.Tensor | None,
+    *,
     beta: float | None,
     s_fixed: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -224,7 +225,7 @@ def schur_rho(
     P = torch.eye(Ws[0].shape[1], dtype=_F64, device=Ws[0].device)
     ts = []
     for i, (a, b) in enumerate(ranges):
-        P, t, _ = _layer(P, Ws[i], a, b, us[i], vs[i], beta)
+        P, t, _ = _layer(P, Ws[i], a, b, us[i], vs[i], beta=beta)
         ts.append(t)
     L = torch.linalg.cholesky(P)
     Y = torch.linalg.solve_triangular(L, Ws[-1].T, upper=False)
@@ -576,7 +577,17 @@ def _lapack_potri(L: np.ndarray) -> np.ndarray:
     return inv + np.tril(inv, -1).T
 
 
-def barrier_newton(
+@dataclass(frozen=True)
+class _NewtonOptions:
+    """The stopping rules of :func:`_barrier_newton` (see :func:`barrier_newton`)."""
+
+    deadline: float
+    rel_gap: float
+    mu: float
+    max_newton: int
+
+
+def barrier_newton(  # noqa: PLR0913 - its API (_residual, the tests): one keyword option per knob
     Ws: Sequence[np.ndarray],
     ranges: Sequence[tuple[float, float]],
     t0: np.ndarray,
@@ -615,25 +626,17 @@ def barrier_newton(
     Sb = None if shortcut is None else np.asarray(shortcut) * dout  # d_0 = 1
     sc = np.concatenate([np.full(n, d[i + 1] ** 2) for i, n in enumerate(sizes)]) if sizes else t_in
     t_b, r_b, steps, status = _barrier_newton(
-        Wb, ranges, t_in * sc, r0 * dout**2, deadline=deadline, rel_gap=rel_gap, mu=mu,
-        max_newton=max_newton, shortcut=Sb,
+        _Dense(Wb, ranges, Sb), t_in * sc, r0 * dout**2,
+        _NewtonOptions(deadline=deadline, rel_gap=rel_gap, mu=mu, max_newton=max_newton),
     )
     return t_b / sc, r_b / dout**2, steps, status
 
 
 def _barrier_newton(
-    Ws: Sequence[np.ndarray],
-    ranges: Sequence[tuple[float, float]],
-    t0: np.ndarray,
-    r0: float,
-    *,
-    deadline: float,
-    rel_gap: float,
-    mu: float,
-    max_newton: int,
-    shortcut: np.ndarray | None = None,
+    D: _Dense, t0: np.ndarray, r0: float, opts: _NewtonOptions
 ) -> tuple[np.ndarray, float, int, str]:
-    D = _Dense(Ws, ranges, shortcut)
+    """:func:`barrier_newton`'s barrier method on the balanced LMI ``D``, from ``(t0, 2 r0)``."""
+    deadline, rel_gap, mu, max_newton = opts.deadline, opts.rel_gap, opts.mu, opts.max_newton
     nu = D.m + D.N
     t = np.asarray(t0, dtype=np.float64).copy()
     r = 2.0 * r0 + 1e-300
@@ -686,7 +689,7 @@ def _barrier_newton(
 # optimisation
 
 
-def solve_schur(
+def solve_schur(  # noqa: PLR0913 - the public entry point: one keyword option per knob
     weights: Sequence[np.ndarray | torch.Tensor],
     ranges: Sequence[tuple[float, float]],
     *,
@@ -709,6 +712,89 @@ def solve_schur(
     none passed), ``closed_form`` the closed form's.
     """
     t0 = time.perf_counter()
+    dev, Wt = _checked_weights(weights, ranges, device)
+    cs = [_pow2(W) for W in Wt]
+    Wp = [W / c for W, c in zip(Wt, cs)]
+    CK = math.prod(cs)
+    notes: list[str] = []
+    rng = [(float(a), float(b)) for a, b in ranges]
+    with torch.no_grad():
+        us, vs, ts_c, r_c = closed_form_multipliers(Wp, rng)
+    closed_raw = math.sqrt(max(float(r_c), 0.0)) * CK
+    tsv = time.perf_counter()
+    cert_c = certify_schur(Wp, rng, ts_c)
+    seconds_verify = time.perf_counter() - tsv
+    closed = _to_bound(cert_c.rho, CK)
+    if cert_c.rho is None:
+        notes.append(f"closed form: {cert_c.why}")
+    st = _SchurRun(Wp=Wp, rng=rng, CK=CK, dev=dev, t0=t0, time_limit=time_limit, notes=notes,
+                   raw=closed_raw, seconds_verify=seconds_verify)
+    t_opt = time.perf_counter()
+    verify_before = seconds_verify
+    H = len(rng)
+    m_rows = Wp[0].shape[1] + sum(W.shape[0] for W in Wp)
+    run_lbfgs = optimise and H > 0
+    if optimise and H > 0 and m_rows <= ipm_max_rows:
+        run_lbfgs = _barrier_stage(st, ts_c, float(r_c), ipm_max_steps)
+    if run_lbfgs:
+        _lbfgs_stage(st, [*us, *vs], float(r_c), betas, max_iter)
+    seconds_opt = time.perf_counter() - t_opt - (st.seconds_verify - verify_before)
+    cands = st.cands
+    if (not optimise or H == 0) and cert_c.rho is not None:
+        cands.append((cert_c.rho, ts_c, cert_c))
+    best_c = min(cands, key=lambda c: c[0]) if cands else None
+    value = _to_bound(best_c[0], CK) if best_c else None
+    why = best_c[2].why if best_c else "certificate failed for every optimised candidate"
+    ts_best = best_c[1] if best_c else ts_c
+    return SchurSolution(
+        value=value,
+        closed_form=closed,
+        raw=st.raw,
+        closed_raw=closed_raw,
+        multipliers=[t.detach() for t in ts_best],
+        scale=CK,
+        iterations=st.it,
+        why=why,
+        seconds_opt=seconds_opt,
+        seconds_verify=st.seconds_verify,
+        notes=notes,
+    )
+
+
+@dataclass
+class _SchurRun:
+    """One :func:`solve_schur` call: the scaled chain and its time limit, and what the
+    optimisers found (certified candidates, iterations, the raw value, verification seconds)."""
+
+    Wp: list[torch.Tensor]
+    rng: list[tuple[float, float]]
+    CK: float
+    dev: torch.device
+    t0: float
+    time_limit: float | None
+    notes: list[str]
+    raw: float
+    seconds_verify: float
+    it: int = 0
+    cands: list[tuple[float, list[torch.Tensor], SchurCertificate]] = field(default_factory=list)
+
+
+@dataclass
+class _LbfgsPoint:
+    """LBFGS's parameters ``[*us, *vs]`` and the best point seen (``best``: its float ``r``)."""
+
+    params: list[torch.Tensor]
+    best: float
+    best_params: list[torch.Tensor]
+
+
+def _checked_weights(
+    weights: Sequence[np.ndarray | torch.Tensor],
+    ranges: Sequence[tuple[float, float]],
+    device: str | torch.device | None,
+) -> tuple[torch.device, list[torch.Tensor]]:
+    """The device and the weights as float64 tensors on it, checked: one slope range per hidden
+    layer, finite entries, consecutive shapes."""
     dev = torch.device(device) if device is not None else torch.device("cpu")
     Wt = [torch.as_tensor(np.asarray(W) if not isinstance(W, torch.Tensor) else W) for W in weights]
     Wt = [W.detach().to(device=dev, dtype=_F64) for W in Wt]
@@ -725,133 +811,112 @@ def solve_schur(
                 f"solve_schur: weight {i} has {W.shape[1]} columns, layer {i - 1} has "
                 f"{Wt[i - 1].shape[0]} outputs"
             )
-    cs = [_pow2(W) for W in Wt]
-    Wp = [W / c for W, c in zip(Wt, cs)]
-    CK = math.prod(cs)
-    notes: list[str] = []
-    rng = [(float(a), float(b)) for a, b in ranges]
-    with torch.no_grad():
-        us, vs, ts_c, r_c = closed_form_multipliers(Wp, rng)
-    closed_raw = math.sqrt(max(float(r_c), 0.0)) * CK
-    t_opt = time.perf_counter()
-    tsv = time.perf_counter()
-    cert_c = certify_schur(Wp, rng, ts_c)
-    seconds_verify = time.perf_counter() - tsv
-    closed = _to_bound(cert_c.rho, CK)
-    if cert_c.rho is None:
-        notes.append(f"closed form: {cert_c.why}")
-    it = 0
-    ts_o = ts_c
-    raw = closed_raw
-    t_opt = time.perf_counter()
-    verify_before = seconds_verify
-    H = len(rng)
-    m_rows = Wp[0].shape[1] + sum(W.shape[0] for W in Wp)
-    cands: list[tuple[float, list[torch.Tensor], SchurCertificate]] = []
-    run_lbfgs = optimise and H > 0
-    if optimise and H > 0 and m_rows <= ipm_max_rows:
-        # at most half the time: LBFGS gets the rest if the barrier method stalls
-        deadline = math.inf if time_limit is None else t0 + 0.5 * time_limit
-        t_n, _, steps, status = barrier_newton(
-            [W.cpu().numpy() for W in Wp], rng, torch.cat(ts_c).cpu().numpy(), float(r_c),
-            deadline=deadline, max_newton=ipm_max_steps,
-        )
-        it += steps
-        sizes = [W.shape[0] for W in Wp[:-1]]
-        ts_n = [torch.as_tensor(x, device=dev) for x in np.split(t_n, np.cumsum(sizes)[:-1])]
-        tsv = time.perf_counter()
-        cert_n = certify_schur(Wp, rng, ts_n)
-        seconds_verify += time.perf_counter() - tsv
-        if cert_n.rho is not None:
-            cands.append((cert_n.rho, ts_n, cert_n))
-            raw = math.sqrt(cert_n.rho) * CK  # the float r(T) of the certificate's recursion
-        else:
-            notes.append(f"barrier method: {cert_n.why}")
-        notes.append(f"barrier method: {status} after {steps} Newton steps")
-        run_lbfgs = status != "converged" or cert_n.rho is None
-    if run_lbfgs:
-        params = [p.clone().requires_grad_(True) for p in [*us, *vs]]
-        best = float(r_c)
-        best_params = [p.detach().clone() for p in params]
-        for beta in betas:
-            if time_limit is not None and time.perf_counter() - t0 > time_limit:
-                notes.append(f"optimisation stopped by time_limit={time_limit:g} s")
-                break
-            opt = torch.optim.LBFGS(
-                params,
-                lr=1.0,
-                max_iter=max(1, max_iter // len(betas)),
-                history_size=20,
-                tolerance_grad=1e-12,
-                tolerance_change=1e-14,
-                line_search_fn="strong_wolfe",
-            )
+    return dev, Wt
 
-            def closure(opt: torch.optim.LBFGS = opt, beta: float = beta) -> torch.Tensor:
-                if time_limit is not None and time.perf_counter() - t0 > time_limit:
-                    raise _OutOfTime
-                opt.zero_grad()
-                r, _ = schur_rho(Wp, rng, params[:H], params[H:], beta)
-                loss = torch.log(r)
-                loss.backward()
-                return loss
 
-            try:
-                opt.step(closure)
-            except torch.linalg.LinAlgError:
-                notes.append(f"LBFGS stage beta={beta:g} left the feasible set; kept the best")
-                break
-            except _OutOfTime:
-                notes.append(f"LBFGS stopped by time_limit={time_limit:g} s; kept the best")
-                with torch.no_grad():
-                    r_now, _ = schur_rho(Wp, rng, params[:H], params[H:], None)
-                if torch.isfinite(r_now) and float(r_now) < best:
-                    best_params = [p.detach().clone() for p in params]
-                break
-            st = opt.state[opt._params[0]]
-            it += int(st.get("n_iter", 0))
-            with torch.no_grad():
-                r_now, _ = schur_rho(Wp, rng, params[:H], params[H:], None)
-            if torch.isfinite(r_now) and float(r_now) < best:
-                best = float(r_now)
-                best_params = [p.detach().clone() for p in params]
-            else:
-                with torch.no_grad():
-                    for p, q in zip(params, best_params):
-                        p.copy_(q)
-        with torch.no_grad():
-            r_o, ts_o = schur_rho(Wp, rng, best_params[:H], best_params[H:], None)
-        raw_l = math.sqrt(max(float(r_o), 0.0)) * CK
-        tsv = time.perf_counter()
-        ts_o = [t.detach() for t in ts_o]
-        cert_o = certify_schur(Wp, rng, ts_o)
-        seconds_verify += time.perf_counter() - tsv
-        if cert_o.rho is not None:
-            if not cands or cert_o.rho < cands[0][0]:
-                raw = raw_l
-            cands.append((cert_o.rho, ts_o, cert_o))
-        else:
-            notes.append(f"LBFGS multipliers: {cert_o.why}")
-    seconds_opt = time.perf_counter() - t_opt - (seconds_verify - verify_before)
-    if (not optimise or H == 0) and cert_c.rho is not None:
-        cands.append((cert_c.rho, ts_c, cert_c))
-    best_c = min(cands, key=lambda c: c[0]) if cands else None
-    value = _to_bound(best_c[0], CK) if best_c else None
-    why = best_c[2].why if best_c else "certificate failed for every optimised candidate"
-    ts_best = best_c[1] if best_c else ts_c
-    return SchurSolution(
-        value=value,
-        closed_form=closed,
-        raw=raw,
-        closed_raw=closed_raw,
-        multipliers=[t.detach() for t in ts_best],
-        scale=CK,
-        iterations=it,
-        why=why,
-        seconds_opt=seconds_opt,
-        seconds_verify=seconds_verify,
-        notes=notes,
+def _barrier_stage(st: _SchurRun, ts_c: list[torch.Tensor], r_c: float, max_steps: int) -> bool:
+    """The barrier method from the closed form ``(ts_c, r_c)``, its point certified (a
+    candidate if it passes); returns whether LBFGS should run (no convergence, or no proof)."""
+    # at most half the time: LBFGS gets the rest if the barrier method stalls
+    deadline = math.inf if st.time_limit is None else st.t0 + 0.5 * st.time_limit
+    t_n, _, steps, status = barrier_newton(
+        [W.cpu().numpy() for W in st.Wp], st.rng, torch.cat(ts_c).cpu().numpy(), r_c,
+        deadline=deadline, max_newton=max_steps,
     )
+    st.it += steps
+    sizes = [W.shape[0] for W in st.Wp[:-1]]
+    ts_n = [torch.as_tensor(x, device=st.dev) for x in np.split(t_n, np.cumsum(sizes)[:-1])]
+    tsv = time.perf_counter()
+    cert_n = certify_schur(st.Wp, st.rng, ts_n)
+    st.seconds_verify += time.perf_counter() - tsv
+    if cert_n.rho is not None:
+        st.cands.append((cert_n.rho, ts_n, cert_n))
+        st.raw = math.sqrt(cert_n.rho) * st.CK  # the float r(T) of the certificate's recursion
+    else:
+        st.notes.append(f"barrier method: {cert_n.why}")
+    st.notes.append(f"barrier method: {status} after {steps} Newton steps")
+    return status != "converged" or cert_n.rho is None
+
+
+def _lbfgs_stage(
+    st: _SchurRun, start: list[torch.Tensor], r_c: float, betas: Sequence[float], max_iter: int
+) -> None:
+    """LBFGS from the closed form's parameters ``start = [*us, *vs]`` with continuation on the
+    smoothing ``betas``; the best point found is certified (a candidate if it passes)."""
+    H = len(st.rng)
+    params = [p.clone().requires_grad_(True) for p in start]
+    lb = _LbfgsPoint(params=params, best=r_c, best_params=[p.detach().clone() for p in params])
+    for beta in betas:
+        if st.time_limit is not None and time.perf_counter() - st.t0 > st.time_limit:
+            st.notes.append(f"optimisation stopped by time_limit={st.time_limit:g} s")
+            break
+        if _lbfgs_beta(st, lb, beta, max(1, max_iter // len(betas))):
+            break
+    with torch.no_grad():
+        r_o, ts_o = schur_rho(st.Wp, st.rng, lb.best_params[:H], lb.best_params[H:], None)
+    raw_l = math.sqrt(max(float(r_o), 0.0)) * st.CK
+    tsv = time.perf_counter()
+    ts_o = [t.detach() for t in ts_o]
+    cert_o = certify_schur(st.Wp, st.rng, ts_o)
+    st.seconds_verify += time.perf_counter() - tsv
+    if cert_o.rho is not None:
+        if not st.cands or cert_o.rho < st.cands[0][0]:
+            st.raw = raw_l
+        st.cands.append((cert_o.rho, ts_o, cert_o))
+    else:
+        st.notes.append(f"LBFGS multipliers: {cert_o.why}")
+
+
+def _lbfgs_beta(st: _SchurRun, lb: _LbfgsPoint, beta: float, max_iter: int) -> bool:
+    """One LBFGS stage at smoothing ``beta`` (at most ``max_iter`` iterations); keeps the best
+    point in ``lb`` (else restores it); returns whether to stop (left the feasible set, or
+    ran past ``time_limit``)."""
+    H = len(st.rng)
+    params = lb.params
+    time_limit, t0 = st.time_limit, st.t0
+    opt = torch.optim.LBFGS(
+        params,
+        lr=1.0,
+        max_iter=max_iter,
+        history_size=20,
+        tolerance_grad=1e-12,
+        tolerance_change=1e-14,
+        line_search_fn="strong_wolfe",
+    )
+
+    def closure() -> torch.Tensor:
+        if time_limit is not None and time.perf_counter() - t0 > time_limit:
+            raise _OutOfTime
+        opt.zero_grad()
+        r, _ = schur_rho(st.Wp, st.rng, params[:H], params[H:], beta)
+        loss = torch.log(r)
+        loss.backward()
+        return loss
+
+    try:
+        opt.step(closure)
+    except torch.linalg.LinAlgError:
+        st.notes.append(f"LBFGS stage beta={beta:g} left the feasible set; kept the best")
+        return True
+    except _OutOfTime:
+        st.notes.append(f"LBFGS stopped by time_limit={time_limit:g} s; kept the best")
+        with torch.no_grad():
+            r_now, _ = schur_rho(st.Wp, st.rng, params[:H], params[H:], None)
+        if torch.isfinite(r_now) and float(r_now) < lb.best:
+            lb.best_params = [p.detach().clone() for p in params]
+        return True
+    state = opt.state[opt._params[0]]
+    st.it += int(state.get("n_iter", 0))
+    with torch.no_grad():
+        r_now, _ = schur_rho(st.Wp, st.rng, params[:H], params[H:], None)
+    if torch.isfinite(r_now) and float(r_now) < lb.best:
+        lb.best = float(r_now)
+        lb.best_params = [p.detach().clone() for p in params]
+    else:
+        with torch.no_grad():
+            for p, q in zip(params, lb.best_params):
+                p.copy_(q)
+    return False
 
 
 def _to_bound(rho: float | None, CK: float) -> float | None:

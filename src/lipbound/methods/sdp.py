@@ -76,7 +76,7 @@ import itertools
 import math
 import time
 from collections.abc import Sequence
-from dataclasses import replace
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -106,26 +106,9 @@ __all__ = ["SDPResult", "analytic_multipliers", "lipsdp", "slope_ranges_of", "ve
 _U = float(np.finfo(np.float64).eps) / 2  # unit roundoff
 
 
-_MODULE_SLOPES: dict[type, tuple[float, float]] = {
-    nn.ReLU: (0.0, 1.0),
-    nn.Tanh: (0.0, 1.0),
-    nn.Sigmoid: (0.0, 0.25),
-    nn.Softplus: (0.0, 1.0),
-    nn.ReLU6: (0.0, 1.0),
-    nn.Hardtanh: (0.0, 1.0),
-}
-
-
 def _slope_range(name: str, act: Any) -> tuple[float, float]:
+    """The checked slope range of a chain's activation (its graph node's, from the rules)."""
     sr = getattr(act, "slope_range", None)
-    if sr is None and isinstance(act, nn.Module):
-        if isinstance(act, nn.LeakyReLU):
-            s = float(act.negative_slope)
-            sr = (min(s, 1.0), max(s, 1.0))
-        elif isinstance(act, nn.ELU) and float(act.alpha) <= 1.0:
-            sr = (0.0, 1.0)
-        else:
-            sr = _MODULE_SLOPES.get(type(act))
     if sr is None:
         raise UnsupportedModelError(
             [UnsupportedNode(name, type(act).__name__, "no known slope range [a, b] for LipSDP")],
@@ -306,7 +289,7 @@ def _auto_solver(n: int, installed: list[str], variant: str = "neuron") -> str:
     )
 
 
-def _solve(
+def _solve(  # noqa: PLR0917 - tests/test_sdp.py replaces it by fakes taking these 7 positionals
     cp: Any,
     Ws: list[np.ndarray],
     ranges: list[tuple[float, float]],
@@ -422,13 +405,57 @@ def lipsdp(
     """
     t0 = time.perf_counter()
     model, _ = analysis_of(model, input_shape)
-    shape = model.input_shape
+    call = _Call(model=model, shape=model.input_shape, variant=variant, solver=solver,
+                 margin=margin, time_limit=time_limit, solver_options=solver_options,
+                 max_entries=max_dense_entries, t0=t0)
+    _check_call(call)
+    try:
+        widths = _chain_sizes(model, call.shape, max_dense_entries)
+    except (NotSequentialError, UnsupportedModelError) as exc:
+        if not call.schur:  # the cvxpy solvers and the layer variant: whole chains only
+            raise
+        return _lipsdp_composed(call, _first_line(exc))
+    if call.schur:
+        return _lipsdp_chain(call, widths)
+    return _lipsdp_cvxpy(call)
+
+
+@dataclass(frozen=True)
+class _Call:
+    """One :func:`lipsdp` call: the analysed model and its shape, the options as given and the
+    start time."""
+
+    model: Analysis
+    shape: tuple[int, ...]
+    variant: str
+    solver: str
+    margin: float
+    time_limit: float | None
+    solver_options: dict[str, Any] | None
+    max_entries: int
+    t0: float
+
+    @property
+    def options(self) -> dict[str, Any]:
+        """A fresh copy of ``solver_options`` (``{}`` for ``None``)."""
+        return dict(self.solver_options or {})
+
+    @property
+    def schur(self) -> bool:
+        """Whether the Schur-complement solver runs (else a cvxpy solver)."""
+        return self.variant == "fast" or (self.solver in ("auto", "schur")
+                                          and self.variant == "neuron")
+
+
+def _check_call(call: _Call) -> None:
+    """The argument checks of :func:`lipsdp` (:class:`~lipbound.errors.InvalidArgumentError`)."""
+    variant, solver = call.variant, call.solver
     check_choice("variant", variant, ("neuron", "layer", "fast"))
     check_choice("solver", solver, ("auto", "schur", "SCS", "CLARABEL", "CVXOPT"))
-    check_positive("margin", margin, allow_zero=True)
-    if time_limit is not None:
-        check_positive("time_limit", time_limit)
-    check_positive("max_dense_entries", max_dense_entries)
+    check_positive("margin", call.margin, allow_zero=True)
+    if call.time_limit is not None:
+        check_positive("time_limit", call.time_limit)
+    check_positive("max_dense_entries", call.max_entries)
     if variant == "fast" and solver not in ("auto", "schur"):
         raise InvalidArgumentError(
             f"lipsdp(variant='fast') is the closed form (no SDP solver), got solver="
@@ -439,146 +466,176 @@ def lipsdp(
             f"lipsdp(solver='schur') solves variant='neuron' only, got variant={variant!r}; "
             "use variant='neuron' or a cvxpy solver ('CVXOPT', 'SCS', 'CLARABEL')"
         )
-    schur = variant == "fast" or (solver in ("auto", "schur") and variant == "neuron")
     allowed = {"device", "max_iter", "betas", "optimise", "ipm_max_rows", "ipm_max_steps"}
-    bad = sorted(set(solver_options or {}) - allowed) if schur else []
+    bad = sorted(set(call.solver_options or {}) - allowed) if call.schur else []
     if bad:
         raise InvalidArgumentError(
             f"lipsdp(solver='schur'): unknown solver_options {bad}; allowed: {sorted(allowed)}"
         )
-    try:
-        widths = _chain_sizes(model, shape, max_dense_entries)
-    except (NotSequentialError, UnsupportedModelError) as exc:
-        if not schur:  # the cvxpy solvers and the layer variant: whole chains only
-            raise
-        return _lipsdp_composed(model, shape, variant, time_limit, dict(solver_options or {}),
-                                max_dense_entries, t0, _first_line(exc))
+
+
+def _lipsdp_chain(call: _Call, widths: list[int]) -> SDPResult:
+    """The Schur path on one dense chain of layer ``widths``: composed instead when its closed
+    form and certificate are predicted past ``time_limit``; the optimiser gets what they
+    leave of it."""
     cube = sum(float(n) ** 3 for n in widths)
-    if time_limit is not None and schur:
+    time_limit = call.time_limit
+    if time_limit is not None:
         flops = 14.0 * cube
         need = flops / flop_rate()
         if need > time_limit:
             return _lipsdp_composed(
-                model, shape, variant, time_limit, dict(solver_options or {}),
-                max_dense_entries, t0,
+                call,
                 f"the closed form and its certificate on the whole chain need about {need:.3g} "
                 f"s on this machine ({flops:.3g} flops), more than time_limit={time_limit:g}",
             )
-    if variant == "fast":
-        return _lipsdp_schur(model, shape, time_limit, {"optimise": False}, t0, method="fast")
-    if schur:
-        opts = dict(solver_options or {})
-        if time_limit is not None:
-            # the closed form, its certificate and the optimised point's (~10 sum n^3 more)
-            # are not interruptible: the optimiser gets what they leave
-            time_limit = time_limit - 24.0 * cube / flop_rate()
-            if time_limit <= 0:
-                opts["optimise"] = False
-                time_limit = None
-        return _lipsdp_schur(model, shape, time_limit, opts, t0)
+    if call.variant == "fast":
+        return _lipsdp_schur(call.model, call.shape, time_limit, {"optimise": False}, call.t0,
+                             method="fast")
+    opts = call.options
+    if time_limit is not None:
+        # the closed form, its certificate and the optimised point's (~10 sum n^3 more)
+        # are not interruptible: the optimiser gets what they leave
+        time_limit = time_limit - 24.0 * cube / flop_rate()
+        if time_limit <= 0:
+            opts["optimise"] = False
+            time_limit = None
+    return _lipsdp_schur(call.model, call.shape, time_limit, opts, call.t0)
+
+
+@dataclass
+class _CvxpyRun:
+    """The cvxpy path of one call: the scaled chain (``CK`` the exact scale), the solver and
+    its options, and what the attempts found so far."""
+
+    cp: Any
+    Wp: list[np.ndarray]
+    ranges: list[tuple[float, float]]
+    CK: float
+    variant: str
+    name: str
+    opts: dict[str, Any]
+    notes: list[str] = field(default_factory=list)
+    rho_v: float | None = None
+    raw: float = math.nan
+    status: str = ""
+    why: str = ""
+    solve_s: float = 0.0
+    verify_s: float = 0.0
+
+
+def _lipsdp_cvxpy(call: _Call) -> SDPResult:
+    """The cvxpy path (one dense chain): solve, verify (up to three attempts, the margin
+    multiplied by 100 after a failed one while time is left), then the result."""
     try:
         import cvxpy as cp
     except ImportError as exc:
         raise MissingDependencyError("cvxpy", "sdp", "lipsdp") from exc
-    Ws, ranges = slope_ranges_of(model, shape)
+    Ws, ranges = slope_ranges_of(call.model, call.shape)
     # exact power-of-two rescaling (see the module docstring)
     cs = [_pow2_scale(W) for W in Ws]
     Wp = [W / c for W, c in zip(Ws, cs)]
     CK = math.prod(cs)
     n = sum([Ws[0].shape[1]] + [W.shape[0] for W in Ws[:-1]])
     installed = list(cp.installed_solvers())
-    name = _auto_solver(n, installed, variant) if solver == "auto" else solver
+    name = _auto_solver(n, installed, call.variant) if call.solver == "auto" else call.solver
     if name not in installed:
         raise MissingDependencyError(name.lower(), "sdp", f"lipsdp(solver={name!r})")
-    opts = dict(solver_options or {})
-    notes: list[str] = []
-    rho_v: float | None = None
-    raw = math.nan
-    status = ""
-    why = ""
-    solve_s = verify_s = 0.0
-    m = float(margin)
+    run = _CvxpyRun(cp=cp, Wp=Wp, ranges=ranges, CK=CK, variant=call.variant, name=name,
+                    opts=call.options)
+    time_limit = call.time_limit
+    m = float(call.margin)
     for _attempt in range(3):
         if time_limit is not None:
-            left = float(time_limit) - (time.perf_counter() - t0)
+            left = float(time_limit) - (time.perf_counter() - call.t0)
             if _attempt > 0 and left < 0.2 * float(time_limit):
                 break
             if name == "SCS":
-                opts["time_limit_secs"] = max(left, 1.0)
+                run.opts["time_limit_secs"] = max(left, 1.0)
             elif name == "CLARABEL":
-                opts["time_limit"] = max(left, 1.0)
-        ts0 = time.perf_counter()
-        try:
-            rho_raw, tv, status = _solve(cp, Wp, ranges, variant, name, m, opts)
-        except cp.error.SolverError as exc:
-            raise SolverError(f"LipSDP: solver {name} failed: {exc}") from exc
-        solve_s += time.perf_counter() - ts0
-        tv0 = time.perf_counter()
-        if tv is None:
-            # no multipliers at all: fall back on the closed-form certificate alone
-            raw = math.nan
-            ta = analytic_multipliers(Wp, ranges)
-            why = f"the solver returned no solution (status {status!r})"
-            rho_v = None
-            if ta is not None:
-                rho_v, _ = verify_lipsdp(Wp, ranges, ta)
-            if rho_v is not None:
-                notes.append(why + "; bound from the closed-form multipliers only (loose)")
-            verify_s += time.perf_counter() - tv0
-            if rho_v is not None:
-                break
-            m = max(m, 1e-9) * 100
-            continue
-        raw = math.sqrt(max(rho_raw, 0.0)) * CK
-        rho_v, why = verify_lipsdp(Wp, ranges, tv, rho_raw)
-        if rho_v is None:
-            rho_v, lam = _repair(Wp, ranges, tv)
-            if rho_v is not None:
-                notes.append(
-                    f"the solver's multipliers failed the verification ({why}); repaired by the "
-                    f"convex combination (1 - {lam:g}) T + {lam:g} T_a with a closed-form "
-                    "strictly feasible T_a"
-                )
-        verify_s += time.perf_counter() - tv0
-        if status != "optimal":
-            notes.append(f"solver status {status!r} (attempt {_attempt + 1})")
-        if rho_v is not None:
+                run.opts["time_limit"] = max(left, 1.0)
+        _attempt_once(run, m, _attempt)
+        if run.rho_v is not None:
             break
         m = max(m, 1e-9) * 100
-    if rho_v is not None:
-        value = float(np.nextafter(math.sqrt(rho_v) * CK, math.inf))
+    return _cvxpy_result(run, call, m)
+
+
+def _attempt_once(run: _CvxpyRun, m: float, attempt: int) -> None:
+    """One solve with margin ``m`` and the verification of its multipliers (repaired by the
+    closed form if they fail; the closed form alone if the solver returned none)."""
+    ts0 = time.perf_counter()
+    try:
+        rho_raw, tv, run.status = _solve(run.cp, run.Wp, run.ranges, run.variant, run.name, m,
+                                         run.opts)
+    except run.cp.error.SolverError as exc:
+        raise SolverError(f"LipSDP: solver {run.name} failed: {exc}") from exc
+    run.solve_s += time.perf_counter() - ts0
+    tv0 = time.perf_counter()
+    if tv is None:
+        # no multipliers at all: fall back on the closed-form certificate alone
+        run.raw = math.nan
+        ta = analytic_multipliers(run.Wp, run.ranges)
+        run.why = f"the solver returned no solution (status {run.status!r})"
+        run.rho_v = None
+        if ta is not None:
+            run.rho_v, _ = verify_lipsdp(run.Wp, run.ranges, ta)
+        if run.rho_v is not None:
+            run.notes.append(run.why + "; bound from the closed-form multipliers only (loose)")
+        run.verify_s += time.perf_counter() - tv0
+        return
+    run.raw = math.sqrt(max(rho_raw, 0.0)) * run.CK
+    run.rho_v, run.why = verify_lipsdp(run.Wp, run.ranges, tv, rho_raw)
+    if run.rho_v is None:
+        run.rho_v, lam = _repair(run.Wp, run.ranges, tv)
+        if run.rho_v is not None:
+            run.notes.append(
+                f"the solver's multipliers failed the verification ({run.why}); repaired by the "
+                f"convex combination (1 - {lam:g}) T + {lam:g} T_a with a closed-form "
+                "strictly feasible T_a"
+            )
+    run.verify_s += time.perf_counter() - tv0
+    if run.status != "optimal":
+        run.notes.append(f"solver status {run.status!r} (attempt {attempt + 1})")
+
+
+def _cvxpy_result(run: _CvxpyRun, call: _Call, m: float) -> SDPResult:
+    """The :class:`SDPResult` of the cvxpy path (``m`` the last margin used)."""
+    notes = run.notes
+    if run.rho_v is not None:
+        value = float(np.nextafter(math.sqrt(run.rho_v) * run.CK, math.inf))
         value = float(np.nextafter(value, math.inf))  # the product by CK is exact; sqrt rounded
         notes.append(
             f"verified: M(rho, T) is provably negative semidefinite in exact arithmetic at the "
             f"multipliers used (float64 eigenvalues + rounding bounds, Weyl); certified "
-            f"bound {value:.8g} vs the solver's raw {raw:.8g} (certified only up to the "
+            f"bound {value:.8g} vs the solver's raw {run.raw:.8g} (certified only up to the "
             f"solver's tolerance)"
         )
         certified = True
         upper: float | None = value
         bound = "upper"
     else:
-        value = raw
+        value = run.raw
         certified = False
         upper = None
         bound = "estimate"
-        notes.append(why + "; value is the solver's raw answer, NOT certified")
+        notes.append(run.why + "; value is the solver's raw answer, NOT certified")
     return SDPResult(
         value=value,
         certified=certified,
-        method=f"lipsdp-{variant}",
+        method=f"lipsdp-{call.variant}",
         norm="2",
         bound=bound,  # type: ignore[arg-type]
         upper=upper,
-        seconds=time.perf_counter() - t0,
+        seconds=time.perf_counter() - call.t0,
         notes=tuple(notes),
-        raw=raw,
-        variant=variant,
-        solver=name,
-        solver_status=status,
-        solve_seconds=solve_s,
-        verify_seconds=verify_s,
-        extra={"rho_scale": CK, "margin": m},
+        raw=run.raw,
+        variant=call.variant,
+        solver=run.name,
+        solver_status=run.status,
+        solve_seconds=run.solve_s,
+        verify_seconds=run.verify_s,
+        extra={"rho_scale": run.CK, "margin": m},
     )
 
 
@@ -824,16 +881,7 @@ def _use_blocks(
     return used
 
 
-def _lipsdp_composed(
-    model: nn.Module | Analysis,
-    shape: tuple[int, ...],
-    variant: str,
-    time_limit: float | None,
-    options: dict[str, Any],
-    max_entries: int,
-    t0: float,
-    why: str,
-) -> SDPResult:
+def _lipsdp_composed(call: _Call, why: str) -> SDPResult:
     r"""LipSDP-neuron on the sequential segments of the graph, AutoLip's composition elsewhere.
 
     The graph and AutoLip's per-node constants are :func:`~lipbound.methods.autolip.
@@ -862,10 +910,11 @@ def _lipsdp_composed(
     composition over the rest of the graph is AutoLip's (valid for any valid node constants).
     Finally the minimum with AutoLip's whole-graph value is taken.
     """
+    time_limit, max_entries = call.time_limit, call.max_entries
     budget = _COMPOSED_LIMIT if time_limit is None else float(time_limit)
-    deadline = t0 + budget
+    deadline = call.t0 + budget
     graph, consts, reused = graph_constants(
-        model, shape, norm="2", tol=1e-6, max_iter=1000, deadline=deadline,
+        call.model, call.shape, norm="2", tol=1e-6, max_iter=1000, deadline=deadline,
         grace=GRACE * budget,
     )
     autolip_value = compose(graph, consts)
@@ -887,48 +936,16 @@ def _lipsdp_composed(
         sdp_end = now + _COMPOSED_LIMIT
     else:
         sdp_end = deadline
+    st = _Composed(call=call, graph=graph, consts=consts, slopes=slopes, segments=segments,
+                   sdp_end=sdp_end, notes=notes)
     # the residual blocks first, in at most half of the SDP time when chains follow
     blocks, block_rows, block_skipped = _block_bounds(
         graph, slopes, segments, max_entries, now + (sdp_end - now) * (0.5 if runs else 1.0))
-    run_bound: dict[str, float] = {}  # first node of a run -> its certified bound
-    run_raw: dict[str, float] = {}
-    rows: list[LayerBound] = []
     skipped: list[str] = []
-    solve_s = verify_s = 0.0
-    iterations = 0
     for j, (_, run) in enumerate(runs):
-        tr = time.perf_counter()
-        lins = run[0::2]
-        name = f"{lins[0].qualname}..{lins[-1].qualname}"
-        share = max(sdp_end - tr, 0.0) * cubes[j] / max(sum(cubes[j:]), 1.0)
-        if time_limit is not None and _CERT_FLOPS * cubes[j] / rate > share:
+        name = _chain_bound(st, run, cubes[j], sum(cubes[j:]), rate)
+        if name is not None:
             skipped.append(name)
-            continue
-        optimise = variant == "neuron" and bool(options.get("optimise", True))
-        opt_time = share - (_CERT_FLOPS + _OPT_FLOPS) * cubes[j] / rate
-        if opt_time <= 0:
-            optimise = False
-        Ws = [linear_matrix(n) for n in lins]
-        ranges = segment_slopes(run, slopes)
-        sol = solve_schur(Ws, ranges, time_limit=max(opt_time, 1e-3),
-                          **{**options, "optimise": optimise})
-        solve_s += sol.seconds_opt
-        verify_s += sol.seconds_verify
-        iterations += sol.iterations
-        cands = [v for v in (sol.value, sol.closed_form) if v is not None]
-        auto_run = math.prod(consts[n.name].value for n in run)
-        if cands:
-            b = min(cands)
-            run_raw[lins[0].name] = sol.raw
-            if b < auto_run:
-                run_bound[lins[0].name] = b
-        rows.append(LayerBound(
-            name=name, op="sdp-chain", value=min(cands) if cands else sol.raw,
-            certified=bool(cands), seconds=time.perf_counter() - tr, estimate=sol.raw,
-            how=(f"lipsdp-{variant} on {len(lins)} layers (closed form {sol.closed_form}, "
-                 f"optimised {sol.value}; autolip {auto_run:.6g})"
-                 + ("" if cands else f"; {sol.why}: AutoLip kept")),
-        ))
     if skipped:
         notes.append(
             f"time limit: {len(skipped)} chain(s) predicted not to end in the time left "
@@ -936,47 +953,9 @@ def _lipsdp_composed(
         )
     cert_consts = dict(consts)
     est_consts = dict(consts)
-    for i_seg, seg in enumerate(segments):
-        factors: list[float] = []
-        raw: list[float] = []
-        inner: set[str] = set()
-        whole: dict[str, float] = {}  # first node of a run -> AutoLip's product over the run
-        for run in _runs(seg, max_entries):
-            inner.update(n.name for n in run[1:])
-            whole[run[0].name] = math.prod(consts[n.name].value for n in run)
-        for n in seg:
-            if n.name in inner:
-                continue
-            # a run without a certificate (skipped, or failed) keeps AutoLip's product
-            auto_n = whole.get(n.name, consts[n.name].value)
-            factors.append(run_bound.get(n.name, auto_n))
-            raw.append(run_raw.get(n.name, auto_n))
-        sdp_seg = round_up(math.prod(factors), rel=(2 * len(factors) + 8) * _U)
-        auto_seg = math.prod(consts[n.name].value for n in seg)
-        seg_c = {"lipsdp": sdp_seg, "autolip": auto_seg}
-        # SeqLip's certified factor as a floor (methods._segment.segment_upper), in this
-        # segment's share of the time left: the composition is never looser than SeqLip's
-        # where it finishes
-        t_seg = time.perf_counter()
-        if sdp_end > t_seg:
-            seg_c["seqlip"] = segment_upper(
-                seg, consts, slopes, dense_limit=max_entries,
-                deadline=t_seg + (sdp_end - t_seg) / (len(segments) - i_seg))
-        how = min(seg_c, key=lambda key: seg_c[key])
-        first = seg[0].name
-        if how != "autolip":
-            cert_consts[first] = replace(consts[first], constants=(seg_c[how],), how=how)
-            est_consts[first] = replace(consts[first],
-                                        constants=(min(math.prod(raw), seg_c[how]),), how=how)
-            for n in seg[1:]:
-                cert_consts[n.name] = replace(consts[n.name], constants=(1.0,), how="in segment")
-                est_consts[n.name] = cert_consts[n.name]
-        rows.append(LayerBound(
-            name=f"{seg[0].qualname}..{seg[-1].qualname}", op="segment", value=seg_c[how],
-            certified=all(consts[n.name].certified for n in seg), estimate=math.prod(raw),
-            how=f"{how} (" + ", ".join(f"{key} {v:.6g}" for key, v in seg_c.items()) + ")",
-        ))
-    rows.extend(block_rows)
+    for i_seg in range(len(segments)):
+        _segment_bound(st, i_seg, cert_consts, est_consts)
+    st.rows.extend(block_rows)
     used = _use_blocks(consts, blocks, cert_consts, est_consts)
     if block_rows or block_skipped:
         notes.append(f"residual blocks: {len(block_rows)} got a LipSDP-neuron LMI of their own "
@@ -987,9 +966,9 @@ def _lipsdp_composed(
     in_seg = {n.name for seg in segments for n in seg}
     for c in consts.values():
         if c.name not in in_seg:
-            rows.append(LayerBound(name=c.qualname, op=c.op, value=c.value, certified=c.certified,
-                                   seconds=c.seconds, estimate=c.estimate,
-                                   how=f"autolip: {c.how}"))
+            st.rows.append(LayerBound(name=c.qualname, op=c.op, value=c.value,
+                                      certified=c.certified, seconds=c.seconds,
+                                      estimate=c.estimate, how=f"autolip: {c.how}"))
     value = min(compose(graph, cert_consts), autolip_value)
     raw_value = min(compose(graph, est_consts), value)
     if not segments:
@@ -1002,21 +981,21 @@ def _lipsdp_composed(
     return SDPResult(
         value=float(value),
         certified=auto_certified,
-        method=f"lipsdp-{variant}",
+        method=f"lipsdp-{call.variant}",
         norm="2",
         bound="upper" if auto_certified else "estimate",
         upper=float(value) if auto_certified else None,
         how="LipSDP-neuron on the sequential segments, AutoLip elsewhere",
-        layers=tuple(rows),
-        iterations=iterations,
-        seconds=time.perf_counter() - t0,
+        layers=tuple(st.rows),
+        iterations=st.iterations,
+        seconds=time.perf_counter() - call.t0,
         notes=tuple(notes),
         raw=float(raw_value),
-        variant=variant,
-        solver="closed-form" if variant == "fast" else "schur",
+        variant=call.variant,
+        solver="closed-form" if call.variant == "fast" else "schur",
         solver_status="composed",
-        solve_seconds=solve_s,
-        verify_seconds=verify_s,
+        solve_seconds=st.solve_s,
+        verify_seconds=st.verify_s,
         extra={
             "graph": graph,
             "composed": True,
@@ -1026,3 +1005,114 @@ def _lipsdp_composed(
             "autolip": autolip_value,
         },
     )
+
+
+@dataclass
+class _Composed:
+    """A composed call: the graph, AutoLip's constants, the slope ranges and segments, the end
+    of the SDP time, the notes, and what the chains found (rows, certified bounds and solver
+    estimates by a run's first node, seconds, iterations)."""
+
+    call: _Call
+    graph: Any
+    consts: dict[str, Any]
+    slopes: dict[str, tuple[float, float] | None]
+    segments: list[list[Any]]
+    sdp_end: float
+    notes: list[str]
+    rows: list[LayerBound] = field(default_factory=list)
+    run_bound: dict[str, float] = field(default_factory=dict)  # first node of a run -> bound
+    run_raw: dict[str, float] = field(default_factory=dict)
+    solve_s: float = 0.0
+    verify_s: float = 0.0
+    iterations: int = 0
+
+
+def _chain_bound(
+    st: _Composed, run: list[Any], cube: float, cubes_left: float, rate: float
+) -> str | None:
+    """The certified Schur bound of one run (cost ``cube``; ``cubes_left`` the costs of this
+    run and those after it share the SDP time left): kept in ``st`` where below AutoLip's
+    product, with its row; returns the run's name if it was skipped (predicted past its share
+    of ``time_limit``), else ``None``."""
+    tr = time.perf_counter()
+    lins = run[0::2]
+    name = f"{lins[0].qualname}..{lins[-1].qualname}"
+    share = max(st.sdp_end - tr, 0.0) * cube / max(cubes_left, 1.0)
+    if st.call.time_limit is not None and _CERT_FLOPS * cube / rate > share:
+        return name
+    variant, options = st.call.variant, st.call.options
+    optimise = variant == "neuron" and bool(options.get("optimise", True))
+    opt_time = share - (_CERT_FLOPS + _OPT_FLOPS) * cube / rate
+    if opt_time <= 0:
+        optimise = False
+    Ws = [linear_matrix(n) for n in lins]
+    ranges = segment_slopes(run, st.slopes)
+    sol = solve_schur(Ws, ranges, time_limit=max(opt_time, 1e-3),
+                      **{**options, "optimise": optimise})
+    st.solve_s += sol.seconds_opt
+    st.verify_s += sol.seconds_verify
+    st.iterations += sol.iterations
+    cands = [v for v in (sol.value, sol.closed_form) if v is not None]
+    auto_run = math.prod(st.consts[n.name].value for n in run)
+    if cands:
+        b = min(cands)
+        st.run_raw[lins[0].name] = sol.raw
+        if b < auto_run:
+            st.run_bound[lins[0].name] = b
+    st.rows.append(LayerBound(
+        name=name, op="sdp-chain", value=min(cands) if cands else sol.raw,
+        certified=bool(cands), seconds=time.perf_counter() - tr, estimate=sol.raw,
+        how=(f"lipsdp-{variant} on {len(lins)} layers (closed form {sol.closed_form}, "
+             f"optimised {sol.value}; autolip {auto_run:.6g})"
+             + ("" if cands else f"; {sol.why}: AutoLip kept")),
+    ))
+    return None
+
+
+def _segment_bound(
+    st: _Composed, i_seg: int, cert_consts: dict[str, Any], est_consts: dict[str, Any]
+) -> None:
+    """Segment ``i_seg``'s bound, the smallest of its runs' product (:func:`_lipsdp_composed`),
+    AutoLip's product and SeqLip's: put on its first node in ``cert_consts`` (the estimates'
+    product in ``est_consts``), the other nodes 1, and its row in ``st``."""
+    seg, consts = st.segments[i_seg], st.consts
+    factors: list[float] = []
+    raw: list[float] = []
+    inner: set[str] = set()
+    whole: dict[str, float] = {}  # first node of a run -> AutoLip's product over the run
+    for run in _runs(seg, st.call.max_entries):
+        inner.update(n.name for n in run[1:])
+        whole[run[0].name] = math.prod(consts[n.name].value for n in run)
+    for n in seg:
+        if n.name in inner:
+            continue
+        # a run without a certificate (skipped, or failed) keeps AutoLip's product
+        auto_n = whole.get(n.name, consts[n.name].value)
+        factors.append(st.run_bound.get(n.name, auto_n))
+        raw.append(st.run_raw.get(n.name, auto_n))
+    sdp_seg = round_up(math.prod(factors), rel=(2 * len(factors) + 8) * _U)
+    auto_seg = math.prod(consts[n.name].value for n in seg)
+    seg_c = {"lipsdp": sdp_seg, "autolip": auto_seg}
+    # SeqLip's certified factor as a floor (methods._segment.segment_upper), in this
+    # segment's share of the time left: the composition is never looser than SeqLip's
+    # where it finishes
+    t_seg = time.perf_counter()
+    if st.sdp_end > t_seg:
+        seg_c["seqlip"] = segment_upper(
+            seg, consts, st.slopes, dense_limit=st.call.max_entries,
+            deadline=t_seg + (st.sdp_end - t_seg) / (len(st.segments) - i_seg))
+    how = min(seg_c, key=lambda key: seg_c[key])
+    first = seg[0].name
+    if how != "autolip":
+        cert_consts[first] = replace(consts[first], constants=(seg_c[how],), how=how)
+        est_consts[first] = replace(consts[first],
+                                    constants=(min(math.prod(raw), seg_c[how]),), how=how)
+        for n in seg[1:]:
+            cert_consts[n.name] = replace(consts[n.name], constants=(1.0,), how="in segment")
+            est_consts[n.name] = cert_consts[n.name]
+    st.rows.append(LayerBound(
+        name=f"{seg[0].qualname}..{seg[-1].qualname}", op="segment", value=seg_c[how],
+        certified=all(consts[n.name].certified for n in seg), estimate=math.prod(raw),
+        how=f"{how} (" + ", ".join(f"{key} {v:.6g}" for key, v in seg_c.items()) + ")",
+    ))
