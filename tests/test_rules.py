@@ -341,6 +341,23 @@ def test_register_rule_validation() -> None:
         register_rule(nn.Tanh, 1.0, kind="weird")
 
 
+@pytest.mark.parametrize("bad", [(math.nan, 1.0), (0.0, math.nan), (1.0, 0.0),
+                                 (-math.inf, 1.0)])
+def test_regression_nan_slope_end_was_widened_to_zero(bad: tuple[float, float]) -> None:
+    """A user rule's slope range with a NaN end was widened to 0 (every comparison with NaN is
+    false): ``(nan, 1)`` became ``[0, 1]`` and LipSDP/SeqLip certified with it. Every range is
+    now checked where it is widened, naming the node and the range."""
+
+    class Act(nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return torch.tanh(x)
+
+    register_rule(Act, 1.0, kind="activation", slope_range=lambda n: bad)
+    net = nn.Sequential(nn.Linear(2, 3), Act(), nn.Linear(3, 1)).eval()
+    with pytest.raises(InvalidArgumentError, match=r"gave the slope range .*finite a <= b"):
+        capture(net, (2,))
+
+
 def test_subclass_overriding_forward_does_not_inherit_rule() -> None:
     class Weird(nn.Linear):
         def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -107,4 +107,5 @@ def classify(node: Node) -> None:
     node.unsupported = reason
     node.kind = kind if reason is None else "op"  # type: ignore[assignment]
     if reason is None and kind == "activation" and rule.slope_range is not None:
-        node.slope_range = widen_range(rule.slope_range(node))
+        node.slope_range = widen_range(rule.slope_range(node),
+                                       f"node {node.qualname!r} ({node.op})")

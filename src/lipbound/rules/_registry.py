@@ -160,9 +160,18 @@ def _round_down(v: float) -> float:
     return -_up(-v, ROUND_REL) if v < 0 else 0.0
 
 
-def widen_range(r: tuple[float, float]) -> tuple[float, float]:
-    """A slope range ``[a, b]`` widened outwards by :data:`ROUND_REL` (see the module doc)."""
-    return _round_down(float(r[0])), -_round_down(-float(r[1]))
+def widen_range(r: tuple[float, float], where: str = "a rule") -> tuple[float, float]:
+    """A slope range ``[a, b]`` widened outwards by :data:`ROUND_REL` (see the module doc).
+
+    Raises :class:`~lipbound.errors.InvalidArgumentError` unless ``a <= b`` are finite (a NaN
+    end compared false everywhere and was widened to 0: ``(nan, 1)`` became ``[0, 1]``)."""
+    a, b = float(r[0]), float(r[1])
+    if not (math.isfinite(a) and math.isfinite(b) and a <= b):
+        raise InvalidArgumentError(
+            f"{where} gave the slope range {tuple(r)}: it needs finite a <= b (the range of "
+            "the activation's derivative, e.g. (0.0, 1.0) for ReLU)"
+        )
+    return _round_down(a), -_round_down(-b)
 
 
 def checked_constant(c: NodeConstant, node: Node, rule: str = "") -> NodeConstant:
@@ -190,12 +199,8 @@ def checked_constant(c: NodeConstant, node: Node, rule: str = "") -> NodeConstan
     if c.certified:
         out = replace(out, constants=tuple(_round_up(v) for v in c.constants))
     if c.slope_range is not None:
-        a, b = c.slope_range
-        if not (math.isfinite(a) and math.isfinite(b) and a <= b):
-            raise InvalidArgumentError(
-                f"{where} gave the slope range {c.slope_range}: it needs finite a <= b"
-            )
-        sr = node.slope_range if node.slope_range is not None else widen_range(c.slope_range)
+        checked = widen_range(c.slope_range, where)
+        sr = node.slope_range if node.slope_range is not None else checked
         out = replace(out, slope_range=sr)
     return out
 
