@@ -593,7 +593,7 @@ def _abs_norm_lower(La: torch.Tensor, Ra: torch.Tensor, iters: int = 6) -> float
     return est
 
 
-def pair_certified(
+def pair_certified(  # noqa: PLR0913 - the public entry point: one keyword option per knob
     L: Any,
     R: Any,
     *,
@@ -723,10 +723,19 @@ def _flip_values(
     return est
 
 
+@dataclass(frozen=True)
+class _FlipOptions:
+    """The options of :func:`_local_flips` (see there)."""
+
+    max_iter: int
+    exact_budget: int
+    iters: int
+    screen: bool = True
+    deadline: float | None = None
+
+
 def _local_flips(
-    C0: torch.Tensor, L: torch.Tensor, R: torch.Tensor, sigma: torch.Tensor,
-    *, max_iter: int, exact_budget: int, iters: int, screen: bool = True,
-    deadline: float | None = None,
+    C0: torch.Tensor, L: torch.Tensor, R: torch.Tensor, sigma: torch.Tensor, opts: _FlipOptions,
 ) -> tuple[float, torch.Tensor, int]:
     """Single-coordinate flips until no flip improves (the paper's greedy when started from
     sigma = 1). Returns (value, sigma, evaluations).
@@ -741,8 +750,8 @@ def _local_flips(
     M = C0 + L @ (sigma[:, None] * R)
     val, u, v = _top_pair(M)
     evals = 1
-    for _ in range(max_iter):
-        if _late(deadline):
+    for _ in range(opts.max_iter):
+        if _late(opts.deadline):
             break
         gain = (1.0 - 2.0 * sigma) * (L.T @ u) * (R @ v)
         k = int(torch.argmax(gain))
@@ -752,9 +761,9 @@ def _local_flips(
             val, u, v = _top_pair(M)
             evals += 1
             continue
-        if not screen:
+        if not opts.screen:
             break
-        vals = _flip_values(M, L, R, sigma, v, exact_budget=exact_budget, iters=iters)
+        vals = _flip_values(M, L, R, sigma, v, exact_budget=opts.exact_budget, iters=opts.iters)
         evals += int(vals.numel())
         k = int(torch.argmax(vals))
         if not float(vals[k]) > val * (1 + 1e-12):
@@ -797,7 +806,7 @@ def _alternate(
     return val, sigma, evals
 
 
-def pair_greedy(
+def pair_greedy(  # noqa: PLR0913 - the public entry point: one keyword option per knob
     L: Any,
     R: Any,
     *,
@@ -839,26 +848,40 @@ def pair_greedy(
         )
     C0, Lp, Rr = _problem(L, R, slopes)
     return _greedy_core(
-        C0, Lp, Rr, restarts=restarts, method=method, seed=seed, max_iter=max_iter,
-        exact_budget=exact_budget, power_iters=power_iters, t0=t0, deadline=deadline,
+        C0, Lp, Rr,
+        _GreedyOptions(restarts=restarts, method=method, seed=seed, max_iter=max_iter,
+                       exact_budget=exact_budget, power_iters=power_iters, deadline=deadline),
+        t0=t0,
     )
 
 
+@dataclass(frozen=True)
+class _GreedyOptions:
+    """The options of :func:`_greedy_core` (those of :func:`pair_greedy`)."""
+
+    restarts: int
+    method: str
+    seed: int
+    max_iter: int
+    exact_budget: int
+    power_iters: int
+    deadline: float | None = None
+
+
 def _greedy_core(
-    C0: torch.Tensor, Lp: torch.Tensor, Rr: torch.Tensor, *, restarts: int, method: str,
-    seed: int, max_iter: int, exact_budget: int, power_iters: int, t0: float,
-    deadline: float | None = None,
+    C0: torch.Tensor, Lp: torch.Tensor, Rr: torch.Tensor, opts: _GreedyOptions, t0: float,
 ) -> GreedyResult:
+    """:func:`pair_greedy` on the vertex problem ``(C0, L', R)`` of :func:`_problem`."""
     n = Lp.shape[1]
+    method, deadline, max_iter = opts.method, opts.deadline, opts.max_iter
     if n == 0:
         return GreedyResult(_norm(C0), torch.zeros(0, dtype=_F64), "empty", 0.0, 1)
     best_val, best_sigma, how = -1.0, torch.ones(n, dtype=_F64), method
     evals = 0
     big = n * Lp.shape[0] * Rr.shape[1] > 2e7
-    kw: dict[str, Any] = {"max_iter": max_iter, "exact_budget": exact_budget,
-                          "iters": power_iters, "screen": not big, "deadline": deadline}
-    if big:
-        restarts = min(restarts, 2)
+    flips = _FlipOptions(max_iter=max_iter, exact_budget=opts.exact_budget,
+                         iters=opts.power_iters, screen=not big, deadline=deadline)
+    restarts = min(opts.restarts, 2) if big else opts.restarts
 
     def consider(val: float, sig: torch.Tensor, name: str) -> None:
         nonlocal best_val, best_sigma, how
@@ -867,11 +890,11 @@ def _greedy_core(
 
     ones = torch.ones(n, dtype=_F64)
     if method == "flip" or (method == "both" and not big):
-        v, s, e = _local_flips(C0, Lp, Rr, ones, **kw)
+        v, s, e = _local_flips(C0, Lp, Rr, ones, flips)
         evals += e
         consider(v, s, "greedy-flip")
     if method in ("alternating", "both"):
-        gen = torch.Generator().manual_seed(seed)
+        gen = torch.Generator().manual_seed(opts.seed)
         starts = [ones]
         # sign patterns from the top singular vectors of L and R separately and of M(1)
         _, u, vv = _top_pair(C0 + Lp @ Rr)
@@ -898,7 +921,7 @@ def _greedy_core(
             if any(torch.equal(s, q) for q in polished):
                 continue
             polished.append(s)
-            v, s, e2 = _local_flips(C0, Lp, Rr, s, **kw)
+            v, s, e2 = _local_flips(C0, Lp, Rr, s, flips)
             evals += e2
             consider(v, s, "alternating")
     # recompute exactly at the returned pattern
@@ -931,7 +954,7 @@ def _enumerate(
     return best, sigma, total
 
 
-def pair_exact(
+def pair_exact(  # noqa: PLR0913 - the public entry point: one keyword option per knob
     L: Any,
     R: Any,
     *,
@@ -983,8 +1006,8 @@ def pair_exact(
         left = max(deadline - time.perf_counter(), 0.0) + (time.perf_counter() - t0)
         time_limit = left if time_limit is None else min(time_limit, left)
     res = _branch_and_bound(
-        C0, La, Ra, time_limit=time_limit, rtol=rtol, chunk=chunk, incumbent=incumbent,
-        t0=t0,
+        C0, La, Ra, _BnbOptions(time_limit=time_limit, rtol=rtol, chunk=chunk,
+                                incumbent=incumbent), t0=t0,
     )
     lower, upper, sig, exact, nodes = res
     full_sigma[idx_active] = sig
@@ -996,32 +1019,126 @@ def pair_exact(
     )
 
 
-def _branch_and_bound(
-    C0: torch.Tensor, L: torch.Tensor, R: torch.Tensor, *, time_limit: float | None,
-    rtol: float, chunk: int, incumbent: GreedyResult | None, t0: float,
-    dual_iters: int = 3, root_steps: int = 60,
-) -> tuple[float, float, torch.Tensor, bool, int]:
-    n = L.shape[1]
-    size = C0.shape[0] + C0.shape[1]
-    chunk = max(8, min(chunk, 400_000 // (size * size)))
-    if incumbent is None:
-        g = _greedy_core(
-            C0, L, R, restarts=4, method="both", seed=0, max_iter=100,
-            exact_budget=2_000_000, power_iters=20, t0=t0,
-            deadline=None if time_limit is None else t0 + 0.3 * time_limit,
+@dataclass(frozen=True)
+class _BnbOptions:
+    """The options of :func:`_branch_and_bound` (those of :func:`pair_exact`; ``dual_iters``
+    steps of ``mu`` per node for rule (D), ``root_steps`` Adam steps of its root parameters)."""
+
+    time_limit: float | None
+    rtol: float
+    chunk: int
+    incumbent: GreedyResult | None
+    dual_iters: int = 3
+    root_steps: int = 60
+
+
+# stack entries: (depth, patterns (B, d) of ordered coordinates, A (B, m, p), ub, mu)
+_Node = tuple[int, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
+
+
+@dataclass
+class _BnbTree:
+    """The problem of branch and bound with its coordinates ordered (``Lo = L[:, order]``,
+    ``Ro = R[order]``, ``P[k] = l_k r_k^T``), the per-depth suffix data of the free part
+    (depth ``d``: coordinates ``d..n-1`` free) and the incumbent (``best_val`` realised at the
+    vertex ``best_sig``, in the original coordinate order)."""
+
+    C0: torch.Tensor
+    Lo: torch.Tensor
+    Ro: torch.Tensor
+    P: torch.Tensor
+    order: torch.Tensor
+    t_root: torch.Tensor
+    half: list[torch.Tensor]  # C0 + L_F R_F / 2
+    absF: list[torch.Tensor]  # |L_F| |R_F|
+    slack: list[float]  # inner_F / 2
+    rtol: float
+    dual_iters: int
+    best_val: float
+    best_sig: torch.Tensor
+
+    def branch(self, d: int, pats: torch.Tensor, A: torch.Tensor, mus: torch.Tensor
+               ) -> _Node | None:
+        """Both children (coordinate ``d`` at 0 and at 1) of the nodes ``pats``: a leaf updates
+        the incumbent; else the children whose bounds (H), (A), (D) beat the incumbent (which
+        each completion with all free coordinates at 1 may raise), or ``None``."""
+        n = self.Lo.shape[1]
+        C0, rtol = self.C0, self.rtol
+        B = pats.shape[0]
+        cA = torch.cat([A, A + self.P[d]])
+        cmu = torch.cat([mus, mus])
+        cp = torch.cat(
+            [torch.cat([pats, torch.zeros(B, 1, dtype=_F64)], 1),
+             torch.cat([pats, torch.ones(B, 1, dtype=_F64)], 1)]
         )
-        best_val, best_sig = g.value, g.pattern.clone()
-    else:
-        best_sig = incumbent.pattern.clone().to(_F64)
-        best_val = _norm(C0 + L @ (best_sig[:, None] * R))
-    score = L.norm(dim=0) * R.norm(dim=1)
-    order = torch.argsort(score, descending=True)
-    Lo, Ro = L[:, order], R[order]
-    P = Lo.T[:, :, None] * Ro[:, None, :]  # (n, m, p)
-    t_root, mu_root, root_ub = _dual_params(C0, Lo, Ro, steps=root_steps)
-    if root_ub <= best_val * (1 + rtol):
-        return best_val, best_val * (1 + rtol), best_sig, True, 1
-    # suffix data for depth d (coordinates d..n-1 free)
+        d1 = d + 1
+        if d1 == n:
+            vals = batched_spectral_norm(C0[None] + cA)
+            j = int(torch.argmax(vals))
+            if float(vals[j]) > self.best_val:
+                self.best_val = float(vals[j])
+                self.best_sig = torch.empty(n, dtype=_F64)
+                self.best_sig[self.order] = cp[j]
+            return None
+        half_d = self.half[d1]
+        thr = self.best_val * (1 + rtol)
+        # (H) with the cheap inner bound
+        b = batched_spectral_norm(cA + half_d[None]) + self.slack[d1]
+        alive = b > thr
+        if not bool(alive.any()):
+            return None
+        cA, cp, cmu, b = cA[alive], cp[alive], cmu[alive], b[alive]
+        # incumbent update: complete with all free coordinates = 1
+        full = batched_spectral_norm(C0[None] + cA + (half_d - C0)[None] * 2)
+        j = int(torch.argmax(full))
+        if float(full[j]) > self.best_val:
+            self.best_val = float(full[j])
+            self.best_sig = torch.empty(n, dtype=_F64)
+            self.best_sig[self.order] = torch.cat([cp[j], torch.ones(n - d1, dtype=_F64)])
+            thr = self.best_val * (1 + rtol)
+        # (A)
+        b = torch.minimum(b, batched_spectral_norm((C0[None] + cA).abs() + self.absF[d1][None]))
+        alive = b > thr
+        if not bool(alive.any()):
+            return None
+        cA, cp, cmu, b = cA[alive], cp[alive], cmu[alive], b[alive]
+        # (D)
+        if self.dual_iters > 0:
+            bd, cmu = dual_bound_batch(
+                cA + half_d[None], self.Lo[:, d1:], self.Ro[d1:], self.t_root[d1:], cmu,
+                iters=self.dual_iters,
+            )
+            b = torch.minimum(b, bd)
+            alive = b > thr
+            if not bool(alive.any()):
+                return None
+            cA, cp, cmu, b = cA[alive], cp[alive], cmu[alive], b[alive]
+        return (d1, cp, cA, b, cmu)
+
+
+def _bnb_incumbent(C0: torch.Tensor, L: torch.Tensor, R: torch.Tensor, opts: _BnbOptions,
+                   t0: float) -> tuple[float, torch.Tensor]:
+    """The first incumbent ``(value, pattern)``: the given one re-evaluated, else the greedy's
+    (given 30% of the time limit)."""
+    if opts.incumbent is None:
+        time_limit = opts.time_limit
+        g = _greedy_core(
+            C0, L, R,
+            _GreedyOptions(restarts=4, method="both", seed=0, max_iter=100,
+                           exact_budget=2_000_000, power_iters=20,
+                           deadline=None if time_limit is None else t0 + 0.3 * time_limit),
+            t0=t0,
+        )
+        return g.value, g.pattern.clone()
+    best_sig = opts.incumbent.pattern.clone().to(_F64)
+    return _norm(C0 + L @ (best_sig[:, None] * R)), best_sig
+
+
+def _suffix_data(C0: torch.Tensor, Lo: torch.Tensor, Ro: torch.Tensor
+                 ) -> tuple[list[torch.Tensor], list[torch.Tensor], list[float]]:
+    """Per depth ``d`` (coordinates ``d..n-1`` free): ``C0 + L_F R_F / 2``, ``|L_F| |R_F|``
+    and ``inner_F / 2`` (rules (H), (A))."""
+    n = Lo.shape[1]
     half = []  # C0 + L_F R_F / 2
     absF = []  # |L_F| |R_F|
     slack = []  # inner_F / 2
@@ -1033,8 +1150,30 @@ def _branch_and_bound(
             slack.append(inner_bound(LF, RF, scaled_steps=-1)[0] / 2)
         else:
             slack.append(0.0)
-    # stack entries: (depth, patterns (B, d) of ordered coordinates, A (B, m, p), ub, mu)
-    stack: list[tuple[int, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]] = [
+    return half, absF, slack
+
+
+def _branch_and_bound(
+    C0: torch.Tensor, L: torch.Tensor, R: torch.Tensor, opts: _BnbOptions, *, t0: float,
+) -> tuple[float, float, torch.Tensor, bool, int]:
+    """Branch and bound of :func:`pair_exact` on the active coordinates: ``(lower, upper,
+    pattern, exact, nodes)``, rule (B) of the module docstring."""
+    time_limit, rtol = opts.time_limit, opts.rtol
+    size = C0.shape[0] + C0.shape[1]
+    chunk = max(8, min(opts.chunk, 400_000 // (size * size)))
+    best_val, best_sig = _bnb_incumbent(C0, L, R, opts, t0)
+    score = L.norm(dim=0) * R.norm(dim=1)
+    order = torch.argsort(score, descending=True)
+    Lo, Ro = L[:, order], R[order]
+    P = Lo.T[:, :, None] * Ro[:, None, :]  # (n, m, p)
+    t_root, mu_root, root_ub = _dual_params(C0, Lo, Ro, steps=opts.root_steps)
+    if root_ub <= best_val * (1 + rtol):
+        return best_val, best_val * (1 + rtol), best_sig, True, 1
+    # suffix data for depth d (coordinates d..n-1 free)
+    half, absF, slack = _suffix_data(C0, Lo, Ro)
+    tree = _BnbTree(C0, Lo, Ro, P, order, t_root, half, absF, slack, rtol, opts.dual_iters,
+                    best_val, best_sig)
+    stack: list[_Node] = [
         (0, torch.zeros(1, 0, dtype=_F64), torch.zeros(1, *C0.shape, dtype=_F64),
          torch.full((1,), root_ub, dtype=_F64), torch.full((1,), mu_root, dtype=_F64))
     ]
@@ -1045,7 +1184,7 @@ def _branch_and_bound(
             stopped = True
             break
         d, pats, A, ub, mus = stack.pop()
-        keep = ub > best_val * (1 + rtol)
+        keep = ub > tree.best_val * (1 + rtol)
         if not bool(keep.all()):
             pats, A, ub, mus = pats[keep], A[keep], ub[keep], mus[keep]
         if pats.shape[0] == 0:
@@ -1053,55 +1192,11 @@ def _branch_and_bound(
         if pats.shape[0] > chunk:
             stack.append((d, pats[chunk:], A[chunk:], ub[chunk:], mus[chunk:]))
             pats, A, mus = pats[:chunk], A[:chunk], mus[:chunk]
-        B = pats.shape[0]
-        cA = torch.cat([A, A + P[d]])
-        cmu = torch.cat([mus, mus])
-        cp = torch.cat(
-            [torch.cat([pats, torch.zeros(B, 1, dtype=_F64)], 1),
-             torch.cat([pats, torch.ones(B, 1, dtype=_F64)], 1)]
-        )
-        nodes += 2 * B
-        d1 = d + 1
-        if d1 == n:
-            vals = batched_spectral_norm(C0[None] + cA)
-            j = int(torch.argmax(vals))
-            if float(vals[j]) > best_val:
-                best_val = float(vals[j])
-                best_sig = torch.empty(n, dtype=_F64)
-                best_sig[order] = cp[j]
-            continue
-        thr = best_val * (1 + rtol)
-        # (H) with the cheap inner bound
-        b = batched_spectral_norm(cA + half[d1][None]) + slack[d1]
-        alive = b > thr
-        if not bool(alive.any()):
-            continue
-        cA, cp, cmu, b = cA[alive], cp[alive], cmu[alive], b[alive]
-        # incumbent update: complete with all free coordinates = 1
-        full = batched_spectral_norm(C0[None] + cA + (half[d1] - C0)[None] * 2)
-        j = int(torch.argmax(full))
-        if float(full[j]) > best_val:
-            best_val = float(full[j])
-            best_sig = torch.empty(n, dtype=_F64)
-            best_sig[order] = torch.cat([cp[j], torch.ones(n - d1, dtype=_F64)])
-            thr = best_val * (1 + rtol)
-        # (A)
-        b = torch.minimum(b, batched_spectral_norm((C0[None] + cA).abs() + absF[d1][None]))
-        alive = b > thr
-        if not bool(alive.any()):
-            continue
-        cA, cp, cmu, b = cA[alive], cp[alive], cmu[alive], b[alive]
-        # (D)
-        if dual_iters > 0:
-            bd, cmu = dual_bound_batch(
-                cA + half[d1][None], Lo[:, d1:], Ro[d1:], t_root[d1:], cmu, iters=dual_iters
-            )
-            b = torch.minimum(b, bd)
-            alive = b > thr
-            if not bool(alive.any()):
-                continue
-            cA, cp, cmu, b = cA[alive], cp[alive], cmu[alive], b[alive]
-        stack.append((d1, cp, cA, b, cmu))
+        nodes += 2 * pats.shape[0]
+        child = tree.branch(d, pats, A, mus)
+        if child is not None:
+            stack.append(child)
+    best_val, best_sig = tree.best_val, tree.best_sig
     if stopped:
         open_ub = max([float(e[3].max()) for e in stack if e[3].numel()] + [best_val])
         return best_val, max(open_ub, best_val), best_sig, False, nodes

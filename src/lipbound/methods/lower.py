@@ -78,7 +78,7 @@ import math
 import time
 import warnings
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -390,7 +390,7 @@ def _norm_of_jac(jac: torch.Tensor, norm: str) -> tuple[torch.Tensor, torch.Tens
 
 def _jac_norm(
     f: _Fn, x: torch.Tensor, v: torch.Tensor | None, norm: str, m: int, iters: int,
-    deadline: float = math.inf,
+    *, deadline: float = math.inf,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(value, v)`` per sample with ``value = ||J v||_p / ||v||_p`` (a lower bound on ||J||).
 
@@ -568,6 +568,17 @@ class _Cand:
     v: torch.Tensor | None = None
 
 
+@dataclass(frozen=True)
+class _Target:
+    """The function searched: ``f`` maps a batch (B, n) of flattened inputs to the flattened
+    outputs (B, m), on ``device`` in ``dtype``."""
+
+    f: _Fn
+    n: int
+    m: int
+    device: torch.device
+    dtype: torch.dtype
+
 
 class _Search:
     """The batched searches; every stage runs until its work is done or its own deadline
@@ -577,20 +588,17 @@ class _Search:
 
     def __init__(
         self,
-        f: _Fn,
-        n: int,
-        m: int,
+        target: _Target,
         norm: str,
-        device: torch.device,
-        dtype: torch.dtype,
         gen: torch.Generator,
         deadline: float,
         report: Any,
+        *,
         keep: int,
         power_iterations: int,
     ) -> None:
-        self.f, self.n, self.m, self.norm = f, n, m, norm
-        self.device, self.dtype, self.gen = device, dtype, gen
+        self.f, self.n, self.m, self.norm = target.f, target.n, target.m, norm
+        self.device, self.dtype, self.gen = target.device, target.dtype, gen
         self.deadline, self.report = deadline, report
         self.keep = keep
         self.iters = power_iterations
@@ -605,7 +613,7 @@ class _Search:
         self.clock = StepClock()  # the measured cost of a step of each stage
         self._last: float | None = None  # when the current stage's last step started
         # Jacobian norms are cheap only for l2 (power method) or a small output (full J)
-        self.jac_ok = norm == "2" or m <= _FULL_M
+        self.jac_ok = norm == "2" or self.m <= _FULL_M
 
     def randn(self, *shape: int) -> torch.Tensor:
         return torch.randn(*shape, generator=self.gen, dtype=self.dtype).to(self.device)
@@ -740,15 +748,6 @@ class _Search:
         d_hi, d_lo = 1.0, 1e-3
         fr = 0.0
         free = False  # no gradient reaches the input (x.detach()): derivative-free ascent
-
-        def ratio(zz: torch.Tensor, uu: torch.Tensor, d: float
-                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-            un = uu / _pnorm(uu, self.norm)[:, None].clamp_min(1e-30)
-            x = s * zz
-            a, b = x + 0.5 * d * s * un, x - 0.5 * d * s * un
-            self.evaluations += 2 * x.shape[0]
-            return _pnorm(self.f(a) - self.f(b), self.norm) / (d * s[:, 0]), a, b
-
         unkept: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
         for t in range(steps):
             if self.out_of_time():
@@ -758,38 +757,13 @@ class _Search:
             d = d_hi * (d_lo / d_hi) ** fr
             lr_t = lr * (0.05 + 0.95 * (1 - fr))
             if free:
-                with torch.no_grad():
-                    r, a, b = ratio(z, u, d)
-                    zp = z + lr_t * self.randn(*z.shape)
-                    up = u + (0.05 + 0.45 * (1 - fr)) * self.randn(*u.shape)
-                    rp, ap, bp = ratio(zp, up, d)
-                    better = torch.nan_to_num(rp, nan=-1.0) > torch.nan_to_num(r, nan=-1.0)
-                    z.copy_(torch.where(better[:, None], zp, z))
-                    u.copy_(torch.where(better[:, None], up, u))
-                    u /= _pnorm(u, self.norm)[:, None].clamp_min(1e-30)
-                    r = torch.where(better, rp, r)
-                    a = torch.where(better[:, None], ap, a)
-                    b = torch.where(better[:, None], bp, b)
+                r, a, b = self._free_step(z, u, s, d, lr_z=lr_t, lr_u=0.05 + 0.45 * (1 - fr))
             else:
-                r, a, b = ratio(z, u, d)
+                r, a, b = self._ratio(z, u, s, d)
                 if not r.requires_grad:  # f does not depend on its input here: nothing to ascend
                     self.add(r.detach(), "pairs", a.detach(), y=b.detach())
                     break
-                gz, gu = torch.autograd.grad(r.sum(), [z, u], allow_unused=True)
-                if gz is None and gu is None:
-                    # the output depends on the parameters only through autograd (the input
-                    # is detached): pairs are still witnesses, found by random proposals
-                    # from the top direction of a finite-difference Jacobian
-                    free = True
-                    with torch.no_grad():
-                        v = self.fd_direction((s * z).detach())
-                        if v is not None:
-                            u.copy_(v / _pnorm(v, self.norm)[:, None].clamp_min(1e-30))
-                else:
-                    opt.ascend([torch.zeros_like(z) if gz is None else gz,
-                                torch.zeros_like(u) if gu is None else gu], lr_t)
-                    with torch.no_grad():
-                        u /= _pnorm(u, self.norm)[:, None].clamp_min(1e-30)
+                free = self._grad_step(opt, z, u, s, r, lr_t)
             fr = self.frac((t + 1) / max(steps - 1, 1))
             last = t == steps - 1 or fr >= 1.0
             unkept = (r.detach(), a.detach(), b.detach())
@@ -799,6 +773,59 @@ class _Search:
             if last:
                 break
         # Jacobian norm at the end points of the ascent (the pairs localise a high-slope region)
+        self._end_jacobian(s, z, u)
+
+    def _ratio(self, zz: torch.Tensor, uu: torch.Tensor, s: torch.Tensor, d: float
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Each chain's pair ratio ``||f(a) - f(b)|| / (d s)`` and its pair
+        ``a, b = s zz -+ d s un / 2`` (``un = uu / ||uu||``)."""
+        un = uu / _pnorm(uu, self.norm)[:, None].clamp_min(1e-30)
+        x = s * zz
+        a, b = x + 0.5 * d * s * un, x - 0.5 * d * s * un
+        self.evaluations += 2 * x.shape[0]
+        return _pnorm(self.f(a) - self.f(b), self.norm) / (d * s[:, 0]), a, b
+
+    def _free_step(self, z: torch.Tensor, u: torch.Tensor, s: torch.Tensor, d: float, *,
+                   lr_z: float, lr_u: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """One derivative-free step: the proposals ``z + lr_z N(0, I)``, ``u + lr_u N(0, I)``
+        replace (in place) the chains they improve; returns each chain's ratio and pair."""
+        with torch.no_grad():
+            r, a, b = self._ratio(z, u, s, d)
+            zp = z + lr_z * self.randn(*z.shape)
+            up = u + lr_u * self.randn(*u.shape)
+            rp, ap, bp = self._ratio(zp, up, s, d)
+            better = torch.nan_to_num(rp, nan=-1.0) > torch.nan_to_num(r, nan=-1.0)
+            z.copy_(torch.where(better[:, None], zp, z))
+            u.copy_(torch.where(better[:, None], up, u))
+            u /= _pnorm(u, self.norm)[:, None].clamp_min(1e-30)
+            r = torch.where(better, rp, r)
+            a = torch.where(better[:, None], ap, a)
+            b = torch.where(better[:, None], bp, b)
+        return r, a, b
+
+    def _grad_step(self, opt: _Adam, z: torch.Tensor, u: torch.Tensor, s: torch.Tensor,
+                   r: torch.Tensor, lr_t: float) -> bool:
+        """One Adam ascent step of the ratios ``r`` in ``(z, u)`` (in place); ``True`` when no
+        gradient reaches the input: the ascent turns derivative-free from here."""
+        gz, gu = torch.autograd.grad(r.sum(), [z, u], allow_unused=True)
+        if gz is None and gu is None:
+            # the output depends on the parameters only through autograd (the input
+            # is detached): pairs are still witnesses, found by random proposals
+            # from the top direction of a finite-difference Jacobian
+            with torch.no_grad():
+                v = self.fd_direction((s * z).detach())
+                if v is not None:
+                    u.copy_(v / _pnorm(v, self.norm)[:, None].clamp_min(1e-30))
+            return True
+        opt.ascend([torch.zeros_like(z) if gz is None else gz,
+                    torch.zeros_like(u) if gu is None else gu], lr_t)
+        with torch.no_grad():
+            u /= _pnorm(u, self.norm)[:, None].clamp_min(1e-30)
+        return False
+
+    def _end_jacobian(self, s: torch.Tensor, z: torch.Tensor, u: torch.Tensor) -> None:
+        """Jacobian norm at the end points of the ascent (the pairs localise a high-slope
+        region), when it fits before the search's deadline."""
         self._last = None
         if self.jac_ok and self.clock.fits("end jac", self.deadline,
                                            guess=self.clock.predict("pairs")):
@@ -895,7 +922,24 @@ _STAGE_WEIGHT = {"data": 0.15, "sample": 0.25, "pairs": 0.35, "annealing": 0.25}
 _TORCH_FAILURES = (RuntimeError, NotImplementedError, TypeError, ValueError, IndexError)
 
 
-def lower_bound(
+@dataclass(frozen=True)
+class _Options:
+    """The validated options of :func:`lower_bound` (``p``: the norm's name)."""
+
+    p: str
+    methods: tuple[str, ...]
+    restarts: int | None
+    steps: int
+    samples: int | None
+    batch_size: int
+    scale: float | None
+    lr: float | None
+    power_iterations: int
+    seed: int
+    time_limit: float | None
+
+
+def lower_bound(  # noqa: PLR0913 - the public entry point: one keyword option per knob
     model: nn.Module | Analysis,
     input_shape: Sequence[int] | int | None = None,
     *,
@@ -995,17 +1039,198 @@ def lower_bound(
         check_positive("time_limit", time_limit)
     if isinstance(seed, bool) or not isinstance(seed, int):
         raise InvalidArgumentError(f"seed must be an int; got {seed!r}")
+    opts = _Options(
+        p=p, methods=methods, restarts=restarts, steps=steps, samples=samples,
+        batch_size=batch_size, scale=scale, lr=lr, power_iterations=power_iterations, seed=seed,
+        time_limit=time_limit,
+    )
     report = make_progress(progress)
     try:
-        return _lower_bound(model, shape, p, methods, data, restarts, steps, samples,
-                            batch_size, scale, lr, power_iterations, seed, report, time_limit,
-                            t_start)
+        return _lower_bound(model, shape, data, opts, report, t_start)
     finally:
         report.close()
 
 
+@dataclass
+class _Run:
+    """The state of one :func:`lower_bound` call that its phases share: the input size ``n``
+    and output size ``m``, the resolved defaults (``restarts``, ``scale``, ``lr`` relative to
+    ``scale``), the data points ``xdata`` (flattened), the clock (``deadline`` of the call,
+    ``search_end = deadline - reserve``, ``reserve`` kept for the float64 check), the checker,
+    the search and its stages, what the stages found for the starts of the chains
+    (``data_vals``: Jacobian norms at the data; ``sx``, ``ss``: the best sampled points and
+    their scales) and the notes."""
+
+    n: int
+    m: int
+    restarts: int
+    xdata: torch.Tensor | None
+    scale: float
+    lr: float
+    deadline: float
+    reserve: float
+    search_end: float
+    check: _Checker
+    gen: torch.Generator
+    search: _Search
+    report: Any
+    notes: list[str]
+    sx: torch.Tensor
+    ss: torch.Tensor
+    data_vals: torch.Tensor | None = None
+    stages: list[str] = field(default_factory=list)
+
+    def stage_end(self, stage: str) -> float:
+        """Now plus this stage's share of the search time left."""
+        now = time.perf_counter()
+        stages = self.stages
+        todo = stages[stages.index(stage):]
+        w = _STAGE_WEIGHT[stage] / sum(_STAGE_WEIGHT[s] for s in todo)
+        return now + max(self.search_end - now, 0.0) * w
+
+    def starts(self, k: int, offset: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """k starting points and their scales: the best data points first (at ``scale``), then
+        the best sampled points, then random ones ``s N(0, I)`` (scales as in
+        :meth:`_Search.scales`)."""
+        search, xdata, data_vals, sx = self.search, self.xdata, self.data_vals, self.sx
+        device = search.device
+        sc = search.scales(k, self.scale)
+        xs = sc * search.randn(k, self.n)
+        pos = 0
+        if xdata is not None:
+            order = (
+                torch.argsort(data_vals, descending=True)
+                if data_vals is not None and data_vals.numel() > 0
+                else torch.randperm(xdata.shape[0], generator=self.gen).to(device)
+            )
+            take = order[offset : offset + (k + 1) // 2]
+            xs[: take.numel()] = xdata[take]
+            sc[: take.numel()] = self.scale
+            pos = take.numel()
+        if sx.shape[0] > 0:
+            want = max(k - pos - max(1, k // 8), 0)  # keep a few random starts
+            take_s = torch.arange(offset, min(offset + want, sx.shape[0]), device=device)
+            xs[pos : pos + take_s.numel()] = sx[take_s]
+            sc[pos : pos + take_s.numel()] = self.ss[take_s]
+        return xs, sc
+
+
+def _setup(model: nn.Module, shape: tuple[int, ...], data: Any, opts: _Options, report: Any,
+           t_start: float) -> _Run:
+    """Probe the model (widened to float64 if it overflows), resolve the defaults, build the
+    float64 checker (whose forward pass prices the check's reserve) and the search."""
+    report("setup", 0.0)
+    model, device, dtype, m, widened = probe_widening(model, shape)
+    n = math.prod(shape)
+    restarts = opts.restarts
+    if restarts is None:  # starts are cheap for small inputs (one batched pass serves them all)
+        restarts = 64 if n <= 4096 else 8
+    xdata = None if data is None else _as_data(data, shape, device, dtype)
+    scale = opts.scale
+    if scale is None:
+        scale = float(xdata.std()) if xdata is not None and xdata.shape[0] > 1 else 1.0
+        if not scale > 0 or not math.isfinite(scale):
+            scale = 1.0
+    lr_ = 0.05 if opts.lr is None else float(opts.lr) / scale
+    time_limit = opts.time_limit
+    deadline = math.inf if time_limit is None else t_start + float(time_limit)
+    # the float64 checker first: its forward pass prices the check, whose reserve is the
+    # larger of its share and a few such passes (the best witness and its secant), capped
+    check = _Checker(model, shape, device, dtype, m)
+    reserve = 0.0 if time_limit is None else min(
+        max(_CHECK_SHARE * time_limit, _CHECK_PASSES * check.forward_seconds),
+        0.5 * time_limit)
+    search_end = deadline - reserve
+
+    f = _batched(model, shape)
+    gen = torch.Generator().manual_seed(opts.seed)
+    notes: list[str] = [] if widened is None else [widened]
+    search = _Search(
+        _Target(f, n, m, device, dtype), opts.p, gen, search_end, report, keep=4,
+        power_iterations=opts.power_iterations,
+    )
+    return _Run(
+        n=n, m=m, restarts=restarts, xdata=xdata, scale=scale, lr=lr_, deadline=deadline,
+        reserve=reserve, search_end=search_end, check=check, gen=gen, search=search,
+        report=report, notes=notes,
+        # best sampled points and their scales
+        sx=torch.zeros(0, n, dtype=dtype, device=device),
+        ss=torch.zeros(0, 1, dtype=dtype, device=device),
+    )
+
+
+def _plan_stages(run: _Run, opts: _Options) -> list[str]:
+    """The stages that run, in their order: ``"data"`` needs data (an error when it is the only
+    method), ``"data"`` and ``"annealing"`` cheap Jacobian norms (else skipped with a note),
+    ``"sample"`` at most :data:`_FULL_M` outputs and ``samples != 0``."""
+    methods, xdata, search, notes = opts.methods, run.xdata, run.search, run.notes
+    if "data" in methods and xdata is None and len(methods) == 1:
+        raise InvalidArgumentError("method 'data' needs data points (pass data=...)")
+    stages: list[str] = [s for s in ("data", "sample", "pairs", "annealing") if s in methods]
+    if "data" in stages and (xdata is None or not search.jac_ok):
+        stages.remove("data")
+        if xdata is not None:
+            notes.append("data bound skipped: Jacobian norm for this norm needs <= 64 outputs")
+    if "sample" in stages and (run.m > _FULL_M or opts.samples == 0):
+        stages.remove("sample")
+    if "annealing" in stages and not search.jac_ok:
+        stages.remove("annealing")
+        notes.append("annealing skipped: Jacobian norm for this norm needs <= 64 outputs")
+    return stages
+
+
+def _run_stages(run: _Run, opts: _Options) -> None:
+    """The stages in order, until the search's time is up; a stage that fails (an op lacks a
+    derivative) is dropped with a note, what it found is kept."""
+    search, notes = run.search, run.notes
+    for stage in run.stages:
+        if search.timed_out or time.perf_counter() > run.search_end:
+            search.timed_out = True
+            break
+        try:
+            _run_stage(run, opts, stage)
+        except _TORCH_FAILURES as e:  # an op lacks a derivative: keep what was found
+            if isinstance(e, LipboundError):
+                raise
+            msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            notes.append(f"{stage} stopped ({type(e).__name__}: {msg[:160]}); the other "
+                         "searches went on")
+    if search.timed_out or search.cut:
+        notes.append(f"time limit of {opts.time_limit} s reached (the stages were shortened); "
+                     "best witness so far returned")
+
+
+def _run_stage(run: _Run, opts: _Options, stage: str) -> None:
+    """One stage within its share of the time: the data bound, the sampled Jacobian norms,
+    or the batches of chains of the pair ascent / the annealing."""
+    search, xdata, batch_size = run.search, run.xdata, opts.batch_size
+    if stage == "data" and xdata is not None:
+        search.begin("data", run.stage_end("data"))
+        run.data_vals = search.data(xdata, batch_size)
+    elif stage == "sample":
+        search.begin("sample", run.stage_end("sample"))
+        n_samples = 4096 if opts.samples is None else opts.samples
+        run.sx, run.ss = search.sample(n_samples, run.scale, 16 * batch_size, run.restarts)
+    else:
+        end = run.stage_end(stage)
+        search.begin(stage, end)
+        n_batches = math.ceil(run.restarts / batch_size)
+        for b in range(n_batches):
+            # each batch of chains gets its share of the stage's time left
+            now = time.perf_counter()
+            search.window(now + max(end - now, 0.0) / (n_batches - b))
+            k = min(batch_size, run.restarts - b * batch_size)
+            x0, s0 = run.starts(k, b * batch_size)
+            if stage == "pairs":
+                search.pairs(x0, s0, search.randn(k, run.n), opts.steps, run.lr)
+            else:
+                search.annealing(x0, s0, opts.steps)
+            if search.timed_out:
+                break
+
+
 def _recheck(cands: list[_Cand], check: _Checker, p: str, clock: StepClock, deadline: float,
-             notes: list[str], report: Any) -> list[tuple[float, _Cand]]:
+             *, notes: list[str], report: Any) -> list[tuple[float, _Cand]]:
     """``(exact value, candidate)`` of the candidates re-checked in float64, best first: the
     first always, each next one only if its step (predicted by ``clock``: a pair costs two
     forward passes, a Jacobian about three, until measured) ends by ``deadline``."""
@@ -1034,144 +1259,33 @@ def _recheck(cands: list[_Cand], check: _Checker, p: str, clock: StepClock, dead
     return evaluated
 
 
-def _lower_bound(
-    model: nn.Module, shape: tuple[int, ...], p: str, methods: tuple[str, ...], data: Any,
-    restarts: int | None, steps: int, samples: int | None, batch_size: int,
-    scale: float | None, lr: float | None, power_iterations: int, seed: int, report: Any,
-    time_limit: float | None, t_start: float,
-) -> LowerBoundResult:
-    report("setup", 0.0)
-    model, device, dtype, m, widened = probe_widening(model, shape)
-    n = math.prod(shape)
-    if restarts is None:  # starts are cheap for small inputs (one batched pass serves them all)
-        restarts = 64 if n <= 4096 else 8
-    xdata = None if data is None else _as_data(data, shape, device, dtype)
-    if scale is None:
-        scale = float(xdata.std()) if xdata is not None and xdata.shape[0] > 1 else 1.0
-        if not scale > 0 or not math.isfinite(scale):
-            scale = 1.0
-    lr_ = 0.05 if lr is None else float(lr) / scale
-    deadline = math.inf if time_limit is None else t_start + float(time_limit)
-    # the float64 checker first: its forward pass prices the check, whose reserve is the
-    # larger of its share and a few such passes (the best witness and its secant), capped
-    check = _Checker(model, shape, device, dtype, m)
-    reserve = 0.0 if time_limit is None else min(
-        max(_CHECK_SHARE * time_limit, _CHECK_PASSES * check.forward_seconds),
-        0.5 * time_limit)
-    search_end = deadline - reserve
-
-    f = _batched(model, shape)
-    gen = torch.Generator().manual_seed(seed)
-    notes: list[str] = [] if widened is None else [widened]
-    search = _Search(
-        f, n, m, p, device, dtype, gen, search_end, report, keep=4,
-        power_iterations=power_iterations,
-    )
-    if "data" in methods and xdata is None and len(methods) == 1:
-        raise InvalidArgumentError("method 'data' needs data points (pass data=...)")
-    stages: list[str] = [s for s in ("data", "sample", "pairs", "annealing") if s in methods]
-    if "data" in stages and (xdata is None or not search.jac_ok):
-        stages.remove("data")
-        if xdata is not None:
-            notes.append("data bound skipped: Jacobian norm for this norm needs <= 64 outputs")
-    if "sample" in stages and (m > _FULL_M or samples == 0):
-        stages.remove("sample")
-    if "annealing" in stages and not search.jac_ok:
-        stages.remove("annealing")
-        notes.append("annealing skipped: Jacobian norm for this norm needs <= 64 outputs")
-    n_samples = 4096 if samples is None else samples
-
-    def stage_end(stage: str) -> float:
-        """Now plus this stage's share of the search time left."""
-        now = time.perf_counter()
-        todo = stages[stages.index(stage):]
-        w = _STAGE_WEIGHT[stage] / sum(_STAGE_WEIGHT[s] for s in todo)
-        return now + max(search_end - now, 0.0) * w
-
-    data_vals: torch.Tensor | None = None
-    sx = torch.zeros(0, n, dtype=dtype, device=device)  # best sampled points and their scales
-    ss = torch.zeros(0, 1, dtype=dtype, device=device)
-
-    def starts(k: int, offset: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """k starting points and their scales: the best data points first (at ``scale``), then
-        the best sampled points, then random ones ``s N(0, I)`` (scales as in
-        :meth:`_Search.scales`)."""
-        sc = search.scales(k, scale)
-        xs = sc * search.randn(k, n)
-        pos = 0
-        if xdata is not None:
-            order = (
-                torch.argsort(data_vals, descending=True)
-                if data_vals is not None and data_vals.numel() > 0
-                else torch.randperm(xdata.shape[0], generator=gen).to(device)
-            )
-            take = order[offset : offset + (k + 1) // 2]
-            xs[: take.numel()] = xdata[take]
-            sc[: take.numel()] = scale
-            pos = take.numel()
-        if sx.shape[0] > 0:
-            want = max(k - pos - max(1, k // 8), 0)  # keep a few random starts
-            take_s = torch.arange(offset, min(offset + want, sx.shape[0]), device=device)
-            xs[pos : pos + take_s.numel()] = sx[take_s]
-            sc[pos : pos + take_s.numel()] = ss[take_s]
-        return xs, sc
-
-    n_batches = math.ceil(restarts / batch_size)
-    for stage in stages:
-        if search.timed_out or time.perf_counter() > search_end:
-            search.timed_out = True
-            break
-        try:
-            if stage == "data" and xdata is not None:
-                search.begin("data", stage_end("data"))
-                data_vals = search.data(xdata, batch_size)
-            elif stage == "sample":
-                search.begin("sample", stage_end("sample"))
-                sx, ss = search.sample(n_samples, scale, 16 * batch_size, restarts)
-            else:
-                end = stage_end(stage)
-                search.begin(stage, end)
-                for b in range(n_batches):
-                    # each batch of chains gets its share of the stage's time left
-                    now = time.perf_counter()
-                    search.window(now + max(end - now, 0.0) / (n_batches - b))
-                    k = min(batch_size, restarts - b * batch_size)
-                    x0, s0 = starts(k, b * batch_size)
-                    if stage == "pairs":
-                        search.pairs(x0, s0, search.randn(k, n), steps, lr_)
-                    else:
-                        search.annealing(x0, s0, steps)
-                    if search.timed_out:
-                        break
-        except _TORCH_FAILURES as e:  # an op lacks a derivative: keep what was found
-            if isinstance(e, LipboundError):
-                raise
-            msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            notes.append(f"{stage} stopped ({type(e).__name__}: {msg[:160]}); the other "
-                         "searches went on")
-    if search.timed_out or search.cut:
-        notes.append(f"time limit of {time_limit} s reached (the stages were shortened); best "
-                     "witness so far returned")
-
-    # ---- re-evaluate the candidates exactly (float64, one sample) and pick the best --------
-    report("check", 0.0)
-    clock = StepClock()  # costs of the check's steps ("pair": 2 passes, "jac": about 3)
-    fwd = check.forward_seconds
-    jac_cands = [c for c in search.cands if c.y is None and c.v is not None][:2]
+def _polish(run: _Run, opts: _Options) -> None:
+    """Polish the best Jacobian witnesses (still realised values) in float64, while half of
+    the check's reserve is left."""
+    check, deadline, reserve, p = run.check, run.deadline, run.reserve, opts.p
+    jac_cands = [c for c in run.search.cands if c.y is None and c.v is not None][:2]
     for c in jac_cands:  # polish the best Jacobian witnesses (still realised values)
         if time.perf_counter() > deadline - 0.5 * reserve:
             break
         if c.v is not None:
             try:
-                c.v = check.polish(c.x, c.v, p, 3 * power_iterations, deadline - 0.5 * reserve)
+                c.v = check.polish(c.x, c.v, p, 3 * opts.power_iterations,
+                                   deadline - 0.5 * reserve)
             except _TORCH_FAILURES:
                 break
-    evaluated = _recheck(search.cands, check, p, clock, deadline, notes, report)
+
+
+def _confirm(evaluated: list[tuple[float, _Cand]], check: _Checker, clock: StepClock,
+             deadline: float, p: str
+             ) -> tuple[tuple[float, _Cand] | None, list[tuple[float, _Cand]], list[float]]:
+    """The best of the re-checked candidates, ``(best or None, candidates, demoted values)``.
+
+    A Jacobian value must be confirmed by its secants (see :meth:`_Checker.confirm`): the best
+    is checked, and a demoted one competes again as the pair it became, until the best is a
+    pair or a confirmed Jacobian value (each round is 8 float64 forward passes)."""
     best: tuple[float, _Cand] | None = max(evaluated, key=lambda t: t[0]) if evaluated else None
-    # a Jacobian value must be confirmed by its secants (see _Checker.confirm): the best is
-    # checked, and a demoted one competes again as the pair it became, until the best is a
-    # pair or a confirmed Jacobian value (each round is 8 float64 forward passes)
     demoted: list[float] = []
+    fwd = check.forward_seconds
 
     def more() -> bool:  # another secant (a pair: two passes) fits before the deadline
         return clock.fits("pair", deadline, guess=2 * fwd)
@@ -1191,6 +1305,31 @@ def _lower_bound(
         pair_c = _Cand(val_c, best[1].how, as_pair[0], as_pair[1], None)
         evaluated = [(v_, c_) for v_, c_ in evaluated if c_ is not best[1]] + [(val_c, pair_c)]
         best = max(evaluated, key=lambda t: t[0])
+    return best, evaluated, demoted
+
+
+def _at_zero(check: _Checker, n: int, p: str) -> tuple[float, _Cand]:
+    """The witness when nothing was evaluated (time limit hit before any step): the ratio at
+    0 along 1 (a pair when only a finite difference is available)."""
+    x0 = torch.zeros(n, dtype=check.dtype)
+    v0 = torch.ones(n, dtype=check.dtype)
+    val0, as_pair0 = check.jac(x0, v0, p)
+    c0 = _Cand(0.0, "jacobian at 0", x0, None, v0)
+    if as_pair0 is not None:
+        c0 = _Cand(0.0, "pair at 0", as_pair0[0], as_pair0[1], None)
+    return val0, c0
+
+
+def _check(run: _Run, opts: _Options) -> tuple[float, _Cand, dict[str, float]]:
+    """Re-evaluate the candidates exactly (float64, one sample) and pick the best:
+    ``(value, witness, per-method values)``."""
+    check, notes, report = run.check, run.notes, run.report
+    report("check", 0.0)
+    clock = StepClock()  # costs of the check's steps ("pair": 2 passes, "jac": about 3)
+    _polish(run, opts)
+    evaluated = _recheck(run.search.cands, check, opts.p, clock, run.deadline, notes=notes,
+                         report=report)
+    best, evaluated, demoted = _confirm(evaluated, check, clock, run.deadline, opts.p)
     if demoted:
         notes.append(f"{len(demoted)} Jacobian value(s) (largest {max(demoted):.6g}) not "
                      "confirmed by their secants (rounding in the derivative): replaced by "
@@ -1199,13 +1338,7 @@ def _lower_bound(
     for v_, c_ in evaluated:
         per_method[c_.how] = max(per_method.get(c_.how, 0.0), v_)
     if best is None:  # nothing evaluated (time limit hit before any step)
-        x0 = torch.zeros(n, dtype=check.dtype)
-        v0 = torch.ones(n, dtype=check.dtype)
-        val0, as_pair0 = check.jac(x0, v0, p)
-        c0 = _Cand(0.0, "jacobian at 0", x0, None, v0)
-        if as_pair0 is not None:
-            c0 = _Cand(0.0, "pair at 0", as_pair0[0], as_pair0[1], None)
-        best = (val0, c0)
+        best = _at_zero(check, run.n, opts.p)
         notes.append("no search step ran; value is the ratio at 0 along 1")
     value, c = best
     if check.nonfinite and not value > 0:
@@ -1217,16 +1350,28 @@ def _lower_bound(
     if check.nonfinite:
         notes.append(f"{check.nonfinite} witness(es) overflowed on re-evaluation and were skipped")
     report("check", 1.0)
+    return value, c, per_method
+
+
+def _lower_bound(
+    model: nn.Module, shape: tuple[int, ...], data: Any, opts: _Options, report: Any,
+    t_start: float,
+) -> LowerBoundResult:
+    """:func:`lower_bound` after validation: set up, run the stages, check, assemble."""
+    run = _setup(model, shape, data, opts, report, t_start)
+    run.stages = _plan_stages(run, opts)
+    _run_stages(run, opts)
+    value, c, per_method = _check(run, opts)
     kind = "pair" if c.y is not None else "jacobian"
     x_w = c.x.detach().to(torch.float64).reshape(shape).cpu()
     y_w = None if c.y is None else c.y.detach().to(torch.float64).reshape(shape).cpu()
     extra: dict[str, Any] = {
         "per_method": per_method,
         "witness": kind,
-        "evaluations": search.evaluations,
-        "scale": scale,
-        "recheck_dtype": str(check.dtype).removeprefix("torch."),
-        "stages": ",".join(stages),
+        "evaluations": run.search.evaluations,
+        "scale": run.scale,
+        "recheck_dtype": str(run.check.dtype).removeprefix("torch."),
+        "stages": ",".join(run.stages),
     }
     direction = None
     if c.y is None and c.v is not None:
@@ -1235,14 +1380,14 @@ def _lower_bound(
         value=float(value),
         certified=True,
         method="lower",
-        norm=p,
+        norm=opts.p,
         bound="lower",
         upper=None,
         lower=float(value),
         witness=Witness(kind=kind, x=x_w, y=y_w, direction=direction),
         how=f"{c.how} ({kind} witness)",
-        iterations=steps,
+        iterations=opts.steps,
         seconds=time.perf_counter() - t_start,
-        notes=tuple(notes),
+        notes=tuple(run.notes),
         extra=extra,
     )
