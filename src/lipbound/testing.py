@@ -378,50 +378,92 @@ def _src(key: Any) -> str:
 _SLOPES = [-2.0, -0.5, 0.0, 0.01, 0.3, 1.0, 1.7, 3.0]
 
 
+def _leaky_params(c: Ctx) -> tuple[str, str]:
+    """LeakyReLU's negative slope."""
+    s = c.choice(_SLOPES)
+    return f"{s!r}", f"negative_slope={'<0' if s < 0 else '0' if s == 0 else '>1' if s > 1 else 'in (0,1]'}"  # noqa: E501
+
+
+def _elu_params(c: Ctx) -> tuple[str, str]:
+    """ELU's alpha."""
+    a = c.choice([-1.5, -0.3, 0.0, 0.5, 1.0, 2.5])
+    return f"{a!r}", f"alpha={'<0' if a < 0 else '0' if a == 0 else '>1' if a > 1 else '(0,1]'}"
+
+
+def _celu_params(c: Ctx) -> tuple[str, str]:
+    """CELU's alpha."""
+    a = c.choice([-2.0, -0.5, 0.3, 1.0, 2.5])
+    return f"{a!r}", f"alpha={'<0' if a < 0 else '>1' if a > 1 else '(0,1]'}"
+
+
+def _softplus_params(c: Ctx) -> tuple[str, str]:
+    """Softplus's beta and threshold."""
+    b = c.choice([0.5, 1.0, 3.0, -1.0])
+    t = c.choice([20.0, 20.0, 1.0, 0.5])
+    return f"{b!r}, {t!r}", f"beta={'<0' if b < 0 else b}, threshold={t:g}"
+
+
+def _softshrink_params(c: Ctx) -> tuple[str, str]:
+    """Softshrink's lambda."""
+    lam = c.choice([0.0, 0.5, 2.0])
+    return f"{lam!r}", f"lambd={lam:g}"
+
+
+def _hardtanh_params(c: Ctx) -> tuple[str, str]:
+    """Hardtanh's bounds."""
+    lo, hi = c.choice([(-1.0, 1.0), (-0.5, 2.0), (0.0, 6.0), (2.0, 3.0), (-3.0, -2.0)])
+    return f"{lo!r}, {hi!r}", "bounds " + ("default" if (lo, hi) == (-1.0, 1.0) else "other")
+
+
+def _rrelu_params(c: Ctx) -> tuple[str, str]:
+    """RReLU's slope range."""
+    lo, hi = c.choice([(0.125, 1 / 3), (-1.0, 2.0), (1.5, 3.0), (0.0, 0.0)])
+    return f"{lo!r}, {hi!r}", f"mean slope={(lo + hi) / 2:g}"
+
+
+def _threshold_params(c: Ctx) -> tuple[str, str]:
+    """Threshold's threshold and value."""
+    t = c.choice([-1.0, 0.0, 0.5])
+    v = c.choice([t, t, t + 1.0])
+    return f"{t!r}, {v!r}", "value == threshold" if v == t else "value != threshold"
+
+
+def _gelu_params(c: Ctx) -> tuple[str, str]:
+    """GELU's approximation."""
+    ap = c.choice(["none", "tanh"])
+    return f"approximate={ap!r}", f"approximate={ap}"
+
+
+def _clamp_params(c: Ctx) -> tuple[str, str]:
+    """clamp / clip's bounds: both, one of them, or inverted (min > max)."""
+    r = c.r
+    kind = c.choice(["both", "min", "max", "inverted"])
+    lo = round(r.uniform(-2, 0.5), 3)
+    hi = round(lo + r.uniform(0.1, 3), 3)
+    if kind == "min":
+        return f"min={lo!r}", "min only"
+    if kind == "max":
+        return f"max={hi!r}", "max only"
+    if kind == "inverted":
+        return f"{hi!r}, {lo!r}", "min > max"
+    return f"{lo!r}, {hi!r}", "min and max"
+
+
+#: the parameter draws of the parametrised activations, by name prefix (first match wins)
+_ACT_PARAM_DRAWS: tuple[tuple[str | tuple[str, ...], Callable[[Ctx], tuple[str, str]]], ...] = (
+    ("leaky", _leaky_params), ("elu", _elu_params), ("celu", _celu_params),
+    ("softplus", _softplus_params), ("softshrink", _softshrink_params),
+    ("hardtanh", _hardtanh_params), ("rrelu", _rrelu_params), ("threshold", _threshold_params),
+    ("gelu", _gelu_params), (("clamp", "clip"), _clamp_params),
+)
+
+
 def _act_params(c: Ctx, key: Any) -> tuple[str, str]:
     """(argument text, parameter class) of a parametrised activation."""
     n = key_name(key).rsplit(".", 1)[-1].lower().strip("'_")
-    r = c.r
-    if n.startswith("leaky"):
-        s = c.choice(_SLOPES)
-        return f"{s!r}", f"negative_slope={'<0' if s < 0 else '0' if s == 0 else '>1' if s > 1 else 'in (0,1]'}"  # noqa: E501
-    if n.startswith("elu"):
-        a = c.choice([-1.5, -0.3, 0.0, 0.5, 1.0, 2.5])
-        return f"{a!r}", f"alpha={'<0' if a < 0 else '0' if a == 0 else '>1' if a > 1 else '(0,1]'}"
-    if n.startswith("celu"):
-        a = c.choice([-2.0, -0.5, 0.3, 1.0, 2.5])
-        return f"{a!r}", f"alpha={'<0' if a < 0 else '>1' if a > 1 else '(0,1]'}"
-    if n.startswith("softplus"):
-        b = c.choice([0.5, 1.0, 3.0, -1.0])
-        t = c.choice([20.0, 20.0, 1.0, 0.5])
-        return f"{b!r}, {t!r}", f"beta={'<0' if b < 0 else b}, threshold={t:g}"
-    if n.startswith("softshrink"):
-        lam = c.choice([0.0, 0.5, 2.0])
-        return f"{lam!r}", f"lambd={lam:g}"
-    if n.startswith("hardtanh"):
-        lo, hi = c.choice([(-1.0, 1.0), (-0.5, 2.0), (0.0, 6.0), (2.0, 3.0), (-3.0, -2.0)])
-        return f"{lo!r}, {hi!r}", "bounds " + ("default" if (lo, hi) == (-1.0, 1.0) else "other")
-    if n.startswith("rrelu"):
-        lo, hi = c.choice([(0.125, 1 / 3), (-1.0, 2.0), (1.5, 3.0), (0.0, 0.0)])
-        return f"{lo!r}, {hi!r}", f"mean slope={(lo + hi) / 2:g}"
-    if n.startswith("threshold"):
-        t = c.choice([-1.0, 0.0, 0.5])
-        v = c.choice([t, t, t + 1.0])
-        return f"{t!r}, {v!r}", "value == threshold" if v == t else "value != threshold"
-    if n.startswith("gelu"):
-        ap = c.choice(["none", "tanh"])
-        return f"approximate={ap!r}", f"approximate={ap}"
-    if n.startswith(("clamp", "clip")):
-        kind = c.choice(["both", "min", "max", "inverted"])
-        lo = round(r.uniform(-2, 0.5), 3)
-        hi = round(lo + r.uniform(0.1, 3), 3)
-        if kind == "min":
-            return f"min={lo!r}", "min only"
-        if kind == "max":
-            return f"max={hi!r}", "max only"
-        if kind == "inverted":
-            return f"{hi!r}, {lo!r}", "min > max"
-        return f"{lo!r}, {hi!r}", "min and max"
+    for prefix, draw in _ACT_PARAM_DRAWS:
+        if n.startswith(prefix):
+            return draw(c)
     return "", "default"
 
 
@@ -942,27 +984,35 @@ def _perm(c: Ctx) -> tuple[int, ...]:
     return (0, *p)
 
 
-@_g([nn.Flatten, torch.flatten, "flatten", nn.Unflatten, torch.unflatten, "unflatten", "view",
-     "reshape", torch.reshape, "view_as", "reshape_as"], "reshape", ndims=(1, 2, 3, 4))
-def _reshape(c: Ctx, key: Any) -> Emit | None:
+def _reshape_flatten(c: Ctx, key: Any) -> Emit:
+    """``nn.Flatten`` / ``torch.flatten`` / ``x.flatten`` from a random start dim."""
     v = c.v
-    if key in (nn.Flatten, torch.flatten, "flatten"):
-        start = c.r.randint(1, c.nd)
-        if key is nn.Flatten:
-            return Emit([f"{c.o} = self.{c.a}({v})"], [f"self.{c.a} = nn.Flatten({start})"])
-        if key is torch.flatten:
-            return Emit([f"{c.o} = torch.flatten({v}, {start})"])
-        return Emit([f"{c.o} = {v}.flatten({start})"])
-    if key in (nn.Unflatten, torch.unflatten, "unflatten"):
-        d = c.r.randint(1, c.nd)
-        f = _factor(c.shape[d - 1], c.r)
-        if f is None:
-            return None
-        if key is nn.Unflatten:
-            return Emit([f"{c.o} = self.{c.a}({v})"], [f"self.{c.a} = nn.Unflatten({d}, {f})"])
-        if key is torch.unflatten:
-            return Emit([f"{c.o} = torch.unflatten({v}, {d}, {f})"])
-        return Emit([f"{c.o} = {v}.unflatten({d}, {f})"])
+    start = c.r.randint(1, c.nd)
+    if key is nn.Flatten:
+        return Emit([f"{c.o} = self.{c.a}({v})"], [f"self.{c.a} = nn.Flatten({start})"])
+    if key is torch.flatten:
+        return Emit([f"{c.o} = torch.flatten({v}, {start})"])
+    return Emit([f"{c.o} = {v}.flatten({start})"])
+
+
+def _reshape_unflatten(c: Ctx, key: Any) -> Emit | None:
+    """``nn.Unflatten`` / ``torch.unflatten`` / ``x.unflatten`` of a dim into two factors."""
+    v = c.v
+    d = c.r.randint(1, c.nd)
+    f = _factor(c.shape[d - 1], c.r)
+    if f is None:
+        return None
+    if key is nn.Unflatten:
+        return Emit([f"{c.o} = self.{c.a}({v})"], [f"self.{c.a} = nn.Unflatten({d}, {f})"])
+    if key is torch.unflatten:
+        return Emit([f"{c.o} = torch.unflatten({v}, {d}, {f})"])
+    return Emit([f"{c.o} = {v}.unflatten({d}, {f})"])
+
+
+def _reshape_view(c: Ctx, key: Any) -> Emit:
+    """``view`` / ``reshape`` (method or ``torch.reshape``) to the flat or a two-factor shape,
+    the batch dim written as ``-1`` or read from the input; ``view_as`` / ``reshape_as``."""
+    v = c.v
     f = _factor(c.n, c.r)
     tgt = (c.n,) if f is None or c.r.random() < 0.4 else f
     if key in ("view_as", "reshape_as"):
@@ -972,6 +1022,16 @@ def _reshape(c: Ctx, key: Any) -> Emit | None:
     if key is torch.reshape:
         return Emit([f"{c.o} = torch.reshape({v}, ({lead}, {args}))"])
     return Emit([f"{c.o} = {v}.{key}({lead}, {args})"], pclass=f"batch as {lead}")
+
+
+@_g([nn.Flatten, torch.flatten, "flatten", nn.Unflatten, torch.unflatten, "unflatten", "view",
+     "reshape", torch.reshape, "view_as", "reshape_as"], "reshape", ndims=(1, 2, 3, 4))
+def _reshape(c: Ctx, key: Any) -> Emit | None:
+    if key in (nn.Flatten, torch.flatten, "flatten"):
+        return _reshape_flatten(c, key)
+    if key in (nn.Unflatten, torch.unflatten, "unflatten"):
+        return _reshape_unflatten(c, key)
+    return _reshape_view(c, key)
 
 
 @_g([torch.permute, "permute", torch.transpose, "transpose", torch.swapaxes, "swapaxes",
@@ -1059,6 +1119,57 @@ def _pad(c: Ctx, key: Any) -> Emit | None:
                 pclass=pc)
 
 
+def _index_slice(c: Ctx, d: int, L: int) -> Emit:
+    """``x[:, ..., a:b]`` on dim ``d`` (of size ``L``)."""
+    a = c.r.randint(0, L - 1)
+    return Emit([f"{c.o} = {c.v}[{':, ' * d}{a}:{c.r.randint(a + 1, L)}]"], pclass="slice")
+
+
+def _index_step(c: Ctx, d: int, L: int) -> Emit:
+    """``x[:, ..., ::k]`` on dim ``d``."""
+    return Emit([f"{c.o} = {c.v}[{':, ' * d}::{c.r.randint(2, 3)}]"], pclass="slice with step")
+
+
+def _index_int(c: Ctx, d: int, L: int) -> Emit:
+    """An integer index on dim ``d`` (a slice and a new axis on 1-D inputs)."""
+    if c.nd == 1:
+        return Emit([f"{c.o} = {c.v}[:, {c.r.randint(0, L - 1)}:][:, None]"], pclass="slice")
+    return Emit([f"{c.o} = {c.v}[{':, ' * d}{c.r.randint(-L, L - 1)}]"], pclass="integer index")
+
+
+def _index_none(c: Ctx, d: int, L: int) -> Emit:
+    """``x[:, None]``."""
+    return Emit([f"{c.o} = {c.v}[:, None]"], pclass="None index")
+
+
+def _index_ellipsis(c: Ctx, d: int, L: int) -> Emit:
+    """``x[..., a:]``."""
+    return Emit([f"{c.o} = {c.v}[..., {c.r.randint(0, c.shape[-1] - 1)}:]"], pclass="Ellipsis")
+
+
+def _index_alias(c: Ctx, d: int, L: int) -> Emit | None:
+    """An in-place update through a view changes the base tensor too (never of ``x``)."""
+    v = c.v
+    if v == "x":
+        return None
+    s = c.choice([2.0, -3.0, 0.5])
+    return Emit([f"{c.a}_view = {v}[{':, ' * d}:1]", f"{c.a}_view.mul_({s})",
+                 f"{c.o} = {v} + 0.0"], pclass="in-place through a view (aliasing)")
+
+
+def _index_advanced(c: Ctx, d: int, L: int) -> Emit:
+    """An advanced (list) index on dim ``d``."""
+    idx = [c.r.randint(0, L - 1) for _ in range(c.r.randint(1, 3))]
+    return Emit([f"{c.o} = {c.v}[{':, ' * d}{idx!r}]"], pclass="advanced (list) index")
+
+
+#: the index kinds of ``x[...]`` (:func:`_select` draws the kind)
+_INDEX_KINDS: dict[str, Callable[[Ctx, int, int], Emit | None]] = {
+    "slice": _index_slice, "step": _index_step, "int": _index_int, "none": _index_none,
+    "ellipsis": _index_ellipsis, "advanced": _index_advanced, "alias": _index_alias,
+}
+
+
 @_g([torch.narrow, "narrow", operator.getitem], "selection", ndims=(1, 2, 3, 4))
 def _select(c: Ctx, key: Any) -> Emit | None:
     v = c.v
@@ -1070,28 +1181,7 @@ def _select(c: Ctx, key: Any) -> Emit | None:
         return Emit([f"{c.o} = torch.narrow({v}, {d}, {start}, {ln})" if key is torch.narrow
                      else f"{c.o} = {v}.narrow({d}, {start}, {ln})"])
     kind = c.choice(["slice", "step", "int", "none", "ellipsis", "advanced", "alias"])
-    pre = ":, " * d
-    if kind == "slice":
-        a = c.r.randint(0, L - 1)
-        return Emit([f"{c.o} = {v}[{pre}{a}:{c.r.randint(a + 1, L)}]"], pclass="slice")
-    if kind == "step":
-        return Emit([f"{c.o} = {v}[{pre}::{c.r.randint(2, 3)}]"], pclass="slice with step")
-    if kind == "int":
-        if c.nd == 1:
-            return Emit([f"{c.o} = {v}[:, {c.r.randint(0, L - 1)}:][:, None]"], pclass="slice")
-        return Emit([f"{c.o} = {v}[{pre}{c.r.randint(-L, L - 1)}]"], pclass="integer index")
-    if kind == "none":
-        return Emit([f"{c.o} = {v}[:, None]"], pclass="None index")
-    if kind == "ellipsis":
-        return Emit([f"{c.o} = {v}[..., {c.r.randint(0, c.shape[-1] - 1)}:]"], pclass="Ellipsis")
-    if kind == "alias":  # an in-place update through a view changes the base tensor too
-        if v == "x":
-            return None
-        s = c.choice([2.0, -3.0, 0.5])
-        return Emit([f"{c.a}_view = {v}[{pre}:1]", f"{c.a}_view.mul_({s})",
-                     f"{c.o} = {v} + 0.0"], pclass="in-place through a view (aliasing)")
-    idx = [c.r.randint(0, L - 1) for _ in range(c.r.randint(1, 3))]
-    return Emit([f"{c.o} = {v}[{pre}{idx!r}]"], pclass="advanced (list) index")
+    return _INDEX_KINDS[kind](c, d, L)
 
 
 @_g([torch.chunk, "chunk", torch.split, "split", torch.unbind, "unbind", torch.tensor_split,
