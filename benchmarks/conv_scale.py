@@ -34,6 +34,7 @@ import platform
 import sys
 import time
 import zlib
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -137,17 +138,99 @@ def timed(fn):  # type: ignore[no-untyped-def]
     return r, time.process_time() - c0, time.perf_counter() - w0
 
 
+@dataclass
+class Sweep:
+    """What the sweep carries from layer to layer: the torus certificate per kernel (bound,
+    CPU s, wall s, how) measured at 224, the old certificate's CPU s and frequency count per
+    kernel at 32, the table rows, the largest stride-1 ratio per size and the kernels whose
+    torus bound was recomputed at 32 (kernel, CPU s at 224, CPU s at 32)."""
+
+    torus_cache: dict[tuple[int, ...], tuple[float, float, float, str]] = field(
+        default_factory=dict)
+    old_cost32: dict[tuple[int, ...], tuple[float, int]] = field(default_factory=dict)
+    rows: list[list[str]] = field(default_factory=list)
+    worst: dict[int, float] = field(default_factory=lambda: {32: 0.0, 224: 0.0})
+    check_lines: list[tuple[tuple[int, ...], float, float]] = field(default_factory=list)
+
+
+def old_certificate(sw: Sweep, key: tuple[int, ...], size: int, spec: ConvSpec, n_freq: int
+                    ) -> tuple[float | None, str]:
+    """The old grid certificate of one layer (bound or None, table text): skipped where its
+    predicted time exceeds ``OLD_LIMIT_S``."""
+    ci, h = key[0], key[5]
+    kern = key[:5]
+    # old grid certificate: 224 runs first, so its cost is predicted from a 32 run done on
+    # demand
+    if size == 224:
+        if kern not in sw.old_cost32:
+            h32 = max(1, h * 32 // 224)
+            sp32, nf32 = spec_and_frequencies(make_conv((*key[:5], h32)), (ci, h32, h32))
+            _, oc, _ = timed(lambda sp32=sp32: conv_fourier_upper(sp32))
+            sw.old_cost32[kern] = (oc, nf32)
+        oc, nf32 = sw.old_cost32[kern]
+        predicted = oc * n_freq / nf32
+    else:
+        predicted = 0.0
+    if predicted > OLD_LIMIT_S:
+        return None, f"skipped (~{predicted:.0f} s)"
+    (old_b, _), old_c, old_w = timed(lambda spec=spec: conv_fourier_upper(spec))
+    return old_b, f"{old_c:.3g} / {old_w:.3g}"
+
+
+def torus_certificate(sw: Sweep, key: tuple[int, ...], spec: ConvSpec) -> tuple[float, str]:
+    """The torus certificate of one layer (bound, table text): the 224 measurement of its
+    kernel where that took over ``REUSE_S``, else recomputed (and checked to give the same
+    bound as at 224)."""
+    kern = key[:5]
+    cached = sw.torus_cache.get(kern)
+    if cached is not None and cached[1] > REUSE_S:
+        tb, tc, tw, how = cached
+        return tb, f"{tc:.3g} / {tw:.3g} (reused)"
+    (tb, how), tc, tw = timed(lambda spec=spec: conv_torus_upper(spec))
+    if cached is None:
+        sw.torus_cache[kern] = (tb, tc, tw, how)
+    else:
+        if tb != cached[0]:
+            raise RuntimeError(f"torus bound changed with the image: {key}")
+        sw.check_lines.append((kern, cached[1], tc))
+    return tb, f"{tc:.3g} / {tw:.3g}"
+
+
+def measure(sw: Sweep, net: str, size: int, key: tuple[int, ...], count: int) -> None:
+    """Measure one layer configuration (``count`` identical layers of ``net``) at network
+    input ``size``: appends its row (and prints it)."""
+    ci, co, k, s, g, h = key
+    conv = make_conv(key)
+    shape = (ci, h, h)
+    spec, n_freq = spec_and_frequencies(conv, shape)
+    old_b, old_txt = old_certificate(sw, key, size, spec, n_freq)
+    tb, torus_txt = torus_certificate(sw, key, spec)
+    est, _, _ = timed(lambda conv=conv, shape=shape: spectral_norm(
+        conv, shape, tol=EST_TOL, certify=False).value)
+    pick_grid = n_freq <= GRID_LIMIT
+    chosen = old_b if pick_grid else tb
+    if pick_grid and chosen is None:
+        chosen = tb
+    r_t = tb / est if est > 0 else math.nan
+    r_c = chosen / est if (chosen is not None and est > 0) else math.nan
+    if s == 1:
+        sw.worst[size] = max(sw.worst[size], r_c)
+    sw.rows.append([
+        net, str(size), f"{ci}->{co} k{k} s{s}" + (f" g{g}" if g > 1 else ""),
+        f"{h}x{h}", str(count), old_txt, torus_txt, fmt_float(est, 6),
+        fmt_float(old_b / est if old_b is not None else None, 5),
+        fmt_float(r_t, 5), ("grid " if pick_grid else "torus ") + fmt_float(r_c, 5),
+    ])
+    print(" | ".join(sw.rows[-1]), flush=True)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default="benchmarks/results/conv_scale.md")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
     t_start = time.perf_counter()
-    torus_cache: dict[tuple[int, ...], tuple[float, float, float, str]] = {}
-    old_cost32: dict[tuple[int, ...], tuple[float, int]] = {}
-    rows = []
-    worst: dict[int, float] = {32: 0.0, 224: 0.0}
-    check_lines = []
+    sw = Sweep()
     for size in (224, 32):
         for net, layers in NETS.items():
             seen: dict[tuple[int, ...], int] = {}
@@ -155,60 +238,8 @@ def main(argv: list[str] | None = None) -> int:
                 key = (*cfg[:5], cfg[5] * size // 224)
                 seen[key] = seen.get(key, 0) + 1
             for key, count in seen.items():
-                ci, co, k, s, g, h = key
-                kern = key[:5]
-                conv = make_conv(key)
-                shape = (ci, h, h)
-                spec, n_freq = spec_and_frequencies(conv, shape)
-                # old grid certificate: 224 runs first, so its cost is predicted from a 32 run
-                # done on demand
-                if size == 224:
-                    if kern not in old_cost32:
-                        h32 = max(1, h * 32 // 224)
-                        sp32, nf32 = spec_and_frequencies(make_conv((*key[:5], h32)),
-                                                          (ci, h32, h32))
-                        _, oc, _ = timed(lambda sp32=sp32: conv_fourier_upper(sp32))
-                        old_cost32[kern] = (oc, nf32)
-                    oc, nf32 = old_cost32[kern]
-                    predicted = oc * n_freq / nf32
-                else:
-                    predicted = 0.0
-                if predicted > OLD_LIMIT_S:
-                    old_b, old_c, old_w = None, None, None
-                    old_txt = f"skipped (~{predicted:.0f} s)"
-                else:
-                    (old_b, _), old_c, old_w = timed(lambda spec=spec: conv_fourier_upper(spec))
-                    old_txt = f"{old_c:.3g} / {old_w:.3g}"
-                cached = torus_cache.get(kern)
-                if cached is not None and cached[1] > REUSE_S:
-                    tb, tc, tw, how = cached
-                    torus_txt = f"{tc:.3g} / {tw:.3g} (reused)"
-                else:
-                    (tb, how), tc, tw = timed(lambda spec=spec: conv_torus_upper(spec))
-                    torus_txt = f"{tc:.3g} / {tw:.3g}"
-                    if cached is None:
-                        torus_cache[kern] = (tb, tc, tw, how)
-                    else:
-                        if tb != cached[0]:
-                            raise RuntimeError(f"torus bound changed with the image: {key}")
-                        check_lines.append((kern, cached[1], tc))
-                est, _, _ = timed(lambda conv=conv, shape=shape: spectral_norm(
-                    conv, shape, tol=EST_TOL, certify=False).value)
-                pick_grid = n_freq <= GRID_LIMIT
-                chosen = old_b if pick_grid else tb
-                if pick_grid and chosen is None:
-                    chosen = tb
-                r_t = tb / est if est > 0 else math.nan
-                r_c = chosen / est if (chosen is not None and est > 0) else math.nan
-                if s == 1:
-                    worst[size] = max(worst[size], r_c)
-                rows.append([
-                    net, str(size), f"{ci}->{co} k{k} s{s}" + (f" g{g}" if g > 1 else ""),
-                    f"{h}x{h}", str(count), old_txt, torus_txt, fmt_float(est, 6),
-                    fmt_float(old_b / est if old_b is not None else None, 5),
-                    fmt_float(r_t, 5), ("grid " if pick_grid else "torus ") + fmt_float(r_c, 5),
-                ])
-                print(" | ".join(rows[-1]), flush=True)
+                measure(sw, net, size, key, count)
+    rows, worst, check_lines = sw.rows, sw.worst, sw.check_lines
     total = time.perf_counter() - t_start
     head = ["net", "input", "conv", "layer input", "n", "old s (cpu / wall)",
             "torus s (cpu / wall)", "Lanczos est", "old / est", "torus / est",

@@ -76,62 +76,70 @@ def seqlip_upper(model: nn.Module, shape: tuple[int, ...]) -> float | None:
     return None if r.upper is None else float(r.upper)
 
 
-def evaluate(task: str, method: str, param: str, model: nn.Module, shape: tuple[int, ...],
-             metric: float, seconds: float, x_lower: torch.Tensor, with_seqlip: bool) -> Row:
+@dataclass(frozen=True)
+class Task:
+    """One task of the sweep: its model (``make``, seeded by the caller), data
+    ``(xtr, ytr, xte, yte)``, training setup and the regularisers' parameters."""
+
+    name: str
+    make: Callable[[], nn.Module]
+    shape: tuple[int, ...]
+    data: tuple[torch.Tensor, ...]
+    loss: str
+    epochs: int
+    lr: float
+    lambdas: dict[str, list[float]]
+    targets: list[float]
+    n_lower: int
+    with_seqlip: bool
+
+
+def evaluate(task: Task, method: str, param: str, model: nn.Module, *, metric: float,
+             seconds: float, x_lower: torch.Tensor) -> Row:
     model.eval()
+    shape = task.shape
     up = float(autolip(model, shape).upper)
     pairs = LipschitzPenalty(model, shape, kind="seqlip", init_iterations=0).certified_bound()
     low, how = lower_bound_of(model, shape, x_lower)
-    seq = seqlip_upper(model, shape) if with_seqlip else None
-    row = Row(task, method, param, metric, up, pairs, seq, low, how, seconds)
-    print(f"{task:7s} {method:18s} {param:>8s} metric={metric:.4f} autolip={up:.4g} "
+    seq = seqlip_upper(model, shape) if task.with_seqlip else None
+    row = Row(task.name, method, param, metric, up, pairs, seq, low, how, seconds)
+    print(f"{task.name:7s} {method:18s} {param:>8s} metric={metric:.4f} autolip={up:.4g} "
           f"pairs={pairs:.4g} lower={low:.4g} t={seconds:.1f}s", flush=True)
     return row
 
 
-def run_task(
-    task: str,
-    make: Callable[[], nn.Module],
-    shape: tuple[int, ...],
-    data: tuple[torch.Tensor, ...],
-    *,
-    loss: str,
-    epochs: int,
-    lr: float,
-    lambdas: dict[str, list[float]],
-    targets: list[float],
-    n_lower: int,
-    with_seqlip: bool,
-) -> list[Row]:
-    xtr, ytr, xte, yte = data
+def run_task(task: Task) -> list[Row]:
+    xtr, ytr, xte, yte = task.data
+    loss, shape = task.loss, task.shape
     score = (lambda m: accuracy(m, xte, yte)) if loss == "ce" else (lambda m: mse(m, xte, yte))
-    x_lower = xte[:n_lower]
+    x_lower = xte[:task.n_lower]
     rows: list[Row] = []
 
     def build() -> nn.Module:
         torch.manual_seed(0)
-        return make()
+        return task.make()
 
     def ev(method: str, param: str, model: nn.Module, seconds: float) -> Row:
         model.eval()
-        return evaluate(task, method, param, model, shape, score(model), seconds, x_lower,
-                        with_seqlip)
+        return evaluate(task, method, param, model, metric=score(model), seconds=seconds,
+                        x_lower=x_lower)
 
     def train(model: nn.Module, reg: Any = None) -> float:
         t = time.perf_counter()
-        fit(model, xtr, ytr, loss=loss, epochs=epochs, lr=lr, seed=0, regularizer=reg)
+        fit(model, xtr, ytr, loss=loss, epochs=task.epochs, lr=task.lr, seed=0,
+            regularizer=reg)
         return time.perf_counter() - t
 
     m = build()
     s = train(m)
     rows.append(ev("plain", "-", m, s))
-    for kind, lams in lambdas.items():
+    for kind, lams in task.lambdas.items():
         for lam in lams:
             m = build()
             pen = LipschitzPenalty(m, shape, kind=kind)
             s = train(m, lambda _m, pen=pen, lam=lam: lam * pen())
             rows.append(ev(f"penalty-{kind}", f"{lam:g}", m, s))
-    for target in targets:
+    for target in task.targets:
         m = build()
         lipschitz_constraint(m, shape, max_norm=target)
         s = train(m)
@@ -281,22 +289,22 @@ def main(argv: list[str] | None = None) -> None:
     t0 = time.perf_counter()
 
     cnn_epochs, mlp_epochs = (2, 3) if q else (15, 100)
-    cnn_rows = run_task(
+    cnn_rows = run_task(Task(
         "digits", lambda: mnist_cnn(4), (1, 28, 28), digits28(), loss="ce",
         epochs=cnn_epochs, lr=3e-3,
         lambdas={"autolip": [0.1] if q else [0.05, 0.1, 0.15, 0.2],
                  "seqlip": [0.1] if q else [0.1, 0.15, 0.2]},
         targets=[2.0] if q else [1.75, 2.0, 3.0], n_lower=32 if q else 200,
         with_seqlip=False,  # lipbound.methods.seqlip takes ~200 s per CNN here: skipped
-    )
-    mlp_rows = run_task(
+    ))
+    mlp_rows = run_task(Task(
         "gp-mlp", lambda: paper_mlp(4), (2,), synthetic_gp(), loss="mse",
         epochs=mlp_epochs, lr=3e-3,
         lambdas={"autolip": [0.01] if q else [0.01, 0.03, 0.1],
                  "seqlip": [0.01] if q else [0.03, 0.1]},
         targets=[2.0] if q else [2.0, 3.0], n_lower=64 if q else 500,
         with_seqlip=True,
-    )
+    ))
     total = time.perf_counter() - t0
     args.out.mkdir(parents=True, exist_ok=True)
     png = args.out / "regularise.png"

@@ -378,50 +378,92 @@ def _src(key: Any) -> str:
 _SLOPES = [-2.0, -0.5, 0.0, 0.01, 0.3, 1.0, 1.7, 3.0]
 
 
+def _leaky_params(c: Ctx) -> tuple[str, str]:
+    """LeakyReLU's negative slope."""
+    s = c.choice(_SLOPES)
+    return f"{s!r}", f"negative_slope={'<0' if s < 0 else '0' if s == 0 else '>1' if s > 1 else 'in (0,1]'}"  # noqa: E501
+
+
+def _elu_params(c: Ctx) -> tuple[str, str]:
+    """ELU's alpha."""
+    a = c.choice([-1.5, -0.3, 0.0, 0.5, 1.0, 2.5])
+    return f"{a!r}", f"alpha={'<0' if a < 0 else '0' if a == 0 else '>1' if a > 1 else '(0,1]'}"
+
+
+def _celu_params(c: Ctx) -> tuple[str, str]:
+    """CELU's alpha."""
+    a = c.choice([-2.0, -0.5, 0.3, 1.0, 2.5])
+    return f"{a!r}", f"alpha={'<0' if a < 0 else '>1' if a > 1 else '(0,1]'}"
+
+
+def _softplus_params(c: Ctx) -> tuple[str, str]:
+    """Softplus's beta and threshold."""
+    b = c.choice([0.5, 1.0, 3.0, -1.0])
+    t = c.choice([20.0, 20.0, 1.0, 0.5])
+    return f"{b!r}, {t!r}", f"beta={'<0' if b < 0 else b}, threshold={t:g}"
+
+
+def _softshrink_params(c: Ctx) -> tuple[str, str]:
+    """Softshrink's lambda."""
+    lam = c.choice([0.0, 0.5, 2.0])
+    return f"{lam!r}", f"lambd={lam:g}"
+
+
+def _hardtanh_params(c: Ctx) -> tuple[str, str]:
+    """Hardtanh's bounds."""
+    lo, hi = c.choice([(-1.0, 1.0), (-0.5, 2.0), (0.0, 6.0), (2.0, 3.0), (-3.0, -2.0)])
+    return f"{lo!r}, {hi!r}", "bounds " + ("default" if (lo, hi) == (-1.0, 1.0) else "other")
+
+
+def _rrelu_params(c: Ctx) -> tuple[str, str]:
+    """RReLU's slope range."""
+    lo, hi = c.choice([(0.125, 1 / 3), (-1.0, 2.0), (1.5, 3.0), (0.0, 0.0)])
+    return f"{lo!r}, {hi!r}", f"mean slope={(lo + hi) / 2:g}"
+
+
+def _threshold_params(c: Ctx) -> tuple[str, str]:
+    """Threshold's threshold and value."""
+    t = c.choice([-1.0, 0.0, 0.5])
+    v = c.choice([t, t, t + 1.0])
+    return f"{t!r}, {v!r}", "value == threshold" if v == t else "value != threshold"
+
+
+def _gelu_params(c: Ctx) -> tuple[str, str]:
+    """GELU's approximation."""
+    ap = c.choice(["none", "tanh"])
+    return f"approximate={ap!r}", f"approximate={ap}"
+
+
+def _clamp_params(c: Ctx) -> tuple[str, str]:
+    """clamp / clip's bounds: both, one of them, or inverted (min > max)."""
+    r = c.r
+    kind = c.choice(["both", "min", "max", "inverted"])
+    lo = round(r.uniform(-2, 0.5), 3)
+    hi = round(lo + r.uniform(0.1, 3), 3)
+    if kind == "min":
+        return f"min={lo!r}", "min only"
+    if kind == "max":
+        return f"max={hi!r}", "max only"
+    if kind == "inverted":
+        return f"{hi!r}, {lo!r}", "min > max"
+    return f"{lo!r}, {hi!r}", "min and max"
+
+
+#: the parameter draws of the parametrised activations, by name prefix (first match wins)
+_ACT_PARAM_DRAWS: tuple[tuple[str | tuple[str, ...], Callable[[Ctx], tuple[str, str]]], ...] = (
+    ("leaky", _leaky_params), ("elu", _elu_params), ("celu", _celu_params),
+    ("softplus", _softplus_params), ("softshrink", _softshrink_params),
+    ("hardtanh", _hardtanh_params), ("rrelu", _rrelu_params), ("threshold", _threshold_params),
+    ("gelu", _gelu_params), (("clamp", "clip"), _clamp_params),
+)
+
+
 def _act_params(c: Ctx, key: Any) -> tuple[str, str]:
     """(argument text, parameter class) of a parametrised activation."""
     n = key_name(key).rsplit(".", 1)[-1].lower().strip("'_")
-    r = c.r
-    if n.startswith("leaky"):
-        s = c.choice(_SLOPES)
-        return f"{s!r}", f"negative_slope={'<0' if s < 0 else '0' if s == 0 else '>1' if s > 1 else 'in (0,1]'}"  # noqa: E501
-    if n.startswith("elu"):
-        a = c.choice([-1.5, -0.3, 0.0, 0.5, 1.0, 2.5])
-        return f"{a!r}", f"alpha={'<0' if a < 0 else '0' if a == 0 else '>1' if a > 1 else '(0,1]'}"
-    if n.startswith("celu"):
-        a = c.choice([-2.0, -0.5, 0.3, 1.0, 2.5])
-        return f"{a!r}", f"alpha={'<0' if a < 0 else '>1' if a > 1 else '(0,1]'}"
-    if n.startswith("softplus"):
-        b = c.choice([0.5, 1.0, 3.0, -1.0])
-        t = c.choice([20.0, 20.0, 1.0, 0.5])
-        return f"{b!r}, {t!r}", f"beta={'<0' if b < 0 else b}, threshold={t:g}"
-    if n.startswith("softshrink"):
-        lam = c.choice([0.0, 0.5, 2.0])
-        return f"{lam!r}", f"lambd={lam:g}"
-    if n.startswith("hardtanh"):
-        lo, hi = c.choice([(-1.0, 1.0), (-0.5, 2.0), (0.0, 6.0), (2.0, 3.0), (-3.0, -2.0)])
-        return f"{lo!r}, {hi!r}", "bounds " + ("default" if (lo, hi) == (-1.0, 1.0) else "other")
-    if n.startswith("rrelu"):
-        lo, hi = c.choice([(0.125, 1 / 3), (-1.0, 2.0), (1.5, 3.0), (0.0, 0.0)])
-        return f"{lo!r}, {hi!r}", f"mean slope={(lo + hi) / 2:g}"
-    if n.startswith("threshold"):
-        t = c.choice([-1.0, 0.0, 0.5])
-        v = c.choice([t, t, t + 1.0])
-        return f"{t!r}, {v!r}", "value == threshold" if v == t else "value != threshold"
-    if n.startswith("gelu"):
-        ap = c.choice(["none", "tanh"])
-        return f"approximate={ap!r}", f"approximate={ap}"
-    if n.startswith(("clamp", "clip")):
-        kind = c.choice(["both", "min", "max", "inverted"])
-        lo = round(r.uniform(-2, 0.5), 3)
-        hi = round(lo + r.uniform(0.1, 3), 3)
-        if kind == "min":
-            return f"min={lo!r}", "min only"
-        if kind == "max":
-            return f"max={hi!r}", "max only"
-        if kind == "inverted":
-            return f"{hi!r}, {lo!r}", "min > max"
-        return f"{lo!r}, {hi!r}", "min and max"
+    for prefix, draw in _ACT_PARAM_DRAWS:
+        if n.startswith(prefix):
+            return draw(c)
     return "", "default"
 
 
@@ -942,27 +984,35 @@ def _perm(c: Ctx) -> tuple[int, ...]:
     return (0, *p)
 
 
-@_g([nn.Flatten, torch.flatten, "flatten", nn.Unflatten, torch.unflatten, "unflatten", "view",
-     "reshape", torch.reshape, "view_as", "reshape_as"], "reshape", ndims=(1, 2, 3, 4))
-def _reshape(c: Ctx, key: Any) -> Emit | None:
+def _reshape_flatten(c: Ctx, key: Any) -> Emit:
+    """``nn.Flatten`` / ``torch.flatten`` / ``x.flatten`` from a random start dim."""
     v = c.v
-    if key in (nn.Flatten, torch.flatten, "flatten"):
-        start = c.r.randint(1, c.nd)
-        if key is nn.Flatten:
-            return Emit([f"{c.o} = self.{c.a}({v})"], [f"self.{c.a} = nn.Flatten({start})"])
-        if key is torch.flatten:
-            return Emit([f"{c.o} = torch.flatten({v}, {start})"])
-        return Emit([f"{c.o} = {v}.flatten({start})"])
-    if key in (nn.Unflatten, torch.unflatten, "unflatten"):
-        d = c.r.randint(1, c.nd)
-        f = _factor(c.shape[d - 1], c.r)
-        if f is None:
-            return None
-        if key is nn.Unflatten:
-            return Emit([f"{c.o} = self.{c.a}({v})"], [f"self.{c.a} = nn.Unflatten({d}, {f})"])
-        if key is torch.unflatten:
-            return Emit([f"{c.o} = torch.unflatten({v}, {d}, {f})"])
-        return Emit([f"{c.o} = {v}.unflatten({d}, {f})"])
+    start = c.r.randint(1, c.nd)
+    if key is nn.Flatten:
+        return Emit([f"{c.o} = self.{c.a}({v})"], [f"self.{c.a} = nn.Flatten({start})"])
+    if key is torch.flatten:
+        return Emit([f"{c.o} = torch.flatten({v}, {start})"])
+    return Emit([f"{c.o} = {v}.flatten({start})"])
+
+
+def _reshape_unflatten(c: Ctx, key: Any) -> Emit | None:
+    """``nn.Unflatten`` / ``torch.unflatten`` / ``x.unflatten`` of a dim into two factors."""
+    v = c.v
+    d = c.r.randint(1, c.nd)
+    f = _factor(c.shape[d - 1], c.r)
+    if f is None:
+        return None
+    if key is nn.Unflatten:
+        return Emit([f"{c.o} = self.{c.a}({v})"], [f"self.{c.a} = nn.Unflatten({d}, {f})"])
+    if key is torch.unflatten:
+        return Emit([f"{c.o} = torch.unflatten({v}, {d}, {f})"])
+    return Emit([f"{c.o} = {v}.unflatten({d}, {f})"])
+
+
+def _reshape_view(c: Ctx, key: Any) -> Emit:
+    """``view`` / ``reshape`` (method or ``torch.reshape``) to the flat or a two-factor shape,
+    the batch dim written as ``-1`` or read from the input; ``view_as`` / ``reshape_as``."""
+    v = c.v
     f = _factor(c.n, c.r)
     tgt = (c.n,) if f is None or c.r.random() < 0.4 else f
     if key in ("view_as", "reshape_as"):
@@ -972,6 +1022,16 @@ def _reshape(c: Ctx, key: Any) -> Emit | None:
     if key is torch.reshape:
         return Emit([f"{c.o} = torch.reshape({v}, ({lead}, {args}))"])
     return Emit([f"{c.o} = {v}.{key}({lead}, {args})"], pclass=f"batch as {lead}")
+
+
+@_g([nn.Flatten, torch.flatten, "flatten", nn.Unflatten, torch.unflatten, "unflatten", "view",
+     "reshape", torch.reshape, "view_as", "reshape_as"], "reshape", ndims=(1, 2, 3, 4))
+def _reshape(c: Ctx, key: Any) -> Emit | None:
+    if key in (nn.Flatten, torch.flatten, "flatten"):
+        return _reshape_flatten(c, key)
+    if key in (nn.Unflatten, torch.unflatten, "unflatten"):
+        return _reshape_unflatten(c, key)
+    return _reshape_view(c, key)
 
 
 @_g([torch.permute, "permute", torch.transpose, "transpose", torch.swapaxes, "swapaxes",
@@ -1059,6 +1119,57 @@ def _pad(c: Ctx, key: Any) -> Emit | None:
                 pclass=pc)
 
 
+def _index_slice(c: Ctx, d: int, L: int) -> Emit:
+    """``x[:, ..., a:b]`` on dim ``d`` (of size ``L``)."""
+    a = c.r.randint(0, L - 1)
+    return Emit([f"{c.o} = {c.v}[{':, ' * d}{a}:{c.r.randint(a + 1, L)}]"], pclass="slice")
+
+
+def _index_step(c: Ctx, d: int, L: int) -> Emit:
+    """``x[:, ..., ::k]`` on dim ``d``."""
+    return Emit([f"{c.o} = {c.v}[{':, ' * d}::{c.r.randint(2, 3)}]"], pclass="slice with step")
+
+
+def _index_int(c: Ctx, d: int, L: int) -> Emit:
+    """An integer index on dim ``d`` (a slice and a new axis on 1-D inputs)."""
+    if c.nd == 1:
+        return Emit([f"{c.o} = {c.v}[:, {c.r.randint(0, L - 1)}:][:, None]"], pclass="slice")
+    return Emit([f"{c.o} = {c.v}[{':, ' * d}{c.r.randint(-L, L - 1)}]"], pclass="integer index")
+
+
+def _index_none(c: Ctx, d: int, L: int) -> Emit:
+    """``x[:, None]``."""
+    return Emit([f"{c.o} = {c.v}[:, None]"], pclass="None index")
+
+
+def _index_ellipsis(c: Ctx, d: int, L: int) -> Emit:
+    """``x[..., a:]``."""
+    return Emit([f"{c.o} = {c.v}[..., {c.r.randint(0, c.shape[-1] - 1)}:]"], pclass="Ellipsis")
+
+
+def _index_alias(c: Ctx, d: int, L: int) -> Emit | None:
+    """An in-place update through a view changes the base tensor too (never of ``x``)."""
+    v = c.v
+    if v == "x":
+        return None
+    s = c.choice([2.0, -3.0, 0.5])
+    return Emit([f"{c.a}_view = {v}[{':, ' * d}:1]", f"{c.a}_view.mul_({s})",
+                 f"{c.o} = {v} + 0.0"], pclass="in-place through a view (aliasing)")
+
+
+def _index_advanced(c: Ctx, d: int, L: int) -> Emit:
+    """An advanced (list) index on dim ``d``."""
+    idx = [c.r.randint(0, L - 1) for _ in range(c.r.randint(1, 3))]
+    return Emit([f"{c.o} = {c.v}[{':, ' * d}{idx!r}]"], pclass="advanced (list) index")
+
+
+#: the index kinds of ``x[...]`` (:func:`_select` draws the kind)
+_INDEX_KINDS: dict[str, Callable[[Ctx, int, int], Emit | None]] = {
+    "slice": _index_slice, "step": _index_step, "int": _index_int, "none": _index_none,
+    "ellipsis": _index_ellipsis, "advanced": _index_advanced, "alias": _index_alias,
+}
+
+
 @_g([torch.narrow, "narrow", operator.getitem], "selection", ndims=(1, 2, 3, 4))
 def _select(c: Ctx, key: Any) -> Emit | None:
     v = c.v
@@ -1070,28 +1181,7 @@ def _select(c: Ctx, key: Any) -> Emit | None:
         return Emit([f"{c.o} = torch.narrow({v}, {d}, {start}, {ln})" if key is torch.narrow
                      else f"{c.o} = {v}.narrow({d}, {start}, {ln})"])
     kind = c.choice(["slice", "step", "int", "none", "ellipsis", "advanced", "alias"])
-    pre = ":, " * d
-    if kind == "slice":
-        a = c.r.randint(0, L - 1)
-        return Emit([f"{c.o} = {v}[{pre}{a}:{c.r.randint(a + 1, L)}]"], pclass="slice")
-    if kind == "step":
-        return Emit([f"{c.o} = {v}[{pre}::{c.r.randint(2, 3)}]"], pclass="slice with step")
-    if kind == "int":
-        if c.nd == 1:
-            return Emit([f"{c.o} = {v}[:, {c.r.randint(0, L - 1)}:][:, None]"], pclass="slice")
-        return Emit([f"{c.o} = {v}[{pre}{c.r.randint(-L, L - 1)}]"], pclass="integer index")
-    if kind == "none":
-        return Emit([f"{c.o} = {v}[:, None]"], pclass="None index")
-    if kind == "ellipsis":
-        return Emit([f"{c.o} = {v}[..., {c.r.randint(0, c.shape[-1] - 1)}:]"], pclass="Ellipsis")
-    if kind == "alias":  # an in-place update through a view changes the base tensor too
-        if v == "x":
-            return None
-        s = c.choice([2.0, -3.0, 0.5])
-        return Emit([f"{c.a}_view = {v}[{pre}:1]", f"{c.a}_view.mul_({s})",
-                     f"{c.o} = {v} + 0.0"], pclass="in-place through a view (aliasing)")
-    idx = [c.r.randint(0, L - 1) for _ in range(c.r.randint(1, 3))]
-    return Emit([f"{c.o} = {v}[{pre}{idx!r}]"], pclass="advanced (list) index")
+    return _INDEX_KINDS[kind](c, d, L)
 
 
 @_g([torch.chunk, "chunk", torch.split, "split", torch.unbind, "unbind", torch.tensor_split,
@@ -1701,7 +1791,188 @@ def _finite_rows(*ts: torch.Tensor) -> torch.Tensor:
     return ok
 
 
-def realised_lipschitz(
+@dataclass
+class _TruthSearch:
+    """The state of one adversarial search: the float64 model, the random generator, the best
+    ratio so far per norm and the pairs each norm's bisection starts from."""
+
+    f: _F64
+    norms: Sequence[str]
+    gen: torch.Generator
+    best: dict[str, Truth]
+    cands: dict[str, list[tuple[torch.Tensor, torch.Tensor]]]
+
+    def offer(self, p: str, vals: torch.Tensor, X: torch.Tensor, Y: torch.Tensor | None,
+              how: str) -> None:
+        """Keep the largest finite ``vals`` (at ``X``, or at the pairs ``X``, ``Y``) if it beats
+        the best ratio in norm ``p``."""
+        vals = torch.where(torch.isfinite(vals), vals, torch.zeros_like(vals))
+        if vals.numel() == 0:
+            return
+        i = int(torch.argmax(vals))
+        v = float(vals[i])
+        if v > self.best[p].value:
+            self.best[p] = Truth(p, v, X[i].tolist(), None if Y is None else Y[i].tolist(), how)
+
+
+def _jacobians_at(s: _TruthSearch, X: torch.Tensor) -> torch.Tensor | None:
+    """Jacobian operator norms at the start points ``X``; their Jacobians (``None`` when the
+    model has none there)."""
+    try:
+        J = s.f.jac(X)
+        ok = _finite_rows(J)
+        for p in s.norms:
+            s.offer(p, torch.where(ok, _opnorm(J.nan_to_num(0.0), p), 0.0), X, None,
+                    "jacobian at a random point")
+    except Exception:
+        return None
+    return J
+
+
+def _jacobian_ascent(s: _TruthSearch, X: torch.Tensor, J: torch.Tensor, k: int, steps: int
+                     ) -> torch.Tensor | None:
+    """Gradient ascent of ``||J(x)||_2`` from the ``k`` best points (smooth networks); the
+    points reached (``None`` when the search failed)."""
+    f = s.f
+    try:
+        top = torch.argsort(torch.where(_finite_rows(J), _opnorm(J.nan_to_num(0.0), "2"),
+                                        -1.0), descending=True)[:k]
+        Z = X[top].clone().requires_grad_(True)
+        opt = torch.optim.Adam([Z], lr=0.1)
+        for _ in range(steps):
+            Jz = f.jac(Z, create_graph=True)
+            obj = _opnorm(Jz, "2")
+            if not obj.requires_grad:
+                break
+            (g,) = torch.autograd.grad(obj.sum(), Z, allow_unused=True)
+            if g is None or not torch.isfinite(g).all() or float(g.abs().max()) == 0.0:
+                break
+            opt.zero_grad()
+            Z.grad = -g * (1.0 + Z.detach().abs())
+            opt.step()
+        Zd = Z.detach()
+        Jd = f.jac(Zd)
+        ok = _finite_rows(Jd)
+        for p in s.norms:
+            s.offer(p, torch.where(ok, _opnorm(Jd.nan_to_num(0.0), p), 0.0), Zd, None,
+                    "jacobian ascent")
+    except Exception:
+        return None
+    return Zd
+
+
+def _random_pairs(s: _TruthSearch, X: torch.Tensor, points: int) -> None:
+    """Random pairs around ``X`` (no gradient needed): offered, and kept for the bisection."""
+    f, n = s.f, s.f.n
+    with torch.no_grad():
+        try:
+            dd = torch.pow(10.0, -3.0 + 3.5 * torch.rand(points, 1, generator=s.gen,
+                                                         dtype=torch.float64))
+            Y = X + dd * (1.0 + X.abs().amax(-1, keepdim=True)) * torch.randn(
+                points, n, generator=s.gen, dtype=torch.float64)
+            diff = f(X) - f(Y)
+            for p in s.norms:
+                s.offer(p, _vnorm(diff, p) / _vnorm(X - Y, p), X, Y, "random pair")
+                s.cands[p].append((X, Y))
+        except Exception:
+            pass
+
+
+def _pair_ratio(f: _F64, Zx: torch.Tensor, Uv: torch.Tensor, sc: torch.Tensor, p: str,
+                d: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """The pair ratios of the chains ``Xa = Zx sc``, ``Xb = Xa + d Uv / ||Uv||_p``; ``(ratios,
+    Xa, Xb)``."""
+    Xa = Zx * sc
+    un = Uv / _vnorm(Uv, p).clamp_min(1e-300).unsqueeze(-1)
+    Xb = Xa + d * un
+    diff = f(Xa) - f(Xb)
+    return _vnorm(diff, p) / _vnorm(Xa - Xb, p), Xa, Xb
+
+
+def _pair_ascent(s: _TruthSearch, p: str, allX: torch.Tensor, svd_start: bool, k: int, steps: int
+                 ) -> None:
+    """Gradient ascent of the pair ratio in norm ``p`` over ``k`` chains started at points of
+    ``allX`` (along the top right singular vectors where ``svd_start`` and ``p == "2"``);
+    the last pairs are kept for the bisection."""
+    f, n, gen = s.f, s.f.n, s.gen
+    try:
+        idx = torch.randint(0, allX.shape[0], (k,), generator=gen)
+        X0 = allX[idx].clone()
+        sc = 1.0 + X0.abs().amax(-1, keepdim=True)
+        d = sc * torch.pow(10.0, -3.0 + 3.5 * torch.rand(k, 1, generator=gen,
+                                                        dtype=torch.float64))
+        U = torch.randn(k, n, generator=gen, dtype=torch.float64)
+        if svd_start and p == "2":  # start along top right singular vectors
+            try:
+                Jx = f.jac(X0).nan_to_num(0.0)
+                U = torch.linalg.svd(Jx, full_matrices=False).Vh[:, 0, :].clone()
+            except Exception:
+                pass
+        Zx = (X0 / sc).clone().requires_grad_(True)
+        Uv = U.clone().requires_grad_(True)
+        opt = torch.optim.Adam([Zx, Uv], lr=0.05)
+        for _ in range(steps):
+            r, Xa, Xb = _pair_ratio(f, Zx, Uv, sc, p, d)
+            ok = torch.isfinite(r)
+            s.offer(p, torch.where(ok, r, 0.0).detach(), Xa.detach(), Xb.detach(),
+                    "pair ascent")
+            if not r.requires_grad:
+                break
+            loss = -torch.log(torch.where(ok, r, 1.0).clamp_min(1e-300)).sum()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        with torch.no_grad():
+            r, Xa, Xb = _pair_ratio(f, Zx, Uv, sc, p, d)
+            s.offer(p, r, Xa, Xb, "pair ascent")
+            s.cands[p].append((Xa.detach(), Xb.detach()))
+    except Exception:
+        return
+
+
+def _bisect(s: _TruthSearch, p: str, pairs: int, steps: int) -> None:
+    """Bisection of the ``pairs`` best candidate pairs in norm ``p``: keep the half segment
+    with the larger ratio. For a Lipschitz f the ratio stays bounded; across a jump it doubles
+    at every step."""
+    f = s.f
+    try:
+        A = torch.cat([a for a, _ in s.cands[p]])
+        B = torch.cat([b for _, b in s.cands[p]])
+        r = _vnorm(f(A) - f(B), p) / _vnorm(A - B, p)
+        top = torch.argsort(torch.where(torch.isfinite(r), r, -1.0),
+                            descending=True)[:pairs]
+        A, B = A[top], B[top]
+        for _ in range(steps):
+            # stop at 1e-5 relative length: float64 cancellation stays below 1e-11
+            rel = (A - B).abs().amax(-1) / (1.0 + A.abs().amax(-1))
+            keep = rel > 2e-5
+            if not bool(keep.any()):
+                break
+            A, B = A[keep], B[keep]
+            M = 0.5 * (A + B)
+            fA, fM, fB = f(A), f(M), f(B)
+            r1 = _vnorm(fA - fM, p) / _vnorm(A - M, p)
+            r2 = _vnorm(fM - fB, p) / _vnorm(M - B, p)
+            left = (r1 >= r2).unsqueeze(-1)
+            A, B = torch.where(left, A, M), torch.where(left, M, B)
+            s.offer(p, torch.maximum(r1, r2), A, B, "pair bisection")
+    except Exception:
+        return
+
+
+def _recomputed(f: _F64, best: dict[str, Truth]) -> dict[str, Truth]:
+    """Each witness recomputed exactly as reported (a pair from its two points)."""
+    for p, t in best.items():
+        if t.y is not None:
+            xa = torch.tensor([t.x], dtype=torch.float64)
+            xb = torch.tensor([t.y], dtype=torch.float64)
+            with torch.no_grad():
+                v = float(_vnorm(f(xa) - f(xb), p)[0] / _vnorm(xa - xb, p)[0])
+            best[p] = Truth(p, v if math.isfinite(v) else 0.0, t.x, t.y, t.how)
+    return best
+
+
+def realised_lipschitz(  # noqa: PLR0913 - the public entry point: one keyword option per knob
     model: nn.Module, input_shape: Sequence[int], *, norms: Sequence[str] = NORMS,
     seed: int = 0, points: int = 24, ascent_steps: int = 6, pair_chains: int = 12,
     pair_steps: int = 15, bisect_pairs: int = 48, bisect_steps: int = 14,
@@ -1719,153 +1990,28 @@ def realised_lipschitz(
     f = _F64(model, shape)
     n = f.n
     gen = torch.Generator().manual_seed(seed)
-    best: dict[str, Truth] = {p: Truth(p, 0.0, [0.0] * n, None, "none") for p in norms}
-
-    def offer(p: str, vals: torch.Tensor, X: torch.Tensor, Y: torch.Tensor | None, how: str
-              ) -> None:
-        vals = torch.where(torch.isfinite(vals), vals, torch.zeros_like(vals))
-        if vals.numel() == 0:
-            return
-        i = int(torch.argmax(vals))
-        v = float(vals[i])
-        if v > best[p].value:
-            best[p] = Truth(p, v, X[i].tolist(), None if Y is None else Y[i].tolist(), how)
-
+    st = _TruthSearch(f, norms, gen, {p: Truth(p, 0.0, [0.0] * n, None, "none") for p in norms},
+                      {p: [] for p in norms})
     X = _starts(n, points, gen)
     pool = [X]
-    try:
-        J = f.jac(X)
-        ok = _finite_rows(J)
-        for p in norms:
-            offer(p, torch.where(ok, _opnorm(J.nan_to_num(0.0), p), 0.0), X, None,
-                  "jacobian at a random point")
-    except Exception:
-        J = None
+    J = _jacobians_at(st, X)
     # gradient ascent of ||J(x)||_2 from the best points (smooth networks)
     if J is not None and ascent_steps > 0:
-        try:
-            k = min(6, points)
-            top = torch.argsort(torch.where(_finite_rows(J), _opnorm(J.nan_to_num(0.0), "2"),
-                                            -1.0), descending=True)[:k]
-            Z = X[top].clone().requires_grad_(True)
-            opt = torch.optim.Adam([Z], lr=0.1)
-            for _ in range(ascent_steps):
-                Jz = f.jac(Z, create_graph=True)
-                obj = _opnorm(Jz, "2")
-                if not obj.requires_grad:
-                    break
-                (g,) = torch.autograd.grad(obj.sum(), Z, allow_unused=True)
-                if g is None or not torch.isfinite(g).all() or float(g.abs().max()) == 0.0:
-                    break
-                opt.zero_grad()
-                Z.grad = -g * (1.0 + Z.detach().abs())
-                opt.step()
-            Zd = Z.detach()
-            Jd = f.jac(Zd)
-            ok = _finite_rows(Jd)
-            for p in norms:
-                offer(p, torch.where(ok, _opnorm(Jd.nan_to_num(0.0), p), 0.0), Zd, None,
-                      "jacobian ascent")
+        Zd = _jacobian_ascent(st, X, J, min(6, points), ascent_steps)
+        if Zd is not None:
             pool.append(Zd)
-        except Exception:
-            pass
     # random pairs (no gradient needed), then pair-ratio ascent, per norm
     allX = torch.cat(pool)
-    cands: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {p: [] for p in norms}
-    with torch.no_grad():
-        try:
-            dd = torch.pow(10.0, -3.0 + 3.5 * torch.rand(points, 1, generator=gen,
-                                                         dtype=torch.float64))
-            Y = X + dd * (1.0 + X.abs().amax(-1, keepdim=True)) * torch.randn(
-                points, n, generator=gen, dtype=torch.float64)
-            diff = f(X) - f(Y)
-            for p in norms:
-                offer(p, _vnorm(diff, p) / _vnorm(X - Y, p), X, Y, "random pair")
-                cands[p].append((X, Y))
-        except Exception:
-            pass
+    _random_pairs(st, X, points)
     for p in norms:
-        try:
-            k = pair_chains
-            idx = torch.randint(0, allX.shape[0], (k,), generator=gen)
-            X0 = allX[idx].clone()
-            sc = 1.0 + X0.abs().amax(-1, keepdim=True)
-            d = sc * torch.pow(10.0, -3.0 + 3.5 * torch.rand(k, 1, generator=gen,
-                                                            dtype=torch.float64))
-            U = torch.randn(k, n, generator=gen, dtype=torch.float64)
-            if J is not None and p == "2":  # start along top right singular vectors
-                try:
-                    Jx = f.jac(X0).nan_to_num(0.0)
-                    U = torch.linalg.svd(Jx, full_matrices=False).Vh[:, 0, :].clone()
-                except Exception:
-                    pass
-            Zx = (X0 / sc).clone().requires_grad_(True)
-            Uv = U.clone().requires_grad_(True)
-            opt = torch.optim.Adam([Zx, Uv], lr=0.05)
-
-            def ratio(Zx: torch.Tensor, Uv: torch.Tensor, sc: Any = sc, p: str = p,
-                      d: Any = d) -> tuple[torch.Tensor, ...]:
-                Xa = Zx * sc
-                un = Uv / _vnorm(Uv, p).clamp_min(1e-300).unsqueeze(-1)
-                Xb = Xa + d * un
-                diff = f(Xa) - f(Xb)
-                return _vnorm(diff, p) / _vnorm(Xa - Xb, p), Xa, Xb
-
-            for _ in range(pair_steps):
-                r, Xa, Xb = ratio(Zx, Uv)
-                ok = torch.isfinite(r)
-                offer(p, torch.where(ok, r, 0.0).detach(), Xa.detach(), Xb.detach(),
-                      "pair ascent")
-                if not r.requires_grad:
-                    break
-                loss = -torch.log(torch.where(ok, r, 1.0).clamp_min(1e-300)).sum()
-                opt.zero_grad()
-                loss.backward()
-                opt.step()
-            with torch.no_grad():
-                r, Xa, Xb = ratio(Zx, Uv)
-                offer(p, r, Xa, Xb, "pair ascent")
-                cands[p].append((Xa.detach(), Xb.detach()))
-        except Exception:
-            continue
-    # bisection of the best pairs: keep the half segment with the larger ratio. For a
-    # Lipschitz f the ratio stays bounded; across a jump it doubles at every step.
+        _pair_ascent(st, p, allX, J is not None, pair_chains, pair_steps)
+    # bisection of the best pairs: keep the half segment with the larger ratio
     with torch.no_grad():
         for p in norms:
-            if not cands[p]:
-                continue
-            try:
-                A = torch.cat([a for a, _ in cands[p]])
-                B = torch.cat([b for _, b in cands[p]])
-                r = _vnorm(f(A) - f(B), p) / _vnorm(A - B, p)
-                top = torch.argsort(torch.where(torch.isfinite(r), r, -1.0),
-                                    descending=True)[:bisect_pairs]
-                A, B = A[top], B[top]
-                for _ in range(bisect_steps):
-                    # stop at 1e-5 relative length: float64 cancellation stays below 1e-11
-                    rel = (A - B).abs().amax(-1) / (1.0 + A.abs().amax(-1))
-                    keep = rel > 2e-5
-                    if not bool(keep.any()):
-                        break
-                    A, B = A[keep], B[keep]
-                    M = 0.5 * (A + B)
-                    fA, fM, fB = f(A), f(M), f(B)
-                    r1 = _vnorm(fA - fM, p) / _vnorm(A - M, p)
-                    r2 = _vnorm(fM - fB, p) / _vnorm(M - B, p)
-                    left = (r1 >= r2).unsqueeze(-1)
-                    A, B = torch.where(left, A, M), torch.where(left, M, B)
-                    offer(p, torch.maximum(r1, r2), A, B, "pair bisection")
-            except Exception:
-                continue
+            if st.cands[p]:
+                _bisect(st, p, bisect_pairs, bisect_steps)
     # recompute each witness exactly as reported (a pair from its two points)
-    for p, t in best.items():
-        if t.y is not None:
-            xa = torch.tensor([t.x], dtype=torch.float64)
-            xb = torch.tensor([t.y], dtype=torch.float64)
-            with torch.no_grad():
-                v = float(_vnorm(f(xa) - f(xb), p)[0] / _vnorm(xa - xb, p)[0])
-            best[p] = Truth(p, v if math.isfinite(v) else 0.0, t.x, t.y, t.how)
-    return best
+    return _recomputed(f, st.best)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1951,35 +2097,24 @@ def _lower_witness_ratio(f: _F64, res: Any, p: str) -> float:
     return float(_vnorm(jv, p)[0] / _vnorm(v, p)[0])
 
 
-def check_model(
-    model: nn.Module, input_shape: Sequence[int], *, methods: Sequence[str] = (
-        "autolip", "seqlip", "exact", "lower_bound"), norms: Sequence[str] = NORMS,
-    seed: int = 0, rtol: float = RTOL, truth: dict[str, Truth] | None = None,
-    exact_max_inputs: int = 8, lower_norms: Sequence[str] | None = None, effort: float = 1.0,
-    bisect: bool = True,
-) -> CheckReport:
-    """Check every certified bound of ``methods`` on ``model`` against realised ratios.
+@dataclass
+class _Check:
+    """One :func:`check_model` run: the model, its float64 copy, the seed every method runs
+    with, the tolerance and the report filled in."""
 
-    ``lower_norms`` restricts the norms ``lower_bound`` runs in (default: ``norms``);
-    ``exact`` only runs on inputs of at most ``exact_max_inputs`` entries; ``effort`` scales
-    the adversarial search; ``bisect=False`` skips the pair bisection (for models that round
-    on purpose, whose float32 staircase it would find). Returns a :class:`CheckReport`.
-    """
-    for m in methods:
-        if m not in METHODS:
-            raise InvalidArgumentError(f"unknown method {m!r}; choose among {METHODS}")
-    for p in norms:
-        if p not in NORMS:
-            raise InvalidArgumentError(f"norm must be among {NORMS}; got {p!r}")
-    shape = tuple(int(s) for s in input_shape)
-    rep = CheckReport()
-    f64 = _F64(model, shape)
+    model: nn.Module
+    shape: tuple[int, ...]
+    f64: _F64
+    seed: int
+    rtol: float
+    rep: CheckReport
 
-    results: list[tuple[str, str, float | None, Any]] = []  # method, norm, certified upper
-
-    def run(method: str, p: str, call: Callable[[], Any]) -> Any:
+    def run(self, method: str, p: str, call: Callable[[], Any]) -> Any:
+        """``call()`` under the fixed seed; ``None`` after a refusal (a LipboundError, counted)
+        or a crash (any other exception, a finding)."""
+        rep = self.rep
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
+            torch.manual_seed(self.seed)
             try:
                 return call()
             except LipboundError as exc:
@@ -1993,38 +2128,67 @@ def check_model(
                     f" at {tb[-2].strip().splitlines()[0][:160] if len(tb) > 1 else '?'}"))
         return None
 
+
+def _check_options(methods: Sequence[str], norms: Sequence[str]) -> None:
+    """Refuse an unknown method or norm."""
+    for m in methods:
+        if m not in METHODS:
+            raise InvalidArgumentError(f"unknown method {m!r}; choose among {METHODS}")
+    for p in norms:
+        if p not in NORMS:
+            raise InvalidArgumentError(f"norm must be among {NORMS}; got {p!r}")
+
+
+def _certified_runs(ck: _Check, methods: Sequence[str], norms: Sequence[str],
+                    exact_max_inputs: int) -> list[tuple[str, str, float | None, Any]]:
+    """Run the upper-bound methods: (method, norm, certified upper or None, result) of every
+    run that did not refuse or crash, in the order AutoLip, SeqLip, exact, LipSDP."""
+    model, shape, seed = ck.model, ck.shape, ck.seed
+    results: list[tuple[str, str, float | None, Any]] = []  # method, norm, certified upper
     for p in norms:
         if "autolip" in methods:
-            r = run("autolip", p, functools.partial(_autolip_at, model, shape, p))
+            r = ck.run("autolip", p, functools.partial(_autolip_at, model, shape, p))
             if r is not None:
                 results.append(("autolip", p, r.upper if r.certified else None, r))
     if "seqlip" in methods and "2" in norms:
-        r = run("seqlip", "2", lambda: lipbound.seqlip(model, shape, time_limit=0.5,
-                                                       restarts=2, seed=seed))
+        r = ck.run("seqlip", "2", lambda: lipbound.seqlip(model, shape, time_limit=0.5,
+                                                          restarts=2, seed=seed))
         if r is not None:
             results.append(("seqlip", "2", r.upper, r))
     small = math.prod(shape) <= exact_max_inputs
     if "exact" in methods and small:
         for p in norms:
-            r = run("exact", p, functools.partial(_exact_at, model, shape, p, seed))
+            r = ck.run("exact", p, functools.partial(_exact_at, model, shape, p, seed))
             if r is not None:
                 results.append(("exact", p, r.upper if r.certified else None, r))
     if "lipsdp" in methods and "2" in norms:  # any graph: composed with AutoLip off chains
-        r = run("lipsdp", "2", lambda: lipbound.lipsdp(model, shape, time_limit=5.0))
+        r = ck.run("lipsdp", "2", lambda: lipbound.lipsdp(model, shape, time_limit=5.0))
         if r is not None:
             results.append(("lipsdp", "2", r.upper if r.certified else None, r))
-    lowers: list[tuple[str, Any]] = []
-    if "lower_bound" in methods:
-        for p in (lower_norms if lower_norms is not None else norms):
-            r = run("lower_bound", p, functools.partial(_lower_at, model, shape, p, seed))
-            if r is not None:
-                lowers.append((p, r))
+    return results
 
-    # the truth (adversarial, float64) and the lower bounds' own witnesses
+
+def _lower_runs(ck: _Check, lower_norms: Sequence[str]) -> list[tuple[str, Any]]:
+    """Run ``lower_bound`` in each of ``lower_norms``: (norm, result) of the runs that did not
+    refuse or crash."""
+    lowers: list[tuple[str, Any]] = []
+    for p in lower_norms:
+        r = ck.run("lower_bound", p, functools.partial(_lower_at, ck.model, ck.shape, p,
+                                                       ck.seed))
+        if r is not None:
+            lowers.append((p, r))
+    return lowers
+
+
+def _check_truth(ck: _Check, norms: Sequence[str], truth: dict[str, Truth] | None,
+                 effort: float, bisect: bool) -> None:
+    """The truth of the report: ``truth`` if given, else the adversarial search (float64) at
+    ``effort``; a failed search is a harness error (an empty truth)."""
+    rep = ck.rep
     try:
         if truth is None:
             k = max(1, round(effort * 12))
-            truth = realised_lipschitz(model, shape, norms=norms, seed=seed,
+            truth = realised_lipschitz(ck.model, ck.shape, norms=norms, seed=ck.seed,
                                        points=max(6, int(24 * effort)), pair_chains=k,
                                        pair_steps=max(4, int(15 * effort)),
                                        bisect_steps=14 if bisect else 0)
@@ -2032,9 +2196,15 @@ def check_model(
     except Exception as exc:
         rep.harness_errors.append(f"truth search: {type(exc).__name__}: {exc}"[:200])
         rep.truth = {}
+
+
+def _check_lowers(ck: _Check, lowers: list[tuple[str, Any]]) -> None:
+    """Each lower bound against its own witness (recomputed in float64: a value it does not
+    reproduce is a finding); a witness above the truth becomes the truth."""
+    rep, rtol = ck.rep, ck.rtol
     for p, r in lowers:
         try:
-            w = _lower_witness_ratio(f64, r, p)
+            w = _lower_witness_ratio(ck.f64, r, p)
         except Exception as exc:
             rep.harness_errors.append(f"witness recheck: {type(exc).__name__}: {exc}"[:200])
             continue
@@ -2048,36 +2218,78 @@ def check_model(
             xs = r.witness.x.detach().double().reshape(-1).tolist()
             ys = None if r.witness.y is None else r.witness.y.detach().double().reshape(-1).tolist()
             rep.truth[p] = Truth(p, w, xs, ys, f"lower_bound witness ({r.how})")
+
+
+def _check_upper(ck: _Check, method: str, p: str, upper: float) -> bool:
+    """One certified upper bound against the truth in its norm: NaN is a finding (and
+    ``False`` is returned: nothing else of the run is checked), a truth above
+    ``upper (1 + rtol)`` (plus ATOL and the pair's float64 noise) is ``"unsound"``, one above
+    ``upper (1 + RTOL_ROUNDING)`` only is ``"rounding"`` (at the default rtol)."""
+    rep, rtol = ck.rep, ck.rtol
+    rep.uppers[(method, p)] = float(upper)
+    if math.isnan(upper):
+        rep.findings.append(Finding("nonfinite", method, p, upper, None,
+                                    "certified value is NaN"))
+        return False
+    t = rep.truth.get(p)
+    tol = ATOL + (0.0 if t is None else _pair_noise(ck.f64, t))
+    if t is not None and t.value > upper * (1 + rtol) + tol:
+        rep.findings.append(Finding("unsound", method, p, float(upper), t.value, t.how,
+                                    witness=t))
+    elif (t is not None and rtol <= RTOL and t.value > upper * (1 + RTOL_ROUNDING) + tol):
+        rep.findings.append(Finding("rounding", method, p, float(upper), t.value,
+                                    t.how + "; above the certificate by "
+                                    f"{t.value / upper - 1:.2e} relative", witness=t))
+    return True
+
+
+def _check_exact_lower(ck: _Check, p: str, r: Any) -> None:
+    """exact's certified lower: ``||J||`` at its witness point must reach it."""
+    rep, f64 = ck.rep, ck.f64
+    try:
+        xw = r.witness.x.detach().double().reshape(1, -1)
+        if xw.numel() == f64.n and r.lower > 0:
+            jn = float(_opnorm(f64.jac(xw), p)[0])
+            if r.lower > jn * (1 + 1e-5) + 1e-12:
+                rep.findings.append(Finding(
+                    "witness", "exact", p, None, jn,
+                    f"certified lower {r.lower:.9g} but ||J|| at its witness is {jn:.9g}"))
+    except Exception as exc:
+        rep.harness_errors.append(f"exact witness: {type(exc).__name__}: {exc}"[:200])
+
+
+def check_model(  # noqa: PLR0913 - the public entry point: one keyword option per knob
+    model: nn.Module, input_shape: Sequence[int], *, methods: Sequence[str] = (
+        "autolip", "seqlip", "exact", "lower_bound"), norms: Sequence[str] = NORMS,
+    seed: int = 0, rtol: float = RTOL, truth: dict[str, Truth] | None = None,
+    exact_max_inputs: int = 8, lower_norms: Sequence[str] | None = None, effort: float = 1.0,
+    bisect: bool = True,
+) -> CheckReport:
+    """Check every certified bound of ``methods`` on ``model`` against realised ratios.
+
+    ``lower_norms`` restricts the norms ``lower_bound`` runs in (default: ``norms``);
+    ``exact`` only runs on inputs of at most ``exact_max_inputs`` entries; ``effort`` scales
+    the adversarial search; ``bisect=False`` skips the pair bisection (for models that round
+    on purpose, whose float32 staircase it would find). Returns a :class:`CheckReport`.
+    """
+    _check_options(methods, norms)
+    shape = tuple(int(s) for s in input_shape)
+    ck = _Check(model, shape, _F64(model, shape), seed, rtol, CheckReport())
+    results = _certified_runs(ck, methods, norms, exact_max_inputs)
+    lowers: list[tuple[str, Any]] = []
+    if "lower_bound" in methods:
+        lowers = _lower_runs(ck, lower_norms if lower_norms is not None else norms)
+
+    # the truth (adversarial, float64) and the lower bounds' own witnesses
+    _check_truth(ck, norms, truth, effort, bisect)
+    _check_lowers(ck, lowers)
     for method, p, upper, r in results:
-        rep.checked.append((method, p))
+        ck.rep.checked.append((method, p))
         if upper is None:
             continue
-        rep.uppers[(method, p)] = float(upper)
-        if math.isnan(upper):
-            rep.findings.append(Finding("nonfinite", method, p, upper, None,
-                                        "certified value is NaN"))
-            continue
-        t = rep.truth.get(p)
-        tol = ATOL + (0.0 if t is None else _pair_noise(f64, t))
-        if t is not None and t.value > upper * (1 + rtol) + tol:
-            rep.findings.append(Finding("unsound", method, p, float(upper), t.value, t.how,
-                                        witness=t))
-        elif (t is not None and rtol <= RTOL and t.value > upper * (1 + RTOL_ROUNDING) + tol):
-            rep.findings.append(Finding("rounding", method, p, float(upper), t.value,
-                                        t.how + "; above the certificate by "
-                                        f"{t.value / upper - 1:.2e} relative", witness=t))
-        if method == "exact":  # exact's certified lower: ||J|| at its witness point
-            try:
-                xw = r.witness.x.detach().double().reshape(1, -1)
-                if xw.numel() == f64.n and r.lower > 0:
-                    jn = float(_opnorm(f64.jac(xw), p)[0])
-                    if r.lower > jn * (1 + 1e-5) + 1e-12:
-                        rep.findings.append(Finding(
-                            "witness", "exact", p, None, jn,
-                            f"certified lower {r.lower:.9g} but ||J|| at its witness is {jn:.9g}"))
-            except Exception as exc:
-                rep.harness_errors.append(f"exact witness: {type(exc).__name__}: {exc}"[:200])
-    return rep
+        if _check_upper(ck, method, p, upper) and method == "exact":
+            _check_exact_lower(ck, p, r)  # exact's certified lower: ||J|| at its witness point
+    return ck.rep
 
 
 def check_program(prog: Program, **kw: Any) -> CheckReport:
@@ -2163,36 +2375,9 @@ class FuzzReport:
               f"{sum(self.refusals.values())} refusals.", ""]
         L += ["## Registered rule keys without a generator", ""]
         L += [", ".join(f"`{u}`" for u in self.uncovered) if self.uncovered else "none", ""]
-        L += ["## Methods x norms checked", "", "| method | norm | checked | refused |",
-              "|---|---|---|---|"]
-        ref: Counter[tuple[str, str]] = Counter()
-        for (m, p, _), c in self.refusals.items():
-            ref[(m, p)] += c
-        for m in METHODS:
-            for p in NORMS:
-                if self.checked[(m, p)] or ref[(m, p)]:
-                    L.append(f"| {m} | {p} | {self.checked[(m, p)]} | {ref[(m, p)]} |")
+        L += self._md_checked()
         L += ["", "## Findings", ""]
-        classes = self.finding_classes()
-        if not classes:
-            L.append("none")
-        else:
-            L += ["| # | kind | method | norms | ops of the minimal program | count | example |",
-                  "|---|---|---|---|---|---|---|"]
-            items = sorted(classes.items())
-            for i, (key, fds) in enumerate(items):
-                fd = min(fds, key=lambda d: len(d.source))
-                norms = ",".join(sorted({d.norm for d in fds}))
-                ops = "; ".join(fd.ops) if key[0] != "crash" else key[2]
-                L.append(f"| {i + 1} | {key[0]} | {key[1]} | {norms} | "
-                         f"{ops.replace('|', '/')} | {len(fds)} | "
-                         f"{fd.summary().replace('|', '/')} |")
-            L += ["", "### Reproducers (one per class, minimised)", ""]
-            for i, (_key, fds) in enumerate(items):
-                fd = min(fds, key=lambda d: len(d.source))
-                L += [f"#### {i + 1}. {fd.kind}: {fd.method} l{fd.norm}, focus `{fd.focus}` "
-                      f"({fd.pclass})", "", fd.summary(), "",
-                      "```python", fd.source.rstrip(), "```", ""]
+        L += self._md_findings()
         L += ["## Refusals (LipboundError)", "", "| method | norm | error | count |",
               "|---|---|---|---|"]
         for (m, p, e), c in sorted(self.refusals.items()):
@@ -2213,6 +2398,42 @@ class FuzzReport:
             for g, c in self.harness_errors.most_common(10):
                 L.append(f"- {c} x {g}")
         return "\n".join(L) + "\n"
+
+    def _md_checked(self) -> list[str]:
+        """The markdown table of checks and refusals per method and norm."""
+        L = ["## Methods x norms checked", "", "| method | norm | checked | refused |",
+             "|---|---|---|---|"]
+        ref: Counter[tuple[str, str]] = Counter()
+        for (m, p, _), c in self.refusals.items():
+            ref[(m, p)] += c
+        for m in METHODS:
+            for p in NORMS:
+                if self.checked[(m, p)] or ref[(m, p)]:
+                    L.append(f"| {m} | {p} | {self.checked[(m, p)]} | {ref[(m, p)]} |")
+        return L
+
+    def _md_findings(self) -> list[str]:
+        """The markdown of the findings: one table row and one minimal reproducer per class."""
+        classes = self.finding_classes()
+        if not classes:
+            return ["none"]
+        L = ["| # | kind | method | norms | ops of the minimal program | count | example |",
+             "|---|---|---|---|---|---|---|"]
+        items = sorted(classes.items())
+        for i, (key, fds) in enumerate(items):
+            fd = min(fds, key=lambda d: len(d.source))
+            norms = ",".join(sorted({d.norm for d in fds}))
+            ops = "; ".join(fd.ops) if key[0] != "crash" else key[2]
+            L.append(f"| {i + 1} | {key[0]} | {key[1]} | {norms} | "
+                     f"{ops.replace('|', '/')} | {len(fds)} | "
+                     f"{fd.summary().replace('|', '/')} |")
+        L += ["", "### Reproducers (one per class, minimised)", ""]
+        for i, (_key, fds) in enumerate(items):
+            fd = min(fds, key=lambda d: len(d.source))
+            L += [f"#### {i + 1}. {fd.kind}: {fd.method} l{fd.norm}, focus `{fd.focus}` "
+                  f"({fd.pclass})", "", fd.summary(), "",
+                  "```python", fd.source.rstrip(), "```", ""]
+        return L
 
 
 _INPLACE_RE = re.compile(r"(\+=|-=|\*=|/=|\w_\(|inplace=True)")
@@ -2251,7 +2472,7 @@ def minimise(prog: Program, fd: Finding, **kw: Any) -> Finding:
     return best
 
 
-def fuzz(
+def fuzz(  # noqa: PLR0913 - the public entry point: one keyword option per knob
     graphs: int, *, seed: int = 0, methods: Sequence[str] = ("autolip", "seqlip", "exact",
                                                             "lower_bound"),
     lipsdp_every: int = 0, effort: float = 1.0, progress: Callable[[str], None] | None = None,
