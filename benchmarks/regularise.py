@@ -333,8 +333,8 @@ def main(argv: list[str] | None = None) -> None:
         "",
         table(cnn_rows, "test accuracy"),
         "",
-        "(`lipbound.methods.seqlip` is not run on the CNN: it took about 210 s per model on this "
-        "machine, more than the whole sweep's budget.)",
+        "(`lipbound.methods.seqlip` is not run on the CNN: per model it costs more than the "
+        "whole sweep's budget on this machine.)",
         "",
         verdict(cnn_rows, higher_better=True, tol=0.01, label="test accuracy within 1 point "
                 "of plain training"),
