@@ -523,3 +523,23 @@ def test_functional_pool_constant_is_sound(hw: int, k: int, s: int, p: int, ceil
     r = lipbound.autolip(net, shape, norm=norm)
     exact = _dense_norm(net, shape, norm)
     assert r.certified and r.value >= exact * (1 - 1e-12)
+
+
+def test_regression_jacobian_product_was_zero_through_a_once_differentiable_backward() -> None:
+    """With a ``once_differentiable`` backward the double-backward trick's ``J^T w`` does not
+    depend on ``w`` in the graph: ``J v`` came back as 0 (sound, but every power-method value
+    and Jacobian witness of such a model was 0). It now falls back to the next route."""
+    from lipbound.methods.lower import _JacAt
+
+    torch.manual_seed(0)
+    net = _Once().double().eval()
+    x = torch.zeros(1, 20, dtype=torch.float64)
+    v = torch.ones(1, 20, dtype=torch.float64)
+    # J = W_b diag(1 - tanh(W_a x + b_a)^2) W_a, written out (autograd's own jvp uses the
+    # same double-backward trick)
+    with torch.no_grad():
+        d = 1 - torch.tanh(net.a(x)) ** 2
+        truth = net.b.weight @ (d[0] * (net.a.weight @ v[0]))
+    got = _JacAt(lambda z: net(z), x).jv(v)
+    assert float(got.norm()) == pytest.approx(float(truth.norm()), rel=1e-6)
+    assert float(truth.norm()) > 0

@@ -196,3 +196,20 @@ def test_lower_le_exact_le_certified_le_product(lr: tuple[torch.Tensor, torch.Te
         assert v >= ref - slack, name
     assert cert.value <= prod + slack
     assert cert.parts["half"] <= (opnorm(L @ R) + prod) / 2 + slack
+
+
+def test_regression_incumbent_with_inactive_coordinates_crashed() -> None:
+    """``pair_exact(..., incumbent=...)`` handed the incumbent's full pattern to the search
+    on the active coordinates only: a pair with a zero column of L (or zero row of R) raised
+    a raw size-mismatch RuntimeError. The incumbent is now restricted to the active
+    coordinates, and one of another pair is refused by name."""
+    g = torch.Generator().manual_seed(0)
+    L = torch.cat([torch.randn(4, 6, dtype=torch.float64, generator=g),
+                   torch.zeros(4, 3, dtype=torch.float64)], 1)
+    R = torch.randn(9, 4, dtype=torch.float64, generator=g)
+    with_inc = pair_exact(L, R, max_enumerate=0, incumbent=pair_greedy(L, R))
+    enum = pair_exact(L, R)
+    assert with_inc.exact and with_inc.value == pytest.approx(enum.value, rel=1e-9)
+    assert with_inc.pattern is not None and with_inc.pattern.shape == (9,)
+    with pytest.raises(InvalidArgumentError, match="incumbent pattern has 2 entries"):
+        pair_exact(L, R, max_enumerate=0, incumbent=pair_greedy(L[:, :2], R[:2]))

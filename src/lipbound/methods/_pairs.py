@@ -72,7 +72,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -1007,7 +1007,7 @@ def pair_exact(  # noqa: PLR0913 - the public entry point: one keyword option pe
         time_limit = left if time_limit is None else min(time_limit, left)
     res = _branch_and_bound(
         C0, La, Ra, _BnbOptions(time_limit=time_limit, rtol=rtol, chunk=chunk,
-                                incumbent=incumbent), t0=t0,
+                                incumbent=_active_incumbent(incumbent, n, idx_active)), t0=t0,
     )
     lower, upper, sig, exact, nodes = res
     full_sigma[idx_active] = sig
@@ -1151,6 +1151,20 @@ def _suffix_data(C0: torch.Tensor, Lo: torch.Tensor, Ro: torch.Tensor
         else:
             slack.append(0.0)
     return half, absF, slack
+
+
+def _active_incumbent(inc: PairBound | None, n: int, idx: torch.Tensor) -> PairBound | None:
+    """A caller's incumbent restricted to the active coordinates the search sees (its pattern
+    has one entry per coordinate of the pair, ``n``)."""
+    if inc is None:
+        return None
+    if inc.pattern is None or inc.pattern.numel() != n:
+        got = None if inc.pattern is None else inc.pattern.numel()
+        raise InvalidArgumentError(
+            f"incumbent pattern has {got} entries; the pair has {n} coordinates (pass a "
+            "PairBound of this very pair, e.g. pair_greedy(L, R))"
+        )
+    return replace(inc, pattern=inc.pattern.reshape(-1)[idx])
 
 
 def _branch_and_bound(

@@ -281,7 +281,11 @@ class _JacAt:
                 with torch.enable_grad():
                     (r,) = torch.autograd.grad(self.g, self.w, v, retain_graph=True,
                                                allow_unused=True)
-                return torch.zeros_like(self.out) if r is None else r.detach()
+                if r is not None:
+                    return r.detach()
+                # J^T w does not depend on w in the graph: a once-differentiable backward
+                # (J itself need not be 0), so the trick is unavailable for this op
+                self.g = None
             except RuntimeError:  # double backward missing for some op (e.g. attention)
                 self.g = None
         return self._jv_fallback(v)
