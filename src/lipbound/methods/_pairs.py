@@ -1153,16 +1153,17 @@ def _suffix_data(C0: torch.Tensor, Lo: torch.Tensor, Ro: torch.Tensor
     return half, absF, slack
 
 
-def _active_incumbent(inc: PairBound | None, n: int, idx: torch.Tensor) -> PairBound | None:
+def _active_incumbent(inc: GreedyResult | None, n: int, idx: torch.Tensor
+                      ) -> GreedyResult | None:
     """A caller's incumbent restricted to the active coordinates the search sees (its pattern
     has one entry per coordinate of the pair, ``n``)."""
     if inc is None:
         return None
-    if inc.pattern is None or inc.pattern.numel() != n:
-        got = None if inc.pattern is None else inc.pattern.numel()
+    if inc.pattern.numel() != n:
+        got = inc.pattern.numel()
         raise InvalidArgumentError(
             f"incumbent pattern has {got} entries; the pair has {n} coordinates (pass a "
-            "PairBound of this very pair, e.g. pair_greedy(L, R))"
+            "pair_greedy result of this very pair, e.g. pair_greedy(L, R))"
         )
     return replace(inc, pattern=inc.pattern.reshape(-1)[idx])
 
