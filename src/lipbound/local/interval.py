@@ -56,7 +56,6 @@ REL64 = 2.0**-30
 MAX_ENTRIES = 2**22
 TINY = 2.0**-1000
 _F64 = torch.float64
-_U64 = 2.0**-53
 _REL: ContextVar[float] = ContextVar("lipbound_local_rel64", default=REL64)
 
 

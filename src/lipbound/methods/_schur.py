@@ -89,6 +89,7 @@ from scipy.linalg import cho_solve, lapack
 from scipy.sparse.linalg import ArpackNoConvergence, eigsh
 
 from ..errors import InvalidArgumentError, NonFiniteError
+from ..spectral.certify import U as _U
 
 __all__ = [
     "SchurCertificate",
@@ -99,7 +100,6 @@ __all__ = [
     "solve_schur",
 ]
 
-_U = float(np.finfo(np.float64).eps) / 2
 _F64 = torch.float64
 
 

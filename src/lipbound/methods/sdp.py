@@ -95,6 +95,7 @@ from ..errors import (
 )
 from ..graph import sequential_chain
 from ..results import LayerBound, SDPResult
+from ..spectral.certify import U as _U
 from ..spectral.certify import round_up
 from ._residual import solve_residual
 from ._schur import solve_schur
@@ -103,7 +104,6 @@ from .autolip import GRACE, compose, graph_constants
 
 __all__ = ["SDPResult", "analytic_multipliers", "lipsdp", "slope_ranges_of", "verify_lipsdp"]
 
-_U = float(np.finfo(np.float64).eps) / 2  # unit roundoff
 
 
 def _slope_range(name: str, act: Any) -> tuple[float, float]:

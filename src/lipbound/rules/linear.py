@@ -92,7 +92,9 @@ __all__ = [
 ]
 
 MERGED_KEY = "__merged_linear__"
-DENSE_LIMIT = 4096
+#: most inputs of a linear op whose l1 / l-inf norm is read from its dense matrix when it has
+#: no cheap |A| operator (its columns are built one input at a time)
+ABS_DENSE_INPUTS = 4096
 #: tolerance and most Lanczos steps of the (reported only) estimate of a factor that has a
 #: certificate (each step is a forward and an adjoint pass over the full-size feature map: at
 #: 224 x 224 the estimates of VGG-16 took 44 s at 49 steps a layer, more than the certificates)
@@ -617,7 +619,7 @@ def l1_linf_available(node: Node) -> str | None:
     own = getattr(rule.constant, "__wrapped__", None) if rule is not None else None
     if rule is not None and own is not _linear_rule:
         return None  # structural / BatchNorm rules have closed forms
-    if abs_operator(node) is None and numel(node.in_shapes[0]) > DENSE_LIMIT:
+    if abs_operator(node) is None and numel(node.in_shapes[0]) > ABS_DENSE_INPUTS:
         return (
             f"no cheap l1/l-inf rule for this linear op with {numel(node.in_shapes[0])} inputs; "
             "use norm=2 or register_rule"
@@ -633,7 +635,7 @@ def l1_linf_norm(node: Node, norm: str) -> tuple[float, str]:
     if f is None or (node.part_nodes and len(node.part_nodes) > 1):
         how = "row/col sums of |A_k|...|A_1| (certified upper bound)"
     if f is None:
-        if numel(in_shape) > DENSE_LIMIT:
+        if numel(in_shape) > ABS_DENSE_INPUTS:
             raise NormUnavailable(
                 f"no cheap l{norm} rule for this linear op with {numel(in_shape)} inputs; "
                 "use norm=2 or register_rule"

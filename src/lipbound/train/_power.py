@@ -55,7 +55,8 @@ __all__ = [
 ]
 
 LAYER_TYPES: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
-DENSE_LIMIT = 2_000_000  # entries of the dense operator matrix built for an exact SVD
+#: most entries of the dense operator matrix a penalty builds for an exact SVD
+SVD_ENTRIES = 2_000_000
 _CONV_FNS: dict[int, Callable[..., torch.Tensor]] = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 
 
@@ -196,7 +197,7 @@ def certified_layer_norm(
     in_shape: Sequence[int],
     weight: torch.Tensor | None = None,
     *,
-    dense_limit: int = DENSE_LIMIT,
+    dense_limit: int = SVD_ENTRIES,
 ) -> tuple[float, str]:
     """A certified upper bound on ``||A_W||_2`` (the true operator on ``in_shape``) and how.
 

@@ -70,7 +70,7 @@ from torch import nn
 from .._validation import check_choice, check_input_shape, check_model, check_positive
 from ..errors import InvalidArgumentError, NotSequentialError, UnsupportedNode
 from ._power import (
-    DENSE_LIMIT,
+    SVD_ENTRIES,
     certified_layer_norm,
     dense_operator,
     power_update,
@@ -427,7 +427,7 @@ class LipschitzPenalty(nn.Module):
             ish = nodes[0].in_shape
             f = self._block_fn(block, detach=True, dtype=torch.float64)
             x0 = torch.zeros(1, *ish, dtype=torch.float64, device=self._ref_tensor().device)
-            if math.prod(ish) * f(x0).numel() <= DENSE_LIMIT:
+            if math.prod(ish) * f(x0).numel() <= SVD_ENTRIES:
                 mat = dense_operator(f, ish, device=x0.device)
                 total = min(total, float(torch.linalg.matrix_norm(mat, ord=2)) * (1 + 1e-9))
         return total
@@ -453,7 +453,7 @@ class LipschitzPenalty(nn.Module):
             f = self._pair_fn(j, detach=True, dtype=torch.float64)
             x0 = torch.zeros(1, *ish, dtype=torch.float64, device=self._ref_tensor().device)
             n_out = f(x0).numel()
-            if n_in * n_out <= DENSE_LIMIT:
+            if n_in * n_out <= SVD_ENTRIES:
                 mat = dense_operator(f, ish, device=x0.device)
                 cand = min(cand, float(torch.linalg.matrix_norm(mat, ord=2)) * (1 + 1e-9))
             pair[j] = self._pair_log(j, cand, bn[j], bn[j + 1])
