@@ -1820,13 +1820,18 @@ def _jacobians_at(s: _TruthSearch, X: torch.Tensor) -> torch.Tensor | None:
     model has none there)."""
     try:
         J = s.f.jac(X)
-        ok = _finite_rows(J)
-        for p in s.norms:
-            s.offer(p, torch.where(ok, _opnorm(J.nan_to_num(0.0), p), 0.0), X, None,
-                    "jacobian at a random point")
+        _offer_jacobians(s, X, J, "jacobian at a random point")
     except Exception:
         return None
     return J
+
+
+def _offer_jacobians(s: _TruthSearch, X: torch.Tensor, J: torch.Tensor, how: str) -> None:
+    """Offer the operator norms of the Jacobians ``J`` at ``X`` in every norm (rows that are
+    not finite offer 0)."""
+    ok = _finite_rows(J)
+    for p in s.norms:
+        s.offer(p, torch.where(ok, _opnorm(J.nan_to_num(0.0), p), 0.0), X, None, how)
 
 
 def _jacobian_ascent(s: _TruthSearch, X: torch.Tensor, J: torch.Tensor, k: int, steps: int
@@ -1851,11 +1856,7 @@ def _jacobian_ascent(s: _TruthSearch, X: torch.Tensor, J: torch.Tensor, k: int, 
             Z.grad = -g * (1.0 + Z.detach().abs())
             opt.step()
         Zd = Z.detach()
-        Jd = f.jac(Zd)
-        ok = _finite_rows(Jd)
-        for p in s.norms:
-            s.offer(p, torch.where(ok, _opnorm(Jd.nan_to_num(0.0), p), 0.0), Zd, None,
-                    "jacobian ascent")
+        _offer_jacobians(s, Zd, f.jac(Zd), "jacobian ascent")
     except Exception:
         return None
     return Zd
