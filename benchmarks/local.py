@@ -9,8 +9,9 @@ Sections of the generated ``benchmarks/results/local.md`` (written by this scrip
    l-inf radii 1/255, 2/255, 4/255, 8/255 by :func:`lipbound.certify` with ``method="global"``
    (AutoLip's certified constants of the logit differences) and ``method="local"`` (local
    bounds on each ball); with ``--refine-n k``, also the local method with forward tangent
-   boxes (``refine=2**22``) on the first ``k`` images. Time per image, wall and CPU
-   (``time.process_time``).
+   boxes (``refine=2**22``) on the first ``k`` images, and with ``--crown-n k`` the local method
+   with CROWN intermediate bounds (``LocalOptions(crown=2**13)``) on the first ``k``. Time per
+   image, wall and CPU (``time.process_time``).
 2. auto_LiRPA (CROWN): detected at run time; when it cannot be imported, the reason.
 3. A small ViT (:func:`lipbound.zoo.transformers.tiny_vit`: patch embedding, LayerNorm,
    2-head softmax attention, GELU MLP, 2 blocks) trained briefly on scikit-learn's 8x8 digits:
@@ -68,7 +69,9 @@ def cnn(constrained: bool, x: torch.Tensor, y: torch.Tensor, epochs: int) -> nn.
 
 
 def certify_rows(name: str, model: nn.Module, x: torch.Tensor, y: torch.Tensor,
-                 refine_n: int, batch: int) -> list[list[Any]]:
+                 extra: dict[str, tuple[int, LocalOptions]], batch: int) -> list[list[Any]]:
+    """One row per (norm, radius): global and local on every image, then each of ``extra``
+    (label -> (images, options)) on the first images."""
     rows = []
     cases: list[tuple[str, float, str]] = [("2", r, f"{r:g}") for r in L2_RADII]
     cases += [("inf", a / b, f"{a}/{b}") for a, b in LINF_RADII]
@@ -80,12 +83,12 @@ def certify_rows(name: str, model: nn.Module, x: torch.Tensor, y: torch.Tensor,
             out += [res.certified_accuracy, 1e3 * res.seconds / n, 1e3 * res.cpu_seconds / n]
             say(f"  {name} l{norm} r={label} {method}: {res.certified_accuracy:.3f} "
                 f"({res.seconds:.1f} s)")
-        if refine_n:
-            k = min(refine_n, n)
+        for what, (k_, opts) in extra.items():
+            k = min(k_, n)
             res = lipbound.certify(model, x[:k], y[:k], r, norm=norm, method="local",
-                                   batch_size=8, options=LocalOptions(refine=1 << 22))
+                                   batch_size=8, options=opts)
             out += [res.certified_accuracy, 1e3 * res.seconds / k, 1e3 * res.cpu_seconds / k]
-            say(f"  {name} l{norm} r={label} local+tangent ({k}): {res.certified_accuracy:.3f}")
+            say(f"  {name} l{norm} r={label} {what} ({k}): {res.certified_accuracy:.3f}")
         rows.append(out)
     return rows
 
@@ -140,6 +143,8 @@ def main() -> None:
     p.add_argument("--epochs", type=int, default=3, help="MNIST training epochs")
     p.add_argument("--refine-n", type=int, default=0,
                    help="also run local+tangent boxes on this many images (slow: ~1 s each)")
+    p.add_argument("--crown-n", type=int, default=0,
+                   help="also run local+CROWN bounds on this many images (slow: ~5 s each)")
     p.add_argument("--vit-n", type=int, default=20, help="digits test images for the ViT")
     p.add_argument("--vit-epochs", type=int, default=15)
     p.add_argument("--vit-depths", type=lambda t: [int(v) for v in t.split(",")],
@@ -150,6 +155,12 @@ def main() -> None:
     args = p.parse_args()
     torch.manual_seed(0)
     t0, c0 = time.perf_counter(), time.process_time()
+    load0 = os.getloadavg()[0]
+    extra: dict[str, tuple[int, LocalOptions]] = {}
+    if args.refine_n:
+        extra["local+tangent"] = (args.refine_n, LocalOptions(refine=1 << 22))
+    if args.crown_n:
+        extra["local+CROWN"] = (args.crown_n, LocalOptions(crown=1 << 13))
     xtr, ytr, xte, yte = mnist5k(seed=0, path=args.mnist_csv)
     x, y = xte[: args.n], yte[: args.n]
     sections: list[str] = []
@@ -162,13 +173,12 @@ def main() -> None:
         g = lipbound.autolip(model, (1, 28, 28))
         accs.append(f"{name}: test accuracy {accuracy(model, xte, yte):.4f} (all 1250), "
                     f"global AutoLip l2 bound {g.value:.4g}")
-        rows += certify_rows(name, model, x, y, args.refine_n, args.batch_size)
+        rows += certify_rows(name, model, x, y, extra, args.batch_size)
     head = ["model", "norm", "radius", "global cert. acc", "global ms/img (wall)",
             "global ms/img (CPU)", "local cert. acc", "local ms/img (wall)",
             "local ms/img (CPU)"]
-    if args.refine_n:
-        head += [f"local+tangent cert. acc (first {min(args.refine_n, args.n)})",
-                 "ms/img (wall)", "ms/img (CPU)"]
+    for what, (k, _) in extra.items():
+        head += [f"{what} cert. acc (first {min(k, args.n)})", "ms/img (wall)", "ms/img (CPU)"]
     sections.append("## 1. mnist_cnn4 on MNIST (mnist5k): certified accuracy\n\n"
                     + "\n".join(f"* {a}" for a in accs) + "\n\n"
                     + format_markdown_table(head, rows))
@@ -188,7 +198,8 @@ def main() -> None:
                                  "median witnessed lower", "max upper/lower", "ms/img (wall)",
                                  "ms/img (CPU)"], vrows))
     total = (f"total {time.perf_counter() - t0:.0f} s wall, {time.process_time() - c0:.0f} s "
-             "CPU")
+             f"CPU; load average {load0:.1f} at the start, {os.getloadavg()[0]:.1f} at the end "
+             "(2 cores: wall times are inflated by the other jobs, CPU times less so)")
     text = "\n\n".join([
         "# Local Lipschitz bounds and certified robustness\n\n"
         "Generated by `benchmarks/local.py` (do not edit by hand). Command: `"
