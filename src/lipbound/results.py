@@ -24,7 +24,7 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any, Literal
 
 import torch
@@ -208,6 +208,10 @@ class LipschitzResult:
             "seconds": self.seconds,
             "notes": list(self.notes),
             "layers": [lb.to_dict() for lb in self.layers],
+            # a subclass's own fields (SeqLip's estimate, exact's counters, LipSDP's solver
+            # report), in declaration order: one serialisation path for every result
+            **{f.name: getattr(self, f.name) for f in fields(self)
+               if f.name not in _BASE_FIELDS},
         }
 
     def table(self) -> str:
@@ -229,6 +233,10 @@ class LipschitzResult:
             parts.append(self.table())
         parts.extend(f"note: {n}" for n in self.notes)
         return "\n".join(parts)
+
+
+#: the fields :meth:`LipschitzResult.to_dict` writes itself (or leaves out: ``extra``)
+_BASE_FIELDS = frozenset(f.name for f in fields(LipschitzResult))
 
 
 @dataclass(frozen=True, kw_only=True, eq=False)
@@ -287,10 +295,6 @@ class SeqLipResult(LipschitzResult):
         )
         return "\n".join([head, line, *rest])
 
-    def to_dict(self) -> dict[str, Any]:
-        d = super().to_dict()
-        d.update(estimate=self.estimate, autolip=self.autolip, segments=self.segments)
-        return d
 
 
 @dataclass(frozen=True, kw_only=True, eq=False)
@@ -309,15 +313,6 @@ class ExactResult(LipschitzResult):
     lps_solved: int = 0
     nodes_explored: int = 0
 
-    def to_dict(self) -> dict[str, Any]:
-        d = super().to_dict()
-        d.update(
-            finished=self.finished,
-            regions_visited=self.regions_visited,
-            lps_solved=self.lps_solved,
-            nodes_explored=self.nodes_explored,
-        )
-        return d
 
 
 @dataclass(frozen=True, kw_only=True, eq=False)
@@ -344,17 +339,6 @@ class SDPResult(LipschitzResult):
         _deprecated("SDPResult.verified", "certified")
         return self.certified
 
-    def to_dict(self) -> dict[str, Any]:
-        d = super().to_dict()
-        d.update(
-            raw=self.raw,
-            variant=self.variant,
-            solver=self.solver,
-            solver_status=self.solver_status,
-            solve_seconds=self.solve_seconds,
-            verify_seconds=self.verify_seconds,
-        )
-        return d
 
 
 @dataclass(frozen=True, kw_only=True, eq=False)
