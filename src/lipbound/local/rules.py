@@ -749,16 +749,23 @@ def _norm_backward(node: Node, boxes: Sequence[Box], adj: Box) -> list[Box | Non
     g = adj.reshape(B, R, -1, n)
     if st.gamma is not None:
         g = imul(g, point(st.gamma))
-    xh = st.xhat.unsqueeze(1)
-    m2 = isum(imul(g, xh), -1, keepdim=True)
-    m2 = Box(m2.c / n, m2.r / n + rel64() * m2.mag / n)
-    t = imul(xh, m2)
-    h = pad(g.c - t.c, g.r + t.r)
-    if centre:
-        m1 = isum(g, -1, keepdim=True)
-        h = pad(h.c - m1.c / n, h.r + m1.r / n + rel64() * m1.mag / n)
-    out = imul(h, st.inv_sigma.unsqueeze(1))
+    out = _norm_projection(g, st, n, centre)
     return [out.reshape(B, R, *node.in_shapes[0])]
+
+
+def _norm_projection(v: Box, st: _NormStats, n: int, centre: bool) -> Box:
+    """``(v - mean(v) - xhat mean(xhat * v)) / sigma`` over the last axis (no centring:
+    RMSNorm), in interval arithmetic with the rounding of both means: the symmetric factor
+    that the normalisation's Jacobian and its transpose share."""
+    xh = st.xhat.unsqueeze(1)
+    m2 = isum(imul(v, xh), -1, keepdim=True)
+    m2 = Box(m2.c / n, m2.r / n + rel64() * m2.mag / n)
+    u = imul(xh, m2)
+    h = pad(v.c - u.c, v.r + u.r)
+    if centre:
+        m1 = isum(v, -1, keepdim=True)
+        h = pad(h.c - m1.c / n, h.r + m1.r / n + rel64() * m1.mag / n)
+    return imul(h, st.inv_sigma.unsqueeze(1))
 
 
 def _norm_tangent(node: Node, boxes: Sequence[Box], tans: Sequence[Box | None]) -> Box | None:
@@ -771,15 +778,7 @@ def _norm_tangent(node: Node, boxes: Sequence[Box], tans: Sequence[Box | None]) 
     B, R = t0.c.shape[:2]
     n = st.n
     t = t0.reshape(B, R, -1, n)
-    xh = st.xhat.unsqueeze(1)
-    m2 = isum(imul(t, xh), -1, keepdim=True)
-    m2 = Box(m2.c / n, m2.r / n + rel64() * m2.mag / n)
-    u = imul(xh, m2)
-    h = pad(t.c - u.c, t.r + u.r)
-    if centre:
-        m1 = isum(t, -1, keepdim=True)
-        h = pad(h.c - m1.c / n, h.r + m1.r / n + rel64() * m1.mag / n)
-    out = imul(h, st.inv_sigma.unsqueeze(1))
+    out = _norm_projection(t, st, n, centre)
     if st.gamma is not None:
         out = imul(out, point(st.gamma))
     return out.reshape(B, R, *node.out_shape)
