@@ -296,16 +296,22 @@ def _check_slopes(slopes: tuple[float, float]) -> tuple[float, float]:
     return a, b
 
 
-def _problem(
-    L: Any, R: Any, slopes: tuple[float, float]
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(C0, L', R)`` with ``L diag(a + (b-a) sigma) R = C0 + L' diag(sigma) R``."""
+def _as_pair(L: Any, R: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    """``L`` and ``R`` as float64 matrices whose inner dimensions agree (else a named error)."""
     L = _as64(L, "L")
     R = _as64(R, "R")
     if L.shape[1] != R.shape[0]:
         raise InvalidArgumentError(
             f"inner dimensions differ: L is {tuple(L.shape)}, R is {tuple(R.shape)}"
         )
+    return L, R
+
+
+def _problem(
+    L: Any, R: Any, slopes: tuple[float, float]
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(C0, L', R)`` with ``L diag(a + (b-a) sigma) R = C0 + L' diag(sigma) R``."""
+    L, R = _as_pair(L, R)
     a, b = _check_slopes(slopes)
     L, R = reduce_pair(L, R)
     return a * (L @ R), (b - a) * L, R
@@ -637,12 +643,7 @@ def pair_certified(  # noqa: PLR0913 - the public entry point: one keyword optio
     ('half', 1.0)
     """
     t0 = time.perf_counter()
-    L0 = _as64(L, "L")
-    R0 = _as64(R, "R")
-    if L0.shape[1] != R0.shape[0]:
-        raise InvalidArgumentError(
-            f"inner dimensions differ: L is {tuple(L0.shape)}, R is {tuple(R0.shape)}"
-        )
+    L0, R0 = _as_pair(L, R)
     a, b = _check_slopes(slopes)
     c = max(abs(a), abs(b))
     t_dense = time.perf_counter()
