@@ -48,6 +48,7 @@ from ._ops import module_call, op_device, output_shape
 __all__ = [
     "ConvSpec",
     "DENSE_LIMIT",
+    "jacobian_upper",
     "best_certificate",
     "conv_fourier_upper",
     "conv_l2_upper",
@@ -1485,15 +1486,29 @@ def dense_upper(op: Any, in_shape: tuple[int, ...], norm: str = "2") -> tuple[fl
     sp = _pooled_linear_jacobian(op, in_shape)
     if sp is not None:
         J, _, err = sp
-        n_out, n_in = J.shape
-    else:
-        jb = _dense_jacobian(op, in_shape)
-        if jb is None:
-            return None
-        J, b = jb
-        n_out, n_in = J.shape
-        fro = float(torch.linalg.matrix_norm(J, "fro"))
-        err = 16 * (n_in + 1) * U * fro + 2 * U * math.sqrt(n_in) * float(b.norm())
+        return _with_entry_error(J, err, norm)
+    jb = _dense_jacobian(op, in_shape)
+    if jb is None:
+        return None
+    return jacobian_upper(*jb, norm)
+
+
+def jacobian_upper(J: torch.Tensor, b: torch.Tensor, norm: str = "2") -> tuple[float, str]:
+    r"""Certified ``||J_true||`` from a computed dense Jacobian ``J`` (``n_out x n_in``) of a
+    composition of linear layers and its computed offset ``b = op(0)``, as built by
+    :func:`dense_matrix` (columns ``op(e_j) - op(0)`` or vector-Jacobian rows): the error
+    model and margins of :func:`dense_upper`, ``||J - J_true||_F <= 16 (n_in + 1) u ||J||_F +
+    2 u sqrt(n_in) ||b||``, added to :func:`matrix_norm_upper` of ``J``."""
+    n_in = J.shape[1]
+    fro = float(torch.linalg.matrix_norm(J.to(_F64), "fro"))
+    err = 16 * (n_in + 1) * U * fro + 2 * U * math.sqrt(n_in) * float(b.to(_F64).norm())
+    return _with_entry_error(J, err, norm)
+
+
+def _with_entry_error(J: torch.Tensor, err: float, norm: str) -> tuple[float, str]:
+    """:func:`matrix_norm_upper` of ``J`` plus the entry error ``err`` (a Frobenius bound on
+    ``J - J_true``; times ``sqrt(max side)`` for l1 / l-inf, ``||E||_1 <= sqrt(m) ||E||_F``)."""
+    n_out, n_in = J.shape
     if norm != "2":
         err *= math.sqrt(max(n_in, n_out))
     v, how = matrix_norm_upper(J, norm)
