@@ -50,6 +50,7 @@ __all__ = [
     "DENSE_LIMIT",
     "jacobian_upper",
     "best_certificate",
+    "bn_scale",
     "conv_fourier_upper",
     "conv_l2_upper",
     "conv_spec",
@@ -1515,9 +1516,12 @@ def _with_entry_error(J: torch.Tensor, err: float, norm: str) -> tuple[float, st
     return round_up(v + err), "dense Jacobian, " + how
 
 
-def _bn_scale(m: nn.Module) -> torch.Tensor | None:
-    """Per-channel factor of an eval-mode BatchNorm (``None`` if it uses batch statistics)."""
-    if not isinstance(m, nn.modules.batchnorm._BatchNorm) or m.training:
+def bn_scale(m: nn.Module | None, *, running: bool = False) -> torch.Tensor | None:
+    """Per-channel factor ``gamma / sqrt(running_var + eps)`` (float64) of a BatchNorm in eval
+    mode, ``None`` for anything else or one without running statistics; ``running=True``
+    reads the running statistics in training mode too (the eval-mode network a training
+    penalty certifies)."""
+    if not isinstance(m, nn.modules.batchnorm._BatchNorm) or (m.training and not running):
         return None
     if m.running_var is None:
         return None
@@ -1604,7 +1608,7 @@ def _single(
         c = float(_pad_copy_counts(tuple(spatial), list(padding), mode).max())
         v = {"2": math.sqrt(c), "1": c, "inf": 1.0}[norm]
         return round_up(v), f"{mode} padding, max copy count {int(c)}"
-    s = _bn_scale(m)
+    s = bn_scale(m)
     if s is not None:
         return round_up(float(s.abs().max()), 16 * U), "eval BatchNorm (diagonal)"
     spec = conv_spec(m, in_shape, out_shape)
@@ -1635,14 +1639,14 @@ def _fold_bn(parts: list[_Part]) -> list[_Part]:
         spec = conv_spec(m, ins, outs) if isinstance(m, nn.Module) else m
         if isinstance(spec, ConvSpec) and not spec.adjoint and i + 1 < len(parts):
             nxt = parts[i + 1][0]
-            s = _bn_scale(nxt) if isinstance(nxt, nn.Module) else None
+            s = bn_scale(nxt) if isinstance(nxt, nn.Module) else None
             if s is not None and s.numel() == spec.weight.shape[0]:
                 w = spec.weight * s.reshape(-1, *([1] * (spec.weight.dim() - 1)))
                 out.append((replace(spec, weight=w), ins, parts[i + 1][2]))
                 i += 2
                 continue
         if isinstance(m, nn.Module):
-            s = _bn_scale(m)
+            s = bn_scale(m)
             if s is not None and i + 1 < len(parts):
                 nm, nins, nouts = parts[i + 1]
                 nspec = conv_spec(nm, nins, nouts) if isinstance(nm, nn.Module) else nm

@@ -69,7 +69,7 @@ from torch import nn
 
 from .._validation import check_choice, check_input_shape, check_model, check_positive
 from ..errors import InvalidArgumentError, NotSequentialError, UnsupportedNode
-from ..spectral.certify import dense_matrix, jacobian_upper
+from ..spectral.certify import bn_scale, dense_matrix, jacobian_upper
 from ._power import (
     SVD_ENTRIES,
     certified_layer_norm,
@@ -415,8 +415,8 @@ class LipschitzPenalty(nn.Module):
             w0: torch.Tensor = m.weight  # type: ignore[assignment]
             w = w0.detach().to(torch.float64)
             j = i + 1
-            while j < len(nodes) and _bn_scale(nodes[j].module) is not None:
-                scale = _bn_scale(nodes[j].module)
+            while j < len(nodes) and bn_scale(nodes[j].module, running=True) is not None:
+                scale = bn_scale(nodes[j].module, running=True)
                 if scale is None:  # pragma: no cover - checked by the loop condition
                     break
                 w = w * scale.reshape(-1, *([1] * (w.dim() - 1)))
@@ -490,17 +490,6 @@ def _minimum(a: Any, b: Any) -> Any:
     a = torch.as_tensor(a, dtype=ref.dtype, device=ref.device)
     b = torch.as_tensor(b, dtype=ref.dtype, device=ref.device)
     return torch.minimum(a, b)
-
-
-def _bn_scale(module: nn.Module | None) -> torch.Tensor | None:
-    """``gamma / sqrt(running_var + eps)`` of an eval-mode BatchNorm (float64), else None."""
-    if not isinstance(module, nn.modules.batchnorm._BatchNorm) or module.running_var is None:
-        return None
-    var = module.running_var.detach().to(torch.float64)
-    s = 1.0 / torch.sqrt(var + module.eps)
-    if module.weight is not None:
-        s = s * module.weight.detach().to(torch.float64)
-    return s
 
 
 def penalty(
