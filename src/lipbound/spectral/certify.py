@@ -60,6 +60,7 @@ __all__ = [
     "matrix_norm_upper",
     "pow2_split",
     "round_up",
+    "U",
 ]
 
 U = 2.0**-53  # float64 unit roundoff
