@@ -27,7 +27,9 @@ def _jac_max(net: nn.Module, n0: int, seed: int, n: int = 64) -> float:
 
 @pytest.mark.parametrize(
     ("sizes", "act", "seed"),
-    [([3, 10, 10, 2], nn.ReLU, 0), ([4, 12, 8, 3], nn.Tanh, 1), ([3, 10, 1], nn.LeakyReLU, 2)],
+    [([3, 10, 10, 2], nn.ReLU, 0), ([4, 12, 8, 3], nn.Tanh, 1), ([3, 10, 1], nn.LeakyReLU, 2),
+     # wider input than first layer: the barrier method searches on the QR-reduced LMI
+     ([30, 6, 5, 2], nn.ReLU, 3), ([25, 8, 3], nn.Tanh, 4), ([40, 7, 7, 1], nn.LeakyReLU, 5)],
 )
 def test_schur_equals_lipsdp_neuron_by_clarabel(
     sizes: list[int], act: type[nn.Module], seed: int

@@ -85,7 +85,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-from scipy.linalg import cho_solve, lapack
+from scipy.linalg import cho_solve, lapack, qr
 from scipy.sparse.linalg import ArpackNoConvergence, eigsh
 
 from ..errors import InvalidArgumentError, NonFiniteError
@@ -107,7 +107,8 @@ _TINY = float(np.finfo(np.float64).smallest_subnormal)  # |fl(d x) - d x| for d 
 
 
 _TAU0 = 0.1  # start nearer the analytic centre (diabetes 64x4: 1.0 stalls, 0.1 converges)
-_MAX_CENTRING = 30  # Newton steps per centring before the barrier method gives up
+_MAX_CENTRING = 150  # Newton steps per centring before the barrier method gives up (digits
+# 256x2 needed 60 after a tau update: the damped steps move far-off multipliers slowly)
 
 
 class _OutOfTime(Exception):
@@ -624,6 +625,14 @@ def barrier_newton(  # noqa: PLR0913 - its API (_residual, the tests): one keywo
     Wb = [np.asarray(W) * (d[i] / d[i + 1]) for i, W in enumerate(Ws[:-1])]
     Wb.append(np.asarray(Ws[-1]) * (d[-1] * dout))
     Sb = None if shortcut is None else np.asarray(shortcut) * dout  # d_0 = 1
+    if Sb is None and Wb[0].shape[1] > Wb[0].shape[0]:
+        # a wide first layer W_1 = R^T Q^T (thin QR of W_1^T, Q^T Q = I): S depends on W_1
+        # only through W_1^T T_1 W_1 and W_1^T T_1, so the congruence by blockdiag([Q, Q_perp],
+        # I, ...) splits S(W_1) into S(R^T) and an identity block. The barrier, its gradient
+        # and its Hessian in (T, r) are those of the smaller LMI S(R^T) (n_1 input rows
+        # instead of n_0; MNIST 784-256-10: 522 rows instead of 1050). Only the search
+        # changes: certify_schur proves the returned T on the original weights.
+        Wb[0] = np.ascontiguousarray(qr(Wb[0].T, mode="r")[0][: Wb[0].shape[0]].T)
     sc = np.concatenate([np.full(n, d[i + 1] ** 2) for i, n in enumerate(sizes)]) if sizes else t_in
     t_b, r_b, steps, status = _barrier_newton(
         _Dense(Wb, ranges, Sb), t_in * sc, r0 * dout**2,
