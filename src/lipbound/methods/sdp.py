@@ -480,9 +480,12 @@ def _lipsdp_chain(call: _Call, widths: list[int]) -> SDPResult:
     leave of it."""
     cube = sum(float(n) ** 3 for n in widths)
     time_limit = call.time_limit
+    # the time model needs the machine's rate only where the chain's cubic work can matter
+    # (measuring it costs about 1e8 flops)
+    rate = flop_rate() if time_limit is not None and 24.0 * cube > 1e8 else math.inf
     if time_limit is not None:
         flops = 14.0 * cube
-        need = flops / flop_rate()
+        need = flops / rate
         if need > time_limit:
             return _lipsdp_composed(
                 call,
@@ -496,7 +499,7 @@ def _lipsdp_chain(call: _Call, widths: list[int]) -> SDPResult:
     if time_limit is not None:
         # the closed form, its certificate and the optimised point's (~10 sum n^3 more)
         # are not interruptible: the optimiser gets what they leave
-        time_limit = time_limit - 24.0 * cube / flop_rate()
+        time_limit = time_limit - 24.0 * cube / rate
         if time_limit <= 0:
             opts["optimise"] = False
             time_limit = None
