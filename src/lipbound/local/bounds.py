@@ -38,7 +38,9 @@ class LocalOptions:
     IBP, fast; e.g. ``1 << 13``: much tighter boxes, above all at l-inf radii, at tens of times
     the cost per image, see the CHANGELOG; the nodes above the budget keep their IBP box, with
     a note); ``use_global``: cap by AutoLip's certified bound
-    when it exists;
+    when it exists; ``split``: also compose the bound ball to ball over the graph's residual
+    cuts (:mod:`lipbound.local.split`; one more pass per segment and sample, only on graphs
+    with residual blocks) and keep the smaller;
     ``steps`` / ``restarts`` / ``seed``: the witness search (pair ascent in the ball);
     ``progress``: called with one line per chunk.
     """
@@ -47,6 +49,7 @@ class LocalOptions:
     refine: int = 1 << 19
     crown: int = 0
     use_global: bool = True
+    split: bool = True
     steps: int = 30
     restarts: int = 2
     seed: int = 0
