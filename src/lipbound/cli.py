@@ -52,7 +52,7 @@ from ._version import __version__
 from .errors import LipboundError, MissingDependencyError
 from .local.bounds import LocalOptions
 from .methods.certify import certify
-from .report import METHODS, bound, plot_report
+from .report import DEFAULT_METHODS, METHODS, bound, plot_report
 from .results import format_table
 from .zoo.data import synthetic_gp
 from .zoo.models import ZOO, paper_mlp
@@ -60,7 +60,7 @@ from .zoo.training import fit, mse
 
 __all__ = ["main"]
 
-_DEFAULT_METHODS = ("lower", "autolip", "seqlip")
+_DEFAULT_METHODS = DEFAULT_METHODS
 
 
 class _Parser(argparse.ArgumentParser):
@@ -96,7 +96,7 @@ def _build_parser() -> _Parser:
                      help="weights for a factory or zoo model (.safetensors or state_dict)")
     est.add_argument("--method", "-m", action="append", metavar="M[,M...]",
                      help="methods to run, comma-separated or repeated: lower, autolip, "
-                     "seqlip, exact, lipsdp (default: lower,autolip,seqlip)")
+                     "lipsdp, seqlip, exact (default: lower,autolip,lipsdp,seqlip)")
     est.add_argument("--norm", default="2", choices=["1", "2", "inf"],
                      help="p-norm on inputs and outputs (default: 2)")
     est.add_argument("--data", metavar="FILE",
@@ -331,7 +331,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     err = mse(model, xte, yte)
     say(f"trained in {time.perf_counter() - t0:.1f} s, test MSE {err:.4f} "
         f"(target variance {float(yte.var()):.3f})")
-    methods = ("lower", "autolip", "seqlip", "exact")
+    methods = ("lower", "autolip", "lipsdp", "seqlip", "exact")
     opts: dict[str, Any] = {
         "lower": {"seed": args.seed, "steps": 100}, "exact": {"time_limit": 10.0},
     }

@@ -53,6 +53,7 @@ from .methods.seqlip import seqlip
 from .results import LipschitzResult, format_markdown_table, format_table
 
 __all__ = [
+    "DEFAULT_METHODS",
     "METHODS",
     "REPORT_SCHEMA",
     "MethodRun",
@@ -83,6 +84,8 @@ TAKES: dict[str, frozenset[str]] = {
     "lipsdp": frozenset({"time_limit"}),
 }
 _UPPER_METHODS = ("autolip", "seqlip", "exact", "lipsdp")
+#: what :func:`bound` and the CLI run when no ``methods`` are given
+DEFAULT_METHODS = ("lower", "autolip", "lipsdp", "seqlip")
 _MAX_WITNESS = 1024  # witnesses with more entries are left out of to_dict()
 
 
@@ -406,7 +409,7 @@ def bound(
     model: nn.Module | Analysis,
     input_shape: Sequence[int] | int | None = None,
     *,
-    methods: Iterable[str] = ("lower", "autolip", "seqlip"),
+    methods: Iterable[str] = DEFAULT_METHODS,
     data: Any = None,
     norm: Any = 2,
     progress: ProgressArg = False,
@@ -420,10 +423,11 @@ def bound(
     Parameters
     ----------
     methods:
-        any of ``"lower"`` (:func:`lipbound.lower_bound`), ``"autolip"``, ``"seqlip"``,
-        ``"exact"`` (small ReLU nets), ``"lipsdp"`` (LipSDP-neuron on feed-forward chains by
-        the structured Schur solver, no extra dependency; refused quickly elsewhere; not in the
-        defaults yet: it overran its share of ``time_limit``); run in the given order.
+        any of ``"lower"`` (:func:`lipbound.lower_bound`), ``"autolip"``, ``"lipsdp"``
+        (LipSDP-neuron by the structured Schur solver, no extra dependency: on a whole dense
+        chain, else on the sequential segments composed with AutoLip), ``"seqlip"``,
+        ``"exact"`` (small ReLU nets); run in the given order. Default
+        :data:`DEFAULT_METHODS`: ``("lower", "autolip", "lipsdp", "seqlip")``.
     data:
         optional data points ``(N, *input_shape)`` for the lower bound (the paper's data bound
         and starting points of the search).
@@ -436,8 +440,8 @@ def bound(
     time_limit:
         ONE overall budget in seconds. Each method that takes a ``time_limit`` gets, when it
         starts, its share of what is left (``left * w / (w + weights of the methods after
-        it)``, every weight 1 except AutoLip's 2: its certified constants are the baseline
-        that SeqLip reuses and that a report without them lacks), so time a method leaves
+        it)``, every weight 1 except AutoLip's 3: its certified constants are the baseline
+        that LipSDP and SeqLip reuse and that a report without them lacks), so time a method leaves
         unused goes to the next ones. A method whose options set ``time_limit`` keeps it.
         Default: every method's own default.
     **method_options:
@@ -528,8 +532,10 @@ def estimate(model: nn.Module, input_shape: Sequence[int] | int, **kwargs: Any) 
 def _budget_weight(name: str) -> float:
     """Share weight of a method in :func:`bound`'s budget (see its ``time_limit``): with 1/4
     (before 0.3) AutoLip got 3.3 s of a 30 s budget after the lower bound and refused, so
-    bound() printed no upper bound for resnet18 at 32x32, which AutoLip certifies in 8 s."""
-    return 2.0 if name == "autolip" else 1.0
+    bound() printed no upper bound for resnet18 at 32x32, which AutoLip certifies in 8 s;
+    3 since lipsdp joined the defaults, so that AutoLip keeps 3/5 of what is left after the
+    lower bound (it had 2/3 against SeqLip alone), as LipSDP and SeqLip reuse its constants."""
+    return 3.0 if name == "autolip" else 1.0
 
 
 @dataclass(frozen=True)
