@@ -372,7 +372,8 @@ def lipsdp(
     solver:   ``"auto"``: ``"schur"`` for the neuron variant (no cvxpy; ``solver_options``
               may set ``device``, ``max_iter``, ``betas``, ``optimise``, ``ipm_max_rows``,
               ``ipm_max_steps``; ``time_limit`` bounds
-              the optimisation, 60 s when ``None``; the certificate always runs); for the layer
+              the optimisation, ``CHAIN_LIMIT`` (20 s) when ``None``; the certificate always
+              runs); for the layer
               variant the cvxpy choice below. cvxpy choice: CVXOPT up to 250 rows for
               the neuron variant, 400 for the layer variant; SCS beyond; Clarabel only
               for tiny LMIs without CVXOPT; or by name:
@@ -673,7 +674,7 @@ def _lipsdp_schur(
 ) -> SDPResult:
     """``lipsdp`` with the Schur-complement solver (``options`` go to ``solve_schur``)."""
     Ws, ranges = slope_ranges_of(model, shape)
-    sol = solve_schur(Ws, ranges, time_limit=60.0 if time_limit is None else time_limit,
+    sol = solve_schur(Ws, ranges, time_limit=CHAIN_LIMIT if time_limit is None else time_limit,
                       **options)
     cands = [v for v in (sol.value, sol.closed_form) if v is not None]
     notes = list(sol.notes)
@@ -720,6 +721,11 @@ def _lipsdp_schur(
 #: default seconds for the SDP chains of a composed call without ``time_limit`` (the Schur
 #: path's default optimisation time)
 _COMPOSED_LIMIT = 60.0
+#: the optimisation time of the Schur default on a whole chain when time_limit is None (was
+#: 60 s; the one-call report, lipsdp included, is meant to answer within a minute, and on
+#: ECLipsE's random MLPs the bound after 15 s is already far below ECLipsE-Fast's: see
+#: benchmarks/results/bound_mlps.md)
+CHAIN_LIMIT = 20.0
 #: float64 flops of the closed form and its certificate (not interruptible) per
 #: ``sum_i (n_{i-1} + n_i)^3`` over a chain's consecutive widths (the certificate factors the
 #: 2x2 blocks of that order, retrying with larger shifts): measured 6-7 on random MLPs of widths
