@@ -45,6 +45,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from lipbound.errors import NotSequentialError
 from lipbound.methods import sdp
 from lipbound.methods.autolip import autolip
 from lipbound.methods.lower import lower_bound
@@ -255,7 +256,7 @@ def _eclipse(net: nn.Module, shape: tuple[int, ...], fast: bool) -> tuple[str, s
 def _row(name: str, net: nn.Module, shape: tuple[int, ...], data: Any, limit: float) -> list[str]:
     try:
         Ws, _ = sdp.slope_ranges_of(net, shape)
-    except Exception:  # not one chain (residual adds): no LMI of its own, no ECLipsE
+    except NotSequentialError:  # not one chain (residual adds): no LMI of its own, no ECLipsE
         Ws = []
     rows = Ws[0].shape[1] + sum(W.shape[0] for W in Ws) if Ws else 0
     widths = [W.shape[0] for W in Ws[:-1]]

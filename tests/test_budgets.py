@@ -509,7 +509,7 @@ def test_regression_bound_starved_autolip_of_its_budget(monkeypatch: pytest.Monk
     deadline = time.perf_counter() + 30.0
     rep = bound(net, (4,), time_limit=30.0)
     assert rep.upper is not None
-    assert seen["limit"] >= 0.59 * seen["left"] / 1.1, seen
+    assert seen["limit"] >= 0.6 * seen["left"] / 1.1, seen
 
 
 def test_conv_pair_cost_flags_vgg11_block_at_224() -> None:

@@ -60,9 +60,6 @@ from .zoo.training import fit, mse
 
 __all__ = ["main"]
 
-_DEFAULT_METHODS = DEFAULT_METHODS
-
-
 class _Parser(argparse.ArgumentParser):
     """ArgumentParser whose errors are one line (raised as UsageError, exit code 2)."""
 
@@ -173,7 +170,7 @@ def _search_options(p: argparse.ArgumentParser) -> None:
 def _methods(values: Sequence[str] | None) -> tuple[str, ...]:
 
     if not values:
-        return _DEFAULT_METHODS
+        return DEFAULT_METHODS
     names = [n.strip() for v in values for n in v.split(",") if n.strip()]
     for n in names:
         if n not in METHODS:

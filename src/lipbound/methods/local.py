@@ -187,12 +187,12 @@ def _uppers(  # noqa: PLR0913 - the chunk loop of local_bound and of each residu
 
 def _composed(graph: OpGraph, ops: dict[str, LocalOp], x: torch.Tensor, *, radius: float,
               n: str, lin: dict[str, float], chunk: int, opts: LocalOptions
-              ) -> torch.Tensor | None:
-    """The bound composed ball to ball over the graph's residual cuts
-    (:mod:`lipbound.local.split`, its proof; ``None`` without cuts or with ``opts.split``
-    off): the first segment on the ball of ``radius``, each later one, sample by sample, on
-    the ball around its cut's computed centre of radius ``(product so far) radius + ||e||``,
-    ``e`` the centre's rounding radius."""
+              ) -> tuple[torch.Tensor, int] | None:
+    """The bound composed ball to ball over the graph's residual cuts and the number of cuts
+    used (:mod:`lipbound.local.split`, its proof; ``None`` without cuts or with
+    ``opts.split`` off): the first segment on the ball of ``radius``, each later one on the
+    ball around its cut's computed centre of radius ``(product so far) radius + ||e||``
+    (:meth:`_Chain.segment_uppers`), ``e`` the centre's rounding radius."""
     cuts = residual_cuts(graph) if opts.split else []
     if not cuts:
         return None
@@ -231,7 +231,7 @@ def _composed(graph: OpGraph, ops: dict[str, LocalOp], x: torch.Tensor, *, radiu
         us = ctx.segment_uppers(ends[i], ends[j], before, telescope=True)
         tele = [round_up(p * u) for p, u in zip(before, us)]
     return torch.tensor([min(a, b) for a, b in zip(best[-1], tele)], dtype=_F64,
-                        device=x.device)
+                        device=x.device), len(cuts)
 
 
 @dataclass(frozen=True)
@@ -344,10 +344,11 @@ def local_bound(
         composed = _composed(graph, ops, x, radius=float(radius), n=n, lin=lin, chunk=chunk,
                              opts=opts)
         if composed is not None:
-            if bool((composed < interval).any()):
-                ibp_notes.append(f"composed over {len(residual_cuts(graph))} residual cut(s) "
-                                 "where smaller (lipbound.local.split)")
-            interval = torch.minimum(interval, composed)
+            bounds, used = composed
+            if bool((bounds < interval).any()):
+                ibp_notes.append(f"composed over {used} residual cut(s) where smaller "
+                                 "(lipbound.local.split)")
+            interval = torch.minimum(interval, bounds)
     upper = interval if glob is None else torch.clamp(interval, max=glob)
     low: tuple[float, ...] | None = None
     hows: list[str] = []
