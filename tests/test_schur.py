@@ -91,3 +91,16 @@ def test_single_layer_is_spectral_norm() -> None:
     res = sdp.lipsdp(net, (5,))
     norm = float(np.linalg.norm(W, 2))
     assert res.certified and norm <= res.value <= norm * (1 + 1e-8)
+
+
+def test_regression_zero_output_layer_crashed_the_barrier_method() -> None:
+    """The fuzzer's finding (seed 13): ``0 * mish(x)`` has a zero last weight matrix; the
+    barrier method's Newton system got zero / non-finite rows and scipy's ``cho_solve``
+    raised ``ValueError: array must not contain infs or NaNs``. The search now stops there
+    and the certified bound (of a map whose constant is 0) comes back."""
+    net = nn.Sequential(nn.Linear(12, 12), nn.Mish(), nn.Linear(12, 12)).double().eval()
+    with torch.no_grad():
+        net[2].weight.zero_()
+    res = sdp.lipsdp(net, (12,))
+    assert res.certified and res.upper is not None
+    assert 0.0 <= res.upper <= 1e-100

@@ -634,10 +634,13 @@ def barrier_newton(  # noqa: PLR0913 - its API (_residual, the tests): one keywo
         # changes: certify_schur proves the returned T on the original weights.
         Wb[0] = np.ascontiguousarray(qr(Wb[0].T, mode="r")[0][: Wb[0].shape[0]].T)
     sc = np.concatenate([np.full(n, d[i + 1] ** 2) for i, n in enumerate(sizes)]) if sizes else t_in
-    t_b, r_b, steps, status = _barrier_newton(
-        _Dense(Wb, ranges, Sb), t_in * sc, r0 * dout**2,
-        _NewtonOptions(deadline=deadline, rel_gap=rel_gap, mu=mu, max_newton=max_newton),
-    )
+    # overflow / 0 * inf in the Newton system (a zero weight matrix) is detected and ends the
+    # search (_Centring.centre): numpy need not warn about it
+    with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
+        t_b, r_b, steps, status = _barrier_newton(
+            _Dense(Wb, ranges, Sb), t_in * sc, r0 * dout**2,
+            _NewtonOptions(deadline=deadline, rel_gap=rel_gap, mu=mu, max_newton=max_newton),
+        )
     return t_b / sc, r_b / dout**2, steps, status
 
 
@@ -693,7 +696,11 @@ class _Centring:
             if self.L is None:
                 return "left the domain"
             g, Hm = D.newton_system(self.t, self.r, self.tau, self.L)
-            dsc = 1.0 / np.sqrt(np.maximum(np.diag(Hm), 1e-300))
+            dg = np.diag(Hm)
+            if not (np.isfinite(Hm).all() and np.isfinite(g).all() and (dg > 0).all()):
+                # a zero weight matrix gives zero or non-finite rows in the system
+                return "Newton system singular or not finite"
+            dsc = 1.0 / np.sqrt(dg)
             Lh, info = _lapack_potrf(Hm * dsc[:, None] * dsc[None, :])
             if info != 0:
                 return "Newton system not positive definite"
