@@ -492,8 +492,9 @@ def test_top_rows_large_is_an_orthogonal_compression() -> None:
 
 def test_regression_bound_starved_autolip_of_its_budget(monkeypatch: pytest.MonkeyPatch) -> None:
     """bound()'s default order runs the lower bound first; AutoLip then got 1/4 weight, 3.3 s
-    of a 30 s budget, and refused on resnet18 at 32x32 (8 s alone): no upper bound at all.
-    Its share of what is left is now 3/5 (weight 3 against LipSDP's and SeqLip's 1)."""
+    of a 30 s budget, and refused on resnet18 at 32x32 (8 s alone): no upper bound at all;
+    with weight 3 (3/5 of what was left) VGG-16-BN at 32x32 was still starved. AutoLip now
+    gets all that is left (LipSDP and SeqLip take what it leaves)."""
     import lipbound.report as report
 
     seen: dict[str, float] = {}
@@ -509,7 +510,7 @@ def test_regression_bound_starved_autolip_of_its_budget(monkeypatch: pytest.Monk
     deadline = time.perf_counter() + 30.0
     rep = bound(net, (4,), time_limit=30.0)
     assert rep.upper is not None
-    assert seen["limit"] >= 0.6 * seen["left"] / 1.1, seen
+    assert seen["limit"] >= 0.99 * seen["left"] / 1.1, seen
 
 
 def test_conv_pair_cost_flags_vgg11_block_at_224() -> None:

@@ -331,6 +331,53 @@ def test_result_vocabulary_and_json() -> None:
     assert d["status"] == res.status and d["how"] == res.how
     assert d["norm"] == "2" and d["radius"] == 0.05 and len(d["lower"]) == 3
     assert "LocalResult" in repr(res)
+    # per-node rows, as in every result: the three linear layers and both activations
+    assert [r.op for r in res.layers] == ["Linear", "Tanh", "Linear", "Tanh", "Linear"]
+    assert all(0.0 < r.value <= 1.0 + 1e-9 for r in res.layers if r.op == "Tanh")
+    assert [r["name"] for r in d["layers"]] == [r.name for r in res.layers]
+
+
+@settings(max_examples=10, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(arch=st.sampled_from(["relu", "tanh", "gelu", "ln_product", "attention", "vit",
+                             "resmlp"]),
+       seed=st.integers(0, 10_000), log_r=st.floats(-3.0, 0.0),
+       norm=st.sampled_from(["2", "inf"]))
+def test_per_node_rows_bound_every_realised_node_ratio(arch: str, seed: int, log_r: float,
+                                                       norm: str) -> None:
+    """Each row of ``LocalResult.layers`` bounds its node on the ball: for pairs of inputs in
+    the ball, ``||f_k(a') - f_k(b')|| <= c_k sum_j ||a'_j - b'_j||`` at the node's own input
+    and output values (read from the graph evaluated at each point)."""
+    torch.manual_seed(seed)
+    net = ARCHS[arch]().eval()
+    x = torch.randn(1, DIMS.get(arch, 5))
+    radius = 10.0 ** log_r
+    res = lipbound.local_bound(net, x, radius, norm=norm, lower=False,
+                               options=LocalOptions(use_global=False))
+    graph = res.extra["graph"]
+    rows = {r.name: r.value for r in res.layers}
+    assert rows and all(r.certified for r in res.layers)
+    assert any(n.kind != "linear" for n in graph if n.qualname in rows)
+    ops = check_graph(graph)
+    g = torch.Generator().manual_seed(seed)
+
+    def point() -> torch.Tensor:
+        u = torch.randn(1, x.shape[1], generator=g, dtype=F64)
+        scale = u.norm() if norm == "2" else u.abs().max()
+        return x.double() + u / scale * radius * float(torch.rand((), generator=g))
+
+    def size(t: torch.Tensor) -> float:
+        t = t.reshape(-1)
+        return float(t.norm() if norm == "2" else t.abs().max())
+
+    for _ in range(8):
+        va = forward_boxes(graph, point(), 0.0, norm, ops)
+        vb = forward_boxes(graph, point(), 0.0, norm, ops)
+        for node in graph:
+            if node.qualname not in rows:
+                continue
+            d_in = sum(size(va[p].c - vb[p].c) for p in node.inputs)
+            d_out = size(va[node.name].c - vb[node.name].c)
+            assert d_out <= rows[node.qualname] * d_in * (1 + 1e-7) + 1e-12, node.qualname
 
 
 @pytest.mark.parametrize("norm", ["2", "inf"])

@@ -440,9 +440,10 @@ def bound(
     time_limit:
         ONE overall budget in seconds. Each method that takes a ``time_limit`` gets, when it
         starts, its share of what is left (``left * w / (w + weights of the methods after
-        it)``, every weight 1 except AutoLip's 3: its certified constants are the baseline
-        that LipSDP and SeqLip reuse and that a report without them lacks), so time a method leaves
-        unused goes to the next ones. A method whose options set ``time_limit`` keeps it.
+        it)``, every weight 1), so time a method leaves unused goes to the next ones, except
+        AutoLip, which gets all that is left: its certified constants are the baseline that
+        LipSDP and SeqLip reuse (without them neither certifies anything), and it stops as
+        soon as they are done. A method whose options set ``time_limit`` keeps it.
         Default: every method's own default.
     **method_options:
         per-method keyword options, keyed by method name, e.g.
@@ -529,13 +530,15 @@ def estimate(model: nn.Module, input_shape: Sequence[int] | int, **kwargs: Any) 
     return bound(model, input_shape, **kwargs)
 
 
-def _budget_weight(name: str) -> float:
-    """Share weight of a method in :func:`bound`'s budget (see its ``time_limit``): with 1/4
-    (before 0.3) AutoLip got 3.3 s of a 30 s budget after the lower bound and refused, so
-    bound() printed no upper bound for resnet18 at 32x32, which AutoLip certifies in 8 s;
-    3 since lipsdp joined the defaults, so that AutoLip keeps 3/5 of what is left after the
-    lower bound (it had 2/3 against SeqLip alone), as LipSDP and SeqLip reuse its constants."""
-    return 3.0 if name == "autolip" else 1.0
+def _share(name: str, left: float, todo: Sequence[str]) -> float:
+    """A method's part of the ``left`` seconds of :func:`bound`'s budget (see its
+    ``time_limit``), ``todo`` the methods still to run, this one first: AutoLip all of it,
+    the others ``left / len(todo)``. A fixed share starved AutoLip: with weight 1/4 (before
+    0.3) it got 3.3 s of a 30 s budget after the lower bound and refused on resnet18 at 32x32
+    (8 s alone); with weight 3 against LipSDP's and SeqLip's 1, VGG-16-BN at 32x32 got 13.6 s
+    of a 30 s budget (it needs 13-19 s on a loaded machine), and neither LipSDP nor SeqLip,
+    which reuse its constants, could then certify anything."""
+    return left if name == "autolip" else left / len(todo)
 
 
 @dataclass(frozen=True)
@@ -581,8 +584,7 @@ def _run_one(
                 error="not run: the time limit of bound() was spent by the methods before it "
                 "(raise time_limit or run fewer methods)"))
             return None
-        w = _budget_weight(name)
-        kwargs["time_limit"] = left * w / sum(_budget_weight(n) for n in todo) / 1.1
+        kwargs["time_limit"] = _share(name, left, todo) / 1.1
     reporter(f"{name}", 0.0)
     try:
         result = fn(an, an.input_shape, **kwargs)

@@ -405,7 +405,9 @@ class LocalResult:
     ``witness[i]`` is the :class:`Witness` that reproduces ``lower[i]`` (a pair of points of
     the ball, or a point of the ball and a direction; ``None`` where the search found nothing
     above 0, or when no search ran). ``how`` says which bound made ``upper``; ``status`` is
-    derived from ``certified`` as in every result.
+    derived from ``certified`` as in every result. ``layers`` are the per-node rows: each
+    node's certified local constant over the ball, the largest over the samples
+    (:mod:`lipbound.local.factors`; per sample in ``extra["node_factors"]``).
     """
 
     upper: tuple[float, ...]
@@ -419,6 +421,7 @@ class LocalResult:
     how: str = ""
     seconds: float = 0.0
     cpu_seconds: float = 0.0
+    layers: tuple[LayerBound, ...] = ()
     notes: tuple[str, ...] = ()
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -446,6 +449,7 @@ class LocalResult:
             "value": list(self.value),
             "seconds": self.seconds,
             "cpu_seconds": self.cpu_seconds,
+            "layers": [row.to_dict() for row in self.layers],
             "notes": list(self.notes),
         }
 

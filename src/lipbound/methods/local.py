@@ -103,6 +103,7 @@ from ..local.bounds import (
     witness,
 )
 from ..local.crown import CrownBudget
+from ..local.factors import node_factors
 from ..local.interval import Box, precision
 from ..local.propagate import (
     backward_rows,
@@ -115,7 +116,7 @@ from ..local.propagate import (
 from ..local.rules import LocalOp
 from ..local.split import residual_cuts, segment
 from ..local.telescope import Pass, point_pass, telescoped_norms
-from ..results import LocalResult, Witness
+from ..results import LayerBound, LocalResult, Witness
 from ..spectral.certify import round_up
 from .autolip import compose
 
@@ -157,10 +158,12 @@ def _global(an: Analysis, norm: str) -> tuple[float | None, str, dict[str, float
 def _uppers(  # noqa: PLR0913 - the chunk loop of local_bound and of each residual segment
     graph: OpGraph, ops: dict[str, LocalOp], x: torch.Tensor, *, radius: float, n: str,
     lin: dict[str, float], chunk: int, opts: LocalOptions, telescope: bool = True,
+    factors: dict[str, tuple[list[torch.Tensor], str]] | None = None,
 ) -> tuple[torch.Tensor, list[str]]:
     """The interval / ball / telescoped bounds of every sample (the smallest; ``telescope``:
     whether to try the telescoped one), chunk by chunk, and the notes of the nodes left at
-    their IBP boxes."""
+    their IBP boxes; ``factors``, if given, receives each node's per-sample local constants
+    (:func:`lipbound.local.factors.node_factors`), one tensor per chunk."""
     budget = CrownBudget(opts.crown, opts.max_memory)
     out_shape = tuple(graph[graph.output.inputs[0]].out_shape)
     K = math.prod(out_shape)
@@ -170,6 +173,10 @@ def _uppers(  # noqa: PLR0913 - the chunk loop of local_bound and of each residu
         tans: dict[str, Box | None] = {}
         boxes = forward_boxes(graph, xb, radius, n, ops, refine=opts.refine, tangents=tans,
                               crown=budget)
+        if factors is not None:
+            for name, (v, how) in node_factors(graph, ops, boxes, lin, n,
+                                               opts.max_memory).items():
+                factors.setdefault(name, ([], how))[0].append(v)
         rows = torch.eye(K, dtype=_F64, device=xb.device).reshape(K, *out_shape)
         rows = rows.unsqueeze(0).expand(xb.shape[0], *rows.shape)
         out_tan = tans.get(graph.output.name)
@@ -338,9 +345,10 @@ def local_bound(
     if not opts.use_global:
         glob, note = None, "global cap not used"
     chunk = chunk_size(graph, K, batch_size, opts.max_memory)
+    factors: dict[str, tuple[list[torch.Tensor], str]] = {}
     with precision(largest_value(graph)):
         interval, ibp_notes = _uppers(graph, ops, x, radius=float(radius), n=n, lin=lin,
-                                      chunk=chunk, opts=opts)
+                                      chunk=chunk, opts=opts, factors=factors)
         composed = _composed(graph, ops, x, radius=float(radius), n=n, lin=lin, chunk=chunk,
                              opts=opts)
         if composed is not None:
@@ -361,6 +369,11 @@ def local_bound(
                 "this model (it is a soundness bug)")
         wits = tuple(wl)
     ups = tuple(float(u) for u in upper)
+    per_node = {k: torch.cat(v) for k, (v, _) in factors.items()}
+    layers = tuple(
+        LayerBound(name=node.qualname, op=node.op, value=float(per_node[node.name].max()),
+                   certified=True, how=factors[node.name][1])
+        for node in graph if node.name in per_node)
     return LocalResult(
         upper=ups,
         lower=low,
@@ -374,7 +387,10 @@ def local_bound(
         radius=float(radius),
         seconds=time.perf_counter() - t0,
         cpu_seconds=time.process_time() - c0,
+        layers=layers,
         notes=(note, *dict.fromkeys(ibp_notes)),
         extra={"interval": tuple(float(v) for v in interval), "global": glob,
-               "lower_how": tuple(hows), "graph": graph},
+               "lower_how": tuple(hows), "graph": graph,
+               "node_factors": {node.qualname: tuple(per_node[node.name].tolist())
+                                for node in graph if node.name in per_node}},
     )
