@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -285,3 +287,53 @@ def test_torch_export_fallback_when_fx_fails() -> None:
     assert 3.0 <= pool.value <= 3.0 * (1 + 1e-6)  # 3x3 stride-1 windows: 9 per input
     J = torch.func.vmap(torch.func.jacrev(lambda v: m(v.unsqueeze(0))[0]))(x)
     assert r.value >= float(torch.linalg.matrix_norm(J.detach().reshape(5, 4, -1), 2).max())
+
+
+@pytest.mark.parametrize("bn", [False, True])
+def test_regression_conv_node_dense_matrix_is_written_from_its_kernel(
+        bn: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Node.dense pushed every basis vector through a conv node (VGG-11 at 32x32: 7 s of
+    lipsdp's 9.7 s, past its time limit); a zero-padded conv (and conv + BatchNorm) node now
+    gets its matrix from the kernel, equal to the basis-vector one."""
+    from lipbound.graph import types as graph_types
+    from lipbound.spectral.certify import dense_matrix
+
+    torch.manual_seed(0)
+    layers: list[nn.Module] = [nn.Conv2d(3, 5, 3, padding=1, stride=2)]
+    if bn:
+        norm = nn.BatchNorm2d(5)
+        norm.running_mean.uniform_(-1, 1)
+        norm.running_var.uniform_(0.5, 2.0)
+        layers.append(norm)
+    model = nn.Sequential(*layers, nn.ReLU()).eval()
+    g = simplify(capture(model, (3, 6, 6)))
+    (node,) = [n for n in g if n.kind == "linear"]
+    # the reference: the unfolded layers in float64, from basis vectors
+    W_ref, b_ref = dense_matrix(copy.deepcopy(model[:-1]).double(), (3, 6, 6))
+
+    def basis_vectors(*a: object, **k: object) -> None:
+        raise AssertionError("the conv node's matrix was built from basis vectors")
+
+    monkeypatch.setattr(graph_types, "dense_matrix", basis_vectors)
+    W, b = node.dense()
+    torch.testing.assert_close(W, W_ref, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(b, b_ref.reshape(-1), rtol=1e-6, atol=1e-6)  # float32 bias
+
+
+def test_cast_parameters_follow_in_place_changes_and_replacements() -> None:
+    """The float64 casts of a float32 module's parameters are cached (a Lanczos run cast a
+    25088 x 4096 weight at every step): a change in place (version counter) or a new
+    storage (``.data = ...``) must give a fresh cast, never a stale one."""
+    from lipbound.graph.capture import call_module_as
+
+    lin = nn.Linear(3, 2)
+    x = torch.randn(4, 3, dtype=torch.float64)
+    y0 = call_module_as(lin, x)
+    torch.testing.assert_close(call_module_as(lin, x), y0)
+    with torch.no_grad():
+        lin.weight.mul_(2.0)
+    y1 = call_module_as(lin, x)
+    torch.testing.assert_close(
+        y1, x @ lin.weight.detach().double().T + lin.bias.detach().double())
+    lin.weight.data = torch.zeros(2, 3)
+    torch.testing.assert_close(call_module_as(lin, x), lin.bias.detach().double().expand(4, 2))

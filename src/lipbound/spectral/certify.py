@@ -48,6 +48,7 @@ from ._ops import module_call, op_device, output_shape
 __all__ = [
     "ConvSpec",
     "DENSE_LIMIT",
+    "conv_matrix_of",
     "jacobian_upper",
     "best_certificate",
     "bn_scale",
@@ -1287,12 +1288,32 @@ def _dense_jacobian(op: Any, in_shape: tuple[int, ...]
         return None
     if math.prod(in_shape) * b[0].numel() > DENSE_LIMIT:
         return None
-    spec = (conv_spec(op, in_shape, tuple(b.shape[1:]))
-            if isinstance(op, nn.modules.conv._ConvNd) else None)
-    if spec is not None and spec.mode == "zeros":
-        J = _conv_matrix(spec)
-        return (J.T.contiguous() if spec.adjoint else J), b.reshape(-1).cpu()
+    J = conv_matrix_of(op, in_shape)
+    if J is not None:
+        return J, b.reshape(-1).cpu()
     return dense_matrix(fn, in_shape, dtype=_F64, device=dev)
+
+
+def conv_matrix_of(op: Any, in_shape: tuple[int, ...]) -> torch.Tensor | None:
+    """The matrix of ``op`` written from its kernel (:func:`_conv_matrix`) when ``op`` is a
+    zero-padded convolution, alone or followed or preceded by an eval BatchNorm (an
+    ``nn.Sequential`` of the two: the BatchNorm folded into the kernel, :func:`_fold_bn`,
+    in float64: each entry within ``u`` of the exact product, inside the entry-error model of
+    :func:`dense_upper`); ``None`` for any other op (the caller builds it by
+    :func:`dense_matrix`)."""
+    if not isinstance(op, nn.Module):
+        return None
+    mods = _flatten_seq(op)
+    if len(mods) > 2 or not any(isinstance(m, nn.modules.conv._ConvNd) for m in mods):
+        return None
+    folded = _folded_parts(mods, tuple(in_shape))
+    if len(folded) != 1 or not isinstance(folded[0][0], ConvSpec):
+        return None
+    spec = folded[0][0]
+    if spec.mode != "zeros":
+        return None
+    J = _conv_matrix(spec)
+    return J.T.contiguous() if spec.adjoint else J
 
 
 def _conv_matrix(spec: ConvSpec) -> torch.Tensor:
