@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import itertools
 import json
 import math
@@ -556,3 +557,53 @@ def test_composed_bound_covers_a_steep_region_off_the_later_centre() -> None:
     real = _realised(net, x, 0.2, "2", n=256)
     assert float(real[0]) > 20.0
     assert float(real[0]) <= res.upper[0] * (1 + 1e-9)
+
+
+def test_regression_certify_local_did_not_compose_over_residual_cuts() -> None:
+    """certify(method="local") bounded the logit differences of a random 2-block TinyViT by
+    the uncut interval rows (wrapped, as local_bound's were: above 1e4 at radius 1e-3); the
+    rows are now also composed ball to ball over the residual cuts."""
+    vit = tiny_vit(seed=0, depth=2).eval()
+    x = torch.rand(2, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    y = vit(x).argmax(dim=1)
+    split = lipbound.certify(vit, x, y, 1e-3, options=LocalOptions(use_global=False))
+    plain = lipbound.certify(vit, x, y, 1e-3,
+                             options=LocalOptions(use_global=False, split=False))
+    Ls, Lp = split.extra["constants"], plain.extra["constants"]
+    assert bool((Ls <= Lp).all())
+    assert float(Lp.max()) > 1e3 * float(Ls.max())
+    assert any("residual cuts" in note for note in split.notes)
+
+
+@pytest.mark.parametrize("arch", ["steep", "resmlp", "vit2"])
+def test_certify_composed_pair_constants_bound_realised_pair_ratios(arch: str) -> None:
+    """Every pair constant (composed over the cuts or not) bounds the realised
+    ``|w^T (f(u) - f(v))| / ||u - v||`` of its logit difference for pairs in the ball, on
+    nets whose cut images reach steep regions (the steep residual) or wrap (the ViT)."""
+    torch.manual_seed(3)
+    if arch == "steep":
+        net, x, radius = _SteepResidual().eval(), torch.tensor([[0.15]]), 0.2
+        net = nn.Sequential(net, nn.Linear(1, 2)).eval()
+    elif arch == "resmlp":
+        net, x, radius = ResMLP().eval(), torch.randn(3, 5), 0.3
+    else:
+        net, x, radius = _vit2().eval(), torch.randn(2, 16), 0.05
+    y = net(x).argmax(dim=1)
+    res = lipbound.certify(net, x, y, radius, options=LocalOptions(use_global=False))
+    L = res.extra["constants"]  # (B, k - 1): pairs (y, j) for j != y, in order
+    net64 = copy.deepcopy(net).double()
+    g = torch.Generator().manual_seed(0)
+    B, d = x.shape
+    for _ in range(64):
+        u = torch.randn(B, d, generator=g, dtype=F64)
+        v = torch.randn(B, d, generator=g, dtype=F64)
+        a = x.double() + u / u.norm(dim=1, keepdim=True) * radius * torch.rand(B, 1, generator=g)
+        b = x.double() + v / v.norm(dim=1, keepdim=True) * radius * torch.rand(B, 1, generator=g)
+        with torch.no_grad():
+            df = net64(a) - net64(b)
+        dist = (a - b).norm(dim=1)
+        for s in range(B):
+            others = [j for j in range(df.shape[1]) if j != int(y[s])]
+            for col, j in enumerate(others):
+                ratio = abs(float(df[s, y[s]] - df[s, j])) / float(dist[s])
+                assert ratio <= float(L[s, col]) * (1 + 1e-9) + 1e-12

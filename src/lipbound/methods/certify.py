@@ -23,7 +23,10 @@ certifies ``x``. ``L_j`` is the constant of ``x -> w^T f(x)`` with the differenc
   matrix ``w^T M`` (a one-row matrix's l2 / l-inf operator norm is its row's l2 / l1 norm);
   the smallest, capped by the global one below when it exists (each is valid, hence their
   minimum). The boxes are those of :func:`lipbound.local_bound` (CROWN within
-  ``options.crown``);
+  ``options.crown``); on graphs with residual cuts (``options.split``), also the row bound
+  composed ball to ball over the best chain of cuts (:func:`lipbound.local.compose.
+  composed_rows`, its proof: the last segment's row bound times the certified bound up to
+  its cut);
 * ``method="global"``: AutoLip's per-node certified constants (:func:`~lipbound.methods.
   autolip.node_constants`) composed up to the input of the last affine node ``W`` (bound
   ``L_h``), times the exact ``||W^T w||_2`` (l2) or ``||W^T w||_1`` (l-inf) of that node's
@@ -56,21 +59,17 @@ from ..local.bounds import (
     certified_linear,
     check_inputs,
     chunk_size,
-    intersect_rows,
 )
-from ..local.crown import CrownBudget
+from ..local.compose import composed_rows, row_bounds, row_norms
 from ..local.interval import Box, precision
 from ..local.linear import linear_parts
 from ..local.propagate import (
-    backward_rows,
-    backward_rows_ball,
     check_graph,
     forward_boxes,
     largest_value,
     linear_norms,
 )
 from ..local.rules import LocalOp
-from ..local.telescope import Pass, point_pass, telescoped_rows
 from ..results import CertifyResult
 from ..rules import ROUND_REL, NodeConstant
 from ..spectral.certify import round_up
@@ -79,14 +78,6 @@ from .autolip import node_bounds, node_constants
 __all__ = ["certify", "pair_constants_global", "row_norms"]
 
 _F64 = torch.float64
-
-
-def row_norms(box: Box, norm: str) -> torch.Tensor:
-    """Certified ``sup ||m||_*`` of each interval row of ``box`` (last dims flattened):
-    the l2 norm for ``norm="2"``, the l1 norm (the (inf -> |.|) operator norm) for ``"inf"``."""
-    a = (box.c.abs() + box.r).reshape(*box.c.shape[:2], -1)
-    v = a.norm(dim=-1) if norm == "2" else a.sum(dim=-1)
-    return v * (1 + ROUND_REL) + 1e-300
 
 
 def _labels(labels: Any, n: int, k: int) -> torch.Tensor:
@@ -239,24 +230,20 @@ def _chunk(plan: _Plan, xb: torch.Tensor, yb: torch.Tensor, *, radius: float, n:
 
 def _local_rows(plan: _Plan, ops: dict[str, LocalOp], xb: torch.Tensor, yb: torch.Tensor, *,
                 radius: float, n: str, opts: LocalOptions) -> torch.Tensor:
-    """Local pair constants ``(B, k - 1)``: per row the smallest of the interval, ball and
-    (when the tangents fit ``opts.refine``) telescoped bounds, as in
-    :func:`lipbound.local_bound` (each is a bound on ``sup ||w^T M||_*``)."""
-    graph = plan.graph
-    tans: dict[str, Box | None] = {}
-    budget = CrownBudget(opts.crown, opts.max_memory, plan.notes)
-    boxes = forward_boxes(graph, xb, radius, n, ops, refine=opts.refine, tangents=tans,
-                          crown=budget)
+    """Local pair constants ``(B, k - 1)``: per row the bound of
+    :func:`lipbound.local.compose.row_bounds` on the ball, and, on graphs with residual cuts,
+    the smaller one composed ball to ball over them (:func:`~lipbound.local.compose.
+    composed_rows`, its proof; ``opts.split``)."""
     rows = _diff_rows(plan.k, yb).reshape(xb.shape[0], plan.k - 1, *plan.out_shape)
-    out_tan = tans.get(graph.output.name)
-    adj: dict[str, Box] | None = None if out_tan is None else {}
-    J = intersect_rows(backward_rows(graph, boxes, rows, ops, record=adj), out_tan, rows)
-    Jb, rho = backward_rows_ball(graph, boxes, rows, ops, n, plan.lin)
-    L = torch.minimum(row_norms(J, n), row_norms(Jb, n) + rho * (1 + ROUND_REL))
-    if adj is not None:
-        point, rows0 = point_pass(graph, ops, xb, n, rows, opts.refine)
-        L = torch.minimum(L, telescoped_rows(graph, ops, n, Pass(boxes, tans, adj), point,
-                                             rows0))
+    L = row_bounds(plan.graph, ops, xb, rows, radius=radius, n=n, lin=plan.lin, opts=opts,
+                   notes=plan.notes)
+    comp = composed_rows(plan.graph, ops, xb, rows, radius=radius, n=n, lin=plan.lin,
+                         chunk=xb.shape[0], opts=opts)
+    if comp is not None:
+        if bool((comp < L).any()):
+            plan.notes.append("pair constants composed over the residual cuts where smaller "
+                              "(lipbound.local.split)")
+        L = torch.minimum(L, comp)
     return L
 
 

@@ -80,10 +80,8 @@ yet.
 
 from __future__ import annotations
 
-import itertools
 import math
 import time
-from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -92,40 +90,23 @@ from torch import nn
 from .._validation import check_norm, check_positive
 from ..analysis import Analysis, analysis_of
 from ..errors import LipboundError, UnsupportedModelError
-from ..graph import OpGraph
 from ..local.bounds import (
     LocalOptions,
     certified_linear,
     check_inputs,
     chunk_size,
-    intersect_rows,
-    interval_norms,
     witness,
 )
-from ..local.crown import CrownBudget
-from ..local.factors import node_factors
-from ..local.interval import Box, precision
-from ..local.propagate import (
-    backward_rows,
-    backward_rows_ball,
-    check_graph,
-    forward_boxes,
-    largest_value,
-    linear_norms,
-)
+from ..local.compose import composed, uppers
+from ..local.interval import precision
+from ..local.propagate import check_graph, largest_value, linear_norms
 from ..local.rules import LocalOp
-from ..local.split import residual_cuts, segment
-from ..local.telescope import Pass, point_pass, telescoped_norms
 from ..results import LayerBound, LocalResult, Witness
-from ..spectral.certify import round_up
 from .autolip import compose
 
 __all__ = ["local_bound", "prepare"]
 
 _F64 = torch.float64
-#: residual cuts tried by the ball-to-ball composition (the best chain of segments is searched
-#: over all pairs of cuts: quadratic cost)
-_MAX_CUTS = 8
 
 
 def prepare(model: nn.Module | Analysis, inputs: torch.Tensor
@@ -153,139 +134,6 @@ def _global(an: Analysis, norm: str) -> tuple[float | None, str, dict[str, float
         return None, "no global certified bound to cap with (autolip gave an estimate)", lin
     g = compose(graph, cs)
     return g, f"capped by the global certified AutoLip bound {g:.6g}", lin
-
-
-def _uppers(  # noqa: PLR0913 - the chunk loop of local_bound and of each residual segment
-    graph: OpGraph, ops: dict[str, LocalOp], x: torch.Tensor, *, radius: float, n: str,
-    lin: dict[str, float], chunk: int, opts: LocalOptions, telescope: bool = True,
-    factors: dict[str, tuple[list[torch.Tensor], str]] | None = None,
-) -> tuple[torch.Tensor, list[str]]:
-    """The interval / ball / telescoped bounds of every sample (the smallest; ``telescope``:
-    whether to try the telescoped one), chunk by chunk, and the notes of the nodes left at
-    their IBP boxes; ``factors``, if given, receives each node's per-sample local constants
-    (:func:`lipbound.local.factors.node_factors`), one tensor per chunk."""
-    budget = CrownBudget(opts.crown, opts.max_memory)
-    out_shape = tuple(graph[graph.output.inputs[0]].out_shape)
-    K = math.prod(out_shape)
-    uppers: list[torch.Tensor] = []
-    for s in range(0, x.shape[0], chunk):
-        xb = x[s:s + chunk]
-        tans: dict[str, Box | None] = {}
-        boxes = forward_boxes(graph, xb, radius, n, ops, refine=opts.refine, tangents=tans,
-                              crown=budget)
-        if factors is not None:
-            for name, (v, how) in node_factors(graph, ops, boxes, lin, n,
-                                               opts.max_memory).items():
-                factors.setdefault(name, ([], how))[0].append(v)
-        rows = torch.eye(K, dtype=_F64, device=xb.device).reshape(K, *out_shape)
-        rows = rows.unsqueeze(0).expand(xb.shape[0], *rows.shape)
-        out_tan = tans.get(graph.output.name)
-        adj: dict[str, Box] | None = None if out_tan is None else {}
-        J = intersect_rows(backward_rows(graph, boxes, rows, ops, record=adj), out_tan, rows)
-        Jb, rho = backward_rows_ball(graph, boxes, rows, ops, n, lin)
-        up = torch.minimum(interval_norms(J, n), interval_norms(Jb, n, rho))
-        if adj is not None and out_tan is not None and telescope:
-            up = torch.minimum(up, _telescoped(graph, ops, xb, n, rows, opts,
-                                               ball=Pass(boxes, tans, adj)))
-        uppers.append(up)
-        opts.say(f"local_bound: {min(s + chunk, x.shape[0])}/{x.shape[0]} samples")
-    return torch.cat(uppers), budget.notes
-
-
-def _composed(graph: OpGraph, ops: dict[str, LocalOp], x: torch.Tensor, *, radius: float,
-              n: str, lin: dict[str, float], chunk: int, opts: LocalOptions
-              ) -> tuple[torch.Tensor, int] | None:
-    """The bound composed ball to ball over the graph's residual cuts and the number of cuts
-    used (:mod:`lipbound.local.split`, its proof; ``None`` without cuts or with
-    ``opts.split`` off): the first segment on the ball of ``radius``, each later one on the
-    ball around its cut's computed centre of radius ``(product so far) radius + ||e||``
-    (:meth:`_Chain.segment_uppers`), ``e`` the centre's rounding radius."""
-    cuts = residual_cuts(graph) if opts.split else []
-    if not cuts:
-        return None
-    if len(cuts) > _MAX_CUTS:  # evenly spread: the search below is quadratic in the cuts
-        cuts = [cuts[round(i * (len(cuts) - 1) / (_MAX_CUTS - 1))] for i in range(_MAX_CUTS)]
-    ctx = _Chain(graph, ops, x, forward_boxes(graph, x, 0.0, n, ops), radius=radius, n=n,
-                 lin=lin, chunk=chunk, opts=replace(opts, progress=None))
-    ends: list[str | None] = [None, *cuts, None]
-    B, m = x.shape[0], len(ends)
-    # best[j][b]: the smallest certified bound found from the input to ends[j] for sample b,
-    # over chains of segments without the telescoped bound (cheap); prev[j]: the cut before
-    # j on the chain that is best over the samples (sum of log bounds)
-    best = [[1.0] * B] + [[math.inf] * B for _ in range(m - 1)]
-    prev = [0] * m
-    for j in range(1, m):
-        score = math.inf
-        for i in range(j):
-            if i == 0 and j == m - 1:
-                continue  # the uncut bound: the caller's
-            us = ctx.segment_uppers(ends[i], ends[j], best[i])
-            via = [round_up(p * u) for p, u in zip(best[i], us)]
-            best[j] = [min(o, v) for o, v in zip(best[j], via)]
-            s = sum(math.log(max(v, 1e-300)) for v in via)
-            if s < score:
-                score, prev[j] = s, i
-        opts.say(f"local_bound: residual cut {j}/{m - 1}")
-    chain = [m - 1]
-    while chain[-1] != 0:
-        chain.append(prev[chain[-1]])
-    chain.reverse()
-    # that chain again with the telescoped bound on every segment, the balls' radii from the
-    # smaller of the two certified bounds up to each cut
-    tele = [1.0] * B
-    for i, j in itertools.pairwise(chain):
-        before = [min(a, b) for a, b in zip(tele, best[i])] if i else tele
-        us = ctx.segment_uppers(ends[i], ends[j], before, telescope=True)
-        tele = [round_up(p * u) for p, u in zip(before, us)]
-    return torch.tensor([min(a, b) for a, b in zip(best[-1], tele)], dtype=_F64,
-                        device=x.device), len(cuts)
-
-
-@dataclass(frozen=True)
-class _Chain:
-    """What :func:`_composed` evaluates segments with: the graph, its rules, the samples and
-    the radius-0 boxes of every node (the cuts' computed centres and rounding radii)."""
-
-    graph: OpGraph
-    ops: dict[str, LocalOp]
-    x: torch.Tensor
-    point: dict[str, Box]
-    radius: float
-    n: str
-    lin: dict[str, float]
-    chunk: int
-    opts: LocalOptions
-
-    def segment_uppers(self, start: str | None, end: str | None, before: list[float], *,
-                       telescope: bool = False) -> list[float]:
-        """Certified local bounds of the segment ``start..end`` for every sample: on the
-        ball of ``radius`` around ``x`` for the first, else on the ball around the start
-        cut's computed centre of radius ``max_b (before[b] radius + ||e_b||)`` (``before``:
-        the bound up to the cut, ``e`` the centre's rounding radius; one radius for all the
-        samples, so that they go through the segment together)."""
-        sub = segment(self.graph, start, end)
-        sops = {name: op for name, op in self.ops.items() if name in sub.nodes}
-        kw: dict[str, Any] = {"n": self.n, "lin": self.lin, "opts": self.opts,
-                              "telescope": telescope}
-        if start is None:
-            return _uppers(sub, sops, self.x, radius=self.radius, chunk=self.chunk,
-                           **kw)[0].tolist()
-        c = self.point[start]
-        flat = c.r.reshape(c.r.shape[0], -1)
-        err = (flat.norm(dim=1) if self.n == "2" else flat.amax(dim=1)).tolist()
-        # one ball radius for the chunk (the largest: a larger ball contains the smaller)
-        rho = max(round_up(round_up(p * self.radius) + round_up(e)) for p, e in zip(before, err))
-        if not math.isfinite(rho):
-            return [math.inf] * len(before)
-        return _uppers(sub, sops, c.c, radius=rho, chunk=self.chunk, **kw)[0].tolist()
-
-
-def _telescoped(graph: OpGraph, ops: dict[str, LocalOp], xb: torch.Tensor, n: str,
-                rows: torch.Tensor, opts: LocalOptions, *, ball: Pass) -> torch.Tensor:
-    """The telescoped bound (:mod:`lipbound.local.telescope`): the radius-0 pass beside the
-    ball's."""
-    point, rows0 = point_pass(graph, ops, xb, n, rows, opts.refine)
-    return telescoped_norms(graph, ops, n, ball, point, rows0)
 
 
 def _witnesses(model: nn.Module, x: torch.Tensor, *, radius: float, n: str, chunk: int,
@@ -347,12 +195,12 @@ def local_bound(
     chunk = chunk_size(graph, K, batch_size, opts.max_memory)
     factors: dict[str, tuple[list[torch.Tensor], str]] = {}
     with precision(largest_value(graph)):
-        interval, ibp_notes = _uppers(graph, ops, x, radius=float(radius), n=n, lin=lin,
-                                      chunk=chunk, opts=opts, factors=factors)
-        composed = _composed(graph, ops, x, radius=float(radius), n=n, lin=lin, chunk=chunk,
-                             opts=opts)
-        if composed is not None:
-            bounds, used = composed
+        interval, ibp_notes = uppers(graph, ops, x, radius=float(radius), n=n, lin=lin,
+                                     chunk=chunk, opts=opts, factors=factors)
+        comp = composed(graph, ops, x, radius=float(radius), n=n, lin=lin, chunk=chunk,
+                        opts=opts)
+        if comp is not None:
+            bounds, used = comp
             if bool((bounds < interval).any()):
                 ibp_notes.append(f"composed over {used} residual cut(s) where smaller "
                                  "(lipbound.local.split)")
