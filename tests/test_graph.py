@@ -321,19 +321,23 @@ def test_regression_conv_node_dense_matrix_is_written_from_its_kernel(
 
 
 def test_cast_parameters_follow_in_place_changes_and_replacements() -> None:
-    """The float64 casts of a float32 module's parameters are cached (a Lanczos run cast a
-    25088 x 4096 weight at every step): a change in place (version counter) or a new
-    storage (``.data = ...``) must give a fresh cast, never a stale one."""
+    """Inside a shared_casts block the float64 casts of a float32 module's parameters are made
+    once (a Lanczos run cast a 25088 x 4096 weight at every step): a change in place (version
+    counter) or a new storage (``.data = ...``) must give a fresh cast, never a stale one."""
     from lipbound.graph.capture import call_module_as
+    from lipbound.spectral import shared_casts
 
     lin = nn.Linear(3, 2)
     x = torch.randn(4, 3, dtype=torch.float64)
-    y0 = call_module_as(lin, x)
-    torch.testing.assert_close(call_module_as(lin, x), y0)
-    with torch.no_grad():
-        lin.weight.mul_(2.0)
-    y1 = call_module_as(lin, x)
-    torch.testing.assert_close(
-        y1, x @ lin.weight.detach().double().T + lin.bias.detach().double())
-    lin.weight.data = torch.zeros(2, 3)
-    torch.testing.assert_close(call_module_as(lin, x), lin.bias.detach().double().expand(4, 2))
+
+    def ref() -> torch.Tensor:
+        return x @ lin.weight.detach().double().T + lin.bias.detach().double()
+
+    with shared_casts():
+        torch.testing.assert_close(call_module_as(lin, x), ref())
+        torch.testing.assert_close(call_module_as(lin, x), ref())
+        with torch.no_grad():
+            lin.weight.mul_(2.0)
+        torch.testing.assert_close(call_module_as(lin, x), ref())
+        lin.weight.data = torch.zeros(2, 3)
+        torch.testing.assert_close(call_module_as(lin, x), ref())

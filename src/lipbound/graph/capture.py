@@ -50,8 +50,6 @@ import linecache
 import logging
 import operator
 import os
-import weakref
-from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, redirect_stderr
 from typing import Any
@@ -69,6 +67,7 @@ from ..errors import (
     UnsupportedModelError,
     UnsupportedNode,
 )
+from ..spectral import cast_detached
 from .modules import WEIGHT_HOOKS, eval_mode
 from .types import Call, Node, OpGraph
 
@@ -109,44 +108,15 @@ def _float_dtype(module: nn.Module) -> torch.dtype | None:
     return None
 
 
-#: detached casts of parameters and buffers, by ``id`` of the tensor (the entry is dropped
-#: with the tensor, or the least recently used first past ``CAST_CACHE_BYTES``):
-#: ``((version, data_ptr, shape, dtype), cast)``
-_CASTS: OrderedDict[int, tuple[tuple[Any, ...], torch.Tensor]] = OrderedDict()
-CAST_CACHE_BYTES = 1 << 30
-
-
-def _cast(v: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """``v`` in ``dtype``, detached, cached while ``v`` is unchanged (its version counter and
-    storage, as in :func:`lipbound.analysis.fingerprint`):
-    a Lanczos run in float64 on a float32 ``Linear(25088, 4096)`` cast the weight at every
-    operator application (1378 casts, 10 s of 16 in lipsdp on VGG-11 at 32 x 32)."""
-    key = (v._version, v.data_ptr(), tuple(v.shape), dtype)
-    hit = _CASTS.get(id(v))
-    if hit is not None and hit[0] == key:
-        _CASTS.move_to_end(id(v))
-        return hit[1]
-    out = v.detach().to(dtype)
-    if hit is None:
-        weakref.finalize(v, _CASTS.pop, id(v), None)
-    _CASTS[id(v)] = (key, out)
-    _CASTS.move_to_end(id(v))
-    total = sum(c.numel() * c.element_size() for _, c in _CASTS.values())
-    while total > CAST_CACHE_BYTES and len(_CASTS) > 1:
-        _, (_, old) = _CASTS.popitem(last=False)
-        total -= old.numel() * old.element_size()
-    return out
-
-
 def call_module_as(module: nn.Module, *args: Any, **kwargs: Any) -> Any:
     """``module(*args)``, casting its parameters to the inputs' floating dtype when they differ.
 
     The cast goes through :func:`torch.func.functional_call`, so nothing is copied into the
-    module; the cast parameters are constants (detached, cached per tensor while it is not
-    modified): gradients reach the inputs, not the parameters, on this path (a call in the
-    parameters' own dtype is the module's own call, parameters' gradients included). The
-    call runs with ``module`` switched to eval (:func:`~lipbound.graph.modules.eval_mode`,
-    flags restored afterwards).
+    module; the cast parameters are constants (:func:`lipbound.spectral.cast_detached`: cast
+    once per :func:`~lipbound.spectral.shared_casts` block): gradients reach the inputs, not
+    the parameters, on this path (a call in the parameters' own dtype is the module's own
+    call, parameters' gradients included). The call runs with ``module`` switched to eval
+    (:func:`~lipbound.graph.modules.eval_mode`, flags restored afterwards).
     """
     x = next((a for a in args if isinstance(a, torch.Tensor)), None)
     mdt = _float_dtype(module)
@@ -154,7 +124,7 @@ def call_module_as(module: nn.Module, *args: Any, **kwargs: Any) -> Any:
         if x is None or mdt is None or not x.is_floating_point() or x.dtype == mdt:
             return module(*args, **kwargs)
         state = {
-            k: (_cast(v, x.dtype) if v.is_floating_point() else v)
+            k: cast_detached(v, x.dtype)
             for k, v in list(module.named_parameters()) + list(module.named_buffers())
         }
         return torch.func.functional_call(module, state, args, kwargs)

@@ -46,14 +46,15 @@ from .._validation import (
 )
 from ..errors import InvalidArgumentError, NonFiniteError, ZeroOperatorError
 from ..results import SpectralResult
-from ._ops import Operator, make_operator, shared_casts
+from ._ops import Operator, cast_detached, make_operator, shared_casts
 from .certify import best_certificate
 from .lanczos import arpack as _arpack
 from .lanczos import lanczos as _lanczos
 from .power import Triplets, _orth_rows
 from .power import power_iteration as _power
 
-__all__ = ["spectral_norm", "top_singular", "certified_upper", "shared_casts", "METHODS"]
+__all__ = ["spectral_norm", "top_singular", "certified_upper", "cast_detached", "shared_casts",
+           "METHODS"]
 
 METHODS = ("auto", "lanczos", "arpack", "power")
 

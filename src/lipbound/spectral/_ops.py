@@ -29,7 +29,8 @@ from ..errors import (
     ShapeError,
 )
 
-__all__ = ["Operator", "make_operator", "module_call", "op_device", "shared_casts"]
+__all__ = ["Operator", "cast_detached", "make_operator", "module_call", "op_device",
+           "shared_casts"]
 
 # coefficients of the superposition check (arbitrary, not "nice" numbers)
 _ALPHA, _BETA = 0.7316, -1.2409
@@ -49,7 +50,8 @@ _CASTS: list[dict[tuple[Any, ...], tuple[torch.Tensor, torch.Tensor]]] = []
 
 @contextlib.contextmanager
 def shared_casts() -> Iterator[None]:
-    """Within this block, :func:`module_call` casts each parameter / buffer to a dtype once.
+    """Within this block, :func:`module_call` and :func:`lipbound.graph.capture.call_module_as`
+    cast each parameter / buffer to a dtype once (:func:`cast_detached`).
 
     One node's certificate reads its layer several times (linearity check, structural and
     dense certificates, estimate); a ``Linear(25088, 4096)`` cast to float64 is 800 MB, and
@@ -85,26 +87,30 @@ def output_shape(module: nn.Module, in_shape: tuple[int, ...]) -> tuple[int, ...
     return tuple(y.shape[1:])
 
 
+def cast_detached(p: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``p`` detached, in ``dtype`` when it is a floating tensor of another dtype; inside
+    :func:`shared_casts` each parameter / buffer is cast once (keyed by the tensor's identity,
+    storage and in-place version counter)."""
+    t = p.detach()
+    if not t.is_floating_point() or t.dtype == dtype:
+        return t
+    cache = _CASTS[-1] if _CASTS else None
+    if cache is None:
+        return t.to(dtype)
+    key = (id(p), p.data_ptr(), p._version, dtype)  # the module's own tensor, not a view
+    hit = cache.get(key)
+    if hit is None:
+        hit = cache[key] = (p, t.to(dtype))  # p kept alive: its id is not reused
+    return hit[1]
+
+
 def module_call(module: nn.Module, dtype: torch.dtype) -> Callable[[torch.Tensor], torch.Tensor]:
     """``x -> module(x)`` with detached parameters/buffers cast to ``dtype``.
 
     The module itself is left untouched (no cast, no ``.grad``, no ``requires_grad`` change).
     """
-    state: dict[str, torch.Tensor] = {}
-    cache = _CASTS[-1] if _CASTS else None
-    for name, p in list(module.named_parameters()) + list(module.named_buffers()):
-        t = p.detach()
-        if not t.is_floating_point() or t.dtype == dtype:
-            state[name] = t
-            continue
-        if cache is None:
-            state[name] = t.to(dtype)
-            continue
-        key = (id(p), p.data_ptr(), p._version, dtype)  # the module's own tensor, not a view
-        hit = cache.get(key)
-        if hit is None:
-            hit = cache[key] = (p, t.to(dtype))  # p kept alive: its id is not reused
-        state[name] = hit[1]
+    state = {name: cast_detached(p, dtype)
+             for name, p in list(module.named_parameters()) + list(module.named_buffers())}
 
     def call(x: torch.Tensor) -> torch.Tensor:
         return torch.func.functional_call(module, state, (x,), strict=False)
