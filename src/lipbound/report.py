@@ -439,8 +439,8 @@ def bound(
         start with the method's name.
     time_limit:
         ONE overall budget in seconds. Each method that takes a ``time_limit`` gets, when it
-        starts, its share of what is left (``left * w / (w + weights of the methods after
-        it)``, every weight 1), so time a method leaves unused goes to the next ones, except
+        starts, an equal share of what is left (``left / n``, ``n`` the methods still to run,
+        itself included), so time a method leaves unused goes to the next ones, except
         AutoLip, which gets all that is left: its certified constants are the baseline that
         LipSDP and SeqLip reuse (without them neither certifies anything), and it stops as
         soon as they are done. A method whose options set ``time_limit`` keeps it.

@@ -32,6 +32,8 @@ from .modules import FoldedBatchNorm
 
 __all__ = ["Call", "Node", "NodeKind", "OpGraph"]
 
+_CONVS = nn.modules.conv._ConvNd
+
 NodeKind = Literal["input", "linear", "activation", "op", "output"]
 
 
@@ -146,7 +148,7 @@ class Node:
                  and not self.call.kwargs and len(self.call.args or (None,)) == 1
                  and self.call.fx_op in ("call_module", "merged"))
         mod = self.module
-        if isinstance(mod, FoldedBatchNorm):
+        if plain and isinstance(mod, FoldedBatchNorm) and isinstance(mod.linear, _CONVS):
             mod = mod.materialize()  # the folded conv in float64, as the certificates see it
         W = conv_matrix_of(mod, tuple(in_shape)) if plain else None
         if W is not None:  # a zero-padded conv (+ BatchNorm): written from its kernel

@@ -64,14 +64,10 @@ def uppers(  # noqa: PLR0913 - the chunk loop of local_bound and of each residua
                 factors.setdefault(name, ([], how))[0].append(v)
         rows = torch.eye(K, dtype=_F64, device=xb.device).reshape(K, *out_shape)
         rows = rows.unsqueeze(0).expand(xb.shape[0], *rows.shape)
-        out_tan = tans.get(graph.output.name)
-        adj: dict[str, Box] | None = None if out_tan is None else {}
-        J = intersect_rows(backward_rows(graph, boxes, rows, ops, record=adj), out_tan, rows)
-        Jb, rho = backward_rows_ball(graph, boxes, rows, ops, n, lin)
-        up = torch.minimum(interval_norms(J, n), interval_norms(Jb, n, rho))
-        if adj is not None and out_tan is not None and telescope:
-            up = torch.minimum(up, telescoped(graph, ops, xb, n, rows, opts,
-                                               ball=Pass(boxes, tans, adj)))
+        sec = _secant_rows(graph, ops, boxes, tans, rows, n=n, lin=lin)
+        up = torch.minimum(interval_norms(sec.J, n), interval_norms(sec.Jb, n, sec.rho))
+        if sec.ball is not None and telescope:
+            up = torch.minimum(up, telescoped(graph, ops, xb, n, rows, opts, ball=sec.ball))
         outs.append(up)
         opts.say(f"local_bound: {min(s + chunk, x.shape[0])}/{x.shape[0]} samples")
     return torch.cat(outs), budget.notes
@@ -200,16 +196,35 @@ def row_bounds(  # noqa: PLR0913 - the options of uppers, plus the rows and the 
     budget = CrownBudget(opts.crown, opts.max_memory, [] if notes is None else notes)
     boxes = forward_boxes(graph, x, radius, n, ops, refine=opts.refine, tangents=tans,
                           crown=budget)
+    sec = _secant_rows(graph, ops, boxes, tans, rows, n=n, lin=lin)
+    L = torch.minimum(row_norms(sec.J, n), row_norms(sec.Jb, n) + sec.rho * (1 + ROUND_REL))
+    if sec.ball is not None:
+        point, rows0 = point_pass(graph, ops, x, n, rows, opts.refine)
+        L = torch.minimum(L, telescoped_rows(graph, ops, n, sec.ball, point, rows0))
+    return L
+
+
+@dataclass(frozen=True)
+class _Rows:
+    """The backward passes of :func:`uppers` and :func:`row_bounds` for rows ``w``: the
+    interval rows ``J`` of ``w^T M`` (intersected with the forward tangents' rows when there
+    are), the ball variant's rows ``Jb`` and dual-norm radii ``rho``, and what the telescoped
+    bound needs (``None`` without forward tangents)."""
+
+    J: Box
+    Jb: Box
+    rho: torch.Tensor
+    ball: Pass | None
+
+
+def _secant_rows(graph: OpGraph, ops: dict[str, LocalOp], boxes: dict[str, Box],
+                 tans: dict[str, Box | None], rows: torch.Tensor, *, n: str,
+                 lin: dict[str, float]) -> _Rows:
     out_tan = tans.get(graph.output.name)
     adj: dict[str, Box] | None = None if out_tan is None else {}
     J = intersect_rows(backward_rows(graph, boxes, rows, ops, record=adj), out_tan, rows)
     Jb, rho = backward_rows_ball(graph, boxes, rows, ops, n, lin)
-    L = torch.minimum(row_norms(J, n), row_norms(Jb, n) + rho * (1 + ROUND_REL))
-    if adj is not None:
-        point, rows0 = point_pass(graph, ops, x, n, rows, opts.refine)
-        L = torch.minimum(L, telescoped_rows(graph, ops, n, Pass(boxes, tans, adj), point,
-                                             rows0))
-    return L
+    return _Rows(J, Jb, rho, None if adj is None else Pass(boxes, tans, adj))
 
 
 @dataclass(frozen=True)

@@ -1301,16 +1301,8 @@ def conv_matrix_of(op: Any, in_shape: tuple[int, ...]) -> torch.Tensor | None:
     in float64: each entry within ``u`` of the exact product, inside the entry-error model of
     :func:`dense_upper`); ``None`` for any other op (the caller builds it by
     :func:`dense_matrix`)."""
-    if not isinstance(op, nn.Module):
-        return None
-    mods = _flatten_seq(op)
-    if len(mods) > 2 or not any(isinstance(m, nn.modules.conv._ConvNd) for m in mods):
-        return None
-    folded = _folded_parts(mods, tuple(in_shape))
-    if len(folded) != 1 or not isinstance(folded[0][0], ConvSpec):
-        return None
-    spec = folded[0][0]
-    if spec.mode != "zeros":
+    spec = _single_conv(op, tuple(in_shape))
+    if spec is None or spec.mode != "zeros":
         return None
     J = _conv_matrix(spec)
     return J.T.contiguous() if spec.adjoint else J
@@ -1738,18 +1730,24 @@ def _pointwise_conv(op: Any, in_shape: tuple[int, ...]) -> ConvSpec | None:
     would build and factor the whole ``I kron M`` (DenseNet's 1x1 bottlenecks at small maps:
     93 SVDs, most of its time at 32x32).
     """
+    spec = _single_conv(op, in_shape)
+    if spec is None or spec.adjoint or any(k != 1 for k in spec.weight.shape[2:]):
+        return None
+    return spec
+
+
+def _single_conv(op: Any, in_shape: tuple[int, ...]) -> ConvSpec | None:
+    """``op`` as ONE convolution: a Conv alone, or with the eval BatchNorm before or after it
+    folded into its kernel (:func:`_fold_bn`); else ``None``."""
     if not isinstance(op, nn.Module):
         return None
-    mods = _flatten_seq(op) if isinstance(op, nn.Sequential) else [op]
+    mods = _flatten_seq(op)
     if len(mods) > 2 or not any(isinstance(m, nn.modules.conv._ConvNd) for m in mods):
         return None
     folded = _folded_parts(mods, in_shape)
     if len(folded) != 1 or not isinstance(folded[0][0], ConvSpec):
         return None
-    spec = folded[0][0]
-    if spec.adjoint or any(k != 1 for k in spec.weight.shape[2:]):
-        return None
-    return spec
+    return folded[0][0]
 
 
 def best_certificate(
